@@ -1,0 +1,266 @@
+//! `capsule bench`: latency of a capsule next to the same model on native tract, measured
+//! interleaved in one run (this machine is shared and noisy, so only same-run ratios mean
+//! anything).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use capsule_format::manifest::Dim;
+use capsule_format::wire::{InputShape, NamedTensorView};
+use capsule_format::{CapsuleManifest, NamedTensor, Tensor};
+use capsule_model::LoadedModel;
+use capsule_runtime::{LoadedCapsule, RunConfig};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::Cli;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The capsule.
+    capsule: PathBuf,
+    /// The ONNX model the capsule was built from, to run on native tract in the same run
+    /// (checked against the manifest's source hash).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Timed iterations.
+    #[arg(long, default_value_t = 200)]
+    iterations: usize,
+    /// Untimed warm-up iterations.
+    #[arg(long, default_value_t = 20)]
+    warmup: usize,
+    /// Cold starts to time (fresh instance to first output).
+    #[arg(long, default_value_t = 20)]
+    cold_starts: usize,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl Args {
+    /// The short run of `capsule demo`.
+    pub fn quick() -> Args {
+        Args {
+            capsule: PathBuf::new(),
+            model: None,
+            iterations: 200,
+            warmup: 20,
+            cold_starts: 20,
+            json: false,
+        }
+    }
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Serialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub mean: f64,
+    pub samples: usize,
+}
+
+impl Percentiles {
+    pub fn of(mut samples: Vec<Duration>) -> Percentiles {
+        samples.sort();
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let at = |q: f64| {
+            samples
+                .get(((samples.len() as f64 - 1.0) * q).round() as usize)
+                .map(|d| ms(*d))
+                .unwrap_or(f64::NAN)
+        };
+        let mean = if samples.is_empty() {
+            f64::NAN
+        } else {
+            samples.iter().map(|d| ms(*d)).sum::<f64>() / samples.len() as f64
+        };
+        Percentiles {
+            p50: at(0.5),
+            p90: at(0.9),
+            p99: at(0.99),
+            mean,
+            samples: samples.len(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    pub capsule: String,
+    pub version: String,
+    pub guest_profile: &'static str,
+    pub input_from: String,
+    pub capsule_latency: Percentiles,
+    pub native_latency: Option<Percentiles>,
+    pub ratio_p50: Option<f64>,
+    pub cold_start_instantiate: Percentiles,
+    pub cold_start_first_output: Percentiles,
+}
+
+/// The bench input: the first golden sample, else zeros shaped by the manifest (symbolic
+/// dimensions set to 1).
+pub fn bench_inputs(m: &CapsuleManifest) -> Result<(Vec<NamedTensor>, String)> {
+    if let Some(g) = m.golden.first() {
+        return Ok((g.inputs.clone(), format!("golden sample {:?}", g.name)));
+    }
+    let inputs = m
+        .inputs
+        .iter()
+        .map(|spec| {
+            let shape: Vec<u64> = spec
+                .shape
+                .iter()
+                .map(|d| match d {
+                    Dim::Fixed(n) => *n,
+                    Dim::Symbolic(_) => 1,
+                })
+                .collect();
+            let count = shape.iter().product::<u64>();
+            let size =
+                spec.dtype
+                    .size()
+                    .context("BYTES inputs need a golden sample to bench")? as u64;
+            let len = usize::try_from(count * size)?;
+            Ok(NamedTensor {
+                name: spec.name.clone(),
+                tensor: Tensor::new(spec.dtype, shape, vec![0; len])?,
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok((inputs, "zeros".into()))
+}
+
+/// Loads the native tract baseline with the capsule's (possibly user-fixed) input shapes.
+pub fn native_model(m: &CapsuleManifest, onnx: &[u8]) -> Result<LoadedModel> {
+    let hash = hex::encode(Sha256::digest(onnx));
+    if hash != m.source.sha256 {
+        bail!(
+            "the model's sha256 {hash} is not the capsule's source {}",
+            m.source.sha256
+        );
+    }
+    let shapes: Vec<InputShape> = m
+        .inputs
+        .iter()
+        .map(|i| InputShape {
+            name: i.name.clone(),
+            shape: i.shape.clone(),
+        })
+        .collect();
+    Ok(LoadedModel::load(onnx, &shapes)?)
+}
+
+pub fn measure(
+    capsule: &LoadedCapsule,
+    native: Option<&mut LoadedModel>,
+    args: &Args,
+) -> Result<BenchReport> {
+    let m = capsule.manifest();
+    let (inputs, input_from) = bench_inputs(m)?;
+    let views: Vec<NamedTensorView<'_>> = inputs
+        .iter()
+        .map(|t| NamedTensorView {
+            name: &t.name,
+            tensor: t.tensor.view(),
+        })
+        .collect();
+    let mut native = native;
+    for _ in 0..args.warmup {
+        capsule.infer(&inputs)?;
+        if let Some(n) = native.as_deref_mut() {
+            n.run(&views)?;
+        }
+    }
+    let (mut caps, mut nat) = (
+        Vec::with_capacity(args.iterations),
+        Vec::with_capacity(args.iterations),
+    );
+    for i in 0..args.iterations {
+        // Alternate which side goes first, so neither always runs on a warmer cache.
+        let order = [i % 2 == 0, i % 2 != 0];
+        for capsule_turn in order {
+            if capsule_turn {
+                let t = Instant::now();
+                capsule.infer(&inputs)?;
+                caps.push(t.elapsed());
+            } else if let Some(n) = native.as_deref_mut() {
+                let t = Instant::now();
+                n.run(&views)?;
+                nat.push(t.elapsed());
+            }
+        }
+    }
+    let (mut inst, mut first) = (Vec::new(), Vec::new());
+    for _ in 0..args.cold_starts {
+        let c = capsule.cold_start(&inputs)?;
+        inst.push(c.instantiate);
+        first.push(c.first_output);
+    }
+    let capsule_latency = Percentiles::of(caps);
+    let native_latency = native.is_some().then(|| Percentiles::of(nat));
+    Ok(BenchReport {
+        capsule: m.name.clone(),
+        version: m.version.to_string(),
+        guest_profile: capsule_runtime::GUEST_PROFILE,
+        input_from,
+        ratio_p50: native_latency.as_ref().map(|n| capsule_latency.p50 / n.p50),
+        capsule_latency,
+        native_latency,
+        cold_start_instantiate: Percentiles::of(inst),
+        cold_start_first_output: Percentiles::of(first),
+    })
+}
+
+pub fn print(r: &BenchReport) {
+    println!(
+        "{} {} (guest profile {}, input: {})",
+        r.capsule, r.version, r.guest_profile, r.input_from
+    );
+    println!(
+        "  {:<34} {:>9} {:>9} {:>9} {:>9}",
+        "", "p50 ms", "p90 ms", "p99 ms", "mean ms"
+    );
+    let row = |label: &str, p: &Percentiles| {
+        println!(
+            "  {label:<34} {:>9.4} {:>9.4} {:>9.4} {:>9.4}",
+            p.p50, p.p90, p.p99, p.mean
+        )
+    };
+    row("capsule (warm instance)", &r.capsule_latency);
+    if let Some(n) = &r.native_latency {
+        row("native tract (same run)", n);
+    }
+    row("cold start: fresh instance", &r.cold_start_instantiate);
+    row("cold start: first output", &r.cold_start_first_output);
+    if let Some(ratio) = r.ratio_p50 {
+        println!("  capsule / native tract (p50): {ratio:.2}x");
+    }
+}
+
+pub fn run(cli: &Cli, args: &Args) -> Result<()> {
+    let bytes = std::fs::read(&args.capsule)
+        .with_context(|| format!("reading {}", args.capsule.display()))?;
+    let engine = cli.engine()?;
+    let capsule = LoadedCapsule::load(&engine, bytes, RunConfig::default())?;
+    let mut native = match &args.model {
+        Some(path) => {
+            let onnx =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            Some(native_model(capsule.manifest(), &onnx)?)
+        }
+        None => None,
+    };
+    let report = measure(&capsule, native.as_mut(), args)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print(&report);
+        if args.model.is_none() {
+            println!("  (pass --model MODEL.onnx to run native tract side by side)");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,115 @@
+//! `capsule`: build, inspect, run and benchmark WebAssembly inference capsules.
+
+mod bench;
+mod build;
+mod demo;
+mod golden;
+mod inspect;
+mod npy;
+mod run;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Result;
+use capsule_runtime::{CapsuleEngine, EngineConfig};
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Capsule: one sandboxed WebAssembly module per model, with its preprocessing, that runs the
+/// same on edge nodes, in browsers and here.
+#[derive(Debug, Parser)]
+#[command(name = "capsule", version, about, propagate_version = true)]
+struct Cli {
+    /// Directory of the compiled-code cache (default: $XDG_CACHE_HOME/capsule or ~/.cache/capsule).
+    #[arg(long, global = true, env = "CAPSULE_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Keep compiled code in memory only.
+    #[arg(long, global = true)]
+    no_cache: bool,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "CAPSULE_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Compile an ONNX model into a pre-initialized capsule.
+    Build(build::Args),
+    /// Show a capsule's manifest, imports, exports, sections and hashes.
+    Inspect(inspect::Args),
+    /// Run one inference (Open Inference Protocol V2 JSON in and out).
+    Run(run::Args),
+    /// Measure latency percentiles, cold start and the same model on native tract.
+    Bench(bench::Args),
+    /// Build the bundled sample model into a capsule and run it: the one-command tour.
+    Demo(demo::Args),
+}
+
+impl Cli {
+    fn engine(&self) -> Result<Arc<CapsuleEngine>> {
+        let mut config = EngineConfig::default();
+        if let Some(dir) = &self.cache_dir {
+            config.cache_dir = Some(dir.clone());
+        }
+        if self.no_cache {
+            config.cache_dir = None;
+        }
+        Ok(CapsuleEngine::new(config)?)
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CAPSULE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match &cli.command {
+        Command::Build(args) => build::run(&cli, args),
+        Command::Inspect(args) => inspect::run(args),
+        Command::Run(args) => run::run(&cli, args),
+        Command::Bench(args) => bench::run(&cli, args),
+        Command::Demo(args) => demo::run(&cli, args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Human-readable byte size.
+fn bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 20 => format!("{:.2} MiB", n as f64 / f64::from(1 << 20)),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}
+
+/// Gzip size at the default level (what a server would send).
+fn gzip_size(data: &[u8]) -> Result<u64> {
+    use std::io::Write;
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(data)?;
+    Ok(enc.finish()?.len() as u64)
+}

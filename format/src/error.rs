@@ -1,0 +1,60 @@
+use thiserror::Error;
+
+/// Errors of the format crate: decoding and validation of untrusted bytes and JSON.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Bytes that should hold an encoded message could not be decoded.
+    #[error("cannot decode {what}: {reason}")]
+    Decode {
+        /// The message kind being decoded.
+        what: &'static str,
+        /// Why decoding failed.
+        reason: String,
+    },
+    /// A message could not be encoded (only happens past size limits).
+    #[error("cannot encode {what}: {reason}")]
+    Encode {
+        /// The message kind being encoded.
+        what: &'static str,
+        /// Why encoding failed.
+        reason: String,
+    },
+    /// The manifest section was written by a newer (or unknown) format version.
+    #[error("unsupported manifest format version {found} (this build reads version {supported})")]
+    UnsupportedFormatVersion {
+        /// Version found in the section header.
+        found: u32,
+        /// Version this build understands.
+        supported: u32,
+    },
+    /// A datatype name that the protocol does not define.
+    #[error(
+        "unknown datatype {0:?} (expected one of BOOL, UINT8..UINT64, INT8..INT64, FP16, FP32, FP64, BYTES)"
+    )]
+    UnknownDType(String),
+    /// A tensor whose shape, datatype and data disagree.
+    #[error("tensor {name:?}: {reason}")]
+    InvalidTensor {
+        /// The tensor's name (empty when unnamed).
+        name: String,
+        /// What is inconsistent.
+        reason: String,
+    },
+    /// A V2 JSON request or response that does not follow the protocol.
+    #[error("invalid inference request: {0}")]
+    InvalidRequest(String),
+    /// Something larger than a documented bound.
+    #[error("{what} is {size} bytes, over the limit of {limit} bytes")]
+    TooLarge {
+        /// What was too large.
+        what: &'static str,
+        /// Its size.
+        size: u64,
+        /// The bound.
+        limit: u64,
+    },
+}
+
+/// Result with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,37 @@
+//! Shared, I/O-free types of Capsule.
+//!
+//! This crate owns everything that crosses a boundary between Capsule's parts: the
+//! [`CapsuleManifest`] stored in every capsule's `capsule.manifest` custom section, the
+//! [`Tensor`] and [`DType`] model of data, the guest ABI messages ([`wire`]) and the Open
+//! Inference Protocol V2 JSON shapes ([`v2`]). It builds for the host and for
+//! `wasm32-unknown-unknown` (the guest and the browser SDK), so it never does I/O.
+//!
+//! Every decoder here treats its input as untrusted: sizes are bounded, lengths are checked
+//! with checked arithmetic, and failures are typed [`Error`]s, never panics.
+//!
+//! ```
+//! use capsule_format::{DType, Tensor};
+//! let t = Tensor::from_f32(vec![2, 2], &[1.0, 2.0, 3.0, 4.0]).unwrap();
+//! assert_eq!(t.dtype, DType::F32);
+//! assert_eq!(t.element_count().unwrap(), 4);
+//! ```
+#![deny(missing_docs)]
+
+mod dtype;
+mod error;
+pub mod manifest;
+mod tensor;
+pub mod v2;
+pub mod wire;
+
+pub use dtype::DType;
+pub use error::{Error, Result};
+pub use manifest::{CapsuleManifest, Dim, TensorSpec};
+pub use tensor::{NamedTensor, Tensor, TensorView};
+
+/// Version of the guest ABI described in the design (section 3). A capsule whose
+/// `capsule_abi_version()` returns anything else is refused.
+pub const ABI_VERSION: u32 = 1;
+
+/// Name of the wasm custom section that holds the encoded manifest.
+pub const MANIFEST_SECTION: &str = "capsule.manifest";

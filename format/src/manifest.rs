@@ -1,0 +1,302 @@
+//! The capsule manifest: what a capsule is, what it accepts and what it promises.
+//!
+//! Stored bincode-encoded in the `capsule.manifest` custom section behind an 8-byte header
+//! (`CAPM` + little-endian format version), so a reader can refuse a newer format before it
+//! tries to decode it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{DType, Error, NamedTensor, Result, wire};
+
+/// Version of the manifest encoding written by this build.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Largest manifest section a reader accepts.
+pub const MAX_MANIFEST_BYTES: usize = 16 << 20;
+
+const MAGIC: &[u8; 4] = b"CAPM";
+
+/// One dimension of a declared tensor shape.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Dim {
+    /// A dimension whose size is fixed by the model.
+    Fixed(u64),
+    /// A named symbolic dimension (e.g. a batch size `N`): any size, the same everywhere
+    /// the name appears in one request.
+    Symbolic(String),
+}
+
+impl std::fmt::Display for Dim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Dim::Fixed(n) => write!(f, "{n}"),
+            Dim::Symbolic(s) => f.write_str(s),
+        }
+    }
+}
+
+/// Name, datatype and shape of a model input or output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorSpec {
+    /// The input or output name.
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Declared shape.
+    pub shape: Vec<Dim>,
+}
+
+impl std::fmt::Display for TensorSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let dims: Vec<String> = self.shape.iter().map(ToString::to_string).collect();
+        write!(f, "{}: {}[{}]", self.name, self.dtype, dims.join(", "))
+    }
+}
+
+/// The model a capsule was built from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceModel {
+    /// Source format (`"onnx"`).
+    pub format: String,
+    /// SHA-256 of the source model file, lowercase hex.
+    pub sha256: String,
+    /// Size of the source model file.
+    pub size_bytes: u64,
+}
+
+/// A measured quality metric of the model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Metric {
+    /// Metric name (`accuracy`, `f1`, ...).
+    pub name: String,
+    /// Its value.
+    pub value: f64,
+    /// The evaluation set it was measured on.
+    #[serde(default)]
+    pub dataset: String,
+}
+
+/// The model card: what the model is for and how good it is. Authored as TOML.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelCard {
+    /// What the model does.
+    #[serde(default)]
+    pub description: String,
+    /// What it is meant to be used for.
+    #[serde(default)]
+    pub intended_use: String,
+    /// Known limitations.
+    #[serde(default)]
+    pub limitations: String,
+    /// Summary of the training data.
+    #[serde(default)]
+    pub training_data: String,
+    /// SHA-256 of the training data set, when known.
+    #[serde(default)]
+    pub training_data_sha256: String,
+    /// Who owns the model.
+    #[serde(default)]
+    pub owner: String,
+    /// Measured metrics.
+    #[serde(default)]
+    pub metrics: Vec<Metric>,
+}
+
+/// An input with its expected outputs, checked on every node before a version goes live.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GoldenSample {
+    /// Sample name (its file name).
+    pub name: String,
+    /// Inputs.
+    pub inputs: Vec<NamedTensor>,
+    /// Expected outputs (a subset of the model's outputs).
+    pub outputs: Vec<NamedTensor>,
+    /// Allowed absolute difference per element (relative to 1 for large magnitudes:
+    /// `|a - b| <= tolerance * max(1, |b|)`).
+    pub tolerance: f64,
+}
+
+/// Resource limits the capsule declares for itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Largest linear memory the guest may grow to.
+    pub max_memory_bytes: u64,
+    /// Time budget of one inference call, in milliseconds.
+    pub time_budget_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_memory_bytes: 1 << 30,
+            time_budget_ms: 10_000,
+        }
+    }
+}
+
+/// Everything a capsule says about itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CapsuleManifest {
+    /// Model name.
+    pub name: String,
+    /// Model version.
+    pub version: semver::Version,
+    /// Guest ABI version the capsule's code implements.
+    pub abi_version: u32,
+    /// Seconds since the Unix epoch when the capsule was built.
+    pub created_at_unix: u64,
+    /// Version of the `capsule` builder.
+    pub builder_version: String,
+    /// SHA-256 of the guest build the capsule was made from (its code, before the snapshot).
+    pub guest_sha256: String,
+    /// The source model.
+    pub source: SourceModel,
+    /// Model inputs, in order.
+    pub inputs: Vec<TensorSpec>,
+    /// Model outputs, in order.
+    pub outputs: Vec<TensorSpec>,
+    /// Class labels, index order.
+    pub labels: Vec<String>,
+    /// The model card.
+    pub card: ModelCard,
+    /// Golden samples.
+    pub golden: Vec<GoldenSample>,
+    /// Limits.
+    pub limits: Limits,
+}
+
+impl CapsuleManifest {
+    /// Encodes the manifest as the content of the `capsule.manifest` section.
+    pub fn to_section_bytes(&self) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&wire::encode(self, "manifest")?);
+        if out.len() > MAX_MANIFEST_BYTES {
+            return Err(Error::TooLarge {
+                what: "manifest",
+                size: out.len() as u64,
+                limit: MAX_MANIFEST_BYTES as u64,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Decodes the content of a `capsule.manifest` section.
+    pub fn from_section_bytes(bytes: &[u8]) -> Result<CapsuleManifest> {
+        if bytes.len() > MAX_MANIFEST_BYTES {
+            return Err(Error::TooLarge {
+                what: "manifest",
+                size: bytes.len() as u64,
+                limit: MAX_MANIFEST_BYTES as u64,
+            });
+        }
+        let Some((header, payload)) = bytes.split_first_chunk::<8>() else {
+            return Err(Error::Decode {
+                what: "manifest",
+                reason: "shorter than its header".into(),
+            });
+        };
+        if &header[..4] != MAGIC {
+            return Err(Error::Decode {
+                what: "manifest",
+                reason: "bad magic (not a capsule manifest)".into(),
+            });
+        }
+        let version = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        if version != FORMAT_VERSION {
+            return Err(Error::UnsupportedFormatVersion {
+                found: version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        wire::decode(payload, "manifest")
+    }
+
+    /// The declared input with this name.
+    pub fn input(&self, name: &str) -> Option<&TensorSpec> {
+        self.inputs.iter().find(|i| i.name == name)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::Tensor;
+
+    pub(crate) fn sample() -> CapsuleManifest {
+        CapsuleManifest {
+            name: "digits".into(),
+            version: semver::Version::new(1, 2, 3),
+            abi_version: 1,
+            created_at_unix: 1_700_000_000,
+            builder_version: "0.1.0".into(),
+            guest_sha256: "ab".repeat(32),
+            source: SourceModel {
+                format: "onnx".into(),
+                sha256: "cd".repeat(32),
+                size_bytes: 42,
+            },
+            inputs: vec![TensorSpec {
+                name: "x".into(),
+                dtype: DType::F32,
+                shape: vec![Dim::Symbolic("N".into()), Dim::Fixed(64)],
+            }],
+            outputs: vec![TensorSpec {
+                name: "y".into(),
+                dtype: DType::I64,
+                shape: vec![Dim::Symbolic("N".into())],
+            }],
+            labels: vec!["zero".into(), "one".into()],
+            card: ModelCard {
+                owner: "ml-team".into(),
+                ..ModelCard::default()
+            },
+            golden: vec![GoldenSample {
+                name: "s0".into(),
+                inputs: vec![NamedTensor {
+                    name: "x".into(),
+                    tensor: Tensor::from_f32(vec![1, 1], &[0.5]).unwrap(),
+                }],
+                outputs: vec![],
+                tolerance: 1e-4,
+            }],
+            limits: Limits::default(),
+        }
+    }
+
+    #[test]
+    fn section_round_trip() {
+        let m = sample();
+        let bytes = m.to_section_bytes().unwrap();
+        assert_eq!(&bytes[..8], b"CAPM\x01\x00\x00\x00");
+        assert_eq!(CapsuleManifest::from_section_bytes(&bytes).unwrap(), m);
+    }
+
+    #[test]
+    fn refuses_bad_headers_and_truncation() {
+        let bytes = sample().to_section_bytes().unwrap();
+        let mut newer = bytes.clone();
+        newer[4] = 2;
+        assert!(matches!(
+            CapsuleManifest::from_section_bytes(&newer),
+            Err(Error::UnsupportedFormatVersion {
+                found: 2,
+                supported: 1
+            })
+        ));
+        let mut bad = bytes.clone();
+        bad[0] = b'X';
+        assert!(matches!(
+            CapsuleManifest::from_section_bytes(&bad),
+            Err(Error::Decode { .. })
+        ));
+        for cut in [0, 7, 8, 20, bytes.len() - 1] {
+            assert!(
+                CapsuleManifest::from_section_bytes(&bytes[..cut]).is_err(),
+                "cut at {cut}"
+            );
+        }
+    }
+}

@@ -1,0 +1,458 @@
+//! Open Inference Protocol V2 (KServe / Triton) JSON: request and response bodies.
+//!
+//! `capsule run` reads and writes these, and the edge node serves them, so the two can never
+//! disagree. Tensor `data` may be flat or nested (row-major); its element count must match the
+//! shape exactly and every element must fit the datatype.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::{DType, Error, NamedTensor, Result, Tensor};
+
+/// A V2 inference request body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InferenceRequest {
+    /// Optional request id, echoed in the response.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Optional request parameters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<serde_json::Map<String, Value>>,
+    /// Input tensors.
+    pub inputs: Vec<RequestInput>,
+    /// Requested outputs (all when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outputs: Option<Vec<RequestedOutput>>,
+}
+
+/// One input tensor of a request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestInput {
+    /// Input name.
+    pub name: String,
+    /// Shape.
+    pub shape: Vec<u64>,
+    /// Datatype name (`FP32`, ...).
+    pub datatype: String,
+    /// Optional parameters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<serde_json::Map<String, Value>>,
+    /// Elements, flat or nested.
+    pub data: Value,
+}
+
+/// An output the client asks for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestedOutput {
+    /// Output name.
+    pub name: String,
+    /// Optional parameters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<serde_json::Map<String, Value>>,
+}
+
+/// A V2 inference response body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InferenceResponse {
+    /// Model name.
+    pub model_name: String,
+    /// Model version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_version: Option<String>,
+    /// The request's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Output tensors.
+    pub outputs: Vec<ResponseOutput>,
+}
+
+/// One output tensor of a response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResponseOutput {
+    /// Output name.
+    pub name: String,
+    /// Shape.
+    pub shape: Vec<u64>,
+    /// Datatype name.
+    pub datatype: String,
+    /// Elements, flat, row-major.
+    pub data: Vec<Value>,
+}
+
+impl InferenceRequest {
+    /// Parses a request body.
+    pub fn from_json(body: &[u8]) -> Result<InferenceRequest> {
+        serde_json::from_slice(body).map_err(|e| Error::InvalidRequest(e.to_string()))
+    }
+
+    /// Converts every input to a checked [`NamedTensor`].
+    pub fn to_tensors(&self) -> Result<Vec<NamedTensor>> {
+        self.inputs
+            .iter()
+            .map(RequestInput::to_named_tensor)
+            .collect()
+    }
+
+    /// A request carrying these tensors.
+    pub fn from_tensors(tensors: &[NamedTensor]) -> Result<InferenceRequest> {
+        let inputs = tensors
+            .iter()
+            .map(|t| {
+                Ok(RequestInput {
+                    name: t.name.clone(),
+                    shape: t.tensor.shape.clone(),
+                    datatype: t.tensor.dtype.v2_name().to_owned(),
+                    parameters: None,
+                    data: Value::Array(tensor_values(&t.name, &t.tensor)?),
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(InferenceRequest {
+            id: None,
+            parameters: None,
+            inputs,
+            outputs: None,
+        })
+    }
+}
+
+fn tensor_error(name: &str, reason: impl Into<String>) -> Error {
+    Error::InvalidTensor {
+        name: name.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+impl RequestInput {
+    /// Converts this input to a tensor, checking count and element types.
+    pub fn to_named_tensor(&self) -> Result<NamedTensor> {
+        let name = &self.name;
+        let dtype = DType::from_v2_name(&self.datatype)?;
+        let count = crate::tensor::element_count(&self.shape)
+            .ok_or_else(|| tensor_error(name, format!("shape {:?} overflows", self.shape)))?;
+        let mut flat = Vec::new();
+        flatten(&self.data, &mut flat, 0).map_err(|r| tensor_error(name, r))?;
+        if flat.len() as u64 != count {
+            return Err(tensor_error(
+                name,
+                format!(
+                    "shape {:?} has {count} elements but data has {}",
+                    self.shape,
+                    flat.len()
+                ),
+            ));
+        }
+        let elem = dtype.size().unwrap_or(8);
+        let mut data = Vec::with_capacity(flat.len().saturating_mul(elem));
+        for (i, v) in flat.iter().enumerate() {
+            encode_element(dtype, v, &mut data)
+                .map_err(|r| tensor_error(name, format!("element {i}: {r}")))?;
+        }
+        let tensor = Tensor::new(dtype, self.shape.clone(), data)
+            .map_err(|e| tensor_error(name, e.to_string()))?;
+        Ok(NamedTensor {
+            name: name.clone(),
+            tensor,
+        })
+    }
+}
+
+/// Nesting deeper than any real tensor is refused (it would only exhaust the stack).
+const MAX_NESTING: usize = 64;
+
+fn flatten<'a>(
+    v: &'a Value,
+    out: &mut Vec<&'a Value>,
+    depth: usize,
+) -> std::result::Result<(), String> {
+    if depth > MAX_NESTING {
+        return Err(format!("data is nested deeper than {MAX_NESTING} levels"));
+    }
+    match v {
+        Value::Array(items) => {
+            for item in items {
+                flatten(item, out, depth + 1)?;
+            }
+        }
+        other => out.push(other),
+    }
+    Ok(())
+}
+
+fn encode_element(dtype: DType, v: &Value, out: &mut Vec<u8>) -> std::result::Result<(), String> {
+    fn int<T: TryFrom<i64> + TryFrom<u64>>(
+        v: &Value,
+        dtype: DType,
+    ) -> std::result::Result<T, String> {
+        let out_of_range = || format!("{v} does not fit {dtype}");
+        if let Some(i) = v.as_i64() {
+            T::try_from(i).map_err(|_| out_of_range())
+        } else if let Some(u) = v.as_u64() {
+            T::try_from(u).map_err(|_| out_of_range())
+        } else {
+            Err(format!("expected an integer for {dtype}, got {v}"))
+        }
+    }
+    let float = |v: &Value| {
+        v.as_f64()
+            .ok_or_else(|| format!("expected a number for {dtype}, got {v}"))
+    };
+    match dtype {
+        DType::Bool => match v {
+            Value::Bool(b) => out.push(u8::from(*b)),
+            other => return Err(format!("expected true or false for BOOL, got {other}")),
+        },
+        DType::U8 => out.push(int::<u8>(v, dtype)?),
+        DType::I8 => out.extend_from_slice(&int::<i8>(v, dtype)?.to_le_bytes()),
+        DType::U16 => out.extend_from_slice(&int::<u16>(v, dtype)?.to_le_bytes()),
+        DType::I16 => out.extend_from_slice(&int::<i16>(v, dtype)?.to_le_bytes()),
+        DType::U32 => out.extend_from_slice(&int::<u32>(v, dtype)?.to_le_bytes()),
+        DType::I32 => out.extend_from_slice(&int::<i32>(v, dtype)?.to_le_bytes()),
+        DType::U64 => out.extend_from_slice(&int::<u64>(v, dtype)?.to_le_bytes()),
+        DType::I64 => out.extend_from_slice(&int::<i64>(v, dtype)?.to_le_bytes()),
+        DType::F16 => out.extend_from_slice(&f64_to_f16(float(v)?).to_le_bytes()),
+        DType::F32 => out.extend_from_slice(&(float(v)? as f32).to_le_bytes()),
+        DType::F64 => out.extend_from_slice(&float(v)?.to_le_bytes()),
+        DType::Bytes => match v {
+            Value::String(s) => {
+                let len =
+                    u32::try_from(s.len()).map_err(|_| "string longer than 4 GiB".to_owned())?;
+                out.extend_from_slice(&len.to_le_bytes());
+                out.extend_from_slice(s.as_bytes());
+            }
+            other => return Err(format!("expected a string for BYTES, got {other}")),
+        },
+    }
+    Ok(())
+}
+
+/// `f64` to IEEE half-precision bits (round to nearest even).
+fn f64_to_f16(v: f64) -> u16 {
+    let x = v as f32;
+    let bits = x.to_bits();
+    let sign = ((bits >> 16) & 0x8000) as u16;
+    let exp = ((bits >> 23) & 0xff) as i32;
+    let mant = bits & 0x7f_ffff;
+    if exp == 0xff {
+        return sign | 0x7c00 | if mant != 0 { 0x200 } else { 0 };
+    }
+    let e = exp - 127 + 15;
+    if e >= 0x1f {
+        return sign | 0x7c00;
+    }
+    if e <= 0 {
+        if e < -10 {
+            return sign;
+        }
+        let m = mant | 0x80_0000;
+        let shift = (14 - e) as u32;
+        let half = 1u32 << (shift - 1);
+        let rounded = (m + half - 1 + ((m >> shift) & 1)) >> shift;
+        return sign | rounded as u16;
+    }
+    let rounded = mant + 0xfff + ((mant >> 13) & 1);
+    if rounded & 0x80_0000 != 0 {
+        return sign | (((e + 1) as u16) << 10);
+    }
+    sign | ((e as u16) << 10) | (rounded >> 13) as u16
+}
+
+/// The elements of a tensor as JSON values.
+fn tensor_values(name: &str, t: &Tensor) -> Result<Vec<Value>> {
+    if t.dtype == DType::Bytes {
+        let mut out = Vec::new();
+        let mut rest = t.data.as_slice();
+        while let Some((len, tail)) = rest.split_first_chunk::<4>() {
+            let len = u32::from_le_bytes(*len) as usize;
+            let bytes = tail
+                .get(..len)
+                .ok_or_else(|| tensor_error(name, "BYTES element is truncated"))?;
+            out.push(Value::String(String::from_utf8_lossy(bytes).into_owned()));
+            rest = &tail[len..];
+        }
+        return Ok(out);
+    }
+    let values = t
+        .to_f64_vec()
+        .map_err(|e| tensor_error(name, e.to_string()))?;
+    Ok(match t.dtype {
+        DType::Bool => values.into_iter().map(|v| Value::Bool(v != 0.0)).collect(),
+        DType::F16 | DType::F32 | DType::F64 => {
+            values.into_iter().map(|v| json_float(t.dtype, v)).collect()
+        }
+        DType::U64 => t
+            .data
+            .chunks_exact(8)
+            .map(|c| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(c);
+                Value::from(u64::from_le_bytes(b))
+            })
+            .collect(),
+        DType::I64 => t
+            .data
+            .chunks_exact(8)
+            .map(|c| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(c);
+                Value::from(i64::from_le_bytes(b))
+            })
+            .collect(),
+        _ => values.into_iter().map(|v| Value::from(v as i64)).collect(),
+    })
+}
+
+fn json_float(dtype: DType, v: f64) -> Value {
+    // FP32 values are printed from their f32 value, so they round-trip exactly.
+    let number = if dtype == DType::F32 {
+        serde_json::Number::from_f64(f64::from(v as f32))
+    } else {
+        serde_json::Number::from_f64(v)
+    };
+    number.map(Value::Number).unwrap_or(Value::Null)
+}
+
+impl InferenceResponse {
+    /// A response carrying these output tensors.
+    pub fn from_tensors(
+        model_name: &str,
+        model_version: Option<String>,
+        id: Option<String>,
+        outputs: &[NamedTensor],
+    ) -> Result<InferenceResponse> {
+        let outputs = outputs
+            .iter()
+            .map(|t| {
+                Ok(ResponseOutput {
+                    name: t.name.clone(),
+                    shape: t.tensor.shape.clone(),
+                    datatype: t.tensor.dtype.v2_name().to_owned(),
+                    data: tensor_values(&t.name, &t.tensor)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(InferenceResponse {
+            model_name: model_name.to_owned(),
+            model_version,
+            id,
+            outputs,
+        })
+    }
+
+    /// Converts the outputs back to tensors.
+    pub fn to_tensors(&self) -> Result<Vec<NamedTensor>> {
+        self.outputs
+            .iter()
+            .map(|o| {
+                RequestInput {
+                    name: o.name.clone(),
+                    shape: o.shape.clone(),
+                    datatype: o.datatype.clone(),
+                    parameters: None,
+                    data: Value::Array(o.data.clone()),
+                }
+                .to_named_tensor()
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<Vec<NamedTensor>> {
+        InferenceRequest::from_json(json.as_bytes())?.to_tensors()
+    }
+
+    #[test]
+    fn nested_and_flat_data_agree() {
+        let a = parse(
+            r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[[1,2],[3,4.5]]}]}"#,
+        )
+        .unwrap();
+        let b = parse(
+            r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2,3,4.5]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a[0].tensor.to_f64_vec().unwrap(), vec![1.0, 2.0, 3.0, 4.5]);
+    }
+
+    #[test]
+    fn exact_errors() {
+        let e = parse(r#"{"inputs":[{"name":"x","shape":[3],"datatype":"FP32","data":[1,2]}]}"#)
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "tensor \"x\": shape [3] has 3 elements but data has 2"
+        );
+        let e = parse(r#"{"inputs":[{"name":"x","shape":[1],"datatype":"INT8","data":[300]}]}"#)
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "tensor \"x\": element 0: 300 does not fit INT8"
+        );
+        let e = parse(r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FLOAT","data":[1]}]}"#)
+            .unwrap_err();
+        assert!(matches!(e, Error::UnknownDType(_)));
+        let e = parse(r#"{"inputs":[{"name":"x","shape":[1],"datatype":"BOOL","data":[1]}]}"#)
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "tensor \"x\": element 0: expected true or false for BOOL, got 1"
+        );
+        let e = parse(r#"{"inputs":[{"name":"x","shape":[1],"datatype":"INT32","data":["a"]}]}"#)
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "tensor \"x\": element 0: expected an integer for INT32, got \"a\""
+        );
+        assert!(matches!(parse("{not json"), Err(Error::InvalidRequest(_))));
+        assert!(matches!(
+            parse(r#"{"inputs":[],"bogus":1}"#),
+            Err(Error::InvalidRequest(_))
+        ));
+        let deep = format!("{}1{}", "[".repeat(100), "]".repeat(100));
+        let e = parse(&format!(
+            r#"{{"inputs":[{{"name":"x","shape":[1],"datatype":"FP32","data":{deep}}}]}}"#
+        ))
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "tensor \"x\": data is nested deeper than 64 levels"
+        );
+    }
+
+    #[test]
+    fn all_dtypes_round_trip_through_json() {
+        let json = r#"{"inputs":[
+            {"name":"b","shape":[2],"datatype":"BOOL","data":[true,false]},
+            {"name":"u8","shape":[1],"datatype":"UINT8","data":[255]},
+            {"name":"i64","shape":[2],"datatype":"INT64","data":[-9007199254740993, 5]},
+            {"name":"u64","shape":[1],"datatype":"UINT64","data":[18446744073709551615]},
+            {"name":"h","shape":[2],"datatype":"FP16","data":[1.5, -0.25]},
+            {"name":"f","shape":[1],"datatype":"FP32","data":[0.1]},
+            {"name":"d","shape":[1],"datatype":"FP64","data":[0.1]},
+            {"name":"s","shape":[2],"datatype":"BYTES","data":["héllo", ""]}
+        ]}"#;
+        let tensors = parse(json).unwrap();
+        let resp = InferenceResponse::from_tensors("m", Some("1".into()), None, &tensors).unwrap();
+        assert_eq!(resp.to_tensors().unwrap(), tensors);
+        let text = serde_json::to_string(&resp.outputs[5].data).unwrap();
+        assert_eq!(text, "[0.10000000149011612]");
+    }
+
+    #[test]
+    fn f16_rounding() {
+        assert_eq!(f64_to_f16(1.0), 0x3c00);
+        assert_eq!(f64_to_f16(-2.0), 0xc000);
+        assert_eq!(f64_to_f16(65504.0), 0x7bff);
+        assert_eq!(f64_to_f16(1e6), 0x7c00);
+        assert_eq!(f64_to_f16(5.960464477539063e-8), 0x0001);
+        assert_eq!(f64_to_f16(0.0), 0);
+    }
+}

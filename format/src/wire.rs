@@ -1,0 +1,213 @@
+//! The guest ABI messages and their one encoding.
+//!
+//! Every byte string that crosses the host/guest boundary is one of the types here, encoded by
+//! [`encode`] and decoded by [`decode`] (bincode 2, standard configuration, decode size limit).
+//! Keeping the encoding behind this module pins the wire format: the golden-bytes tests below
+//! fail if a dependency update changes a single byte.
+
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::{Dim, TensorSpec};
+use crate::{Error, NamedTensor, Result, TensorView};
+
+/// Largest message either side decodes (bincode refuses to allocate past it).
+pub const MAX_MESSAGE_BYTES: usize = 1 << 30;
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_MESSAGE_BYTES>()
+}
+
+/// Encodes a message.
+pub fn encode<T: Serialize + ?Sized>(value: &T, what: &'static str) -> Result<Vec<u8>> {
+    bincode::serde::encode_to_vec(value, config()).map_err(|e| Error::Encode {
+        what,
+        reason: e.to_string(),
+    })
+}
+
+/// Decodes a message, refusing trailing bytes.
+pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &'static str) -> Result<T> {
+    let (value, used) =
+        bincode::serde::decode_from_slice(bytes, config()).map_err(|e| Error::Decode {
+            what,
+            reason: e.to_string(),
+        })?;
+    trailing(bytes, used, what)?;
+    Ok(value)
+}
+
+/// Decodes a message that borrows from `bytes` (tensor data is not copied).
+pub fn decode_borrowed<'a, T: Deserialize<'a>>(bytes: &'a [u8], what: &'static str) -> Result<T> {
+    let (value, used) =
+        bincode::serde::borrow_decode_from_slice(bytes, config()).map_err(|e| Error::Decode {
+            what,
+            reason: e.to_string(),
+        })?;
+    trailing(bytes, used, what)?;
+    Ok(value)
+}
+
+fn trailing(bytes: &[u8], used: usize, what: &'static str) -> Result<()> {
+    if used != bytes.len() {
+        return Err(Error::Decode {
+            what,
+            reason: format!("{} trailing bytes", bytes.len() - used),
+        });
+    }
+    Ok(())
+}
+
+/// An inference request as the host sends it to `capsule_infer`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InferRequest {
+    /// Named inputs.
+    pub inputs: Vec<NamedTensor>,
+}
+
+/// The guest's borrowed view of an [`InferRequest`] (same encoding).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InferRequestView<'a> {
+    /// Named inputs.
+    #[serde(borrow)]
+    pub inputs: Vec<NamedTensorView<'a>>,
+}
+
+/// A borrowed [`NamedTensor`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NamedTensorView<'a> {
+    /// Input name.
+    pub name: &'a str,
+    /// The tensor.
+    #[serde(borrow)]
+    pub tensor: TensorView<'a>,
+}
+
+/// What kind of failure a guest reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestErrorKind {
+    /// The request is malformed or names unknown inputs.
+    BadInput,
+    /// An input's shape does not fit the model.
+    ShapeMismatch,
+    /// The model cannot be loaded (unsupported operator, invalid file).
+    ModelLoad,
+    /// No model is loaded in this instance.
+    NotInitialized,
+    /// Anything else that went wrong inside the model.
+    Internal,
+}
+
+/// A typed error reported by the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestError {
+    /// Failure class.
+    pub kind: GuestErrorKind,
+    /// Human-readable cause (tract's error chain for model failures).
+    pub message: String,
+}
+
+impl std::fmt::Display for GuestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.kind, self.message)
+    }
+}
+
+/// What `capsule_infer` returns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum InferResponse {
+    /// The model's outputs, in manifest order.
+    Outputs(Vec<NamedTensor>),
+    /// A typed failure.
+    Error(GuestError),
+}
+
+/// What the builder hands to `capsule_build`: the model and how to load it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BuildRequest {
+    /// The ONNX model bytes.
+    #[serde(with = "serde_bytes")]
+    pub model: Vec<u8>,
+    /// Shapes fixed by the user (`--input-shape`), overriding the model's declarations.
+    pub input_shapes: Vec<InputShape>,
+}
+
+/// A user-fixed input shape.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputShape {
+    /// Input name.
+    pub name: String,
+    /// Its shape.
+    pub shape: Vec<Dim>,
+}
+
+/// What the model looks like once loaded and optimized.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildReport {
+    /// Inputs, in order.
+    pub inputs: Vec<TensorSpec>,
+    /// Outputs, in order.
+    pub outputs: Vec<TensorSpec>,
+    /// Number of nodes in the optimized plan.
+    pub node_count: u32,
+}
+
+/// What `capsule_build` returns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum BuildResponse {
+    /// The model is loaded.
+    Ready(BuildReport),
+    /// Loading failed.
+    Error(GuestError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DType, Tensor};
+
+    fn request() -> InferRequest {
+        InferRequest {
+            inputs: vec![NamedTensor {
+                name: "x".into(),
+                tensor: Tensor::from_f32(vec![1, 2], &[1.0, -2.0]).unwrap(),
+            }],
+        }
+    }
+
+    /// Golden bytes: re-bless only on purpose, with a format version bump.
+    #[test]
+    fn infer_request_golden_bytes() {
+        let bytes = encode(&request(), "request").unwrap();
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, "0101780a020102080000803f000000c0");
+    }
+
+    #[test]
+    fn owned_and_borrowed_decode_agree() {
+        let bytes = encode(&request(), "request").unwrap();
+        let view: InferRequestView<'_> = decode_borrowed(&bytes, "request").unwrap();
+        assert_eq!(view.inputs[0].name, "x");
+        assert_eq!(view.inputs[0].tensor.dtype, DType::F32);
+        assert_eq!(view.inputs[0].tensor.to_owned(), request().inputs[0].tensor);
+        let owned: InferRequest = decode(&bytes, "request").unwrap();
+        assert_eq!(owned, request());
+    }
+
+    #[test]
+    fn refuses_garbage_truncation_and_trailing_bytes() {
+        let bytes = encode(&request(), "request").unwrap();
+        for cut in 0..bytes.len() {
+            assert!(
+                decode::<InferRequest>(&bytes[..cut], "request").is_err(),
+                "cut at {cut}"
+            );
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        let err = decode::<InferRequest>(&longer, "request").unwrap_err();
+        assert_eq!(err.to_string(), "cannot decode request: 1 trailing bytes");
+        // A length prefix claiming 2^40 elements must fail without allocating them.
+        let huge = [1u8, 1, b'x', 10, 1, 0xfd, 0, 0, 0, 0, 0, 1, 0, 0];
+        assert!(decode::<InferRequest>(&huge, "request").is_err());
+    }
+}

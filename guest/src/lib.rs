@@ -1,0 +1,253 @@
+//! The code inside every capsule: the guest ABI (design section 3) over `capsule-model`.
+//!
+//! Built for `wasm32-unknown-unknown` with `simd128` by `runtime/build.rs`; the module has no
+//! imports, so everything it does is compute on bytes the host hands it. Exports:
+//!
+//! | export | purpose |
+//! |---|---|
+//! | `memory` | linear memory |
+//! | `capsule_abi_version() -> u32` | [`capsule_format::ABI_VERSION`] |
+//! | `capsule_alloc(size, align) -> ptr` | allocate a buffer for the host (0 on failure) |
+//! | `capsule_free(ptr, size, align)` | free a buffer the guest returned |
+//! | `capsule_init() -> u32` | 0 when a model is loaded (the snapshot holds one), 1 otherwise |
+//! | `capsule_infer(ptr, len) -> u64` | run; consumes the request buffer, returns `ptr << 32 \| len` of an encoded `InferResponse` |
+//! | `capsule_build(ptr, len) -> u64` | builder only: load a model from an encoded `BuildRequest`, before the snapshot |
+//! | `capsule_last_panic() -> u64` | `ptr << 32 \| len` of the last panic message, for diagnostics after a trap |
+//! | `_initialize()` | runs the module's constructors (tract's kernel registry); the builder calls it once before the snapshot and the snapshot drops the export |
+//!
+//! Every failure that input can cause is a typed `GuestError`; a trap means a bug or a
+//! resource limit, and the host then discards the instance.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::{Cell, RefCell};
+
+use capsule_format::ABI_VERSION;
+use capsule_format::wire::{
+    self, BuildRequest, BuildResponse, GuestError, GuestErrorKind, InferRequestView, InferResponse,
+};
+use capsule_model::LoadedModel;
+
+/// The system allocator, which can zero every freed block while a model is being built, so
+/// the garbage of parsing never lands in the snapshot (zeroed memory costs nothing there).
+struct SnapshotAllocator;
+
+thread_local! {
+    static ZERO_ON_FREE: Cell<bool> = const { Cell::new(false) };
+    static MODEL: RefCell<Option<LoadedModel>> = const { RefCell::new(None) };
+    static LAST_PANIC: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+fn zero_on_free() -> bool {
+    ZERO_ON_FREE.try_with(Cell::get).unwrap_or(false)
+}
+
+// SAFETY: every method delegates to `System` with the same layout contract; zeroing writes
+// only inside the block being freed.
+unsafe impl GlobalAlloc for SnapshotAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if zero_on_free() {
+            unsafe { ptr.write_bytes(0, layout.size()) };
+        }
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if !zero_on_free() {
+            return unsafe { System.realloc(ptr, layout, new_size) };
+        }
+        let Ok(new_layout) = Layout::from_size_align(new_size, layout.align()) else {
+            return std::ptr::null_mut();
+        };
+        let new = unsafe { System.alloc(new_layout) };
+        if !new.is_null() {
+            unsafe {
+                std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
+                self.dealloc(ptr, layout);
+            }
+        }
+        new
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: SnapshotAllocator = SnapshotAllocator;
+
+fn pack(bytes: Vec<u8>) -> u64 {
+    let leaked: &'static mut [u8] = Box::leak(bytes.into_boxed_slice());
+    ((leaked.as_mut_ptr() as usize as u64) << 32) | leaked.len() as u64
+}
+
+fn encode_or_trap<T: serde::Serialize>(value: &T) -> u64 {
+    match wire::encode(value, "response") {
+        Ok(bytes) => pack(bytes),
+        // Encoding our own response types cannot fail below the 1 GiB message limit; if it
+        // does, a trap (instance discarded) is the honest outcome.
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Takes ownership of a request buffer allocated by `capsule_alloc(len, 1)`.
+///
+/// # Safety
+/// `ptr..ptr+len` must be a live allocation of exactly `len` bytes with alignment 1.
+unsafe fn take_request(ptr: u32, len: u32) -> Box<[u8]> {
+    let slice = std::ptr::slice_from_raw_parts_mut(ptr as usize as *mut u8, len as usize);
+    unsafe { Box::from_raw(slice) }
+}
+
+/// Returns the guest ABI version.
+#[unsafe(no_mangle)]
+pub extern "C" fn capsule_abi_version() -> u32 {
+    ABI_VERSION
+}
+
+/// Allocates `size` bytes aligned to `align` for the host; 0 when impossible.
+#[unsafe(no_mangle)]
+pub extern "C" fn capsule_alloc(size: u32, align: u32) -> u32 {
+    let Ok(layout) = Layout::from_size_align(size.max(1) as usize, align.max(1) as usize) else {
+        return 0;
+    };
+    // SAFETY: the layout has a non-zero size.
+    unsafe { std::alloc::alloc(layout) as usize as u32 }
+}
+
+/// Frees a buffer obtained from `capsule_alloc` or returned by the guest.
+///
+/// # Safety
+/// The host must pass a pointer the guest handed out with the same size and alignment.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn capsule_free(ptr: u32, size: u32, align: u32) {
+    if ptr == 0 {
+        return;
+    }
+    if let Ok(layout) = Layout::from_size_align(size.max(1) as usize, align.max(1) as usize) {
+        // SAFETY: the host contract above.
+        unsafe { std::alloc::dealloc(ptr as usize as *mut u8, layout) }
+    }
+}
+
+/// 0 when a model is loaded and ready, 1 otherwise.
+#[unsafe(no_mangle)]
+pub extern "C" fn capsule_init() -> u32 {
+    MODEL.with(|m| if m.borrow().is_some() { 0 } else { 1 })
+}
+
+/// Loads the model of an encoded `BuildRequest` (consumed) and keeps it for the snapshot.
+///
+/// # Safety
+/// `ptr`/`len` must come from `capsule_alloc(len, 1)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn capsule_build(ptr: u32, len: u32) -> u64 {
+    ZERO_ON_FREE.with(|z| z.set(true));
+    // SAFETY: the host contract above.
+    let bytes = unsafe { take_request(ptr, len) };
+    let response = match wire::decode::<BuildRequest>(&bytes, "build request") {
+        Err(e) => BuildResponse::Error(GuestError {
+            kind: GuestErrorKind::BadInput,
+            message: e.to_string(),
+        }),
+        Ok(request) => {
+            drop(bytes);
+            match LoadedModel::load(&request.model, &request.input_shapes) {
+                Ok(model) => {
+                    let report = model.report();
+                    MODEL.with(|m| *m.borrow_mut() = Some(model));
+                    BuildResponse::Ready(report)
+                }
+                Err(e) => BuildResponse::Error(GuestError {
+                    kind: GuestErrorKind::ModelLoad,
+                    message: e.to_string(),
+                }),
+            }
+        }
+    };
+    let packed = encode_or_trap(&response);
+    ZERO_ON_FREE.with(|z| z.set(false));
+    packed
+}
+
+fn model_error(e: capsule_model::Error) -> GuestError {
+    let kind = match &e {
+        capsule_model::Error::BadInput(_) => GuestErrorKind::BadInput,
+        capsule_model::Error::Shape(_) => GuestErrorKind::ShapeMismatch,
+        capsule_model::Error::Load(_) => GuestErrorKind::ModelLoad,
+        _ => GuestErrorKind::Internal,
+    };
+    GuestError {
+        kind,
+        message: e.to_string(),
+    }
+}
+
+/// Runs the model on an encoded `InferRequest` (consumed).
+///
+/// # Safety
+/// `ptr`/`len` must come from `capsule_alloc(len, 1)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn capsule_infer(ptr: u32, len: u32) -> u64 {
+    // SAFETY: the host contract above.
+    let bytes = unsafe { take_request(ptr, len) };
+    let response = match wire::decode_borrowed::<InferRequestView<'_>>(&bytes, "inference request")
+    {
+        Err(e) => InferResponse::Error(GuestError {
+            kind: GuestErrorKind::BadInput,
+            message: e.to_string(),
+        }),
+        Ok(request) => MODEL.with(|m| match m.borrow_mut().as_mut() {
+            None => InferResponse::Error(GuestError {
+                kind: GuestErrorKind::NotInitialized,
+                message: "no model is loaded in this capsule".into(),
+            }),
+            Some(model) => match model.run(&request.inputs) {
+                Ok(outputs) => InferResponse::Outputs(outputs),
+                Err(e) => InferResponse::Error(model_error(e)),
+            },
+        }),
+    };
+    drop(bytes);
+    encode_or_trap(&response)
+}
+
+/// `ptr << 32 | len` of the last panic message (empty when none).
+#[unsafe(no_mangle)]
+pub extern "C" fn capsule_last_panic() -> u64 {
+    LAST_PANIC
+        .try_with(|p| match p.try_borrow() {
+            Ok(s) => ((s.as_ptr() as usize as u64) << 32) | s.len() as u64,
+            Err(_) => 0,
+        })
+        .unwrap_or(0)
+}
+
+#[cfg(target_arch = "wasm32")]
+unsafe extern "C" {
+    /// Synthesized by wasm-ld: runs the `.init_array` constructors (tract's kernel registry).
+    fn __wasm_call_ctors();
+}
+
+/// Runs constructors once and installs the panic hook; the builder calls this before the
+/// snapshot, so a capsule never runs it again.
+#[unsafe(no_mangle)]
+pub extern "C" fn _initialize() {
+    #[cfg(target_arch = "wasm32")]
+    // SAFETY: called once, before any other export, as wasm-ld's reactor model expects.
+    unsafe {
+        __wasm_call_ctors()
+    };
+    std::panic::set_hook(Box::new(|info| {
+        let _ = LAST_PANIC.try_with(|p| {
+            if let Ok(mut p) = p.try_borrow_mut() {
+                p.clear();
+                p.push_str(&info.to_string());
+            }
+        });
+    }));
+}

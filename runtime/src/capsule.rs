@@ -1,0 +1,278 @@
+//! Reading a `.capsule.wasm`: structural checks, the manifest, and the split into the
+//! guest's code (compiled once per guest build) and the capsule's memory image.
+//!
+//! Every capsule of one guest build has the same code; only its memory image (the snapshot),
+//! memory size and manifest differ. [`CapsuleImage::parse`] cuts those out, so the engine
+//! compiles the code once and installs further capsules of that build without compiling.
+
+use std::ops::Range;
+
+use capsule_format::{CapsuleManifest, MANIFEST_SECTION};
+use sha2::{Digest, Sha256};
+use wasmparser::{DataKind, Operator, Parser, Payload, TypeRef};
+
+use crate::{Error, Result};
+
+/// Largest capsule file accepted.
+pub const MAX_CAPSULE_BYTES: usize = 1 << 30;
+
+/// Exports every capsule must have (design section 3, ABI version 1).
+pub const REQUIRED_EXPORTS: [&str; 6] = [
+    "memory",
+    "capsule_abi_version",
+    "capsule_alloc",
+    "capsule_free",
+    "capsule_init",
+    "capsule_infer",
+];
+
+/// One wasm page.
+pub const PAGE: u64 = 65536;
+
+/// A parsed, structurally checked capsule.
+#[derive(Debug)]
+pub struct CapsuleImage {
+    bytes: Vec<u8>,
+    /// SHA-256 of the whole file: the capsule's identity.
+    pub sha256: String,
+    /// The decoded manifest.
+    pub manifest: CapsuleManifest,
+    /// The guest code module (no data, no custom sections, a zero-size memory).
+    pub code: Vec<u8>,
+    /// SHA-256 of [`Self::code`]: identifies the guest build.
+    pub code_sha256: String,
+    /// Initial memory size in pages.
+    pub memory_pages: u64,
+    /// Active data segments: offset in memory and byte range in the file.
+    segments: Vec<(u32, Range<usize>)>,
+    /// Export names.
+    pub exports: Vec<String>,
+    /// Import names (`module::name`); always empty for a valid capsule, kept for `inspect`.
+    pub imports: Vec<String>,
+    /// Sections as (name, size in bytes), in file order.
+    pub sections: Vec<(String, usize)>,
+}
+
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::InvalidCapsule(msg.into())
+}
+
+fn section_name(id: u8) -> &'static str {
+    match id {
+        0 => "custom",
+        1 => "type",
+        2 => "import",
+        3 => "function",
+        4 => "table",
+        5 => "memory",
+        6 => "global",
+        7 => "export",
+        8 => "start",
+        9 => "element",
+        10 => "code",
+        11 => "data",
+        12 => "datacount",
+        13 => "tag",
+        _ => "unknown",
+    }
+}
+
+fn push_leb128(out: &mut Vec<u8>, mut v: u64) {
+    loop {
+        let byte = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+fn push_section(out: &mut Vec<u8>, id: u8, content: &[u8]) {
+    out.push(id);
+    push_leb128(out, content.len() as u64);
+    out.extend_from_slice(content);
+}
+
+impl CapsuleImage {
+    /// Parses and checks a capsule file: a wasm core module with no imports, one 32-bit
+    /// memory, only active data segments at constant offsets, the ABI exports, and exactly
+    /// one decodable manifest section.
+    pub fn parse(bytes: Vec<u8>) -> Result<CapsuleImage> {
+        if bytes.len() > MAX_CAPSULE_BYTES {
+            return Err(invalid(format!(
+                "{} bytes, over the limit of {MAX_CAPSULE_BYTES}",
+                bytes.len()
+            )));
+        }
+        // Function bodies are not validated here: they go into the code module, which wasmtime
+        // validates when it compiles it, and a code module already compiled (same SHA-256) was
+        // validated then. Everything this function keeps for itself is checked below.
+        let mut manifest_range = None;
+        let mut memory_pages = None;
+        let mut segments = Vec::new();
+        let mut exports = Vec::new();
+        let mut imports = Vec::new();
+        let mut sections = Vec::new();
+        let mut kept: Vec<(u8, Range<usize>)> = Vec::new();
+        for payload in Parser::new(0).parse_all(&bytes) {
+            let payload =
+                payload.map_err(|e| invalid(format!("not a valid WebAssembly module: {e}")))?;
+            if let Some((id, range)) = payload.as_section() {
+                let name = match &payload {
+                    Payload::CustomSection(c) => format!("custom:{}", c.name()),
+                    _ => section_name(id).to_owned(),
+                };
+                sections.push((name, range.len()));
+                if !matches!(id, 0 | 5 | 11 | 12) {
+                    kept.push((id, range));
+                }
+            }
+            match payload {
+                Payload::Version {
+                    encoding: wasmparser::Encoding::Component,
+                    ..
+                } => {
+                    return Err(invalid("a component, not a core module"));
+                }
+                Payload::ImportSection(reader) => {
+                    for import in reader.into_imports() {
+                        let import = import.map_err(|e| invalid(e.to_string()))?;
+                        imports.push(format!("{}::{}", import.module, import.name));
+                        let _: TypeRef = import.ty;
+                    }
+                }
+                Payload::ExportSection(reader) => {
+                    for export in reader {
+                        exports.push(export.map_err(|e| invalid(e.to_string()))?.name.to_owned());
+                    }
+                }
+                Payload::MemorySection(reader) => {
+                    for memory in reader {
+                        let memory = memory.map_err(|e| invalid(e.to_string()))?;
+                        if memory.memory64 || memory.shared || memory_pages.is_some() {
+                            return Err(invalid(
+                                "a capsule has exactly one unshared 32-bit memory",
+                            ));
+                        }
+                        memory_pages = Some(memory.initial);
+                    }
+                }
+                Payload::DataSection(reader) => {
+                    for data in reader {
+                        let data = data.map_err(|e| invalid(e.to_string()))?;
+                        let offset_expr = match data.kind {
+                            DataKind::Active {
+                                memory_index: 0,
+                                offset_expr,
+                            } => offset_expr,
+                            // The snapshot turns the guest's original (already applied)
+                            // segments into empty passive ones, keeping segment indices.
+                            DataKind::Passive if data.data.is_empty() => continue,
+                            _ => {
+                                return Err(invalid(
+                                    "only active data segments of memory 0 are allowed in a capsule",
+                                ));
+                            }
+                        };
+                        let mut ops = offset_expr.get_operators_reader();
+                        let offset = match ops.read().map_err(|e| invalid(e.to_string()))? {
+                            Operator::I32Const { value } => value as u32,
+                            _ => return Err(invalid("data segment offsets must be constants")),
+                        };
+                        segments.push((offset, data.range.end - data.data.len()..data.range.end));
+                    }
+                }
+                Payload::CustomSection(reader) if reader.name() == MANIFEST_SECTION => {
+                    if manifest_range.is_some() {
+                        return Err(invalid("more than one capsule.manifest section"));
+                    }
+                    manifest_range =
+                        Some(reader.data_offset()..reader.data_offset() + reader.data().len());
+                }
+                _ => {}
+            }
+        }
+        if !imports.is_empty() {
+            return Err(invalid(format!(
+                "it imports {imports:?}; a capsule must have no imports"
+            )));
+        }
+        for required in REQUIRED_EXPORTS {
+            if !exports.iter().any(|e| e == required) {
+                return Err(invalid(format!("missing export {required:?}")));
+            }
+        }
+        let memory_pages = memory_pages.ok_or_else(|| invalid("no memory"))?;
+        let manifest_range = manifest_range.ok_or_else(|| {
+            invalid("no capsule.manifest section (not built by `capsule build`?)")
+        })?;
+        let manifest = CapsuleManifest::from_section_bytes(&bytes[manifest_range])?;
+        if manifest.abi_version != capsule_format::ABI_VERSION {
+            return Err(invalid(format!(
+                "manifest declares guest ABI version {}, this runtime implements version {}",
+                manifest.abi_version,
+                capsule_format::ABI_VERSION
+            )));
+        }
+        for (offset, range) in &segments {
+            let end = u64::from(*offset) + range.len() as u64;
+            if end > memory_pages.saturating_mul(PAGE) {
+                return Err(invalid("a data segment lies outside the initial memory"));
+            }
+        }
+
+        let mut code = b"\0asm\x01\0\0\0".to_vec();
+        let mut memory_written = false;
+        for (id, range) in &kept {
+            // The code module's memory starts empty (it is grown to `memory_pages` at
+            // instantiation) and goes where the memory section belongs: after type, import,
+            // function and table sections, before everything else.
+            if !memory_written && !matches!(id, 1..=4) {
+                push_section(&mut code, 5, &[1, 0, 0]);
+                memory_written = true;
+            }
+            push_section(&mut code, *id, &bytes[range.clone()]);
+        }
+        if !memory_written {
+            push_section(&mut code, 5, &[1, 0, 0]);
+        }
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        let code_sha256 = hex::encode(Sha256::digest(&code));
+        Ok(CapsuleImage {
+            bytes,
+            sha256,
+            manifest,
+            code,
+            code_sha256,
+            memory_pages,
+            segments,
+            exports,
+            imports,
+            sections,
+        })
+    }
+
+    /// Size of the capsule file.
+    pub fn size(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// The capsule file.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The memory image: (offset, bytes) of every data segment.
+    pub fn segments(&self) -> impl Iterator<Item = (u32, &[u8])> {
+        self.segments
+            .iter()
+            .map(|(o, r)| (*o, &self.bytes[r.clone()]))
+    }
+
+    /// Total bytes of the memory image.
+    pub fn image_bytes(&self) -> usize {
+        self.segments.iter().map(|(_, r)| r.len()).sum()
+    }
+}

@@ -1,0 +1,255 @@
+//! The one place that owns wasmtime's configuration: compilation policy, limits, epochs,
+//! pooling, and the on-disk cache of compiled guest code.
+//!
+//! Precompiled code is only ever loaded from this process's own cache directory, from files
+//! it wrote itself after compiling (wasmtime's `Module::deserialize_file` runs whatever it is
+//! given, so bytes from anywhere else are never deserialized).
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, Module, OptLevel, PoolingAllocationConfig, Strategy,
+};
+
+use crate::{Error, Result};
+
+/// How often the epoch ticker advances the engine's epoch: the granularity of deadlines.
+pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Directory of the compiled-code cache; `None` keeps compiled code in memory only.
+    pub cache_dir: Option<PathBuf>,
+    /// Try the pooling allocator (falls back to on-demand allocation when it cannot reserve
+    /// its address space, as on 39-bit ARM boards).
+    pub pooling: bool,
+    /// Instance slots of the pooling allocator.
+    pub pool_slots: u32,
+    /// Largest linear memory any guest may have (also the `StoreLimits` cap ceiling).
+    pub max_memory_bytes: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            cache_dir: default_cache_dir(),
+            pooling: true,
+            pool_slots: 64,
+            max_memory_bytes: 4 << 30,
+        }
+    }
+}
+
+/// `$CAPSULE_CACHE_DIR`, else `$XDG_CACHE_HOME/capsule`, else `~/.cache/capsule`.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("CAPSULE_CACHE_DIR") {
+        return Some(PathBuf::from(dir));
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return Some(PathBuf::from(dir).join("capsule"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("capsule"))
+}
+
+/// Counters of what the engine did, for tests, benches and metrics.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Cranelift compilations (every compile goes through [`CapsuleEngine::module`]).
+    pub compilations: AtomicU64,
+    /// Modules loaded from the on-disk cache.
+    pub disk_cache_hits: AtomicU64,
+    /// Modules found already loaded in memory.
+    pub memory_cache_hits: AtomicU64,
+}
+
+/// A configured wasmtime engine with its epoch ticker and compiled-code caches.
+#[derive(Debug)]
+pub struct CapsuleEngine {
+    engine: Engine,
+    config: EngineConfig,
+    pooling: bool,
+    fingerprint: String,
+    modules: Mutex<HashMap<String, Module>>,
+    loading: Mutex<()>,
+    stats: EngineStats,
+}
+
+fn wasmtime_config(pooling: Option<&EngineConfig>) -> Config {
+    let mut config = Config::new();
+    config
+        .strategy(Strategy::Cranelift)
+        .cranelift_opt_level(OptLevel::Speed)
+        .wasm_simd(true)
+        .wasm_relaxed_simd(false)
+        .epoch_interruption(true)
+        .parallel_compilation(true);
+    if let Some(c) = pooling {
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_core_instances(c.pool_slots)
+            .total_memories(c.pool_slots)
+            .total_tables(c.pool_slots)
+            .max_memory_size(usize::try_from(c.max_memory_bytes).unwrap_or(usize::MAX))
+            .table_elements(100_000);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    }
+    config
+}
+
+impl CapsuleEngine {
+    /// Creates the engine and starts its epoch ticker thread (which stops when the engine is
+    /// dropped).
+    pub fn new(config: EngineConfig) -> Result<Arc<CapsuleEngine>> {
+        let (engine, pooling) = match config
+            .pooling
+            .then(|| Engine::new(&wasmtime_config(Some(&config))))
+        {
+            Some(Ok(engine)) => (engine, true),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "pooling allocator unavailable; using on-demand allocation");
+                (
+                    Engine::new(&wasmtime_config(None)).map_err(Error::wasmtime)?,
+                    false,
+                )
+            }
+            None => (
+                Engine::new(&wasmtime_config(None)).map_err(Error::wasmtime)?,
+                false,
+            ),
+        };
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut h);
+        let fingerprint = format!(
+            "wasmtime-48.0.8-{}-{:016x}",
+            std::env::consts::ARCH,
+            h.finish()
+        );
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("capsule-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = weak.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })
+            .map_err(Error::io("starting the epoch ticker thread"))?;
+        Ok(Arc::new(CapsuleEngine {
+            engine,
+            config,
+            pooling,
+            fingerprint,
+            modules: Mutex::new(HashMap::new()),
+            loading: Mutex::new(()),
+            stats: EngineStats::default(),
+        }))
+    }
+
+    /// The wasmtime engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Whether the pooling allocator is in use.
+    pub fn pooling(&self) -> bool {
+        self.pooling
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// What the engine did so far.
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// Number of Cranelift compilations so far.
+    pub fn compilations(&self) -> u64 {
+        self.stats.compilations.load(Ordering::Relaxed)
+    }
+
+    /// Identifies compiled code compatible with this engine (wasmtime version, target and
+    /// every setting that changes code generation).
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// The compiled module for `wasm`: from memory, else from the disk cache, else compiled
+    /// with Cranelift (and written to the cache). The key is the SHA-256 of `wasm` plus the
+    /// engine fingerprint.
+    pub fn module(&self, wasm: &[u8]) -> Result<Module> {
+        let key = hex::encode(Sha256::digest(wasm));
+        // One load or compile at a time: threads asking for the same guest build wait for
+        // the first one instead of compiling it again.
+        let _loading = self.loading.lock().map_err(|_| poisoned())?;
+        if let Some(m) = self.modules.lock().map_err(|_| poisoned())?.get(&key) {
+            self.stats.memory_cache_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(m.clone());
+        }
+        let path = self
+            .config
+            .cache_dir
+            .as_ref()
+            .map(|d| d.join(format!("{key}-{}.cwasm", self.fingerprint)));
+        if let Some(path) = &path
+            && path.exists()
+        {
+            // SAFETY: the file is in our own cache directory, named by the hash of the wasm it
+            // was compiled from, and was written by `store` below after a Cranelift compile
+            // by this same engine configuration (the fingerprint is in its name).
+            match unsafe { Module::deserialize_file(&self.engine, path) } {
+                Ok(m) => {
+                    self.stats.disk_cache_hits.fetch_add(1, Ordering::Relaxed);
+                    self.remember(key, &m)?;
+                    return Ok(m);
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "ignoring unusable cache entry")
+                }
+            }
+        }
+        let module = Module::new(&self.engine, wasm).map_err(Error::wasmtime)?;
+        self.stats.compilations.fetch_add(1, Ordering::Relaxed);
+        if let Some(path) = &path
+            && let Err(e) = store(&module, path)
+        {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write the compiled-code cache");
+        }
+        self.remember(key, &module)?;
+        Ok(module)
+    }
+
+    fn remember(&self, key: String, module: &Module) -> Result<()> {
+        self.modules
+            .lock()
+            .map_err(|_| poisoned())?
+            .insert(key, module.clone());
+        Ok(())
+    }
+}
+
+fn poisoned() -> Error {
+    Error::Wasmtime("module cache lock poisoned by a panic".into())
+}
+
+/// Writes a compiled module atomically (temporary file, then rename), so a crash never
+/// leaves a half-written cache entry.
+fn store(module: &Module, path: &Path) -> Result<()> {
+    let bytes = module.serialize().map_err(Error::wasmtime)?;
+    let dir = path
+        .parent()
+        .ok_or_else(|| Error::InvalidCapsule("cache path has no parent".into()))?;
+    std::fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(Error::io(format!("writing {}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(Error::io(format!("renaming {}", tmp.display())))
+}

@@ -1,0 +1,90 @@
+//! Checks a request against the manifest signature before the guest runs (design section 3:
+//! the host validates every request; the guest then only sees well-formed tensors).
+
+use std::collections::HashMap;
+
+use capsule_format::{CapsuleManifest, Dim, NamedTensor};
+
+use crate::{Error, Result};
+
+/// Checks names, datatypes, ranks, fixed dims, consistent symbolic dims, data lengths and the
+/// total size of a request.
+pub fn validate_request(
+    manifest: &CapsuleManifest,
+    inputs: &[NamedTensor],
+    max_bytes: u64,
+) -> Result<()> {
+    let total = inputs.iter().fold(0u64, |acc, t| {
+        acc.saturating_add(t.tensor.data.len() as u64)
+    });
+    if total > max_bytes {
+        return Err(Error::RequestTooLarge {
+            size: total,
+            limit: max_bytes,
+        });
+    }
+    let declared: Vec<&str> = manifest.inputs.iter().map(|i| i.name.as_str()).collect();
+    for (i, t) in inputs.iter().enumerate() {
+        if manifest.input(&t.name).is_none() {
+            return Err(Error::BadRequest(format!(
+                "unknown input {:?}; the capsule's inputs are {declared:?}",
+                t.name
+            )));
+        }
+        if inputs[..i].iter().any(|o| o.name == t.name) {
+            return Err(Error::BadRequest(format!(
+                "input {:?} is given twice",
+                t.name
+            )));
+        }
+    }
+    let mut symbols: HashMap<&str, u64> = HashMap::new();
+    for spec in &manifest.inputs {
+        let t = inputs
+            .iter()
+            .find(|t| t.name == spec.name)
+            .ok_or_else(|| Error::BadRequest(format!("missing input {:?}", spec.name)))?;
+        let tensor = &t.tensor;
+        if tensor.dtype != spec.dtype {
+            return Err(Error::BadRequest(format!(
+                "input {:?} has datatype {}, the capsule expects {}",
+                spec.name, tensor.dtype, spec.dtype
+            )));
+        }
+        let expected: Vec<String> = spec.shape.iter().map(ToString::to_string).collect();
+        let mismatch = || {
+            Error::BadRequest(format!(
+                "input {:?} has shape {:?}, the capsule expects [{}]",
+                spec.name,
+                tensor.shape,
+                expected.join(", ")
+            ))
+        };
+        if tensor.shape.len() != spec.shape.len() {
+            return Err(mismatch());
+        }
+        for (dim, &actual) in spec.shape.iter().zip(&tensor.shape) {
+            match dim {
+                Dim::Fixed(n) if *n != actual => return Err(mismatch()),
+                Dim::Fixed(_) => {}
+                Dim::Symbolic(s) if s.chars().all(|c| c.is_alphanumeric() || c == '_') => {
+                    if let Some(&bound) = symbols.get(s.as_str()) {
+                        if bound != actual {
+                            return Err(Error::BadRequest(format!(
+                                "input {:?}: dimension {s} is {actual} here but {bound} in another input",
+                                spec.name
+                            )));
+                        }
+                    } else {
+                        symbols.insert(s, actual);
+                    }
+                }
+                Dim::Symbolic(_) => {}
+            }
+        }
+        tensor
+            .validate()
+            .map_err(|e| Error::BadRequest(format!("input {:?}: {e}", spec.name)))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,9 @@
+//! One integration-test binary with a module per concern (after wasmtime's `tests/all`).
+
+mod builder;
+mod code_once;
+mod conformance;
+mod fixtures;
+mod limits;
+mod malformed_capsules;
+mod malformed_requests;
