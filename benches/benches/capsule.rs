@@ -14,7 +14,6 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use capsule_format::wire::{InputShape, NamedTensorView};
 use capsule_model::LoadedModel;
 use capsule_runtime::{CapsuleEngine, CapsuleImage, EngineConfig, LoadedCapsule, RunConfig};
 use capsule_tests::{FIXTURE_MODELS, builder, fixture_capsule, model_bytes};
@@ -32,26 +31,12 @@ fn infer(c: &mut Criterion) {
         let built = or_die(fixture_capsule(name), name);
         let capsule = &built.capsule;
         let inputs = built.manifest.golden[0].inputs.clone();
-        let shapes: Vec<InputShape> = built
-            .manifest
-            .inputs
-            .iter()
-            .map(|i| InputShape {
-                name: i.name.clone(),
-                shape: i.shape.clone(),
-            })
-            .collect();
+        let shapes = built.manifest.input_shapes();
         let mut native = or_die(
             LoadedModel::load(&or_die(model_bytes(name), name), &shapes),
             name,
         );
-        let views: Vec<NamedTensorView<'_>> = inputs
-            .iter()
-            .map(|t| NamedTensorView {
-                name: &t.name,
-                tensor: t.tensor.view(),
-            })
-            .collect();
+        let views = capsule_format::wire::views(&inputs);
         let mut group = c.benchmark_group(format!("infer/{name}"));
         group.bench_function("capsule", |b| {
             b.iter(|| black_box(or_die(capsule.infer(black_box(&inputs)), name)))

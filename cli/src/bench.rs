@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use capsule_format::manifest::Dim;
-use capsule_format::wire::{InputShape, NamedTensorView};
 use capsule_format::{CapsuleManifest, NamedTensor, Tensor};
 use capsule_model::LoadedModel;
 use capsule_runtime::{LoadedCapsule, RunConfig};
@@ -142,15 +141,7 @@ pub fn native_model(m: &CapsuleManifest, onnx: &[u8]) -> Result<LoadedModel> {
             m.source.sha256
         );
     }
-    let shapes: Vec<InputShape> = m
-        .inputs
-        .iter()
-        .map(|i| InputShape {
-            name: i.name.clone(),
-            shape: i.shape.clone(),
-        })
-        .collect();
-    Ok(LoadedModel::load(onnx, &shapes)?)
+    Ok(LoadedModel::load(onnx, &m.input_shapes())?)
 }
 
 pub fn measure(
@@ -160,13 +151,7 @@ pub fn measure(
 ) -> Result<BenchReport> {
     let m = capsule.manifest();
     let (inputs, input_from) = bench_inputs(m)?;
-    let views: Vec<NamedTensorView<'_>> = inputs
-        .iter()
-        .map(|t| NamedTensorView {
-            name: &t.name,
-            tensor: t.tensor.view(),
-        })
-        .collect();
+    let views = capsule_format::wire::views(&inputs);
     let mut native = native;
     for _ in 0..args.warmup {
         capsule.infer(&inputs)?;

@@ -9,7 +9,7 @@ use capsule_format::wire::InputShape;
 use capsule_runtime::{BuildOptions, BuiltCapsule, CapsuleBuilder};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::{Cli, bytes, golden, gzip_size};
+use crate::{Cli, bytes, golden, gzip_size, read_limited};
 
 /// Largest model file read.
 const MAX_MODEL_BYTES: u64 = 2 << 30;
@@ -73,19 +73,6 @@ pub fn parse_input_shape(spec: &str) -> Result<InputShape> {
         name: name.to_owned(),
         shape,
     })
-}
-
-fn read_limited(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>> {
-    let size = std::fs::metadata(path)
-        .with_context(|| format!("reading {what} {}", path.display()))?
-        .len();
-    if size > limit {
-        bail!(
-            "{what} {} is {size} bytes, over the limit of {limit}",
-            path.display()
-        );
-    }
-    std::fs::read(path).with_context(|| format!("reading {what} {}", path.display()))
 }
 
 pub fn run(cli: &Cli, args: &Args) -> Result<()> {

@@ -26,16 +26,7 @@ fn default_tolerance() -> f64 {
 
 /// Reads one golden sample file.
 pub fn read_sample(path: &Path) -> Result<GoldenSample> {
-    let size = std::fs::metadata(path)
-        .with_context(|| format!("reading {}", path.display()))?
-        .len();
-    if size > MAX_SAMPLE_BYTES {
-        bail!(
-            "{} is {size} bytes, over the {MAX_SAMPLE_BYTES}-byte limit for a golden sample",
-            path.display()
-        );
-    }
-    let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = crate::read_limited(path, MAX_SAMPLE_BYTES, "golden sample")?;
     let file: SampleFile =
         serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))?;
     let tensors = |list: &[RequestInput]| -> Result<Vec<_>> {

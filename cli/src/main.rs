@@ -18,7 +18,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 /// Capsule: one sandboxed WebAssembly module per model, with its preprocessing, that runs the
 /// same on edge nodes, in browsers and here.
 #[derive(Debug, Parser)]
-#[command(name = "capsule", version, about, propagate_version = true)]
+#[command(name = "capsule", version, about)]
 struct Cli {
     /// Directory of the compiled-code cache (default: $XDG_CACHE_HOME/capsule or ~/.cache/capsule).
     #[arg(long, global = true, env = "CAPSULE_CACHE_DIR")]
@@ -97,6 +97,22 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Reads a file after checking its size against `limit` (every file the CLI reads is
+/// untrusted input).
+fn read_limited(path: &std::path::Path, limit: u64, what: &str) -> Result<Vec<u8>> {
+    use anyhow::Context;
+    let size = std::fs::metadata(path)
+        .with_context(|| format!("reading {what} {}", path.display()))?
+        .len();
+    if size > limit {
+        anyhow::bail!(
+            "{what} {} is {size} bytes, over the limit of {limit}",
+            path.display()
+        );
+    }
+    std::fs::read(path).with_context(|| format!("reading {what} {}", path.display()))
+}
+
 /// Human-readable byte size.
 fn bytes(n: u64) -> String {
     match n {
@@ -112,4 +128,13 @@ fn gzip_size(data: &[u8]) -> Result<u64> {
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     enc.write_all(data)?;
     Ok(enc.finish()?.len() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

@@ -19,16 +19,7 @@ fn le_bytes<T: npyz::Deserialize, const N: usize>(
 
 /// Reads a `.npy` file (C order; numeric and boolean dtypes) into a tensor.
 pub fn read(path: &Path) -> Result<Tensor> {
-    let size = std::fs::metadata(path)
-        .with_context(|| format!("reading {}", path.display()))?
-        .len();
-    if size > MAX_NPY_BYTES {
-        bail!(
-            "{} is {size} bytes, over the {MAX_NPY_BYTES}-byte limit",
-            path.display()
-        );
-    }
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let bytes = crate::read_limited(path, MAX_NPY_BYTES, "array")?;
     let file = NpyFile::new(&bytes[..])
         .with_context(|| format!("{} is not a .npy file", path.display()))?;
     if file.order() != npyz::Order::C {

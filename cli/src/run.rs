@@ -33,17 +33,7 @@ pub struct Args {
 pub fn run(cli: &Cli, args: &Args) -> Result<()> {
     let (id, tensors, wanted) = match (&args.request, args.inputs.is_empty()) {
         (Some(path), _) => {
-            let size = std::fs::metadata(path)
-                .with_context(|| format!("reading {}", path.display()))?
-                .len();
-            if size > MAX_REQUEST_BYTES {
-                bail!(
-                    "{} is {size} bytes, over the {MAX_REQUEST_BYTES}-byte request limit",
-                    path.display()
-                );
-            }
-            let body =
-                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let body = crate::read_limited(path, MAX_REQUEST_BYTES, "request")?;
             let request = InferenceRequest::from_json(&body)
                 .with_context(|| format!("{}", path.display()))?;
             let wanted = request

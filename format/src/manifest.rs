@@ -214,6 +214,18 @@ impl CapsuleManifest {
         wire::decode(payload, "manifest")
     }
 
+    /// The declared input shapes, as the builder's `--input-shape` overrides: loading the
+    /// source model with them reproduces the capsule's signature (the native baseline).
+    pub fn input_shapes(&self) -> Vec<crate::wire::InputShape> {
+        self.inputs
+            .iter()
+            .map(|i| crate::wire::InputShape {
+                name: i.name.clone(),
+                shape: i.shape.clone(),
+            })
+            .collect()
+    }
+
     /// The declared input with this name.
     pub fn input(&self, name: &str) -> Option<&TensorSpec> {
         self.inputs.iter().find(|i| i.name == name)

@@ -195,7 +195,7 @@ impl CapsuleBuilder {
             "build request",
         )?;
         let response = guest
-            .call_export(build, &request, deadline)
+            .call_export(build, &request, deadline, true)
             .map_err(crashed)?;
         match wire::decode::<BuildResponse>(&response, "build response")? {
             BuildResponse::Ready(report) => Ok((guest, report)),
@@ -211,12 +211,7 @@ impl CapsuleBuilder {
         input_shapes: &[InputShape],
         inputs: &[capsule_format::NamedTensor],
     ) -> Result<Duration> {
-        let request = wire::encode(
-            &capsule_format::wire::InferRequest {
-                inputs: inputs.to_vec(),
-            },
-            "inference request",
-        )?;
+        let request = wire::encode_request(inputs)?;
         let started = Instant::now();
         let (mut guest, _) = self.load_in_guest(model.to_vec(), input_shapes)?;
         let deadline = (BUILD_DEADLINE.as_micros() / EPOCH_TICK.as_micros()) as u64;

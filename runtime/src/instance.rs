@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use capsule_format::wire::{self, InferRequest, InferResponse};
+use capsule_format::wire::{self, InferResponse};
 use capsule_format::{CapsuleManifest, NamedTensor};
 use wasmtime::{Instance, Memory, Module, Store, StoreLimits, StoreLimitsBuilder, TypedFunc};
 
@@ -236,12 +236,7 @@ impl LoadedCapsule {
     /// next call gets a fresh one.
     pub fn infer(&self, inputs: &[NamedTensor]) -> Result<Vec<NamedTensor>> {
         validate_request(&self.image.manifest, inputs, self.config.max_request_bytes)?;
-        let request = wire::encode(
-            &InferRequest {
-                inputs: inputs.to_vec(),
-            },
-            "inference request",
-        )?;
+        let request = wire::encode_request(inputs)?;
         self.infer_encoded(&request)
     }
 
@@ -287,12 +282,7 @@ impl LoadedCapsule {
     /// then its first inference.
     pub fn cold_start(&self, inputs: &[NamedTensor]) -> Result<ColdStart> {
         validate_request(&self.image.manifest, inputs, self.config.max_request_bytes)?;
-        let request = wire::encode(
-            &InferRequest {
-                inputs: inputs.to_vec(),
-            },
-            "inference request",
-        )?;
+        let request = wire::encode_request(inputs)?;
         let started = std::time::Instant::now();
         let mut instance = self.instantiate()?;
         let instantiate = started.elapsed();
@@ -378,12 +368,14 @@ impl GuestInstance {
     }
 
     /// Hands `request` to a `(ptr, len) -> packed` export that consumes it, and returns the
-    /// response bytes (zeroed in guest memory, then freed).
+    /// response bytes (then frees them in the guest; `zero` first clears them, so that a
+    /// builder's snapshot never carries them).
     pub(crate) fn call_export(
         &mut self,
         export: TypedFunc<(u32, u32), u64>,
         request: &[u8],
         deadline_ticks: u64,
+        zero: bool,
     ) -> Result<Vec<u8>> {
         let len = u32::try_from(request.len()).map_err(|_| Error::RequestTooLarge {
             size: request.len() as u64,

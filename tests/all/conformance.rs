@@ -6,6 +6,7 @@
 use capsule_tests::conformance::{load_case, node_tests_dir, run_capsule, run_native};
 
 #[test]
+#[ignore = "runs all 1765 ONNX node tests (minutes); `cargo test -p capsule-tests --test all -- --ignored` or the conformance binary"]
 fn capsules_pass_every_node_test_native_tract_passes() -> anyhow::Result<()> {
     let dir = node_tests_dir()?;
     let mut dirs: Vec<_> = std::fs::read_dir(&dir)?

@@ -2,25 +2,17 @@
 //! tolerance) and native tract's (the same `capsule-model` code on the host).
 
 use capsule_format::NamedTensor;
-use capsule_format::wire::{InputShape, NamedTensorView};
+use capsule_format::wire;
 use capsule_model::LoadedModel;
 use capsule_runtime::{LoadedCapsule, RunConfig, golden};
-use capsule_tests::{FIXTURE_MODELS, engine, fixture_capsule, model_bytes};
+use capsule_tests::{
+    FIXTURE_MODELS, diverges_from_ort, engine, fixture_capsule, golden, model_bytes,
+};
 
 /// Capsule (wasm SIMD128 kernels) vs native tract (x86 kernels): the same graph with
 /// different kernels, so sums are ordered differently; 1e-5 relative is far tighter than the
 /// onnxruntime tolerance and catches any real divergence.
 const NATIVE_TOLERANCE: f64 = 1e-5;
-
-fn views(inputs: &[NamedTensor]) -> Vec<NamedTensorView<'_>> {
-    inputs
-        .iter()
-        .map(|t| NamedTensorView {
-            name: &t.name,
-            tensor: t.tensor.view(),
-        })
-        .collect()
-}
 
 #[test]
 fn fixture_outputs_match_onnxruntime_and_native_tract() -> anyhow::Result<()> {
@@ -37,25 +29,26 @@ fn fixture_outputs_match_onnxruntime_and_native_tract() -> anyhow::Result<()> {
             !built.manifest.golden.is_empty(),
             "{name}: no golden samples"
         );
-        let shapes: Vec<InputShape> = capsule
-            .manifest()
-            .inputs
-            .iter()
-            .map(|i| InputShape {
-                name: i.name.clone(),
-                shape: i.shape.clone(),
-            })
-            .collect();
-        let mut native = LoadedModel::load(&model_bytes(name)?, &shapes)?;
-        for sample in &built.manifest.golden {
+        let mut native =
+            LoadedModel::load(&model_bytes(name)?, &capsule.manifest().input_shapes())?;
+        for sample in &golden(name)? {
             let from_capsule = capsule.infer(&sample.inputs)?;
-            golden::compare(&sample.outputs, &from_capsule, sample.tolerance).map_err(|e| {
-                anyhow::anyhow!("{name}/{}: capsule vs onnxruntime: {e}", sample.name)
-            })?;
-            let from_native = native.run(&views(&sample.inputs))?;
+            let from_native = native.run(&wire::views(&sample.inputs))?;
             golden::compare(&from_native, &from_capsule, NATIVE_TOLERANCE).map_err(|e| {
                 anyhow::anyhow!("{name}/{}: capsule vs native tract: {e}", sample.name)
             })?;
+            let vs_ort = golden::compare(&sample.outputs, &from_capsule, sample.tolerance);
+            if diverges_from_ort(name, &sample.name) {
+                assert!(
+                    vs_ort.is_err(),
+                    "{name}/{}: now matches onnxruntime: drop it from KNOWN_ORT_DIVERGENCE",
+                    sample.name
+                );
+            } else {
+                vs_ort.map_err(|e| {
+                    anyhow::anyhow!("{name}/{}: capsule vs onnxruntime: {e}", sample.name)
+                })?;
+            }
             assert_eq!(
                 from_capsule.len(),
                 capsule.manifest().outputs.len(),

@@ -21,6 +21,18 @@ pub const FIXTURE_MODELS: [&str; 5] = [
     "silero_vad",
 ];
 
+/// Golden samples whose onnxruntime outputs tract does not reproduce, natively and in a
+/// capsule alike (Silero VAD v6 on non-silent audio: 0.2409 vs onnxruntime's 0.0614 for
+/// sample 001). They are kept out of the capsules' own goldens; the fixture test asserts that
+/// the capsule equals native tract on them and still differs from onnxruntime, so it notices
+/// when tract changes.
+pub const KNOWN_ORT_DIVERGENCE: [(&str, &str); 2] = [("silero_vad", "001"), ("silero_vad", "002")];
+
+/// Whether a sample is in [`KNOWN_ORT_DIVERGENCE`].
+pub fn diverges_from_ort(model: &str, sample: &str) -> bool {
+    KNOWN_ORT_DIVERGENCE.contains(&(model, sample))
+}
+
 /// `tests/fixtures/models`.
 pub fn models_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -111,7 +123,10 @@ pub fn options(name: &str) -> Result<BuildOptions> {
         input_shapes: Vec::new(),
         card: ModelCard::default(),
         labels: Vec::new(),
-        golden: golden(name)?,
+        golden: golden(name)?
+            .into_iter()
+            .filter(|g| !diverges_from_ort(name, &g.name))
+            .collect(),
         limits: Limits::default(),
     })
 }

@@ -1,0 +1,178 @@
+//! The `capsule` binary end to end: build, inspect, run (V2 JSON and .npy), bench, demo.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models")
+}
+
+fn capsule(args: &[&str]) -> Output {
+    let cache = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/capsule-test-cache");
+    match Command::new(env!("CARGO_BIN_EXE_capsule"))
+        .args(args)
+        .env("CAPSULE_CACHE_DIR", cache)
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) => panic!("cannot run capsule: {e}"),
+    }
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = capsule(args);
+    assert!(
+        out.status.success(),
+        "capsule {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn build_inspect_run_bench() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mlp = fixtures().join("digits_mlp");
+    let out = dir.path().join("digits.capsule.wasm");
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    let printed = ok(&[
+        "build",
+        &s(&mlp.join("model.onnx")),
+        "-o",
+        &s(&out),
+        "--name",
+        "digits",
+        "--version",
+        "1.2.3",
+        "--card",
+        &s(&mlp.join("card.toml")),
+        "--golden",
+        &s(&mlp.join("golden")),
+    ]);
+    assert!(printed.contains("capsule   digits 1.2.3"), "{printed}");
+    assert!(
+        printed.contains("input     input: FP32[N, 64]"),
+        "{printed}"
+    );
+    assert!(printed.contains("(4 golden samples passed)"), "{printed}");
+
+    let inspect: serde_json::Value = serde_json::from_str(&ok(&["inspect", &s(&out), "--json"]))?;
+    assert_eq!(inspect["imports"], serde_json::json!([]));
+    assert_eq!(inspect["name"], "digits");
+    assert_eq!(inspect["version"], "1.2.3");
+    assert_eq!(inspect["card"]["metrics"][0]["name"], "accuracy");
+    assert!(ok(&["inspect", &s(&out)]).contains("imports       none"));
+
+    // V2 request in, V2 response out, equal to onnxruntime's golden output.
+    let golden: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(mlp.join("golden/000.json"))?)?;
+    let request = dir.path().join("req.json");
+    std::fs::write(
+        &request,
+        serde_json::json!({"id": "r1", "inputs": golden["inputs"]}).to_string(),
+    )?;
+    let response: serde_json::Value =
+        serde_json::from_str(&ok(&["run", &s(&out), "--request", &s(&request)]))?;
+    assert_eq!(response["model_name"], "digits");
+    assert_eq!(response["model_version"], "1.2.3");
+    assert_eq!(response["id"], "r1");
+    assert_eq!(response["outputs"][0]["name"], "label");
+    assert_eq!(response["outputs"][0]["data"], golden["outputs"][0]["data"]);
+
+    // The same input as a .npy file (version 1.0 header, little-endian float32).
+    let values: Vec<f32> = golden["inputs"][0]["data"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_f64())
+                .map(|v| v as f32)
+                .collect()
+        })
+        .unwrap_or_default();
+    let npy = dir.path().join("x.npy");
+    std::fs::write(&npy, npy_f32(&[1, 64], &values))?;
+    let response: serde_json::Value = serde_json::from_str(&ok(&[
+        "run",
+        &s(&out),
+        "--input",
+        &format!("input={}", s(&npy)),
+    ]))?;
+    assert_eq!(response["outputs"][0]["data"], golden["outputs"][0]["data"]);
+
+    let bad = capsule(&["run", &s(&out), "--input", &format!("nope={}", s(&npy))]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown input \"nope\""));
+
+    let bench: serde_json::Value = serde_json::from_str(&ok(&[
+        "bench",
+        &s(&out),
+        "--model",
+        &s(&mlp.join("model.onnx")),
+        "--iterations",
+        "20",
+        "--warmup",
+        "2",
+        "--cold-starts",
+        "3",
+        "--json",
+    ]))?;
+    assert_eq!(bench["capsule_latency"]["samples"], 20);
+    assert_eq!(bench["native_latency"]["samples"], 20);
+    assert!(bench["ratio_p50"].as_f64().is_some_and(|r| r > 0.0));
+    Ok(())
+}
+
+#[test]
+fn build_errors_are_clear() {
+    let zipmap = fixtures().join("digits_rf_zipmap/model.onnx");
+    let out = capsule(&["build", &zipmap.to_string_lossy(), "-o", "/dev/null"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("error: cannot build capsule: cannot load model: "),
+        "{stderr}"
+    );
+    assert!(stderr.contains("ZipMap"), "{stderr}");
+    let out = capsule(&["build", "/nonexistent.onnx"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).lines().next(),
+        Some("error: reading model /nonexistent.onnx: No such file or directory (os error 2)")
+    );
+}
+
+#[test]
+fn demo_runs() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let printed = ok(&["demo", "--dir", &dir.path().to_string_lossy()]);
+    assert!(printed.contains("predicted digit: "), "{printed}");
+    assert!(
+        printed.contains("imports: none (fully sandboxed)"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("capsule / native tract (p50):"),
+        "{printed}"
+    );
+    assert!(dir.path().join("digits.capsule.wasm").exists());
+    Ok(())
+}
+
+/// A NumPy `.npy` (format 1.0) of little-endian float32.
+fn npy_f32(shape: &[usize], values: &[f32]) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(ToString::to_string).collect();
+    let mut header = format!(
+        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({},), }}",
+        dims.join(", ")
+    );
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
