@@ -37,7 +37,7 @@ pub fn read_sample(path: &Path) -> Result<GoldenSample> {
             })
             .collect()
     };
-    if !(file.tolerance >= 0.0) {
+    if file.tolerance.is_nan() || file.tolerance < 0.0 {
         bail!("{}: tolerance must be a number >= 0", path.display());
     }
     Ok(GoldenSample {
