@@ -5,8 +5,16 @@
 
 use capsule_tests::conformance::{load_case, node_tests_dir, run_capsule, run_native};
 
+/// Node tests where the capsule fails and native tract passes, each explained in
+/// `docs/conformance.md`.
+const EXPLAINED: [&str; 1] = [
+    // An output element that should be 0 comes out 1.9e-7 natively and 0 in the capsule; the
+    // expected value is 1.9e-7 and atol is 1e-7. FFT sums ordered differently by the wasm
+    // and x86 kernels give float noise around zero; the other DFT tests go the other way.
+    "test_dft_inverse_opset19",
+];
+
 #[test]
-#[ignore = "runs all 1765 ONNX node tests (minutes); `cargo test -p capsule-tests --test all -- --ignored` or the conformance binary"]
 fn capsules_pass_every_node_test_native_tract_passes() -> anyhow::Result<()> {
     let dir = node_tests_dir()?;
     let mut dirs: Vec<_> = std::fs::read_dir(&dir)?
@@ -28,7 +36,7 @@ fn capsules_pass_every_node_test_native_tract_passes() -> anyhow::Result<()> {
         let capsule = run_capsule(builder, &case);
         native_pass += usize::from(native.is_ok());
         capsule_pass += usize::from(capsule.is_ok());
-        if native.is_ok() && capsule.is_err() {
+        if native.is_ok() && capsule.is_err() && !EXPLAINED.contains(&case.name.as_str()) {
             differences.push(format!("{}: {:?}", case.name, capsule));
         }
     }
