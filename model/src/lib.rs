@@ -37,6 +37,27 @@ pub enum Error {
     Run(String),
 }
 
+/// Clears the upper halves of the AVX registers; call it after running tract natively in a
+/// process that also runs wasm.
+///
+/// tract's native x86 kernels (AVX2/AVX-512) can return with dirty upper register state, and
+/// Cranelift's code then pays an AVX-SSE transition penalty on every SIMD instruction: it made
+/// capsules look 20-60x slower than native in interleaved benchmark runs (1.6-2x once
+/// cleared). A node never runs native tract in its process; benchmarks and comparisons do.
+pub fn clear_avx_upper_state() {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx") {
+        // SAFETY: `vzeroupper` only needs AVX, checked above.
+        unsafe { clear_upper() }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn clear_upper() {
+    std::arch::x86_64::_mm256_zeroupper();
+}
+
 /// Result with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
