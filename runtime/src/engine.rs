@@ -187,7 +187,12 @@ impl CapsuleEngine {
     /// with Cranelift (and written to the cache). The key is the SHA-256 of `wasm` plus the
     /// engine fingerprint.
     pub fn module(&self, wasm: &[u8]) -> Result<Module> {
-        let key = hex::encode(Sha256::digest(wasm));
+        self.module_with_sha256(wasm, hex::encode(Sha256::digest(wasm)))
+    }
+
+    /// [`Self::module`] for a caller that already hashed `wasm` (`CapsuleImage::parse` does),
+    /// so installing a capsule hashes its code once. `key` must be the SHA-256 of `wasm`.
+    pub(crate) fn module_with_sha256(&self, wasm: &[u8], key: String) -> Result<Module> {
         // One load or compile at a time: threads asking for the same guest build wait for
         // the first one instead of compiling it again.
         let _loading = self.loading.lock().map_err(|_| poisoned())?;

@@ -129,7 +129,7 @@ impl LoadedCapsule {
         image: CapsuleImage,
         config: RunConfig,
     ) -> Result<LoadedCapsule> {
-        let module = engine.module(&image.code)?;
+        let module = engine.module_with_sha256(&image.code, image.code_sha256.clone())?;
         let limits = image.manifest.limits;
         let deadline = config
             .deadline
