@@ -42,12 +42,7 @@ fn infer(c: &mut Criterion) {
             b.iter(|| black_box(or_die(capsule.infer(black_box(&inputs)), name)))
         });
         group.bench_function("native", |b| {
-            b.iter(|| {
-                let out = black_box(or_die(native.run(black_box(&views)), name));
-                // Measure the capsule as a node sees it: see `clear_avx_upper_state`.
-                capsule_model::clear_avx_upper_state();
-                out
-            })
+            b.iter(|| black_box(or_die(native.run(black_box(&views)), name)))
         });
         group.finish();
     }

@@ -157,7 +157,6 @@ pub fn measure(
         capsule.infer(&inputs)?;
         if let Some(n) = native.as_deref_mut() {
             n.run(&views)?;
-            capsule_model::clear_avx_upper_state();
         }
     }
     let (mut caps, mut nat) = (
@@ -176,7 +175,6 @@ pub fn measure(
                 let t = Instant::now();
                 n.run(&views)?;
                 nat.push(t.elapsed());
-                capsule_model::clear_avx_upper_state();
             }
         }
     }

@@ -37,14 +37,15 @@ pub enum Error {
     Run(String),
 }
 
-/// Clears the upper halves of the AVX registers; call it after running tract natively in a
-/// process that also runs wasm.
+/// Clears the upper halves of the AVX registers; [`LoadedModel::run`] calls it after every
+/// native run.
 ///
 /// tract's native x86 kernels (AVX2/AVX-512) can return with dirty upper register state, and
 /// Cranelift's code then pays an AVX-SSE transition penalty on every SIMD instruction: it made
 /// capsules look 20-60x slower than native in interleaved benchmark runs (1.6-2x once
-/// cleared). A node never runs native tract in its process; benchmarks and comparisons do.
-pub fn clear_avx_upper_state() {
+/// cleared). Benchmarks, tests and the conformance runner run native tract and wasm in one
+/// process; doing it here covers them all. In the guest (wasm32) it compiles to nothing.
+fn clear_avx_upper_state() {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx") {
         // SAFETY: `vzeroupper` only needs AVX, checked above.
@@ -266,7 +267,9 @@ impl LoadedModel {
                 .ok_or_else(|| Error::BadInput(format!("missing input {:?}", spec.name)))?;
             values.push(to_tract_checked(&spec.name, *dt, &t.tensor)?.into());
         }
-        let outputs = self.state.run(values).map_err(|e| Error::Run(chain(&e)))?;
+        let outputs = self.state.run(values);
+        clear_avx_upper_state();
+        let outputs = outputs.map_err(|e| Error::Run(chain(&e)))?;
         outputs
             .iter()
             .zip(&self.outputs)
