@@ -7,6 +7,7 @@ mod golden;
 mod inspect;
 mod npy;
 mod run;
+mod serve;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -51,6 +52,9 @@ enum Command {
     Bench(bench::Args),
     /// Build the bundled sample model into a capsule and run it: the one-command tour.
     Demo(demo::Args),
+    /// Serve a model repository over the Open Inference Protocol V2 (REST and gRPC), with
+    /// metrics, warm instance pools, overload control and hot swap.
+    Serve(serve::Args),
 }
 
 impl Cli {
@@ -66,9 +70,9 @@ impl Cli {
     }
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CAPSULE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -80,13 +84,18 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let level = match cli.command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    };
+    init_logging(cli.log_format, level);
     let result = match &cli.command {
         Command::Build(args) => build::run(&cli, args),
         Command::Inspect(args) => inspect::run(args),
         Command::Run(args) => run::run(&cli, args),
         Command::Bench(args) => bench::run(&cli, args),
         Command::Demo(args) => demo::run(&cli, args),
+        Command::Serve(args) => serve::run(&cli, args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -36,10 +36,11 @@ pub struct RequestInput {
     pub shape: Vec<u64>,
     /// Datatype name (`FP32`, ...).
     pub datatype: String,
-    /// Optional parameters.
+    /// Optional parameters (`binary_data_size` when the elements follow the JSON part).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parameters: Option<serde_json::Map<String, Value>>,
-    /// Elements, flat or nested.
+    /// Elements, flat or nested (absent when they travel as binary data).
+    #[serde(default)]
     pub data: Value,
 }
 
@@ -360,6 +361,270 @@ impl InferenceResponse {
     }
 }
 
+/// HTTP header that gives the length of the JSON part of a body carrying binary tensor data
+/// (the binary tensor data extension that Triton's clients use).
+pub const INFERENCE_HEADER_CONTENT_LENGTH: &str = "inference-header-content-length";
+
+fn parameter<'a>(
+    parameters: &'a Option<serde_json::Map<String, Value>>,
+    key: &str,
+) -> Option<&'a Value> {
+    parameters.as_ref().and_then(|p| p.get(key))
+}
+
+/// A decoded inference request: the JSON part and its inputs as checked tensors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodedRequest {
+    /// The JSON part (inputs keep their metadata; binary elements are not repeated here).
+    pub request: InferenceRequest,
+    /// The inputs, in request order.
+    pub inputs: Vec<NamedTensor>,
+}
+
+/// Decodes a request body. `json_len` is the value of the
+/// [`INFERENCE_HEADER_CONTENT_LENGTH`] header: the body is then that many bytes of JSON
+/// followed by the binary elements of every input whose parameters carry
+/// `binary_data_size`, in input order (BYTES elements each prefixed by a little-endian u32
+/// length, as in the extension).
+pub fn decode_request(body: &[u8], json_len: Option<usize>) -> Result<DecodedRequest> {
+    let json_len = json_len.unwrap_or(body.len());
+    let (json, mut binary) = body.split_at_checked(json_len).ok_or_else(|| {
+        Error::InvalidRequest(format!(
+            "{INFERENCE_HEADER_CONTENT_LENGTH} is {json_len} but the body has only {} bytes",
+            body.len()
+        ))
+    })?;
+    let request = InferenceRequest::from_json(json)?;
+    let mut inputs = Vec::with_capacity(request.inputs.len());
+    for input in &request.inputs {
+        match parameter(&input.parameters, "binary_data_size") {
+            None => inputs.push(input.to_named_tensor()?),
+            Some(size) => {
+                let name = &input.name;
+                let size = size
+                    .as_u64()
+                    .and_then(|s| usize::try_from(s).ok())
+                    .ok_or_else(|| {
+                        tensor_error(name, format!("binary_data_size {size} is not a size"))
+                    })?;
+                if !input.data.is_null() {
+                    return Err(tensor_error(name, "has both binary_data_size and data"));
+                }
+                let (bytes, rest) = binary.split_at_checked(size).ok_or_else(|| {
+                    tensor_error(
+                        name,
+                        format!(
+                            "binary_data_size {size} but only {} binary bytes remain",
+                            binary.len()
+                        ),
+                    )
+                })?;
+                binary = rest;
+                let dtype = DType::from_v2_name(&input.datatype)?;
+                let tensor = Tensor::new(dtype, input.shape.clone(), bytes.to_vec()).map_err(
+                    |e| match e {
+                        Error::InvalidTensor { reason, .. } => tensor_error(name, reason),
+                        other => other,
+                    },
+                )?;
+                inputs.push(NamedTensor {
+                    name: name.clone(),
+                    tensor,
+                });
+            }
+        }
+    }
+    if !binary.is_empty() {
+        return Err(Error::InvalidRequest(format!(
+            "{} bytes of binary data that no input claims",
+            binary.len()
+        )));
+    }
+    Ok(DecodedRequest { request, inputs })
+}
+
+/// Which outputs a response carries, and whether each travels as binary data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputSelection {
+    /// Indices into the model's outputs, in response order, with the binary flag.
+    pub outputs: Vec<(usize, bool)>,
+}
+
+impl InferenceRequest {
+    /// Selects the outputs to return from the model's `output_names`: the requested ones in
+    /// request order (an unknown name is an error), or all of them. An output travels as
+    /// binary data when its `binary_data` parameter is true, or when the request's
+    /// `binary_data_output` parameter is true and the output does not say otherwise.
+    pub fn select_outputs(&self, output_names: &[&str]) -> Result<OutputSelection> {
+        let all_binary = parameter(&self.parameters, "binary_data_output")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let outputs = match &self.outputs {
+            None => (0..output_names.len()).map(|i| (i, all_binary)).collect(),
+            Some(requested) => requested
+                .iter()
+                .map(|r| {
+                    let index =
+                        output_names
+                            .iter()
+                            .position(|n| *n == r.name)
+                            .ok_or_else(|| {
+                                Error::InvalidRequest(format!(
+                                    "unknown output {:?} (the model has {:?})",
+                                    r.name, output_names
+                                ))
+                            })?;
+                    let binary = parameter(&r.parameters, "binary_data")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(all_binary);
+                    Ok((index, binary))
+                })
+                .collect::<Result<_>>()?,
+        };
+        Ok(OutputSelection { outputs })
+    }
+}
+
+/// An encoded response body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedResponse {
+    /// The body.
+    pub body: Vec<u8>,
+    /// Length of its JSON part when binary data follows (the value of the
+    /// [`INFERENCE_HEADER_CONTENT_LENGTH`] response header).
+    pub json_len: Option<usize>,
+}
+
+/// Encodes a response with the selected outputs; binary ones carry `binary_data_size` and
+/// their elements follow the JSON part.
+pub fn encode_response(
+    model_name: &str,
+    model_version: Option<String>,
+    id: Option<String>,
+    outputs: &[NamedTensor],
+    selection: &OutputSelection,
+) -> Result<EncodedResponse> {
+    let mut json_outputs = Vec::with_capacity(selection.outputs.len());
+    let mut binary = Vec::new();
+    for &(index, as_binary) in &selection.outputs {
+        let t = outputs.get(index).ok_or_else(|| {
+            Error::InvalidRequest(format!(
+                "output {index} is missing from the model's outputs"
+            ))
+        })?;
+        let mut o = serde_json::Map::new();
+        o.insert("name".into(), Value::from(t.name.clone()));
+        o.insert("datatype".into(), Value::from(t.tensor.dtype.v2_name()));
+        o.insert("shape".into(), Value::from(t.tensor.shape.clone()));
+        if as_binary {
+            let mut p = serde_json::Map::new();
+            p.insert("binary_data_size".into(), Value::from(t.tensor.data.len()));
+            o.insert("parameters".into(), Value::Object(p));
+            binary.extend_from_slice(&t.tensor.data);
+        } else {
+            o.insert(
+                "data".into(),
+                Value::Array(tensor_values(&t.name, &t.tensor)?),
+            );
+        }
+        json_outputs.push(Value::Object(o));
+    }
+    let mut r = serde_json::Map::new();
+    r.insert("model_name".into(), Value::from(model_name));
+    if let Some(v) = model_version {
+        r.insert("model_version".into(), Value::from(v));
+    }
+    if let Some(id) = id {
+        r.insert("id".into(), Value::from(id));
+    }
+    r.insert("outputs".into(), Value::Array(json_outputs));
+    let mut body = serde_json::to_vec(&Value::Object(r)).map_err(|e| Error::Encode {
+        what: "inference response",
+        reason: e.to_string(),
+    })?;
+    let json_len =
+        (!binary.is_empty() || selection.outputs.iter().any(|o| o.1)).then_some(body.len());
+    body.extend_from_slice(&binary);
+    Ok(EncodedResponse { body, json_len })
+}
+
+/// Decodes a response body (the client side of [`encode_response`]): outputs with
+/// `binary_data_size` take their elements from the bytes after the JSON part.
+pub fn decode_response(
+    body: &[u8],
+    json_len: Option<usize>,
+) -> Result<(InferenceResponse, Vec<NamedTensor>)> {
+    #[derive(Deserialize)]
+    struct RawOutput {
+        name: String,
+        shape: Vec<u64>,
+        datatype: String,
+        #[serde(default)]
+        parameters: Option<serde_json::Map<String, Value>>,
+        #[serde(default)]
+        data: Value,
+    }
+    #[derive(Deserialize)]
+    struct Raw {
+        model_name: String,
+        #[serde(default)]
+        model_version: Option<String>,
+        #[serde(default)]
+        id: Option<String>,
+        outputs: Vec<RawOutput>,
+    }
+    let json_len = json_len.unwrap_or(body.len());
+    let (json, _) = body.split_at_checked(json_len).ok_or_else(|| {
+        Error::InvalidRequest(format!(
+            "JSON length {json_len} is past the body's {} bytes",
+            body.len()
+        ))
+    })?;
+    let raw: Raw =
+        serde_json::from_slice(json).map_err(|e| Error::InvalidRequest(e.to_string()))?;
+    let as_request = InferenceRequest {
+        id: None,
+        parameters: None,
+        inputs: raw
+            .outputs
+            .iter()
+            .map(|o| RequestInput {
+                name: o.name.clone(),
+                shape: o.shape.clone(),
+                datatype: o.datatype.clone(),
+                parameters: o.parameters.clone(),
+                data: o.data.clone(),
+            })
+            .collect(),
+        outputs: None,
+    };
+    let json_part = serde_json::to_vec(&as_request).map_err(|e| Error::Encode {
+        what: "response",
+        reason: e.to_string(),
+    })?;
+    let mut rebuilt = json_part.clone();
+    rebuilt.extend_from_slice(&body[json_len..]);
+    let decoded = decode_request(&rebuilt, Some(json_part.len()))?;
+    let response = InferenceResponse {
+        model_name: raw.model_name,
+        model_version: raw.model_version,
+        id: raw.id,
+        outputs: decoded
+            .inputs
+            .iter()
+            .map(|t| {
+                Ok(ResponseOutput {
+                    name: t.name.clone(),
+                    shape: t.tensor.shape.clone(),
+                    datatype: t.tensor.dtype.v2_name().to_owned(),
+                    data: tensor_values(&t.name, &t.tensor)?,
+                })
+            })
+            .collect::<Result<_>>()?,
+    };
+    Ok((response, decoded.inputs))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -454,5 +719,75 @@ mod tests {
         assert_eq!(f64_to_f16(1e6), 0x7c00);
         assert_eq!(f64_to_f16(5.960464477539063e-8), 0x0001);
         assert_eq!(f64_to_f16(0.0), 0);
+    }
+
+    #[test]
+    fn binary_tensor_data_round_trips() {
+        let json = br#"{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","parameters":{"binary_data_size":8}},{"name":"s","shape":[1],"datatype":"BYTES","data":["a"]},{"name":"b","shape":[1],"datatype":"BYTES","parameters":{"binary_data_size":6}}],"outputs":[{"name":"b","parameters":{"binary_data":true}},{"name":"x"}]}"#;
+        let mut body = json.to_vec();
+        body.extend_from_slice(&1.5f32.to_le_bytes());
+        body.extend_from_slice(&(-2f32).to_le_bytes());
+        body.extend_from_slice(&[2, 0, 0, 0, b'h', b'i']);
+        let decoded = decode_request(&body, Some(json.len())).unwrap();
+        assert_eq!(
+            decoded.inputs[0].tensor.to_f64_vec().unwrap(),
+            vec![1.5, -2.0]
+        );
+        assert_eq!(decoded.inputs[2].tensor.data, vec![2, 0, 0, 0, b'h', b'i']);
+        let selection = decoded.request.select_outputs(&["x", "s", "b"]).unwrap();
+        assert_eq!(selection.outputs, vec![(2, true), (0, false)]);
+        let encoded = encode_response(
+            "m",
+            Some("1".into()),
+            Some("r".into()),
+            &decoded.inputs,
+            &selection,
+        )
+        .unwrap();
+        let json_len = encoded.json_len.unwrap();
+        assert_eq!(&encoded.body[json_len..], &[2, 0, 0, 0, b'h', b'i']);
+        let (response, tensors) = decode_response(&encoded.body, Some(json_len)).unwrap();
+        assert_eq!(response.id.as_deref(), Some("r"));
+        assert_eq!(
+            tensors,
+            vec![decoded.inputs[2].clone(), decoded.inputs[0].clone()]
+        );
+    }
+
+    #[test]
+    fn binary_tensor_data_errors() {
+        let json = br#"{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","parameters":{"binary_data_size":8}}]}"#;
+        let mut body = json.to_vec();
+        body.extend_from_slice(&[0; 4]);
+        let e = decode_request(&body, Some(json.len())).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "tensor \"x\": binary_data_size 8 but only 4 binary bytes remain"
+        );
+        body.extend_from_slice(&[0; 8]);
+        let e = decode_request(&body, Some(json.len())).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid inference request: 4 bytes of binary data that no input claims"
+        );
+        let e = decode_request(&body, Some(10_000)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid inference request: inference-header-content-length is 10000 but the body has only 103 bytes"
+        );
+        let json = br#"{"inputs":[{"name":"x","shape":[3],"datatype":"FP32","parameters":{"binary_data_size":8}}]}"#;
+        let mut body = json.to_vec();
+        body.extend_from_slice(&[0; 8]);
+        let e = decode_request(&body, Some(json.len())).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "tensor \"x\": shape [3] of FP32 needs 12 bytes, got 8"
+        );
+        let r =
+            InferenceRequest::from_json(br#"{"inputs":[],"outputs":[{"name":"nope"}]}"#).unwrap();
+        assert_eq!(
+            r.select_outputs(&["y"]).unwrap_err().to_string(),
+            "invalid inference request: unknown output \"nope\" (the model has [\"y\"])"
+        );
     }
 }

@@ -72,6 +72,8 @@ pub(crate) struct GuestInstance {
     free: TypedFunc<(u32, u32, u32), ()>,
     infer: TypedFunc<(u32, u32), u64>,
     last_panic: Option<TypedFunc<(), u64>>,
+    /// Memory size last added to [`CapsuleStats::memory_bytes`] for this instance.
+    accounted_memory: u64,
 }
 
 /// Counters of one loaded capsule.
@@ -83,6 +85,10 @@ pub struct CapsuleStats {
     pub inferences: AtomicU64,
     /// Calls that trapped (each discarded its instance).
     pub traps: AtomicU64,
+    /// Linear memory held by live instances (idle and busy), in bytes.
+    pub memory_bytes: AtomicU64,
+    /// Live instances (idle and busy).
+    pub live_instances: AtomicU64,
 }
 
 /// A capsule installed on an engine, ready to run, with its pool of warm instances.
@@ -105,6 +111,14 @@ impl std::fmt::Debug for LoadedCapsule {
             .field("sha256", &self.image.sha256)
             .finish()
     }
+}
+
+/// Epoch ticks that cover `deadline` (at least one full tick).
+fn deadline_ticks(deadline: Duration) -> u64 {
+    u64::try_from(deadline.as_micros() / EPOCH_TICK.as_micros())
+        .unwrap_or(u64::MAX - 1)
+        .max(1)
+        + 1
 }
 
 fn abi(msg: impl Into<String>) -> Error {
@@ -134,7 +148,7 @@ impl LoadedCapsule {
         let deadline = config
             .deadline
             .unwrap_or(Duration::from_millis(limits.time_budget_ms));
-        let deadline_ticks = (deadline.as_micros() / EPOCH_TICK.as_micros()).max(1) as u64 + 1;
+        let deadline_ticks = deadline_ticks(deadline);
         let memory_cap = config
             .max_memory_bytes
             .unwrap_or(limits.max_memory_bytes)
@@ -212,7 +226,42 @@ impl LoadedCapsule {
             ));
         }
         self.stats.instances_created.fetch_add(1, Ordering::Relaxed);
+        self.stats.live_instances.fetch_add(1, Ordering::Relaxed);
+        self.account_memory(&mut guest);
         Ok(guest)
+    }
+
+    /// Brings [`CapsuleStats::memory_bytes`] up to date with this instance's memory size.
+    fn account_memory(&self, guest: &mut GuestInstance) {
+        let now = guest.memory.data_size(&guest.store) as u64;
+        if now >= guest.accounted_memory {
+            let grown = now - guest.accounted_memory;
+            self.stats.memory_bytes.fetch_add(grown, Ordering::Relaxed);
+        } else {
+            let shrunk = guest.accounted_memory - now;
+            self.stats.memory_bytes.fetch_sub(shrunk, Ordering::Relaxed);
+        }
+        guest.accounted_memory = now;
+    }
+
+    /// Drops an instance, taking it out of the counters.
+    fn discard(&self, guest: GuestInstance) {
+        self.stats
+            .memory_bytes
+            .fetch_sub(guest.accounted_memory, Ordering::Relaxed);
+        self.stats.live_instances.fetch_sub(1, Ordering::Relaxed);
+        drop(guest);
+    }
+
+    /// Creates instances until `count` are idle (or the pool's bound is reached), so that the
+    /// first requests do not pay for instantiation.
+    pub fn prewarm(&self, count: usize) -> Result<()> {
+        let target = count.min(self.config.max_idle_instances);
+        while self.idle_instances() < target {
+            let instance = self.instantiate()?;
+            self.release(instance);
+        }
+        Ok(())
     }
 
     fn acquire(&self) -> Result<GuestInstance> {
@@ -223,28 +272,47 @@ impl LoadedCapsule {
         }
     }
 
-    fn release(&self, instance: GuestInstance) {
+    fn release(&self, mut instance: GuestInstance) {
+        self.account_memory(&mut instance);
         if let Ok(mut idle) = self.idle.lock()
             && idle.len() < self.config.max_idle_instances
         {
             idle.push(instance);
+            return;
         }
+        self.discard(instance);
     }
 
     /// Runs one inference: validates the request against the manifest, then runs it in a
     /// warm instance under the deadline and memory cap. A trap discards the instance; the
     /// next call gets a fresh one.
     pub fn infer(&self, inputs: &[NamedTensor]) -> Result<Vec<NamedTensor>> {
+        self.infer_with_deadline(inputs, None)
+    }
+
+    /// [`Self::infer`] with a deadline for this call only (capped by the capsule's own).
+    pub fn infer_with_deadline(
+        &self,
+        inputs: &[NamedTensor],
+        deadline: Option<Duration>,
+    ) -> Result<Vec<NamedTensor>> {
         validate_request(&self.image.manifest, inputs, self.config.max_request_bytes)?;
         let request = wire::encode_request(inputs)?;
-        self.infer_encoded(&request)
+        let ticks = deadline.map_or(self.deadline_ticks, |d| {
+            deadline_ticks(d).min(self.deadline_ticks)
+        });
+        self.run_encoded(&request, ticks)
     }
 
     /// Runs an already encoded request (no validation: callers use [`Self::infer`]; this is
     /// the guest's own defense-in-depth path, used by tests of malformed bytes).
     pub fn infer_encoded(&self, request: &[u8]) -> Result<Vec<NamedTensor>> {
+        self.run_encoded(request, self.deadline_ticks)
+    }
+
+    fn run_encoded(&self, request: &[u8], ticks: u64) -> Result<Vec<NamedTensor>> {
         let mut instance = self.acquire()?;
-        match instance.run(request, self.deadline_ticks) {
+        match instance.run(request, ticks) {
             Ok(response) => {
                 self.release(instance);
                 match response {
@@ -258,7 +326,8 @@ impl LoadedCapsule {
             Err(e) => {
                 if matches!(e, Error::Trap { .. } | Error::Abi(_)) {
                     self.stats.traps.fetch_add(1, Ordering::Relaxed);
-                    // The instance is dropped here: after a trap its state may be poisoned.
+                    // After a trap the instance's state may be poisoned.
+                    self.discard(instance);
                 } else {
                     self.release(instance);
                 }
@@ -286,7 +355,9 @@ impl LoadedCapsule {
         let started = std::time::Instant::now();
         let mut instance = self.instantiate()?;
         let instantiate = started.elapsed();
-        match instance.run(&request, self.deadline_ticks)? {
+        let response = instance.run(&request, self.deadline_ticks);
+        self.discard(instance);
+        match response? {
             InferResponse::Outputs(_) => Ok(ColdStart {
                 instantiate,
                 first_output: started.elapsed(),
@@ -321,6 +392,7 @@ impl GuestInstance {
             memory,
             instance,
             store,
+            accounted_memory: 0,
         })
     }
 

@@ -1,0 +1,22 @@
+//! Generates the gRPC service of the Open Inference Protocol from `proto/grpc_service.proto`
+//! with a pure-Rust protobuf compiler (protox), so building needs no `protoc`.
+
+fn main() {
+    let proto = "proto/grpc_service.proto";
+    println!("cargo:rerun-if-changed={proto}");
+    let fds = match protox::compile([proto], ["proto"]) {
+        Ok(fds) => fds,
+        Err(e) => {
+            eprintln!("error: cannot compile {proto}: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)
+    {
+        eprintln!("error: cannot generate the gRPC service from {proto}: {e}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,205 @@
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::{Error, Result};
+
+/// Which versions of each model the node serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VersionPolicy {
+    /// The N highest versions that load and pass their probe.
+    Latest(usize),
+    /// Every version that loads and passes its probe.
+    All,
+    /// Only these versions.
+    Specific(Vec<String>),
+}
+
+impl FromStr for VersionPolicy {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<VersionPolicy> {
+        let bad = || {
+            Error::Config(format!(
+                "version policy {s:?}: expected `latest:N` (N >= 1), `all` or `specific:V1,V2,...`"
+            ))
+        };
+        if s == "all" {
+            return Ok(VersionPolicy::All);
+        }
+        if let Some(n) = s.strip_prefix("latest:") {
+            let n: usize = n.parse().map_err(|_| bad())?;
+            return if n == 0 {
+                Err(bad())
+            } else {
+                Ok(VersionPolicy::Latest(n))
+            };
+        }
+        if let Some(list) = s.strip_prefix("specific:") {
+            let versions: Vec<String> = list
+                .split(',')
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(str::to_owned)
+                .collect();
+            return if versions.is_empty() {
+                Err(bad())
+            } else {
+                Ok(VersionPolicy::Specific(versions))
+            };
+        }
+        Err(bad())
+    }
+}
+
+impl std::fmt::Display for VersionPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VersionPolicy::Latest(n) => write!(f, "latest:{n}"),
+            VersionPolicy::All => f.write_str("all"),
+            VersionPolicy::Specific(v) => write!(f, "specific:{}", v.join(",")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for VersionPolicy {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Settings of an edge node. Every field has a default; the CLI fills them from flags,
+/// environment variables and an optional TOML file (in that order of precedence).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// The model repository: `DIR/NAME/VERSION/*.capsule.wasm`, or flat `*.capsule.wasm`
+    /// files named from their manifest.
+    pub models: PathBuf,
+    /// Address of the REST endpoint.
+    pub http: SocketAddr,
+    /// Address of the gRPC endpoint (`None`: no gRPC).
+    pub grpc: Option<SocketAddr>,
+    /// Requests run at once per model version (each on its own warm instance).
+    pub instances: usize,
+    /// Requests that may wait per model version when every instance is busy; past that the
+    /// node answers 429 at once.
+    pub queue: usize,
+    /// Deadline of one request, queueing included (504 when exceeded).
+    pub deadline_ms: u64,
+    /// Largest request body (413 past it).
+    pub max_body_bytes: u64,
+    /// Largest capsule file the repository may hold.
+    pub max_capsule_bytes: u64,
+    /// How often the repository is rescanned for new, changed or removed capsules (0: never).
+    pub poll_interval_ms: u64,
+    /// Which versions of each model are served.
+    pub version_policy: VersionPolicy,
+    /// Directory of the compiled-code cache (`None`: the default cache directory).
+    pub cache_dir: Option<PathBuf>,
+    /// Keep compiled code on disk (false: in memory only).
+    pub disk_cache: bool,
+    /// Memory cap of one guest instance (`None`: each capsule's manifest limit).
+    pub max_memory_bytes: Option<u64>,
+    /// How long a graceful shutdown waits for in-flight requests.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            models: PathBuf::from("models"),
+            http: SocketAddr::from(([0, 0, 0, 0], 8000)),
+            grpc: Some(SocketAddr::from(([0, 0, 0, 0], 8001))),
+            instances: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            queue: 64,
+            deadline_ms: 10_000,
+            max_body_bytes: 64 << 20,
+            max_capsule_bytes: 1 << 30,
+            poll_interval_ms: 2_000,
+            version_policy: VersionPolicy::Latest(1),
+            cache_dir: None,
+            disk_cache: true,
+            max_memory_bytes: None,
+            drain_timeout_ms: 30_000,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Reads a TOML file of these settings (unknown keys are errors).
+    pub fn from_toml_file(path: &Path) -> Result<NodeConfig> {
+        let text = std::fs::read_to_string(path)
+            .map_err(Error::io(format!("cannot read {}", path.display())))?;
+        toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// Checks that the settings make sense.
+    pub fn validate(&self) -> Result<()> {
+        if self.instances == 0 {
+            return Err(Error::Config("instances must be at least 1".into()));
+        }
+        if self.deadline_ms == 0 {
+            return Err(Error::Config("deadline_ms must be at least 1".into()));
+        }
+        if self.max_body_bytes == 0 {
+            return Err(Error::Config("max_body_bytes must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// The request deadline.
+    pub fn deadline(&self) -> Duration {
+        Duration::from_millis(self.deadline_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_policies_parse() {
+        assert_eq!(
+            "latest:2".parse::<VersionPolicy>().unwrap(),
+            VersionPolicy::Latest(2)
+        );
+        assert_eq!("all".parse::<VersionPolicy>().unwrap(), VersionPolicy::All);
+        assert_eq!(
+            "specific:1, 3".parse::<VersionPolicy>().unwrap(),
+            VersionPolicy::Specific(vec!["1".into(), "3".into()])
+        );
+        for bad in ["latest:0", "latest:x", "specific:", "newest"] {
+            assert_eq!(
+                bad.parse::<VersionPolicy>().unwrap_err().to_string(),
+                format!(
+                    "configuration: version policy {bad:?}: expected `latest:N` (N >= 1), `all` or `specific:V1,V2,...`"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn toml_settings_and_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(
+            &path,
+            "models = \"/srv/models\"\nqueue = 3\nversion_policy = \"latest:2\"\ngrpc = \"127.0.0.1:9001\"\n",
+        )
+        .unwrap();
+        let c = NodeConfig::from_toml_file(&path).unwrap();
+        assert_eq!(c.models, PathBuf::from("/srv/models"));
+        assert_eq!(c.queue, 3);
+        assert_eq!(c.version_policy, VersionPolicy::Latest(2));
+        assert_eq!(c.grpc, Some(SocketAddr::from(([127, 0, 0, 1], 9001))));
+        assert_eq!(c.deadline_ms, 10_000);
+        std::fs::write(&path, "queue_size = 3\n").unwrap();
+        let e = NodeConfig::from_toml_file(&path).unwrap_err().to_string();
+        assert!(e.contains("unknown field `queue_size`"), "{e}");
+    }
+}

@@ -1,0 +1,157 @@
+use thiserror::Error;
+
+/// Errors of the edge node. Each maps to one HTTP status and one gRPC code.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No model of that name is served.
+    #[error("unknown model {0:?}")]
+    ModelNotFound(String),
+    /// The model exists but not that version.
+    #[error("unknown version {version:?} of model {model:?}")]
+    VersionNotFound {
+        /// The model.
+        model: String,
+        /// The version asked for.
+        version: String,
+    },
+    /// The model is known but has no version ready to serve.
+    #[error("model {model:?} is not ready: {reason}")]
+    NotReady {
+        /// The model.
+        model: String,
+        /// Why.
+        reason: String,
+    },
+    /// The request does not follow the protocol or the model's signature.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The request body is larger than the configured limit.
+    #[error("request body is {size} bytes, over the limit of {limit} bytes")]
+    PayloadTooLarge {
+        /// Body size (or declared size).
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// Every instance is busy and the wait queue is full.
+    #[error(
+        "model {model:?} version {version:?} is overloaded: {capacity} requests in flight and queued"
+    )]
+    QueueFull {
+        /// The model.
+        model: String,
+        /// The version.
+        version: String,
+        /// Running plus queued requests that were accepted.
+        capacity: usize,
+    },
+    /// The request's deadline passed (in the queue or while running; a running instance is
+    /// discarded).
+    #[error("deadline of {deadline_ms} ms exceeded {during}")]
+    DeadlineExceeded {
+        /// The deadline.
+        deadline_ms: u64,
+        /// `in the queue` or `during inference`.
+        during: &'static str,
+    },
+    /// The node is shutting down.
+    #[error("the node is shutting down")]
+    ShuttingDown,
+    /// The capsule failed while running the request (trap, guest error).
+    #[error("inference failed: {0}")]
+    Inference(capsule_runtime::Error),
+    /// A capsule could not be loaded.
+    #[error("cannot load {path}: {reason}")]
+    Load {
+        /// The capsule file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// Bad configuration.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// An I/O failure.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The engine could not be created.
+    #[error("engine: {0}")]
+    Engine(capsule_runtime::Error),
+}
+
+/// Result with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+        let context = context.into();
+        move |source| Error::Io { context, source }
+    }
+
+    /// Maps a runtime error of an inference call.
+    pub(crate) fn from_inference(e: capsule_runtime::Error, deadline_ms: u64) -> Error {
+        use capsule_runtime::{Error as R, TrapKind};
+        match e {
+            R::BadRequest(m) => Error::BadRequest(m),
+            R::Manifest(m) => Error::BadRequest(m.to_string()),
+            R::RequestTooLarge { size, limit } => Error::PayloadTooLarge { size, limit },
+            R::Trap {
+                kind: TrapKind::Deadline,
+                ..
+            } => Error::DeadlineExceeded {
+                deadline_ms,
+                during: "during inference",
+            },
+            other => Error::Inference(other),
+        }
+    }
+
+    /// The HTTP status of this error.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Error::ModelNotFound(_) | Error::VersionNotFound { .. } => 404,
+            Error::BadRequest(_) => 400,
+            Error::PayloadTooLarge { .. } => 413,
+            Error::QueueFull { .. } => 429,
+            Error::NotReady { .. } | Error::ShuttingDown => 503,
+            Error::DeadlineExceeded { .. } => 504,
+            Error::Inference(capsule_runtime::Error::Guest(_)) => 400,
+            _ => 500,
+        }
+    }
+
+    /// The gRPC status code of this error.
+    pub fn grpc_code(&self) -> tonic::Code {
+        match self.http_status() {
+            404 => tonic::Code::NotFound,
+            400 => tonic::Code::InvalidArgument,
+            413 => tonic::Code::ResourceExhausted,
+            429 => tonic::Code::ResourceExhausted,
+            503 => tonic::Code::Unavailable,
+            504 => tonic::Code::DeadlineExceeded,
+            _ => tonic::Code::Internal,
+        }
+    }
+
+    /// The outcome label of this error in metrics.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Error::ModelNotFound(_) | Error::VersionNotFound { .. } => "not_found",
+            Error::BadRequest(_) | Error::Inference(capsule_runtime::Error::Guest(_)) => {
+                "bad_request"
+            }
+            Error::PayloadTooLarge { .. } => "too_large",
+            Error::QueueFull { .. } => "rejected",
+            Error::NotReady { .. } | Error::ShuttingDown => "unavailable",
+            Error::DeadlineExceeded { .. } => "timeout",
+            Error::Inference(capsule_runtime::Error::Trap { .. }) => "trap",
+            _ => "error",
+        }
+    }
+}

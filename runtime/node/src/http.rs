@@ -1,0 +1,365 @@
+//! Open Inference Protocol V2 over HTTP/REST (with the binary tensor data extension),
+//! health endpoints and `/metrics`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use capsule_format::v2::{self, INFERENCE_HEADER_CONTENT_LENGTH};
+use serde_json::{Value, json};
+
+use crate::models::{ModelRegistry, ServedModel};
+use crate::{Error, NodeConfig, Result};
+
+/// Header carrying the request id (taken from the client or generated).
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// State shared by the handlers.
+#[derive(Debug, Clone)]
+pub(crate) struct App {
+    pub registry: Arc<ModelRegistry>,
+    pub config: Arc<NodeConfig>,
+}
+
+/// The request id of the current request (set by the middleware).
+#[derive(Debug, Clone)]
+struct RequestId(String);
+
+pub(crate) fn router(app: App) -> Router {
+    Router::new()
+        .route("/v2", get(server_metadata))
+        .route("/v2/health/live", get(live))
+        .route("/v2/health/ready", get(ready))
+        .route("/v2/models/{model}", get(model_metadata))
+        .route("/v2/models/{model}/ready", get(model_ready))
+        .route("/v2/models/{model}/infer", post(infer))
+        .route("/v2/models/{model}/versions/{version}", get(model_metadata))
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            get(model_ready),
+        )
+        .route("/v2/models/{model}/versions/{version}/infer", post(infer))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(middleware::from_fn(request_id))
+        .with_state(app)
+}
+
+fn error_response(status: u16, message: &str) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, axum::Json(json!({ "error": message }))).into_response()
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        error_response(self.http_status(), &self.to_string())
+    }
+}
+
+async fn request_id(mut request: Request, next: Next) -> Response {
+    let id = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    request.extensions_mut().insert(RequestId(id.clone()));
+    let span = tracing::info_span!("request", request_id = %id, method = %request.method(), path = %request.uri().path());
+    let started = Instant::now();
+    let mut response = tracing::Instrument::instrument(next.run(request), span.clone()).await;
+    let status = response.status().as_u16();
+    span.in_scope(|| {
+        if status >= 500 {
+            tracing::warn!(
+                status,
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "request failed"
+            );
+        } else {
+            tracing::debug!(
+                status,
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "request done"
+            );
+        }
+    });
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(REQUEST_ID, v);
+    }
+    response
+}
+
+async fn not_found(request: Request) -> Response {
+    error_response(
+        404,
+        &format!("no route for {} {}", request.method(), request.uri().path()),
+    )
+}
+
+async fn server_metadata() -> Response {
+    axum::Json(json!({
+        "name": "capsule",
+        "version": env!("CARGO_PKG_VERSION"),
+        "extensions": ["binary_tensor_data"],
+    }))
+    .into_response()
+}
+
+async fn live() -> Response {
+    axum::Json(json!({ "live": true })).into_response()
+}
+
+async fn ready(State(app): State<App>) -> Response {
+    let ready = app.registry.is_ready();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(json!({ "ready": ready }))).into_response()
+}
+
+/// `{model}` and optional `{version}` path parameters.
+fn model_and_version(params: Vec<(String, String)>) -> (String, Option<String>) {
+    let mut model = String::new();
+    let mut version = None;
+    for (k, v) in params {
+        match k.as_str() {
+            "model" => model = v,
+            "version" => version = Some(v),
+            _ => {}
+        }
+    }
+    (model, version)
+}
+
+/// Shape with symbolic dimensions as -1, as the protocol's metadata has it.
+pub(crate) fn spec_shape(spec: &capsule_format::TensorSpec) -> Vec<i64> {
+    spec.shape
+        .iter()
+        .map(|d| match d {
+            capsule_format::Dim::Fixed(n) => i64::try_from(*n).unwrap_or(-1),
+            capsule_format::Dim::Symbolic(_) => -1,
+        })
+        .collect()
+}
+
+fn tensor_metadata(specs: &[capsule_format::TensorSpec]) -> Value {
+    Value::Array(
+        specs
+            .iter()
+            .map(|s| json!({ "name": s.name, "datatype": s.dtype.v2_name(), "shape": spec_shape(s) }))
+            .collect(),
+    )
+}
+
+async fn model_metadata(
+    State(app): State<App>,
+    Path(params): Path<Vec<(String, String)>>,
+) -> Result<Response> {
+    let (model, version) = model_and_version(params);
+    let served = app.registry.resolve(&model, version.as_deref())?;
+    let versions: Vec<String> = app
+        .registry
+        .versions(&model)?
+        .iter()
+        .map(|m| m.version.clone())
+        .collect();
+    let manifest = served.manifest();
+    Ok(axum::Json(json!({
+        "name": model,
+        "versions": versions,
+        "platform": "capsule",
+        "inputs": tensor_metadata(&manifest.inputs),
+        "outputs": tensor_metadata(&manifest.outputs),
+    }))
+    .into_response())
+}
+
+async fn model_ready(
+    State(app): State<App>,
+    Path(params): Path<Vec<(String, String)>>,
+) -> Result<Response> {
+    let (model, version) = model_and_version(params);
+    match app.registry.resolve(&model, version.as_deref()) {
+        Ok(_) => Ok(axum::Json(json!({ "name": model, "ready": true })).into_response()),
+        Err(e @ Error::NotReady { .. }) => Ok((
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({ "name": model, "ready": false, "error": e.to_string() })),
+        )
+            .into_response()),
+        Err(e) => Err(e),
+    }
+}
+
+async fn metrics(State(app): State<App>) -> Result<Response> {
+    app.registry.refresh_gauges();
+    let text = app.registry.metrics.encode()?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
+/// Reads the body up to the limit (413 past it, from the declared length when there is one).
+async fn read_body(headers: &HeaderMap, body: Body, limit: u64) -> Result<Bytes> {
+    if let Some(declared) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && declared > limit
+    {
+        return Err(Error::PayloadTooLarge {
+            size: declared,
+            limit,
+        });
+    }
+    let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
+    axum::body::to_bytes(body, limit_usize).await.map_err(|e| {
+        let source = std::error::Error::source(&e)
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        if source.contains("length limit") || e.to_string().contains("length limit") {
+            Error::PayloadTooLarge {
+                size: limit.saturating_add(1),
+                limit,
+            }
+        } else {
+            Error::BadRequest(format!("cannot read the request body: {e}"))
+        }
+    })
+}
+
+/// The deadline of one request: the node's, shortened by a `timeout` request parameter in
+/// microseconds (Triton's convention) when one is given.
+fn request_deadline(config: &NodeConfig, request: &v2::InferenceRequest) -> Duration {
+    let node = config.deadline();
+    request
+        .parameters
+        .as_ref()
+        .and_then(|p| p.get("timeout"))
+        .and_then(Value::as_u64)
+        .filter(|us| *us > 0)
+        .map_or(node, |us| node.min(Duration::from_micros(us)))
+}
+
+async fn infer(
+    State(app): State<App>,
+    Path(params): Path<Vec<(String, String)>>,
+    axum::Extension(RequestId(request_id)): axum::Extension<RequestId>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let (model, version) = model_and_version(params);
+    let mut labels = (model.clone(), version.clone().unwrap_or_default());
+    let result = run_infer(
+        &app,
+        &model,
+        version.as_deref(),
+        &headers,
+        body,
+        &request_id,
+        &mut labels,
+    )
+    .await;
+    let outcome = match &result {
+        Ok(_) => "success",
+        Err(e) => e.outcome(),
+    };
+    let m = &app.registry.metrics;
+    m.requests
+        .with_label_values(&[labels.0.as_str(), labels.1.as_str(), "http", outcome])
+        .inc();
+    m.request_seconds
+        .with_label_values(&["http"])
+        .observe(started.elapsed().as_secs_f64());
+    match result {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::info!(model = %model, error = %e, status = e.http_status(), "inference refused");
+            e.into_response()
+        }
+    }
+}
+
+async fn run_infer(
+    app: &App,
+    model: &str,
+    version: Option<&str>,
+    headers: &HeaderMap,
+    body: Body,
+    request_id: &str,
+    labels: &mut (String, String),
+) -> Result<Response> {
+    let served: Arc<ServedModel> = app.registry.resolve(model, version)?;
+    labels.1.clone_from(&served.version);
+    let bytes = read_body(headers, body, app.config.max_body_bytes).await?;
+    let json_len = match headers.get(INFERENCE_HEADER_CONTENT_LENGTH) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .ok_or_else(|| {
+                    Error::BadRequest(format!("{INFERENCE_HEADER_CONTENT_LENGTH} is not a length"))
+                })?,
+        ),
+    };
+    let decoded =
+        v2::decode_request(&bytes, json_len).map_err(|e| Error::BadRequest(e.to_string()))?;
+    let output_names = served.output_names();
+    decoded
+        .request
+        .select_outputs(&output_names)
+        .map_err(|e| Error::BadRequest(e.to_string()))?;
+    let deadline = request_deadline(&app.config, &decoded.request);
+    let id = decoded
+        .request
+        .id
+        .clone()
+        .or_else(|| Some(request_id.to_owned()));
+    let outcome = served.infer(decoded.inputs, deadline).await?;
+    let actual: Vec<&str> = outcome.outputs.iter().map(|t| t.name.as_str()).collect();
+    let selection = decoded
+        .request
+        .select_outputs(&actual)
+        .map_err(|e| Error::BadRequest(e.to_string()))?;
+    let encoded = v2::encode_response(
+        &served.name,
+        Some(served.version.clone()),
+        id,
+        &outcome.outputs,
+        &selection,
+    )
+    .map_err(|e| Error::Inference(capsule_runtime::Error::Manifest(e)))?;
+    let mut response = Response::new(Body::from(encoded.body));
+    let h = response.headers_mut();
+    match encoded.json_len {
+        Some(n) => {
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            h.insert(INFERENCE_HEADER_CONTENT_LENGTH, HeaderValue::from(n));
+        }
+        None => {
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+        }
+    }
+    Ok(response)
+}

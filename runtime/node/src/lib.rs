@@ -1,0 +1,43 @@
+//! The Capsule edge node: `capsule serve`.
+//!
+//! Serves every capsule of a model repository over the Open Inference Protocol V2 (REST with
+//! the binary tensor data extension, and gRPC), with a pool of warm instances and a bounded
+//! wait queue per model version, per-request deadlines, Prometheus metrics, structured logs
+//! and hot swap of capsules dropped into (or removed from) the repository.
+//!
+//! ```no_run
+//! # async fn serve() -> Result<(), capsule_node::Error> {
+//! let config = capsule_node::NodeConfig::default();
+//! let node = capsule_node::Node::start(config).await?;
+//! node.wait_for_shutdown_signal().await;
+//! node.shutdown().await;
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+
+mod config;
+mod error;
+mod grpc;
+mod http;
+mod loader;
+mod metrics;
+mod models;
+mod node;
+mod repository;
+
+pub use config::{NodeConfig, VersionPolicy};
+pub use error::{Error, Result};
+pub use models::{InferOutcome, ModelRegistry, ServedModel};
+pub use node::Node;
+pub use repository::{CapsuleFile, scan};
+
+/// The generated gRPC types and client/server of `inference.GRPCInferenceService`.
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::pedantic,
+    missing_debug_implementations
+)]
+pub mod proto {
+    tonic::include_proto!("inference");
+}

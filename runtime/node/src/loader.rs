@@ -1,0 +1,362 @@
+//! Keeps the registry in line with the repository on disk: new capsules are staged,
+//! installed (no compilation for a known guest build), probed with their golden samples and
+//! switched in atomically; removed ones are dropped; a capsule that fails is refused and the
+//! versions already served keep serving.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use capsule_runtime::{CapsuleEngine, CapsuleImage, LoadedCapsule, RunConfig, golden};
+use sha2::{Digest, Sha256};
+
+use crate::models::{ModelEntry, ModelRegistry, ServedModel, sort_versions};
+use crate::repository::{CapsuleFile, Stamp, compare_versions, scan};
+use crate::{NodeConfig, VersionPolicy};
+
+/// Why a capsule was refused.
+#[derive(Debug, Clone)]
+enum Refusal {
+    Load(String),
+    Probe(String),
+}
+
+impl Refusal {
+    fn outcome(&self) -> &'static str {
+        match self {
+            Refusal::Load(_) => "load_failed",
+            Refusal::Probe(_) => "probe_failed",
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            Refusal::Load(m) => format!("load failed: {m}"),
+            Refusal::Probe(m) => format!("probe failed: {m}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Known {
+    Loaded(Arc<ServedModel>),
+    Refused(Refusal),
+}
+
+#[derive(Debug)]
+struct KnownFile {
+    stamp: Stamp,
+    name: String,
+    version: String,
+    state: Known,
+}
+
+struct Candidate {
+    file: CapsuleFile,
+    name: String,
+    version: String,
+    bytes: Option<Vec<u8>>,
+}
+
+/// The repository loader (one per node; syncs are serialized by its owner).
+pub(crate) struct Loader {
+    engine: Arc<CapsuleEngine>,
+    config: NodeConfig,
+    registry: Arc<ModelRegistry>,
+    known: HashMap<PathBuf, KnownFile>,
+}
+
+fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+    let mut bytes = Vec::new();
+    file.take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if bytes.len() as u64 > limit {
+        return Err(format!("larger than the limit of {limit} bytes"));
+    }
+    Ok(bytes)
+}
+
+impl Loader {
+    pub(crate) fn new(
+        engine: Arc<CapsuleEngine>,
+        config: NodeConfig,
+        registry: Arc<ModelRegistry>,
+    ) -> Loader {
+        Loader {
+            engine,
+            config,
+            registry,
+            known: HashMap::new(),
+        }
+    }
+
+    /// Names a file: from its directory, or (flat files) from its manifest, which needs its
+    /// bytes (kept for loading).
+    fn candidate(&mut self, file: CapsuleFile) -> Option<Candidate> {
+        if let Some((name, version)) = file.layout.clone() {
+            return Some(Candidate {
+                file,
+                name,
+                version,
+                bytes: None,
+            });
+        }
+        if let Some(k) = self.known.get(&file.path).filter(|k| k.stamp == file.stamp) {
+            let (name, version) = (k.name.clone(), k.version.clone());
+            return Some(Candidate {
+                file,
+                name,
+                version,
+                bytes: None,
+            });
+        }
+        let named = read_bounded(&file.path, self.config.max_capsule_bytes).and_then(|bytes| {
+            let image = CapsuleImage::parse(bytes.clone()).map_err(|e| e.to_string())?;
+            Ok((
+                image.manifest.name.clone(),
+                image.manifest.version.to_string(),
+                bytes,
+            ))
+        });
+        match named {
+            Ok((name, version, bytes)) => Some(Candidate {
+                file,
+                name,
+                version,
+                bytes: Some(bytes),
+            }),
+            Err(e) => {
+                let refusal = Refusal::Load(e);
+                tracing::error!(path = %file.path.display(), error = %refusal.message(), "capsule refused");
+                self.registry
+                    .metrics
+                    .swaps
+                    .with_label_values(&["", refusal.outcome()])
+                    .inc();
+                self.known.insert(
+                    file.path.clone(),
+                    KnownFile {
+                        stamp: file.stamp,
+                        name: String::new(),
+                        version: String::new(),
+                        state: Known::Refused(refusal),
+                    },
+                );
+                None
+            }
+        }
+    }
+
+    /// Installs and probes one capsule.
+    fn load(&self, c: &mut Candidate) -> Result<Arc<ServedModel>, Refusal> {
+        let started = Instant::now();
+        let bytes = match c.bytes.take() {
+            Some(b) => b,
+            None => {
+                read_bounded(&c.file.path, self.config.max_capsule_bytes).map_err(Refusal::Load)?
+            }
+        };
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        let image = CapsuleImage::parse(bytes).map_err(|e| Refusal::Load(e.to_string()))?;
+        if image.manifest.name != c.name {
+            tracing::warn!(
+                path = %c.file.path.display(),
+                manifest_name = %image.manifest.name,
+                served_as = %c.name,
+                "the capsule's manifest names another model; serving it under its directory name"
+            );
+        }
+        let run = RunConfig {
+            deadline: Some(self.config.deadline()),
+            max_memory_bytes: self.config.max_memory_bytes,
+            max_request_bytes: self.config.max_body_bytes,
+            max_idle_instances: self.config.instances,
+        };
+        let capsule = LoadedCapsule::install(&self.engine, image, run)
+            .map_err(|e| Refusal::Load(e.to_string()))?;
+        let samples = &capsule.manifest().golden;
+        if samples.is_empty() {
+            tracing::warn!(path = %c.file.path.display(), "capsule has no golden samples: probed by instantiation only");
+        }
+        for sample in samples {
+            golden::check(&capsule, sample).map_err(|e| Refusal::Probe(e.to_string()))?;
+        }
+        capsule
+            .prewarm(self.config.instances)
+            .map_err(|e| Refusal::Load(e.to_string()))?;
+        tracing::info!(
+            model = %c.name,
+            version = %c.version,
+            sha256 = %sha256,
+            golden_samples = samples.len(),
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "capsule loaded and probed"
+        );
+        Ok(Arc::new(ServedModel::new(
+            c.name.clone(),
+            c.version.clone(),
+            c.file.path.clone(),
+            sha256,
+            capsule,
+            self.config.instances,
+            self.config.queue,
+            self.registry.metrics.clone(),
+        )))
+    }
+
+    fn wanted(&self, version: &str) -> bool {
+        match &self.config.version_policy {
+            VersionPolicy::Specific(list) => list.iter().any(|v| v == version),
+            _ => true,
+        }
+    }
+
+    /// One pass: scan, load what changed, apply the version policy, swap.
+    pub(crate) fn sync(&mut self) {
+        let files = match scan(&self.config.models) {
+            Ok(files) => files,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot scan the model repository; serving what is loaded");
+                return;
+            }
+        };
+        let mut by_model: BTreeMap<String, Vec<Candidate>> = BTreeMap::new();
+        let present: std::collections::HashSet<PathBuf> =
+            files.iter().map(|f| f.path.clone()).collect();
+        for file in files {
+            if let Some(c) = self.candidate(file) {
+                let versions = by_model.entry(c.name.clone()).or_default();
+                if versions.iter().any(|o| o.version == c.version) {
+                    tracing::warn!(model = %c.name, version = %c.version, path = %c.file.path.display(), "duplicate model version; ignoring this file");
+                    continue;
+                }
+                versions.push(c);
+            }
+        }
+        self.known.retain(|path, _| present.contains(path));
+        // Models seen for the first time answer 503 (not 404) while they load.
+        {
+            let mut models = self.registry.write();
+            for name in by_model.keys() {
+                models.entry(name.clone()).or_insert_with(|| ModelEntry {
+                    loading: true,
+                    ..ModelEntry::default()
+                });
+            }
+        }
+        let names: Vec<String> = {
+            let mut n: Vec<String> = self.registry.model_names();
+            n.extend(by_model.keys().cloned());
+            n.sort();
+            n.dedup();
+            n
+        };
+        for name in names {
+            let candidates = by_model.remove(&name).unwrap_or_default();
+            self.sync_model(&name, candidates);
+        }
+    }
+
+    fn sync_model(&mut self, name: &str, mut candidates: Vec<Candidate>) {
+        candidates.sort_by(|a, b| compare_versions(&b.version, &a.version));
+        let limit = match self.config.version_policy {
+            VersionPolicy::Latest(n) => n,
+            _ => usize::MAX,
+        };
+        let mut chosen: Vec<Arc<ServedModel>> = Vec::new();
+        let mut problem = None;
+        let mut chosen_paths = Vec::new();
+        for mut c in candidates {
+            if chosen.len() >= limit {
+                break;
+            }
+            if !self.wanted(&c.version) {
+                continue;
+            }
+            let current = self
+                .known
+                .get(&c.file.path)
+                .filter(|k| k.stamp == c.file.stamp && k.name == c.name && k.version == c.version)
+                .map(|k| k.state.clone());
+            let state = match current {
+                Some(state) => state,
+                None => {
+                    let state = match self.load(&mut c) {
+                        Ok(m) => Known::Loaded(m),
+                        Err(refusal) => {
+                            tracing::error!(model = %name, version = %c.version, path = %c.file.path.display(), error = %refusal.message(), "capsule refused; the versions already served keep serving");
+                            self.registry
+                                .metrics
+                                .swaps
+                                .with_label_values(&[name, refusal.outcome()])
+                                .inc();
+                            Known::Refused(refusal)
+                        }
+                    };
+                    self.known.insert(
+                        c.file.path.clone(),
+                        KnownFile {
+                            stamp: c.file.stamp,
+                            name: c.name.clone(),
+                            version: c.version.clone(),
+                            state: state.clone(),
+                        },
+                    );
+                    state
+                }
+            };
+            match state {
+                Known::Loaded(m) => {
+                    chosen_paths.push(c.file.path.clone());
+                    chosen.push(m);
+                }
+                Known::Refused(r) => {
+                    problem
+                        .get_or_insert_with(|| format!("version {}: {}", c.version, r.message()));
+                }
+            }
+        }
+        // Loaded versions the policy no longer serves are forgotten (and freed once their
+        // last request finishes); they load again if the policy wants them back.
+        self.known.retain(|path, k| {
+            k.name != name || matches!(k.state, Known::Refused(_)) || chosen_paths.contains(path)
+        });
+        sort_versions(&mut chosen);
+        let metrics = &self.registry.metrics;
+        let mut models = self.registry.write();
+        let previous = models
+            .get(name)
+            .map(|e| e.versions.clone())
+            .unwrap_or_default();
+        for m in &chosen {
+            if !previous.iter().any(|p| Arc::ptr_eq(p, m)) {
+                metrics.swaps.with_label_values(&[name, "loaded"]).inc();
+                tracing::info!(model = %name, version = %m.version, "version now serving");
+            }
+        }
+        for p in &previous {
+            if !chosen.iter().any(|m| Arc::ptr_eq(p, m)) {
+                metrics.swaps.with_label_values(&[name, "unloaded"]).inc();
+                metrics.forget_version(&p.name, &p.version);
+                tracing::info!(model = %name, version = %p.version, "version no longer served");
+            }
+        }
+        let known_anywhere = self.known.values().any(|k| k.name == name) || !chosen.is_empty();
+        if !known_anywhere && problem.is_none() {
+            models.remove(name);
+            return;
+        }
+        models.insert(
+            name.to_owned(),
+            ModelEntry {
+                versions: chosen,
+                loading: false,
+                problem,
+            },
+        );
+    }
+}

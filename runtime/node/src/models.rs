@@ -1,0 +1,370 @@
+//! Served model versions, their execution queue, and the registry the protocol handlers
+//! read from.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use capsule_format::{CapsuleManifest, NamedTensor};
+use capsule_runtime::LoadedCapsule;
+use tokio::sync::{Semaphore, TryAcquireError};
+
+use crate::metrics::Metrics;
+use crate::repository::compare_versions;
+use crate::{Error, Result};
+
+/// One model version being served: an installed capsule, its warm instances and its wait
+/// queue.
+pub struct ServedModel {
+    /// Model name.
+    pub name: String,
+    /// Version (directory name, or the manifest's version for a flat file).
+    pub version: String,
+    /// The capsule file.
+    pub path: PathBuf,
+    /// SHA-256 of the capsule file.
+    pub sha256: String,
+    capsule: Arc<LoadedCapsule>,
+    slots: Arc<Semaphore>,
+    waiting: AtomicUsize,
+    instances: usize,
+    queue: usize,
+    metrics: Metrics,
+}
+
+impl std::fmt::Debug for ServedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServedModel")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("sha256", &self.sha256)
+            .finish()
+    }
+}
+
+/// The result of one inference, with where its time went.
+#[derive(Debug)]
+pub struct InferOutcome {
+    /// Output tensors, in the manifest's order.
+    pub outputs: Vec<NamedTensor>,
+    /// Time spent waiting for an instance.
+    pub queue: Duration,
+    /// Time spent in the guest call.
+    pub compute: Duration,
+}
+
+/// Decrements a counter and a gauge when dropped.
+struct Waiting<'a> {
+    count: &'a AtomicUsize,
+    gauge: prometheus::IntGauge,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+        self.gauge.dec();
+    }
+}
+
+impl ServedModel {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        name: String,
+        version: String,
+        path: PathBuf,
+        sha256: String,
+        capsule: LoadedCapsule,
+        instances: usize,
+        queue: usize,
+        metrics: Metrics,
+    ) -> ServedModel {
+        ServedModel {
+            name,
+            version,
+            path,
+            sha256,
+            capsule: Arc::new(capsule),
+            slots: Arc::new(Semaphore::new(instances)),
+            waiting: AtomicUsize::new(0),
+            instances,
+            queue,
+            metrics,
+        }
+    }
+
+    /// The capsule's manifest.
+    pub fn manifest(&self) -> &CapsuleManifest {
+        self.capsule.manifest()
+    }
+
+    /// The installed capsule.
+    pub fn capsule(&self) -> &Arc<LoadedCapsule> {
+        &self.capsule
+    }
+
+    /// Names of the model's outputs, in manifest order.
+    pub fn output_names(&self) -> Vec<&str> {
+        self.manifest()
+            .outputs
+            .iter()
+            .map(|o| o.name.as_str())
+            .collect()
+    }
+
+    /// Requests waiting for an instance now.
+    pub fn queue_depth(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
+    }
+
+    /// Runs one inference on a warm instance. When every instance is busy the request waits
+    /// in a bounded queue; when the queue is full it is refused at once
+    /// ([`Error::QueueFull`]). The deadline covers the wait and the guest call; past it the
+    /// request fails with [`Error::DeadlineExceeded`] (a running guest is interrupted and its
+    /// instance discarded).
+    pub async fn infer(
+        self: &Arc<Self>,
+        inputs: Vec<NamedTensor>,
+        deadline: Duration,
+    ) -> Result<InferOutcome> {
+        let started = Instant::now();
+        let labels = [self.name.as_str(), self.version.as_str()];
+        let deadline_ms = u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX);
+        let permit = match Arc::clone(&self.slots).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(TryAcquireError::Closed) => return Err(Error::ShuttingDown),
+            Err(TryAcquireError::NoPermits) => {
+                let joined = self
+                    .waiting
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                        (w < self.queue).then_some(w + 1)
+                    });
+                if joined.is_err() {
+                    return Err(Error::QueueFull {
+                        model: self.name.clone(),
+                        version: self.version.clone(),
+                        capacity: self.instances + self.queue,
+                    });
+                }
+                let gauge = self.metrics.queue_depth.with_label_values(&labels);
+                gauge.inc();
+                let _waiting = Waiting {
+                    count: &self.waiting,
+                    gauge,
+                };
+                match tokio::time::timeout(deadline, Arc::clone(&self.slots).acquire_owned()).await
+                {
+                    Ok(Ok(permit)) => permit,
+                    Ok(Err(_)) => return Err(Error::ShuttingDown),
+                    Err(_) => {
+                        return Err(Error::DeadlineExceeded {
+                            deadline_ms,
+                            during: "in the queue",
+                        });
+                    }
+                }
+            }
+        };
+        let queue = started.elapsed();
+        self.metrics
+            .queue_seconds
+            .with_label_values(&labels)
+            .observe(queue.as_secs_f64());
+        let Some(remaining) = deadline.checked_sub(queue).filter(|r| !r.is_zero()) else {
+            return Err(Error::DeadlineExceeded {
+                deadline_ms,
+                during: "in the queue",
+            });
+        };
+        let capsule = Arc::clone(&self.capsule);
+        let in_flight = self.metrics.in_flight.with_label_values(&labels);
+        // The permit and the in-flight gauge travel with the blocking call: if the client
+        // goes away, the instance stays accounted for until the guest returns.
+        let task = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            in_flight.inc();
+            let t = Instant::now();
+            let result = capsule.infer_with_deadline(&inputs, Some(remaining));
+            in_flight.dec();
+            (result, t.elapsed())
+        });
+        let (result, compute) = task
+            .await
+            .map_err(|e| Error::Config(format!("inference worker failed: {e}")))?;
+        self.metrics
+            .compute_seconds
+            .with_label_values(&labels)
+            .observe(compute.as_secs_f64());
+        match result {
+            Ok(outputs) => {
+                self.metrics.inferences.with_label_values(&labels).inc();
+                Ok(InferOutcome {
+                    outputs,
+                    queue,
+                    compute,
+                })
+            }
+            Err(e) => {
+                if matches!(
+                    e,
+                    capsule_runtime::Error::Trap { .. } | capsule_runtime::Error::Abi(_)
+                ) {
+                    self.metrics.traps.with_label_values(&labels).inc();
+                }
+                Err(Error::from_inference(e, deadline_ms))
+            }
+        }
+    }
+
+    /// Closes the queue: waiting and future requests fail with [`Error::ShuttingDown`].
+    pub(crate) fn close(&self) {
+        self.slots.close();
+    }
+}
+
+/// What the registry knows of one model.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ModelEntry {
+    /// Served versions, lowest first.
+    pub versions: Vec<Arc<ServedModel>>,
+    /// Loading for the first time.
+    pub loading: bool,
+    /// Why no version is served, when none is.
+    pub problem: Option<String>,
+}
+
+/// The models being served. Protocol handlers resolve requests here; the repository loader
+/// swaps whole version sets in at once, so a request sees either the old set or the new one.
+#[derive(Debug)]
+pub struct ModelRegistry {
+    models: RwLock<BTreeMap<String, ModelEntry>>,
+    ready: AtomicBool,
+    pub(crate) metrics: Metrics,
+}
+
+impl ModelRegistry {
+    pub(crate) fn new(metrics: Metrics) -> ModelRegistry {
+        ModelRegistry {
+            models: RwLock::new(BTreeMap::new()),
+            ready: AtomicBool::new(false),
+            metrics,
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, ModelEntry>> {
+        self.models.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, ModelEntry>> {
+        self.models.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the first scan of the repository has finished.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+
+    /// The version to run a request on: the given one, or the highest served one.
+    pub fn resolve(&self, model: &str, version: Option<&str>) -> Result<Arc<ServedModel>> {
+        let models = self.read();
+        let entry = models
+            .get(model)
+            .ok_or_else(|| Error::ModelNotFound(model.to_owned()))?;
+        if entry.versions.is_empty() {
+            return Err(not_ready(model, entry));
+        }
+        match version {
+            None | Some("") => entry
+                .versions
+                .last()
+                .cloned()
+                .ok_or_else(|| not_ready(model, entry)),
+            Some(v) => entry
+                .versions
+                .iter()
+                .find(|m| m.version == v)
+                .cloned()
+                .ok_or_else(|| Error::VersionNotFound {
+                    model: model.to_owned(),
+                    version: v.to_owned(),
+                }),
+        }
+    }
+
+    /// The served versions of a model, lowest first (an error when the model is unknown or
+    /// has none ready).
+    pub fn versions(&self, model: &str) -> Result<Vec<Arc<ServedModel>>> {
+        let models = self.read();
+        let entry = models
+            .get(model)
+            .ok_or_else(|| Error::ModelNotFound(model.to_owned()))?;
+        if entry.versions.is_empty() {
+            return Err(not_ready(model, entry));
+        }
+        Ok(entry.versions.clone())
+    }
+
+    /// Every served model version.
+    pub fn all_versions(&self) -> Vec<Arc<ServedModel>> {
+        self.read()
+            .values()
+            .flat_map(|e| e.versions.iter().cloned())
+            .collect()
+    }
+
+    /// Names of every model the repository holds, served or not.
+    pub fn model_names(&self) -> Vec<String> {
+        self.read().keys().cloned().collect()
+    }
+
+    /// Brings the per-version gauges up to date (called before each scrape).
+    pub(crate) fn refresh_gauges(&self) {
+        let m = &self.metrics;
+        let all = self.all_versions();
+        m.versions_loaded
+            .set(i64::try_from(all.len()).unwrap_or(i64::MAX));
+        for v in all {
+            let labels = [v.name.as_str(), v.version.as_str()];
+            let stats = v.capsule.stats();
+            let gauge = |g: &prometheus::IntGaugeVec, n: u64| {
+                g.with_label_values(&labels)
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            };
+            gauge(&m.instances, stats.live_instances.load(Ordering::Relaxed));
+            gauge(&m.idle_instances, v.capsule.idle_instances() as u64);
+            gauge(&m.guest_memory, stats.memory_bytes.load(Ordering::Relaxed));
+        }
+    }
+
+    /// Closes every queue (shutdown).
+    pub(crate) fn close_all(&self) {
+        for v in self.all_versions() {
+            v.close();
+        }
+    }
+}
+
+fn not_ready(model: &str, entry: &ModelEntry) -> Error {
+    let reason = if entry.loading {
+        "loading".to_owned()
+    } else {
+        entry
+            .problem
+            .clone()
+            .unwrap_or_else(|| "no version is loaded".to_owned())
+    };
+    Error::NotReady {
+        model: model.to_owned(),
+        reason,
+    }
+}
+
+/// Sorts versions lowest first.
+pub(crate) fn sort_versions(versions: &mut [Arc<ServedModel>]) {
+    versions.sort_by(|a, b| compare_versions(&a.version, &b.version));
+}

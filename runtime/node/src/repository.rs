@@ -1,0 +1,202 @@
+//! The model repository on disk: what files are there, and how to order versions.
+
+use std::cmp::Ordering;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use crate::{Error, Result};
+
+/// File name suffix of a capsule.
+pub const CAPSULE_SUFFIX: &str = ".capsule.wasm";
+
+/// A capsule file found in the repository.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CapsuleFile {
+    /// Its path.
+    pub path: PathBuf,
+    /// `NAME` and `VERSION` from `DIR/NAME/VERSION/`; `None` for a flat file (named from its
+    /// manifest).
+    pub layout: Option<(String, String)>,
+    /// Size and modification time: a file whose stamp changed is read again.
+    pub stamp: Stamp,
+}
+
+/// What identifies one state of a file without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Stamp {
+    /// Size in bytes.
+    pub len: u64,
+    /// Modification time.
+    pub modified: Option<SystemTime>,
+}
+
+fn is_capsule(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.ends_with(CAPSULE_SUFFIX) && !n.starts_with('.'))
+}
+
+fn hidden(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_none_or(|n| n.starts_with('.'))
+}
+
+fn entries(dir: &Path) -> Result<Vec<(PathBuf, std::fs::Metadata)>> {
+    let mut out = Vec::new();
+    for entry in
+        std::fs::read_dir(dir).map_err(Error::io(format!("cannot list {}", dir.display())))?
+    {
+        let entry = entry.map_err(Error::io(format!("cannot list {}", dir.display())))?;
+        let path = entry.path();
+        if hidden(&path) {
+            continue;
+        }
+        // Follows symlinks, so a version directory may link to a capsule elsewhere.
+        match std::fs::metadata(&path) {
+            Ok(meta) => out.push((path, meta)),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "skipping unreadable entry")
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+fn stamp(meta: &std::fs::Metadata) -> Stamp {
+    Stamp {
+        len: meta.len(),
+        modified: meta.modified().ok(),
+    }
+}
+
+/// Lists the capsules of a repository: flat `DIR/*.capsule.wasm` files and
+/// `DIR/NAME/VERSION/*.capsule.wasm` (one capsule per version directory; a version directory
+/// holding several is skipped with a warning). Hidden files (starting with `.`) are ignored,
+/// so a capsule can be written under a hidden name and renamed into place atomically.
+pub fn scan(dir: &Path) -> Result<Vec<CapsuleFile>> {
+    let mut found = Vec::new();
+    for (path, meta) in entries(dir)? {
+        if meta.is_file() && is_capsule(&path) {
+            found.push(CapsuleFile {
+                stamp: stamp(&meta),
+                path,
+                layout: None,
+            });
+            continue;
+        }
+        if !meta.is_dir() {
+            continue;
+        }
+        let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
+            continue;
+        };
+        for (version_dir, vmeta) in entries(&path)? {
+            if !vmeta.is_dir() {
+                continue;
+            }
+            let Some(version) = version_dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .map(str::to_owned)
+            else {
+                continue;
+            };
+            let capsules: Vec<_> = entries(&version_dir)?
+                .into_iter()
+                .filter(|(p, m)| m.is_file() && is_capsule(p))
+                .collect();
+            match capsules.as_slice() {
+                [] => {}
+                [(p, m)] => found.push(CapsuleFile {
+                    path: p.clone(),
+                    layout: Some((name.clone(), version.clone())),
+                    stamp: stamp(m),
+                }),
+                many => tracing::warn!(
+                    dir = %version_dir.display(),
+                    count = many.len(),
+                    "skipping a version directory with more than one capsule"
+                ),
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// Orders versions: integers numerically, then semantic versions, then other strings
+/// lexically (an integer version is lower than any semantic version).
+pub fn compare_versions(a: &str, b: &str) -> Ordering {
+    fn rank(v: &str) -> (u8, Option<u64>, Option<semver::Version>) {
+        if let Ok(n) = v.parse::<u64>() {
+            (0, Some(n), None)
+        } else if let Ok(s) = semver::Version::parse(v) {
+            (1, None, Some(s))
+        } else {
+            (2, None, None)
+        }
+    }
+    let (ra, rb) = (rank(a), rank(b));
+    ra.0.cmp(&rb.0)
+        .then_with(|| ra.1.cmp(&rb.1))
+        .then_with(|| ra.2.cmp(&rb.2))
+        .then_with(|| a.cmp(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_order() {
+        let mut v = vec!["10", "2", "1.0.0", "b", "0.9.1", "a", "1"];
+        v.sort_by(|a, b| compare_versions(a, b));
+        assert_eq!(v, vec!["1", "2", "10", "0.9.1", "1.0.0", "a", "b"]);
+    }
+
+    #[test]
+    fn scan_finds_both_layouts() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::write(root.join("flat.capsule.wasm"), b"x").unwrap();
+        std::fs::write(root.join(".partial.capsule.wasm"), b"x").unwrap();
+        std::fs::write(root.join("notes.txt"), b"x").unwrap();
+        std::fs::create_dir_all(root.join("mlp/1")).unwrap();
+        std::fs::create_dir_all(root.join("mlp/2")).unwrap();
+        std::fs::create_dir_all(root.join("cnn/1")).unwrap();
+        std::fs::write(root.join("mlp/1/a.capsule.wasm"), b"xy").unwrap();
+        std::fs::write(root.join("mlp/2/b.capsule.wasm"), b"xyz").unwrap();
+        std::fs::write(root.join("cnn/1/a.capsule.wasm"), b"x").unwrap();
+        std::fs::write(root.join("cnn/1/b.capsule.wasm"), b"x").unwrap();
+        let found = scan(root).unwrap();
+        let summary: Vec<_> = found
+            .iter()
+            .map(|f| {
+                (
+                    f.path.strip_prefix(root).unwrap().to_path_buf(),
+                    f.layout.clone(),
+                    f.stamp.len,
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                (PathBuf::from("flat.capsule.wasm"), None, 1),
+                (
+                    PathBuf::from("mlp/1/a.capsule.wasm"),
+                    Some(("mlp".into(), "1".into())),
+                    2
+                ),
+                (
+                    PathBuf::from("mlp/2/b.capsule.wasm"),
+                    Some(("mlp".into(), "2".into())),
+                    3
+                ),
+            ]
+        );
+        let e = scan(&root.join("missing")).unwrap_err().to_string();
+        assert!(e.starts_with("cannot list "), "{e}");
+    }
+}
