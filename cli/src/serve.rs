@@ -76,8 +76,18 @@ impl Args {
                 if let Some(v) = &self.$field { c.$field = v.clone(); }
             )*};
         }
-        set!(models, http, instances, queue, deadline_ms, max_body_bytes, max_capsule_bytes,
-             poll_interval_ms, version_policy, drain_timeout_ms);
+        set!(
+            models,
+            http,
+            instances,
+            queue,
+            deadline_ms,
+            max_body_bytes,
+            max_capsule_bytes,
+            poll_interval_ms,
+            version_policy,
+            drain_timeout_ms
+        );
         if let Some(grpc) = self.grpc {
             c.grpc = Some(grpc);
         }

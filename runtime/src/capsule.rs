@@ -106,6 +106,9 @@ impl CapsuleImage {
                 bytes.len()
             )));
         }
+        if !bytes.starts_with(b"\0asm") {
+            return Err(invalid("not a valid WebAssembly module: bad magic number"));
+        }
         // Function bodies are not validated here: they go into the code module, which wasmtime
         // validates when it compiles it, and a code module already compiled (same SHA-256) was
         // validated then. Everything this function keeps for itself is checked below.
@@ -117,8 +120,16 @@ impl CapsuleImage {
         let mut sections = Vec::new();
         let mut kept: Vec<(u8, Range<usize>)> = Vec::new();
         for payload in Parser::new(0).parse_all(&bytes) {
-            let payload =
-                payload.map_err(|e| invalid(format!("not a valid WebAssembly module: {e}")))?;
+            let payload = payload.map_err(|e| {
+                // wasmparser's messages may span lines; one line reads better in logs and
+                // error bodies.
+                let message = e
+                    .to_string()
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                invalid(format!("not a valid WebAssembly module: {message}"))
+            })?;
             if let Some((id, range)) = payload.as_section() {
                 let name = match &payload {
                     Payload::CustomSection(c) => format!("custom:{}", c.name()),

@@ -3,62 +3,12 @@
 
 use std::time::{Duration, Instant};
 
-use capsule_format::wire::{InferResponse, encode};
 use capsule_format::{NamedTensor, Tensor};
 use capsule_runtime::{Error, LoadedCapsule, RunConfig, TrapKind};
-use capsule_tests::{engine, fixture_capsule};
+use capsule_tests::{WatCapsule, engine, fixture_capsule};
 
-/// A hand-written capsule: input `x` (FP32 [1]); x = 1 loops forever, x = 2 grows memory
-/// until refused and then hits `unreachable` (what Rust's allocator does), anything else
-/// returns `y = 42`.
 fn wat_capsule() -> anyhow::Result<Vec<u8>> {
-    let response = encode(
-        &InferResponse::Outputs(vec![NamedTensor {
-            name: "y".into(),
-            tensor: Tensor::from_f32(vec![1], &[42.0])?,
-        }]),
-        "response",
-    )?;
-    let escaped: String = response.iter().map(|b| format!("\\{b:02x}")).collect();
-    // The request lands at 1024: [count=1][len=1]['x'][dtype][rank=1][1][len=4][f32] puts the
-    // value at byte 7.
-    let wat = format!(
-        r#"(module
-          (memory (export "memory") 1)
-          (data (i32.const 4096) "{escaped}")
-          (func (export "capsule_abi_version") (result i32) i32.const 1)
-          (func (export "capsule_init") (result i32) i32.const 0)
-          (func (export "capsule_alloc") (param i32 i32) (result i32) i32.const 1024)
-          (func (export "capsule_free") (param i32 i32 i32))
-          (func (export "capsule_infer") (param $p i32) (param $n i32) (result i64)
-            (local $x f32)
-            (local.set $x (f32.load (i32.add (local.get $p) (i32.const 7))))
-            (if (f32.eq (local.get $x) (f32.const 1)) (then (loop $forever (br $forever))))
-            (if (f32.eq (local.get $x) (f32.const 2))
-              (then
-                (loop $grow
-                  (br_if $grow (i32.ne (memory.grow (i32.const 16)) (i32.const -1))))
-                unreachable))
-            (i64.or (i64.shl (i64.const 4096) (i64.const 32)) (i64.const {len}))))"#,
-        len = response.len()
-    );
-    let mut wasm = wat::parse_str(&wat)?;
-    let mut manifest = fixture_capsule("digits_logreg")?.manifest.clone();
-    manifest.name = "wat-guest".into();
-    manifest.inputs = vec![capsule_format::TensorSpec {
-        name: "x".into(),
-        dtype: capsule_format::DType::F32,
-        shape: vec![capsule_format::Dim::Fixed(1)],
-    }];
-    manifest.golden.clear();
-    wasm_encoder::Section::append_to(
-        &wasm_encoder::CustomSection {
-            name: "capsule.manifest".into(),
-            data: manifest.to_section_bytes()?.into(),
-        },
-        &mut wasm,
-    );
-    Ok(wasm)
+    capsule_tests::wat_capsule(&WatCapsule::default())
 }
 
 fn x(v: f32) -> anyhow::Result<Vec<NamedTensor>> {

@@ -7,3 +7,4 @@ mod fixtures;
 mod limits;
 mod malformed_capsules;
 mod malformed_requests;
+mod node;

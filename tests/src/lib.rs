@@ -149,3 +149,111 @@ pub fn fixture_capsule(name: &str) -> Result<Arc<BuiltCapsule>> {
         .insert(name.to_owned(), built.clone());
     Ok(built)
 }
+
+/// Settings of [`wat_capsule`].
+#[derive(Debug, Clone)]
+pub struct WatCapsule {
+    /// Manifest name.
+    pub name: String,
+    /// Manifest version.
+    pub version: semver::Version,
+    /// The value of `y` it returns.
+    pub y: f32,
+    /// A golden sample `x = 0 -> y = golden_y`, when set (a value other than `y` makes a
+    /// capsule that fails its probe).
+    pub golden_y: Option<f32>,
+}
+
+impl Default for WatCapsule {
+    fn default() -> Self {
+        WatCapsule {
+            name: "wat-guest".into(),
+            version: semver::Version::new(1, 0, 0),
+            y: 42.0,
+            golden_y: None,
+        }
+    }
+}
+
+/// A hand-written capsule with input `x` (FP32 [1]) and output `y` (FP32 [1]): x = 1 loops
+/// forever, x = 2 grows memory until refused and then hits `unreachable` (what Rust's
+/// allocator does), x >= 1000 spins `x * 1000` iterations (a slow request) and returns, and
+/// anything else returns `y` at once.
+pub fn wat_capsule(settings: &WatCapsule) -> Result<Vec<u8>> {
+    use capsule_format::wire::{InferResponse, encode};
+    use capsule_format::{NamedTensor, Tensor};
+    let response = encode(
+        &InferResponse::Outputs(vec![NamedTensor {
+            name: "y".into(),
+            tensor: Tensor::from_f32(vec![1], &[settings.y])?,
+        }]),
+        "response",
+    )?;
+    let escaped: String = response.iter().map(|b| format!("\\{b:02x}")).collect();
+    // The request lands at 1024: [count=1][len=1]['x'][dtype][rank=1][1][len=4][f32] puts the
+    // value at byte 7.
+    let wat = format!(
+        r#"(module
+          (memory (export "memory") 1)
+          (data (i32.const 4096) "{escaped}")
+          (func (export "capsule_abi_version") (result i32) i32.const 1)
+          (func (export "capsule_init") (result i32) i32.const 0)
+          (func (export "capsule_alloc") (param i32 i32) (result i32) i32.const 1024)
+          (func (export "capsule_free") (param i32 i32 i32))
+          (func (export "capsule_infer") (param $p i32) (param $n i32) (result i64)
+            (local $x f32)
+            (local $i i32)
+            (local.set $x (f32.load (i32.add (local.get $p) (i32.const 7))))
+            (if (f32.eq (local.get $x) (f32.const 1)) (then (loop $forever (br $forever))))
+            (if (f32.eq (local.get $x) (f32.const 2))
+              (then
+                (loop $grow
+                  (br_if $grow (i32.ne (memory.grow (i32.const 16)) (i32.const -1))))
+                unreachable))
+            (if (f32.ge (local.get $x) (f32.const 1000))
+              (then
+                (local.set $i (i32.mul (i32.trunc_f32_u (local.get $x)) (i32.const 1000)))
+                (loop $spin
+                  (local.set $i (i32.sub (local.get $i) (i32.const 1)))
+                  (br_if $spin (i32.gt_s (local.get $i) (i32.const 0))))))
+            (i64.or (i64.shl (i64.const 4096) (i64.const 32)) (i64.const {len}))))"#,
+        len = response.len()
+    );
+    let mut wasm = wat::parse_str(&wat)?;
+    let mut manifest = fixture_capsule("digits_logreg")?.manifest.clone();
+    manifest.name = settings.name.clone();
+    manifest.version = settings.version.clone();
+    manifest.inputs = vec![capsule_format::TensorSpec {
+        name: "x".into(),
+        dtype: capsule_format::DType::F32,
+        shape: vec![capsule_format::Dim::Fixed(1)],
+    }];
+    manifest.outputs = vec![capsule_format::TensorSpec {
+        name: "y".into(),
+        dtype: capsule_format::DType::F32,
+        shape: vec![capsule_format::Dim::Fixed(1)],
+    }];
+    manifest.golden.clear();
+    if let Some(golden_y) = settings.golden_y {
+        manifest.golden.push(GoldenSample {
+            name: "zero".into(),
+            inputs: vec![NamedTensor {
+                name: "x".into(),
+                tensor: Tensor::from_f32(vec![1], &[0.0])?,
+            }],
+            outputs: vec![NamedTensor {
+                name: "y".into(),
+                tensor: Tensor::from_f32(vec![1], &[golden_y])?,
+            }],
+            tolerance: 0.0,
+        });
+    }
+    wasm_encoder::Section::append_to(
+        &wasm_encoder::CustomSection {
+            name: capsule_format::MANIFEST_SECTION.into(),
+            data: manifest.to_section_bytes()?.into(),
+        },
+        &mut wasm,
+    );
+    Ok(wasm)
+}

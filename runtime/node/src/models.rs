@@ -55,16 +55,14 @@ pub struct InferOutcome {
     pub compute: Duration,
 }
 
-/// Decrements a counter and a gauge when dropped.
+/// Leaves the wait queue when dropped (also when the client goes away while waiting).
 struct Waiting<'a> {
     count: &'a AtomicUsize,
-    gauge: prometheus::IntGauge,
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.count.fetch_sub(1, Ordering::AcqRel);
-        self.gauge.dec();
     }
 }
 
@@ -118,6 +116,12 @@ impl ServedModel {
         self.waiting.load(Ordering::Acquire)
     }
 
+    /// Requests running in a guest now.
+    pub fn in_flight(&self) -> usize {
+        self.instances
+            .saturating_sub(self.slots.available_permits())
+    }
+
     /// Runs one inference on a warm instance. When every instance is busy the request waits
     /// in a bounded queue; when the queue is full it is refused at once
     /// ([`Error::QueueFull`]). The deadline covers the wait and the guest call; past it the
@@ -147,11 +151,8 @@ impl ServedModel {
                         capacity: self.instances + self.queue,
                     });
                 }
-                let gauge = self.metrics.queue_depth.with_label_values(&labels);
-                gauge.inc();
                 let _waiting = Waiting {
                     count: &self.waiting,
-                    gauge,
                 };
                 match tokio::time::timeout(deadline, Arc::clone(&self.slots).acquire_owned()).await
                 {
@@ -178,15 +179,12 @@ impl ServedModel {
             });
         };
         let capsule = Arc::clone(&self.capsule);
-        let in_flight = self.metrics.in_flight.with_label_values(&labels);
-        // The permit and the in-flight gauge travel with the blocking call: if the client
-        // goes away, the instance stays accounted for until the guest returns.
+        // The permit travels with the blocking call: if the client goes away, the instance
+        // stays taken until the guest returns.
         let task = tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            in_flight.inc();
             let t = Instant::now();
             let result = capsule.infer_with_deadline(&inputs, Some(remaining));
-            in_flight.dec();
             (result, t.elapsed())
         });
         let (result, compute) = task
@@ -335,6 +333,8 @@ impl ModelRegistry {
                 g.with_label_values(&labels)
                     .set(i64::try_from(n).unwrap_or(i64::MAX));
             };
+            gauge(&m.queue_depth, v.queue_depth() as u64);
+            gauge(&m.in_flight, v.in_flight() as u64);
             gauge(&m.instances, stats.live_instances.load(Ordering::Relaxed));
             gauge(&m.idle_instances, v.capsule.idle_instances() as u64);
             gauge(&m.guest_memory, stats.memory_bytes.load(Ordering::Relaxed));

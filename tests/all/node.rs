@@ -1,0 +1,749 @@
+//! The edge node on loopback: REST (JSON and binary tensors) and gRPC against in-process
+//! inference, real clients (tritonclient, promtool), every failure mode, overload, hot swap
+//! and graceful shutdown.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use capsule_format::v2::{self, INFERENCE_HEADER_CONTENT_LENGTH, InferenceRequest};
+use capsule_format::{NamedTensor, Tensor};
+use capsule_node::proto::grpc_inference_service_client::GrpcInferenceServiceClient;
+use capsule_node::proto::{ModelInferRequest, model_infer_request};
+use capsule_node::{Node, NodeConfig, VersionPolicy};
+use capsule_tests::{WatCapsule, fixture_capsule, golden, test_cache_dir, wat_capsule};
+use serde_json::{Value, json};
+
+struct TestNode {
+    node: Node,
+    dir: tempfile::TempDir,
+    base: String,
+    http: reqwest::Client,
+}
+
+fn config(dir: &Path) -> NodeConfig {
+    NodeConfig {
+        models: dir.to_path_buf(),
+        http: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        grpc: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
+        instances: 2,
+        queue: 8,
+        poll_interval_ms: 0,
+        cache_dir: Some(test_cache_dir()),
+        ..NodeConfig::default()
+    }
+}
+
+fn put(dir: &Path, model: &str, version: &str, bytes: &[u8]) -> Result<()> {
+    let d = dir.join(model).join(version);
+    std::fs::create_dir_all(&d)?;
+    // Written under a hidden name and renamed, as the repository docs ask.
+    let tmp = d.join(".incoming.capsule.wasm");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, d.join(format!("{model}.capsule.wasm")))?;
+    Ok(())
+}
+
+fn wat(y: f32, golden_y: Option<f32>) -> Result<Vec<u8>> {
+    wat_capsule(&WatCapsule {
+        name: "wat".into(),
+        y,
+        golden_y,
+        ..WatCapsule::default()
+    })
+}
+
+impl TestNode {
+    async fn start(
+        setup: impl FnOnce(&Path) -> Result<()>,
+        tweak: impl FnOnce(&mut NodeConfig),
+    ) -> Result<TestNode> {
+        let dir = tempfile::tempdir()?;
+        setup(dir.path())?;
+        let mut c = config(dir.path());
+        tweak(&mut c);
+        let node = Node::start(c).await?;
+        node.wait_ready().await;
+        let base = format!("http://{}", node.http_addr());
+        Ok(TestNode {
+            node,
+            dir,
+            base,
+            http: reqwest::Client::new(),
+        })
+    }
+
+    async fn get(&self, path: &str) -> Result<(u16, Value)> {
+        let r = self.http.get(format!("{}{path}", self.base)).send().await?;
+        let status = r.status().as_u16();
+        Ok((status, r.json().await?))
+    }
+
+    async fn post(&self, path: &str, body: Vec<u8>) -> Result<(u16, Value)> {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .body(body)
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        Ok((status, r.json().await?))
+    }
+
+    async fn infer_x(&self, model: &str, x: f32) -> Result<(u16, Value)> {
+        let body =
+            json!({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [x]}]});
+        self.post(
+            &format!("/v2/models/{model}/infer"),
+            serde_json::to_vec(&body)?,
+        )
+        .await
+    }
+}
+
+fn json_request(inputs: &[NamedTensor]) -> Result<Vec<u8>> {
+    Ok(serde_json::to_vec(&InferenceRequest::from_tensors(
+        inputs,
+    )?)?)
+}
+
+/// The same request with every input as binary data and every output asked as binary.
+fn binary_request(inputs: &[NamedTensor], outputs: &[&str]) -> Result<(Vec<u8>, usize)> {
+    let meta: Vec<Value> = inputs
+        .iter()
+        .map(|t| {
+            json!({"name": t.name, "shape": t.tensor.shape, "datatype": t.tensor.dtype.v2_name(),
+                   "parameters": {"binary_data_size": t.tensor.data.len()}})
+        })
+        .collect();
+    let outs: Vec<Value> = outputs
+        .iter()
+        .map(|n| json!({"name": n, "parameters": {"binary_data": true}}))
+        .collect();
+    let mut body = serde_json::to_vec(&json!({"inputs": meta, "outputs": outs}))?;
+    let json_len = body.len();
+    for t in inputs {
+        body.extend_from_slice(&t.tensor.data);
+    }
+    Ok((body, json_len))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_and_grpc_answer_exactly_like_in_process_inference() -> Result<()> {
+    let models = ["digits_mlp", "mnist_cnn"];
+    let t = TestNode::start(
+        |dir| {
+            for m in models {
+                put(dir, m, "1", &fixture_capsule(m)?.bytes)?;
+            }
+            Ok(())
+        },
+        |_| {},
+    )
+    .await?;
+    assert_eq!(
+        t.get("/v2/health/live").await?,
+        (200, json!({"live": true}))
+    );
+    assert_eq!(
+        t.get("/v2/health/ready").await?,
+        (200, json!({"ready": true}))
+    );
+    let (status, meta) = t.get("/v2").await?;
+    assert_eq!(
+        (status, &meta["name"], &meta["extensions"]),
+        (200, &json!("capsule"), &json!(["binary_tensor_data"]))
+    );
+    let (status, meta) = t.get("/v2/models/digits_mlp").await?;
+    assert_eq!(status, 200);
+    assert_eq!(meta["versions"], json!(["1"]));
+    assert_eq!(
+        meta["inputs"],
+        json!([{"name": "input", "datatype": "FP32", "shape": [-1, 64]}])
+    );
+    assert_eq!(
+        t.get("/v2/models/digits_mlp/versions/1/ready").await?,
+        (200, json!({"name": "digits_mlp", "ready": true}))
+    );
+
+    let grpc_addr = t.node.grpc_addr().context("grpc")?;
+    let mut grpc = GrpcInferenceServiceClient::connect(format!("http://{grpc_addr}")).await?;
+    for m in models {
+        let capsule = fixture_capsule(m)?;
+        let loaded = t.node.registry().resolve(m, None)?;
+        for sample in golden(m)? {
+            let expected = capsule.capsule.infer(&sample.inputs)?;
+            // JSON in, JSON out.
+            let (status, body) = t
+                .post(
+                    &format!("/v2/models/{m}/versions/1/infer"),
+                    json_request(&sample.inputs)?,
+                )
+                .await?;
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body["model_version"], json!("1"));
+            let response: v2::InferenceResponse = serde_json::from_value(body)?;
+            assert_eq!(
+                response.to_tensors()?,
+                expected,
+                "{m} {} over JSON",
+                sample.name
+            );
+            // Binary in, binary out.
+            let names: Vec<&str> = expected.iter().map(|o| o.name.as_str()).collect();
+            let (body, json_len) = binary_request(&sample.inputs, &names)?;
+            let r = t
+                .http
+                .post(format!("{}/v2/models/{m}/infer", t.base))
+                .header(INFERENCE_HEADER_CONTENT_LENGTH, json_len)
+                .header("x-request-id", "abc-123")
+                .body(body)
+                .send()
+                .await?;
+            assert_eq!(r.status().as_u16(), 200);
+            assert_eq!(r.headers()["x-request-id"], "abc-123");
+            let header_len: usize = r.headers()[INFERENCE_HEADER_CONTENT_LENGTH]
+                .to_str()?
+                .parse()?;
+            let bytes = r.bytes().await?;
+            let (response, tensors) = v2::decode_response(&bytes, Some(header_len))?;
+            assert_eq!(response.id.as_deref(), Some("abc-123"));
+            assert_eq!(tensors, expected, "{m} {} over binary", sample.name);
+            // gRPC.
+            let request = ModelInferRequest {
+                model_name: m.into(),
+                inputs: sample
+                    .inputs
+                    .iter()
+                    .map(|t| model_infer_request::InferInputTensor {
+                        name: t.name.clone(),
+                        datatype: t.tensor.dtype.v2_name().into(),
+                        shape: t.tensor.shape.iter().map(|&d| d as i64).collect(),
+                        ..Default::default()
+                    })
+                    .collect(),
+                raw_input_contents: sample
+                    .inputs
+                    .iter()
+                    .map(|t| t.tensor.data.clone())
+                    .collect(),
+                ..Default::default()
+            };
+            let response = grpc.model_infer(request).await?.into_inner();
+            assert_eq!(response.model_version, "1");
+            let got: Vec<NamedTensor> = response
+                .outputs
+                .iter()
+                .zip(&response.raw_output_contents)
+                .map(|(o, raw)| {
+                    Ok(NamedTensor {
+                        name: o.name.clone(),
+                        tensor: Tensor::new(
+                            capsule_format::DType::from_v2_name(&o.datatype)?,
+                            o.shape.iter().map(|&d| d as u64).collect(),
+                            raw.clone(),
+                        )?,
+                    })
+                })
+                .collect::<Result<_>>()?;
+            assert_eq!(got, expected, "{m} {} over gRPC", sample.name);
+        }
+        assert!(
+            loaded
+                .capsule()
+                .stats()
+                .inferences
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= 3
+        );
+    }
+    let e = grpc
+        .model_infer(ModelInferRequest {
+            model_name: "nope".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("unknown model");
+    assert_eq!(
+        (e.code(), e.message()),
+        (tonic::Code::NotFound, "unknown model \"nope\"")
+    );
+    t.node.shutdown().await;
+    Ok(())
+}
+
+/// NVIDIA's own client (`pip install tritonclient[http,grpc]`) over both protocols, and
+/// Prometheus' `promtool check metrics` on what the node exports afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tritonclient_and_promtool_accept_the_node() -> Result<()> {
+    let t = TestNode::start(
+        |dir| {
+            put(
+                dir,
+                "digits_mlp",
+                "1",
+                &fixture_capsule("digits_mlp")?.bytes,
+            )
+        },
+        |_| {},
+    )
+    .await?;
+    let sample = golden("digits_mlp")?.remove(0);
+    let capsule = fixture_capsule("digits_mlp")?;
+    let expected = capsule.capsule.infer(&sample.inputs)?;
+    let mut request: Value = serde_json::to_value(InferenceRequest::from_tensors(&sample.inputs)?)?;
+    request["model"] = json!("digits_mlp");
+    let request_path = t.dir.path().join("request.json");
+    std::fs::write(&request_path, serde_json::to_vec(&request)?)?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/tritonclient_check.py");
+    let http_addr = t.node.http_addr().to_string();
+    let grpc_addr = t.node.grpc_addr().context("grpc")?.to_string();
+    let output = tokio::process::Command::new("python3")
+        .arg(&script)
+        .args([&http_addr, &grpc_addr])
+        .arg(&request_path)
+        .output()
+        .await
+        .context(
+            "running python3 (the tests need `pip install tritonclient[http,grpc]`; see .ci/run)",
+        )?;
+    assert!(
+        output.status.success(),
+        "tritonclient check failed (install it with `pip install tritonclient[http,grpc]`):\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let results: Value = serde_json::from_slice(&output.stdout)?;
+    for mode in ["http_binary", "http_json", "grpc"] {
+        for e in &expected {
+            let got = &results[mode][&e.name];
+            assert_eq!(got["shape"], json!(e.tensor.shape), "{mode} {}", e.name);
+            // Compared at the tensor's precision: the JSON text goes through Python's and
+            // serde_json's float formatting.
+            let values: Vec<f32> = got["data"]
+                .as_array()
+                .context("data")?
+                .iter()
+                .filter_map(Value::as_f64)
+                .map(|v| v as f32)
+                .collect();
+            let want: Vec<f32> = e
+                .tensor
+                .to_f64_vec()?
+                .into_iter()
+                .map(|v| v as f32)
+                .collect();
+            assert_eq!(values, want, "{mode} {}", e.name);
+        }
+    }
+    let metrics = t
+        .http
+        .get(format!("{}/metrics", t.base))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(metrics.contains("capsule_requests_total{model=\"digits_mlp\",outcome=\"success\",protocol=\"grpc\",version=\"1\"} 1"), "{metrics}");
+    assert!(metrics.contains("capsule_requests_total{model=\"digits_mlp\",outcome=\"success\",protocol=\"http\",version=\"1\"} 2"), "{metrics}");
+    for series in [
+        "capsule_queue_seconds_bucket",
+        "capsule_compute_seconds_bucket",
+        "capsule_queue_depth",
+        "capsule_instances",
+        "capsule_inferences_total",
+        "capsule_guest_memory_bytes",
+        "capsule_swaps_total",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(metrics.contains(series), "{series} missing");
+    }
+    let metrics_path = t.dir.path().join("metrics.txt");
+    std::fs::write(&metrics_path, &metrics)?;
+    let check = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::fs::File::open(&metrics_path)?)
+        .output()
+        .context("running promtool (Debian package `prometheus`; see .ci/run)")?;
+    assert!(
+        check.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    t.node.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_failure_mode_has_its_status_and_exact_error() -> Result<()> {
+    let t = TestNode::start(
+        |dir| {
+            put(
+                dir,
+                "digits_mlp",
+                "1",
+                &fixture_capsule("digits_mlp")?.bytes,
+            )?;
+            put(dir, "wat", "1", &wat(42.0, None)?)?;
+            put(dir, "broken", "1", b"not a capsule")
+        },
+        |c| {
+            c.max_body_bytes = 4096;
+            c.deadline_ms = 300;
+        },
+    )
+    .await?;
+    let infer = "/v2/models/digits_mlp/infer";
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        (
+            infer,
+            b"{not json".to_vec(),
+            400,
+            "invalid inference request: key must be a string at line 1 column 2",
+        ),
+        (
+            infer,
+            br#"{"inputs":[{"name":"input","shape":[1,64],"datatype":"INT32","data":[0]}]}"#
+                .to_vec(),
+            400,
+            "tensor \"input\": shape [1, 64] has 64 elements but data has 1",
+        ),
+        (
+            infer,
+            serde_json::to_vec(
+                &json!({"inputs":[{"name":"input","shape":[1,64],"datatype":"INT32","data":vec![0;64]}]}),
+            )?,
+            400,
+            "input \"input\" has datatype INT32, the capsule expects FP32",
+        ),
+        (
+            infer,
+            serde_json::to_vec(
+                &json!({"inputs":[{"name":"input","shape":[1,63],"datatype":"FP32","data":vec![0.0;63]}]}),
+            )?,
+            400,
+            "input \"input\" has shape [1, 63], the capsule expects [N, 64]",
+        ),
+        (
+            infer,
+            br#"{"inputs":[]}"#.to_vec(),
+            400,
+            "missing input \"input\"",
+        ),
+        (
+            infer,
+            serde_json::to_vec(
+                &json!({"inputs":[{"name":"input","shape":[1,64],"datatype":"FP32","data":vec![0.0;64]}],"outputs":[{"name":"nope"}]}),
+            )?,
+            400,
+            "invalid inference request: unknown output \"nope\" (the model has [\"label\", \"probabilities\"])",
+        ),
+        (
+            infer,
+            vec![b' '; 5000],
+            413,
+            "request body is 5000 bytes, over the limit of 4096 bytes",
+        ),
+        (
+            "/v2/models/nope/infer",
+            b"{}".to_vec(),
+            404,
+            "unknown model \"nope\"",
+        ),
+        (
+            "/v2/models/digits_mlp/versions/7/infer",
+            b"{}".to_vec(),
+            404,
+            "unknown version \"7\" of model \"digits_mlp\"",
+        ),
+        (
+            "/v2/models/broken/infer",
+            b"{}".to_vec(),
+            503,
+            "model \"broken\" is not ready: version 1: load failed: invalid capsule: not a valid WebAssembly module: bad magic number",
+        ),
+        (
+            "/v2/models/wat/infer",
+            br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}]}"#.to_vec(),
+            504,
+            "deadline of 300 ms exceeded during inference",
+        ),
+        (
+            "/v2/nothing",
+            b"{}".to_vec(),
+            404,
+            "no route for POST /v2/nothing",
+        ),
+    ];
+    let mut mismatches = Vec::new();
+    for (path, body, status, error) in cases {
+        let got = t.post(path, body).await?;
+        if got != (status, json!({"error": error})) {
+            mismatches.push(format!(
+                "POST {path}: got {got:?}, expected {status} {error:?}"
+            ));
+        }
+    }
+    assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
+    // The instance that hit the deadline was discarded; the next call succeeds.
+    assert_eq!(t.infer_x("wat", 0.0).await?.0, 200);
+    let (status, ready) = t.get("/v2/models/broken/ready").await?;
+    assert_eq!((status, &ready["ready"]), (503, &json!(false)));
+    let metrics = t
+        .http
+        .get(format!("{}/metrics", t.base))
+        .send()
+        .await?
+        .text()
+        .await?;
+    for line in [
+        "capsule_traps_total{model=\"wat\",version=\"1\"} 1",
+        "capsule_requests_total{model=\"wat\",outcome=\"timeout\",protocol=\"http\",version=\"1\"} 1",
+        "capsule_requests_total{model=\"digits_mlp\",outcome=\"bad_request\",protocol=\"http\",version=\"1\"} 6",
+        "capsule_requests_total{model=\"digits_mlp\",outcome=\"too_large\",protocol=\"http\",version=\"1\"} 1",
+        "capsule_swaps_total{model=\"broken\",outcome=\"load_failed\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from\n{metrics}");
+    }
+    t.node.shutdown().await;
+    Ok(())
+}
+
+/// One instance and a queue of two: of ten slow requests sent at once, exactly three are
+/// accepted (one running, two waiting) and seven are refused with 429 at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_past_the_queue_is_refused_with_exact_counts() -> Result<()> {
+    let t = Arc::new(
+        TestNode::start(
+            |dir| put(dir, "wat", "1", &wat(42.0, None)?),
+            |c| {
+                c.instances = 1;
+                c.queue = 2;
+            },
+        )
+        .await?,
+    );
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let t = Arc::clone(&t);
+        // x = 1000000 spins 1e9 iterations: long enough that all ten arrive while the first
+        // one runs.
+        tasks.push(tokio::spawn(
+            async move { t.infer_x("wat", 1_000_000.0).await },
+        ));
+    }
+    let mut statuses = Vec::new();
+    for task in tasks {
+        statuses.push(task.await??);
+    }
+    let ok = statuses.iter().filter(|(s, _)| *s == 200).count();
+    let rejected: Vec<_> = statuses.iter().filter(|(s, _)| *s == 429).collect();
+    assert_eq!((ok, rejected.len()), (3, 7), "{statuses:?}");
+    assert_eq!(
+        rejected[0].1,
+        json!({"error": "model \"wat\" version \"1\" is overloaded: 3 requests in flight and queued"})
+    );
+    let metrics = t
+        .http
+        .get(format!("{}/metrics", t.base))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(metrics.contains("capsule_requests_total{model=\"wat\",outcome=\"rejected\",protocol=\"http\",version=\"1\"} 7"), "{metrics}");
+    Ok(())
+}
+
+/// Version 2 arrives and version 1 leaves while clients keep sending: no request fails, and
+/// every answer comes from a whole version (its `y` matches its `model_version`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_swap_under_load_fails_no_request() -> Result<()> {
+    let t =
+        Arc::new(TestNode::start(|dir| put(dir, "wat", "1", &wat(1.0, Some(1.0))?), |_| {}).await?);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (t, stop) = (Arc::clone(&t), Arc::clone(&stop));
+        clients.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                seen.push(t.infer_x("wat", 0.0).await?);
+            }
+            anyhow::Ok(seen)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    put(t.dir.path(), "wat", "2", &wat(2.0, Some(2.0))?)?;
+    t.node.sync_now().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    std::fs::remove_dir_all(t.dir.path().join("wat/1"))?;
+    t.node.sync_now().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut by_version = std::collections::BTreeMap::new();
+    for c in clients {
+        for (status, body) in c.await?? {
+            assert_eq!(status, 200, "{body}");
+            let version = body["model_version"]
+                .as_str()
+                .context("version")?
+                .to_owned();
+            let y = body["outputs"][0]["data"][0].as_f64().context("y")?;
+            assert_eq!(
+                y.to_string(),
+                version,
+                "answer from a mixed version: {body}"
+            );
+            *by_version.entry(version).or_insert(0) += 1;
+        }
+    }
+    assert!(
+        by_version.get("1").is_some_and(|n| *n > 0) && by_version.get("2").is_some_and(|n| *n > 0),
+        "{by_version:?}"
+    );
+    let (_, meta) = t.get("/v2/models/wat").await?;
+    assert_eq!(meta["versions"], json!(["2"]));
+    Ok(())
+}
+
+/// A new version whose golden probe fails is refused; the old one keeps serving; a fixed
+/// file dropped in its place is picked up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_probe_keeps_the_old_version() -> Result<()> {
+    let t = TestNode::start(
+        |dir| put(dir, "wat", "1", &wat(1.0, Some(1.0))?),
+        |c| {
+            c.poll_interval_ms = 50;
+        },
+    )
+    .await?;
+    // Version 2 answers 2 but its golden sample expects 3.
+    put(t.dir.path(), "wat", "2", &wat(2.0, Some(3.0))?)?;
+    t.node.sync_now().await;
+    let (status, body) = t.infer_x("wat", 0.0).await?;
+    assert_eq!((status, &body["model_version"]), (200, &json!("1")));
+    let metrics = t
+        .http
+        .get(format!("{}/metrics", t.base))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(
+        metrics.contains("capsule_swaps_total{model=\"wat\",outcome=\"probe_failed\"} 1"),
+        "{metrics}"
+    );
+    // The watcher (50 ms) picks up a corrected version 2 without being asked.
+    put(t.dir.path(), "wat", "2", &wat(2.0, Some(2.0))?)?;
+    let mut version = String::new();
+    for _ in 0..200 {
+        let (_, body) = t.infer_x("wat", 0.0).await?;
+        version = body["model_version"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if version == "2" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(version, "2");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn version_policy_and_flat_files() -> Result<()> {
+    let t = TestNode::start(
+        |dir| {
+            for v in ["1", "2", "10"] {
+                put(dir, "wat", v, &wat(v.parse()?, None)?)?;
+            }
+            // A flat file is named from its manifest.
+            let flat = wat_capsule(&WatCapsule {
+                name: "flat".into(),
+                version: semver::Version::new(0, 3, 0),
+                y: 7.0,
+                golden_y: None,
+            })?;
+            std::fs::write(dir.join("flat.capsule.wasm"), flat)?;
+            Ok(())
+        },
+        |c| c.version_policy = VersionPolicy::Latest(2),
+    )
+    .await?;
+    let (_, meta) = t.get("/v2/models/wat").await?;
+    assert_eq!(meta["versions"], json!(["2", "10"]));
+    let (_, body) = t.infer_x("wat", 0.0).await?;
+    assert_eq!(
+        (&body["model_version"], &body["outputs"][0]["data"][0]),
+        (&json!("10"), &json!(10.0))
+    );
+    let (status, body) = t
+        .post(
+            "/v2/models/wat/versions/2/infer",
+            serde_json::to_vec(
+                &json!({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [0]}]}),
+            )?,
+        )
+        .await?;
+    assert_eq!((status, &body["outputs"][0]["data"][0]), (200, &json!(2.0)));
+    assert_eq!(t.get("/v2/models/wat/versions/1/ready").await?.0, 404);
+    let (_, body) = t.infer_x("flat", 0.0).await?;
+    assert_eq!(
+        (&body["model_version"], &body["outputs"][0]["data"][0]),
+        (&json!("0.3.0"), &json!(7.0))
+    );
+    // Removing version 10 brings version 1 back under latest:2.
+    std::fs::remove_dir_all(t.dir.path().join("wat/10"))?;
+    t.node.sync_now().await;
+    let (_, meta) = t.get("/v2/models/wat").await?;
+    assert_eq!(meta["versions"], json!(["1", "2"]));
+    // Removing every version removes the model.
+    std::fs::remove_dir_all(t.dir.path().join("wat"))?;
+    t.node.sync_now().await;
+    assert_eq!(
+        t.get("/v2/models/wat").await?,
+        (404, json!({"error": "unknown model \"wat\""}))
+    );
+    Ok(())
+}
+
+/// Shutdown lets a request that is running finish, and refuses new connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_finishes_in_flight_requests() -> Result<()> {
+    let t = TestNode::start(|dir| put(dir, "wat", "1", &wat(42.0, None)?), |_| {}).await?;
+    let base = t.base.clone();
+    let client = t.http.clone();
+    let slow = tokio::spawn(async move {
+        let body = json!({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [300_000.0]}]});
+        let r = client
+            .post(format!("{base}/v2/models/wat/infer"))
+            .json(&body)
+            .send()
+            .await?;
+        anyhow::Ok((r.status().as_u16(), r.json::<Value>().await?))
+    });
+    // Let the request reach the guest.
+    let registry = Arc::clone(t.node.registry());
+    for _ in 0..400 {
+        let busy = registry.resolve("wat", None)?.capsule().idle_instances() < 2;
+        if busy {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let base = t.base.clone();
+    t.node.shutdown().await;
+    let (status, body) = slow.await??;
+    assert_eq!(
+        (status, &body["outputs"][0]["data"][0]),
+        (200, &json!(42.0))
+    );
+    assert!(
+        reqwest::get(format!("{base}/v2/health/live"))
+            .await
+            .is_err(),
+        "still accepting after shutdown"
+    );
+    Ok(())
+}
