@@ -32,7 +32,10 @@ pub const PAGE: u64 = 65536;
 /// A parsed, structurally checked capsule.
 #[derive(Debug)]
 pub struct CapsuleImage {
+    /// The file, or only its memory image once installed ([`Self::shed_code`]).
     bytes: Vec<u8>,
+    /// Size of the capsule file.
+    file_size: usize,
     /// SHA-256 of the whole file: the capsule's identity.
     pub sha256: String,
     /// The decoded manifest.
@@ -252,6 +255,7 @@ impl CapsuleImage {
         let sha256 = hex::encode(Sha256::digest(&bytes));
         let code_sha256 = hex::encode(Sha256::digest(&code));
         Ok(CapsuleImage {
+            file_size: bytes.len(),
             bytes,
             sha256,
             manifest,
@@ -267,12 +271,26 @@ impl CapsuleImage {
 
     /// Size of the capsule file.
     pub fn size(&self) -> usize {
-        self.bytes.len()
+        self.file_size
     }
 
-    /// The capsule file.
+    /// The capsule file (only the memory image after [`Self::shed_code`]).
     pub fn bytes(&self) -> &[u8] {
         &self.bytes
+    }
+
+    /// Drops the code module and everything of the file but the memory image. An installed
+    /// capsule runs from the engine's compiled code, so keeping a copy of the guest code per
+    /// capsule (megabytes each) would only cost memory on a node with many capsules.
+    pub fn shed_code(&mut self) {
+        let mut image = Vec::with_capacity(self.image_bytes());
+        for (_, range) in &mut self.segments {
+            let start = image.len();
+            image.extend_from_slice(&self.bytes[range.clone()]);
+            *range = start..image.len();
+        }
+        self.bytes = image;
+        self.code = Vec::new();
     }
 
     /// The memory image: (offset, bytes) of every data segment.

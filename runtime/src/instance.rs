@@ -143,7 +143,9 @@ impl LoadedCapsule {
         image: CapsuleImage,
         config: RunConfig,
     ) -> Result<LoadedCapsule> {
+        let mut image = image;
         let module = engine.module_with_sha256(&image.code, image.code_sha256.clone())?;
+        image.shed_code();
         let limits = image.manifest.limits;
         let deadline = config
             .deadline

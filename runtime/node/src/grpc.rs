@@ -309,9 +309,22 @@ impl GrpcInferenceService for GrpcService {
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
         let started = Instant::now();
+        let request_id = request
+            .metadata()
+            .get(crate::http::REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty() && v.len() <= 128)
+            .map(str::to_owned)
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let span = tracing::info_span!("grpc_infer", request_id = %request_id);
         let r = request.into_inner();
         let mut labels = (r.model_name.clone(), r.model_version.clone());
-        let result = self.model_infer_inner(r, &mut labels).await;
+        let result =
+            tracing::Instrument::instrument(self.model_infer_inner(r, &mut labels), span.clone())
+                .await;
+        if let Err(e) = &result {
+            span.in_scope(|| tracing::info!(model = %labels.0, error = %e, code = ?e.grpc_code(), "inference refused"));
+        }
         let outcome = match &result {
             Ok(_) => "success",
             Err(e) => e.outcome(),

@@ -76,18 +76,13 @@ async fn request_id(mut request: Request, next: Next) -> Response {
     let mut response = tracing::Instrument::instrument(next.run(request), span.clone()).await;
     let status = response.status().as_u16();
     span.in_scope(|| {
-        if status >= 500 {
-            tracing::warn!(
-                status,
-                ms = started.elapsed().as_secs_f64() * 1e3,
-                "request failed"
-            );
+        // 503 (not ready), 504 and 429 are states the handlers already log; only an
+        // internal error is a warning.
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        if status == 500 {
+            tracing::warn!(status, ms, "request failed");
         } else {
-            tracing::debug!(
-                status,
-                ms = started.elapsed().as_secs_f64() * 1e3,
-                "request done"
-            );
+            tracing::debug!(status, ms, "request done");
         }
     });
     if let Ok(v) = HeaderValue::from_str(&id) {
