@@ -725,7 +725,7 @@ async fn graceful_shutdown_finishes_in_flight_requests() -> Result<()> {
     });
     // Let the request reach the guest.
     let registry = Arc::clone(t.node.registry());
-    for _ in 0..400 {
+    for _ in 0..2000 {
         let busy = registry.resolve("wat", None)?.capsule().idle_instances() < 2;
         if busy {
             break;
