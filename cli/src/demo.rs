@@ -148,6 +148,14 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
         path.display(),
         args_dir_request(&path)
     );
+    if let Some(dir) = path.parent() {
+        println!(
+            "Serve it: capsule serve --models {} (then POST {} to http://localhost:8000/v2/models/{}/infer)",
+            dir.display(),
+            args_dir_request(&path),
+            report.capsule
+        );
+    }
     Ok(())
 }
 
