@@ -80,6 +80,9 @@ pub enum Error {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// A failure of the node itself (a worker thread died).
+    #[error("internal error: {0}")]
+    Internal(String),
     /// The engine could not be created.
     #[error("engine: {0}")]
     Engine(capsule_runtime::Error),

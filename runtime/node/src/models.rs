@@ -204,7 +204,7 @@ impl ServedModel {
                 (result, t.elapsed())
             });
             task.await
-                .map_err(|e| Error::Config(format!("inference worker failed: {e}")))?
+                .map_err(|e| Error::Internal(format!("inference worker failed: {e}")))?
         };
         let us = u64::try_from(compute.as_micros()).unwrap_or(u64::MAX);
         let updated = if average == u64::MAX {
