@@ -338,7 +338,7 @@ async fn run_infer(
         &outcome.outputs,
         &selection,
     )
-    .map_err(|e| Error::Inference(capsule_runtime::Error::Manifest(e)))?;
+    .map_err(|e| Error::Internal(format!("cannot encode the response: {e}")))?;
     let mut response = Response::new(Body::from(encoded.body));
     let h = response.headers_mut();
     match encoded.json_len {
