@@ -316,6 +316,18 @@ fn json_float(dtype: DType, v: f64) -> Value {
     number.map(Value::Number).unwrap_or(Value::Null)
 }
 
+impl ResponseOutput {
+    /// The JSON form of one output tensor.
+    pub fn from_tensor(t: &NamedTensor) -> Result<ResponseOutput> {
+        Ok(ResponseOutput {
+            name: t.name.clone(),
+            shape: t.tensor.shape.clone(),
+            datatype: t.tensor.dtype.v2_name().to_owned(),
+            data: tensor_values(&t.name, &t.tensor)?,
+        })
+    }
+}
+
 impl InferenceResponse {
     /// A response carrying these output tensors.
     pub fn from_tensors(
@@ -326,14 +338,7 @@ impl InferenceResponse {
     ) -> Result<InferenceResponse> {
         let outputs = outputs
             .iter()
-            .map(|t| {
-                Ok(ResponseOutput {
-                    name: t.name.clone(),
-                    shape: t.tensor.shape.clone(),
-                    datatype: t.tensor.dtype.v2_name().to_owned(),
-                    data: tensor_values(&t.name, &t.tensor)?,
-                })
-            })
+            .map(ResponseOutput::from_tensor)
             .collect::<Result<_>>()?;
         Ok(InferenceResponse {
             model_name: model_name.to_owned(),
@@ -387,18 +392,31 @@ pub struct DecodedRequest {
 /// `binary_data_size`, in input order (BYTES elements each prefixed by a little-endian u32
 /// length, as in the extension).
 pub fn decode_request(body: &[u8], json_len: Option<usize>) -> Result<DecodedRequest> {
+    let (json, binary) = split_body(body, json_len)?;
+    let request = InferenceRequest::from_json(json)?;
+    let inputs = decode_tensors(&request.inputs, binary)?;
+    Ok(DecodedRequest { request, inputs })
+}
+
+/// Splits a body into its JSON part and the binary data after it.
+fn split_body(body: &[u8], json_len: Option<usize>) -> Result<(&[u8], &[u8])> {
     let json_len = json_len.unwrap_or(body.len());
-    let (json, mut binary) = body.split_at_checked(json_len).ok_or_else(|| {
+    body.split_at_checked(json_len).ok_or_else(|| {
         Error::InvalidRequest(format!(
             "{INFERENCE_HEADER_CONTENT_LENGTH} is {json_len} but the body has only {} bytes",
             body.len()
         ))
-    })?;
-    let request = InferenceRequest::from_json(json)?;
-    let mut inputs = Vec::with_capacity(request.inputs.len());
-    for input in &request.inputs {
+    })
+}
+
+/// Checked tensors of request inputs (or of response outputs, which have the same JSON
+/// shape), taking the elements of those with `binary_data_size` from `binary`, in order.
+/// Every binary byte must be claimed.
+fn decode_tensors(tensors: &[RequestInput], mut binary: &[u8]) -> Result<Vec<NamedTensor>> {
+    let mut out = Vec::with_capacity(tensors.len());
+    for input in tensors {
         match parameter(&input.parameters, "binary_data_size") {
-            None => inputs.push(input.to_named_tensor()?),
+            None => out.push(input.to_named_tensor()?),
             Some(size) => {
                 let name = &input.name;
                 let size = size
@@ -421,16 +439,12 @@ pub fn decode_request(body: &[u8], json_len: Option<usize>) -> Result<DecodedReq
                 })?;
                 binary = rest;
                 let dtype = DType::from_v2_name(&input.datatype)?;
-                let tensor = Tensor::new(dtype, input.shape.clone(), bytes.to_vec()).map_err(
-                    |e| match e {
-                        Error::InvalidTensor { reason, .. } => tensor_error(name, reason),
-                        other => other,
-                    },
-                )?;
-                inputs.push(NamedTensor {
-                    name: name.clone(),
-                    tensor,
-                });
+                out.push(named_tensor(
+                    name,
+                    dtype,
+                    input.shape.clone(),
+                    bytes.to_vec(),
+                )?);
             }
         }
     }
@@ -440,7 +454,78 @@ pub fn decode_request(body: &[u8], json_len: Option<usize>) -> Result<DecodedReq
             binary.len()
         )));
     }
-    Ok(DecodedRequest { request, inputs })
+    Ok(out)
+}
+
+/// A named tensor from raw element bytes (the layout of the binary extension and of gRPC's
+/// raw contents); a layout error names the tensor.
+pub fn named_tensor(
+    name: &str,
+    dtype: DType,
+    shape: Vec<u64>,
+    data: Vec<u8>,
+) -> Result<NamedTensor> {
+    let tensor = Tensor::new(dtype, shape, data).map_err(|e| match e {
+        Error::InvalidTensor { reason, .. } => tensor_error(name, reason),
+        other => other,
+    })?;
+    Ok(NamedTensor {
+        name: name.to_owned(),
+        tensor,
+    })
+}
+
+/// Encodes a request with every input as binary data and the given outputs asked for as
+/// binary data (what Triton's clients send for arrays). Returns the body and the length of
+/// its JSON part (the [`INFERENCE_HEADER_CONTENT_LENGTH`] header).
+pub fn encode_binary_request(inputs: &[NamedTensor], outputs: &[&str]) -> Result<(Vec<u8>, usize)> {
+    let parameters = |key: &str, value: Value| {
+        let mut p = serde_json::Map::new();
+        p.insert(key.to_owned(), value);
+        Some(p)
+    };
+    let request = InferenceRequest {
+        id: None,
+        parameters: None,
+        inputs: inputs
+            .iter()
+            .map(|t| RequestInput {
+                name: t.name.clone(),
+                shape: t.tensor.shape.clone(),
+                datatype: t.tensor.dtype.v2_name().to_owned(),
+                parameters: parameters("binary_data_size", Value::from(t.tensor.data.len())),
+                data: Value::Null,
+            })
+            .collect(),
+        outputs: Some(
+            outputs
+                .iter()
+                .map(|n| RequestedOutput {
+                    name: (*n).to_owned(),
+                    parameters: parameters("binary_data", Value::Bool(true)),
+                })
+                .collect(),
+        ),
+    };
+    let mut body = serde_json::to_vec(&request).map_err(|e| Error::Encode {
+        what: "inference request",
+        reason: e.to_string(),
+    })?;
+    let json_len = body.len();
+    for t in inputs {
+        body.extend_from_slice(&t.tensor.data);
+    }
+    Ok((body, json_len))
+}
+
+/// The index of output `name` among `output_names` (an unknown name is an error that lists
+/// the model's outputs).
+pub fn output_index(output_names: &[&str], name: &str) -> Result<usize> {
+    output_names.iter().position(|n| *n == name).ok_or_else(|| {
+        Error::InvalidRequest(format!(
+            "unknown output {name:?} (the model has {output_names:?})"
+        ))
+    })
 }
 
 /// Which outputs a response carries, and whether each travels as binary data.
@@ -464,16 +549,7 @@ impl InferenceRequest {
             Some(requested) => requested
                 .iter()
                 .map(|r| {
-                    let index =
-                        output_names
-                            .iter()
-                            .position(|n| *n == r.name)
-                            .ok_or_else(|| {
-                                Error::InvalidRequest(format!(
-                                    "unknown output {:?} (the model has {:?})",
-                                    r.name, output_names
-                                ))
-                            })?;
+                    let index = output_index(output_names, &r.name)?;
                     let binary = parameter(&r.parameters, "binary_data")
                         .and_then(Value::as_bool)
                         .unwrap_or(all_binary);
@@ -554,16 +630,7 @@ pub fn decode_response(
     body: &[u8],
     json_len: Option<usize>,
 ) -> Result<(InferenceResponse, Vec<NamedTensor>)> {
-    #[derive(Deserialize)]
-    struct RawOutput {
-        name: String,
-        shape: Vec<u64>,
-        datatype: String,
-        #[serde(default)]
-        parameters: Option<serde_json::Map<String, Value>>,
-        #[serde(default)]
-        data: Value,
-    }
+    /// A response; its outputs have the JSON shape of request inputs.
     #[derive(Deserialize)]
     struct Raw {
         model_name: String,
@@ -571,58 +638,22 @@ pub fn decode_response(
         model_version: Option<String>,
         #[serde(default)]
         id: Option<String>,
-        outputs: Vec<RawOutput>,
+        outputs: Vec<RequestInput>,
     }
-    let json_len = json_len.unwrap_or(body.len());
-    let (json, _) = body.split_at_checked(json_len).ok_or_else(|| {
-        Error::InvalidRequest(format!(
-            "JSON length {json_len} is past the body's {} bytes",
-            body.len()
-        ))
-    })?;
+    let (json, binary) = split_body(body, json_len)?;
     let raw: Raw =
         serde_json::from_slice(json).map_err(|e| Error::InvalidRequest(e.to_string()))?;
-    let as_request = InferenceRequest {
-        id: None,
-        parameters: None,
-        inputs: raw
-            .outputs
-            .iter()
-            .map(|o| RequestInput {
-                name: o.name.clone(),
-                shape: o.shape.clone(),
-                datatype: o.datatype.clone(),
-                parameters: o.parameters.clone(),
-                data: o.data.clone(),
-            })
-            .collect(),
-        outputs: None,
-    };
-    let json_part = serde_json::to_vec(&as_request).map_err(|e| Error::Encode {
-        what: "response",
-        reason: e.to_string(),
-    })?;
-    let mut rebuilt = json_part.clone();
-    rebuilt.extend_from_slice(&body[json_len..]);
-    let decoded = decode_request(&rebuilt, Some(json_part.len()))?;
+    let tensors = decode_tensors(&raw.outputs, binary)?;
     let response = InferenceResponse {
         model_name: raw.model_name,
         model_version: raw.model_version,
         id: raw.id,
-        outputs: decoded
-            .inputs
+        outputs: tensors
             .iter()
-            .map(|t| {
-                Ok(ResponseOutput {
-                    name: t.name.clone(),
-                    shape: t.tensor.shape.clone(),
-                    datatype: t.tensor.dtype.v2_name().to_owned(),
-                    data: tensor_values(&t.name, &t.tensor)?,
-                })
-            })
+            .map(ResponseOutput::from_tensor)
             .collect::<Result<_>>()?,
     };
-    Ok((response, decoded.inputs))
+    Ok((response, tensors))
 }
 
 #[cfg(test)]

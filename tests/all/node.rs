@@ -108,27 +108,6 @@ fn json_request(inputs: &[NamedTensor]) -> Result<Vec<u8>> {
     )?)?)
 }
 
-/// The same request with every input as binary data and every output asked as binary.
-fn binary_request(inputs: &[NamedTensor], outputs: &[&str]) -> Result<(Vec<u8>, usize)> {
-    let meta: Vec<Value> = inputs
-        .iter()
-        .map(|t| {
-            json!({"name": t.name, "shape": t.tensor.shape, "datatype": t.tensor.dtype.v2_name(),
-                   "parameters": {"binary_data_size": t.tensor.data.len()}})
-        })
-        .collect();
-    let outs: Vec<Value> = outputs
-        .iter()
-        .map(|n| json!({"name": n, "parameters": {"binary_data": true}}))
-        .collect();
-    let mut body = serde_json::to_vec(&json!({"inputs": meta, "outputs": outs}))?;
-    let json_len = body.len();
-    for t in inputs {
-        body.extend_from_slice(&t.tensor.data);
-    }
-    Ok((body, json_len))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rest_and_grpc_answer_exactly_like_in_process_inference() -> Result<()> {
     let models = ["digits_mlp", "mnist_cnn"];
@@ -192,7 +171,7 @@ async fn rest_and_grpc_answer_exactly_like_in_process_inference() -> Result<()> 
             );
             // Binary in, binary out.
             let names: Vec<&str> = expected.iter().map(|o| o.name.as_str()).collect();
-            let (body, json_len) = binary_request(&sample.inputs, &names)?;
+            let (body, json_len) = v2::encode_binary_request(&sample.inputs, &names)?;
             let r = t
                 .http
                 .post(format!("{}/v2/models/{m}/infer", t.base))

@@ -261,20 +261,8 @@ fn json_body(inputs: &[NamedTensor]) -> Result<Body> {
 
 /// Every input as binary data, every output asked as binary (what `tritonclient` sends by
 /// default for numpy arrays).
-fn binary_body(inputs: &[NamedTensor], outputs: &[String]) -> Result<Body> {
-    let meta: Vec<serde_json::Value> = inputs
-        .iter()
-        .map(|t| serde_json::json!({"name": t.name, "shape": t.tensor.shape, "datatype": t.tensor.dtype.v2_name(), "parameters": {"binary_data_size": t.tensor.data.len()}}))
-        .collect();
-    let outs: Vec<serde_json::Value> = outputs
-        .iter()
-        .map(|n| serde_json::json!({"name": n, "parameters": {"binary_data": true}}))
-        .collect();
-    let mut bytes = serde_json::to_vec(&serde_json::json!({"inputs": meta, "outputs": outs}))?;
-    let json_len = bytes.len();
-    for t in inputs {
-        bytes.extend_from_slice(&t.tensor.data);
-    }
+fn binary_body(inputs: &[NamedTensor], outputs: &[&str]) -> Result<Body> {
+    let (bytes, json_len) = capsule_format::v2::encode_binary_request(inputs, outputs)?;
     Ok(Body {
         bytes,
         json_len: Some(json_len),
@@ -364,7 +352,7 @@ fn main() -> Result<()> {
         let mut in_process = Vec::new();
         for (m, built) in models.iter().zip(&capsules) {
             let sample = golden(m)?.remove(0);
-            let outputs: Vec<String> = built.manifest.outputs.iter().map(|o| o.name.clone()).collect();
+            let outputs: Vec<&str> = built.manifest.outputs.iter().map(|o| o.name.as_str()).collect();
             let url = format!("{}/v2/models/{m}/infer", server.base);
             // In-process throughput before and after the HTTP points; their mean is the
             // reference.
@@ -399,7 +387,7 @@ fn main() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let idle = rss_kib(pid).unwrap_or(0);
         let sample = golden("digits_mlp")?.remove(0);
-        let body = binary_body(&sample.inputs, &["label".to_owned(), "probabilities".to_owned()])?;
+        let body = binary_body(&sample.inputs, &["label", "probabilities"])?;
         let urls: Vec<String> = (0..10).map(|i| format!("{}/v2/models/mlp{i}/infer", server.base)).collect();
         let r = load(&client, &urls, &body, 10, args.seconds, Some(pid)).await?;
         println!("\n10 capsules: start-up to ready {:.1} ms; resident memory idle {:.1} MiB, under load (10 clients, one per model) max {:.1} MiB; {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms, {} errors",

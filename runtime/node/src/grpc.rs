@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use capsule_format::{DType, NamedTensor, Tensor};
+use capsule_format::{DType, NamedTensor, v2};
 use tonic::{Request, Response, Status};
 
 use crate::http::spec_shape;
@@ -123,8 +123,9 @@ fn pack_contents(name: &str, dtype: DType, c: &InferTensorContents) -> Result<Ve
 }
 
 /// The request's inputs as checked tensors: from `raw_input_contents` (one entry per input,
-/// the same layout as the HTTP binary extension) or from the typed `contents`.
-pub(crate) fn request_tensors(r: &ModelInferRequest) -> Result<Vec<NamedTensor>> {
+/// the same layout as the HTTP binary extension; moved out of the request, not copied) or
+/// from the typed `contents`.
+pub(crate) fn request_tensors(r: &mut ModelInferRequest) -> Result<Vec<NamedTensor>> {
     if !r.raw_input_contents.is_empty() && r.raw_input_contents.len() != r.inputs.len() {
         return Err(bad(format!(
             "{} raw_input_contents for {} inputs",
@@ -132,34 +133,32 @@ pub(crate) fn request_tensors(r: &ModelInferRequest) -> Result<Vec<NamedTensor>>
             r.inputs.len()
         )));
     }
+    let mut raw = std::mem::take(&mut r.raw_input_contents).into_iter();
     r.inputs
         .iter()
-        .enumerate()
-        .map(|(i, input)| {
+        .map(|input| {
             let name = &input.name;
             let dtype = DType::from_v2_name(&input.datatype).map_err(|e| bad(e.to_string()))?;
             let shape = shape_of(name, &input.shape)?;
-            let data = match r.raw_input_contents.get(i) {
+            let data = match raw.next() {
                 Some(raw) => {
                     if input.contents.is_some() {
                         return Err(bad(format!(
                             "tensor {name:?} has both contents and raw_input_contents"
                         )));
                     }
-                    raw.clone()
+                    raw
                 }
-                None => pack_contents(name, dtype, &input.contents.clone().unwrap_or_default())?,
+                None => pack_contents(
+                    name,
+                    dtype,
+                    input
+                        .contents
+                        .as_ref()
+                        .unwrap_or(&InferTensorContents::default()),
+                )?,
             };
-            let tensor = Tensor::new(dtype, shape, data).map_err(|e| match e {
-                capsule_format::Error::InvalidTensor { reason, .. } => {
-                    bad(format!("tensor {name:?}: {reason}"))
-                }
-                other => bad(other.to_string()),
-            })?;
-            Ok(NamedTensor {
-                name: name.clone(),
-                tensor,
-            })
+            v2::named_tensor(name, dtype, shape, data).map_err(|e| bad(e.to_string()))
         })
         .collect()
 }
@@ -177,23 +176,18 @@ fn timeout_param(r: &ModelInferRequest) -> Option<Duration> {
 impl GrpcService {
     async fn model_infer_inner(
         &self,
-        r: ModelInferRequest,
+        mut r: ModelInferRequest,
         labels: &mut (String, String),
     ) -> Result<ModelInferResponse> {
         let version = (!r.model_version.is_empty()).then_some(r.model_version.as_str());
         let served = self.registry.resolve(&r.model_name, version)?;
         labels.1.clone_from(&served.version);
-        let inputs = request_tensors(&r)?;
+        let inputs = request_tensors(&mut r)?;
         let deadline =
             timeout_param(&r).map_or(self.config.deadline(), |t| t.min(self.config.deadline()));
         let names = served.output_names();
         for o in &r.outputs {
-            if !names.contains(&o.name.as_str()) {
-                return Err(bad(format!(
-                    "unknown output {:?} (the model has {names:?})",
-                    o.name
-                )));
-            }
+            v2::output_index(&names, &o.name).map_err(|e| bad(e.to_string()))?;
         }
         let outcome = served.infer(inputs, deadline).await?;
         let selected: Vec<&NamedTensor> = if r.outputs.is_empty() {
@@ -362,7 +356,7 @@ mod tests {
 
     #[test]
     fn typed_contents_and_raw_contents_agree() {
-        let typed = ModelInferRequest {
+        let mut typed = ModelInferRequest {
             inputs: vec![input(
                 "x",
                 "FP32",
@@ -381,14 +375,14 @@ mod tests {
         };
         raw.inputs[0].contents = None;
         assert_eq!(
-            request_tensors(&typed).unwrap(),
-            request_tensors(&raw).unwrap()
+            request_tensors(&mut typed).unwrap(),
+            request_tensors(&mut raw).unwrap()
         );
     }
 
     #[test]
     fn exact_errors() {
-        let r = ModelInferRequest {
+        let mut r = ModelInferRequest {
             inputs: vec![input(
                 "x",
                 "INT8",
@@ -401,10 +395,10 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            request_tensors(&r).unwrap_err().to_string(),
+            request_tensors(&mut r).unwrap_err().to_string(),
             "tensor \"x\": element 0: 300 does not fit INT8"
         );
-        let r = ModelInferRequest {
+        let mut r = ModelInferRequest {
             inputs: vec![input(
                 "x",
                 "FP32",
@@ -417,24 +411,24 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            request_tensors(&r).unwrap_err().to_string(),
+            request_tensors(&mut r).unwrap_err().to_string(),
             "tensor \"x\": shape [3] of FP32 needs 12 bytes, got 4"
         );
-        let r = ModelInferRequest {
+        let mut r = ModelInferRequest {
             inputs: vec![input("x", "FP32", vec![-1], InferTensorContents::default())],
             ..Default::default()
         };
         assert_eq!(
-            request_tensors(&r).unwrap_err().to_string(),
+            request_tensors(&mut r).unwrap_err().to_string(),
             "tensor \"x\": negative dimension -1 in shape [-1]"
         );
-        let r = ModelInferRequest {
+        let mut r = ModelInferRequest {
             inputs: vec![input("x", "FP32", vec![1], InferTensorContents::default())],
             raw_input_contents: vec![vec![0; 4], vec![0; 4]],
             ..Default::default()
         };
         assert_eq!(
-            request_tensors(&r).unwrap_err().to_string(),
+            request_tensors(&mut r).unwrap_err().to_string(),
             "2 raw_input_contents for 1 inputs"
         );
     }
