@@ -45,6 +45,11 @@ fn put(dir: &Path, model: &str, version: &str, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// A fixture model's capsule as version 1.
+fn put_fixture(dir: &Path, model: &str) -> Result<()> {
+    put(dir, model, "1", &fixture_capsule(model)?.bytes)
+}
+
 fn wat(y: f32, golden_y: Option<f32>) -> Result<Vec<u8>> {
     wat_capsule(&WatCapsule {
         name: "wat".into(),
@@ -114,7 +119,7 @@ async fn rest_and_grpc_answer_exactly_like_in_process_inference() -> Result<()> 
     let t = TestNode::start(
         |dir| {
             for m in models {
-                put(dir, m, "1", &fixture_capsule(m)?.bytes)?;
+                put_fixture(dir, m)?;
             }
             Ok(())
         },
@@ -256,18 +261,7 @@ async fn rest_and_grpc_answer_exactly_like_in_process_inference() -> Result<()> 
 /// Prometheus' `promtool check metrics` on what the node exports afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tritonclient_and_promtool_accept_the_node() -> Result<()> {
-    let t = TestNode::start(
-        |dir| {
-            put(
-                dir,
-                "digits_mlp",
-                "1",
-                &fixture_capsule("digits_mlp")?.bytes,
-            )
-        },
-        |_| {},
-    )
-    .await?;
+    let t = TestNode::start(|dir| put_fixture(dir, "digits_mlp"), |_| {}).await?;
     let sample = golden("digits_mlp")?.remove(0);
     let capsule = fixture_capsule("digits_mlp")?;
     let expected = capsule.capsule.infer(&sample.inputs)?;
@@ -357,12 +351,7 @@ async fn tritonclient_and_promtool_accept_the_node() -> Result<()> {
 async fn every_failure_mode_has_its_status_and_exact_error() -> Result<()> {
     let t = TestNode::start(
         |dir| {
-            put(
-                dir,
-                "digits_mlp",
-                "1",
-                &fixture_capsule("digits_mlp")?.bytes,
-            )?;
+            put_fixture(dir, "digits_mlp")?;
             put(dir, "wat", "1", &wat(42.0, None)?)?;
             put(dir, "broken", "1", b"not a capsule")
         },

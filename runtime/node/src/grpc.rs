@@ -303,13 +303,12 @@ impl GrpcInferenceService for GrpcService {
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
         let started = Instant::now();
-        let request_id = request
-            .metadata()
-            .get(crate::http::REQUEST_ID)
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| !v.is_empty() && v.len() <= 128)
-            .map(str::to_owned)
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let request_id = crate::http::request_id_or_new(
+            request
+                .metadata()
+                .get(crate::http::REQUEST_ID)
+                .map(|v| v.as_bytes()),
+        );
         let span = tracing::info_span!("grpc_infer", request_id = %request_id);
         let r = request.into_inner();
         let mut labels = (r.model_name.clone(), r.model_version.clone());
@@ -319,17 +318,9 @@ impl GrpcInferenceService for GrpcService {
         if let Err(e) = &result {
             span.in_scope(|| tracing::info!(model = %labels.0, error = %e, code = ?e.grpc_code(), "inference refused"));
         }
-        let outcome = match &result {
-            Ok(_) => "success",
-            Err(e) => e.outcome(),
-        };
-        let m = &self.registry.metrics;
-        m.requests
-            .with_label_values(&[labels.0.as_str(), labels.1.as_str(), "grpc", outcome])
-            .inc();
-        m.request_seconds
-            .with_label_values(&["grpc"])
-            .observe(started.elapsed().as_secs_f64());
+        self.registry
+            .metrics
+            .observe_request(&labels, "grpc", &result, started);
         result.map(Response::new).map_err(status)
     }
 }

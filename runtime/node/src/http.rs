@@ -62,14 +62,18 @@ impl IntoResponse for Error {
     }
 }
 
-async fn request_id(mut request: Request, next: Next) -> Response {
-    let id = request
-        .headers()
-        .get(REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
+/// The client's request id (from the `x-request-id` header or gRPC metadata) when it is a
+/// non-empty string of at most 128 bytes, else a new UUID.
+pub(crate) fn request_id_or_new(header: Option<&[u8]>) -> String {
+    header
+        .and_then(|v| std::str::from_utf8(v).ok())
         .filter(|v| !v.is_empty() && v.len() <= 128)
         .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+async fn request_id(mut request: Request, next: Next) -> Response {
+    let id = request_id_or_new(request.headers().get(REQUEST_ID).map(|v| v.as_bytes()));
     request.extensions_mut().insert(RequestId(id.clone()));
     let span = tracing::info_span!("request", request_id = %id, method = %request.method(), path = %request.uri().path());
     let started = Instant::now();
@@ -269,17 +273,9 @@ async fn infer(
         &mut labels,
     )
     .await;
-    let outcome = match &result {
-        Ok(_) => "success",
-        Err(e) => e.outcome(),
-    };
-    let m = &app.registry.metrics;
-    m.requests
-        .with_label_values(&[labels.0.as_str(), labels.1.as_str(), "http", outcome])
-        .inc();
-    m.request_seconds
-        .with_label_values(&["http"])
-        .observe(started.elapsed().as_secs_f64());
+    app.registry
+        .metrics
+        .observe_request(&labels, "http", &result, started);
     match result {
         Ok(r) => r,
         Err(e) => {

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use capsule_runtime::{CapsuleEngine, CapsuleImage, LoadedCapsule, RunConfig, golden};
-use sha2::{Digest, Sha256};
 
 use crate::models::{ModelEntry, ModelRegistry, ServedModel, sort_versions};
 use crate::repository::{CapsuleFile, Stamp, compare_versions, scan};
@@ -57,7 +56,8 @@ struct Candidate {
     file: CapsuleFile,
     name: String,
     version: String,
-    bytes: Option<Vec<u8>>,
+    /// The parsed capsule, when naming it needed its manifest (flat files).
+    image: Option<CapsuleImage>,
 }
 
 /// The repository loader (one per node; syncs are serialized by its owner).
@@ -102,7 +102,7 @@ impl Loader {
                 file,
                 name,
                 version,
-                bytes: None,
+                image: None,
             });
         }
         if let Some(k) = self.known.get(&file.path).filter(|k| k.stamp == file.stamp) {
@@ -111,23 +111,17 @@ impl Loader {
                 file,
                 name,
                 version,
-                bytes: None,
+                image: None,
             });
         }
-        let named = read_bounded(&file.path, self.config.max_capsule_bytes).and_then(|bytes| {
-            let image = CapsuleImage::parse(bytes.clone()).map_err(|e| e.to_string())?;
-            Ok((
-                image.manifest.name.clone(),
-                image.manifest.version.to_string(),
-                bytes,
-            ))
-        });
+        let named = read_bounded(&file.path, self.config.max_capsule_bytes)
+            .and_then(|bytes| CapsuleImage::parse(bytes).map_err(|e| e.to_string()));
         match named {
-            Ok((name, version, bytes)) => Some(Candidate {
+            Ok(image) => Some(Candidate {
                 file,
-                name,
-                version,
-                bytes: Some(bytes),
+                name: image.manifest.name.clone(),
+                version: image.manifest.version.to_string(),
+                image: Some(image),
             }),
             Err(e) => {
                 let refusal = Refusal::Load(e);
@@ -154,14 +148,14 @@ impl Loader {
     /// Installs and probes one capsule.
     fn load(&self, c: &mut Candidate) -> Result<Arc<ServedModel>, Refusal> {
         let started = Instant::now();
-        let bytes = match c.bytes.take() {
-            Some(b) => b,
-            None => {
-                read_bounded(&c.file.path, self.config.max_capsule_bytes).map_err(Refusal::Load)?
-            }
+        let image = match c.image.take() {
+            Some(image) => image,
+            None => CapsuleImage::parse(
+                read_bounded(&c.file.path, self.config.max_capsule_bytes).map_err(Refusal::Load)?,
+            )
+            .map_err(|e| Refusal::Load(e.to_string()))?,
         };
-        let sha256 = hex::encode(Sha256::digest(&bytes));
-        let image = CapsuleImage::parse(bytes).map_err(|e| Refusal::Load(e.to_string()))?;
+        let sha256 = image.sha256.clone();
         if image.manifest.name != c.name {
             tracing::warn!(
                 path = %c.file.path.display(),

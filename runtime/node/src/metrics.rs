@@ -185,6 +185,27 @@ impl Metrics {
         String::from_utf8(out).map_err(|e| Error::Config(format!("metrics: {e}")))
     }
 
+    /// Counts one inference request and its whole time, by outcome. `labels` is the model
+    /// and the version that served it (or was asked for).
+    pub fn observe_request<T>(
+        &self,
+        labels: &(String, String),
+        protocol: &str,
+        result: &Result<T>,
+        started: std::time::Instant,
+    ) {
+        let outcome = match result {
+            Ok(_) => "success",
+            Err(e) => e.outcome(),
+        };
+        self.requests
+            .with_label_values(&[labels.0.as_str(), labels.1.as_str(), protocol, outcome])
+            .inc();
+        self.request_seconds
+            .with_label_values(&[protocol])
+            .observe(started.elapsed().as_secs_f64());
+    }
+
     /// Drops the per-version gauges of an unloaded version (counters stay).
     pub fn forget_version(&self, model: &str, version: &str) {
         for g in [

@@ -290,8 +290,13 @@ impl ModelRegistry {
         self.ready.store(true, Ordering::Release);
     }
 
-    /// The version to run a request on: the given one, or the highest served one.
-    pub fn resolve(&self, model: &str, version: Option<&str>) -> Result<Arc<ServedModel>> {
+    /// Runs `f` on the served versions of a model (lowest first, never empty); an error
+    /// when the model is unknown or has no version ready.
+    fn with_versions<R>(
+        &self,
+        model: &str,
+        f: impl FnOnce(&[Arc<ServedModel>]) -> Result<R>,
+    ) -> Result<R> {
         let models = self.read();
         let entry = models
             .get(model)
@@ -299,35 +304,27 @@ impl ModelRegistry {
         if entry.versions.is_empty() {
             return Err(not_ready(model, entry));
         }
-        match version {
-            None | Some("") => entry
-                .versions
-                .last()
-                .cloned()
-                .ok_or_else(|| not_ready(model, entry)),
-            Some(v) => entry
-                .versions
-                .iter()
-                .find(|m| m.version == v)
-                .cloned()
-                .ok_or_else(|| Error::VersionNotFound {
-                    model: model.to_owned(),
-                    version: v.to_owned(),
-                }),
-        }
+        f(&entry.versions)
+    }
+
+    /// The version to run a request on: the given one, or the highest served one.
+    pub fn resolve(&self, model: &str, version: Option<&str>) -> Result<Arc<ServedModel>> {
+        self.with_versions(model, |versions| {
+            let found = match version {
+                None | Some("") => versions.last(),
+                Some(v) => versions.iter().find(|m| m.version == v),
+            };
+            found.cloned().ok_or_else(|| Error::VersionNotFound {
+                model: model.to_owned(),
+                version: version.unwrap_or_default().to_owned(),
+            })
+        })
     }
 
     /// The served versions of a model, lowest first (an error when the model is unknown or
     /// has none ready).
     pub fn versions(&self, model: &str) -> Result<Vec<Arc<ServedModel>>> {
-        let models = self.read();
-        let entry = models
-            .get(model)
-            .ok_or_else(|| Error::ModelNotFound(model.to_owned()))?;
-        if entry.versions.is_empty() {
-            return Err(not_ready(model, entry));
-        }
-        Ok(entry.versions.clone())
+        self.with_versions(model, |versions| Ok(versions.to_vec()))
     }
 
     /// Every served model version.

@@ -26,7 +26,6 @@ pub struct Node {
     shutdown: watch::Sender<bool>,
     servers: Vec<JoinHandle<()>>,
     watcher: JoinHandle<()>,
-    started: Instant,
 }
 
 impl std::fmt::Debug for Node {
@@ -164,7 +163,6 @@ impl Node {
             shutdown,
             servers,
             watcher,
-            started,
         })
     }
 
@@ -188,11 +186,6 @@ impl Node {
         while !self.registry.is_ready() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-    }
-
-    /// Time from [`Node::start`] to ready (after [`Node::wait_ready`]).
-    pub fn uptime(&self) -> Duration {
-        self.started.elapsed()
     }
 
     /// Rescans the repository now and applies what changed (the watcher does this every
