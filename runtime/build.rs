@@ -57,7 +57,14 @@ fn main() {
         .parent()
         .unwrap_or(Path::new(".."))
         .to_path_buf();
-    for path in ["guest", "model", "format", "Cargo.toml", "Cargo.lock"] {
+    for path in [
+        "guest",
+        "model",
+        "format",
+        "pipeline",
+        "Cargo.toml",
+        "Cargo.lock",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(path).display());
     }
     println!("cargo:rerun-if-env-changed=CAPSULE_GUEST_PROFILE");

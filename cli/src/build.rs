@@ -40,6 +40,10 @@ pub struct Args {
     /// Class labels, one per line.
     #[arg(long)]
     labels: Option<PathBuf>,
+    /// Preprocessing and postprocessing spec (TOML or JSON; docs/pipeline.md), compiled into
+    /// the capsule.
+    #[arg(long)]
+    pipeline: Option<PathBuf>,
     /// Memory cap recorded in the manifest, in MiB.
     #[arg(long, default_value_t = 1024)]
     max_memory_mib: u64,
@@ -124,6 +128,11 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
             max_memory_bytes: args.max_memory_mib.saturating_mul(1 << 20),
             time_budget_ms: args.time_budget_ms,
         },
+        pipeline: args
+            .pipeline
+            .as_deref()
+            .map(capsule_runtime::spec::read_pipeline)
+            .transpose()?,
     };
     let engine = cli.engine()?;
     let built = build_with_progress(&engine, options)?;

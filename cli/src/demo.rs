@@ -69,6 +69,7 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
             labels,
             golden: golden::read_dir(&golden_dir)?,
             limits: Limits::default(),
+            pipeline: None,
         },
     )?;
     let path = args.dir.join("digits.capsule.wasm");

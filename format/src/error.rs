@@ -44,6 +44,14 @@ pub enum Error {
     /// A V2 JSON request or response that does not follow the protocol.
     #[error("invalid inference request: {0}")]
     InvalidRequest(String),
+    /// A pipeline spec that does not fit the model or contradicts itself.
+    #[error("invalid pipeline: {at}: {reason}")]
+    InvalidPipeline {
+        /// The step and field at fault (`input "image"`, `output "label" step 2 (top_k)`).
+        at: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// Something larger than a documented bound.
     #[error("{what} is {size} bytes, over the limit of {limit} bytes")]
     TooLarge {

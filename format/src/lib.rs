@@ -20,6 +20,7 @@
 mod dtype;
 mod error;
 pub mod manifest;
+pub mod pipeline;
 mod tensor;
 pub mod v2;
 pub mod wire;
@@ -27,7 +28,8 @@ pub mod wire;
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use manifest::{CapsuleManifest, Dim, TensorSpec};
-pub use tensor::{NamedTensor, Tensor, TensorView};
+pub use pipeline::Pipeline;
+pub use tensor::{NamedTensor, Tensor, TensorView, byte_elements};
 
 /// Version of the guest ABI described in the design (section 3). A capsule whose
 /// `capsule_abi_version()` returns anything else is refused.

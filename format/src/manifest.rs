@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::{DType, Error, NamedTensor, Result, wire};
 
 /// Version of the manifest encoding written by this build.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Largest manifest section a reader accepts.
 pub const MAX_MANIFEST_BYTES: usize = 16 << 20;
@@ -152,10 +152,17 @@ pub struct CapsuleManifest {
     pub guest_sha256: String,
     /// The source model.
     pub source: SourceModel,
-    /// Model inputs, in order.
+    /// What requests carry, in order: the model's inputs, or with a pipeline, its raw
+    /// inputs and the model inputs it does not feed.
     pub inputs: Vec<TensorSpec>,
-    /// Model outputs, in order.
+    /// What responses carry, in order: the model's outputs, or the pipeline's.
     pub outputs: Vec<TensorSpec>,
+    /// The model's own inputs (as `inputs` without a pipeline).
+    pub model_inputs: Vec<TensorSpec>,
+    /// The model's own outputs (as `outputs` without a pipeline).
+    pub model_outputs: Vec<TensorSpec>,
+    /// Preprocessing and postprocessing run inside the guest around the model.
+    pub pipeline: Option<crate::Pipeline>,
     /// Class labels, index order.
     pub labels: Vec<String>,
     /// The model card.
@@ -217,7 +224,7 @@ impl CapsuleManifest {
     /// The declared input shapes, as the builder's `--input-shape` overrides: loading the
     /// source model with them reproduces the capsule's signature (the native baseline).
     pub fn input_shapes(&self) -> Vec<crate::wire::InputShape> {
-        self.inputs
+        self.model_inputs
             .iter()
             .map(|i| crate::wire::InputShape {
                 name: i.name.clone(),
@@ -260,6 +267,9 @@ pub(crate) mod tests {
                 dtype: DType::I64,
                 shape: vec![Dim::Symbolic("N".into())],
             }],
+            model_inputs: vec![],
+            model_outputs: vec![],
+            pipeline: None,
             labels: vec!["zero".into(), "one".into()],
             card: ModelCard {
                 owner: "ml-team".into(),
@@ -282,7 +292,7 @@ pub(crate) mod tests {
     fn section_round_trip() {
         let m = sample();
         let bytes = m.to_section_bytes().unwrap();
-        assert_eq!(&bytes[..8], b"CAPM\x01\x00\x00\x00");
+        assert_eq!(&bytes[..8], b"CAPM\x02\x00\x00\x00");
         assert_eq!(CapsuleManifest::from_section_bytes(&bytes).unwrap(), m);
     }
 
@@ -290,12 +300,12 @@ pub(crate) mod tests {
     fn refuses_bad_headers_and_truncation() {
         let bytes = sample().to_section_bytes().unwrap();
         let mut newer = bytes.clone();
-        newer[4] = 2;
+        newer[4] = 3;
         assert!(matches!(
             CapsuleManifest::from_section_bytes(&newer),
             Err(Error::UnsupportedFormatVersion {
-                found: 2,
-                supported: 1
+                found: 3,
+                supported: 2
             })
         ));
         let mut bad = bytes.clone();

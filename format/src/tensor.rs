@@ -92,7 +92,42 @@ pub(crate) fn check_layout(dtype: DType, shape: &[u64], data: &[u8]) -> Result<(
     Ok(())
 }
 
+/// The elements of a `BYTES` tensor's data, in order.
+pub fn byte_elements(data: &[u8]) -> Result<Vec<&[u8]>> {
+    let mut out = Vec::new();
+    let mut rest = data;
+    while !rest.is_empty() {
+        let Some((len, tail)) = rest.split_first_chunk::<4>() else {
+            return Err(invalid(format!(
+                "BYTES element {} is missing its length",
+                out.len()
+            )));
+        };
+        let len = u32::from_le_bytes(*len) as usize;
+        if tail.len() < len {
+            return Err(invalid(format!("BYTES element {} is truncated", out.len())));
+        }
+        let (item, tail) = tail.split_at(len);
+        out.push(item);
+        rest = tail;
+    }
+    Ok(out)
+}
+
 impl Tensor {
+    /// A `BYTES` tensor of these elements.
+    pub fn from_byte_strings<T: AsRef<[u8]>>(shape: Vec<u64>, items: &[T]) -> Result<Tensor> {
+        let mut data = Vec::new();
+        for item in items {
+            let item = item.as_ref();
+            let len =
+                u32::try_from(item.len()).map_err(|_| invalid("a BYTES element is over 4 GiB"))?;
+            data.extend_from_slice(&len.to_le_bytes());
+            data.extend_from_slice(item);
+        }
+        Tensor::new(DType::Bytes, shape, data)
+    }
+
     /// Builds a tensor after checking that `data` fits `shape` and `dtype`.
     pub fn new(dtype: DType, shape: Vec<u64>, data: Vec<u8>) -> Result<Tensor> {
         check_layout(dtype, &shape, &data)?;

@@ -4,6 +4,7 @@
 //! disagree. Tensor `data` may be flat or nested (row-major); its element count must match the
 //! shape exactly and every element must fit the datatype.
 
+use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -217,15 +218,36 @@ fn encode_element(dtype: DType, v: &Value, out: &mut Vec<u8>) -> std::result::Re
         DType::F16 => out.extend_from_slice(&f64_to_f16(float(v)?).to_le_bytes()),
         DType::F32 => out.extend_from_slice(&(float(v)? as f32).to_le_bytes()),
         DType::F64 => out.extend_from_slice(&float(v)?.to_le_bytes()),
-        DType::Bytes => match v {
-            Value::String(s) => {
-                let len =
-                    u32::try_from(s.len()).map_err(|_| "string longer than 4 GiB".to_owned())?;
-                out.extend_from_slice(&len.to_le_bytes());
-                out.extend_from_slice(s.as_bytes());
-            }
-            other => return Err(format!("expected a string for BYTES, got {other}")),
-        },
+        DType::Bytes => {
+            let owned;
+            let bytes: &[u8] = match v {
+                Value::String(s) => s.as_bytes(),
+                // TensorFlow Serving's convention for binary data in JSON.
+                Value::Object(o) if o.len() == 1 && o.contains_key("b64") => {
+                    let Some(Value::String(b64)) = o.get("b64") else {
+                        return Err("\"b64\" must be a base64 string".into());
+                    };
+                    owned = base64::engine::general_purpose::STANDARD
+                        .decode(b64)
+                        .map_err(|e| format!("\"b64\" is not valid base64: {e}"))?;
+                    &owned
+                }
+                // A record for a tabular input: kept as its JSON text.
+                Value::Object(_) => {
+                    owned = serde_json::to_vec(v).map_err(|e| e.to_string())?;
+                    &owned
+                }
+                other => {
+                    return Err(format!(
+                        "expected a string, {{\"b64\": ...}} or a JSON object for BYTES, got {other}"
+                    ));
+                }
+            };
+            let len =
+                u32::try_from(bytes.len()).map_err(|_| "element longer than 4 GiB".to_owned())?;
+            out.extend_from_slice(&len.to_le_bytes());
+            out.extend_from_slice(bytes);
+        }
     }
     Ok(())
 }

@@ -150,6 +150,10 @@ pub struct BuildRequest {
     pub model: Vec<u8>,
     /// Shapes fixed by the user (`--input-shape`), overriding the model's declarations.
     pub input_shapes: Vec<InputShape>,
+    /// Preprocessing and postprocessing to run around the model.
+    pub pipeline: Option<crate::Pipeline>,
+    /// Class labels (for the `labels` postprocessing step).
+    pub labels: Vec<String>,
 }
 
 /// A user-fixed input shape.

@@ -21,11 +21,19 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::{Cell, RefCell};
 
-use capsule_format::ABI_VERSION;
 use capsule_format::wire::{
     self, BuildRequest, BuildResponse, GuestError, GuestErrorKind, InferRequestView, InferResponse,
+    NamedTensorView,
 };
+use capsule_format::{ABI_VERSION, NamedTensor};
 use capsule_model::LoadedModel;
+use capsule_pipeline::CompiledPipeline;
+
+/// The model and the pipeline around it.
+struct Loaded {
+    model: LoadedModel,
+    pipeline: Option<CompiledPipeline>,
+}
 
 /// The system allocator, which can zero every freed block while a model is being built, so
 /// the garbage of parsing never lands in the snapshot (zeroed memory costs nothing there).
@@ -33,7 +41,7 @@ struct SnapshotAllocator;
 
 thread_local! {
     static ZERO_ON_FREE: Cell<bool> = const { Cell::new(false) };
-    static MODEL: RefCell<Option<LoadedModel>> = const { RefCell::new(None) };
+    static MODEL: RefCell<Option<Loaded>> = const { RefCell::new(None) };
     static LAST_PANIC: RefCell<String> = const { RefCell::new(String::new()) };
 }
 
@@ -156,22 +164,75 @@ pub unsafe extern "C" fn capsule_build(ptr: u32, len: u32) -> u64 {
         }),
         Ok(request) => {
             drop(bytes);
-            match LoadedModel::load(&request.model, &request.input_shapes) {
-                Ok(model) => {
-                    let report = model.report();
-                    MODEL.with(|m| *m.borrow_mut() = Some(model));
+            match load(&request) {
+                Ok(loaded) => {
+                    let report = loaded.model.report();
+                    MODEL.with(|m| *m.borrow_mut() = Some(loaded));
                     BuildResponse::Ready(report)
                 }
-                Err(e) => BuildResponse::Error(GuestError {
-                    kind: GuestErrorKind::ModelLoad,
-                    message: e.to_string(),
-                }),
+                Err(e) => BuildResponse::Error(e),
             }
         }
     };
     let packed = encode_or_trap(&response);
     ZERO_ON_FREE.with(|z| z.set(false));
     packed
+}
+
+/// Loads the model, then compiles the pipeline against its signature (the vocabulary's
+/// lookup table is built here, so it lands in the snapshot).
+fn load(request: &BuildRequest) -> Result<Loaded, GuestError> {
+    let model =
+        LoadedModel::load(&request.model, &request.input_shapes).map_err(|e| GuestError {
+            kind: GuestErrorKind::ModelLoad,
+            message: e.to_string(),
+        })?;
+    let pipeline = match &request.pipeline {
+        Some(spec) if !spec.is_empty() => Some(
+            CompiledPipeline::new(spec, model.inputs(), model.outputs(), &request.labels).map_err(
+                |e| GuestError {
+                    kind: GuestErrorKind::ModelLoad,
+                    message: e.to_string(),
+                },
+            )?,
+        ),
+        _ => None,
+    };
+    Ok(Loaded { model, pipeline })
+}
+
+fn pipeline_error(e: capsule_pipeline::Error) -> GuestError {
+    let kind = match &e {
+        capsule_pipeline::Error::BadInput { .. } => GuestErrorKind::BadInput,
+        _ => GuestErrorKind::Internal,
+    };
+    GuestError {
+        kind,
+        message: e.to_string(),
+    }
+}
+
+/// Preprocessing, the model, postprocessing.
+fn infer(
+    loaded: &mut Loaded,
+    inputs: &[NamedTensorView<'_>],
+) -> Result<Vec<NamedTensor>, GuestError> {
+    let Some(pipeline) = &loaded.pipeline else {
+        return loaded.model.run(inputs).map_err(model_error);
+    };
+    let prepared = pipeline.preprocess(inputs).map_err(pipeline_error)?;
+    let mut model_inputs = wire::views(&prepared);
+    model_inputs.extend(
+        inputs
+            .iter()
+            .filter(|t| loaded.model.inputs().iter().any(|m| m.name == t.name))
+            .filter(|t| !prepared.iter().any(|p| p.name == t.name))
+            .cloned(),
+    );
+    let outputs = loaded.model.run(&model_inputs).map_err(model_error)?;
+    pipeline
+        .postprocess(&model_inputs, outputs)
+        .map_err(pipeline_error)
 }
 
 fn model_error(e: capsule_model::Error) -> GuestError {
@@ -206,9 +267,9 @@ pub unsafe extern "C" fn capsule_infer(ptr: u32, len: u32) -> u64 {
                 kind: GuestErrorKind::NotInitialized,
                 message: "no model is loaded in this capsule".into(),
             }),
-            Some(model) => match model.run(&request.inputs) {
+            Some(loaded) => match infer(loaded, &request.inputs) {
                 Ok(outputs) => InferResponse::Outputs(outputs),
-                Err(e) => InferResponse::Error(model_error(e)),
+                Err(e) => InferResponse::Error(e),
             },
         }),
     };

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use capsule_format::manifest::{GoldenSample, Limits, ModelCard, SourceModel};
 use capsule_format::wire::{self, BuildReport, BuildRequest, BuildResponse, InputShape};
-use capsule_format::{CapsuleManifest, MANIFEST_SECTION};
+use capsule_format::{CapsuleManifest, MANIFEST_SECTION, Pipeline};
 use sha2::{Digest, Sha256};
 use wasmtime::{Instance, Module, Store};
 use wasmtime_wizer::{InstanceState, ModuleContext, SnapshotVal, ValType, Wizer};
@@ -43,6 +43,8 @@ pub struct BuildOptions {
     pub golden: Vec<GoldenSample>,
     /// Limits recorded in the manifest.
     pub limits: Limits,
+    /// Preprocessing and postprocessing compiled into the capsule.
+    pub pipeline: Option<Pipeline>,
 }
 
 /// A built capsule and what it took.
@@ -166,6 +168,8 @@ impl CapsuleBuilder {
         &self,
         model: Vec<u8>,
         input_shapes: &[InputShape],
+        pipeline: Option<&Pipeline>,
+        labels: &[String],
     ) -> Result<(GuestInstance, BuildReport)> {
         let deadline = (BUILD_DEADLINE.as_micros() / EPOCH_TICK.as_micros()) as u64;
         let mut store = new_store(
@@ -191,6 +195,8 @@ impl CapsuleBuilder {
             &BuildRequest {
                 model,
                 input_shapes: input_shapes.to_vec(),
+                pipeline: pipeline.cloned(),
+                labels: labels.to_vec(),
             },
             "build request",
         )?;
@@ -213,7 +219,7 @@ impl CapsuleBuilder {
     ) -> Result<Duration> {
         let request = wire::encode_request(inputs)?;
         let started = Instant::now();
-        let (mut guest, _) = self.load_in_guest(model.to_vec(), input_shapes)?;
+        let (mut guest, _) = self.load_in_guest(model.to_vec(), input_shapes, None, &[])?;
         let deadline = (BUILD_DEADLINE.as_micros() / EPOCH_TICK.as_micros()) as u64;
         match guest.run(&request, deadline)? {
             capsule_format::wire::InferResponse::Outputs(_) => Ok(started.elapsed()),
@@ -230,7 +236,30 @@ impl CapsuleBuilder {
             sha256: hex::encode(Sha256::digest(&options.model)),
             size_bytes: options.model.len() as u64,
         };
-        let (mut guest, report) = self.load_in_guest(options.model, &options.input_shapes)?;
+        let pipeline = options.pipeline.filter(|p| !p.is_empty());
+        let (mut guest, report) = self.load_in_guest(
+            options.model,
+            &options.input_shapes,
+            pipeline.as_ref(),
+            &options.labels,
+        )?;
+        // The guest validated the same spec against the same signature; resolving it here
+        // gives the stored form and the capsule's external signature.
+        let (pipeline, signature) = match pipeline {
+            Some(p) => {
+                let (resolved, signature) = p
+                    .resolve(&report.inputs, &report.outputs, &options.labels)
+                    .map_err(|e| Error::Build(e.to_string()))?;
+                (Some(resolved), signature)
+            }
+            None => (
+                None,
+                capsule_format::pipeline::Signature {
+                    inputs: report.inputs.clone(),
+                    outputs: report.outputs.clone(),
+                },
+            ),
+        };
         let load_time = started.elapsed();
 
         let snapshot_started = Instant::now();
@@ -260,8 +289,11 @@ impl CapsuleBuilder {
             builder_version: env!("CARGO_PKG_VERSION").to_owned(),
             guest_sha256: self.guest_sha256.clone(),
             source,
-            inputs: report.inputs.clone(),
-            outputs: report.outputs.clone(),
+            inputs: signature.inputs,
+            outputs: signature.outputs,
+            model_inputs: report.inputs.clone(),
+            model_outputs: report.outputs.clone(),
+            pipeline,
             labels: options.labels,
             card: options.card,
             golden: options.golden,

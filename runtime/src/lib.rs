@@ -25,6 +25,7 @@ mod engine;
 mod error;
 pub mod golden;
 mod instance;
+pub mod spec;
 mod validate;
 
 pub use builder::{BuildOptions, BuiltCapsule, CapsuleBuilder};

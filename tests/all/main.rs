@@ -8,3 +8,4 @@ mod limits;
 mod malformed_capsules;
 mod malformed_requests;
 mod node;
+mod pipeline;

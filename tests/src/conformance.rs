@@ -194,6 +194,7 @@ pub fn run_capsule(builder: &CapsuleBuilder, case: &Case) -> Result<(), String> 
         labels: Vec::new(),
         golden: Vec::new(),
         limits: Limits::default(),
+        pipeline: None,
     };
     let capsule = builder
         .build(options)

@@ -79,6 +79,11 @@ pub fn golden(name: &str) -> Result<Vec<GoldenSample>> {
         .collect()
 }
 
+/// The repository root.
+pub fn repo_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
 /// A compiled-code cache shared by test processes (under the target directory), so the guest
 /// is compiled once per guest build, not once per test binary.
 pub fn test_cache_dir() -> PathBuf {
@@ -128,6 +133,7 @@ pub fn options(name: &str) -> Result<BuildOptions> {
             .filter(|g| !diverges_from_ort(name, &g.name))
             .collect(),
         limits: Limits::default(),
+        pipeline: None,
     })
 }
 
