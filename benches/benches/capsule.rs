@@ -10,6 +10,10 @@
 //! - `engine/{compile,cached_load}`: Cranelift compile of the guest code vs loading it from
 //!   the disk cache.
 //! - `install/second_capsule`: installing a capsule of an already compiled guest build.
+//! - `preprocess/<kind>/{capsule,native,capsule_call}`: the pipeline's preprocessing inside
+//!   a capsule (an Identity model, so the output is the preprocessed input) vs the same
+//!   `capsule-pipeline` code natively; `capsule_call` is the same capsule called with the
+//!   already preprocessed tensor and no pipeline: the cost of the call itself.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -127,5 +131,135 @@ fn engine_costs(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, infer, cold_start, engine_costs);
+/// One preprocessing case: the identity model, its spec, the raw request.
+fn preprocess_case(
+    c: &mut Criterion,
+    kind: &str,
+    model: &std::path::Path,
+    pipeline: capsule_format::Pipeline,
+    raw: Vec<capsule_format::NamedTensor>,
+) {
+    let built = or_die(
+        capsule_tests::pipeline_capsule(kind, model, pipeline.clone(), Vec::new()),
+        kind,
+    );
+    let plain = or_die(
+        builder().build(capsule_runtime::BuildOptions {
+            name: format!("{kind}-plain"),
+            pipeline: None,
+            golden: Vec::new(),
+            model: or_die(std::fs::read(model), kind),
+            ..or_die(capsule_tests::options("digits_mlp"), kind)
+        }),
+        kind,
+    );
+    let native = or_die(
+        capsule_pipeline::CompiledPipeline::new(
+            &pipeline,
+            &built.manifest.model_inputs,
+            &built.manifest.model_outputs,
+            &[],
+        ),
+        kind,
+    );
+    let views = capsule_format::wire::views(&raw);
+    let prepared = or_die(native.preprocess(&views), kind);
+    let mut group = c.benchmark_group(format!("preprocess/{kind}"));
+    group.bench_function("capsule", |b| {
+        b.iter(|| black_box(or_die(built.capsule.infer(black_box(&raw)), kind)))
+    });
+    group.bench_function("native", |b| {
+        b.iter(|| black_box(or_die(native.preprocess(black_box(&views)), kind)))
+    });
+    group.bench_function("capsule_call", |b| {
+        b.iter(|| black_box(or_die(plain.capsule.infer(black_box(&prepared)), kind)))
+    });
+    group.finish();
+}
+
+fn bytes(name: &str, items: &[&[u8]]) -> Vec<capsule_format::NamedTensor> {
+    vec![capsule_format::NamedTensor {
+        name: name.into(),
+        tensor: or_die(
+            capsule_format::Tensor::from_byte_strings(vec![items.len() as u64], items),
+            name,
+        ),
+    }]
+}
+
+fn preprocess(c: &mut Criterion) {
+    let root = capsule_tests::repo_dir();
+    let fixtures = root.join("tests/fixtures/pipeline");
+    let read = |p: std::path::PathBuf| or_die(std::fs::read(&p), &p.display().to_string());
+
+    // One 56x56 RGB PNG to 28x28 gray (decode, luma, bilinear resize, normalize).
+    let mnist = or_die(
+        capsule_runtime::spec::read_pipeline(&root.join("examples/mnist-png/pipeline.toml")),
+        "spec",
+    );
+    let image_spec = capsule_format::Pipeline {
+        inputs: vec![capsule_format::pipeline::RawInput {
+            feeds: Some("x".into()),
+            ..mnist.inputs[0].clone()
+        }],
+        outputs: Vec::new(),
+    };
+    let png = read(root.join("examples/mnist-png/samples/digit1_0.png"));
+    preprocess_case(
+        c,
+        "image_png_56_to_28",
+        &fixtures.join("identity/image_mnist_gray_bilinear.onnx"),
+        image_spec,
+        bytes("image", &[&png]),
+    );
+
+    // 60 JSON records, 8 fields (impute, clip, standardize, min-max, one-hot).
+    let tabular: capsule_format::Pipeline = or_die(
+        serde_json::from_slice(&read(fixtures.join("tabular/spec.json"))),
+        "spec",
+    );
+    let records: Vec<serde_json::Value> = or_die(
+        serde_json::from_slice(&read(fixtures.join("tabular/records.json"))),
+        "records",
+    );
+    let texts: Vec<Vec<u8>> = records
+        .iter()
+        .map(|r| or_die(serde_json::to_vec(r), "record"))
+        .collect();
+    let items: Vec<&[u8]> = texts.iter().map(Vec::as_slice).collect();
+    preprocess_case(
+        c,
+        "tabular_60_records",
+        &fixtures.join("identity/tabular.onnx"),
+        tabular,
+        bytes("record", &items),
+    );
+
+    // The ten sentences of the embedding example (WordPiece, 30522-token vocabulary).
+    let text = or_die(
+        capsule_runtime::spec::read_pipeline(
+            &root.join("examples/sentence-embedding/pipeline.toml"),
+        ),
+        "spec",
+    );
+    let sentences: Vec<String> = or_die(
+        serde_json::from_slice(&read(
+            root.join("examples/sentence-embedding/sentences.json"),
+        )),
+        "sentences",
+    );
+    let items: Vec<&[u8]> = sentences.iter().map(|s| s.as_bytes()).collect();
+    preprocess_case(
+        c,
+        "text_10_sentences",
+        &fixtures.join("identity/text.onnx"),
+        capsule_format::Pipeline {
+            outputs: Vec::new(),
+            ..text
+        },
+        bytes("text", &items),
+    );
+}
+
+criterion_group!(benches, infer, cold_start, engine_costs, preprocess);
 criterion_main!(benches);

@@ -201,6 +201,13 @@ fn print_summary(built: &BuiltCapsule, output: &Path) -> Result<()> {
     for o in &m.outputs {
         println!("  output    {o}");
     }
+    for line in m
+        .pipeline
+        .iter()
+        .flat_map(capsule_format::Pipeline::describe)
+    {
+        println!("  pipeline  {line}");
+    }
     println!(
         "  plan      {} nodes; snapshot image {}",
         built.report.node_count,

@@ -53,6 +53,9 @@ struct Report<'a> {
     source: &'a capsule_format::manifest::SourceModel,
     inputs: &'a [capsule_format::TensorSpec],
     outputs: &'a [capsule_format::TensorSpec],
+    model_inputs: &'a [capsule_format::TensorSpec],
+    model_outputs: &'a [capsule_format::TensorSpec],
+    pipeline: Vec<String>,
     labels: &'a [String],
     card: &'a capsule_format::manifest::ModelCard,
     golden: Vec<GoldenSummary>,
@@ -88,6 +91,13 @@ fn report<'a>(args: &Args, image: &'a CapsuleImage) -> Result<Report<'a>> {
         source: &m.source,
         inputs: &m.inputs,
         outputs: &m.outputs,
+        model_inputs: &m.model_inputs,
+        model_outputs: &m.model_outputs,
+        pipeline: m
+            .pipeline
+            .iter()
+            .flat_map(capsule_format::Pipeline::describe)
+            .collect(),
         labels: &m.labels,
         card: &m.card,
         golden: m
@@ -153,6 +163,9 @@ pub fn run(args: &Args) -> Result<()> {
     }
     for o in r.outputs {
         println!("  output        {o}");
+    }
+    for line in &r.pipeline {
+        println!("  pipeline      {line}");
     }
     if !r.labels.is_empty() {
         println!("  labels        {}", r.labels.join(", "));

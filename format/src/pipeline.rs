@@ -495,7 +495,8 @@ pub enum PostOp {
 }
 
 impl PostOp {
-    fn name(&self) -> &'static str {
+    /// The step's name in the spec.
+    pub fn name(&self) -> &'static str {
         match self {
             PostOp::Softmax => "softmax",
             PostOp::Argmax => "argmax",
@@ -602,6 +603,72 @@ fn check_fixed(at: &str, field: &str, dim: Option<&Dim>, want: u64) -> Result<()
 }
 
 impl Pipeline {
+    /// One line per raw input and per output, for people (`capsule build`, `capsule inspect`).
+    pub fn describe(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        for raw in &self.inputs {
+            let targets = raw.model_inputs().join(", ");
+            let what = match raw.kind() {
+                Ok(RawKind::Image(i)) => {
+                    let mut steps = vec![format!("{:?}", i.color).to_lowercase()];
+                    if let Some(r) = &i.resize {
+                        let size = match (r.width, r.height, r.shorter_side) {
+                            (Some(w), Some(h), _) => format!("{w}x{h}"),
+                            (_, _, Some(s)) => format!("shorter side {s}"),
+                            _ => "?".into(),
+                        };
+                        steps.push(format!("resize {size} {:?}", r.filter).to_lowercase());
+                    }
+                    if let Some(c) = &i.center_crop {
+                        steps.push(format!("center crop {}x{}", c.width, c.height));
+                    }
+                    steps.push(format!("scale {}", i.scale));
+                    if !i.mean.is_empty() || !i.std.is_empty() {
+                        steps.push(format!("mean {:?} std {:?}", i.mean, i.std));
+                    }
+                    steps.push(format!("{:?}", i.layout).to_uppercase());
+                    format!("image (PNG/JPEG): {}", steps.join(", "))
+                }
+                Ok(RawKind::Tabular(t)) => format!(
+                    "records (JSON): {} fields, {} features",
+                    t.fields.len(),
+                    t.width()
+                ),
+                Ok(RawKind::Text(t)) => format!(
+                    "text: WordPiece, {} tokens{}, max_length {} ({:?} padding)",
+                    t.tokens.len(),
+                    if t.lowercase { ", lowercase" } else { "" },
+                    t.max_length,
+                    t.padding
+                )
+                .to_lowercase(),
+                Err(e) => e.to_string(),
+            };
+            lines.push(format!("{} -> {targets}: {what}", raw.name));
+        }
+        for o in &self.outputs {
+            let steps: Vec<String> = o
+                .steps
+                .iter()
+                .map(|step| match step {
+                    PostOp::TopK { k } | PostOp::TopKScores { k } => {
+                        format!("{}({k})", step.name())
+                    }
+                    PostOp::Threshold { value } => format!("threshold({value})"),
+                    PostOp::MeanPool { mask } => format!("mean_pool({mask})"),
+                    other => other.name().to_owned(),
+                })
+                .collect();
+            let steps = if steps.is_empty() {
+                "unchanged".to_owned()
+            } else {
+                steps.join(", ")
+            };
+            lines.push(format!("{} <- {}: {steps}", o.name, o.source()));
+        }
+        lines
+    }
+
     /// Whether the pipeline changes nothing.
     pub fn is_empty(&self) -> bool {
         self.inputs.is_empty() && self.outputs.is_empty()

@@ -701,6 +701,31 @@ mod tests {
     }
 
     #[test]
+    fn bytes_take_strings_base64_and_json_records() {
+        let t = parse(
+            r#"{"inputs":[{"name":"x","shape":[3],"datatype":"BYTES",
+                "data":["hi",{"b64":"iVBO"},{"age":41,"city":null}]}]}"#,
+        )
+        .unwrap();
+        let items = crate::byte_elements(&t[0].tensor.data).unwrap();
+        assert_eq!(items[0], b"hi");
+        assert_eq!(items[1], [0x89, 0x50, 0x4e]);
+        assert_eq!(items[2], br#"{"age":41,"city":null}"#);
+        let e = parse(
+            r#"{"inputs":[{"name":"x","shape":[1],"datatype":"BYTES","data":[{"b64":"%%"}]}]}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("\"b64\" is not valid base64"), "{e}");
+        let e = parse(r#"{"inputs":[{"name":"x","shape":[1],"datatype":"BYTES","data":[3]}]}"#)
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("expected a string, {\"b64\": ...} or a JSON object for BYTES, got 3"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn exact_errors() {
         let e = parse(r#"{"inputs":[{"name":"x","shape":[3],"datatype":"FP32","data":[1,2]}]}"#)
             .unwrap_err();

@@ -715,3 +715,114 @@ async fn graceful_shutdown_finishes_in_flight_requests() -> Result<()> {
     );
     Ok(())
 }
+
+/// Raw inputs through the node: PNG bytes as `{"b64": ...}` and tabular records as JSON
+/// objects in V2 JSON, PNG bytes as a binary BYTES tensor; outputs as onnxruntime's, and a
+/// corrupt image as a 400 naming the input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_inputs_reach_the_pipeline_over_rest() -> Result<()> {
+    use base64::Engine as _;
+    let examples = capsule_tests::repo_dir().join("examples");
+    let mnist = capsule_tests::example_capsule("mnist-png")?;
+    let wine = capsule_tests::example_capsule("wine-tabular")?;
+    let node = TestNode::start(
+        |dir| {
+            put(dir, "mnist", "1", &mnist.bytes)?;
+            put(dir, "wine", "1", &wine.bytes)
+        },
+        |_| {},
+    )
+    .await?;
+
+    let expected: Value =
+        serde_json::from_slice(&std::fs::read(examples.join("mnist-png/expected.json"))?)?;
+    let samples = expected["samples"].as_array().context("samples")?;
+    let pngs: Vec<Vec<u8>> = samples
+        .iter()
+        .map(|s| {
+            std::fs::read(
+                examples
+                    .join("mnist-png")
+                    .join(s["image"].as_str().unwrap_or("")),
+            )
+        })
+        .collect::<Result<_, _>>()?;
+    let b64: Vec<Value> = pngs
+        .iter()
+        .map(|p| json!({"b64": base64::engine::general_purpose::STANDARD.encode(p)}))
+        .collect();
+    let body = json!({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [b64.len()], "data": b64}],
+                      "outputs": [{"name": "top3"}]});
+    let (status, out) = node
+        .post("/v2/models/mnist/infer", serde_json::to_vec(&body)?)
+        .await?;
+    assert_eq!(status, 200, "{out}");
+    let want: Vec<Value> = samples
+        .iter()
+        .flat_map(|s| s["top3"].as_array().cloned().unwrap_or_default())
+        .collect();
+    assert_eq!(out["outputs"][0]["name"], "top3");
+    assert_eq!(out["outputs"][0]["datatype"], "BYTES");
+    assert_eq!(out["outputs"][0]["shape"], json!([samples.len(), 3]));
+    assert_eq!(out["outputs"][0]["data"], Value::Array(want.clone()));
+
+    // The same images as a binary BYTES tensor (Triton's binary extension).
+    let items: Vec<&[u8]> = pngs.iter().map(Vec::as_slice).collect();
+    let tensor = NamedTensor {
+        name: "image".into(),
+        tensor: Tensor::from_byte_strings(vec![items.len() as u64], &items)?,
+    };
+    let (body, json_len) = v2::encode_binary_request(&[tensor], &["top3"])?;
+    let r = node
+        .http
+        .post(format!("{}/v2/models/mnist/infer", node.base))
+        .header(INFERENCE_HEADER_CONTENT_LENGTH, json_len)
+        .body(body)
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 200);
+    let header = r
+        .headers()
+        .get(INFERENCE_HEADER_CONTENT_LENGTH)
+        .map(|v| v.to_str().map(str::to_owned))
+        .transpose()?;
+    let bytes = r.bytes().await?;
+    let (_, outputs) = v2::decode_response(&bytes, header.as_deref().map(str::parse).transpose()?)?;
+    assert_eq!(
+        capsule_pipeline::strings(&outputs[0].tensor),
+        want.iter().filter_map(Value::as_str).collect::<Vec<_>>()
+    );
+
+    // A corrupt image: 400, the input named, the node still serving.
+    let body = json!({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["not a png"]}]});
+    let (status, out) = node
+        .post("/v2/models/mnist/infer", serde_json::to_vec(&body)?)
+        .await?;
+    assert_eq!(status, 400);
+    assert_eq!(
+        out,
+        json!({"error": "inference failed: guest error: BadInput: input \"image\": not a PNG or JPEG image"})
+    );
+
+    // Tabular records as JSON objects, one with a null and missing fields.
+    let records: Value =
+        serde_json::from_slice(&std::fs::read(examples.join("wine-tabular/records.json"))?)?;
+    let records = records.as_array().context("records")?;
+    let wine_expected: Value =
+        serde_json::from_slice(&std::fs::read(examples.join("wine-tabular/expected.json"))?)?;
+    let body = json!({"inputs": [{"name": "record", "datatype": "BYTES", "shape": [records.len()], "data": records}],
+                      "outputs": [{"name": "label"}]});
+    let (status, out) = node
+        .post("/v2/models/wine/infer", serde_json::to_vec(&body)?)
+        .await?;
+    assert_eq!(status, 200, "{out}");
+    let want: Vec<Value> = wine_expected["samples"]
+        .as_array()
+        .context("samples")?
+        .iter()
+        .map(|s| s["label"].clone())
+        .collect();
+    assert_eq!(out["outputs"][0]["data"], Value::Array(want));
+    node.node.shutdown().await;
+    Ok(())
+}

@@ -12,8 +12,8 @@ use capsule_format::pipeline::{ImageSpec, Pipeline};
 use capsule_format::wire::{GuestError, GuestErrorKind};
 use capsule_format::{NamedTensor, Tensor};
 use capsule_pipeline::CompiledPipeline;
-use capsule_runtime::{BuildOptions, BuiltCapsule, Error};
-use capsule_tests::{builder, repo_dir};
+use capsule_runtime::{BuiltCapsule, Error};
+use capsule_tests::{example_capsule, pipeline_capsule, repo_dir};
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
@@ -48,18 +48,7 @@ fn build(
     pipeline: Pipeline,
     labels: Vec<String>,
 ) -> Result<BuiltCapsule> {
-    let model = std::fs::read(model).with_context(|| format!("reading {}", model.display()))?;
-    Ok(builder().build(BuildOptions {
-        name: name.into(),
-        version: semver::Version::new(1, 0, 0),
-        model,
-        input_shapes: Vec::new(),
-        card: Default::default(),
-        labels,
-        golden: Vec::new(),
-        limits: Default::default(),
-        pipeline: Some(pipeline),
-    })?)
+    pipeline_capsule(name, model, pipeline, labels)
 }
 
 fn bytes_input(name: &str, items: &[&[u8]]) -> capsule_format::Result<NamedTensor> {
@@ -311,12 +300,7 @@ fn tokenization_matches_hugging_face() -> Result<()> {
 #[test]
 fn mnist_png_example_matches_onnxruntime() -> Result<()> {
     let dir = examples().join("mnist-png");
-    let capsule = build(
-        "mnist-png",
-        &repo_dir().join("tests/fixtures/models/mnist_cnn/model.onnx"),
-        capsule_runtime::spec::read_pipeline(&dir.join("pipeline.toml"))?,
-        labels(&dir.join("labels.txt"))?,
-    )?;
+    let capsule = example_capsule("mnist-png")?;
     let expected = read_json(&dir.join("expected.json"))?;
     let samples = expected["samples"].as_array().context("samples")?;
     let images: Vec<Vec<u8>> = samples
@@ -358,12 +342,7 @@ fn mnist_png_example_matches_onnxruntime() -> Result<()> {
 #[test]
 fn wine_tabular_example_matches_onnxruntime() -> Result<()> {
     let dir = examples().join("wine-tabular");
-    let capsule = build(
-        "wine",
-        &dir.join("model.onnx"),
-        capsule_runtime::spec::read_pipeline(&dir.join("pipeline.json"))?,
-        labels(&dir.join("labels.txt"))?,
-    )?;
+    let capsule = example_capsule("wine-tabular")?;
     let records = read_json(&dir.join("records.json"))?;
     let expected = read_json(&dir.join("expected.json"))?;
     let samples = expected["samples"].as_array().context("samples")?;
@@ -392,19 +371,7 @@ fn wine_tabular_example_matches_onnxruntime() -> Result<()> {
 #[test]
 fn sentence_embedding_example_matches_onnxruntime() -> Result<()> {
     let dir = examples().join("sentence-embedding");
-    let model = dir.join("model.onnx");
-    if !model.exists() {
-        bail!(
-            "{} is missing: run `python3 examples/sentence-embedding/fetch_model.py` first",
-            model.display()
-        );
-    }
-    let capsule = build(
-        "minilm",
-        &model,
-        capsule_runtime::spec::read_pipeline(&dir.join("pipeline.toml"))?,
-        Vec::new(),
-    )?;
+    let capsule = example_capsule("sentence-embedding")?;
     let sentences: Vec<String> = serde_json::from_value(read_json(&dir.join("sentences.json"))?)?;
     let expected = read_json(&dir.join("expected.json"))?;
     let want: Vec<Vec<f64>> = serde_json::from_value(expected["embeddings"].clone())?;
@@ -498,13 +465,7 @@ fn jpeg_bomb(jpeg: &[u8], width: u16, height: u16) -> Result<Vec<u8>> {
 /// keeps serving afterwards.
 #[test]
 fn bad_raw_inputs_are_typed_errors() -> Result<()> {
-    let dir = examples().join("mnist-png");
-    let mnist = build(
-        "mnist-png",
-        &repo_dir().join("tests/fixtures/models/mnist_cnn/model.onnx"),
-        capsule_runtime::spec::read_pipeline(&dir.join("pipeline.toml"))?,
-        labels(&dir.join("labels.txt"))?,
-    )?;
+    let mnist = example_capsule("mnist-png")?;
     let png = std::fs::read(fixtures().join("image/inputs/gray_28x28.png"))?;
     let jpeg = std::fs::read(fixtures().join("image/inputs/gray_40x40.jpg"))?;
     let image = |bytes: &[u8]| mnist.capsule.infer(&[bytes_input("image", &[bytes])?]);

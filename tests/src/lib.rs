@@ -137,6 +137,58 @@ pub fn options(name: &str) -> Result<BuildOptions> {
     })
 }
 
+/// A capsule of `model` with a pipeline around it.
+pub fn pipeline_capsule(
+    name: &str,
+    model: &Path,
+    pipeline: capsule_format::Pipeline,
+    labels: Vec<String>,
+) -> Result<BuiltCapsule> {
+    let model = std::fs::read(model).with_context(|| format!("reading {}", model.display()))?;
+    Ok(builder().build(BuildOptions {
+        name: name.into(),
+        version: semver::Version::new(1, 0, 0),
+        model,
+        input_shapes: Vec::new(),
+        card: ModelCard::default(),
+        labels,
+        golden: Vec::new(),
+        limits: Limits::default(),
+        pipeline: Some(pipeline),
+    })?)
+}
+
+/// The capsule of one of the examples under `examples/` (`mnist-png`, `wine-tabular`,
+/// `sentence-embedding`), built from its model, spec and labels.
+pub fn example_capsule(example: &str) -> Result<BuiltCapsule> {
+    let dir = repo_dir().join("examples").join(example);
+    let model = match example {
+        "mnist-png" => models_dir().join("mnist_cnn/model.onnx"),
+        _ => dir.join("model.onnx"),
+    };
+    if !model.exists() {
+        anyhow::bail!(
+            "{} is missing (examples/sentence-embedding/fetch_model.py fetches the MiniLM model)",
+            model.display()
+        );
+    }
+    let spec = if dir.join("pipeline.json").exists() {
+        dir.join("pipeline.json")
+    } else {
+        dir.join("pipeline.toml")
+    };
+    let labels = match std::fs::read_to_string(dir.join("labels.txt")) {
+        Ok(text) => text.lines().map(str::to_owned).collect(),
+        Err(_) => Vec::new(),
+    };
+    pipeline_capsule(
+        example,
+        &model,
+        capsule_runtime::spec::read_pipeline(&spec)?,
+        labels,
+    )
+}
+
 /// The capsule of a fixture, built once per process.
 pub fn fixture_capsule(name: &str) -> Result<Arc<BuiltCapsule>> {
     static BUILT: OnceLock<Mutex<HashMap<String, Arc<BuiltCapsule>>>> = OnceLock::new();
