@@ -19,8 +19,10 @@ pub struct Args {
     /// A V2 inference request (JSON).
     #[arg(long, conflicts_with = "inputs")]
     request: Option<PathBuf>,
-    /// An input from a NumPy file: name=file.npy (repeat for several inputs).
-    #[arg(long = "input", value_name = "NAME=FILE.npy")]
+    /// An input from a file: name=file.npy for a tensor; any other file (an image, a text,
+    /// a JSON record) becomes one element of a BYTES input for the capsule's pipeline, and
+    /// repeating the name batches several files.
+    #[arg(long = "input", value_name = "NAME=FILE")]
     inputs: Vec<String>,
     /// Write the V2 response here instead of stdout.
     #[arg(short, long)]
@@ -28,6 +30,43 @@ pub struct Args {
     /// Per-call deadline in milliseconds (default: the capsule's time budget).
     #[arg(long)]
     deadline_ms: Option<u64>,
+}
+
+/// Largest raw input file read.
+const MAX_INPUT_FILE_BYTES: u64 = 256 << 20;
+
+/// `--input` values: `.npy` files as tensors, other files as BYTES elements grouped by name.
+fn file_inputs(specs: &[String]) -> Result<Vec<NamedTensor>> {
+    let mut tensors: Vec<NamedTensor> = Vec::new();
+    let mut raw: Vec<(String, Vec<Vec<u8>>)> = Vec::new();
+    for spec in specs {
+        let (name, file) = spec
+            .split_once('=')
+            .with_context(|| format!("--input {spec:?}: expected NAME=FILE"))?;
+        let path = std::path::Path::new(file);
+        if path.extension().is_some_and(|e| e == "npy") {
+            tensors.push(NamedTensor {
+                name: name.to_owned(),
+                tensor: npy::read(path)?,
+            });
+            continue;
+        }
+        let bytes = crate::read_limited(path, MAX_INPUT_FILE_BYTES, "input")?;
+        match raw.iter_mut().find(|(n, _)| n == name) {
+            Some((_, items)) => items.push(bytes),
+            None => raw.push((name.to_owned(), vec![bytes])),
+        }
+    }
+    for (name, items) in raw {
+        if tensors.iter().any(|t| t.name == name) {
+            bail!("--input {name}: given both as a .npy tensor and as files");
+        }
+        tensors.push(NamedTensor {
+            tensor: capsule_format::Tensor::from_byte_strings(vec![items.len() as u64], &items)?,
+            name,
+        });
+    }
+    Ok(tensors)
 }
 
 pub fn run(cli: &Cli, args: &Args) -> Result<()> {
@@ -42,23 +81,8 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
                 .map(|o| o.iter().map(|o| o.name.clone()).collect::<Vec<_>>());
             (request.id.clone(), request.to_tensors()?, wanted)
         }
-        (None, false) => {
-            let tensors = args
-                .inputs
-                .iter()
-                .map(|spec| {
-                    let (name, file) = spec
-                        .split_once('=')
-                        .with_context(|| format!("--input {spec:?}: expected NAME=FILE.npy"))?;
-                    Ok(NamedTensor {
-                        name: name.to_owned(),
-                        tensor: npy::read(file.as_ref())?,
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            (None, tensors, None)
-        }
-        (None, true) => bail!("give the inputs with --request req.json or --input name=file.npy"),
+        (None, false) => (None, file_inputs(&args.inputs)?, None),
+        (None, true) => bail!("give the inputs with --request req.json or --input name=FILE"),
     };
     let bytes = std::fs::read(&args.capsule)
         .with_context(|| format!("reading {}", args.capsule.display()))?;

@@ -176,3 +176,72 @@ fn npy_f32(shape: &[usize], values: &[f32]) -> Vec<u8> {
     }
     out
 }
+
+/// `capsule build --pipeline` and `capsule run --input image=file.png`: PNG files in, labels
+/// out; a spec error names the step and field.
+#[test]
+fn pipeline_build_and_raw_file_inputs() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let example = root.join("examples/mnist-png");
+    let out = dir.path().join("mnist.capsule.wasm");
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    let model = fixtures().join("mnist_cnn/model.onnx");
+    let printed = ok(&[
+        "build",
+        &s(&model),
+        "-o",
+        &s(&out),
+        "--name",
+        "mnist",
+        "--pipeline",
+        &s(&example.join("pipeline.toml")),
+        "--labels",
+        &s(&example.join("labels.txt")),
+    ]);
+    assert!(printed.contains("input     image: BYTES[N]"), "{printed}");
+    assert!(
+        printed.contains("pipeline  top3 <- probabilities: top_k(3), labels"),
+        "{printed}"
+    );
+    let expected: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(example.join("expected.json"))?)?;
+    let samples = expected["samples"].as_array().cloned().unwrap_or_default();
+    let mut args = vec!["run".to_owned(), s(&out)];
+    for sample in &samples[..2] {
+        args.push("--input".into());
+        args.push(format!(
+            "image={}",
+            s(&example.join(sample["image"].as_str().unwrap_or_default()))
+        ));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let response: serde_json::Value = serde_json::from_str(&ok(&args))?;
+    let top3 = response["outputs"]
+        .as_array()
+        .and_then(|o| o.iter().find(|o| o["name"] == "top3"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(top3["shape"], serde_json::json!([2, 3]));
+    let want: Vec<serde_json::Value> = samples[..2]
+        .iter()
+        .flat_map(|s| s["top3"].as_array().cloned().unwrap_or_default())
+        .collect();
+    assert_eq!(top3["data"], serde_json::Value::Array(want));
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(example.join("pipeline.toml"))?.replace("width = 28", "width = 0"),
+    )?;
+    let failed = capsule(&["build", &s(&model), "--pipeline", &s(&bad), "-o", &s(&out)]);
+    assert!(!failed.status.success());
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        stderr.contains(
+            "invalid pipeline: input \"image\": `resize.width` must be in 1..=16384, not 0"
+        ),
+        "{stderr}"
+    );
+    Ok(())
+}

@@ -14,7 +14,7 @@ use capsule_format::pipeline::{ColorMode, Filter, ImageSpec, Layout};
 use capsule_format::{NamedTensor, TensorSpec};
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
 
-use crate::{Result, bad_input};
+use crate::{Result, bad_input, element_error};
 
 pub(crate) struct ImageStep {
     spec: ImageSpec,
@@ -44,13 +44,7 @@ impl ImageStep {
         let mut data: Vec<f32> = Vec::new();
         let mut size = None;
         for (i, bytes) in items.iter().enumerate() {
-            let at = |reason: String| {
-                if items.len() == 1 {
-                    bad_input(input, reason)
-                } else {
-                    bad_input(input, format!("image {i}: {reason}"))
-                }
-            };
+            let at = |reason: String| element_error(input, "image", i, items.len(), reason);
             let planes = prepare(&self.spec, bytes).map_err(at)?;
             match size {
                 None => size = Some((planes.width, planes.height)),

@@ -58,6 +58,21 @@ pub(crate) fn bad_input(input: &str, reason: impl Into<String>) -> Error {
     }
 }
 
+/// An error about element `i` of a batch of `count` (named only when there are several).
+pub(crate) fn element_error(
+    input: &str,
+    label: &str,
+    i: usize,
+    count: usize,
+    reason: String,
+) -> Error {
+    if count == 1 {
+        bad_input(input, reason)
+    } else {
+        bad_input(input, format!("{label} {i}: {reason}"))
+    }
+}
+
 enum Step {
     Image(image::ImageStep),
     Tabular(tabular::TabularStep),

@@ -171,6 +171,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn mean_pool_weights_rows_by_the_mask() {
+        // N=1, T=3, D=2; the third position is padding.
+        let t = Tensor::from_f32(vec![1, 3, 2], &[1.0, 2.0, 3.0, 4.0, 100.0, 100.0]).unwrap();
+        let mask = Tensor::from_i64(vec![1, 3], &[1, 1, 0]).unwrap();
+        let inputs = [NamedTensorView {
+            name: "m",
+            tensor: mask.view(),
+        }];
+        let step = PostOp::MeanPool { mask: "m".into() };
+        let pooled = apply(&step, t.clone(), &inputs, &[]).unwrap();
+        assert_eq!(pooled.shape, [1, 2]);
+        assert_eq!(pooled.to_f64_vec().unwrap(), [2.0, 3.0]);
+        let short = Tensor::from_i64(vec![1, 2], &[1, 1]).unwrap();
+        let bad = [NamedTensorView {
+            name: "m",
+            tensor: short.view(),
+        }];
+        assert_eq!(
+            apply(&step, t, &bad, &[]).unwrap_err(),
+            "the mask \"m\" is [1, 2], the output is [1, 3, 2]"
+        );
+    }
+
+    #[test]
     fn top_k_breaks_ties_by_index_and_labels_map() {
         let t = Tensor::from_f32(vec![1, 4], &[0.1, 0.7, 0.1, 0.7]).unwrap();
         let top = apply(&PostOp::TopK { k: 3 }, t.clone(), &[], &[]).unwrap();
@@ -187,6 +211,19 @@ mod tests {
             &labels,
         );
         assert_eq!(err.unwrap_err(), "class 9 has no label (the capsule has 4)");
+        let hot = apply(&PostOp::Threshold { value: 0.7 }, t.clone(), &[], &[]).unwrap();
+        assert_eq!(hot.dtype, DType::Bool);
+        assert_eq!(hot.data, [0, 1, 0, 1]);
+        let unit = apply(
+            &PostOp::L2Normalize,
+            Tensor::from_f32(vec![1, 2], &[3.0, 4.0]).unwrap(),
+            &[],
+            &[],
+        );
+        assert_eq!(
+            unit.unwrap().to_f64_vec().unwrap(),
+            [0.6000000238418579, 0.800000011920929]
+        );
         let soft = apply(&PostOp::Softmax, t, &[], &[]).unwrap();
         let sum: f64 = soft.to_f64_vec().unwrap().iter().sum();
         assert!((sum - 1.0).abs() < 1e-6);

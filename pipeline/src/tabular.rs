@@ -7,7 +7,7 @@ use capsule_format::pipeline::{Field, FieldKind, Impute, Scaling, TabularSpec, U
 use capsule_format::{DType, NamedTensor, Tensor, TensorSpec};
 use serde_json::{Map, Value};
 
-use crate::{Result, bad_input};
+use crate::{Result, bad_input, element_error};
 
 pub(crate) struct TabularStep {
     spec: TabularSpec,
@@ -28,13 +28,7 @@ impl TabularStep {
         let mut features = Vec::new();
         let mut rows = 0u64;
         for (i, bytes) in items.iter().enumerate() {
-            let element = |reason: String| {
-                if items.len() == 1 {
-                    bad_input(input, reason)
-                } else {
-                    bad_input(input, format!("element {i}: {reason}"))
-                }
-            };
+            let element = |reason: String| element_error(input, "element", i, items.len(), reason);
             if bytes.len() as u64 > self.spec.max_bytes {
                 return Err(element(format!(
                     "the JSON is {} bytes, over the limit of {}",

@@ -14,7 +14,7 @@ use capsule_format::{DType, NamedTensor, Tensor, TensorSpec};
 use unicode_categories::UnicodeCategories;
 use unicode_normalization_alignments::UnicodeNormalization;
 
-use crate::{Error, Result, bad_input};
+use crate::{Error, Result, bad_input, element_error};
 
 /// A WordPiece tokenizer: normalization, pre-tokenization and greedy longest-match-first
 /// subwords over a vocabulary.
@@ -274,13 +274,7 @@ impl TextStep {
         let spec = &self.tokenizer.spec;
         let mut sequences = Vec::with_capacity(items.len());
         for (i, bytes) in items.iter().enumerate() {
-            let at = |reason: String| {
-                if items.len() == 1 {
-                    bad_input(input, reason)
-                } else {
-                    bad_input(input, format!("text {i}: {reason}"))
-                }
-            };
+            let at = |reason: String| element_error(input, "text", i, items.len(), reason);
             if bytes.len() as u64 > spec.max_bytes {
                 return Err(at(format!(
                     "the text is {} bytes, over the limit of {}",

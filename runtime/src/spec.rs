@@ -95,3 +95,47 @@ pub fn parse_vocab(path: &Path, bytes: &[u8]) -> Result<Vec<String>, String> {
         Ok(text.lines().map(|l| l.trim_end().to_owned()).collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vocabularies_from_vocab_txt_and_tokenizer_json() {
+        let txt = parse_vocab(Path::new("vocab.txt"), b"[PAD]\n[UNK]\nhello \n##s\n").unwrap();
+        assert_eq!(txt, ["[PAD]", "[UNK]", "hello", "##s"]);
+        let json = br###"{"model": {"type": "WordPiece", "vocab": {"b": 1, "a": 0, "##c": 2}}}"###;
+        let tokens = parse_vocab(Path::new("tokenizer.json"), json).unwrap();
+        assert_eq!(tokens, ["a", "b", "##c"]);
+        let bpe = br#"{"model": {"type": "BPE", "vocab": {}}}"#;
+        assert_eq!(
+            parse_vocab(Path::new("tokenizer.json"), bpe).unwrap_err(),
+            "model.type is \"BPE\", only WordPiece tokenizers are supported"
+        );
+        let gap = br#"{"model": {"type": "WordPiece", "vocab": {"a": 0, "b": 5}}}"#;
+        assert_eq!(
+            parse_vocab(Path::new("tokenizer.json"), gap).unwrap_err(),
+            "token \"b\" has id 5, outside 0..2"
+        );
+    }
+
+    #[test]
+    fn specs_read_with_their_vocabulary_and_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("vocab.txt"), "[CLS]\n[SEP]\nhi\n").unwrap();
+        let spec = dir.path().join("p.toml");
+        std::fs::write(
+            &spec,
+            "[[input]]\nname = \"t\"\n[input.text]\nvocab = \"vocab.txt\"\n",
+        )
+        .unwrap();
+        let p = read_pipeline(&spec).unwrap();
+        assert_eq!(
+            p.inputs[0].text.as_ref().unwrap().tokens,
+            ["[CLS]", "[SEP]", "hi"]
+        );
+        std::fs::write(&spec, "[[input]]\nname = \"t\"\nbogus = 1\n").unwrap();
+        let err = read_pipeline(&spec).unwrap_err().to_string();
+        assert!(err.contains("unknown field `bogus`"), "{err}");
+    }
+}
