@@ -4,6 +4,7 @@ mod bench;
 mod build;
 mod demo;
 mod golden;
+mod hub;
 mod inspect;
 mod npy;
 mod run;
@@ -55,6 +56,19 @@ enum Command {
     /// Serve a model repository over the Open Inference Protocol V2 (REST and gRPC), with
     /// metrics, warm instance pools, overload control and hot swap.
     Serve(serve::Args),
+    /// Run the hub: model registry, signed update metadata, staged rollouts to the fleet.
+    Hub(hub::HubArgs),
+    /// Generate publisher keys and root metadata (offline).
+    #[command(subcommand)]
+    Keys(hub::KeysCommand),
+    /// Add capsules to signed targets metadata, or add a signature to it (offline).
+    Sign(hub::SignArgs),
+    /// Upload a capsule to the hub, register the version, publish signed metadata.
+    Push(hub::PushArgs),
+    /// Staged rollouts on the hub: start, step, promote, abort, rollback, list.
+    Rollout(hub::RolloutArgs),
+    /// The hub's registry: list, show, compare.
+    Models(hub::ModelsArgs),
 }
 
 impl Cli {
@@ -85,7 +99,7 @@ fn init_logging(format: LogFormat, default_level: &str) {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let level = match cli.command {
-        Command::Serve(_) => "info",
+        Command::Serve(_) | Command::Hub(_) => "info",
         _ => "warn",
     };
     init_logging(cli.log_format, level);
@@ -96,6 +110,12 @@ fn main() -> std::process::ExitCode {
         Command::Bench(args) => bench::run(&cli, args),
         Command::Demo(args) => demo::run(&cli, args),
         Command::Serve(args) => serve::run(&cli, args),
+        Command::Hub(args) => hub::run_hub(args),
+        Command::Keys(cmd) => hub::run_keys(cmd),
+        Command::Sign(args) => hub::run_sign(args),
+        Command::Push(args) => hub::run_push(args),
+        Command::Rollout(args) => hub::run_rollout(args),
+        Command::Models(args) => hub::run_models(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -62,6 +62,22 @@ pub struct Args {
     /// milliseconds. [default: 30000]
     #[arg(long, env = "CAPSULE_DRAIN_TIMEOUT_MS")]
     drain_timeout_ms: Option<u64>,
+    /// Sync with this hub: register, long-poll the desired state, install verified capsules.
+    #[arg(long, env = "CAPSULE_HUB", requires_all = ["hub_token", "node_id", "trusted_root"])]
+    hub: Option<String>,
+    /// This node's hub token.
+    #[arg(long, env = "CAPSULE_HUB_TOKEN", hide_env_values = true)]
+    hub_token: Option<String>,
+    /// This node's id at the hub.
+    #[arg(long, env = "CAPSULE_NODE_ID")]
+    node_id: Option<String>,
+    /// A node label for rollouts (repeat): key=value.
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    /// The pinned root metadata (from `capsule keys root`): only capsules in targets
+    /// metadata signed by its keys are installed.
+    #[arg(long, env = "CAPSULE_TRUSTED_ROOT")]
+    trusted_root: Option<PathBuf>,
 }
 
 impl Args {
@@ -102,6 +118,28 @@ impl Args {
         }
         if cli.no_cache {
             c.disk_cache = false;
+        }
+        if let (Some(url), Some(token), Some(node_id), Some(root)) = (
+            &self.hub,
+            &self.hub_token,
+            &self.node_id,
+            &self.trusted_root,
+        ) {
+            let mut labels = std::collections::BTreeMap::new();
+            for l in &self.labels {
+                let (k, v) = l
+                    .split_once('=')
+                    .with_context(|| format!("--label {l:?}: expected key=value"))?;
+                labels.insert(k.to_owned(), v.to_owned());
+            }
+            c.hub = Some(capsule_node::HubSync {
+                url: url.clone(),
+                token: token.clone(),
+                node_id: node_id.clone(),
+                labels,
+                trusted_root: root.clone(),
+                wait_ms: 25_000,
+            });
         }
         c.validate()?;
         Ok(c)

@@ -52,6 +52,16 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// Update metadata or a download that fails a signature, version, expiry, length or hash
+    /// check (`tuf`).
+    #[error("refused ({step}): {reason}")]
+    Refused {
+        /// The TUF client-workflow step that refused (`5.6.3`, ...), or `capsule` for checks
+        /// of our own.
+        step: &'static str,
+        /// What failed.
+        reason: String,
+    },
     /// Something larger than a documented bound.
     #[error("{what} is {size} bytes, over the limit of {limit} bytes")]
     TooLarge {

@@ -19,9 +19,11 @@
 
 mod dtype;
 mod error;
+pub mod hub;
 pub mod manifest;
 pub mod pipeline;
 mod tensor;
+pub mod tuf;
 pub mod v2;
 pub mod wire;
 

@@ -107,6 +107,8 @@ pub struct NodeConfig {
     pub max_memory_bytes: Option<u64>,
     /// How long a graceful shutdown waits for in-flight requests.
     pub drain_timeout_ms: u64,
+    /// Sync with a hub (`None`: the repository is managed by hand).
+    pub hub: Option<crate::agent::HubSync>,
 }
 
 impl Default for NodeConfig {
@@ -126,6 +128,7 @@ impl Default for NodeConfig {
             disk_cache: true,
             max_memory_bytes: None,
             drain_timeout_ms: 30_000,
+            hub: None,
         }
     }
 }

@@ -15,6 +15,7 @@
 //! ```
 #![deny(missing_docs)]
 
+mod agent;
 mod config;
 mod error;
 mod grpc;
@@ -25,6 +26,7 @@ mod models;
 mod node;
 mod repository;
 
+pub use agent::HubSync;
 pub use config::{NodeConfig, VersionPolicy};
 pub use error::{Error, Result};
 pub use models::{InferOutcome, ModelRegistry, ServedModel};

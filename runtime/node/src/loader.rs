@@ -209,6 +209,18 @@ impl Loader {
         }
     }
 
+    /// The state of every capsule file the loader knows: `loaded`, or the refusal's outcome
+    /// and message.
+    pub(crate) fn file_states(&self) -> Vec<(PathBuf, &'static str, String)> {
+        self.known
+            .iter()
+            .map(|(path, k)| match &k.state {
+                Known::Loaded(_) => (path.clone(), "loaded", String::new()),
+                Known::Refused(r) => (path.clone(), r.outcome(), r.message()),
+            })
+            .collect()
+    }
+
     /// One pass: scan, load what changed, apply the version policy, swap.
     pub(crate) fn sync(&mut self) {
         let files = match scan(&self.config.models) {

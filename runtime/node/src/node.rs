@@ -26,6 +26,7 @@ pub struct Node {
     shutdown: watch::Sender<bool>,
     servers: Vec<JoinHandle<()>>,
     watcher: JoinHandle<()>,
+    agent: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -154,6 +155,18 @@ impl Node {
                 }
             })
         };
+        let agent = match &config.hub {
+            Some(sync) => {
+                let agent = crate::agent::Agent::new(
+                    sync.clone(),
+                    config.models.clone(),
+                    Arc::clone(&loader),
+                    Arc::clone(&registry),
+                )?;
+                Some(tokio::spawn(agent.run(shutdown.subscribe())))
+            }
+            None => None,
+        };
         Ok(Node {
             http_addr,
             grpc_addr,
@@ -163,6 +176,7 @@ impl Node {
             shutdown,
             servers,
             watcher,
+            agent,
         })
     }
 
@@ -223,6 +237,9 @@ impl Node {
         tracing::info!("shutting down: finishing in-flight requests");
         let _ = self.shutdown.send(true);
         self.watcher.abort();
+        if let Some(agent) = self.agent {
+            let _ = agent.await;
+        }
         let drain = Duration::from_millis(self.config.drain_timeout_ms);
         let servers = futures_join(self.servers);
         if tokio::time::timeout(drain, servers).await.is_err() {

@@ -1,0 +1,548 @@
+//! `capsule hub`, `capsule keys`, `capsule sign`, `capsule push`, `capsule rollout`,
+//! `capsule models`: the hub and the publisher's side of signed updates.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use capsule_format::tuf::{self, PublicKey, Root, Signed, SigningKey, Target, Targets};
+use capsule_hub::{Hub, HubConfig};
+use serde_json::{Value, json};
+
+use crate::read_limited;
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// `capsule hub`.
+#[derive(Debug, clap::Args)]
+pub struct HubArgs {
+    /// Database: sqlite://FILE (created when missing) or postgres://USER@HOST/DB.
+    #[arg(long, env = "CAPSULE_HUB_DATABASE", default_value = "sqlite://hub.db")]
+    database: String,
+    /// Directory of capsule blobs (content-addressed by SHA-256).
+    #[arg(long, env = "CAPSULE_HUB_BLOBS", default_value = "hub-blobs")]
+    blobs: PathBuf,
+    /// HTTP address.
+    #[arg(long, env = "CAPSULE_HUB_HTTP", default_value = "127.0.0.1:8400")]
+    http: std::net::SocketAddr,
+    /// An admin token to accept (stored hashed). Without one, and with no admin token in the
+    /// database, the hub generates one into --admin-token-file.
+    #[arg(long, env = "CAPSULE_HUB_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Where a generated admin token is written (mode 0600).
+    #[arg(long, default_value = "hub-admin.token")]
+    admin_token_file: PathBuf,
+}
+
+pub fn run_hub(args: &HubArgs) -> Result<()> {
+    let config = HubConfig {
+        database: args.database.clone(),
+        blobs: args.blobs.clone(),
+        http: args.http,
+        admin_token: args.admin_token.clone(),
+        admin_token_file: args.admin_token_file.clone(),
+        ..HubConfig::default()
+    };
+    runtime()?.block_on(async {
+        let hub = Hub::start(config).await?;
+        eprintln!("capsule hub: http://{}", hub.addr());
+        if hub.generated_admin_token().is_some() {
+            eprintln!(
+                "generated an admin token in {} (no admin token existed)",
+                args.admin_token_file.display()
+            );
+        }
+        wait_for_signal().await;
+        hub.shutdown().await;
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// `capsule keys`.
+#[derive(Debug, clap::Subcommand)]
+pub enum KeysCommand {
+    /// Generate an ed25519 key pair: NAME.key (secret, mode 0600; keep it offline) and NAME.pub.
+    Generate {
+        /// Path prefix of the two files.
+        name: PathBuf,
+    },
+    /// Write signed root metadata: which keys sign root and targets metadata, and how many must.
+    Root {
+        /// Public keys (NAME.pub) of the root role.
+        #[arg(long = "root-key", required = true)]
+        root_keys: Vec<PathBuf>,
+        /// Signatures the root role needs.
+        #[arg(long, default_value_t = 1)]
+        root_threshold: u32,
+        /// Public keys of the targets role (publishers).
+        #[arg(long = "targets-key", required = true)]
+        targets_keys: Vec<PathBuf>,
+        /// Signatures the targets role needs.
+        #[arg(long, default_value_t = 1)]
+        targets_threshold: u32,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        expires_days: u64,
+        /// The root this one replaces (key rotation: version + 1; sign with a threshold of
+        /// the old root keys and of the new ones).
+        #[arg(long)]
+        previous: Option<PathBuf>,
+        /// Secret keys to sign with.
+        #[arg(long = "sign", required = true)]
+        signers: Vec<PathBuf>,
+        /// Output file.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+fn read_key(path: &Path) -> Result<SigningKey> {
+    let text = String::from_utf8(read_limited(path, 4096, "key")?).context("key is not UTF-8")?;
+    SigningKey::from_hex(&text)
+        .with_context(|| format!("{} is not an ed25519 secret key", path.display()))
+}
+
+fn read_pub(path: &Path) -> Result<PublicKey> {
+    serde_json::from_slice(&read_limited(path, 4096, "public key")?)
+        .with_context(|| format!("{} is not a public key", path.display()))
+}
+
+fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)?;
+    std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))
+}
+
+pub fn run_keys(cmd: &KeysCommand) -> Result<()> {
+    match cmd {
+        KeysCommand::Generate { name } => {
+            let mut secret = [0u8; 32];
+            getrandom::fill(&mut secret)
+                .map_err(|e| anyhow::anyhow!("no system randomness: {e}"))?;
+            let key = SigningKey::from_secret(secret);
+            let key_path = name.with_extension("key");
+            let pub_path = name.with_extension("pub");
+            {
+                use std::io::Write;
+                let mut options = std::fs::OpenOptions::new();
+                options.write(true).create_new(true);
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::OpenOptionsExt;
+                    options.mode(0o600);
+                }
+                let mut f = options.open(&key_path).with_context(|| {
+                    format!("creating {} (it must not exist)", key_path.display())
+                })?;
+                writeln!(f, "{}", key.to_hex())?;
+            }
+            write_json(&pub_path, &key.public())?;
+            println!(
+                "wrote {} and {} (key id {})",
+                key_path.display(),
+                pub_path.display(),
+                key.public().keyid()
+            );
+            Ok(())
+        }
+        KeysCommand::Root {
+            root_keys,
+            root_threshold,
+            targets_keys,
+            targets_threshold,
+            expires_days,
+            previous,
+            signers,
+            output,
+        } => {
+            let rk: Vec<PublicKey> = root_keys
+                .iter()
+                .map(|p| read_pub(p))
+                .collect::<Result<_>>()?;
+            let tk: Vec<PublicKey> = targets_keys
+                .iter()
+                .map(|p| read_pub(p))
+                .collect::<Result<_>>()?;
+            let mut root = Root::new(
+                &rk,
+                *root_threshold,
+                &tk,
+                *targets_threshold,
+                unix_now() + expires_days * 86_400,
+            );
+            if let Some(prev) = previous {
+                let old: Signed<Root> = tuf::parse(&read_limited(prev, 1 << 20, "root")?, "root")?;
+                root.version = old.signed.version + 1;
+            }
+            let mut signed = Signed {
+                signed: root,
+                signatures: vec![],
+            };
+            for s in signers {
+                read_key(s)?.sign(&mut signed)?;
+            }
+            write_json(output, &signed)?;
+            println!(
+                "wrote {} (root version {})",
+                output.display(),
+                signed.signed.version
+            );
+            Ok(())
+        }
+    }
+}
+
+/// `capsule sign`.
+#[derive(Debug, clap::Args)]
+pub struct SignArgs {
+    /// Targets metadata to create or update.
+    #[arg(long)]
+    targets: PathBuf,
+    /// Capsules to add (name and version from their manifests); adding bumps the version.
+    #[arg(long = "add")]
+    add: Vec<PathBuf>,
+    /// Secret keys to sign with (several for a threshold).
+    #[arg(long = "key", required = true)]
+    keys: Vec<PathBuf>,
+    /// Validity in days from now (when adding).
+    #[arg(long, default_value_t = 30)]
+    expires_days: u64,
+}
+
+pub fn run_sign(args: &SignArgs) -> Result<()> {
+    let mut metadata: Signed<Targets> = if args.targets.exists() {
+        tuf::parse(&read_limited(&args.targets, 1 << 20, "targets")?, "targets")?
+    } else {
+        Signed {
+            signed: Targets {
+                kind: "targets".into(),
+                version: 0,
+                expires: 0,
+                targets: BTreeMap::new(),
+            },
+            signatures: vec![],
+        }
+    };
+    if !args.add.is_empty() || metadata.signed.version == 0 {
+        for path in &args.add {
+            let bytes = read_limited(path, 2 << 30, "capsule")?;
+            let image = capsule_runtime::CapsuleImage::parse(bytes)
+                .with_context(|| format!("{}", path.display()))?;
+            let m = &image.manifest;
+            let version = m.version.to_string();
+            metadata.signed.targets.insert(
+                tuf::target_path(&m.name, &version),
+                Target {
+                    length: image.size() as u64,
+                    sha256: image.sha256.clone(),
+                    model: m.name.clone(),
+                    version,
+                },
+            );
+        }
+        metadata.signed.version += 1;
+        metadata.signed.expires = unix_now() + args.expires_days * 86_400;
+        metadata.signatures.clear();
+    }
+    for k in &args.keys {
+        read_key(k)?.sign(&mut metadata)?;
+    }
+    write_json(&args.targets, &metadata)?;
+    println!(
+        "wrote {} (targets version {}, {} targets, {} signatures)",
+        args.targets.display(),
+        metadata.signed.version,
+        metadata.signed.targets.len(),
+        metadata.signatures.len()
+    );
+    Ok(())
+}
+
+/// Where and as whom admin commands talk to the hub.
+#[derive(Debug, clap::Args)]
+pub struct HubClient {
+    /// The hub's URL.
+    #[arg(long, env = "CAPSULE_HUB", default_value = "http://127.0.0.1:8400")]
+    hub: String,
+    /// An admin token.
+    #[arg(long, env = "CAPSULE_HUB_TOKEN", hide_env_values = true)]
+    token: String,
+}
+
+impl HubClient {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Value> {
+        let client = reqwest::Client::new();
+        let mut req = client
+            .request(method, format!("{}{path}", self.hub.trim_end_matches('/')))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.body(b);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the hub at {}", self.hub))?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if !status.is_success() {
+            let message = value
+                .get("error")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .unwrap_or(value.to_string());
+            bail!("hub answered {}: {message}", status.as_u16());
+        }
+        Ok(value)
+    }
+}
+
+/// `capsule push`.
+#[derive(Debug, clap::Args)]
+pub struct PushArgs {
+    /// The capsule.
+    capsule: PathBuf,
+    #[command(flatten)]
+    client: HubClient,
+    /// Signed targets metadata to publish with it (from `capsule sign`).
+    #[arg(long)]
+    targets: Option<PathBuf>,
+    /// Provenance (JSON file: dataset_sha256, params, code_revision, ...).
+    #[arg(long)]
+    provenance: Option<PathBuf>,
+    /// Metrics (JSON file of name -> value; default: the model card's).
+    #[arg(long)]
+    metrics: Option<PathBuf>,
+    /// Point this alias at the version (e.g. production).
+    #[arg(long)]
+    alias: Option<String>,
+}
+
+pub fn run_push(args: &PushArgs) -> Result<()> {
+    let bytes = read_limited(&args.capsule, 2 << 30, "capsule")?;
+    let image = capsule_runtime::CapsuleImage::parse(bytes.clone())
+        .with_context(|| format!("{}", args.capsule.display()))?;
+    let m = &image.manifest;
+    let read_json = |p: &Option<PathBuf>| -> Result<Value> {
+        match p {
+            Some(p) => Ok(serde_json::from_slice(&read_limited(p, 1 << 20, "JSON")?)?),
+            None => Ok(Value::Null),
+        }
+    };
+    let provenance = read_json(&args.provenance)?;
+    let metrics = read_json(&args.metrics)?;
+    runtime()?.block_on(async {
+        let c = &args.client;
+        let blob = c
+            .call(reqwest::Method::POST, "/api/v1/blobs", Some(bytes))
+            .await?;
+        let sha = blob["sha256"].as_str().unwrap_or_default().to_owned();
+        let body = json!({"sha256": sha, "provenance": provenance, "metrics": metrics});
+        c.call(
+            reqwest::Method::POST,
+            &format!("/api/v1/models/{}/versions", m.name),
+            Some(serde_json::to_vec(&body)?),
+        )
+        .await?;
+        println!("pushed {} {} (sha256 {sha})", m.name, m.version);
+        if let Some(t) = &args.targets {
+            let text = read_limited(t, 1 << 20, "targets")?;
+            let r = c
+                .call(
+                    reqwest::Method::POST,
+                    "/api/v1/metadata/targets",
+                    Some(text),
+                )
+                .await?;
+            println!("published targets version {}", r["version"]);
+        }
+        if let Some(alias) = &args.alias {
+            let body = json!({"version": m.version.to_string()});
+            c.call(
+                reqwest::Method::PUT,
+                &format!("/api/v1/models/{}/aliases/{alias}", m.name),
+                Some(serde_json::to_vec(&body)?),
+            )
+            .await?;
+            println!("{alias} -> {} {}", m.name, m.version);
+        }
+        Ok(())
+    })
+}
+
+/// `capsule rollout`.
+#[derive(Debug, clap::Args)]
+pub struct RolloutArgs {
+    #[command(flatten)]
+    client: HubClient,
+    #[command(subcommand)]
+    command: RolloutCommand,
+}
+
+/// Rollout actions.
+#[derive(Debug, clap::Subcommand)]
+pub enum RolloutCommand {
+    /// Start a staged rollout of a version to the nodes matching the selector.
+    Start {
+        /// Model.
+        #[arg(long)]
+        model: String,
+        /// Version.
+        #[arg(long)]
+        version: String,
+        /// Node label the nodes must have (repeat): key=value.
+        #[arg(long = "selector")]
+        selector: Vec<String>,
+        /// Percentages per step, e.g. 10,50,100.
+        #[arg(long, value_delimiter = ',', default_value = "10,50,100")]
+        steps: Vec<u32>,
+        /// Failure rate (failed / assigned nodes) above which the rollout aborts itself.
+        #[arg(long, default_value_t = 0.2)]
+        failure_threshold: f64,
+        /// Seconds between automatic steps (0: manual `step`).
+        #[arg(long, default_value_t = 0)]
+        step_interval_s: i64,
+    },
+    /// Next step.
+    Step {
+        /// Rollout id.
+        id: String,
+    },
+    /// Make the version production.
+    Promote {
+        /// Rollout id.
+        id: String,
+    },
+    /// Stop: nodes go back to the production version.
+    Abort {
+        /// Rollout id.
+        id: String,
+    },
+    /// Production back to the version before the rollout.
+    Rollback {
+        /// Rollout id.
+        id: String,
+    },
+    /// List rollouts.
+    List,
+}
+
+pub fn run_rollout(args: &RolloutArgs) -> Result<()> {
+    let c = &args.client;
+    runtime()?.block_on(async {
+        let value = match &args.command {
+            RolloutCommand::Start {
+                model,
+                version,
+                selector,
+                steps,
+                failure_threshold,
+                step_interval_s,
+            } => {
+                let mut sel = BTreeMap::new();
+                for s in selector {
+                    let (k, v) = s.split_once('=').with_context(|| format!("--selector {s:?}: expected key=value"))?;
+                    sel.insert(k.to_owned(), v.to_owned());
+                }
+                let body = json!({"model": model, "version": version, "selector": sel, "steps": steps,
+                                  "failure_threshold": failure_threshold, "step_interval_s": step_interval_s});
+                c.call(reqwest::Method::POST, "/api/v1/rollouts", Some(serde_json::to_vec(&body)?)).await?
+            }
+            RolloutCommand::Step { id } => c.call(reqwest::Method::POST, &format!("/api/v1/rollouts/{id}/step"), None).await?,
+            RolloutCommand::Promote { id } => c.call(reqwest::Method::POST, &format!("/api/v1/rollouts/{id}/promote"), None).await?,
+            RolloutCommand::Abort { id } => c.call(reqwest::Method::POST, &format!("/api/v1/rollouts/{id}/abort"), None).await?,
+            RolloutCommand::Rollback { id } => c.call(reqwest::Method::POST, &format!("/api/v1/rollouts/{id}/rollback"), None).await?,
+            RolloutCommand::List => c.call(reqwest::Method::GET, "/api/v1/rollouts", None).await?,
+        };
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        Ok(())
+    })
+}
+
+/// `capsule models`.
+#[derive(Debug, clap::Args)]
+pub struct ModelsArgs {
+    #[command(flatten)]
+    client: HubClient,
+    #[command(subcommand)]
+    command: ModelsCommand,
+}
+
+/// Registry queries.
+#[derive(Debug, clap::Subcommand)]
+pub enum ModelsCommand {
+    /// Models with their versions and aliases.
+    List,
+    /// One model: versions with provenance and metrics.
+    Show {
+        /// Model.
+        model: String,
+    },
+    /// Two versions side by side, with metric differences.
+    Compare {
+        /// Model.
+        model: String,
+        /// First version.
+        a: String,
+        /// Second version.
+        b: String,
+    },
+}
+
+pub fn run_models(args: &ModelsArgs) -> Result<()> {
+    let c = &args.client;
+    runtime()?.block_on(async {
+        let value = match &args.command {
+            ModelsCommand::List => c.call(reqwest::Method::GET, "/api/v1/models", None).await?,
+            ModelsCommand::Show { model } => {
+                c.call(
+                    reqwest::Method::GET,
+                    &format!("/api/v1/models/{model}"),
+                    None,
+                )
+                .await?
+            }
+            ModelsCommand::Compare { model, a, b } => {
+                c.call(
+                    reqwest::Method::GET,
+                    &format!("/api/v1/models/{model}/compare?a={a}&b={b}"),
+                    None,
+                )
+                .await?
+            }
+        };
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        Ok(())
+    })
+}

@@ -1,0 +1,105 @@
+//! The messages between the hub and its nodes (JSON over HTTP), and the canary bucket both
+//! sides compute.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// A node's registration: who it is and its labels (rollouts target labels).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registration {
+    /// Labels, e.g. `site = "berlin"`, `tier = "gpu-less"`.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// One model version a node should run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredModel {
+    /// Model name.
+    pub model: String,
+    /// Version.
+    pub version: String,
+    /// Its path in the targets metadata.
+    pub path: String,
+    /// SHA-256 of the capsule (the blob's address).
+    pub sha256: String,
+    /// Its size.
+    pub length: u64,
+}
+
+/// What a node should run, as of a generation of the hub's state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DesiredState {
+    /// Increases with every change of the hub's state.
+    pub generation: i64,
+    /// The signed targets metadata (JSON text), which the node verifies against its pinned
+    /// root before it trusts any entry of `models`.
+    pub targets: Option<String>,
+    /// The models and versions to run.
+    pub models: Vec<DesiredModel>,
+}
+
+/// How one model version fared on a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportedModel {
+    /// Model name.
+    pub model: String,
+    /// Version.
+    pub version: String,
+    /// `serving`, `installing`, `verify_failed`, `download_failed`, `load_failed`,
+    /// `probe_failed`.
+    pub state: String,
+    /// Why, when it failed.
+    #[serde(default)]
+    pub detail: String,
+}
+
+/// A node's report after it applied a desired state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    /// The generation it applied.
+    pub generation: i64,
+    /// Per model version.
+    pub models: Vec<ReportedModel>,
+}
+
+impl ReportedModel {
+    /// Whether the state is a failure that counts against a rollout.
+    pub fn failed(&self) -> bool {
+        matches!(
+            self.state.as_str(),
+            "verify_failed" | "download_failed" | "load_failed" | "probe_failed"
+        )
+    }
+}
+
+/// The canary bucket of a node in a rollout, 0..100: a stable hash of the rollout and the
+/// node id, so a rollout at P% reaches the nodes whose bucket is below P, and growing P only
+/// adds nodes.
+pub fn bucket(rollout: &str, node: &str) -> u32 {
+    let digest = Sha256::digest(format!("{rollout}/{node}").as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    (u64::from_be_bytes(first) % 100) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_stable_and_spread() {
+        assert_eq!(bucket("r1", "node-a"), bucket("r1", "node-a"));
+        let mut counts = [0u32; 10];
+        for i in 0..1000 {
+            counts[(bucket("r1", &format!("node-{i}")) / 10) as usize] += 1;
+        }
+        assert!(
+            counts.iter().all(|&c| (60..=140).contains(&c)),
+            "{counts:?}"
+        );
+    }
+}

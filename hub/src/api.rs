@@ -1,0 +1,882 @@
+//! The hub's HTTP API (JSON; errors `{"error": message}`).
+//!
+//! Admin endpoints take an admin token, node endpoints a node token scoped to one node id;
+//! a node token is refused for admin calls (403) and for other nodes' ids (403).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use capsule_format::hub::{DesiredState, Registration, Report};
+use capsule_format::tuf::{self, Root, Targets};
+use capsule_format::{CapsuleManifest, MANIFEST_SECTION};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::db::{NodeRow, Rollout, VersionRow, assigned, new_id, now};
+use crate::{Error, Result, Shared, token_hash};
+
+type AppState = Arc<Shared>;
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        }
+        (status, axum::Json(json!({"error": self.to_string()}))).into_response()
+    }
+}
+
+pub(crate) fn router(state: AppState) -> Router {
+    let blob_limit = usize::try_from(state.config.max_blob_bytes).unwrap_or(usize::MAX);
+    Router::new()
+        .route("/api/v1/health", get(health))
+        .route(
+            "/api/v1/blobs",
+            post(put_blob).layer(DefaultBodyLimit::max(blob_limit)),
+        )
+        .route("/api/v1/blobs/{sha256}", get(get_blob))
+        .route(
+            "/api/v1/metadata/{role}",
+            get(get_metadata).post(post_metadata),
+        )
+        .route("/api/v1/models", get(list_models))
+        .route("/api/v1/models/{model}", get(show_model))
+        .route("/api/v1/models/{model}/versions", post(add_version))
+        .route(
+            "/api/v1/models/{model}/versions/{version}",
+            get(show_version),
+        )
+        .route("/api/v1/models/{model}/compare", get(compare))
+        .route("/api/v1/models/{model}/aliases/{alias}", put(set_alias))
+        .route("/api/v1/nodes", get(list_nodes))
+        .route("/api/v1/nodes/{id}/token", post(node_token))
+        .route("/api/v1/nodes/{id}/register", post(register))
+        .route("/api/v1/nodes/{id}/desired", get(desired))
+        .route("/api/v1/nodes/{id}/report", post(report))
+        .route("/api/v1/rollouts", get(list_rollouts).post(create_rollout))
+        .route("/api/v1/rollouts/{id}", get(show_rollout))
+        .route("/api/v1/rollouts/{id}/{action}", post(rollout_action))
+        .route("/api/v1/audit", get(audit_log))
+        .layer(DefaultBodyLimit::max(4 << 20))
+        .with_state(state)
+}
+
+/// Who is calling.
+struct Caller {
+    kind: String,
+    name: String,
+    node: String,
+    remote: String,
+}
+
+async fn caller(s: &Shared, headers: &HeaderMap, remote: SocketAddr) -> Result<Caller> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            Error::Unauthorized("missing bearer token (Authorization: Bearer ...)".into())
+        })?;
+    let (kind, name, node) =
+        s.db.token(&token_hash(token.trim()))
+            .await?
+            .ok_or_else(|| Error::Unauthorized("unknown token".into()))?;
+    Ok(Caller {
+        kind,
+        name,
+        node,
+        remote: remote.to_string(),
+    })
+}
+
+async fn admin(s: &Shared, headers: &HeaderMap, remote: SocketAddr) -> Result<Caller> {
+    let c = caller(s, headers, remote).await?;
+    if c.kind != "admin" {
+        return Err(Error::Forbidden(format!(
+            "a {} token cannot make admin calls",
+            c.kind
+        )));
+    }
+    Ok(c)
+}
+
+async fn node_caller(
+    s: &Shared,
+    headers: &HeaderMap,
+    remote: SocketAddr,
+    id: &str,
+) -> Result<Caller> {
+    let c = caller(s, headers, remote).await?;
+    if c.kind == "node" && c.node != id {
+        return Err(Error::Forbidden(format!(
+            "this node token belongs to node {:?}, not {id:?}",
+            c.node
+        )));
+    }
+    Ok(c)
+}
+
+async fn audit(s: &Shared, c: &Caller, action: &str, detail: Value) -> Result<()> {
+    s.db.audit(&c.name, action, &detail.to_string(), &c.remote)
+        .await
+}
+
+fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T> {
+    serde_json::from_slice(body).map_err(|e| Error::BadRequest(format!("invalid JSON body: {e}")))
+}
+
+async fn health(State(s): State<AppState>) -> Result<axum::Json<Value>> {
+    Ok(axum::Json(
+        json!({"status": "ok", "generation": s.db.generation().await?}),
+    ))
+}
+
+/// The manifest of a capsule, read from its custom section (the hub never runs capsules).
+fn manifest_of(bytes: &[u8]) -> Result<CapsuleManifest> {
+    for payload in wasmparser::Parser::new(0).parse_all(bytes) {
+        let payload = payload.map_err(|e| Error::BadRequest(format!("not a capsule: {e}")))?;
+        if let wasmparser::Payload::CustomSection(c) = payload
+            && c.name() == MANIFEST_SECTION
+        {
+            return CapsuleManifest::from_section_bytes(c.data())
+                .map_err(|e| Error::BadRequest(format!("capsule manifest: {e}")));
+        }
+    }
+    Err(Error::BadRequest(
+        "not a capsule: no capsule.manifest section".into(),
+    ))
+}
+
+async fn put_blob(
+    State(s): State<AppState>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<axum::Json<Value>> {
+    let c = admin(&s, &headers, remote).await?;
+    manifest_of(&body)?;
+    let store = s.blobs.clone();
+    let bytes = body.clone();
+    let sha256 = tokio::task::spawn_blocking(move || store.put(&bytes))
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
+    audit(
+        &s,
+        &c,
+        "blob.upload",
+        json!({"sha256": sha256, "length": body.len()}),
+    )
+    .await?;
+    Ok(axum::Json(json!({"sha256": sha256, "length": body.len()})))
+}
+
+/// A blob, with `Range: bytes=N-` for resumed downloads.
+async fn get_blob(
+    State(s): State<AppState>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(sha256): Path<String>,
+) -> Result<Response> {
+    caller(&s, &headers, remote).await?;
+    let path = s
+        .blobs
+        .path(&sha256)
+        .ok_or_else(|| Error::BadRequest(format!("{sha256:?} is not a SHA-256")))?;
+    let bytes = tokio::fs::read(&path)
+        .await
+        .map_err(|_| Error::NotFound(format!("no blob {sha256}")))?;
+    let start = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("bytes="))
+        .and_then(|v| v.strip_suffix('-'))
+        .and_then(|v| v.parse::<usize>().ok());
+    match start {
+        Some(start) if start <= bytes.len() => {
+            let total = bytes.len();
+            let part = bytes[start..].to_vec();
+            Ok((
+                StatusCode::PARTIAL_CONTENT,
+                [
+                    (header::CONTENT_TYPE, "application/wasm".to_owned()),
+                    (
+                        header::CONTENT_RANGE,
+                        format!("bytes {start}-{}/{total}", total.saturating_sub(1)),
+                    ),
+                ],
+                Body::from(part),
+            )
+                .into_response())
+        }
+        Some(_) => Err(Error::BadRequest("range past the end of the blob".into())),
+        None => Ok((
+            [(header::CONTENT_TYPE, "application/wasm".to_owned())],
+            Body::from(bytes),
+        )
+            .into_response()),
+    }
+}
+
+async fn get_metadata(
+    State(s): State<AppState>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(role): Path<String>,
+) -> Result<Response> {
+    caller(&s, &headers, remote).await?;
+    let (_, body) =
+        s.db.metadata(&role)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("no {role} metadata")))?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+/// Stores signed metadata. The hub parses it and keeps versions monotonic to catch
+/// mistakes; the security checks are the nodes' (they verify signatures against pinned keys).
+async fn post_metadata(
+    State(s): State<AppState>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(role): Path<String>,
+    body: Bytes,
+) -> Result<axum::Json<Value>> {
+    let c = admin(&s, &headers, remote).await?;
+    let version = match role.as_str() {
+        "root" => {
+            tuf::parse::<Root>(&body, "root")
+                .map_err(|e| Error::BadRequest(e.to_string()))?
+                .signed
+                .version
+        }
+        "targets" => {
+            tuf::parse::<Targets>(&body, "targets")
+                .map_err(|e| Error::BadRequest(e.to_string()))?
+                .signed
+                .version
+        }
+        other => {
+            return Err(Error::NotFound(format!(
+                "no metadata role {other:?} (root, targets)"
+            )));
+        }
+    };
+    let version =
+        i64::try_from(version).map_err(|_| Error::BadRequest("version too large".into()))?;
+    if let Some((current, _)) = s.db.metadata(&role).await?
+        && version < current
+    {
+        return Err(Error::Conflict(format!(
+            "{role} version {version} is older than the stored version {current}"
+        )));
+    }
+    let text =
+        String::from_utf8(body.to_vec()).map_err(|_| Error::BadRequest("not UTF-8".into()))?;
+    s.db.set_metadata(&role, version, &text).await?;
+    audit(
+        &s,
+        &c,
+        "metadata.upload",
+        json!({"role": role, "version": version}),
+    )
+    .await?;
+    s.changed().await?;
+    Ok(axum::Json(json!({"role": role, "version": version})))
+}
+
+async fn list_models(
+    State(s): State<AppState>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<axum::Json<Value>> {
+    admin(&s, &headers, remote).await?;
+    let mut out = Vec::new();
+    for m in s.db.models().await? {
+        let versions: Vec<String> =
+            s.db.versions(&m)
+                .await?
+                .into_iter()
+                .map(|v| v.version)
+                .collect();
+        out.push(json!({"name": m, "versions": versions, "aliases": s.db.aliases(&m).await?}));
+    }
+    Ok(axum::Json(json!({"models": out})))
+}
+
+async fn show_model(
+    State(s): State<AppState>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(model): Path<String>,
+) -> Result<axum::Json<Value>> {
+    admin(&s, &headers, remote).await?;
+    let versions = s.db.versions(&model).await?;
+    if versions.is_empty() {
+        return Err(Error::NotFound(format!("no model {model:?}")));
+    }
+    Ok(axum::Json(
+        json!({"name": model, "versions": versions, "aliases": s.db.aliases(&model).await?}),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewVersion {
+    sha256: String,
+    #[serde(default)]
+    provenance: Value,
+    #[serde(default)]
+    metrics: Value,
+}
+
+/// Registers a version from an uploaded blob; its manifest must name this model, and the
+/// version is the manifest's.
+async fn add_version(
+    State(s): State<AppState>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(model): Path<String>,
+    body: Bytes,
+) -> Result<axum::Json<VersionRow>> {
+    let c = admin(&s, &headers, remote).await?;
+    let req: NewVersion = json_body(&body)?;
+    let path = s
+        .blobs
+        .path(&req.sha256)
+        .ok_or_else(|| Error::BadRequest(format!("{:?} is not a SHA-256", req.sha256)))?;
+    let bytes = tokio::fs::read(&path)
+        .await
+        .map_err(|_| Error::NotFound(format!("no blob {} (upload it first)", req.sha256)))?;
+    let m = manifest_of(&bytes)?;
+    if m.name != model {
+        return Err(Error::BadRequest(format!(
+            "the capsule is model {:?}, not {model:?}",
+            m.name
+        )));
+    }
+    let provenance = if req.provenance.is_null() {
+        json!({"source_sha256": m.source.sha256, "guest_sha256": m.guest_sha256})
+    } else {
+        let mut p = req.provenance.clone();
+        if let Some(o) = p.as_object_mut() {
+            o.entry("source_sha256").or_insert(json!(m.source.sha256));
+            o.entry("guest_sha256").or_insert(json!(m.guest_sha256));
+        }
+        p
+    };
+    let metrics = if req.metrics.is_null() {
+        Value::Object(
+            m.card
+                .metrics
+                .iter()
+                .map(|x| (x.name.clone(), json!(x.value)))
+                .collect(),
+        )
+    } else {
+        req.metrics
+    };
+    let row = VersionRow {
+        model: model.clone(),
+        version: m.version.to_string(),
+        sha256: req.sha256,
+        length: bytes.len() as i64,
+        manifest: json!({
+            "inputs": m.inputs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "outputs": m.outputs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "labels": m.labels,
+            "description": m.card.description,
+            "golden_samples": m.golden.len(),
+            "created_at_unix": m.created_at_unix,
+        }),
+        provenance,
+        metrics,
+        created_at: now(),
+        created_by: c.name.clone(),
+    };
+    s.db.add_version(&row).await?;
+    audit(
+        &s,
+        &c,
+        "version.register",
+        json!({"model": model, "version": row.version, "sha256": row.sha256}),
+    )
+    .await?;
+    Ok(axum::Json(row))
+}
+
+async fn show_version(
+    State(s): State<AppState>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path((model, version)): Path<(String, String)>,
+) -> Result<axum::Json<VersionRow>> {
+    admin(&s, &headers, remote).await?;
+    s.db.version(&model, &version)
+        .await?
+        .map(axum::Json)
+        .ok_or_else(|| Error::NotFound(format!("no version {version} of {model:?}")))
+}
+
+#[derive(Deserialize)]
+struct CompareQuery {
+    a: String,
+    b: String,
+}
+
+/// Two versions side by side, with the metric differences (b - a).
+async fn compare(
+    State(s): State<AppState>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(model): Path<String>,
+    Query(q): Query<CompareQuery>,
+) -> Result<axum::Json<Value>> {
+    admin(&s, &headers, remote).await?;
+    let get = |v: String| {
+        let s = Arc::clone(&s);
+        let model = model.clone();
+        async move {
+            s.db.version(&model, &v)
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("no version {v} of {model:?}")))
+        }
+    };
+    let (a, b) = (get(q.a).await?, get(q.b).await?);
+    let mut diff = BTreeMap::new();
+    if let (Some(ma), Some(mb)) = (a.metrics.as_object(), b.metrics.as_object()) {
+        for (k, vb) in mb {
+            if let (Some(x), Some(y)) = (ma.get(k).and_then(Value::as_f64), vb.as_f64()) {
+                diff.insert(k.clone(), y - x);
+            }
+        }
+    }
+    Ok(axum::Json(json!({"a": a, "b": b, "metrics_diff": diff})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AliasBody {
+    version: String,
+}
+
+async fn set_alias(
+    State(s): State<AppState>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path((model, alias)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<axum::Json<Value>> {
+    let c = admin(&s, &headers, remote).await?;
+    let req: AliasBody = json_body(&body)?;
+    if s.db.version(&model, &req.version).await?.is_none() {
+        return Err(Error::NotFound(format!(
+            "no version {} of {model:?}",
+            req.version
+        )));
+    }
+    if alias.is_empty()
+        || !alias
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(Error::BadRequest(format!(
+            "alias {alias:?}: letters, digits, - and _ only"
+        )));
+    }
+    s.db.set_alias(&model, &alias, &req.version).await?;
+    audit(
+        &s,
+        &c,
+        "alias.set",
+        json!({"model": model, "alias": alias, "version": req.version}),
+    )
+    .await?;
+    s.changed().await?;
+    Ok(axum::Json(
+        json!({"model": model, "alias": alias, "version": req.version}),
+    ))
+}
+
+async fn list_nodes(
+    State(s): State<AppState>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<axum::Json<Value>> {
+    admin(&s, &headers, remote).await?;
+    Ok(axum::Json(json!({"nodes": s.db.nodes().await?})))
+}
+
+/// Issues a token for one node (shown once; stored hashed).
+async fn node_token(
+    State(s): State<AppState>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Value>> {
+    let c = admin(&s, &headers, remote).await?;
+    if id.is_empty()
+        || id.len() > 128
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(Error::BadRequest(format!(
+            "node id {id:?}: 1 to 128 letters, digits, - _ ."
+        )));
+    }
+    let token = crate::new_token("hubnode");
+    s.db.add_token(&token_hash(&token), "node", &format!("node:{id}"), &id)
+        .await?;
+    audit(&s, &c, "node.token", json!({"node": id})).await?;
+    Ok(axum::Json(json!({"node": id, "token": token})))
+}
+
+async fn register(
+    State(s): State<AppState>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<axum::Json<Value>> {
+    let c = node_caller(&s, &headers, remote, &id).await?;
+    let reg: Registration = json_body(&body)?;
+    s.db.register_node(&id, &reg.labels).await?;
+    tracing::info!(node = %id, by = %c.name, "node registered");
+    // Labels decide rollouts: wake long-polls so the node gets its state at once.
+    s.changed().await?;
+    Ok(axum::Json(json!({"node": id, "labels": reg.labels})))
+}
+
+#[derive(Deserialize)]
+struct DesiredQuery {
+    #[serde(default)]
+    after: Option<i64>,
+    #[serde(default)]
+    wait_ms: Option<u64>,
+}
+
+/// The node's desired state; with `after=G`, waits (up to `wait_ms`) until the state's
+/// generation passes G.
+async fn desired(
+    State(s): State<AppState>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<DesiredQuery>,
+) -> Result<axum::Json<DesiredState>> {
+    node_caller(&s, &headers, remote, &id).await?;
+    if let Some(after) = q.after {
+        let wait = Duration::from_millis(q.wait_ms.unwrap_or(0)).min(s.config.max_wait);
+        let mut rx = s.generation.clone();
+        let _ = tokio::time::timeout(wait, rx.wait_for(|g| *g > after)).await;
+    }
+    let generation = *s.generation.borrow();
+    let node =
+        s.db.node(&id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("node {id:?} is not registered")))?;
+    s.db.touch(&id).await?;
+    Ok(axum::Json(DesiredState {
+        generation,
+        targets: s.db.metadata("targets").await?.map(|(_, body)| body),
+        models: s.db.desired(&node).await?,
+    }))
+}
+
+async fn report(
+    State(s): State<AppState>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<axum::Json<Value>> {
+    node_caller(&s, &headers, remote, &id).await?;
+    let report: Report = json_body(&body)?;
+    s.db.set_report(&id, &report).await?;
+    check_failures(&s).await?;
+    Ok(axum::Json(json!({"ok": true})))
+}
+
+/// Aborts every active rollout whose failure rate (assigned nodes that report a failure of
+/// its version / assigned nodes) is above its threshold.
+async fn check_failures(s: &Shared) -> Result<()> {
+    let nodes = s.db.nodes().await?;
+    for mut r in s.db.rollouts().await? {
+        if r.state != "active" {
+            continue;
+        }
+        let assigned_nodes: Vec<&NodeRow> = nodes.iter().filter(|n| assigned(&r, n)).collect();
+        if assigned_nodes.is_empty() {
+            continue;
+        }
+        let failed: Vec<String> = assigned_nodes
+            .iter()
+            .filter_map(|n| {
+                let rep = n.report.as_ref()?;
+                let m = rep
+                    .models
+                    .iter()
+                    .find(|m| m.model == r.model && m.version == r.version && m.failed())?;
+                Some(format!("{} {}", n.id, m.state))
+            })
+            .collect();
+        let rate = failed.len() as f64 / assigned_nodes.len() as f64;
+        if rate > r.failure_threshold {
+            r.state = "aborted".into();
+            r.reason = format!(
+                "failure rate {:.2} ({} of {} nodes: {}) over the threshold {:.2}",
+                rate,
+                failed.len(),
+                assigned_nodes.len(),
+                failed.join(", "),
+                r.failure_threshold
+            );
+            s.db.update_rollout(&r).await?;
+            s.db.audit(
+                "hub",
+                "rollout.abort",
+                &json!({"rollout": r.id, "reason": r.reason}).to_string(),
+                "hub",
+            )
+            .await?;
+            tracing::warn!(rollout = %r.id, reason = %r.reason, "rollout aborted");
+            s.changed().await?;
+        }
+    }
+    Ok(())
+}
+
+/// Advances the active rollouts whose step interval has passed.
+pub(crate) async fn timed_steps(s: &Shared) -> Result<()> {
+    for mut r in s.db.rollouts().await? {
+        let due = r.state == "active"
+            && r.step_interval_s > 0
+            && now() - r.updated_at >= r.step_interval_s;
+        if due && advance(&mut r) {
+            s.db.update_rollout(&r).await?;
+            s.db.audit(
+                "hub",
+                "rollout.step",
+                &json!({"rollout": r.id, "percent": r.percent, "timer": true}).to_string(),
+                "hub",
+            )
+            .await?;
+            s.changed().await?;
+        }
+    }
+    Ok(())
+}
+
+/// Moves to the next step; false at the last one.
+fn advance(r: &mut Rollout) -> bool {
+    let next = usize::try_from(r.step + 1).unwrap_or(usize::MAX);
+    match r.steps.get(next) {
+        Some(p) => {
+            r.step += 1;
+            r.percent = i64::from(*p);
+            true
+        }
+        None => false,
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewRollout {
+    model: String,
+    version: String,
+    #[serde(default)]
+    selector: BTreeMap<String, String>,
+    #[serde(default = "default_steps")]
+    steps: Vec<u32>,
+    #[serde(default = "default_threshold")]
+    failure_threshold: f64,
+    #[serde(default)]
+    step_interval_s: i64,
+}
+
+fn default_steps() -> Vec<u32> {
+    vec![10, 50, 100]
+}
+
+fn default_threshold() -> f64 {
+    0.2
+}
+
+async fn create_rollout(
+    State(s): State<AppState>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<axum::Json<Rollout>> {
+    let c = admin(&s, &headers, remote).await?;
+    let req: NewRollout = json_body(&body)?;
+    if req.steps.is_empty()
+        || req.steps.iter().any(|p| *p == 0 || *p > 100)
+        || req.steps.windows(2).any(|w| w[0] >= w[1])
+    {
+        return Err(Error::BadRequest(
+            "steps: increasing percentages in 1..=100".into(),
+        ));
+    }
+    if !(0.0..=1.0).contains(&req.failure_threshold) {
+        return Err(Error::BadRequest(
+            "failure_threshold: a rate in 0..=1".into(),
+        ));
+    }
+    if s.db.version(&req.model, &req.version).await?.is_none() {
+        return Err(Error::NotFound(format!(
+            "no version {} of {:?}",
+            req.version, req.model
+        )));
+    }
+    let rollouts = s.db.rollouts().await?;
+    if let Some(r) = rollouts
+        .iter()
+        .find(|r| r.model == req.model && r.state == "active")
+    {
+        return Err(Error::Conflict(format!(
+            "rollout {} of {} {} is active: promote, abort or roll it back first",
+            r.id, r.model, r.version
+        )));
+    }
+    let previous =
+        s.db.aliases(&req.model)
+            .await?
+            .get("production")
+            .cloned()
+            .unwrap_or_default();
+    let r = Rollout {
+        id: new_id(),
+        model: req.model,
+        version: req.version,
+        previous,
+        selector: req.selector,
+        percent: i64::from(req.steps[0]),
+        steps: req.steps,
+        step: 0,
+        state: "active".into(),
+        failure_threshold: req.failure_threshold,
+        step_interval_s: req.step_interval_s.max(0),
+        reason: String::new(),
+        created_at: now(),
+        updated_at: now(),
+    };
+    s.db.add_rollout(&r).await?;
+    audit(
+        &s,
+        &c,
+        "rollout.create",
+        serde_json::to_value(&r).unwrap_or(Value::Null),
+    )
+    .await?;
+    s.changed().await?;
+    Ok(axum::Json(r))
+}
+
+async fn list_rollouts(
+    State(s): State<AppState>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<axum::Json<Value>> {
+    admin(&s, &headers, remote).await?;
+    Ok(axum::Json(json!({"rollouts": s.db.rollouts().await?})))
+}
+
+async fn show_rollout(
+    State(s): State<AppState>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Rollout>> {
+    admin(&s, &headers, remote).await?;
+    s.db.rollout(&id)
+        .await?
+        .map(axum::Json)
+        .ok_or_else(|| Error::NotFound(format!("no rollout {id:?}")))
+}
+
+/// `step` (next percentage), `promote` (production = the version), `abort` (back to the
+/// production version), `rollback` (production = the version before the rollout).
+async fn rollout_action(
+    State(s): State<AppState>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path((id, action)): Path<(String, String)>,
+) -> Result<axum::Json<Rollout>> {
+    let c = admin(&s, &headers, remote).await?;
+    let mut r =
+        s.db.rollout(&id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("no rollout {id:?}")))?;
+    let active = r.state == "active";
+    match action.as_str() {
+        "step" if active => {
+            if !advance(&mut r) {
+                return Err(Error::Conflict(format!(
+                    "rollout {id} is at its last step ({}%): promote it",
+                    r.percent
+                )));
+            }
+        }
+        "promote" if active => {
+            r.state = "promoted".into();
+            r.percent = 100;
+            s.db.set_alias(&r.model, "production", &r.version).await?;
+        }
+        "abort" if active => {
+            r.state = "aborted".into();
+            r.reason = format!("aborted by {}", c.name);
+        }
+        "rollback" if r.state != "rolled_back" => {
+            if r.previous.is_empty() {
+                return Err(Error::Conflict(format!(
+                    "{} had no production version before rollout {id}",
+                    r.model
+                )));
+            }
+            r.state = "rolled_back".into();
+            r.reason = format!("rolled back by {}", c.name);
+            s.db.set_alias(&r.model, "production", &r.previous).await?;
+        }
+        "step" | "promote" | "abort" | "rollback" => {
+            return Err(Error::Conflict(format!(
+                "rollout {id} is {}: cannot {action}",
+                r.state
+            )));
+        }
+        other => {
+            return Err(Error::NotFound(format!(
+                "no rollout action {other:?} (step, promote, abort, rollback)"
+            )));
+        }
+    }
+    s.db.update_rollout(&r).await?;
+    audit(
+        &s,
+        &c,
+        &format!("rollout.{action}"),
+        json!({"rollout": id, "percent": r.percent, "state": r.state}),
+    )
+    .await?;
+    s.changed().await?;
+    Ok(axum::Json(r))
+}
+
+async fn audit_log(
+    State(s): State<AppState>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<axum::Json<Value>> {
+    admin(&s, &headers, remote).await?;
+    Ok(axum::Json(json!({"audit": s.db.audit_log().await?})))
+}

@@ -1,0 +1,553 @@
+//! Storage: one `sqlx` Any pool over SQLite (embedded default, WAL) or PostgreSQL, the same
+//! migrations and queries for both.
+
+use std::collections::BTreeMap;
+
+use capsule_format::hub::{DesiredModel, Report, bucket};
+use serde::{Deserialize, Serialize};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Executor, Row};
+
+use crate::{Error, Result};
+
+/// Seconds since the Unix epoch.
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// A fresh random id.
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// The database.
+#[derive(Debug, Clone)]
+pub struct Db {
+    pool: AnyPool,
+}
+
+/// A registered model version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VersionRow {
+    /// Model.
+    pub model: String,
+    /// Version.
+    pub version: String,
+    /// Capsule SHA-256.
+    pub sha256: String,
+    /// Capsule size.
+    pub length: i64,
+    /// The capsule's manifest summary (name, version, signature, card, limits).
+    pub manifest: serde_json::Value,
+    /// Provenance: source model hash, dataset hash, training params, code revision.
+    pub provenance: serde_json::Value,
+    /// Metrics (experiment tracking).
+    pub metrics: serde_json::Value,
+    /// Registered at (Unix seconds).
+    pub created_at: i64,
+    /// Who registered it.
+    pub created_by: String,
+}
+
+/// A rollout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rollout {
+    /// Id.
+    pub id: String,
+    /// Model.
+    pub model: String,
+    /// The version rolled out.
+    pub version: String,
+    /// The production version before it (what rollback restores).
+    pub previous: String,
+    /// Node labels a node must all have.
+    pub selector: BTreeMap<String, String>,
+    /// Percentages of the matching nodes, step by step (the last is usually 100).
+    pub steps: Vec<u32>,
+    /// Index of the current step.
+    pub step: i64,
+    /// Current percentage.
+    pub percent: i64,
+    /// `active`, `promoted`, `aborted`, `rolled_back`.
+    pub state: String,
+    /// Failure rate (failed / assigned nodes) above which the rollout aborts itself.
+    pub failure_threshold: f64,
+    /// Seconds between automatic steps (0: manual).
+    pub step_interval_s: i64,
+    /// Why it ended (abort reason).
+    pub reason: String,
+    /// Created at.
+    pub created_at: i64,
+    /// Last change.
+    pub updated_at: i64,
+}
+
+/// A node as the hub knows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRow {
+    /// Id.
+    pub id: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Registered at.
+    pub registered_at: i64,
+    /// Last request.
+    pub last_seen: i64,
+    /// Its last report.
+    pub report: Option<Report>,
+}
+
+/// An audit log entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// When, microseconds since the Unix epoch.
+    pub at_us: i64,
+    /// Who (the admin token's name).
+    pub actor: String,
+    /// What.
+    pub action: String,
+    /// Details (JSON text).
+    pub detail: String,
+    /// From where (remote address).
+    pub remote: String,
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or(serde_json::Value::Null)
+}
+
+fn version_row(r: &AnyRow) -> Result<VersionRow> {
+    Ok(VersionRow {
+        model: r.try_get("model")?,
+        version: r.try_get("version")?,
+        sha256: r.try_get("sha256")?,
+        length: r.try_get("length")?,
+        manifest: json(&r.try_get::<String, _>("manifest")?),
+        provenance: json(&r.try_get::<String, _>("provenance")?),
+        metrics: json(&r.try_get::<String, _>("metrics")?),
+        created_at: r.try_get("created_at")?,
+        created_by: r.try_get("created_by")?,
+    })
+}
+
+fn rollout_row(r: &AnyRow) -> Result<Rollout> {
+    Ok(Rollout {
+        id: r.try_get("id")?,
+        model: r.try_get("model")?,
+        version: r.try_get("version")?,
+        previous: r.try_get("previous")?,
+        selector: serde_json::from_str(&r.try_get::<String, _>("selector")?).unwrap_or_default(),
+        steps: serde_json::from_str(&r.try_get::<String, _>("steps")?).unwrap_or_default(),
+        step: r.try_get("step")?,
+        percent: r.try_get("percent")?,
+        state: r.try_get("state")?,
+        failure_threshold: r.try_get("failure_threshold")?,
+        step_interval_s: r.try_get("step_interval_s")?,
+        reason: r.try_get("reason")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
+
+const ROLLOUT_COLUMNS: &str = "id, model, version, previous, selector, steps, step, percent, state, failure_threshold, step_interval_s, reason, created_at, updated_at";
+
+impl Db {
+    /// Connects (creating a SQLite file when missing) and runs the migrations.
+    pub async fn connect(url: &str) -> Result<Db> {
+        sqlx::any::install_default_drivers();
+        let sqlite = url.starts_with("sqlite:");
+        let url = if sqlite && !url.contains("mode=") {
+            format!("{url}{}mode=rwc", if url.contains('?') { "&" } else { "?" })
+        } else {
+            url.to_owned()
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(if sqlite { 4 } else { 8 })
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if sqlite {
+                        conn.execute("PRAGMA busy_timeout = 10000").await?;
+                        conn.execute("PRAGMA journal_mode = WAL").await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&url)
+            .await
+            .map_err(|e| Error::Database(format!("connecting to {}: {e}", redact(&url))))?;
+        sqlx::migrate!("./migrations")
+            .run(&pool)
+            .await
+            .map_err(|e| Error::Database(format!("migrating: {e}")))?;
+        Ok(Db { pool })
+    }
+
+    /// The state generation (bumped by every change nodes must see).
+    pub async fn generation(&self) -> Result<i64> {
+        let row = sqlx::query("SELECT value FROM hub_state WHERE key = 'generation'")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("value")?)
+    }
+
+    /// Bumps the generation.
+    pub async fn bump(&self) -> Result<i64> {
+        sqlx::query("UPDATE hub_state SET value = value + 1 WHERE key = 'generation'")
+            .execute(&self.pool)
+            .await?;
+        self.generation().await
+    }
+
+    /// Records an admin action.
+    pub async fn audit(&self, actor: &str, action: &str, detail: &str, remote: &str) -> Result<()> {
+        sqlx::query("INSERT INTO audit (id, at_us, actor, action, detail, remote) VALUES ($1, $2, $3, $4, $5, $6)")
+            .bind(new_id())
+            .bind(now_us())
+            .bind(actor)
+            .bind(action)
+            .bind(detail)
+            .bind(remote)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The audit log, oldest first.
+    pub async fn audit_log(&self) -> Result<Vec<AuditEntry>> {
+        let rows = sqlx::query(
+            "SELECT at_us, actor, action, detail, remote FROM audit ORDER BY at_us, id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(AuditEntry {
+                    at_us: r.try_get("at_us")?,
+                    actor: r.try_get("actor")?,
+                    action: r.try_get("action")?,
+                    detail: r.try_get("detail")?,
+                    remote: r.try_get("remote")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Stores a token's hash.
+    pub async fn add_token(&self, hash: &str, kind: &str, name: &str, node_id: &str) -> Result<()> {
+        sqlx::query("INSERT INTO tokens (hash, kind, name, node_id, created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (hash) DO NOTHING")
+            .bind(hash)
+            .bind(kind)
+            .bind(name)
+            .bind(node_id)
+            .bind(now())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The token with this hash: (kind, name, node id).
+    pub async fn token(&self, hash: &str) -> Result<Option<(String, String, String)>> {
+        let row = sqlx::query("SELECT kind, name, node_id FROM tokens WHERE hash = $1")
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            Ok((
+                r.try_get("kind")?,
+                r.try_get("name")?,
+                r.try_get("node_id")?,
+            ))
+        })
+        .transpose()
+    }
+
+    /// Whether any admin token exists.
+    pub async fn has_admin(&self) -> Result<bool> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM tokens WHERE kind = 'admin'")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get::<i64, _>("n")? > 0)
+    }
+
+    /// Registers a model version (and its model).
+    pub async fn add_version(&self, v: &VersionRow) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO models (name, created_at) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(&v.model)
+        .bind(now())
+        .execute(&mut *tx)
+        .await?;
+        let done = sqlx::query("INSERT INTO versions (model, version, sha256, length, manifest, provenance, metrics, created_at, created_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)")
+            .bind(&v.model)
+            .bind(&v.version)
+            .bind(&v.sha256)
+            .bind(v.length)
+            .bind(v.manifest.to_string())
+            .bind(v.provenance.to_string())
+            .bind(v.metrics.to_string())
+            .bind(v.created_at)
+            .bind(&v.created_by)
+            .execute(&mut *tx)
+            .await;
+        if let Err(e) = done {
+            let message = e.to_string().to_lowercase();
+            if message.contains("unique") || message.contains("duplicate") {
+                return Err(Error::Conflict(format!(
+                    "{} {} is already registered (versions are immutable)",
+                    v.model, v.version
+                )));
+            }
+            return Err(e.into());
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Model names.
+    pub async fn models(&self) -> Result<Vec<String>> {
+        let rows = sqlx::query("SELECT name FROM models ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok(r.try_get("name")?)).collect()
+    }
+
+    /// A model's versions, oldest first.
+    pub async fn versions(&self, model: &str) -> Result<Vec<VersionRow>> {
+        let rows =
+            sqlx::query("SELECT * FROM versions WHERE model = $1 ORDER BY created_at, version")
+                .bind(model)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(version_row).collect()
+    }
+
+    /// One version.
+    pub async fn version(&self, model: &str, version: &str) -> Result<Option<VersionRow>> {
+        let row = sqlx::query("SELECT * FROM versions WHERE model = $1 AND version = $2")
+            .bind(model)
+            .bind(version)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(version_row).transpose()
+    }
+
+    /// A model's aliases.
+    pub async fn aliases(&self, model: &str) -> Result<BTreeMap<String, String>> {
+        let rows = sqlx::query("SELECT alias, version FROM aliases WHERE model = $1")
+            .bind(model)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("alias")?, r.try_get("version")?)))
+            .collect()
+    }
+
+    /// Points an alias at a version.
+    pub async fn set_alias(&self, model: &str, alias: &str, version: &str) -> Result<()> {
+        sqlx::query("INSERT INTO aliases (model, alias, version, updated_at) VALUES ($1, $2, $3, $4) ON CONFLICT (model, alias) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at")
+            .bind(model)
+            .bind(alias)
+            .bind(version)
+            .bind(now())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Stores signed metadata of a role.
+    pub async fn set_metadata(&self, role: &str, version: i64, body: &str) -> Result<()> {
+        sqlx::query("INSERT INTO metadata (role, version, body, updated_at) VALUES ($1, $2, $3, $4) ON CONFLICT (role) DO UPDATE SET version = excluded.version, body = excluded.body, updated_at = excluded.updated_at")
+            .bind(role)
+            .bind(version)
+            .bind(body)
+            .bind(now())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Signed metadata of a role: (version, JSON text).
+    pub async fn metadata(&self, role: &str) -> Result<Option<(i64, String)>> {
+        let row = sqlx::query("SELECT version, body FROM metadata WHERE role = $1")
+            .bind(role)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| Ok((r.try_get("version")?, r.try_get("body")?)))
+            .transpose()
+    }
+
+    /// Registers (or re-registers) a node.
+    pub async fn register_node(&self, id: &str, labels: &BTreeMap<String, String>) -> Result<()> {
+        let labels = serde_json::to_string(labels).map_err(|e| Error::Internal(e.to_string()))?;
+        sqlx::query("INSERT INTO nodes (id, labels, registered_at, last_seen, report) VALUES ($1, $2, $3, $3, '') ON CONFLICT (id) DO UPDATE SET labels = excluded.labels, last_seen = excluded.last_seen")
+            .bind(id)
+            .bind(labels)
+            .bind(now())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Stores a node's report.
+    pub async fn set_report(&self, id: &str, report: &Report) -> Result<()> {
+        let text = serde_json::to_string(report).map_err(|e| Error::Internal(e.to_string()))?;
+        sqlx::query("UPDATE nodes SET report = $1, last_seen = $2 WHERE id = $3")
+            .bind(text)
+            .bind(now())
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Marks a node as seen.
+    pub async fn touch(&self, id: &str) -> Result<()> {
+        sqlx::query("UPDATE nodes SET last_seen = $1 WHERE id = $2")
+            .bind(now())
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Every node.
+    pub async fn nodes(&self) -> Result<Vec<NodeRow>> {
+        let rows = sqlx::query(
+            "SELECT id, labels, registered_at, last_seen, report FROM nodes ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(NodeRow {
+                    id: r.try_get("id")?,
+                    labels: serde_json::from_str(&r.try_get::<String, _>("labels")?)
+                        .unwrap_or_default(),
+                    registered_at: r.try_get("registered_at")?,
+                    last_seen: r.try_get("last_seen")?,
+                    report: serde_json::from_str(&r.try_get::<String, _>("report")?).ok(),
+                })
+            })
+            .collect()
+    }
+
+    /// One node.
+    pub async fn node(&self, id: &str) -> Result<Option<NodeRow>> {
+        Ok(self.nodes().await?.into_iter().find(|n| n.id == id))
+    }
+
+    /// Creates a rollout.
+    pub async fn add_rollout(&self, r: &Rollout) -> Result<()> {
+        sqlx::query(&format!("INSERT INTO rollouts ({ROLLOUT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"))
+            .bind(&r.id)
+            .bind(&r.model)
+            .bind(&r.version)
+            .bind(&r.previous)
+            .bind(serde_json::to_string(&r.selector).map_err(|e| Error::Internal(e.to_string()))?)
+            .bind(serde_json::to_string(&r.steps).map_err(|e| Error::Internal(e.to_string()))?)
+            .bind(r.step)
+            .bind(r.percent)
+            .bind(&r.state)
+            .bind(r.failure_threshold)
+            .bind(r.step_interval_s)
+            .bind(&r.reason)
+            .bind(r.created_at)
+            .bind(r.updated_at)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Updates a rollout's step, percentage, state and reason.
+    pub async fn update_rollout(&self, r: &Rollout) -> Result<()> {
+        sqlx::query("UPDATE rollouts SET step = $1, percent = $2, state = $3, reason = $4, updated_at = $5 WHERE id = $6")
+            .bind(r.step)
+            .bind(r.percent)
+            .bind(&r.state)
+            .bind(&r.reason)
+            .bind(now())
+            .bind(&r.id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Every rollout, newest first.
+    pub async fn rollouts(&self) -> Result<Vec<Rollout>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {ROLLOUT_COLUMNS} FROM rollouts ORDER BY created_at DESC, id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(rollout_row).collect()
+    }
+
+    /// One rollout.
+    pub async fn rollout(&self, id: &str) -> Result<Option<Rollout>> {
+        let row = sqlx::query(&format!(
+            "SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(rollout_row).transpose()
+    }
+
+    /// What a node should run: each model's `production` version, replaced by the version of
+    /// an active rollout when the node matches its selector and its canary bucket is below
+    /// the rollout's percentage.
+    pub async fn desired(&self, node: &NodeRow) -> Result<Vec<DesiredModel>> {
+        let rollouts = self.rollouts().await?;
+        let mut out = Vec::new();
+        for model in self.models().await? {
+            let aliases = self.aliases(&model).await?;
+            let mut version = aliases.get("production").cloned();
+            if let Some(r) = rollouts
+                .iter()
+                .find(|r| r.model == model && r.state == "active" && assigned(r, node))
+            {
+                version = Some(r.version.clone());
+            }
+            let Some(version) = version else { continue };
+            if let Some(v) = self.version(&model, &version).await? {
+                out.push(DesiredModel {
+                    path: capsule_format::tuf::target_path(&model, &version),
+                    model,
+                    version,
+                    sha256: v.sha256,
+                    length: v.length.max(0) as u64,
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Whether a rollout assigns its version to this node.
+pub fn assigned(r: &Rollout, node: &NodeRow) -> bool {
+    r.selector
+        .iter()
+        .all(|(k, v)| node.labels.get(k) == Some(v))
+        && i64::from(bucket(&r.id, &node.id)) < r.percent
+}
+
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***{}", &url[..scheme], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}

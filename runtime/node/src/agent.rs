@@ -1,0 +1,484 @@
+//! The sync agent (`capsule serve --hub URL`): registers with the hub, long-polls its desired
+//! state, verifies the signed targets metadata against the pinned root (TUF client workflow,
+//! `capsule_format::tuf`), downloads blobs with resume and size limits, installs them through
+//! the repository's hot-swap path (golden probe before switching), and reports what it runs.
+//!
+//! The agent only writes into the model repository: a capsule becomes a file
+//! `MODELS/NAME/VERSION/NAME.capsule.wasm` (written under a hidden name, then renamed), and the
+//! loader does the rest. A new version is written beside the one serving; the older one is
+//! removed only once the new one serves, so a capsule that fails its probe never replaces a
+//! good one. While the hub is away the node keeps serving its files and retries.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use capsule_format::hub::{DesiredModel, DesiredState, Registration, Report, ReportedModel};
+use capsule_format::tuf::{self, Root, Signed, Targets};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::loader::Loader;
+use crate::models::ModelRegistry;
+use crate::repository::compare_versions;
+use crate::{Error, Result};
+
+/// How the node syncs with a hub.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubSync {
+    /// The hub's base URL (`http://hub:8400`).
+    pub url: String,
+    /// This node's token (issued by `POST /api/v1/nodes/{id}/token`).
+    pub token: String,
+    /// This node's id.
+    pub node_id: String,
+    /// Labels rollouts select on.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// The pinned root metadata (signed JSON) whose keys decide what the node installs.
+    pub trusted_root: PathBuf,
+    /// Longest long-poll, in milliseconds.
+    #[serde(default = "default_wait_ms")]
+    pub wait_ms: u64,
+}
+
+fn default_wait_ms() -> u64 {
+    25_000
+}
+
+/// What the agent remembers across restarts (`MODELS/.capsule-agent/state.json`).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct AgentState {
+    /// Highest targets version accepted (rollback protection, TUF 5.6.4).
+    targets_version: Option<u64>,
+    /// The model versions the agent wrote: model -> version -> sha256.
+    managed: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+pub(crate) struct Agent {
+    sync: HubSync,
+    models: PathBuf,
+    root: Root,
+    http: reqwest::Client,
+    loader: Arc<Mutex<Loader>>,
+    registry: Arc<ModelRegistry>,
+    state: AgentState,
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn state_dir(models: &Path) -> PathBuf {
+    models.join(".capsule-agent")
+}
+
+/// Largest response the agent reads besides blobs (desired state, metadata inside it).
+const MAX_STATE_BYTES: usize = 4 << 20;
+
+impl Agent {
+    /// Reads and checks the pinned root (an unusable root is a configuration error).
+    pub(crate) fn new(
+        sync: HubSync,
+        models: PathBuf,
+        loader: Arc<Mutex<Loader>>,
+        registry: Arc<ModelRegistry>,
+    ) -> Result<Agent> {
+        let bytes = std::fs::read(&sync.trusted_root).map_err(Error::io(format!(
+            "cannot read {}",
+            sync.trusted_root.display()
+        )))?;
+        let pinned: Signed<Root> = tuf::parse(&bytes, "root")
+            .map_err(|e| Error::Config(format!("{}: {e}", sync.trusted_root.display())))?;
+        let root = tuf::trust_root(&pinned, now())
+            .map_err(|e| Error::Config(format!("{}: {e}", sync.trusted_root.display())))?;
+        let dir = state_dir(&models);
+        std::fs::create_dir_all(dir.join("downloads"))
+            .map_err(Error::io(format!("cannot create {}", dir.display())))?;
+        let state = std::fs::read(dir.join("state.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| Error::Config(format!("HTTP client: {e}")))?;
+        Ok(Agent {
+            sync,
+            models,
+            root,
+            http,
+            loader,
+            registry,
+            state,
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.sync.url.trim_end_matches('/'))
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, String> {
+        let resp = req
+            .bearer_auth(&self.sync.token)
+            .send()
+            .await
+            .map_err(|e| format!("hub unreachable: {e}"))?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        Err(format!(
+            "hub answered {status}: {}",
+            text.chars().take(300).collect::<String>()
+        ))
+    }
+
+    async fn register(&self) -> Result<(), String> {
+        let body = Registration {
+            labels: self.sync.labels.clone(),
+        };
+        self.send(
+            self.http
+                .post(self.url(&format!("/api/v1/nodes/{}/register", self.sync.node_id)))
+                .json(&body),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn desired(&self, after: Option<i64>) -> Result<DesiredState, String> {
+        let mut url = self.url(&format!("/api/v1/nodes/{}/desired", self.sync.node_id));
+        if let Some(g) = after {
+            url.push_str(&format!("?after={g}&wait_ms={}", self.sync.wait_ms));
+        }
+        let resp = self
+            .send(
+                self.http
+                    .get(url)
+                    .timeout(Duration::from_millis(self.sync.wait_ms + 10_000)),
+            )
+            .await?;
+        let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
+        if bytes.len() > MAX_STATE_BYTES {
+            return Err(format!(
+                "the desired state is {} bytes, over {MAX_STATE_BYTES}",
+                bytes.len()
+            ));
+        }
+        serde_json::from_slice(&bytes).map_err(|e| format!("malformed desired state: {e}"))
+    }
+
+    /// Runs until shutdown: register, then long-poll and apply, forever; on hub errors keep
+    /// serving and retry with backoff.
+    pub(crate) async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(200);
+        let mut registered = false;
+        let mut generation: Option<i64> = None;
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let step = async {
+                if !registered {
+                    self.register().await?;
+                    registered = true;
+                    tracing::info!(hub = %self.sync.url, node = %self.sync.node_id, "registered with the hub");
+                }
+                let state = self.desired(generation).await?;
+                if Some(state.generation) != generation {
+                    let report = self.apply(&state).await;
+                    self.send(
+                        self.http
+                            .post(self.url(&format!("/api/v1/nodes/{}/report", self.sync.node_id)))
+                            .json(&report),
+                    )
+                    .await?;
+                }
+                generation = Some(state.generation);
+                Ok::<(), String>(())
+            };
+            let outcome = tokio::select! {
+                r = step => r,
+                _ = shutdown.wait_for(|s| *s) => return,
+            };
+            match outcome {
+                Ok(()) => backoff = Duration::from_millis(200),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_ms = backoff.as_millis() as u64, "hub sync failed; serving the last good state");
+                    if e.contains("is not registered") {
+                        registered = false;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.wait_for(|s| *s) => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    fn save_state(&self) {
+        let dir = state_dir(&self.models);
+        let tmp = dir.join(".state.json.tmp");
+        let write = serde_json::to_vec_pretty(&self.state)
+            .map_err(std::io::Error::other)
+            .and_then(|b| std::fs::write(&tmp, b))
+            .and_then(|()| std::fs::rename(&tmp, dir.join("state.json")));
+        if let Err(e) = write {
+            tracing::error!(error = %e, "cannot save the agent state");
+        }
+    }
+
+    /// Verifies the targets metadata (TUF 5.6) and returns it, or why not.
+    fn verify(&self, state: &DesiredState) -> Result<Targets, String> {
+        let text = state
+            .targets
+            .as_deref()
+            .ok_or("the hub has no targets metadata")?;
+        let signed: Signed<Targets> =
+            tuf::parse(text.as_bytes(), "targets").map_err(|e| e.to_string())?;
+        tuf::verify_targets(&self.root, self.state.targets_version, &signed, now())
+            .map_err(|e| e.to_string())
+    }
+
+    async fn apply(&mut self, state: &DesiredState) -> Report {
+        let failed = |d: &DesiredModel, state: &str, detail: String| ReportedModel {
+            model: d.model.clone(),
+            version: d.version.clone(),
+            state: state.into(),
+            detail,
+        };
+        let targets = match self.verify(state) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "refusing the hub's state: nothing installed");
+                return Report {
+                    generation: state.generation,
+                    models: state
+                        .models
+                        .iter()
+                        .map(|d| failed(d, "verify_failed", e.clone()))
+                        .collect(),
+                };
+            }
+        };
+        self.state.targets_version = Some(targets.version);
+        let mut results = Vec::new();
+        let mut ready = Vec::new();
+        for d in &state.models {
+            match self.install(&targets, d).await {
+                Ok(path) => ready.push((d.clone(), path)),
+                Err((kind, e)) => {
+                    tracing::error!(model = %d.model, version = %d.version, error = %e, "not installed");
+                    results.push(failed(d, kind, e));
+                }
+            }
+        }
+        // Models the hub no longer wants.
+        let wanted: Vec<&str> = state.models.iter().map(|d| d.model.as_str()).collect();
+        let gone: Vec<String> = self
+            .state
+            .managed
+            .keys()
+            .filter(|m| !wanted.contains(&m.as_str()))
+            .cloned()
+            .collect();
+        for m in gone {
+            let _ = std::fs::remove_dir_all(self.models.join(&m));
+            self.state.managed.remove(&m);
+        }
+        self.resync().await;
+        // A version that serves retires the others; one that failed leaves them serving.
+        let states = self.file_states().await;
+        let mut retired = false;
+        for (d, path) in &ready {
+            let serving = self
+                .registry
+                .versions(&d.model)
+                .map(|vs| vs.iter().any(|v| v.version == d.version))
+                .unwrap_or(false);
+            if serving {
+                retired |= self.retire(&d.model, &d.version, |_| true);
+                results.push(failed(d, "serving", String::new()));
+            } else {
+                let (kind, detail) = states
+                    .iter()
+                    .find(|(p, _, _)| p == path)
+                    .map(|(_, k, m)| (*k, m.clone()))
+                    .unwrap_or(("installing", String::new()));
+                results.push(failed(d, kind, detail));
+            }
+        }
+        if retired {
+            self.resync().await;
+        }
+        self.save_state();
+        Report {
+            generation: state.generation,
+            models: results,
+        }
+    }
+
+    /// Removes the managed versions of `model` other than `keep` that `which` selects.
+    fn retire(&mut self, model: &str, keep: &str, which: impl Fn(&str) -> bool) -> bool {
+        let Some(versions) = self.state.managed.get_mut(model) else {
+            return false;
+        };
+        let old: Vec<String> = versions
+            .keys()
+            .filter(|v| v.as_str() != keep && which(v))
+            .cloned()
+            .collect();
+        for v in &old {
+            let _ = std::fs::remove_dir_all(self.models.join(model).join(v));
+            versions.remove(v);
+        }
+        !old.is_empty()
+    }
+
+    async fn resync(&self) {
+        let loader = Arc::clone(&self.loader);
+        let _ = tokio::task::spawn_blocking(move || {
+            loader.lock().unwrap_or_else(|p| p.into_inner()).sync();
+        })
+        .await;
+    }
+
+    async fn file_states(&self) -> Vec<(PathBuf, &'static str, String)> {
+        let loader = Arc::clone(&self.loader);
+        tokio::task::spawn_blocking(move || {
+            loader
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .file_states()
+        })
+        .await
+        .unwrap_or_default()
+    }
+
+    /// Checks a desired model against the signed targets (mix-and-match), downloads and
+    /// verifies its blob (TUF 5.7.3) and writes it into the repository. Returns its path.
+    async fn install(
+        &mut self,
+        targets: &Targets,
+        d: &DesiredModel,
+    ) -> Result<PathBuf, (&'static str, String)> {
+        let verify = |e: String| ("verify_failed", e);
+        tuf::check_target_path(&d.path).map_err(|e| verify(e.to_string()))?;
+        let Some(t) = targets.targets.get(&d.path) else {
+            return Err(verify(format!(
+                "{} is not in the signed targets (version {})",
+                d.path, targets.version
+            )));
+        };
+        if t.sha256 != d.sha256
+            || t.length != d.length
+            || t.model != d.model
+            || t.version != d.version
+        {
+            return Err(verify(format!(
+                "the hub's {} {} (sha256 {}, {} bytes) does not match the signed target (sha256 {}, {} bytes, {} {})",
+                d.model, d.version, d.sha256, d.length, t.sha256, t.length, t.model, t.version
+            )));
+        }
+        if [&d.model, &d.version]
+            .iter()
+            .any(|s| tuf::check_target_path(s).is_err() || s.contains('/'))
+        {
+            return Err(verify(format!(
+                "unsafe model name or version {:?} {:?}",
+                d.model, d.version
+            )));
+        }
+        let dir = self.models.join(&d.model).join(&d.version);
+        let path = dir.join(format!("{}.capsule.wasm", d.model));
+        let have = self
+            .state
+            .managed
+            .get(&d.model)
+            .and_then(|v| v.get(&d.version));
+        if have == Some(&t.sha256) && path.exists() {
+            return Ok(path);
+        }
+        let bytes = self.download(&d.path, t).await?;
+        let io = |e: std::io::Error| ("install_failed", format!("writing {}: {e}", path.display()));
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        let tmp = dir.join(".incoming.capsule.wasm");
+        std::fs::write(&tmp, &bytes).map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        self.state
+            .managed
+            .entry(d.model.clone())
+            .or_default()
+            .insert(d.version.clone(), t.sha256.clone());
+        // A newer managed version would win the version policy: retire it now (rollback).
+        let version = d.version.clone();
+        self.retire(&d.model, &d.version, |v| {
+            compare_versions(v, &version) == std::cmp::Ordering::Greater
+        });
+        let _ = std::fs::remove_file(
+            state_dir(&self.models)
+                .join("downloads")
+                .join(format!("{}.part", t.sha256)),
+        );
+        Ok(path)
+    }
+
+    /// Downloads a blob, resuming a partial download, reading at most the signed length.
+    async fn download(
+        &self,
+        path: &str,
+        t: &capsule_format::tuf::Target,
+    ) -> Result<Vec<u8>, (&'static str, String)> {
+        let fail = |e: String| ("download_failed", e);
+        let part = state_dir(&self.models)
+            .join("downloads")
+            .join(format!("{}.part", t.sha256));
+        let mut bytes = std::fs::read(&part).unwrap_or_default();
+        if bytes.len() as u64 > t.length {
+            bytes.clear();
+        }
+        let mut req = self
+            .http
+            .get(self.url(&format!("/api/v1/blobs/{}", t.sha256)))
+            .timeout(Duration::from_secs(600));
+        if !bytes.is_empty() && (bytes.len() as u64) < t.length {
+            req = req.header("range", format!("bytes={}-", bytes.len()));
+        }
+        if (bytes.len() as u64) < t.length {
+            let mut resp = self.send(req).await.map_err(fail)?;
+            if resp.status().as_u16() != 206 {
+                bytes.clear();
+            }
+            while let Some(chunk) = resp.chunk().await.map_err(|e| fail(e.to_string()))? {
+                if (bytes.len() + chunk.len()) as u64 > t.length {
+                    return Err((
+                        "verify_failed",
+                        format!(
+                            "{path}: the hub sent more than the signed length of {} bytes",
+                            t.length
+                        ),
+                    ));
+                }
+                bytes.extend_from_slice(&chunk);
+                // Keep what arrived, so a broken connection resumes where it stopped.
+                if bytes.len() % (1 << 20) < chunk.len() {
+                    let _ = std::fs::write(&part, &bytes);
+                }
+            }
+        }
+        tuf::verify_target(path, t, &bytes).map_err(|e| {
+            let _ = std::fs::remove_file(&part);
+            ("verify_failed", e.to_string())
+        })?;
+        Ok(bytes)
+    }
+}
