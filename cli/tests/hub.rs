@@ -168,7 +168,7 @@ struct Fleet {
     hub_url: String,
     hub_port: u16,
     database: String,
-    hub: Proc,
+    hub: Option<Proc>,
     nodes: Vec<(String, String)>,
     node_procs: Vec<Proc>,
 }
@@ -271,7 +271,7 @@ impl Fleet {
             hub_url,
             hub_port,
             database: database.to_owned(),
-            hub,
+            hub: Some(hub),
             nodes: Vec::new(),
             node_procs: Vec::new(),
         };
@@ -461,12 +461,18 @@ fn scenario(database: &str) -> Result<()> {
         })
         .collect();
     wait_serving(&fleet.nodes, &want)?;
-    fleet.hub.kill();
+    if let Some(h) = fleet.hub.as_mut() {
+        h.kill();
+    }
     std::thread::sleep(Duration::from_millis(500));
     for ((n, url), y) in fleet.nodes.iter().zip(&want) {
         assert_eq!(served_y(url), Some(*y), "{n} serves while the hub is down");
     }
-    fleet.hub = Fleet::start_hub(fleet.dir.path(), &fleet.database.clone(), fleet.hub_port)?;
+    fleet.hub = Some(Fleet::start_hub(
+        fleet.dir.path(),
+        &fleet.database.clone(),
+        fleet.hub_port,
+    )?);
 
     // A node offline during the rest of the rollout catches up when it returns.
     fleet.node_procs[2].kill();
@@ -546,4 +552,350 @@ fn fleet_on_postgres() -> Result<()> {
         ])
         .status();
     result
+}
+
+/// The last report of a node, once it covers generation `after` or later.
+fn wait_report(hub: &str, node: &str, after: i64) -> Result<Value> {
+    let mut last = Value::Null;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(30) {
+        let (_, v) = api(hub, "GET", "/api/v1/nodes", ADMIN, None)?;
+        if let Some(n) = v["nodes"]
+            .as_array()
+            .and_then(|ns| ns.iter().find(|n| n["id"] == node))
+        {
+            last = n["report"].clone();
+            if last["generation"].as_i64().is_some_and(|g| g >= after) {
+                return Ok(last);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("no report of {node} for generation {after}; last: {last}")
+}
+
+fn generation(hub: &str) -> Result<i64> {
+    let (_, v) = api(hub, "GET", "/api/v1/health", ADMIN, None)?;
+    v["generation"].as_i64().context("generation")
+}
+
+fn capsule_files(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            if p.is_dir() {
+                stack.push(p);
+            } else if name.ends_with(".capsule.wasm") {
+                out.push(
+                    p.strip_prefix(dir)
+                        .unwrap_or(&p)
+                        .to_string_lossy()
+                        .into_owned(),
+                );
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// One attack per block, each from a hub that serves what an attacker wants (the test
+/// writes the hub's database and blob store directly, as a compromised hub would): every
+/// one refused by the node at the TUF step named, nothing installed, the good version kept.
+#[test]
+fn every_attack_on_the_update_path_is_refused() -> Result<()> {
+    use capsule_format::tuf::{Signed, SigningKey, Target, Targets};
+    let dir = tempfile::tempdir()?;
+    let root_dir = dir.path().to_path_buf();
+    let db_path = root_dir.join("hub.db");
+    let fleet_db = format!("sqlite://{}", db_path.display());
+    let p = |n: &str| root_dir.join(n).to_string_lossy().into_owned();
+    for k in ["root", "pub1", "pub2", "evil"] {
+        run(&["keys", "generate", &p(k)])?;
+    }
+    run(&[
+        "keys",
+        "root",
+        "--root-key",
+        &p("root.pub"),
+        "--targets-key",
+        &p("pub1.pub"),
+        "--targets-key",
+        &p("pub2.pub"),
+        "--targets-threshold",
+        "2",
+        "--sign",
+        &p("root.key"),
+        "-o",
+        &p("root.json"),
+    ])?;
+    let key = |n: &str| -> Result<SigningKey> {
+        SigningKey::from_hex(&std::fs::read_to_string(p(&format!("{n}.key")))?).context("key")
+    };
+    let mut blobs = Vec::new();
+    for (v, y) in [("1.0.0", 1.0), ("2.0.0", 2.0), ("3.0.0", 3.0)] {
+        let bytes = wat_capsule(&WatCapsule {
+            name: "wat".into(),
+            version: semver::Version::parse(v)?,
+            y,
+            golden_y: None,
+        })?;
+        std::fs::write(p(&format!("wat-{v}.capsule.wasm")), &bytes)?;
+        blobs.push(bytes);
+    }
+    let port = free_port()?;
+    let hub_proc = Fleet::start_hub(&root_dir, &fleet_db, port)?;
+    let hub = format!("http://127.0.0.1:{port}");
+    let fleet = Fleet {
+        dir,
+        hub_url: hub.clone(),
+        hub_port: port,
+        database: fleet_db.clone(),
+        hub: Some(hub_proc),
+        nodes: vec![],
+        node_procs: vec![],
+    };
+    let token = fleet.node_token("node-a")?;
+    let (_node, node_url) = fleet.start_node("node-a", &token)?;
+    let models = fleet.dir.path().join("models-node-a");
+
+    // Blobs and versions registered as production v1, no metadata yet.
+    for v in ["1.0.0", "2.0.0", "3.0.0"] {
+        run(&[
+            "push",
+            &p(&format!("wat-{v}.capsule.wasm")),
+            "--hub",
+            &hub,
+            "--token",
+            ADMIN,
+        ])?;
+    }
+    let (s, _) = api(
+        &hub,
+        "PUT",
+        "/api/v1/models/wat/aliases/production",
+        ADMIN,
+        Some(json!({"version": "1.0.0"})),
+    )?;
+    assert_eq!(s, 200);
+
+    let sha = |b: &[u8]| -> String {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(b))
+    };
+    let targets = |version: u64, expires_in: i64, entries: &[(&str, usize)]| -> Signed<Targets> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        Signed {
+            signed: Targets {
+                kind: "targets".into(),
+                version,
+                expires: (now + expires_in).max(0) as u64,
+                targets: entries
+                    .iter()
+                    .map(|(path, i)| {
+                        (
+                            (*path).to_owned(),
+                            Target {
+                                length: blobs[*i].len() as u64,
+                                sha256: sha(&blobs[*i]),
+                                model: "wat".into(),
+                                version: ["1.0.0", "2.0.0", "3.0.0"][*i].into(),
+                            },
+                        )
+                    })
+                    .collect(),
+            },
+            signatures: vec![],
+        }
+    };
+    let upload = |t: &Signed<Targets>| -> Result<i64> {
+        let (s, v) = api(
+            &hub,
+            "POST",
+            "/api/v1/metadata/targets",
+            ADMIN,
+            Some(serde_json::to_value(t)?),
+        )?;
+        if s != 200 {
+            bail!("upload: {s} {v}");
+        }
+        generation(&hub)
+    };
+    let refused = |after: i64, step: &str| -> Result<()> {
+        let report = wait_report(&hub, "node-a", after)?;
+        let m = &report["models"][0];
+        assert_eq!(m["state"], "verify_failed", "{report}");
+        assert!(
+            m["detail"].as_str().unwrap_or("").contains(step),
+            "want {step}: {report}"
+        );
+        Ok(())
+    };
+    let v1 = "wat/1.0.0.capsule.wasm";
+    let v2 = "wat/2.0.0.capsule.wasm";
+
+    // 1. Signed with a key the root does not trust (and one trusted key: below threshold too).
+    let mut t = targets(1, 3600, &[(v1, 0)]);
+    key("evil")?.sign(&mut t)?;
+    key("pub1")?.sign(&mut t)?;
+    refused(
+        upload(&t)?,
+        "refused (5.6.3): targets has 1 valid signature(s) of trusted keys, the threshold is 2",
+    )?;
+    // 2. Below threshold: one publisher of two.
+    let mut t = targets(2, 3600, &[(v1, 0)]);
+    key("pub2")?.sign(&mut t)?;
+    refused(upload(&t)?, "refused (5.6.3)")?;
+    // 3. Expired.
+    let mut t = targets(3, -10, &[(v1, 0)]);
+    key("pub1")?.sign(&mut t)?;
+    key("pub2")?.sign(&mut t)?;
+    refused(upload(&t)?, "refused (5.6.5)")?;
+    // 4. A path traversal in a target name, validly signed: the whole file is refused.
+    let mut t = targets(4, 3600, &[(v1, 0), ("../../../etc/cron.d/x", 1)]);
+    key("pub1")?.sign(&mut t)?;
+    key("pub2")?.sign(&mut t)?;
+    refused(upload(&t)?, "is not a plain relative path")?;
+    assert_eq!(
+        capsule_files(&models),
+        Vec::<String>::new(),
+        "nothing installed"
+    );
+    assert_eq!(served_y(&node_url), None);
+
+    // The good state: v1 and v2 signed by both publishers; v1 is production.
+    let mut good = targets(10, 3600, &[(v1, 0), (v2, 1)]);
+    key("pub1")?.sign(&mut good)?;
+    key("pub2")?.sign(&mut good)?;
+    let g = upload(&good)?;
+    let report = wait_report(&hub, "node-a", g)?;
+    assert_eq!(report["models"][0]["state"], "serving", "{report}");
+    assert_eq!(served_y(&node_url), Some(1.0));
+
+    // From here the hub itself is compromised: the test writes its database and blobs.
+    let rt = tokio::runtime::Runtime::new()?;
+    let db = rt.block_on(sqlx::SqlitePool::connect(&fleet_db))?;
+    let sql = |q: &str, binds: &[&str]| -> Result<i64> {
+        rt.block_on(async {
+            let mut query = sqlx::query(q);
+            for b in binds {
+                query = query.bind(*b);
+            }
+            query.execute(&db).await?;
+            sqlx::query("UPDATE hub_state SET value = value + 1 WHERE key = 'generation'")
+                .execute(&db)
+                .await?;
+            let row: (i64,) =
+                sqlx::query_as("SELECT value FROM hub_state WHERE key = 'generation'")
+                    .fetch_one(&db)
+                    .await?;
+            Ok(row.0)
+        })
+    };
+    let expect_v1 = |what: &str| {
+        assert_eq!(served_y(&node_url), Some(1.0), "{what}: still v1");
+        assert_eq!(
+            capsule_files(&models),
+            vec!["wat/1.0.0/wat.capsule.wasm".to_owned()],
+            "{what}: nothing installed"
+        );
+    };
+
+    // 5. Rollback: older (validly signed) metadata served again.
+    let mut old = targets(9, 3600, &[(v1, 0), (v2, 1)]);
+    key("pub1")?.sign(&mut old)?;
+    key("pub2")?.sign(&mut old)?;
+    let g = sql(
+        "UPDATE metadata SET body = $1, version = 9 WHERE role = 'targets'",
+        &[&serde_json::to_string(&old)?],
+    )?;
+    refused(
+        g,
+        "refused (5.6.4): targets version 9 is older than the trusted version 10",
+    )?;
+    expect_v1("rollback");
+    sql(
+        "UPDATE metadata SET body = $1, version = 10 WHERE role = 'targets'",
+        &[&serde_json::to_string(&good)?],
+    )?;
+
+    // 6. Mix and match: production v2, but the hub's v2 points at the v3 blob.
+    sql(
+        "UPDATE aliases SET version = '2.0.0' WHERE model = 'wat' AND alias = 'production'",
+        &[],
+    )?;
+    let g = sql(
+        "UPDATE versions SET sha256 = $1 WHERE model = 'wat' AND version = '2.0.0'",
+        &[&sha(&blobs[2])],
+    )?;
+    refused(g, "does not match the signed target")?;
+    expect_v1("mix and match");
+
+    // 7. Tampered blob: the v2 blob on the hub's disk has one byte changed.
+    sql(
+        "UPDATE versions SET sha256 = $1 WHERE model = 'wat' AND version = '2.0.0'",
+        &[&sha(&blobs[1])],
+    )?;
+    let blob = fleet
+        .dir
+        .path()
+        .join("blobs")
+        .join(&sha(&blobs[1])[..2])
+        .join(format!("{}.capsule.wasm", sha(&blobs[1])));
+    let mut bytes = std::fs::read(&blob)?;
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&blob, &bytes)?;
+    let g = sql("UPDATE nodes SET report = '' WHERE id = 'node-a'", &[])?;
+    refused(g, "refused (5.7.3): wat/2.0.0.capsule.wasm: sha256")?;
+    expect_v1("tampered blob");
+
+    // 8. Oversized metadata (2 MiB), refused before it is parsed.
+    let huge = format!("{{\"signed\": \"{}\"}}", "x".repeat(2 << 20));
+    let g = sql(
+        "UPDATE metadata SET body = $1, version = 11 WHERE role = 'targets'",
+        &[&huge],
+    )?;
+    refused(
+        g,
+        "refused (5.6.1): targets metadata is 2097166 bytes, over the limit of 1048576",
+    )?;
+    expect_v1("oversized metadata");
+
+    // 9. A node token for admin calls.
+    let (s, v) = api(
+        &hub,
+        "POST",
+        "/api/v1/metadata/targets",
+        &token,
+        Some(serde_json::to_value(&good)?),
+    )?;
+    assert_eq!(
+        (s, v),
+        (
+            403,
+            json!({"error": "a node token cannot make admin calls"})
+        )
+    );
+    let (s, v) = api(&hub, "GET", "/api/v1/nodes/node-b/desired", &token, None)?;
+    assert_eq!(
+        (s, v),
+        (
+            403,
+            json!({"error": "this node token belongs to node \"node-a\", not \"node-b\""})
+        )
+    );
+    let (s, v) = api(&hub, "GET", "/api/v1/models", "not-a-token", None)?;
+    assert_eq!((s, v), (401, json!({"error": "unknown token"})));
+    expect_v1("token misuse");
+    Ok(())
 }
