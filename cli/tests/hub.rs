@@ -97,6 +97,32 @@ impl Drop for Proc {
     }
 }
 
+/// Keys `root`, `pub1`, `pub2` (and `extra` ones) in `dir`, and `root.json`: the root key
+/// signs root metadata, two of the two publisher keys must sign targets.
+fn publisher_keys(dir: &Path, extra: &[&str]) -> Result<()> {
+    let p = |n: &str| dir.join(n).to_string_lossy().into_owned();
+    for k in ["root", "pub1", "pub2"].iter().chain(extra) {
+        run(&["keys", "generate", &p(k)])?;
+    }
+    run(&[
+        "keys",
+        "root",
+        "--root-key",
+        &p("root.pub"),
+        "--targets-key",
+        &p("pub1.pub"),
+        "--targets-key",
+        &p("pub2.pub"),
+        "--targets-threshold",
+        "2",
+        "--sign",
+        &p("root.key"),
+        "-o",
+        &p("root.json"),
+    ])?;
+    Ok(())
+}
+
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -230,26 +256,7 @@ impl Fleet {
 
     fn start(database: &str) -> Result<Fleet> {
         let dir = tempfile::tempdir()?;
-        let p = |n: &str| dir.path().join(n).to_string_lossy().into_owned();
-        for k in ["root", "pub1", "pub2"] {
-            run(&["keys", "generate", &p(k)])?;
-        }
-        run(&[
-            "keys",
-            "root",
-            "--root-key",
-            &p("root.pub"),
-            "--targets-key",
-            &p("pub1.pub"),
-            "--targets-key",
-            &p("pub2.pub"),
-            "--targets-threshold",
-            "2",
-            "--sign",
-            &p("root.key"),
-            "-o",
-            &p("root.json"),
-        ])?;
+        publisher_keys(dir.path(), &[])?;
         for (v, y, golden) in [
             ("1.0.0", 1.0, None),
             ("2.0.0", 2.0, None),
@@ -616,25 +623,7 @@ fn every_attack_on_the_update_path_is_refused() -> Result<()> {
     let db_path = root_dir.join("hub.db");
     let fleet_db = format!("sqlite://{}", db_path.display());
     let p = |n: &str| root_dir.join(n).to_string_lossy().into_owned();
-    for k in ["root", "pub1", "pub2", "evil"] {
-        run(&["keys", "generate", &p(k)])?;
-    }
-    run(&[
-        "keys",
-        "root",
-        "--root-key",
-        &p("root.pub"),
-        "--targets-key",
-        &p("pub1.pub"),
-        "--targets-key",
-        &p("pub2.pub"),
-        "--targets-threshold",
-        "2",
-        "--sign",
-        &p("root.key"),
-        "-o",
-        &p("root.json"),
-    ])?;
+    publisher_keys(&root_dir, &["evil"])?;
     let key = |n: &str| -> Result<SigningKey> {
         SigningKey::from_hex(&std::fs::read_to_string(p(&format!("{n}.key")))?).context("key")
     };

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -71,7 +72,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Who is calling.
+/// Who is calling (any valid token), from `Authorization: Bearer ...`.
 struct Caller {
     kind: String,
     name: String,
@@ -79,51 +80,65 @@ struct Caller {
     remote: String,
 }
 
-async fn caller(s: &Shared, headers: &HeaderMap, remote: SocketAddr) -> Result<Caller> {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| {
-            Error::Unauthorized("missing bearer token (Authorization: Bearer ...)".into())
-        })?;
-    let (kind, name, node) =
-        s.db.token(&token_hash(token.trim()))
-            .await?
-            .ok_or_else(|| Error::Unauthorized("unknown token".into()))?;
-    Ok(Caller {
-        kind,
-        name,
-        node,
-        remote: remote.to_string(),
-    })
+/// A caller with an admin token.
+struct Admin(Caller);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Caller> {
+        let remote = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.to_string())
+            .unwrap_or_default();
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                Error::Unauthorized("missing bearer token (Authorization: Bearer ...)".into())
+            })?;
+        let (kind, name, node) =
+            s.db.token(&token_hash(token.trim()))
+                .await?
+                .ok_or_else(|| Error::Unauthorized("unknown token".into()))?;
+        Ok(Caller {
+            kind,
+            name,
+            node,
+            remote,
+        })
+    }
 }
 
-async fn admin(s: &Shared, headers: &HeaderMap, remote: SocketAddr) -> Result<Caller> {
-    let c = caller(s, headers, remote).await?;
-    if c.kind != "admin" {
-        return Err(Error::Forbidden(format!(
-            "a {} token cannot make admin calls",
-            c.kind
-        )));
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Admin> {
+        let c = Caller::from_request_parts(parts, s).await?;
+        if c.kind != "admin" {
+            return Err(Error::Forbidden(format!(
+                "a {} token cannot make admin calls",
+                c.kind
+            )));
+        }
+        Ok(Admin(c))
     }
-    Ok(c)
 }
 
-async fn node_caller(
-    s: &Shared,
-    headers: &HeaderMap,
-    remote: SocketAddr,
-    id: &str,
-) -> Result<Caller> {
-    let c = caller(s, headers, remote).await?;
-    if c.kind == "node" && c.node != id {
-        return Err(Error::Forbidden(format!(
-            "this node token belongs to node {:?}, not {id:?}",
-            c.node
-        )));
+impl Caller {
+    /// Refuses a node token of another node.
+    fn for_node(self, id: &str) -> Result<Caller> {
+        if self.kind == "node" && self.node != id {
+            return Err(Error::Forbidden(format!(
+                "this node token belongs to node {:?}, not {id:?}",
+                self.node
+            )));
+        }
+        Ok(self)
     }
-    Ok(c)
 }
 
 async fn audit(s: &Shared, c: &Caller, action: &str, detail: Value) -> Result<()> {
@@ -159,11 +174,9 @@ fn manifest_of(bytes: &[u8]) -> Result<CapsuleManifest> {
 
 async fn put_blob(
     State(s): State<AppState>,
-    ConnectInfo(remote): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    Admin(c): Admin,
     body: Bytes,
 ) -> Result<axum::Json<Value>> {
-    let c = admin(&s, &headers, remote).await?;
     manifest_of(&body)?;
     let store = s.blobs.clone();
     let bytes = body.clone();
@@ -183,11 +196,10 @@ async fn put_blob(
 /// A blob, with `Range: bytes=N-` for resumed downloads.
 async fn get_blob(
     State(s): State<AppState>,
-    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    _caller: Caller,
     headers: HeaderMap,
     Path(sha256): Path<String>,
 ) -> Result<Response> {
-    caller(&s, &headers, remote).await?;
     let path = s
         .blobs
         .path(&sha256)
@@ -229,11 +241,9 @@ async fn get_blob(
 
 async fn get_metadata(
     State(s): State<AppState>,
-    ConnectInfo(remote): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    _caller: Caller,
     Path(role): Path<String>,
 ) -> Result<Response> {
-    caller(&s, &headers, remote).await?;
     let (_, body) =
         s.db.metadata(&role)
             .await?
@@ -245,12 +255,10 @@ async fn get_metadata(
 /// mistakes; the security checks are the nodes' (they verify signatures against pinned keys).
 async fn post_metadata(
     State(s): State<AppState>,
-    ConnectInfo(remote): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    Admin(c): Admin,
     Path(role): Path<String>,
     body: Bytes,
 ) -> Result<axum::Json<Value>> {
-    let c = admin(&s, &headers, remote).await?;
     let version = match role.as_str() {
         "root" => {
             tuf::parse::<Root>(&body, "root")
@@ -293,12 +301,7 @@ async fn post_metadata(
     Ok(axum::Json(json!({"role": role, "version": version})))
 }
 
-async fn list_models(
-    State(s): State<AppState>,
-    ConnectInfo(remote): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Result<axum::Json<Value>> {
-    admin(&s, &headers, remote).await?;
+async fn list_models(State(s): State<AppState>, Admin(_): Admin) -> Result<axum::Json<Value>> {
     let mut out = Vec::new();
     for m in s.db.models().await? {
         let versions: Vec<String> =
@@ -314,11 +317,9 @@ async fn list_models(
 
 async fn show_model(
     State(s): State<AppState>,
-    ConnectInfo(remote): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    Admin(_): Admin,
     Path(model): Path<String>,
 ) -> Result<axum::Json<Value>> {
-    admin(&s, &headers, remote).await?;
     let versions = s.db.versions(&model).await?;
     if versions.is_empty() {
         return Err(Error::NotFound(format!("no model {model:?}")));
@@ -342,12 +343,10 @@ struct NewVersion {
 /// version is the manifest's.
 async fn add_version(
     State(s): State<AppState>,
-    ConnectInfo(remote): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    Admin(c): Admin,
     Path(model): Path<String>,
     body: Bytes,
 ) -> Result<axum::Json<VersionRow>> {
-    let c = admin(&s, &headers, remote).await?;
     let req: NewVersion = json_body(&body)?;
     let path = s
         .blobs
@@ -415,11 +414,9 @@ async fn add_version(
 
 async fn show_version(
     State(s): State<AppState>,
-    ConnectInfo(remote): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    Admin(_): Admin,
     Path((model, version)): Path<(String, String)>,
 ) -> Result<axum::Json<VersionRow>> {
-    admin(&s, &headers, remote).await?;
     s.db.version(&model, &version)
         .await?
         .map(axum::Json)
@@ -435,12 +432,10 @@ struct CompareQuery {
 /// Two versions side by side, with the metric differences (b - a).
 async fn compare(
     State(s): State<AppState>,
-    ConnectInfo(remote): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    Admin(_): Admin,
     Path(model): Path<String>,
     Query(q): Query<CompareQuery>,
 ) -> Result<axum::Json<Value>> {
-    admin(&s, &headers, remote).await?;
     let get = |v: String| {
         let s = Arc::clone(&s);
         let model = model.clone();
@@ -470,12 +465,10 @@ struct AliasBody {
 
 async fn set_alias(
     State(s): State<AppState>,
-    ConnectInfo(remote): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    Admin(c): Admin,
     Path((model, alias)): Path<(String, String)>,
     body: Bytes,
 ) -> Result<axum::Json<Value>> {
-    let c = admin(&s, &headers, remote).await?;
     let req: AliasBody = json_body(&body)?;
     if s.db.version(&model, &req.version).await?.is_none() {
         return Err(Error::NotFound(format!(
@@ -506,23 +499,16 @@ async fn set_alias(
     ))
 }
 
-async fn list_nodes(
-    State(s): State<AppState>,
-    ConnectInfo(remote): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Result<axum::Json<Value>> {
-    admin(&s, &headers, remote).await?;
+async fn list_nodes(State(s): State<AppState>, Admin(_): Admin) -> Result<axum::Json<Value>> {
     Ok(axum::Json(json!({"nodes": s.db.nodes().await?})))
 }
 
 /// Issues a token for one node (shown once; stored hashed).
 async fn node_token(
     State(s): State<AppState>,
-    ConnectInfo(remote): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    Admin(c): Admin,
     Path(id): Path<String>,
 ) -> Result<axum::Json<Value>> {
-    let c = admin(&s, &headers, remote).await?;
     if id.is_empty()
         || id.len() > 128
         || !id
@@ -542,12 +528,11 @@ async fn node_token(
 
 async fn register(
     State(s): State<AppState>,
-    ConnectInfo(remote): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    caller: Caller,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<axum::Json<Value>> {
-    let c = node_caller(&s, &headers, remote, &id).await?;
+    let c = caller.for_node(&id)?;
     let reg: Registration = json_body(&body)?;
     s.db.register_node(&id, &reg.labels).await?;
     tracing::info!(node = %id, by = %c.name, "node registered");
@@ -568,12 +553,11 @@ struct DesiredQuery {
 /// generation passes G.
 async fn desired(
     State(s): State<AppState>,
-    ConnectInfo(remote): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    caller: Caller,
     Path(id): Path<String>,
     Query(q): Query<DesiredQuery>,
 ) -> Result<axum::Json<DesiredState>> {
-    node_caller(&s, &headers, remote, &id).await?;
+    caller.for_node(&id)?;
     if let Some(after) = q.after {
         let wait = Duration::from_millis(q.wait_ms.unwrap_or(0)).min(s.config.max_wait);
         let mut rx = s.generation.clone();
@@ -594,12 +578,11 @@ async fn desired(
 
 async fn report(
     State(s): State<AppState>,
-    ConnectInfo(remote): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    caller: Caller,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<axum::Json<Value>> {
-    node_caller(&s, &headers, remote, &id).await?;
+    caller.for_node(&id)?;
     let report: Report = json_body(&body)?;
     s.db.set_report(&id, &report).await?;
     check_failures(&s).await?;
@@ -714,11 +697,9 @@ fn default_threshold() -> f64 {
 
 async fn create_rollout(
     State(s): State<AppState>,
-    ConnectInfo(remote): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    Admin(c): Admin,
     body: Bytes,
 ) -> Result<axum::Json<Rollout>> {
-    let c = admin(&s, &headers, remote).await?;
     let req: NewRollout = json_body(&body)?;
     if req.steps.is_empty()
         || req.steps.iter().any(|p| *p == 0 || *p > 100)
@@ -783,22 +764,15 @@ async fn create_rollout(
     Ok(axum::Json(r))
 }
 
-async fn list_rollouts(
-    State(s): State<AppState>,
-    ConnectInfo(remote): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Result<axum::Json<Value>> {
-    admin(&s, &headers, remote).await?;
+async fn list_rollouts(State(s): State<AppState>, Admin(_): Admin) -> Result<axum::Json<Value>> {
     Ok(axum::Json(json!({"rollouts": s.db.rollouts().await?})))
 }
 
 async fn show_rollout(
     State(s): State<AppState>,
-    ConnectInfo(remote): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    Admin(_): Admin,
     Path(id): Path<String>,
 ) -> Result<axum::Json<Rollout>> {
-    admin(&s, &headers, remote).await?;
     s.db.rollout(&id)
         .await?
         .map(axum::Json)
@@ -809,11 +783,9 @@ async fn show_rollout(
 /// production version), `rollback` (production = the version before the rollout).
 async fn rollout_action(
     State(s): State<AppState>,
-    ConnectInfo(remote): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    Admin(c): Admin,
     Path((id, action)): Path<(String, String)>,
 ) -> Result<axum::Json<Rollout>> {
-    let c = admin(&s, &headers, remote).await?;
     let mut r =
         s.db.rollout(&id)
             .await?
@@ -872,11 +844,6 @@ async fn rollout_action(
     Ok(axum::Json(r))
 }
 
-async fn audit_log(
-    State(s): State<AppState>,
-    ConnectInfo(remote): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Result<axum::Json<Value>> {
-    admin(&s, &headers, remote).await?;
+async fn audit_log(State(s): State<AppState>, Admin(_): Admin) -> Result<axum::Json<Value>> {
     Ok(axum::Json(json!({"audit": s.db.audit_log().await?})))
 }
