@@ -617,13 +617,13 @@ fn capsule_files(dir: &Path) -> Vec<String> {
 /// one refused by the node at the TUF step named, nothing installed, the good version kept.
 #[test]
 fn every_attack_on_the_update_path_is_refused() -> Result<()> {
-    use capsule_format::tuf::{Signed, SigningKey, Target, Targets};
+    use capsule_format::tuf::{Root, Signed, SigningKey, Target, Targets};
     let dir = tempfile::tempdir()?;
     let root_dir = dir.path().to_path_buf();
     let db_path = root_dir.join("hub.db");
     let fleet_db = format!("sqlite://{}", db_path.display());
     let p = |n: &str| root_dir.join(n).to_string_lossy().into_owned();
-    publisher_keys(&root_dir, &["evil"])?;
+    publisher_keys(&root_dir, &["evil", "pub3"])?;
     let key = |n: &str| -> Result<SigningKey> {
         SigningKey::from_hex(&std::fs::read_to_string(p(&format!("{n}.key")))?).context("key")
     };
@@ -886,5 +886,69 @@ fn every_attack_on_the_update_path_is_refused() -> Result<()> {
     let (s, v) = api(&hub, "GET", "/api/v1/models", "not-a-token", None)?;
     assert_eq!((s, v), (401, json!({"error": "unknown token"})));
     expect_v1("token misuse");
+
+    // 10. Root rotation (TUF 5.3): a forged root version 2 is refused; the genuine one, signed
+    // by the root key, moves targets signing to pub3 alone, after which the old publisher
+    // keys no longer count.
+    let in_an_hour = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs())
+        + 3600;
+    let root_v2 = |root_key: &SigningKey, targets_key: &SigningKey| -> Result<Value> {
+        let mut r = Signed {
+            signed: Root {
+                version: 2,
+                ..Root::new(
+                    &[root_key.public()],
+                    1,
+                    &[targets_key.public()],
+                    1,
+                    in_an_hour,
+                )
+            },
+            signatures: vec![],
+        };
+        root_key.sign(&mut r)?;
+        Ok(serde_json::to_value(&r)?)
+    };
+    let (s, v) = api(
+        &hub,
+        "POST",
+        "/api/v1/metadata/root",
+        ADMIN,
+        Some(root_v2(&key("evil")?, &key("evil")?)?),
+    )?;
+    assert_eq!(s, 200, "{v}");
+    refused(
+        generation(&hub)?,
+        "refused (5.3.4): new root (old keys) has 0 valid signature(s)",
+    )?;
+    expect_v1("forged root");
+    let (s, v) = api(
+        &hub,
+        "POST",
+        "/api/v1/metadata/root",
+        ADMIN,
+        Some(root_v2(&key("root")?, &key("pub3")?)?),
+    )?;
+    assert_eq!(s, 200, "{v}");
+    let mut rotated = targets(20, 3600, &[(v1, 0)]);
+    key("pub3")?.sign(&mut rotated)?;
+    sql(
+        "UPDATE aliases SET version = '1.0.0' WHERE model = 'wat' AND alias = 'production'",
+        &[],
+    )?;
+    let g = upload(&rotated)?;
+    let report = wait_report(&hub, "node-a", g)?;
+    assert_eq!(report["models"][0]["state"], "serving", "{report}");
+    assert_eq!(report["models"][0]["version"], "1.0.0", "{report}");
+    let mut stale = targets(21, 3600, &[(v1, 0)]);
+    key("pub1")?.sign(&mut stale)?;
+    key("pub2")?.sign(&mut stale)?;
+    refused(
+        upload(&stale)?,
+        "refused (5.6.3): targets has 0 valid signature(s) of trusted keys, the threshold is 1",
+    )?;
+    expect_v1("old publisher keys after rotation");
     Ok(())
 }

@@ -290,6 +290,11 @@ async fn post_metadata(
     let text =
         String::from_utf8(body.to_vec()).map_err(|_| Error::BadRequest("not UTF-8".into()))?;
     s.db.set_metadata(&role, version, &text).await?;
+    if role == "root" {
+        // Every root version stays fetchable: a node walks the chain N+1, N+2, ... (TUF 5.3.3).
+        s.db.set_metadata(&format!("root.{version}"), version, &text)
+            .await?;
+    }
     audit(
         &s,
         &c,

@@ -95,9 +95,18 @@ impl Agent {
         )))?;
         let pinned: Signed<Root> = tuf::parse(&bytes, "root")
             .map_err(|e| Error::Config(format!("{}: {e}", sync.trusted_root.display())))?;
-        let root = tuf::trust_root(&pinned, now())
+        let mut root = tuf::trust_root(&pinned, now())
             .map_err(|e| Error::Config(format!("{}: {e}", sync.trusted_root.display())))?;
         let dir = state_dir(&models);
+        // A root rotated since (accepted through the chain, kept in the agent's state).
+        if let Some(rotated) = std::fs::read(dir.join("root.json"))
+            .ok()
+            .and_then(|b| tuf::parse::<Root>(&b, "root").ok())
+            .filter(|r| r.signed.version > root.version)
+            .and_then(|r| tuf::trust_root(&r, now()).ok())
+        {
+            root = rotated;
+        }
         std::fs::create_dir_all(dir.join("downloads"))
             .map_err(Error::io(format!("cannot create {}", dir.display())))?;
         let state = std::fs::read(dir.join("state.json"))
@@ -237,6 +246,38 @@ impl Agent {
         }
     }
 
+    /// TUF 5.3: walks the hub's root chain from the trusted version (N+1, N+2, ...), each
+    /// signed by a threshold of the previous root's keys and of its own; keeps the last.
+    async fn update_root(&mut self) -> Result<(), String> {
+        for _ in 0..64 {
+            let next = self.root.version + 1;
+            let resp = self
+                .http
+                .get(self.url(&format!("/api/v1/metadata/root.{next}")))
+                .bearer_auth(&self.sync.token)
+                .send()
+                .await
+                .map_err(|e| format!("hub unreachable: {e}"))?;
+            if resp.status().as_u16() == 404 {
+                return Ok(());
+            }
+            if !resp.status().is_success() {
+                return Err(format!("fetching root version {next}: {}", resp.status()));
+            }
+            let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
+            let signed: Signed<Root> = tuf::parse(&bytes, "root").map_err(|e| e.to_string())?;
+            let rotated = tuf::rotate_root(&self.root, &signed).map_err(|e| e.to_string())?;
+            let dir = state_dir(&self.models);
+            let tmp = dir.join(".root.json.tmp");
+            std::fs::write(&tmp, &bytes)
+                .and_then(|()| std::fs::rename(&tmp, dir.join("root.json")))
+                .map_err(|e| format!("saving the rotated root: {e}"))?;
+            tracing::info!(version = rotated.version, "root metadata rotated");
+            self.root = rotated;
+        }
+        Ok(())
+    }
+
     /// Verifies the targets metadata (TUF 5.6) and returns it, or why not.
     fn verify(&self, state: &DesiredState) -> Result<Targets, String> {
         let text = state
@@ -256,6 +297,32 @@ impl Agent {
             state: state.into(),
             detail,
         };
+        if let Err(e) = self.update_root().await {
+            tracing::error!(error = %e, "refusing the hub's root metadata: nothing installed");
+            return Report {
+                generation: state.generation,
+                models: state
+                    .models
+                    .iter()
+                    .map(|d| failed(d, "verify_failed", e.clone()))
+                    .collect(),
+            };
+        }
+        // TUF 5.3.10: the final root must not have expired.
+        if self.root.expires <= now() {
+            let e = format!(
+                "refused (5.3.10): root version {} expired",
+                self.root.version
+            );
+            return Report {
+                generation: state.generation,
+                models: state
+                    .models
+                    .iter()
+                    .map(|d| failed(d, "verify_failed", e.clone()))
+                    .collect(),
+            };
+        }
         let targets = match self.verify(state) {
             Ok(t) => t,
             Err(e) => {
