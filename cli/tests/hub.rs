@@ -520,6 +520,51 @@ fn scenario(database: &str) -> Result<()> {
             .starts_with("127.0.0.1:"),
         "{first}"
     );
+    // Steps on a timer: a rollout (back to v1) in steps 34 then 100, one second apart,
+    // reaches every node without a manual step.
+    fleet.action(&id, "promote")?;
+    let (s, v) = api(
+        &fleet.hub_url,
+        "POST",
+        "/api/v1/rollouts",
+        ADMIN,
+        Some(json!({
+            "model": "wat", "version": "1.0.0", "steps": [34, 100], "step_interval_s": 1,
+        })),
+    )?;
+    assert_eq!(s, 200, "{v}");
+    wait_serving(&fleet.nodes, &[1.0, 1.0, 1.0])?;
+    let timed = v["id"].as_str().context("id")?.to_owned();
+    let (_, v) = api(
+        &fleet.hub_url,
+        "GET",
+        &format!("/api/v1/rollouts/{timed}"),
+        ADMIN,
+        None,
+    )?;
+    assert_eq!(
+        (v["step"].as_i64(), v["percent"].as_i64()),
+        (Some(1), Some(100)),
+        "{v}"
+    );
+    fleet.action(&timed, "promote")?;
+
+    // A second hub on the same database (PostgreSQL): an action through it reaches the nodes
+    // long-polling the first one.
+    if fleet.database.starts_with("postgres") {
+        let port = free_port()?;
+        let _replica = Fleet::start_hub(fleet.dir.path(), &fleet.database.clone(), port)?;
+        let replica = format!("http://127.0.0.1:{port}");
+        let (s, v) = api(
+            &replica,
+            "PUT",
+            "/api/v1/models/wat/aliases/production",
+            ADMIN,
+            Some(json!({"version": "2.0.0"})),
+        )?;
+        assert_eq!(s, 200, "{v}");
+        wait_serving(&fleet.nodes, &[2.0, 2.0, 2.0])?;
+    }
     Ok(())
 }
 
