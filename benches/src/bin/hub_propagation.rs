@@ -6,7 +6,8 @@
 //! targets metadata, downloads the blob, probes and swaps, then reports; the clock stops when
 //! the hub has a `serving` report of the new version from every node.
 //!
-//! `cargo run --release -p capsule-benches --bin hub_propagation -- 10 100`
+//! `cargo run -p capsule-benches --bin hub_propagation -- 10 100` (what docs/benchmarks.md reports;
+//! the workspace's dev profile optimizes every dependency)
 
 use std::time::{Duration, Instant};
 
