@@ -44,6 +44,12 @@ pub struct HubArgs {
     /// Where a generated admin token is written (mode 0600).
     #[arg(long, default_value = "hub-admin.token")]
     admin_token_file: PathBuf,
+    /// TLS certificate chain (PEM): with --tls-key, serve HTTPS only (rustls).
+    #[arg(long, env = "CAPSULE_HUB_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "CAPSULE_HUB_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 pub fn run_hub(args: &HubArgs) -> Result<()> {
@@ -53,11 +59,18 @@ pub fn run_hub(args: &HubArgs) -> Result<()> {
         http: args.http,
         admin_token: args.admin_token.clone(),
         admin_token_file: args.admin_token_file.clone(),
+        tls_cert: args.tls_cert.clone(),
+        tls_key: args.tls_key.clone(),
         ..HubConfig::default()
     };
     runtime()?.block_on(async {
         let hub = Hub::start(config).await?;
-        eprintln!("capsule hub: http://{}", hub.addr());
+        let scheme = if args.tls_cert.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        eprintln!("capsule hub: {scheme}://{}", hub.addr());
         if hub.generated_admin_token().is_some() {
             eprintln!(
                 "generated an admin token in {} (no admin token existed)",
@@ -293,6 +306,9 @@ pub struct HubClient {
     /// An admin token.
     #[arg(long, env = "CAPSULE_HUB_TOKEN", hide_env_values = true)]
     token: String,
+    /// A CA certificate (PEM) to trust for an https:// hub.
+    #[arg(long, env = "CAPSULE_HUB_CA")]
+    ca: Option<PathBuf>,
 }
 
 impl HubClient {
@@ -302,7 +318,12 @@ impl HubClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Value> {
-        let client = reqwest::Client::new();
+        let mut builder = reqwest::Client::builder().use_rustls_tls();
+        if let Some(ca) = &self.ca {
+            let pem = read_limited(ca, 1 << 20, "CA certificate")?;
+            builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
+        }
+        let client = builder.build()?;
         let mut req = client
             .request(method, format!("{}{path}", self.hub.trim_end_matches('/')))
             .bearer_auth(&self.token);

@@ -78,6 +78,9 @@ pub struct Args {
     /// metadata signed by its keys are installed.
     #[arg(long, env = "CAPSULE_TRUSTED_ROOT")]
     trusted_root: Option<PathBuf>,
+    /// A CA certificate (PEM) to trust for an https:// hub.
+    #[arg(long, env = "CAPSULE_HUB_CA")]
+    hub_ca: Option<PathBuf>,
 }
 
 impl Args {
@@ -139,6 +142,7 @@ impl Args {
                 labels,
                 trusted_root: root.clone(),
                 wait_ms: 25_000,
+                ca: self.hub_ca.clone(),
             });
         }
         c.validate()?;

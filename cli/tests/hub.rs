@@ -65,13 +65,13 @@ impl Proc {
         Ok(Proc { child, log })
     }
 
-    /// Waits for a stderr line containing `marker`, returns the `http://ADDR` after it.
+    /// Waits for a stderr line containing `marker`, returns the `http(s)://ADDR` after it.
     fn address(&self, marker: &str) -> Result<String> {
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(60) {
             if let Ok(lines) = self.log.lock()
                 && let Some(line) = lines.iter().find(|l| l.contains(marker))
-                && let Some(at) = line.find("http://")
+                && let Some(at) = line.find("https://").or_else(|| line.find("http://"))
             {
                 let rest = &line[at..];
                 let end = rest.find([';', ' ', ',']).unwrap_or(rest.len());
@@ -930,6 +930,36 @@ fn every_attack_on_the_update_path_is_refused() -> Result<()> {
     );
     let (s, v) = api(&hub, "GET", "/api/v1/models", "not-a-token", None)?;
     assert_eq!((s, v), (401, json!({"error": "unknown token"})));
+    // Every API error is JSON, the framework's own included.
+    let (s, v) = api(&hub, "GET", "/api/v1/nope", ADMIN, None)?;
+    assert_eq!((s, v), (404, json!({"error": "no such endpoint"})));
+    let (s, v) = api(
+        &hub,
+        "GET",
+        "/api/v1/models/wat/compare?a=1.0.0",
+        ADMIN,
+        None,
+    )?;
+    assert_eq!(s, 400);
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("missing field `b`"),
+        "{v}"
+    );
+    let (s, v) = api(
+        &hub,
+        "GET",
+        "/api/v1/models/wat/compare?a=1.0.0&b=2.0.0",
+        ADMIN,
+        None,
+    )?;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        (v["a"]["version"].as_str(), v["b"]["version"].as_str()),
+        (Some("1.0.0"), Some("2.0.0"))
+    );
     expect_v1("token misuse");
 
     // 10. Root rotation (TUF 5.3): a forged root version 2 is refused; the genuine one, signed
@@ -995,5 +1025,225 @@ fn every_attack_on_the_update_path_is_refused() -> Result<()> {
         "refused (5.6.3): targets has 0 valid signature(s) of trusted keys, the threshold is 1",
     )?;
     expect_v1("old publisher keys after rotation");
+
+    // 11. Resumed download: half of v2 is already on the node (an interrupted download); the
+    // hub's copy is now corrupt in that first half only. A node that resumes with
+    // `Range: bytes=N-` gets the intact second half and a blob matching the signed hash; one
+    // that downloaded everything again would refuse it.
+    let v2_sha = sha(&blobs[1]);
+    let half = blobs[1].len() / 2;
+    let downloads = models.join(".capsule-agent").join("downloads");
+    std::fs::write(downloads.join(format!("{v2_sha}.part")), &blobs[1][..half])?;
+    let mut corrupt = blobs[1].clone();
+    corrupt[0] ^= 0xff;
+    std::fs::write(&blob, &corrupt)?;
+    let (s, v) = http()
+        .get(format!("{hub}/api/v1/blobs/{v2_sha}"))
+        .bearer_auth(ADMIN)
+        .header("range", format!("bytes={half}-"))
+        .send()
+        .map(|r| {
+            (
+                r.status().as_u16(),
+                r.bytes().map(|b| b.to_vec()).unwrap_or_default(),
+            )
+        })?;
+    assert_eq!((s, v.as_slice()), (206, &blobs[1][half..]));
+    let mut resume = targets(22, 3600, &[(v1, 0), (v2, 1)]);
+    key("pub3")?.sign(&mut resume)?;
+    sql(
+        "UPDATE aliases SET version = '2.0.0' WHERE model = 'wat' AND alias = 'production'",
+        &[],
+    )?;
+    let g = upload(&resume)?;
+    let report = wait_report(&hub, "node-a", g)?;
+    assert_eq!(report["models"][0]["state"], "serving", "{report}");
+    assert_eq!(served_y(&node_url), Some(2.0));
+    Ok(())
+}
+
+/// The hub over TLS (rustls): a node trusting the hub's CA syncs and serves; the publisher's
+/// commands take the CA too; a client that does not trust it is refused.
+#[test]
+fn hub_over_tls() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let root_dir = dir.path().to_path_buf();
+    let p = |n: &str| root_dir.join(n).to_string_lossy().into_owned();
+    // A test CA and a server certificate for 127.0.0.1 signed by it.
+    std::fs::write(
+        p("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )?;
+    for args in [
+        vec![
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            "/CN=capsule-test-ca",
+            "-days",
+            "2",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign",
+        ],
+        vec![
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "hub.key.pem",
+            "-out",
+            "hub.csr",
+        ],
+        vec![
+            "x509",
+            "-req",
+            "-in",
+            "hub.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            "hub.cert.pem",
+            "-extfile",
+            "ext.cnf",
+        ],
+    ] {
+        let status = Command::new("openssl")
+            .args(&args)
+            .current_dir(&root_dir)
+            .stderr(Stdio::null())
+            .status()?;
+        if !status.success() {
+            bail!("openssl {args:?} failed");
+        }
+    }
+    publisher_keys(&root_dir, &[])?;
+    let bytes = wat_capsule(&WatCapsule {
+        name: "wat".into(),
+        version: semver::Version::new(1, 0, 0),
+        y: 1.0,
+        golden_y: None,
+    })?;
+    std::fs::write(p("wat-1.0.0.capsule.wasm"), bytes)?;
+    let port = free_port()?;
+    let hub = Proc::spawn(&[
+        "hub".into(),
+        "--database".into(),
+        format!("sqlite://{}", p("hub.db")),
+        "--blobs".into(),
+        p("blobs"),
+        "--http".into(),
+        format!("127.0.0.1:{port}"),
+        "--admin-token".into(),
+        ADMIN.into(),
+        "--tls-cert".into(),
+        p("hub.cert.pem"),
+        "--tls-key".into(),
+        p("hub.key.pem"),
+    ])?;
+    let url = hub
+        .address("capsule hub:")
+        .map(|a| a.replace("http://", "https://"))?;
+    assert_eq!(url, format!("https://127.0.0.1:{port}"));
+
+    // A client without the CA cannot talk to it; plain HTTP gets no answer.
+    assert!(
+        reqwest::blocking::Client::new()
+            .get(format!("{url}/api/v1/health"))
+            .send()
+            .is_err()
+    );
+    assert!(
+        http()
+            .get(format!("http://127.0.0.1:{port}/api/v1/health"))
+            .send()
+            .is_err()
+    );
+    let pem = std::fs::read(p("ca.pem"))?;
+    let client = reqwest::blocking::Client::builder()
+        .use_rustls_tls()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem)?)
+        .build()?;
+    let token: Value = client
+        .post(format!("{url}/api/v1/nodes/node-a/token"))
+        .bearer_auth(ADMIN)
+        .send()?
+        .json()?;
+    let token = token["token"].as_str().context("token")?.to_owned();
+
+    let models = root_dir.join("models");
+    std::fs::create_dir_all(&models)?;
+    let node = Proc::spawn(&[
+        "serve".into(),
+        "--models".into(),
+        models.to_string_lossy().into_owned(),
+        "--http".into(),
+        "127.0.0.1:0".into(),
+        "--no-grpc".into(),
+        "--instances".into(),
+        "1".into(),
+        "--poll-interval-ms".into(),
+        "0".into(),
+        "--hub".into(),
+        url.clone(),
+        "--hub-token".into(),
+        token,
+        "--node-id".into(),
+        "node-a".into(),
+        "--trusted-root".into(),
+        p("root.json"),
+        "--hub-ca".into(),
+        p("ca.pem"),
+    ])?;
+    let node_url = node.address("REST on")?;
+    run(&[
+        "sign",
+        "--targets",
+        &p("targets.json"),
+        "--add",
+        &p("wat-1.0.0.capsule.wasm"),
+        "--key",
+        &p("pub1.key"),
+        "--key",
+        &p("pub2.key"),
+    ])?;
+    run(&[
+        "push",
+        &p("wat-1.0.0.capsule.wasm"),
+        "--hub",
+        &url,
+        "--token",
+        ADMIN,
+        "--ca",
+        &p("ca.pem"),
+        "--targets",
+        &p("targets.json"),
+        "--alias",
+        "production",
+    ])?;
+    wait_until("the node to serve v1 over TLS", || {
+        served_y(&node_url) == Some(1.0)
+    })
+    .with_context(|| format!("node log: {:?}", node.log.lock().map(|l| l.join("\n"))))?;
     Ok(())
 }

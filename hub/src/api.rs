@@ -4,7 +4,6 @@
 //! a node token is refused for admin calls (403) and for other nodes' ids (403).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -68,8 +67,35 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/api/v1/rollouts/{id}", get(show_rollout))
         .route("/api/v1/rollouts/{id}/{action}", post(rollout_action))
         .route("/api/v1/audit", get(audit_log))
+        .fallback(|| async { Error::NotFound("no such endpoint".into()) })
         .layer(DefaultBodyLimit::max(4 << 20))
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
+}
+
+/// Every error as JSON `{"error": ...}`, axum's own rejections (bad query string, body over
+/// its limit, wrong method) included.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 64 << 10)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_lowercase()
+    } else {
+        text
+    };
+    (parts.status, axum::Json(json!({"error": message}))).into_response()
 }
 
 /// Who is calling (any valid token), from `Authorization: Bearer ...`.
@@ -89,8 +115,8 @@ impl FromRequestParts<AppState> for Caller {
     async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Caller> {
         let remote = parts
             .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.to_string())
+            .get::<ConnectInfo<crate::tls::Remote>>()
+            .map(|c| c.0.0.to_string())
             .unwrap_or_default();
         let token = parts
             .headers

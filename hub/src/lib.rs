@@ -13,6 +13,7 @@
 mod api;
 mod blobs;
 pub mod db;
+mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -103,6 +104,10 @@ pub struct HubConfig {
     pub max_wait: Duration,
     /// Largest capsule accepted.
     pub max_blob_bytes: u64,
+    /// TLS certificate chain (PEM); with `tls_key`, the hub serves HTTPS only.
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for HubConfig {
@@ -116,6 +121,8 @@ impl Default for HubConfig {
             poll_interval: Duration::from_millis(200),
             max_wait: Duration::from_secs(30),
             max_blob_bytes: 2 << 30,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -187,6 +194,15 @@ impl Hub {
         let addr = listener
             .local_addr()
             .map_err(|e| Error::Io(e.to_string()))?;
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(tls::server_config(cert, key)?),
+            (None, None) => None,
+            _ => {
+                return Err(Error::BadRequest(
+                    "TLS needs both a certificate and a key".into(),
+                ));
+            }
+        };
         let shared = Arc::new(Shared {
             db,
             blobs,
@@ -197,18 +213,34 @@ impl Hub {
         let (shutdown, mut stop) = watch::channel(false);
         let app = api::router(Arc::clone(&shared));
         let mut stop_server = stop.clone();
-        let server = tokio::spawn(async move {
-            let serve = axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move {
-                let _ = stop_server.wait_for(|s| *s).await;
-            });
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "hub server failed");
+        let graceful = async move {
+            let _ = stop_server.wait_for(|s| *s).await;
+        };
+        let server = match tls {
+            Some(config) => {
+                let listener = tls::TlsListener::new(listener, config)?;
+                tokio::spawn(async move {
+                    let serve = axum::serve(
+                        listener,
+                        app.into_make_service_with_connect_info::<tls::Remote>(),
+                    )
+                    .with_graceful_shutdown(graceful);
+                    if let Err(e) = serve.await {
+                        tracing::error!(error = %e, "hub server failed");
+                    }
+                })
             }
-        });
+            None => tokio::spawn(async move {
+                let serve = axum::serve(
+                    listener,
+                    app.into_make_service_with_connect_info::<tls::Remote>(),
+                )
+                .with_graceful_shutdown(graceful);
+                if let Err(e) = serve.await {
+                    tracing::error!(error = %e, "hub server failed");
+                }
+            }),
+        };
         let background = Arc::clone(&shared);
         let ticker = tokio::spawn(async move {
             let mut tick = tokio::time::interval(background.config.poll_interval);

@@ -105,6 +105,7 @@ async fn run(n: usize) -> Result<()> {
                 labels: Default::default(),
                 trusted_root: root_path.clone(),
                 wait_ms: 25_000,
+                ca: None,
             }),
             ..NodeConfig::default()
         })

@@ -42,6 +42,9 @@ pub struct HubSync {
     /// Longest long-poll, in milliseconds.
     #[serde(default = "default_wait_ms")]
     pub wait_ms: u64,
+    /// A CA certificate (PEM) to trust for an `https://` hub, besides the public roots.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
 }
 
 fn default_wait_ms() -> u64 {
@@ -65,6 +68,18 @@ pub(crate) struct Agent {
     loader: Arc<Mutex<Loader>>,
     registry: Arc<ModelRegistry>,
     state: AgentState,
+}
+
+/// An error with its causes, one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 fn now() -> u64 {
@@ -113,8 +128,17 @@ impl Agent {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
+        let mut builder = reqwest::Client::builder()
+            .use_rustls_tls()
+            .connect_timeout(Duration::from_secs(5));
+        if let Some(ca) = &sync.ca {
+            let pem =
+                std::fs::read(ca).map_err(Error::io(format!("cannot read {}", ca.display())))?;
+            let cert = reqwest::Certificate::from_pem(&pem)
+                .map_err(|e| Error::Config(format!("{}: {e}", ca.display())))?;
+            builder = builder.add_root_certificate(cert);
+        }
+        let http = builder
             .build()
             .map_err(|e| Error::Config(format!("HTTP client: {e}")))?;
         Ok(Agent {
@@ -137,7 +161,7 @@ impl Agent {
             .bearer_auth(&self.sync.token)
             .send()
             .await
-            .map_err(|e| format!("hub unreachable: {e}"))?;
+            .map_err(|e| format!("hub unreachable: {}", chain(&e)))?;
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -257,7 +281,7 @@ impl Agent {
                 .bearer_auth(&self.sync.token)
                 .send()
                 .await
-                .map_err(|e| format!("hub unreachable: {e}"))?;
+                .map_err(|e| format!("hub unreachable: {}", chain(&e)))?;
             if resp.status().as_u16() == 404 {
                 return Ok(());
             }
