@@ -675,8 +675,9 @@ pub(crate) async fn timed_steps(s: &Shared) -> Result<()> {
         let due = r.state == "active"
             && r.step_interval_s > 0
             && now() - r.updated_at >= r.step_interval_s;
-        if due && advance(&mut r) {
-            s.db.update_rollout(&r).await?;
+        let from = r.step;
+        // Conditional on the step it was at, so two hubs sharing a database advance it once.
+        if due && advance(&mut r) && s.db.advance_rollout(&r, from).await? {
             s.db.audit(
                 "hub",
                 "rollout.step",

@@ -484,6 +484,20 @@ impl Db {
         Ok(())
     }
 
+    /// Moves a rollout from step `from` to the rollout's current step and percentage, only if
+    /// it is still active at `from` (several hubs may race to advance it); false otherwise.
+    pub async fn advance_rollout(&self, r: &Rollout, from: i64) -> Result<bool> {
+        let done = sqlx::query("UPDATE rollouts SET step = $1, percent = $2, updated_at = $3 WHERE id = $4 AND step = $5 AND state = 'active'")
+            .bind(r.step)
+            .bind(r.percent)
+            .bind(now())
+            .bind(&r.id)
+            .bind(from)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// Every rollout, newest first.
     pub async fn rollouts(&self) -> Result<Vec<Rollout>> {
         let rows = sqlx::query(&format!(
