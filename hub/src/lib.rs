@@ -217,29 +217,12 @@ impl Hub {
             let _ = stop_server.wait_for(|s| *s).await;
         };
         let server = match tls {
-            Some(config) => {
-                let listener = tls::TlsListener::new(listener, config)?;
-                tokio::spawn(async move {
-                    let serve = axum::serve(
-                        listener,
-                        app.into_make_service_with_connect_info::<tls::Remote>(),
-                    )
-                    .with_graceful_shutdown(graceful);
-                    if let Err(e) = serve.await {
-                        tracing::error!(error = %e, "hub server failed");
-                    }
-                })
-            }
-            None => tokio::spawn(async move {
-                let serve = axum::serve(
-                    listener,
-                    app.into_make_service_with_connect_info::<tls::Remote>(),
-                )
-                .with_graceful_shutdown(graceful);
-                if let Err(e) = serve.await {
-                    tracing::error!(error = %e, "hub server failed");
-                }
-            }),
+            Some(config) => tokio::spawn(serve(
+                tls::TlsListener::new(listener, config)?,
+                app,
+                graceful,
+            )),
+            None => tokio::spawn(serve(listener, app, graceful)),
         };
         let background = Arc::clone(&shared);
         let ticker = tokio::spawn(async move {
@@ -285,6 +268,27 @@ impl Hub {
         for t in self.tasks {
             let _ = t.await;
         }
+    }
+}
+
+/// Serves the API on a listener (plain TCP or TLS) until `stop` resolves.
+async fn serve<L>(
+    listener: L,
+    app: axum::Router,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+    for<'a> tls::Remote: axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, L>>,
+{
+    let served = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<tls::Remote>(),
+    )
+    .with_graceful_shutdown(stop)
+    .await;
+    if let Err(e) = served {
+        tracing::error!(error = %e, "hub server failed");
     }
 }
 
