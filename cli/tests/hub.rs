@@ -320,6 +320,14 @@ impl Fleet {
             "--key",
             &self.path("pub2.key"),
         ])?;
+        let provenance = self.path("provenance.json");
+        std::fs::write(
+            &provenance,
+            r#"{"dataset_sha256": "d1", "params": {"lr": 0.01}, "code_revision": "abc123"}"#,
+        )?;
+        let metrics = self.path(&format!("metrics-{version}.json"));
+        let accuracy = 0.9 + 0.01 * version[..1].parse::<f64>().unwrap_or(0.0);
+        std::fs::write(&metrics, format!(r#"{{"accuracy": {accuracy}}}"#))?;
         let mut args = vec![
             "push",
             capsule.as_str(),
@@ -329,6 +337,10 @@ impl Fleet {
             ADMIN,
             "--targets",
             targets.as_str(),
+            "--provenance",
+            provenance.as_str(),
+            "--metrics",
+            metrics.as_str(),
         ];
         if let Some(a) = alias {
             args.extend(["--alias", a]);
@@ -379,6 +391,43 @@ fn scenario(database: &str) -> Result<()> {
 
     // Canary v2 at 34%: exactly the nodes whose bucket is below 34.
     fleet.publish("2.0.0", None)?;
+    // Experiment tracking through the CLI: provenance and metrics as pushed, compare, and
+    // versions are immutable.
+    let hub_args = ["--hub", fleet.hub_url.as_str(), "--token", ADMIN];
+    let models_cli = |args: &[&str]| -> Result<Value> {
+        let mut all = vec!["models"];
+        all.extend(hub_args);
+        all.extend(args);
+        Ok(serde_json::from_str(&run(&all)?)?)
+    };
+    let shown = models_cli(&["show", "wat"])?;
+    let versions = shown["versions"].as_array().context("versions")?;
+    assert_eq!(versions.len(), 2, "{shown}");
+    let v2_row = &versions[1];
+    assert_eq!(v2_row["version"], "2.0.0");
+    assert_eq!(v2_row["provenance"]["dataset_sha256"], "d1", "{v2_row}");
+    assert_eq!(v2_row["provenance"]["code_revision"], "abc123", "{v2_row}");
+    assert_eq!(v2_row["provenance"]["params"]["lr"], 0.01, "{v2_row}");
+    assert!(
+        v2_row["provenance"]["source_sha256"]
+            .as_str()
+            .is_some_and(|h| h.len() == 64)
+    );
+    assert_eq!(v2_row["metrics"]["accuracy"], 0.92, "{v2_row}");
+    assert_eq!(shown["aliases"]["production"], "1.0.0");
+    let compared = models_cli(&["compare", "wat", "1.0.0", "2.0.0"])?;
+    let diff = compared["metrics_diff"]["accuracy"]
+        .as_f64()
+        .context("diff")?;
+    assert!((diff - 0.01).abs() < 1e-9, "{compared}");
+    let capsule = fleet.path("wat-1.0.0.capsule.wasm");
+    let mut again = vec!["push", capsule.as_str()];
+    again.extend(hub_args);
+    let err = run(&again).err().context("pushed twice")?.to_string();
+    assert!(
+        err.contains("hub answered 409: wat 1.0.0 is already registered (versions are immutable)"),
+        "{err}"
+    );
     let r = fleet.rollout("2.0.0", "34,100", 0.5)?;
     let id = r["id"].as_str().context("id")?.to_owned();
     let want: Vec<f64> = fleet
