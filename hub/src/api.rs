@@ -226,40 +226,53 @@ async fn get_blob(
     headers: HeaderMap,
     Path(sha256): Path<String>,
 ) -> Result<Response> {
+    use tokio::io::AsyncSeekExt;
     let path = s
         .blobs
         .path(&sha256)
         .ok_or_else(|| Error::BadRequest(format!("{sha256:?} is not a SHA-256")))?;
-    let bytes = tokio::fs::read(&path)
+    let mut file = tokio::fs::File::open(&path)
         .await
         .map_err(|_| Error::NotFound(format!("no blob {sha256}")))?;
+    let total = file
+        .metadata()
+        .await
+        .map_err(|e| Error::Io(e.to_string()))?
+        .len();
     let start = headers
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("bytes="))
         .and_then(|v| v.strip_suffix('-'))
-        .and_then(|v| v.parse::<usize>().ok());
+        .and_then(|v| v.parse::<u64>().ok());
+    // Streamed from the file: a large capsule never sits whole in the hub's memory.
+    let stream = |file| Body::from_stream(tokio_util::io::ReaderStream::new(file));
     match start {
-        Some(start) if start <= bytes.len() => {
-            let total = bytes.len();
-            let part = bytes[start..].to_vec();
+        Some(start) if start <= total => {
+            file.seek(std::io::SeekFrom::Start(start))
+                .await
+                .map_err(|e| Error::Io(e.to_string()))?;
             Ok((
                 StatusCode::PARTIAL_CONTENT,
                 [
                     (header::CONTENT_TYPE, "application/wasm".to_owned()),
+                    (header::CONTENT_LENGTH, (total - start).to_string()),
                     (
                         header::CONTENT_RANGE,
                         format!("bytes {start}-{}/{total}", total.saturating_sub(1)),
                     ),
                 ],
-                Body::from(part),
+                stream(file),
             )
                 .into_response())
         }
         Some(_) => Err(Error::BadRequest("range past the end of the blob".into())),
         None => Ok((
-            [(header::CONTENT_TYPE, "application/wasm".to_owned())],
-            Body::from(bytes),
+            [
+                (header::CONTENT_TYPE, "application/wasm".to_owned()),
+                (header::CONTENT_LENGTH, total.to_string()),
+            ],
+            stream(file),
         )
             .into_response()),
     }
