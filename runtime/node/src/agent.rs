@@ -314,6 +314,19 @@ impl Agent {
             .map_err(|e| e.to_string())
     }
 
+    /// The hub's targets, once the root is up to date (5.3), unexpired (5.3.10) and the
+    /// targets verify against it (5.6).
+    async fn trusted_targets(&mut self, state: &DesiredState) -> Result<Targets, String> {
+        self.update_root().await?;
+        if self.root.expires <= now() {
+            return Err(format!(
+                "refused (5.3.10): root version {} expired",
+                self.root.version
+            ));
+        }
+        self.verify(state)
+    }
+
     async fn apply(&mut self, state: &DesiredState) -> Report {
         let failed = |d: &DesiredModel, state: &str, detail: String| ReportedModel {
             model: d.model.clone(),
@@ -321,33 +334,7 @@ impl Agent {
             state: state.into(),
             detail,
         };
-        if let Err(e) = self.update_root().await {
-            tracing::error!(error = %e, "refusing the hub's root metadata: nothing installed");
-            return Report {
-                generation: state.generation,
-                models: state
-                    .models
-                    .iter()
-                    .map(|d| failed(d, "verify_failed", e.clone()))
-                    .collect(),
-            };
-        }
-        // TUF 5.3.10: the final root must not have expired.
-        if self.root.expires <= now() {
-            let e = format!(
-                "refused (5.3.10): root version {} expired",
-                self.root.version
-            );
-            return Report {
-                generation: state.generation,
-                models: state
-                    .models
-                    .iter()
-                    .map(|d| failed(d, "verify_failed", e.clone()))
-                    .collect(),
-            };
-        }
-        let targets = match self.verify(state) {
+        let targets = match self.trusted_targets(state).await {
             Ok(t) => t,
             Err(e) => {
                 tracing::error!(error = %e, "refusing the hub's state: nothing installed");
