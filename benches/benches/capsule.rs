@@ -147,6 +147,7 @@ fn preprocess_case(
         builder().build(capsule_runtime::BuildOptions {
             name: format!("{kind}-plain"),
             pipeline: None,
+            reference: None,
             golden: Vec::new(),
             model: or_die(std::fs::read(model), kind),
             ..or_die(capsule_tests::options("digits_mlp"), kind)

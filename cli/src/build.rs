@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use capsule_format::manifest::{Dim, Limits, ModelCard};
 use capsule_format::wire::InputShape;
+use capsule_runtime::reference::ReferenceData;
 use capsule_runtime::{BuildOptions, BuiltCapsule, CapsuleBuilder};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -44,12 +45,56 @@ pub struct Args {
     /// the capsule.
     #[arg(long)]
     pipeline: Option<PathBuf>,
+    /// Training data for drift detection: a CSV file with a header (columns named after the
+    /// tabular pipeline's fields, or one per column of an [N, F] input) or a 2-D .npy array.
+    /// Its per-feature histograms and moments go into the manifest.
+    #[arg(long, value_name = "FILE")]
+    reference: Option<PathBuf>,
     /// Memory cap recorded in the manifest, in MiB.
     #[arg(long, default_value_t = 1024)]
     max_memory_mib: u64,
     /// Time budget of one inference recorded in the manifest, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     time_budget_ms: u64,
+}
+
+/// Largest reference data file read.
+const MAX_REFERENCE_BYTES: u64 = 1 << 30;
+
+/// Reads `--reference`: a CSV file with a header, or a 2-D `.npy` array.
+fn read_reference(path: &Path) -> Result<ReferenceData> {
+    if path.extension().is_some_and(|e| e == "npy") {
+        let tensor = crate::npy::read(path)?;
+        let [_, width] = tensor.shape[..] else {
+            bail!(
+                "{}: a reference array must have two dimensions (rows, features), not {:?}",
+                path.display(),
+                tensor.shape
+            );
+        };
+        let width = usize::try_from(width).context("reference array too wide")?;
+        if width == 0 {
+            bail!("{}: the reference array has no columns", path.display());
+        }
+        return Ok(ReferenceData::Matrix {
+            width,
+            values: tensor.to_f64_vec()?,
+        });
+    }
+    let bytes = read_limited(path, MAX_REFERENCE_BYTES, "reference data")?;
+    let mut reader = csv::ReaderBuilder::new().from_reader(&bytes[..]);
+    let columns: Vec<String> = reader
+        .headers()
+        .with_context(|| format!("{}: no CSV header", path.display()))?
+        .iter()
+        .map(str::to_owned)
+        .collect();
+    let mut rows = Vec::new();
+    for (i, record) in reader.records().enumerate() {
+        let record = record.with_context(|| format!("{}: CSV row {}", path.display(), i + 1))?;
+        rows.push(record.iter().map(str::to_owned).collect());
+    }
+    Ok(ReferenceData::Table { columns, rows })
 }
 
 /// Parses `name=1,3,224,224`.
@@ -133,6 +178,7 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
             .as_deref()
             .map(capsule_runtime::spec::read_pipeline)
             .transpose()?,
+        reference: args.reference.as_deref().map(read_reference).transpose()?,
     };
     let engine = cli.engine()?;
     let built = build_with_progress(&engine, options)?;
@@ -207,6 +253,13 @@ fn print_summary(built: &BuiltCapsule, output: &Path) -> Result<()> {
         .flat_map(capsule_format::Pipeline::describe)
     {
         println!("  pipeline  {line}");
+    }
+    if let Some(r) = &m.reference {
+        println!(
+            "  reference {} features from {} training rows (drift detection)",
+            r.features.len(),
+            r.rows
+        );
     }
     println!(
         "  plan      {} nodes; snapshot image {}",

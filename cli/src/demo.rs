@@ -70,6 +70,7 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
             golden: golden::read_dir(&golden_dir)?,
             limits: Limits::default(),
             pipeline: None,
+            reference: None,
         },
     )?;
     let path = args.dir.join("digits.capsule.wasm");

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::{DType, Error, NamedTensor, Result, wire};
 
 /// Version of the manifest encoding written by this build.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Largest manifest section a reader accepts.
 pub const MAX_MANIFEST_BYTES: usize = 16 << 20;
@@ -171,6 +171,8 @@ pub struct CapsuleManifest {
     pub golden: Vec<GoldenSample>,
     /// Limits.
     pub limits: Limits,
+    /// Training-set statistics of the input features, for drift detection.
+    pub reference: Option<crate::telemetry::ReferenceStats>,
 }
 
 impl CapsuleManifest {
@@ -285,6 +287,7 @@ pub(crate) mod tests {
                 tolerance: 1e-4,
             }],
             limits: Limits::default(),
+            reference: None,
         }
     }
 
@@ -292,7 +295,7 @@ pub(crate) mod tests {
     fn section_round_trip() {
         let m = sample();
         let bytes = m.to_section_bytes().unwrap();
-        assert_eq!(&bytes[..8], b"CAPM\x02\x00\x00\x00");
+        assert_eq!(&bytes[..8], b"CAPM\x03\x00\x00\x00");
         assert_eq!(CapsuleManifest::from_section_bytes(&bytes).unwrap(), m);
     }
 
@@ -300,12 +303,12 @@ pub(crate) mod tests {
     fn refuses_bad_headers_and_truncation() {
         let bytes = sample().to_section_bytes().unwrap();
         let mut newer = bytes.clone();
-        newer[4] = 3;
+        newer[4] = 4;
         assert!(matches!(
             CapsuleManifest::from_section_bytes(&newer),
             Err(Error::UnsupportedFormatVersion {
-                found: 3,
-                supported: 2
+                found: 4,
+                supported: 3
             })
         ));
         let mut bad = bytes.clone();

@@ -45,6 +45,8 @@ pub struct BuildOptions {
     pub limits: Limits,
     /// Preprocessing and postprocessing compiled into the capsule.
     pub pipeline: Option<Pipeline>,
+    /// Training data whose statistics the manifest carries, for drift detection.
+    pub reference: Option<crate::reference::ReferenceData>,
 }
 
 /// A built capsule and what it took.
@@ -260,6 +262,11 @@ impl CapsuleBuilder {
                 },
             ),
         };
+        let reference = options
+            .reference
+            .as_ref()
+            .map(|data| data.statistics(&signature.inputs, pipeline.as_ref()))
+            .transpose()?;
         let load_time = started.elapsed();
 
         let snapshot_started = Instant::now();
@@ -298,6 +305,7 @@ impl CapsuleBuilder {
             card: options.card,
             golden: options.golden,
             limits: options.limits,
+            reference,
         };
         let section = wasm_encoder::CustomSection {
             name: MANIFEST_SECTION.into(),

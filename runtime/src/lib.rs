@@ -25,6 +25,7 @@ mod engine;
 mod error;
 pub mod golden;
 mod instance;
+pub mod reference;
 pub mod spec;
 mod validate;
 

@@ -195,6 +195,7 @@ pub fn run_capsule(builder: &CapsuleBuilder, case: &Case) -> Result<(), String> 
         golden: Vec::new(),
         limits: Limits::default(),
         pipeline: None,
+        reference: None,
     };
     let capsule = builder
         .build(options)

@@ -134,6 +134,7 @@ pub fn options(name: &str) -> Result<BuildOptions> {
             .collect(),
         limits: Limits::default(),
         pipeline: None,
+        reference: None,
     })
 }
 
@@ -155,6 +156,7 @@ pub fn pipeline_capsule(
         golden: Vec::new(),
         limits: Limits::default(),
         pipeline: Some(pipeline),
+        reference: None,
     })?)
 }
 
