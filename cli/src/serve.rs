@@ -81,6 +81,14 @@ pub struct Args {
     /// A CA certificate (PEM) to trust for an https:// hub.
     #[arg(long, env = "CAPSULE_HUB_CA")]
     hub_ca: Option<PathBuf>,
+    /// Length of a telemetry window in milliseconds (with a hub: one batch per window with
+    /// traffic). [default: 60000]
+    #[arg(long, env = "CAPSULE_TELEMETRY_WINDOW_MS")]
+    telemetry_window_ms: Option<u64>,
+    /// Bound of the local telemetry buffer in bytes; past it the oldest batches are dropped
+    /// and counted. [default: 67108864]
+    #[arg(long, env = "CAPSULE_TELEMETRY_BUFFER_BYTES")]
+    telemetry_buffer_bytes: Option<u64>,
 }
 
 impl Args {
@@ -105,7 +113,9 @@ impl Args {
             max_capsule_bytes,
             poll_interval_ms,
             version_policy,
-            drain_timeout_ms
+            drain_timeout_ms,
+            telemetry_window_ms,
+            telemetry_buffer_bytes
         );
         if let Some(grpc) = self.grpc {
             c.grpc = Some(grpc);

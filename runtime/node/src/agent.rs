@@ -64,7 +64,7 @@ pub(crate) struct Agent {
     sync: HubSync,
     models: PathBuf,
     root: Root,
-    http: reqwest::Client,
+    hub: HubClient,
     loader: Arc<Mutex<Loader>>,
     registry: Arc<ModelRegistry>,
     state: AgentState,
@@ -91,6 +91,69 @@ fn now() -> u64 {
 
 fn state_dir(models: &Path) -> PathBuf {
     models.join(".capsule-agent")
+}
+
+/// An HTTP client of the hub, with the node's token.
+#[derive(Debug, Clone)]
+pub(crate) struct HubClient {
+    base: String,
+    token: String,
+    pub(crate) http: reqwest::Client,
+}
+
+impl HubClient {
+    fn new(sync: &HubSync) -> Result<HubClient> {
+        let mut builder = reqwest::Client::builder()
+            .use_rustls_tls()
+            .connect_timeout(Duration::from_secs(5));
+        if let Some(ca) = &sync.ca {
+            let pem =
+                std::fs::read(ca).map_err(Error::io(format!("cannot read {}", ca.display())))?;
+            let cert = reqwest::Certificate::from_pem(&pem)
+                .map_err(|e| Error::Config(format!("{}: {e}", ca.display())))?;
+            builder = builder.add_root_certificate(cert);
+        }
+        let http = builder
+            .build()
+            .map_err(|e| Error::Config(format!("HTTP client: {e}")))?;
+        Ok(HubClient {
+            base: sync.url.trim_end_matches('/').to_owned(),
+            token: sync.token.clone(),
+            http,
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// A POST to `path` on the hub.
+    pub(crate) fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .post(self.url(path))
+            .timeout(Duration::from_secs(30))
+    }
+
+    /// Sends with the node's token; a non-success status is an error with the hub's answer.
+    pub(crate) async fn send(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, String> {
+        let resp = req
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| format!("hub unreachable: {}", chain(&e)))?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        Err(format!(
+            "hub answered {status}: {}",
+            text.chars().take(300).collect::<String>()
+        ))
+    }
 }
 
 /// Largest response the agent reads besides blobs (desired state, metadata inside it).
@@ -128,49 +191,29 @@ impl Agent {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
-        let mut builder = reqwest::Client::builder()
-            .use_rustls_tls()
-            .connect_timeout(Duration::from_secs(5));
-        if let Some(ca) = &sync.ca {
-            let pem =
-                std::fs::read(ca).map_err(Error::io(format!("cannot read {}", ca.display())))?;
-            let cert = reqwest::Certificate::from_pem(&pem)
-                .map_err(|e| Error::Config(format!("{}: {e}", ca.display())))?;
-            builder = builder.add_root_certificate(cert);
-        }
-        let http = builder
-            .build()
-            .map_err(|e| Error::Config(format!("HTTP client: {e}")))?;
+        let hub = HubClient::new(&sync)?;
         Ok(Agent {
             sync,
             models,
             root,
-            http,
+            hub,
             loader,
             registry,
             state,
         })
     }
 
+    /// A client of the same hub, for the telemetry shipper.
+    pub(crate) fn hub_client(&self) -> HubClient {
+        self.hub.clone()
+    }
+
     fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.sync.url.trim_end_matches('/'))
+        self.hub.url(path)
     }
 
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, String> {
-        let resp = req
-            .bearer_auth(&self.sync.token)
-            .send()
-            .await
-            .map_err(|e| format!("hub unreachable: {}", chain(&e)))?;
-        if resp.status().is_success() {
-            return Ok(resp);
-        }
-        let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap_or_default();
-        Err(format!(
-            "hub answered {status}: {}",
-            text.chars().take(300).collect::<String>()
-        ))
+        self.hub.send(req).await
     }
 
     async fn register(&self) -> Result<(), String> {
@@ -178,7 +221,8 @@ impl Agent {
             labels: self.sync.labels.clone(),
         };
         self.send(
-            self.http
+            self.hub
+                .http
                 .post(self.url(&format!("/api/v1/nodes/{}/register", self.sync.node_id)))
                 .json(&body),
         )
@@ -193,7 +237,8 @@ impl Agent {
         }
         let resp = self
             .send(
-                self.http
+                self.hub
+                    .http
                     .get(url)
                     .timeout(Duration::from_millis(self.sync.wait_ms + 10_000)),
             )
@@ -228,7 +273,8 @@ impl Agent {
                 if Some(state.generation) != generation {
                     let report = self.apply(&state).await;
                     self.send(
-                        self.http
+                        self.hub
+                            .http
                             .post(self.url(&format!("/api/v1/nodes/{}/report", self.sync.node_id)))
                             .json(&report),
                     )
@@ -276,6 +322,7 @@ impl Agent {
         for _ in 0..64 {
             let next = self.root.version + 1;
             let resp = self
+                .hub
                 .http
                 .get(self.url(&format!("/api/v1/metadata/root.{next}")))
                 .bearer_auth(&self.sync.token)
@@ -525,6 +572,7 @@ impl Agent {
             bytes.clear();
         }
         let mut req = self
+            .hub
             .http
             .get(self.url(&format!("/api/v1/blobs/{}", t.sha256)))
             .timeout(Duration::from_secs(600));

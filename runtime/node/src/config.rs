@@ -109,6 +109,12 @@ pub struct NodeConfig {
     pub drain_timeout_ms: u64,
     /// Sync with a hub (`None`: the repository is managed by hand).
     pub hub: Option<crate::agent::HubSync>,
+    /// Length of a telemetry window (one batch to the hub per window with traffic), in
+    /// milliseconds. Windows are aligned on the wall clock.
+    pub telemetry_window_ms: u64,
+    /// Bound of the local telemetry buffer, in bytes; past it the oldest batches are dropped
+    /// (and counted).
+    pub telemetry_buffer_bytes: u64,
 }
 
 impl Default for NodeConfig {
@@ -129,6 +135,8 @@ impl Default for NodeConfig {
             max_memory_bytes: None,
             drain_timeout_ms: 30_000,
             hub: None,
+            telemetry_window_ms: 60_000,
+            telemetry_buffer_bytes: 64 << 20,
         }
     }
 }
@@ -151,6 +159,11 @@ impl NodeConfig {
         }
         if self.max_body_bytes == 0 {
             return Err(Error::Config("max_body_bytes must be at least 1".into()));
+        }
+        if self.telemetry_window_ms < 100 {
+            return Err(Error::Config(
+                "telemetry_window_ms must be at least 100".into(),
+            ));
         }
         Ok(())
     }

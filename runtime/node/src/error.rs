@@ -58,6 +58,9 @@ pub enum Error {
     /// The node is shutting down.
     #[error("the node is shutting down")]
     ShuttingDown,
+    /// The node is not set up for this request.
+    #[error("{0}")]
+    Unsupported(String),
     /// The capsule failed while running the request (trap, guest error).
     #[error("inference failed: {0}")]
     Inference(capsule_runtime::Error),
@@ -124,6 +127,7 @@ impl Error {
             Error::QueueFull { .. } => 429,
             Error::NotReady { .. } | Error::ShuttingDown => 503,
             Error::DeadlineExceeded { .. } => 504,
+            Error::Unsupported(_) => 501,
             Error::Inference(capsule_runtime::Error::Guest(_)) => 400,
             _ => 500,
         }

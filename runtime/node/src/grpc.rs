@@ -189,7 +189,15 @@ impl GrpcService {
         for o in &r.outputs {
             v2::output_index(&names, &o.name).map_err(|e| bad(e.to_string()))?;
         }
-        let outcome = served.infer(inputs, deadline).await?;
+        let request_id = if r.id.is_empty() {
+            uuid::Uuid::new_v4().to_string()
+        } else {
+            r.id.clone()
+        };
+        let outcome = self
+            .registry
+            .infer_recorded(&served, inputs, deadline, &request_id)
+            .await?;
         let selected: Vec<&NamedTensor> = if r.outputs.is_empty() {
             outcome.outputs.iter().collect()
         } else {
@@ -201,7 +209,7 @@ impl GrpcService {
         Ok(ModelInferResponse {
             model_name: served.name.clone(),
             model_version: served.version.clone(),
-            id: r.id.clone(),
+            id: request_id,
             parameters: Default::default(),
             outputs: selected
                 .iter()

@@ -39,6 +39,7 @@ pub(crate) fn router(app: App) -> Router {
         .route("/v2/models/{model}", get(model_metadata))
         .route("/v2/models/{model}/ready", get(model_ready))
         .route("/v2/models/{model}/infer", post(infer))
+        .route("/v2/models/{model}/feedback", post(feedback))
         .route("/v2/models/{model}/versions/{version}", get(model_metadata))
         .route(
             "/v2/models/{model}/versions/{version}/ready",
@@ -285,6 +286,69 @@ async fn infer(
     }
 }
 
+/// One ground-truth label: `{"id": "...", "label": "..."}`, with `"index": i` for row `i`
+/// of a request of several rows. A numeric label is taken as its decimal text.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FeedbackItem {
+    id: String,
+    label: Value,
+    #[serde(default)]
+    index: Option<usize>,
+}
+
+/// Largest feedback body.
+const MAX_FEEDBACK_BYTES: u64 = 4 << 20;
+
+/// `POST /v2/models/{model}/feedback`: one label, or `{"feedback": [...]}` for several.
+async fn feedback(
+    State(app): State<App>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Body_ {
+        Many { feedback: Vec<FeedbackItem> },
+        One(FeedbackItem),
+    }
+    let bytes = read_body(&headers, body, MAX_FEEDBACK_BYTES).await?;
+    let parsed: Body_ = serde_json::from_slice(&bytes).map_err(|e| {
+        Error::BadRequest(format!(
+            "feedback must be {{\"id\": ..., \"label\": ..., \"index\": optional}} or {{\"feedback\": [...]}}: {e}"
+        ))
+    })?;
+    let items = match parsed {
+        Body_::Many { feedback } => feedback,
+        Body_::One(item) => vec![item],
+    };
+    let items = items
+        .into_iter()
+        .map(|f| {
+            let label = match f.label {
+                Value::String(s) => s,
+                Value::Number(n) => n.to_string(),
+                Value::Bool(b) => b.to_string(),
+                other => {
+                    return Err(Error::BadRequest(format!(
+                        "feedback for {:?}: the label must be a string or a number, not {other}",
+                        f.id
+                    )));
+                }
+            };
+            let id = match f.index {
+                Some(i) => format!("{}/{i}", f.id),
+                None => f.id,
+            };
+            Ok((id, label))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let offered = items.len();
+    let accepted = app.registry.feedback(&model, items)?;
+    Ok(axum::Json(json!({ "accepted": accepted, "dropped": offered - accepted })).into_response())
+}
+
 async fn run_infer(
     app: &App,
     model: &str,
@@ -321,7 +385,11 @@ async fn run_infer(
         .id
         .clone()
         .or_else(|| Some(request_id.to_owned()));
-    let outcome = served.infer(decoded.inputs, deadline).await?;
+    let id_str = id.clone().unwrap_or_default();
+    let outcome = app
+        .registry
+        .infer_recorded(&served, decoded.inputs, deadline, &id_str)
+        .await?;
     let actual: Vec<&str> = outcome.outputs.iter().map(|t| t.name.as_str()).collect();
     let selection = decoded
         .request

@@ -25,6 +25,7 @@ mod metrics;
 mod models;
 mod node;
 mod repository;
+mod telemetry;
 
 pub use agent::HubSync;
 pub use config::{NodeConfig, VersionPolicy};

@@ -1,8 +1,8 @@
 //! Prometheus metrics of the node (text exposition format at `/metrics`).
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::{Error, Result};
@@ -43,6 +43,36 @@ pub struct Metrics {
     pub swaps: IntCounterVec,
     /// Model versions being served.
     pub versions_loaded: IntGauge,
+    /// Telemetry batches waiting in the buffer.
+    pub telemetry_buffered_batches: IntGauge,
+    /// Bytes of telemetry waiting in the buffer.
+    pub telemetry_buffered_bytes: IntGauge,
+    /// Telemetry batches dropped from the full buffer (oldest first), since the buffer began.
+    pub telemetry_dropped_batches: IntCounter,
+    /// Requests in those batches.
+    pub telemetry_dropped_requests: IntCounter,
+    /// Telemetry batches the hub acknowledged.
+    pub telemetry_shipped_batches: IntCounter,
+    /// Failed shipments (the batches stay buffered).
+    pub telemetry_ship_failures: IntCounter,
+    /// Feedback labels accepted, by model.
+    pub feedback: IntCounterVec,
+}
+
+fn single_counter(registry: &Registry, name: &str, help: &str) -> Result<IntCounter> {
+    let c = IntCounter::new(name, help).map_err(metrics_error)?;
+    registry
+        .register(Box::new(c.clone()))
+        .map_err(metrics_error)?;
+    Ok(c)
+}
+
+fn single_gauge(registry: &Registry, name: &str, help: &str) -> Result<IntGauge> {
+    let g = IntGauge::new(name, help).map_err(metrics_error)?;
+    registry
+        .register(Box::new(g.clone()))
+        .map_err(metrics_error)?;
+    Ok(g)
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec> {
@@ -90,14 +120,11 @@ impl Metrics {
             ))
             .map_err(metrics_error)?;
         let r = &registry;
-        let versions_loaded = IntGauge::new(
+        let versions_loaded = single_gauge(
+            r,
             "capsule_model_versions_loaded",
             "Model versions being served.",
-        )
-        .map_err(metrics_error)?;
-        registry
-            .register(Box::new(versions_loaded.clone()))
-            .map_err(metrics_error)?;
+        )?;
         Ok(Metrics {
             requests: counter(
                 r,
@@ -172,6 +199,42 @@ impl Metrics {
                 &["model", "outcome"],
             )?,
             versions_loaded,
+            telemetry_buffered_batches: single_gauge(
+                r,
+                "capsule_telemetry_buffered_batches",
+                "Telemetry batches waiting in the local buffer for the hub.",
+            )?,
+            telemetry_buffered_bytes: single_gauge(
+                r,
+                "capsule_telemetry_buffered_bytes",
+                "Bytes of telemetry waiting in the local buffer.",
+            )?,
+            telemetry_dropped_batches: single_counter(
+                r,
+                "capsule_telemetry_dropped_batches_total",
+                "Telemetry batches dropped from the full buffer (oldest first).",
+            )?,
+            telemetry_dropped_requests: single_counter(
+                r,
+                "capsule_telemetry_dropped_requests_total",
+                "Requests in the dropped telemetry batches.",
+            )?,
+            telemetry_shipped_batches: single_counter(
+                r,
+                "capsule_telemetry_shipped_batches_total",
+                "Telemetry batches acknowledged by the hub.",
+            )?,
+            telemetry_ship_failures: single_counter(
+                r,
+                "capsule_telemetry_ship_failures_total",
+                "Telemetry shipments that failed (the batches stay buffered).",
+            )?,
+            feedback: counter(
+                r,
+                "capsule_feedback_total",
+                "Ground-truth labels accepted by POST /v2/models/{m}/feedback.",
+                &["model"],
+            )?,
             registry,
         })
     }

@@ -13,6 +13,7 @@ use tokio::sync::{Semaphore, TryAcquireError};
 
 use crate::metrics::Metrics;
 use crate::repository::compare_versions;
+use crate::telemetry::Telemetry;
 use crate::{Error, Result};
 
 /// One model version being served: an installed capsule, its warm instances and its wait
@@ -262,15 +263,63 @@ pub struct ModelRegistry {
     models: RwLock<BTreeMap<String, ModelEntry>>,
     ready: AtomicBool,
     pub(crate) metrics: Metrics,
+    telemetry: Option<Arc<Telemetry>>,
 }
 
 impl ModelRegistry {
-    pub(crate) fn new(metrics: Metrics) -> ModelRegistry {
+    pub(crate) fn new(metrics: Metrics, telemetry: Option<Arc<Telemetry>>) -> ModelRegistry {
         ModelRegistry {
             models: RwLock::new(BTreeMap::new()),
             ready: AtomicBool::new(false),
             metrics,
+            telemetry,
         }
+    }
+
+    /// Runs one inference on `served` ([`ServedModel::infer`]) and records it in the node's
+    /// telemetry (when it has a hub): latency, outcome, input features, predicted classes,
+    /// and the prediction under `request_id` for later feedback.
+    pub async fn infer_recorded(
+        &self,
+        served: &Arc<ServedModel>,
+        inputs: Vec<NamedTensor>,
+        deadline: Duration,
+        request_id: &str,
+    ) -> Result<InferOutcome> {
+        let Some(telemetry) = &self.telemetry else {
+            return served.infer(inputs, deadline).await;
+        };
+        let started = Instant::now();
+        let observed = telemetry.observe(served.manifest(), &inputs);
+        let result = served.infer(inputs, deadline).await;
+        let outputs = match &result {
+            Ok(o) => Ok(o.outputs.as_slice()),
+            Err(e) => Err(e.outcome()),
+        };
+        telemetry.record(
+            &served.name,
+            &served.version,
+            &served.manifest().labels,
+            observed,
+            outputs,
+            started.elapsed(),
+            request_id,
+        );
+        result
+    }
+
+    /// Records ground-truth labels (request id, label) for earlier predictions of `model`.
+    /// Returns how many were kept.
+    pub fn feedback(&self, model: &str, items: Vec<(String, String)>) -> Result<usize> {
+        let Some(telemetry) = &self.telemetry else {
+            return Err(Error::Unsupported(
+                "feedback needs telemetry: start the node with --hub".into(),
+            ));
+        };
+        if !self.read().contains_key(model) {
+            return Err(Error::ModelNotFound(model.to_owned()));
+        }
+        Ok(telemetry.feedback(model, items))
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, ModelEntry>> {

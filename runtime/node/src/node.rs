@@ -27,6 +27,8 @@ pub struct Node {
     servers: Vec<JoinHandle<()>>,
     watcher: JoinHandle<()>,
     agent: Option<JoinHandle<()>>,
+    /// The telemetry task and its stop signal (sent once the servers have drained).
+    telemetry: Option<(JoinHandle<()>, watch::Sender<bool>)>,
 }
 
 impl std::fmt::Debug for Node {
@@ -66,7 +68,17 @@ impl Node {
         }
         let engine = CapsuleEngine::new(engine_config).map_err(Error::Engine)?;
         let metrics = Metrics::new()?;
-        let registry = Arc::new(ModelRegistry::new(metrics));
+        let telemetry = match &config.hub {
+            Some(sync) => Some(crate::telemetry::Telemetry::open(
+                &config.models.join(".capsule-agent").join("telemetry"),
+                &sync.node_id,
+                config.telemetry_window_ms,
+                config.telemetry_buffer_bytes,
+                metrics.clone(),
+            )?),
+            None => None,
+        };
+        let registry = Arc::new(ModelRegistry::new(metrics, telemetry.clone()));
         let config = Arc::new(config);
         let loader = Arc::new(Mutex::new(Loader::new(
             engine,
@@ -155,6 +167,7 @@ impl Node {
                 }
             })
         };
+        let mut telemetry_task = None;
         let agent = match &config.hub {
             Some(sync) => {
                 let agent = crate::agent::Agent::new(
@@ -163,6 +176,11 @@ impl Node {
                     Arc::clone(&loader),
                     Arc::clone(&registry),
                 )?;
+                if let Some(t) = telemetry {
+                    let hub = agent.hub_client();
+                    let (stop, rx) = watch::channel(false);
+                    telemetry_task = Some((tokio::spawn(t.run(hub, rx)), stop));
+                }
                 Some(tokio::spawn(agent.run(shutdown.subscribe())))
             }
             None => None,
@@ -177,6 +195,7 @@ impl Node {
             servers,
             watcher,
             agent,
+            telemetry: telemetry_task,
         })
     }
 
@@ -247,6 +266,11 @@ impl Node {
                 timeout_ms = self.config.drain_timeout_ms,
                 "drain timeout: closing with requests still in flight"
             );
+        }
+        // After the servers: the last window has every request they answered.
+        if let Some((task, stop)) = self.telemetry {
+            let _ = stop.send(true);
+            let _ = task.await;
         }
         self.registry.close_all();
         tracing::info!("node stopped");

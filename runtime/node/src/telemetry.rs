@@ -1,0 +1,583 @@
+//! Telemetry of a node synced with a hub: per model version, request and error counts, a
+//! latency histogram, input feature histograms in the bins of the capsule's reference
+//! statistics, the predicted classes and the predictions kept for feedback, aggregated in
+//! windows aligned on the wall clock.
+//!
+//! Each closed window becomes one batch in a local buffer (`MODELS/.capsule-agent/telemetry`):
+//! one file per batch, written to a temporary file, fsync'd and renamed, so a batch is either
+//! whole on disk or absent after a crash. The buffer is bounded in bytes; when a new batch
+//! does not fit, the oldest are deleted and counted (the counts travel in every later batch
+//! and survive restarts). A shipper posts the buffered batches to the hub in order and deletes
+//! them once the hub acknowledges them. The hub keys batches by `(node, seq)`, so a retry after
+//! a lost acknowledgement is stored once.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use capsule_format::telemetry::{
+    self, FeatureHistogram, Feedback, MAX_FEEDBACK, MAX_PREDICTIONS, ModelWindow, Prediction,
+    TelemetryBatch,
+};
+use capsule_format::{CapsuleManifest, NamedTensor};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, watch};
+
+use crate::metrics::Metrics;
+use crate::{Error, Result};
+
+/// Most batches one shipment carries.
+const SHIP_BATCHES: usize = 64;
+/// Most bytes one shipment carries.
+const SHIP_BYTES: usize = 4 << 20;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Counters that survive restarts (`state.json` in the buffer directory).
+#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
+struct BufferState {
+    last_seq: u64,
+    dropped_batches: u64,
+    dropped_requests: u64,
+}
+
+/// The on-disk batch buffer.
+#[derive(Debug)]
+struct Buffer {
+    dir: PathBuf,
+    max_bytes: u64,
+    state: BufferState,
+    /// seq -> (file size, requests in the batch).
+    files: BTreeMap<u64, (u64, u64)>,
+}
+
+fn batch_path(dir: &Path, seq: u64, requests: u64) -> PathBuf {
+    dir.join(format!("{seq:020}-{requests}.batch"))
+}
+
+/// Writes `bytes` to `path` durably: a temporary file, fsync, rename, fsync of the directory.
+fn write_durably(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+impl Buffer {
+    fn open(dir: &Path, max_bytes: u64) -> Result<Buffer> {
+        std::fs::create_dir_all(dir)
+            .map_err(Error::io(format!("cannot create {}", dir.display())))?;
+        let mut state: BufferState = match std::fs::read(dir.join("state.json")) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map_err(|e| Error::Config(format!("{}: {e}", dir.join("state.json").display())))?,
+            Err(_) => BufferState::default(),
+        };
+        let mut files = BTreeMap::new();
+        let entries =
+            std::fs::read_dir(dir).map_err(Error::io(format!("cannot read {}", dir.display())))?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".tmp") {
+                // A write cut short by a crash: never renamed, so never counted.
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            let Some(stem) = name.strip_suffix(".batch") else {
+                continue;
+            };
+            let parsed = stem
+                .split_once('-')
+                .and_then(|(s, r)| Some((s.parse::<u64>().ok()?, r.parse::<u64>().ok()?)));
+            let (Some((seq, requests)), Ok(meta)) = (parsed, entry.metadata()) else {
+                continue;
+            };
+            state.last_seq = state.last_seq.max(seq);
+            files.insert(seq, (meta.len(), requests));
+        }
+        Ok(Buffer {
+            dir: dir.to_owned(),
+            max_bytes,
+            state,
+            files,
+        })
+    }
+
+    fn bytes(&self) -> u64 {
+        self.files.values().map(|(size, _)| size).sum()
+    }
+
+    /// Numbers and stores one batch, evicting the oldest batches when it does not fit.
+    /// Returns the batches evicted and their requests.
+    fn push(&mut self, mut batch: TelemetryBatch) -> Result<(u64, u64)> {
+        let seq = self.state.last_seq + 1;
+        batch.seq = seq;
+        let requests = batch.requests();
+        // The counters a batch carries include its own eviction, so encode it last.
+        let mut evicted = (0u64, 0u64);
+        let mut encoded;
+        loop {
+            batch.dropped_batches = self.state.dropped_batches + evicted.0;
+            batch.dropped_requests = self.state.dropped_requests + evicted.1;
+            encoded = serde_json::to_vec(&batch)
+                .map_err(|e| Error::Internal(format!("telemetry batch: {e}")))?;
+            let kept: u64 = self
+                .files
+                .iter()
+                .skip(usize::try_from(evicted.0).unwrap_or(usize::MAX))
+                .map(|(_, (size, _))| size)
+                .sum();
+            if kept + encoded.len() as u64 <= self.max_bytes
+                || evicted.0 as usize >= self.files.len()
+            {
+                break;
+            }
+            let Some((_, (_, r))) = self.files.iter().nth(evicted.0 as usize) else {
+                break;
+            };
+            evicted = (evicted.0 + 1, evicted.1 + r);
+        }
+        self.state.last_seq = seq;
+        if encoded.len() as u64 > self.max_bytes {
+            // Larger than the whole buffer: the batch itself is dropped (and counted).
+            evicted = (evicted.0 + 1, evicted.1 + requests);
+        }
+        for _ in 0..evicted.0.min(self.files.len() as u64) {
+            if let Some((old, (_, r))) = self.files.pop_first() {
+                let _ = std::fs::remove_file(batch_path(&self.dir, old, r));
+            }
+        }
+        self.state.dropped_batches += evicted.0;
+        self.state.dropped_requests += evicted.1;
+        let state = serde_json::to_vec(&self.state)
+            .map_err(|e| Error::Internal(format!("telemetry state: {e}")))?;
+        write_durably(&self.dir, &self.dir.join("state.json"), &state)
+            .map_err(Error::io("cannot write the telemetry state"))?;
+        if encoded.len() as u64 <= self.max_bytes {
+            let path = batch_path(&self.dir, seq, requests);
+            write_durably(&self.dir, &path, &encoded)
+                .map_err(Error::io(format!("cannot write {}", path.display())))?;
+            self.files.insert(seq, (encoded.len() as u64, requests));
+        }
+        Ok(evicted)
+    }
+
+    /// The oldest batches, up to the shipment limits.
+    fn pending(&self) -> Vec<(u64, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut size = 0usize;
+        for (&seq, &(_, requests)) in self.files.iter().take(SHIP_BATCHES) {
+            let Ok(bytes) = std::fs::read(batch_path(&self.dir, seq, requests)) else {
+                continue;
+            };
+            if !out.is_empty() && size + bytes.len() > SHIP_BYTES {
+                break;
+            }
+            size += bytes.len();
+            out.push((seq, bytes));
+        }
+        out
+    }
+
+    fn ack(&mut self, seqs: &[u64]) {
+        for seq in seqs {
+            if let Some((_, requests)) = self.files.remove(seq) {
+                let _ = std::fs::remove_file(batch_path(&self.dir, *seq, requests));
+            }
+        }
+    }
+}
+
+/// The window being filled.
+#[derive(Debug)]
+struct Window {
+    start_ms: u64,
+    models: BTreeMap<(String, String), ModelWindow>,
+    feedback: Vec<Feedback>,
+}
+
+/// Input features of one request, counted before it runs.
+#[derive(Debug, Default)]
+pub(crate) struct Observed {
+    features: Vec<FeatureHistogram>,
+    rows: u64,
+}
+
+/// A node's telemetry recorder, buffer and shipper.
+#[derive(Debug)]
+pub(crate) struct Telemetry {
+    node_id: String,
+    window_ms: u64,
+    current: Mutex<Window>,
+    buffer: Mutex<Buffer>,
+    metrics: Metrics,
+    wake: Notify,
+}
+
+fn window_start(now: u64, window_ms: u64) -> u64 {
+    now - now % window_ms.max(1)
+}
+
+impl Telemetry {
+    /// Opens the buffer in `dir` (batches left by an earlier run are shipped too).
+    pub(crate) fn open(
+        dir: &Path,
+        node_id: &str,
+        window_ms: u64,
+        max_bytes: u64,
+        metrics: Metrics,
+    ) -> Result<Arc<Telemetry>> {
+        let buffer = Buffer::open(dir, max_bytes)?;
+        metrics
+            .telemetry_dropped_batches
+            .inc_by(buffer.state.dropped_batches);
+        metrics
+            .telemetry_dropped_requests
+            .inc_by(buffer.state.dropped_requests);
+        let telemetry = Telemetry {
+            node_id: node_id.to_owned(),
+            window_ms: window_ms.max(1),
+            current: Mutex::new(Window {
+                start_ms: window_start(now_ms(), window_ms),
+                models: BTreeMap::new(),
+                feedback: Vec::new(),
+            }),
+            buffer: Mutex::new(buffer),
+            metrics,
+            wake: Notify::new(),
+        };
+        telemetry.refresh_gauges();
+        Ok(Arc::new(telemetry))
+    }
+
+    fn refresh_gauges(&self) {
+        let b = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
+        self.metrics
+            .telemetry_buffered_batches
+            .set(i64::try_from(b.files.len()).unwrap_or(i64::MAX));
+        self.metrics
+            .telemetry_buffered_bytes
+            .set(i64::try_from(b.bytes()).unwrap_or(i64::MAX));
+    }
+
+    /// Counts the input features of a request (before it runs: the inputs move into the
+    /// guest call).
+    pub(crate) fn observe(&self, manifest: &CapsuleManifest, inputs: &[NamedTensor]) -> Observed {
+        let Some(reference) = &manifest.reference else {
+            return Observed::default();
+        };
+        let mut features = reference.empty_live();
+        let rows = reference.observe(inputs, &mut features);
+        Observed { features, rows }
+    }
+
+    /// Records one request: its latency, its outcome, its features and its predictions.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn record(
+        &self,
+        model: &str,
+        version: &str,
+        labels: &[String],
+        observed: Observed,
+        outputs: std::result::Result<&[NamedTensor], &'static str>,
+        elapsed: Duration,
+        request_id: &str,
+    ) {
+        let classes = match outputs {
+            Ok(outputs) => telemetry::classes(outputs, labels),
+            Err(_) => Vec::new(),
+        };
+        let n = classes.len();
+        let mut w = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = w
+            .models
+            .entry((model.to_owned(), version.to_owned()))
+            .or_insert_with(|| ModelWindow {
+                model: model.to_owned(),
+                version: version.to_owned(),
+                ..ModelWindow::default()
+            });
+        entry.requests = entry.requests.saturating_add(1);
+        entry.rows = entry.rows.saturating_add(observed.rows);
+        entry.latency.observe(elapsed.as_secs_f64() * 1e3);
+        if let Err(outcome) = outputs {
+            let e = entry.errors.entry(outcome.to_owned()).or_default();
+            *e = e.saturating_add(1);
+        }
+        if entry.features.is_empty() {
+            entry.features = observed.features;
+        } else if entry.features.len() == observed.features.len() {
+            for (a, b) in entry.features.iter_mut().zip(&observed.features) {
+                let _ = a.merge(b);
+            }
+        }
+        for (i, class) in classes.into_iter().enumerate() {
+            entry.count_class(&class);
+            if entry.predictions.len() < MAX_PREDICTIONS {
+                entry.predictions.push(Prediction {
+                    id: telemetry::prediction_id(request_id, i, n),
+                    class,
+                });
+            } else {
+                entry.predictions_dropped = entry.predictions_dropped.saturating_add(1);
+            }
+        }
+    }
+
+    /// Records ground-truth labels for earlier predictions of `model`. Returns how many were
+    /// kept (the window keeps at most [`MAX_FEEDBACK`]).
+    pub(crate) fn feedback(&self, model: &str, items: Vec<(String, String)>) -> usize {
+        let mut w = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let room = MAX_FEEDBACK.saturating_sub(w.feedback.len());
+        let kept = items.len().min(room);
+        w.feedback
+            .extend(items.into_iter().take(kept).map(|(id, label)| Feedback {
+                model: model.to_owned(),
+                id: telemetry::cut(&id),
+                label: telemetry::cut(&label),
+            }));
+        self.metrics
+            .feedback
+            .with_label_values(&[model])
+            .inc_by(kept as u64);
+        kept
+    }
+
+    /// Closes the current window and writes it to the buffer (nothing when it saw nothing).
+    pub(crate) fn flush(&self) -> Result<()> {
+        let now = now_ms();
+        let window = {
+            let mut w = self.current.lock().unwrap_or_else(|p| p.into_inner());
+            let next = Window {
+                start_ms: window_start(now, self.window_ms).max(w.start_ms),
+                models: BTreeMap::new(),
+                feedback: Vec::new(),
+            };
+            std::mem::replace(&mut *w, next)
+        };
+        if window.models.is_empty() && window.feedback.is_empty() {
+            return Ok(());
+        }
+        let batch = TelemetryBatch {
+            node_id: self.node_id.clone(),
+            seq: 0,
+            window_start_ms: window.start_ms,
+            window_end_ms: now.max(window.start_ms),
+            dropped_batches: 0,
+            dropped_requests: 0,
+            models: window.models.into_values().collect(),
+            feedback: window.feedback,
+        };
+        let evicted = self
+            .buffer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(batch)?;
+        if evicted.0 > 0 {
+            tracing::warn!(
+                batches = evicted.0,
+                requests = evicted.1,
+                "telemetry buffer full: dropped the oldest batches"
+            );
+        }
+        self.metrics.telemetry_dropped_batches.inc_by(evicted.0);
+        self.metrics.telemetry_dropped_requests.inc_by(evicted.1);
+        self.refresh_gauges();
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Ships buffered batches until the buffer is empty or the hub fails. Returns whether
+    /// everything buffered was acknowledged.
+    async fn ship(&self, hub: &crate::agent::HubClient) -> std::result::Result<(), String> {
+        loop {
+            let pending = self
+                .buffer
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pending();
+            if pending.is_empty() {
+                return Ok(());
+            }
+            let mut body =
+                Vec::with_capacity(pending.iter().map(|(_, b)| b.len() + 1).sum::<usize>() + 16);
+            body.extend_from_slice(b"{\"batches\":[");
+            for (i, (_, bytes)) in pending.iter().enumerate() {
+                if i > 0 {
+                    body.push(b',');
+                }
+                body.extend_from_slice(bytes);
+            }
+            body.extend_from_slice(b"]}");
+            let resp = hub
+                .send(
+                    hub.post("/api/v1/telemetry")
+                        .header("content-type", "application/json")
+                        .body(body),
+                )
+                .await?;
+            #[derive(Deserialize)]
+            struct Acked {
+                acked: Vec<u64>,
+            }
+            let acked: Acked = resp
+                .json()
+                .await
+                .map_err(|e| format!("hub answered an unreadable acknowledgement: {e}"))?;
+            let sent: Vec<u64> = pending.iter().map(|(s, _)| *s).collect();
+            let acked: Vec<u64> = acked
+                .acked
+                .into_iter()
+                .filter(|s| sent.contains(s))
+                .collect();
+            self.buffer
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .ack(&acked);
+            self.metrics
+                .telemetry_shipped_batches
+                .inc_by(acked.len() as u64);
+            self.refresh_gauges();
+            if acked.len() < sent.len() {
+                return Err(format!(
+                    "hub acknowledged {} of {} batches",
+                    acked.len(),
+                    sent.len()
+                ));
+            }
+        }
+    }
+
+    /// Closes windows on time and ships batches until shutdown; the last window is
+    /// flushed (and shipped, when the hub answers) on the way out.
+    pub(crate) async fn run(
+        self: Arc<Self>,
+        hub: crate::agent::HubClient,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let flusher = {
+            let me = Arc::clone(&self);
+            let mut shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                loop {
+                    let now = now_ms();
+                    let next = window_start(now, me.window_ms) + me.window_ms;
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(next.saturating_sub(now))) => {}
+                        _ = shutdown.wait_for(|s| *s) => return,
+                    }
+                    let me2 = Arc::clone(&me);
+                    match tokio::task::spawn_blocking(move || me2.flush()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            tracing::error!(error = %e, "telemetry: cannot buffer the window")
+                        }
+                        Err(e) => tracing::error!(error = %e, "telemetry: flush failed"),
+                    }
+                }
+            })
+        };
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            match self.ship(&hub).await {
+                Ok(()) => backoff = Duration::from_millis(500),
+                Err(e) => {
+                    self.metrics.telemetry_ship_failures.inc();
+                    tracing::warn!(error = %e, retry_ms = backoff.as_millis() as u64, "telemetry: shipping failed; batches stay buffered");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.wait_for(|s| *s) => break,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    continue;
+                }
+            }
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                _ = shutdown.wait_for(|s| *s) => break,
+            }
+        }
+        let _ = flusher.await;
+        let me = Arc::clone(&self);
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || me.flush()).await {
+            tracing::error!(error = %e, "telemetry: cannot buffer the last window");
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.ship(&hub)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(requests: u64) -> TelemetryBatch {
+        TelemetryBatch {
+            node_id: "n".into(),
+            window_start_ms: 1,
+            window_end_ms: 2,
+            models: vec![ModelWindow {
+                model: "m".into(),
+                version: "1".into(),
+                requests,
+                ..ModelWindow::default()
+            }],
+            ..TelemetryBatch::default()
+        }
+    }
+
+    #[test]
+    fn the_buffer_evicts_the_oldest_and_counts_them_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = serde_json::to_vec(&TelemetryBatch {
+            seq: 1,
+            ..batch(10)
+        })
+        .unwrap()
+        .len() as u64;
+        let mut b = Buffer::open(dir.path(), size * 3 + size / 2).unwrap();
+        for r in [10, 20, 30] {
+            assert_eq!(b.push(batch(r)).unwrap(), (0, 0));
+        }
+        assert_eq!(b.push(batch(40)).unwrap(), (1, 10));
+        assert_eq!(b.push(batch(50)).unwrap(), (1, 20));
+        assert_eq!(b.files.keys().copied().collect::<Vec<_>>(), vec![3, 4, 5]);
+        // A crash mid-write leaves a temporary file, which is not a batch.
+        std::fs::write(dir.path().join("00000000000000000006-1.tmp"), b"{").unwrap();
+        drop(b);
+        let mut b = Buffer::open(dir.path(), size * 3 + size / 2).unwrap();
+        assert_eq!(
+            (
+                b.state.last_seq,
+                b.state.dropped_batches,
+                b.state.dropped_requests
+            ),
+            (5, 2, 30)
+        );
+        assert_eq!(b.files.len(), 3);
+        let pending = b.pending();
+        let first: TelemetryBatch = serde_json::from_slice(&pending[0].1).unwrap();
+        assert_eq!(
+            (first.seq, first.dropped_batches, first.dropped_requests),
+            (3, 0, 0)
+        );
+        let last: TelemetryBatch = serde_json::from_slice(&pending[2].1).unwrap();
+        assert_eq!(
+            (last.seq, last.dropped_batches, last.dropped_requests),
+            (5, 2, 30)
+        );
+        b.ack(&[3, 4]);
+        assert_eq!(b.push(batch(60)).unwrap(), (0, 0));
+        assert_eq!(b.files.keys().copied().collect::<Vec<_>>(), vec![5, 6]);
+        assert!(!dir.path().join("00000000000000000006-1.tmp").exists());
+    }
+}
