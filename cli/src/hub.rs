@@ -50,6 +50,11 @@ pub struct HubArgs {
     /// TLS private key (PEM).
     #[arg(long, env = "CAPSULE_HUB_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Monitoring settings (TOML: window_ms, grace_ms, group_label, webhooks, [drift],
+    /// [errors], [latency], [accuracy], [retrain]; docs/monitoring.md). [default: drift and
+    /// error-rate alerts over 60 s windows, no webhook]
+    #[arg(long, env = "CAPSULE_HUB_MONITOR")]
+    monitor: Option<PathBuf>,
 }
 
 pub fn run_hub(args: &HubArgs) -> Result<()> {
@@ -61,6 +66,10 @@ pub fn run_hub(args: &HubArgs) -> Result<()> {
         admin_token_file: args.admin_token_file.clone(),
         tls_cert: args.tls_cert.clone(),
         tls_key: args.tls_key.clone(),
+        monitor: match &args.monitor {
+            Some(path) => capsule_hub::monitor::MonitorConfig::from_toml_file(path)?,
+            None => capsule_hub::monitor::MonitorConfig::default(),
+        },
         ..HubConfig::default()
     };
     runtime()?.block_on(async {

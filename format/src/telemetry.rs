@@ -162,8 +162,9 @@ fn short(v: f64) -> String {
     }
 }
 
-/// Count, sum and sum of squares, minimum and maximum of the present values.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+/// Count, sum and sum of squares, minimum and maximum of the present finite values
+/// (`min` and `max` are 0 while `count` is 0, so the JSON form never holds an infinity).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Moments {
     /// Values counted.
     pub count: u64,
@@ -171,36 +172,39 @@ pub struct Moments {
     pub sum: f64,
     /// The sum of their squares.
     pub sum_sq: f64,
-    /// The smallest (`+inf` when none).
+    /// The smallest.
     pub min: f64,
-    /// The largest (`-inf` when none).
+    /// The largest.
     pub max: f64,
 }
 
-impl Default for Moments {
-    fn default() -> Self {
-        Moments {
-            count: 0,
-            sum: 0.0,
-            sum_sq: 0.0,
-            min: f64::INFINITY,
-            max: f64::NEG_INFINITY,
-        }
-    }
-}
-
 impl Moments {
-    /// Adds one value.
+    /// Adds one value (infinities and NaN are not counted).
     pub fn add(&mut self, v: f64) {
+        if !v.is_finite() {
+            return;
+        }
+        if self.count == 0 {
+            self.min = v;
+            self.max = v;
+        } else {
+            self.min = self.min.min(v);
+            self.max = self.max.max(v);
+        }
         self.count = self.count.saturating_add(1);
         self.sum += v;
         self.sum_sq += v * v;
-        self.min = self.min.min(v);
-        self.max = self.max.max(v);
     }
 
     /// Adds another set of moments.
     pub fn merge(&mut self, other: &Moments) {
+        if other.count == 0 {
+            return;
+        }
+        if self.count == 0 {
+            *self = *other;
+            return;
+        }
         self.count = self.count.saturating_add(other.count);
         self.sum += other.sum;
         self.sum_sq += other.sum_sq;

@@ -67,9 +67,23 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/api/v1/rollouts/{id}", get(show_rollout))
         .route("/api/v1/rollouts/{id}/{action}", post(rollout_action))
         .route("/api/v1/audit", get(audit_log))
+        .route(
+            "/api/v1/telemetry",
+            post(post_telemetry).layer(DefaultBodyLimit::max(16 << 20)),
+        )
+        .route("/api/v1/telemetry/summary", get(telemetry_summary))
+        .route("/api/v1/telemetry/windows", get(telemetry_windows))
+        .route("/api/v1/feedback", post(post_feedback))
+        .route("/api/v1/alerts", get(list_alerts))
+        .route("/metrics", get(metrics))
+        .merge(crate::dashboard::router())
         .fallback(|| async { Error::NotFound("no such endpoint".into()) })
         .layer(DefaultBodyLimit::max(4 << 20))
         .layer(axum::middleware::map_response(json_errors))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            count_requests,
+        ))
         .with_state(state)
 }
 
@@ -98,8 +112,33 @@ async fn json_errors(resp: Response) -> Response {
     (parts.status, axum::Json(json!({"error": message}))).into_response()
 }
 
-/// Who is calling (any valid token), from `Authorization: Bearer ...`.
-struct Caller {
+/// Counts every request by route template, method and status.
+async fn count_requests(
+    State(s): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().as_str().to_owned();
+    let started = std::time::Instant::now();
+    let resp = next.run(request).await;
+    s.metrics
+        .http_requests
+        .with_label_values(&[&route, &method, resp.status().as_str()])
+        .inc();
+    s.metrics
+        .http_seconds
+        .with_label_values(&[&route])
+        .observe(started.elapsed().as_secs_f64());
+    resp
+}
+
+/// Who is calling (any valid token), from `Authorization: Bearer ...` (or, for the
+/// dashboard, its session cookie).
+pub(crate) struct Caller {
     kind: String,
     name: String,
     node: String,
@@ -107,7 +146,7 @@ struct Caller {
 }
 
 /// A caller with an admin token.
-struct Admin(Caller);
+pub(crate) struct Admin(pub(crate) Caller);
 
 impl FromRequestParts<AppState> for Caller {
     type Rejection = Error;
@@ -123,6 +162,8 @@ impl FromRequestParts<AppState> for Caller {
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_owned)
+            .or_else(|| crate::dashboard::session_token(&parts.headers))
             .ok_or_else(|| {
                 Error::Unauthorized("missing bearer token (Authorization: Bearer ...)".into())
             })?;
@@ -605,7 +646,9 @@ async fn desired(
     if let Some(after) = q.after {
         let wait = Duration::from_millis(q.wait_ms.unwrap_or(0)).min(s.config.max_wait);
         let mut rx = s.generation.clone();
+        s.metrics.long_polls.inc();
         let _ = tokio::time::timeout(wait, rx.wait_for(|g| *g > after)).await;
+        s.metrics.long_polls.dec();
     }
     let generation = *s.generation.borrow();
     let node =
@@ -891,4 +934,185 @@ async fn rollout_action(
 
 async fn audit_log(State(s): State<AppState>, Admin(_): Admin) -> Result<axum::Json<Value>> {
     Ok(axum::Json(json!({"audit": s.db.audit_log().await?})))
+}
+
+// ---------------------------------------------------------------------------------------
+// Telemetry, feedback, alerts, metrics
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Shipment {
+    batches: Vec<capsule_format::telemetry::TelemetryBatch>,
+}
+
+/// Telemetry batches from a node (its own token): stored once each, acknowledged always.
+async fn post_telemetry(
+    State(s): State<AppState>,
+    caller: Caller,
+    body: Bytes,
+) -> Result<axum::Json<Value>> {
+    if caller.kind != "node" {
+        return Err(Error::Forbidden(
+            "telemetry is sent with a node token (the batches name their node)".into(),
+        ));
+    }
+    let shipment: Shipment = json_body(&body)?;
+    let acked = crate::monitor::ingest(&s, &caller.node, shipment.batches).await?;
+    if s.db.node(&caller.node).await?.is_some() {
+        s.db.touch(&caller.node).await?;
+    }
+    Ok(axum::Json(json!({ "acked": acked })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FeedbackItem {
+    id: String,
+    label: Value,
+    #[serde(default)]
+    index: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FeedbackBody {
+    model: String,
+    feedback: Vec<FeedbackItem>,
+}
+
+/// Ground-truth labels sent straight to the hub (browsers; nodes send theirs in telemetry).
+async fn post_feedback(
+    State(s): State<AppState>,
+    caller: Caller,
+    body: Bytes,
+) -> Result<axum::Json<Value>> {
+    let b: FeedbackBody = json_body(&body)?;
+    if b.feedback.len() > capsule_format::telemetry::MAX_FEEDBACK {
+        return Err(Error::TooLarge(format!(
+            "{} labels in one request (at most {})",
+            b.feedback.len(),
+            capsule_format::telemetry::MAX_FEEDBACK
+        )));
+    }
+    let items = b
+        .feedback
+        .into_iter()
+        .map(|f| {
+            let label = match f.label {
+                Value::String(s) => s,
+                Value::Number(n) => n.to_string(),
+                Value::Bool(b) => b.to_string(),
+                other => {
+                    return Err(Error::BadRequest(format!(
+                        "feedback for {:?}: the label must be a string or a number, not {other}",
+                        f.id
+                    )));
+                }
+            };
+            let id = match f.index {
+                Some(i) => format!("{}/{i}", f.id),
+                None => f.id,
+            };
+            Ok((id, label))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let source = if caller.kind == "node" {
+        caller.node.clone()
+    } else {
+        caller.name.clone()
+    };
+    crate::monitor::store_feedback(&s.db, &source, &b.model, &items).await?;
+    Ok(axum::Json(json!({ "accepted": items.len() })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TelemetryQuery {
+    model: Option<String>,
+    group: Option<String>,
+    count: Option<u32>,
+}
+
+async fn telemetry_summary(
+    State(s): State<AppState>,
+    _admin: Admin,
+    Query(q): Query<TelemetryQuery>,
+) -> Result<axum::Json<crate::monitor::Summary>> {
+    Ok(axum::Json(
+        crate::monitor::summary(&s.db, q.model.as_deref()).await?,
+    ))
+}
+
+async fn telemetry_windows(
+    State(s): State<AppState>,
+    _admin: Admin,
+    Query(q): Query<TelemetryQuery>,
+) -> Result<axum::Json<Value>> {
+    let model = q
+        .model
+        .ok_or_else(|| Error::BadRequest("model=NAME is required".into()))?;
+    let windows =
+        crate::monitor::windows(&s, &model, q.group.as_deref(), q.count.unwrap_or(60)).await?;
+    Ok(axum::Json(json!({
+        "model": model,
+        "window_ms": s.config.monitor.window_ms,
+        "versions": windows,
+    })))
+}
+
+async fn list_alerts(State(s): State<AppState>, _admin: Admin) -> Result<axum::Json<Value>> {
+    Ok(axum::Json(json!({
+        "alerts": crate::monitor::alerts(&s.db).await?,
+        "events": crate::monitor::events(&s.db, 200).await?,
+    })))
+}
+
+/// Refreshes the gauges read from the database (nodes, their models, rollouts, dropped
+/// telemetry) and answers the text exposition.
+async fn metrics(State(s): State<AppState>) -> Result<Response> {
+    let nodes = s.db.nodes().await?;
+    let offline_after = i64::try_from(s.config.monitor.offline_after_s).unwrap_or(i64::MAX);
+    let now = crate::db::now();
+    let online = nodes
+        .iter()
+        .filter(|n| now - n.last_seen <= offline_after)
+        .count();
+    let m = &s.metrics;
+    m.nodes
+        .with_label_values(&["online"])
+        .set(i64::try_from(online).unwrap_or(i64::MAX));
+    m.nodes
+        .with_label_values(&["offline"])
+        .set(i64::try_from(nodes.len() - online).unwrap_or(i64::MAX));
+    m.node_models.reset();
+    for n in &nodes {
+        for r in n.report.iter().flat_map(|r| &r.models) {
+            m.node_models
+                .with_label_values(&[&r.model, &r.version, &r.state])
+                .inc();
+        }
+    }
+    m.rollouts.reset();
+    for state in ["active", "promoted", "aborted", "rolled_back"] {
+        m.rollouts.with_label_values(&[state]).set(0);
+    }
+    for r in s.db.rollouts().await? {
+        m.rollouts.with_label_values(&[&r.state]).inc();
+    }
+    let summary = crate::monitor::summary(&s.db, None).await?;
+    m.telemetry_dropped.set(
+        i64::try_from(
+            summary
+                .nodes
+                .values()
+                .map(|n| n.dropped_batches)
+                .sum::<u64>(),
+        )
+        .unwrap_or(i64::MAX),
+    );
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        m.encode()?,
+    )
+        .into_response())
 }

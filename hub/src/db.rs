@@ -192,6 +192,89 @@ impl Db {
         Ok(Db { pool })
     }
 
+    /// The pool (for the monitoring queries).
+    pub(crate) fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// A counter of `hub_state`.
+    pub async fn state(&self, key: &str) -> Result<i64> {
+        let row = sqlx::query("SELECT value FROM hub_state WHERE key = $1")
+            .bind(key)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("value")?)
+    }
+
+    /// Moves a `hub_state` counter from `from` to `to`, only if it is still `from` (several
+    /// hubs may race); false otherwise.
+    pub async fn claim_state(&self, key: &str, from: i64, to: i64) -> Result<bool> {
+        let done = sqlx::query("UPDATE hub_state SET value = $1 WHERE key = $2 AND value = $3")
+            .bind(to)
+            .bind(key)
+            .bind(from)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Creates or updates an alert.
+    pub(crate) async fn upsert_alert(&self, a: &crate::monitor::Alert) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO alerts (key, rule, model, version, grp, feature, state, value, threshold, window_start, window_end, started_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+             ON CONFLICT (key) DO UPDATE SET state = excluded.state, value = excluded.value, threshold = excluded.threshold, \
+             window_start = excluded.window_start, window_end = excluded.window_end, started_at = excluded.started_at, updated_at = excluded.updated_at",
+        )
+        .bind(&a.key)
+        .bind(&a.rule)
+        .bind(&a.model)
+        .bind(&a.version)
+        .bind(&a.group)
+        .bind(&a.feature)
+        .bind(&a.state)
+        .bind(a.value)
+        .bind(a.threshold)
+        .bind(a.window_start_ms)
+        .bind(a.window_end_ms)
+        .bind(a.started_at_ms)
+        .bind(a.updated_at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records a notification.
+    pub(crate) async fn add_alert_event(
+        &self,
+        id: &str,
+        key: &str,
+        kind: &str,
+        body: &str,
+        delivery: &str,
+    ) -> Result<()> {
+        sqlx::query("INSERT INTO alert_events (id, at_us, alert_key, kind, body, delivery) VALUES ($1, $2, $3, $4, $5, $6)")
+            .bind(id)
+            .bind(now_us())
+            .bind(key)
+            .bind(kind)
+            .bind(body)
+            .bind(delivery)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Records how a notification's delivery went.
+    pub(crate) async fn set_alert_delivery(&self, id: &str, delivery: &str) -> Result<()> {
+        sqlx::query("UPDATE alert_events SET delivery = $1 WHERE id = $2")
+            .bind(delivery)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// The state generation (bumped by every change nodes must see).
     pub async fn generation(&self) -> Result<i64> {
         let row = sqlx::query("SELECT value FROM hub_state WHERE key = 'generation'")

@@ -12,7 +12,10 @@
 
 mod api;
 mod blobs;
+mod dashboard;
 pub mod db;
+mod metrics;
+pub mod monitor;
 mod tls;
 
 use std::net::SocketAddr;
@@ -108,6 +111,8 @@ pub struct HubConfig {
     pub tls_cert: Option<PathBuf>,
     /// TLS private key (PEM).
     pub tls_key: Option<PathBuf>,
+    /// Monitoring: windows, alert rules, webhooks, retraining.
+    pub monitor: monitor::MonitorConfig,
 }
 
 impl Default for HubConfig {
@@ -123,6 +128,7 @@ impl Default for HubConfig {
             max_blob_bytes: 2 << 30,
             tls_cert: None,
             tls_key: None,
+            monitor: monitor::MonitorConfig::default(),
         }
     }
 }
@@ -147,6 +153,9 @@ pub(crate) struct Shared {
     pub(crate) config: HubConfig,
     pub(crate) generation: watch::Receiver<i64>,
     pub(crate) notify: watch::Sender<i64>,
+    pub(crate) metrics: metrics::HubMetrics,
+    /// Client for webhooks.
+    pub(crate) http: reqwest::Client,
 }
 
 impl Shared {
@@ -203,12 +212,20 @@ impl Hub {
                 ));
             }
         };
+        config.monitor.validate()?;
+        let http = reqwest::Client::builder()
+            .use_rustls_tls()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| Error::Internal(format!("HTTP client: {e}")))?;
         let shared = Arc::new(Shared {
             db,
             blobs,
             config,
             generation,
             notify,
+            metrics: metrics::HubMetrics::new()?,
+            http,
         });
         let (shutdown, mut stop) = watch::channel(false);
         let app = api::router(Arc::clone(&shared));
@@ -243,11 +260,27 @@ impl Hub {
                 }
             }
         });
+        let monitor = Arc::clone(&shared);
+        let mut stop_monitor = shutdown.subscribe();
+        let evaluator = tokio::spawn(async move {
+            let every =
+                Duration::from_millis((monitor.config.monitor.window_ms / 4).clamp(100, 5_000));
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = stop_monitor.wait_for(|s| *s) => break,
+                    _ = tick.tick() => {}
+                }
+                if let Err(e) = monitor::evaluate(&monitor).await {
+                    tracing::error!(error = %e, "telemetry evaluation failed");
+                }
+            }
+        });
         tracing::info!(%addr, "hub listening");
         Ok(Hub {
             addr,
             shutdown,
-            tasks: vec![server, ticker],
+            tasks: vec![server, ticker, evaluator],
             admin_token: generated,
         })
     }

@@ -1,0 +1,161 @@
+//! Prometheus metrics of the hub (`GET /metrics`, text exposition format).
+
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::{Error, Result};
+
+/// Every metric the hub exports.
+#[derive(Debug, Clone)]
+pub(crate) struct HubMetrics {
+    registry: Registry,
+    pub(crate) http_requests: IntCounterVec,
+    pub(crate) http_seconds: HistogramVec,
+    pub(crate) nodes: IntGaugeVec,
+    pub(crate) node_models: IntGaugeVec,
+    pub(crate) long_polls: IntGauge,
+    pub(crate) telemetry_batches: IntCounterVec,
+    pub(crate) telemetry_dropped: IntGauge,
+    pub(crate) fleet_requests: IntCounterVec,
+    pub(crate) fleet_errors: IntCounterVec,
+    pub(crate) drift_psi: GaugeVec,
+    pub(crate) drift_ks: GaugeVec,
+    pub(crate) accuracy: GaugeVec,
+    pub(crate) alerts_firing: IntGaugeVec,
+    pub(crate) webhook_deliveries: IntCounterVec,
+    pub(crate) retrain_triggers: IntCounterVec,
+    pub(crate) rollouts: IntGaugeVec,
+}
+
+fn err(e: prometheus::Error) -> Error {
+    Error::Internal(format!("metrics: {e}"))
+}
+
+fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> Result<C> {
+    r.register(Box::new(c.clone())).map_err(err)?;
+    Ok(c)
+}
+
+impl HubMetrics {
+    pub(crate) fn new() -> Result<HubMetrics> {
+        let r = Registry::new();
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .map_err(err)?;
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            reg(
+                &r,
+                IntCounterVec::new(Opts::new(name, help), labels).map_err(err)?,
+            )
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            reg(
+                &r,
+                IntGaugeVec::new(Opts::new(name, help), labels).map_err(err)?,
+            )
+        };
+        let fgauge = |name: &str, help: &str, labels: &[&str]| {
+            reg(
+                &r,
+                GaugeVec::new(Opts::new(name, help), labels).map_err(err)?,
+            )
+        };
+        let drift_labels = &["model", "version", "group", "feature"];
+        Ok(HubMetrics {
+            http_requests: counter(
+                "capsule_hub_http_requests_total",
+                "API requests by route, method and status.",
+                &["route", "method", "status"],
+            )?,
+            http_seconds: reg(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "capsule_hub_http_request_seconds",
+                        "API request time by route (long polls wait on purpose).",
+                    )
+                    .buckets(vec![
+                        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                        10.0, 30.0,
+                    ]),
+                    &["route"],
+                )
+                .map_err(err)?,
+            )?,
+            nodes: gauge("capsule_hub_nodes", "Registered nodes by state (online, offline).", &["state"])?,
+            node_models: gauge(
+                "capsule_hub_node_models",
+                "Nodes per model version and reported state (serving, failed, ...).",
+                &["model", "version", "state"],
+            )?,
+            long_polls: reg(
+                &r,
+                IntGauge::new("capsule_hub_long_polls", "Node long-polls waiting now.").map_err(err)?,
+            )?,
+            telemetry_batches: counter(
+                "capsule_hub_telemetry_batches_total",
+                "Telemetry batches received: stored, or duplicate (a retry, acknowledged again).",
+                &["result"],
+            )?,
+            telemetry_dropped: reg(
+                &r,
+                IntGauge::new(
+                    "capsule_hub_telemetry_dropped_batches",
+                    "Telemetry batches the nodes dropped from their full buffers (sum of their reports).",
+                )
+                .map_err(err)?,
+            )?,
+            fleet_requests: counter(
+                "capsule_hub_fleet_requests_total",
+                "Inference requests reported by the fleet's telemetry.",
+                &["model", "version"],
+            )?,
+            fleet_errors: counter(
+                "capsule_hub_fleet_errors_total",
+                "Failed inference requests reported by the fleet's telemetry.",
+                &["model", "version"],
+            )?,
+            drift_psi: fgauge(
+                "capsule_hub_drift_psi",
+                "Population stability index of a feature in the last evaluated window.",
+                drift_labels,
+            )?,
+            drift_ks: fgauge(
+                "capsule_hub_drift_ks",
+                "Kolmogorov-Smirnov statistic (binned) of a feature in the last evaluated window.",
+                drift_labels,
+            )?,
+            accuracy: fgauge(
+                "capsule_hub_accuracy",
+                "Live accuracy of a model version from feedback labels.",
+                &["model", "version"],
+            )?,
+            alerts_firing: gauge("capsule_hub_alerts_firing", "Alerts firing now, by rule.", &["rule"])?,
+            webhook_deliveries: counter(
+                "capsule_hub_webhook_deliveries_total",
+                "Webhook deliveries by outcome (delivered, failed).",
+                &["outcome"],
+            )?,
+            retrain_triggers: counter(
+                "capsule_hub_retrain_triggers_total",
+                "Retraining triggers by model.",
+                &["model"],
+            )?,
+            rollouts: gauge("capsule_hub_rollouts", "Rollouts by state.", &["state"])?,
+            registry: r,
+        })
+    }
+
+    /// The text exposition.
+    pub(crate) fn encode(&self) -> Result<String> {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .map_err(err)?;
+        String::from_utf8(out).map_err(|e| Error::Internal(e.to_string()))
+    }
+}

@@ -1,0 +1,1168 @@
+//! Monitoring: telemetry ingestion (idempotent batches), drift per feature (PSI and KS
+//! against the capsule's reference statistics) per model version, node group and window,
+//! latency and error SLOs, live accuracy from feedback labels, alert rules that fire
+//! webhooks (deduplicated, with resolution), and the retraining trigger.
+//!
+//! The hub evaluates each window once it is complete (its end plus a grace period for
+//! late batches). With several replicas on one database, a conditional update of the
+//! evaluated-until mark lets exactly one of them evaluate a window.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use capsule_format::telemetry::{
+    self, FeatureDrift, FeatureHistogram, ModelWindow, ReferenceStats, TelemetryBatch,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sqlx::Row;
+
+use crate::db::{Db, new_id};
+use crate::{Error, Result, Shared};
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// The drift rule: a feature drifts in a window when its PSI or its KS statistic reaches
+/// the threshold, over at least `min_count` values.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DriftRule {
+    /// Evaluate drift.
+    pub enabled: bool,
+    /// PSI threshold (0.1: moderate shift, 0.2: significant, by the usual convention).
+    pub psi: f64,
+    /// KS statistic threshold (binned; numeric features).
+    pub ks: f64,
+    /// Fewest live values in a window for a verdict.
+    pub min_count: u64,
+}
+
+impl Default for DriftRule {
+    fn default() -> Self {
+        DriftRule {
+            enabled: true,
+            psi: 0.2,
+            ks: 0.3,
+            min_count: 100,
+        }
+    }
+}
+
+/// The error-rate SLO.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ErrorRule {
+    /// Evaluate it.
+    pub enabled: bool,
+    /// Failed / all requests in a window at or above which it fires.
+    pub rate: f64,
+    /// Fewest requests in a window for a verdict.
+    pub min_requests: u64,
+}
+
+impl Default for ErrorRule {
+    fn default() -> Self {
+        ErrorRule {
+            enabled: true,
+            rate: 0.05,
+            min_requests: 20,
+        }
+    }
+}
+
+/// The latency SLO (off unless `p99_ms` is set).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LatencyRule {
+    /// 99th percentile request latency (ms) at or above which it fires.
+    pub p99_ms: Option<f64>,
+    /// Fewest requests in a window for a verdict.
+    pub min_requests: u64,
+}
+
+impl Default for LatencyRule {
+    fn default() -> Self {
+        LatencyRule {
+            p99_ms: None,
+            min_requests: 20,
+        }
+    }
+}
+
+/// The accuracy rule (off unless `below` is set): live accuracy of a version from all its
+/// feedback labels so far.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccuracyRule {
+    /// Accuracy below which it fires.
+    pub below: Option<f64>,
+    /// Fewest labeled predictions for a verdict.
+    pub min_labels: u64,
+}
+
+impl Default for AccuracyRule {
+    fn default() -> Self {
+        AccuracyRule {
+            below: None,
+            min_labels: 20,
+        }
+    }
+}
+
+/// What happens when drift or accuracy alerts fire for a model version.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetrainConfig {
+    /// Rules that trigger retraining (`drift`, `accuracy`, `errors`, `latency`).
+    pub on: Vec<String>,
+    /// POST the drift report (JSON) here.
+    pub webhook: Option<String>,
+    /// Run this command with the report file's path as its last argument (also in
+    /// `CAPSULE_RETRAIN_REPORT`).
+    pub command: Vec<String>,
+}
+
+impl Default for RetrainConfig {
+    fn default() -> Self {
+        RetrainConfig {
+            on: vec!["drift".into(), "accuracy".into()],
+            webhook: None,
+            command: Vec::new(),
+        }
+    }
+}
+
+/// Monitoring settings (`capsule hub --monitor FILE`, TOML).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MonitorConfig {
+    /// Length of an evaluation window in milliseconds (a multiple of the nodes' telemetry
+    /// window keeps batches whole).
+    pub window_ms: u64,
+    /// How long after a window's end the hub waits for late batches before evaluating it.
+    pub grace_ms: u64,
+    /// The node label whose value groups nodes (nodes without it are group `default`).
+    pub group_label: String,
+    /// A node is offline when it has not called for this long, in seconds.
+    pub offline_after_s: u64,
+    /// Alert webhooks: each firing and each resolution is POSTed to every one of them.
+    pub webhooks: Vec<String>,
+    /// Where retraining reports are written.
+    pub reports_dir: PathBuf,
+    /// Drift rule.
+    pub drift: DriftRule,
+    /// Error-rate rule.
+    pub errors: ErrorRule,
+    /// Latency rule.
+    pub latency: LatencyRule,
+    /// Accuracy rule.
+    pub accuracy: AccuracyRule,
+    /// Retraining trigger.
+    pub retrain: RetrainConfig,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        MonitorConfig {
+            window_ms: 60_000,
+            grace_ms: 15_000,
+            group_label: "group".into(),
+            offline_after_s: 120,
+            webhooks: Vec::new(),
+            reports_dir: PathBuf::from("hub-reports"),
+            drift: DriftRule::default(),
+            errors: ErrorRule::default(),
+            latency: LatencyRule::default(),
+            accuracy: AccuracyRule::default(),
+            retrain: RetrainConfig::default(),
+        }
+    }
+}
+
+impl MonitorConfig {
+    /// Reads a TOML file (unknown keys are errors).
+    pub fn from_toml_file(path: &std::path::Path) -> Result<MonitorConfig> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Io(format!("reading {}: {e}", path.display())))?;
+        let c: MonitorConfig = toml::from_str(&text)
+            .map_err(|e| Error::BadRequest(format!("{}: {e}", path.display())))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Checks the values.
+    pub fn validate(&self) -> Result<()> {
+        if self.window_ms < 100 {
+            return Err(Error::BadRequest(
+                "monitor window_ms must be at least 100".into(),
+            ));
+        }
+        for rule in &self.retrain.on {
+            if !["drift", "accuracy", "errors", "latency"].contains(&rule.as_str()) {
+                return Err(Error::BadRequest(format!(
+                    "retrain.on: unknown rule {rule:?} (drift, accuracy, errors, latency)"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Ingestion
+
+/// Stores batches from `node`; returns the sequence numbers stored now or before (a
+/// retried batch is acknowledged without being counted twice).
+pub(crate) async fn ingest(
+    s: &Shared,
+    node: &str,
+    batches: Vec<TelemetryBatch>,
+) -> Result<Vec<u64>> {
+    let mut acked = Vec::with_capacity(batches.len());
+    for b in batches {
+        b.validate().map_err(|e| Error::BadRequest(e.to_string()))?;
+        if b.node_id != node {
+            return Err(Error::Forbidden(format!(
+                "batch {} is from node {:?}, not {node:?}",
+                b.seq, b.node_id
+            )));
+        }
+        let stored = store_batch(&s.db, &b).await?;
+        s.metrics
+            .telemetry_batches
+            .with_label_values(&[if stored { "stored" } else { "duplicate" }])
+            .inc();
+        if stored {
+            for m in &b.models {
+                let labels = [m.model.as_str(), m.version.as_str()];
+                s.metrics
+                    .fleet_requests
+                    .with_label_values(&labels)
+                    .inc_by(m.requests);
+                s.metrics
+                    .fleet_errors
+                    .with_label_values(&labels)
+                    .inc_by(m.error_count());
+            }
+        }
+        acked.push(b.seq);
+    }
+    Ok(acked)
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+async fn store_batch(db: &Db, b: &TelemetryBatch) -> Result<bool> {
+    let body = serde_json::to_string(b).map_err(|e| Error::Internal(e.to_string()))?;
+    let now = now_ms();
+    let mut tx = db.pool().begin().await?;
+    let done = sqlx::query(
+        "INSERT INTO telemetry_batches (node_id, seq, window_start, window_end, received_at, requests, dropped_batches, dropped_requests, body) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (node_id, seq) DO NOTHING",
+    )
+    .bind(&b.node_id)
+    .bind(to_i64(b.seq))
+    .bind(to_i64(b.window_start_ms))
+    .bind(to_i64(b.window_end_ms))
+    .bind(now)
+    .bind(to_i64(b.requests()))
+    .bind(to_i64(b.dropped_batches))
+    .bind(to_i64(b.dropped_requests))
+    .bind(&body)
+    .execute(&mut *tx)
+    .await?;
+    if done.rows_affected() == 0 {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    for m in &b.models {
+        sqlx::query(
+            "INSERT INTO telemetry_totals (node_id, model, version, requests, errors, rows_seen) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (node_id, model, version) DO UPDATE SET requests = telemetry_totals.requests + excluded.requests, \
+             errors = telemetry_totals.errors + excluded.errors, rows_seen = telemetry_totals.rows_seen + excluded.rows_seen",
+        )
+        .bind(&b.node_id)
+        .bind(&m.model)
+        .bind(&m.version)
+        .bind(to_i64(m.requests))
+        .bind(to_i64(m.error_count()))
+        .bind(to_i64(m.rows))
+        .execute(&mut *tx)
+        .await?;
+        for p in &m.predictions {
+            sqlx::query(
+                "INSERT INTO predictions (model, id, version, class, node_id, at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (model, id) DO NOTHING",
+            )
+            .bind(&m.model)
+            .bind(&p.id)
+            .bind(&m.version)
+            .bind(&p.class)
+            .bind(&b.node_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
+    for f in &b.feedback {
+        insert_feedback(&mut tx, &f.model, &f.id, &f.label, &b.node_id, now).await?;
+    }
+    tx.commit().await?;
+    Ok(true)
+}
+
+async fn insert_feedback(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    model: &str,
+    id: &str,
+    label: &str,
+    source: &str,
+    now: i64,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO feedback (model, id, label, source, at) VALUES ($1, $2, $3, $4, $5) \
+         ON CONFLICT (model, id) DO UPDATE SET label = excluded.label, source = excluded.source, at = excluded.at",
+    )
+    .bind(model)
+    .bind(id)
+    .bind(label)
+    .bind(source)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Stores feedback sent straight to the hub (browsers).
+pub(crate) async fn store_feedback(
+    db: &Db,
+    source: &str,
+    model: &str,
+    items: &[(String, String)],
+) -> Result<()> {
+    let now = now_ms();
+    let mut tx = db.pool().begin().await?;
+    for (id, label) in items {
+        insert_feedback(
+            &mut tx,
+            model,
+            &telemetry::cut(id),
+            &telemetry::cut(label),
+            source,
+            now,
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Queries
+
+/// Live accuracy of one model version from its labeled predictions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Accuracy {
+    /// Predictions with a label.
+    pub labeled: u64,
+    /// Of which the model got right.
+    pub correct: u64,
+}
+
+impl Accuracy {
+    /// `correct / labeled`.
+    pub fn value(&self) -> Option<f64> {
+        (self.labeled > 0).then(|| self.correct as f64 / self.labeled as f64)
+    }
+}
+
+/// Accuracy per version of `model`.
+pub(crate) async fn accuracy(db: &Db, model: &str) -> Result<BTreeMap<String, Accuracy>> {
+    let rows = sqlx::query(
+        "SELECT p.version AS version, COUNT(*) AS labeled, \
+         SUM(CASE WHEN p.class = f.label THEN 1 ELSE 0 END) AS correct \
+         FROM predictions p JOIN feedback f ON p.model = f.model AND p.id = f.id \
+         WHERE p.model = $1 GROUP BY p.version",
+    )
+    .bind(model)
+    .fetch_all(db.pool())
+    .await?;
+    let mut out = BTreeMap::new();
+    for r in rows {
+        let labeled: i64 = r.try_get("labeled")?;
+        let correct: i64 = r.try_get("correct")?;
+        out.insert(
+            r.try_get::<String, _>("version")?,
+            Accuracy {
+                labeled: u64::try_from(labeled).unwrap_or(0),
+                correct: u64::try_from(correct).unwrap_or(0),
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Totals of one model version.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VersionTotals {
+    /// Model.
+    pub model: String,
+    /// Version.
+    pub version: String,
+    /// Requests.
+    pub requests: u64,
+    /// Failed requests.
+    pub errors: u64,
+    /// Rows.
+    pub rows: u64,
+    /// Feedback accuracy.
+    pub accuracy: Accuracy,
+}
+
+/// What the hub has received from one node.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeTotals {
+    /// Requests.
+    pub requests: u64,
+    /// Batches stored.
+    pub batches: u64,
+    /// Batches the node reported dropped from its full buffer.
+    pub dropped_batches: u64,
+    /// Requests in them.
+    pub dropped_requests: u64,
+}
+
+/// Totals per model version and per node.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    /// Per model version.
+    pub versions: Vec<VersionTotals>,
+    /// Per node.
+    pub nodes: BTreeMap<String, NodeTotals>,
+}
+
+fn u(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// Exact totals (from the per-batch running totals).
+pub(crate) async fn summary(db: &Db, model: Option<&str>) -> Result<Summary> {
+    let rows = sqlx::query(
+        "SELECT node_id, model, version, requests, errors, rows_seen FROM telemetry_totals ORDER BY model, version, node_id",
+    )
+    .fetch_all(db.pool())
+    .await?;
+    let mut versions: BTreeMap<(String, String), VersionTotals> = BTreeMap::new();
+    let mut nodes: BTreeMap<String, NodeTotals> = BTreeMap::new();
+    for r in rows {
+        let m: String = r.try_get("model")?;
+        let node: String = r.try_get("node_id")?;
+        let requests = u(r.try_get("requests")?);
+        nodes.entry(node).or_default().requests += requests;
+        if model.is_some_and(|want| want != m) {
+            continue;
+        }
+        let v: String = r.try_get("version")?;
+        let t = versions
+            .entry((m.clone(), v.clone()))
+            .or_insert_with(|| VersionTotals {
+                model: m,
+                version: v,
+                ..VersionTotals::default()
+            });
+        t.requests += requests;
+        t.errors += u(r.try_get("errors")?);
+        t.rows += u(r.try_get("rows_seen")?);
+    }
+    let rows = sqlx::query(
+        "SELECT node_id, COUNT(*) AS batches, MAX(dropped_batches) AS db, MAX(dropped_requests) AS dr FROM telemetry_batches GROUP BY node_id",
+    )
+    .fetch_all(db.pool())
+    .await?;
+    for r in rows {
+        let n = nodes.entry(r.try_get("node_id")?).or_default();
+        n.batches = u(r.try_get("batches")?);
+        n.dropped_batches = u(r.try_get("db")?);
+        n.dropped_requests = u(r.try_get("dr")?);
+    }
+    let models: BTreeSet<String> = versions.keys().map(|(m, _)| m.clone()).collect();
+    for m in models {
+        for (v, a) in accuracy(db, &m).await? {
+            if let Some(t) = versions.get_mut(&(m.clone(), v)) {
+                t.accuracy = a;
+            }
+        }
+    }
+    Ok(Summary {
+        versions: versions.into_values().collect(),
+        nodes,
+    })
+}
+
+/// One model version in one window (all groups, or one).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WindowPoint {
+    /// Window start (ms).
+    pub start_ms: i64,
+    /// Window end (ms).
+    pub end_ms: i64,
+    /// Requests.
+    pub requests: u64,
+    /// Failed requests.
+    pub errors: u64,
+    /// Rows.
+    pub rows: u64,
+    /// Median latency (ms).
+    pub p50_ms: Option<f64>,
+    /// 99th percentile latency (ms).
+    pub p99_ms: Option<f64>,
+    /// Drift per feature.
+    pub drift: Vec<FeatureDrift>,
+    /// Live histograms per feature.
+    pub features: Vec<FeatureHistogram>,
+    /// Predicted classes.
+    pub classes: BTreeMap<String, u64>,
+}
+
+/// Batches whose window starts in `[from, to)`, with their node's group.
+async fn load_batches(
+    db: &Db,
+    group_label: &str,
+    from: i64,
+    to: i64,
+) -> Result<Vec<(String, TelemetryBatch)>> {
+    let groups: BTreeMap<String, String> = db
+        .nodes()
+        .await?
+        .into_iter()
+        .map(|n| {
+            let g = n
+                .labels
+                .get(group_label)
+                .cloned()
+                .unwrap_or_else(|| "default".into());
+            (n.id, g)
+        })
+        .collect();
+    let rows = sqlx::query(
+        "SELECT node_id, body FROM telemetry_batches WHERE window_start >= $1 AND window_start < $2 ORDER BY window_start LIMIT 100000",
+    )
+    .bind(from)
+    .bind(to)
+    .fetch_all(db.pool())
+    .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let node: String = r.try_get("node_id")?;
+        let body: String = r.try_get("body")?;
+        let Ok(batch) = serde_json::from_str::<TelemetryBatch>(&body) else {
+            continue;
+        };
+        let g = groups
+            .get(&node)
+            .cloned()
+            .unwrap_or_else(|| "default".into());
+        out.push((g, batch));
+    }
+    Ok(out)
+}
+
+/// The reference statistics of a registered version (from its manifest summary).
+pub(crate) async fn reference(
+    db: &Db,
+    model: &str,
+    version: &str,
+) -> Result<Option<ReferenceStats>> {
+    Ok(db
+        .version(model, version)
+        .await?
+        .and_then(|v| v.manifest.get("reference").cloned())
+        .and_then(|r| serde_json::from_value::<ReferenceStats>(r).ok()))
+}
+
+fn merge_into(
+    map: &mut BTreeMap<(String, String, String), ModelWindow>,
+    group: &str,
+    m: &ModelWindow,
+) {
+    let key = (m.model.clone(), m.version.clone(), group.to_owned());
+    match map.get_mut(&key) {
+        Some(w) => {
+            if w.merge(m).is_err() {
+                tracing::warn!(model = %m.model, version = %m.version, "telemetry with mismatched features ignored");
+            }
+        }
+        None => {
+            let mut w = m.clone();
+            w.predictions.clear();
+            map.insert(key, w);
+        }
+    }
+}
+
+/// The windows of the last `count` evaluation windows of `model`, per version; `group`
+/// selects one node group (all groups merged otherwise).
+pub(crate) async fn windows(
+    s: &Shared,
+    model: &str,
+    group: Option<&str>,
+    count: u32,
+) -> Result<BTreeMap<String, Vec<WindowPoint>>> {
+    let cfg = &s.config.monitor;
+    let w = i64::try_from(cfg.window_ms).unwrap_or(60_000);
+    let end = (now_ms() / w + 1) * w;
+    let start = end - w * i64::from(count.clamp(1, 500));
+    let batches = load_batches(&s.db, &cfg.group_label, start, end).await?;
+    let mut per: BTreeMap<(String, i64), ModelWindow> = BTreeMap::new();
+    for (g, b) in &batches {
+        if group.is_some_and(|want| want != g) {
+            continue;
+        }
+        let ws = to_i64(b.window_start_ms) / w * w;
+        for m in b.models.iter().filter(|m| m.model == model) {
+            let key = (m.version.clone(), ws);
+            match per.get_mut(&key) {
+                Some(acc) => {
+                    let _ = acc.merge(m);
+                }
+                None => {
+                    let mut acc = m.clone();
+                    acc.predictions.clear();
+                    per.insert(key, acc);
+                }
+            }
+        }
+    }
+    let mut references: BTreeMap<String, Option<ReferenceStats>> = BTreeMap::new();
+    let mut out: BTreeMap<String, Vec<WindowPoint>> = BTreeMap::new();
+    for ((version, ws), m) in per {
+        if !references.contains_key(&version) {
+            let r = reference(&s.db, model, &version).await?;
+            references.insert(version.clone(), r);
+        }
+        let drift = match references.get(&version) {
+            Some(Some(r)) => telemetry::drift(r, &m.features),
+            _ => Vec::new(),
+        };
+        out.entry(version).or_default().push(WindowPoint {
+            start_ms: ws,
+            end_ms: ws + w,
+            requests: m.requests,
+            errors: m.error_count(),
+            rows: m.rows,
+            p50_ms: m.latency.quantile(0.5),
+            p99_ms: m.latency.quantile(0.99),
+            drift,
+            features: m.features,
+            classes: m.classes,
+        });
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------
+// Alerts
+
+/// An alert and its state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Alert {
+    /// `rule|model|version|group|feature`.
+    pub key: String,
+    /// `drift`, `errors`, `latency` or `accuracy`.
+    pub rule: String,
+    /// Model.
+    pub model: String,
+    /// Version.
+    pub version: String,
+    /// Node group (`all` for accuracy).
+    pub group: String,
+    /// Feature (drift only).
+    pub feature: String,
+    /// `firing` or `resolved`.
+    pub state: String,
+    /// The measured value (PSI, error rate, p99 ms, accuracy).
+    pub value: f64,
+    /// The threshold it was compared with.
+    pub threshold: f64,
+    /// The window evaluated (ms).
+    pub window_start_ms: i64,
+    /// Its end.
+    pub window_end_ms: i64,
+    /// When it started firing (ms).
+    pub started_at_ms: i64,
+    /// Last change (ms).
+    pub updated_at_ms: i64,
+}
+
+fn alert_row(r: &sqlx::any::AnyRow) -> Result<Alert> {
+    Ok(Alert {
+        key: r.try_get("key")?,
+        rule: r.try_get("rule")?,
+        model: r.try_get("model")?,
+        version: r.try_get("version")?,
+        group: r.try_get("grp")?,
+        feature: r.try_get("feature")?,
+        state: r.try_get("state")?,
+        value: r.try_get("value")?,
+        threshold: r.try_get("threshold")?,
+        window_start_ms: r.try_get("window_start")?,
+        window_end_ms: r.try_get("window_end")?,
+        started_at_ms: r.try_get("started_at")?,
+        updated_at_ms: r.try_get("updated_at")?,
+    })
+}
+
+/// Every alert, firing first, newest first.
+pub(crate) async fn alerts(db: &Db) -> Result<Vec<Alert>> {
+    let rows = sqlx::query(
+        "SELECT key, rule, model, version, grp, feature, state, value, threshold, window_start, window_end, started_at, updated_at \
+         FROM alerts ORDER BY CASE WHEN state = 'firing' THEN 0 ELSE 1 END, updated_at DESC, key",
+    )
+    .fetch_all(db.pool())
+    .await?;
+    rows.iter().map(alert_row).collect()
+}
+
+/// Notifications sent (alerts and retraining), newest first.
+pub(crate) async fn events(db: &Db, limit: i64) -> Result<Vec<Value>> {
+    let rows = sqlx::query(
+        "SELECT at_us, alert_key, kind, body, delivery FROM alert_events ORDER BY at_us DESC, id LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(db.pool())
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(json!({
+                "at_us": r.try_get::<i64, _>("at_us")?,
+                "alert": r.try_get::<String, _>("alert_key")?,
+                "kind": r.try_get::<String, _>("kind")?,
+                "body": serde_json::from_str::<Value>(&r.try_get::<String, _>("body")?).unwrap_or(Value::Null),
+                "delivery": r.try_get::<String, _>("delivery")?,
+            }))
+        })
+        .collect()
+}
+
+/// One rule's verdict in one window.
+#[derive(Debug, Clone)]
+struct Finding {
+    rule: &'static str,
+    model: String,
+    version: String,
+    group: String,
+    feature: String,
+    value: f64,
+    threshold: f64,
+    breach: bool,
+}
+
+impl Finding {
+    fn key(&self) -> String {
+        format!(
+            "{}|{}|{}|{}|{}",
+            self.rule, self.model, self.version, self.group, self.feature
+        )
+    }
+}
+
+/// Evaluates every complete window not evaluated yet (at most the last ten).
+pub(crate) async fn evaluate(s: &Shared) -> Result<()> {
+    let cfg = &s.config.monitor;
+    let w = i64::try_from(cfg.window_ms).unwrap_or(60_000);
+    let grace = i64::try_from(cfg.grace_ms).unwrap_or(0);
+    let until = (now_ms() - grace) / w * w;
+    let done = s.db.state("telemetry_evaluated_until").await?;
+    if until <= done {
+        return Ok(());
+    }
+    if !s
+        .db
+        .claim_state("telemetry_evaluated_until", done, until)
+        .await?
+    {
+        return Ok(()); // another replica took these windows
+    }
+    let from = if done == 0 {
+        until - w
+    } else {
+        done.max(until - 10 * w)
+    };
+    let mut ws = from;
+    while ws < until {
+        evaluate_window(s, ws, ws + w).await?;
+        ws += w;
+    }
+    Ok(())
+}
+
+async fn evaluate_window(s: &Shared, ws: i64, we: i64) -> Result<()> {
+    let cfg = &s.config.monitor;
+    let batches = load_batches(&s.db, &cfg.group_label, ws, we).await?;
+    let mut agg: BTreeMap<(String, String, String), ModelWindow> = BTreeMap::new();
+    for (g, b) in &batches {
+        for m in &b.models {
+            merge_into(&mut agg, g, m);
+        }
+    }
+    let mut references: BTreeMap<(String, String), Option<ReferenceStats>> = BTreeMap::new();
+    let mut findings = Vec::new();
+    let mut reports: BTreeMap<(String, String), Vec<(String, FeatureDrift)>> = BTreeMap::new();
+    for ((model, version, group), m) in &agg {
+        let base =
+            |rule: &'static str, feature: &str, value: f64, threshold: f64, breach: bool| Finding {
+                rule,
+                model: model.clone(),
+                version: version.clone(),
+                group: group.clone(),
+                feature: feature.to_owned(),
+                value,
+                threshold,
+                breach,
+            };
+        if cfg.errors.enabled && m.requests >= cfg.errors.min_requests && m.requests > 0 {
+            let rate = m.error_count() as f64 / m.requests as f64;
+            findings.push(base(
+                "errors",
+                "",
+                rate,
+                cfg.errors.rate,
+                rate >= cfg.errors.rate,
+            ));
+        }
+        if let (Some(limit), Some(p99)) = (cfg.latency.p99_ms, m.latency.quantile(0.99))
+            && m.requests >= cfg.latency.min_requests
+        {
+            findings.push(base("latency", "", p99, limit, p99 >= limit));
+        }
+        if !cfg.drift.enabled || m.features.is_empty() {
+            continue;
+        }
+        let rkey = (model.clone(), version.clone());
+        if !references.contains_key(&rkey) {
+            let r = reference(&s.db, model, version).await?;
+            references.insert(rkey.clone(), r);
+        }
+        let Some(Some(r)) = references.get(&rkey) else {
+            continue;
+        };
+        for d in telemetry::drift(r, &m.features) {
+            s.metrics
+                .drift_psi
+                .with_label_values(&[model, version, group, &d.feature])
+                .set(d.psi);
+            if let Some(ks) = d.ks {
+                s.metrics
+                    .drift_ks
+                    .with_label_values(&[model, version, group, &d.feature])
+                    .set(ks);
+            }
+            if d.count < cfg.drift.min_count {
+                continue;
+            }
+            let breach = d.psi >= cfg.drift.psi || d.ks.is_some_and(|k| k >= cfg.drift.ks);
+            findings.push(base("drift", &d.feature, d.psi, cfg.drift.psi, breach));
+            reports
+                .entry(rkey.clone())
+                .or_default()
+                .push((group.clone(), d));
+        }
+    }
+    if let Some(below) = cfg.accuracy.below {
+        let models: BTreeSet<String> = agg.keys().map(|(m, _, _)| m.clone()).collect();
+        for model in models {
+            for (version, a) in accuracy(&s.db, &model).await? {
+                let Some(value) = a.value() else { continue };
+                s.metrics
+                    .accuracy
+                    .with_label_values(&[&model, &version])
+                    .set(value);
+                if a.labeled < cfg.accuracy.min_labels {
+                    continue;
+                }
+                findings.push(Finding {
+                    rule: "accuracy",
+                    model: model.clone(),
+                    version,
+                    group: "all".into(),
+                    feature: String::new(),
+                    value,
+                    threshold: below,
+                    breach: value < below,
+                });
+            }
+        }
+    }
+    apply(s, ws, we, findings, &reports).await
+}
+
+/// Moves alerts between firing and resolved, notifies on every change, and triggers
+/// retraining once per model version when one of its retraining rules starts firing.
+async fn apply(
+    s: &Shared,
+    ws: i64,
+    we: i64,
+    findings: Vec<Finding>,
+    reports: &BTreeMap<(String, String), Vec<(String, FeatureDrift)>>,
+) -> Result<()> {
+    let cfg = &s.config.monitor;
+    let existing: BTreeMap<String, Alert> = alerts(&s.db)
+        .await?
+        .into_iter()
+        .map(|a| (a.key.clone(), a))
+        .collect();
+    let retrain_firing = |model: &str, version: &str| {
+        existing.values().any(|a| {
+            a.state == "firing"
+                && a.model == model
+                && a.version == version
+                && cfg.retrain.on.contains(&a.rule)
+        })
+    };
+    let mut retrain: BTreeMap<(String, String), Vec<Alert>> = BTreeMap::new();
+    let now = now_ms();
+    for f in findings {
+        let key = f.key();
+        let before = existing.get(&key);
+        let was_firing = before.is_some_and(|a| a.state == "firing");
+        let state = match (was_firing, f.breach) {
+            (false, true) => "firing",
+            (true, false) => "resolved",
+            (true, true) => "firing",
+            (false, false) => {
+                if before.is_some() {
+                    continue; // resolved and still fine
+                }
+                continue;
+            }
+        };
+        let started = match (was_firing, before) {
+            (true, Some(a)) => a.started_at_ms,
+            _ => now,
+        };
+        let alert = Alert {
+            key: key.clone(),
+            rule: f.rule.to_owned(),
+            model: f.model.clone(),
+            version: f.version.clone(),
+            group: f.group.clone(),
+            feature: f.feature.clone(),
+            state: state.to_owned(),
+            value: f.value,
+            threshold: f.threshold,
+            window_start_ms: ws,
+            window_end_ms: we,
+            started_at_ms: started,
+            updated_at_ms: now,
+        };
+        s.db.upsert_alert(&alert).await?;
+        if was_firing == f.breach {
+            continue; // no change: no notification (deduplicated)
+        }
+        tracing::warn!(alert = %key, state, value = f.value, threshold = f.threshold, "alert {state}");
+        notify(
+            s,
+            &key,
+            state,
+            serde_json::to_value(&alert).unwrap_or(Value::Null),
+            &cfg.webhooks,
+        )
+        .await?;
+        if state == "firing"
+            && cfg.retrain.on.iter().any(|r| r == f.rule)
+            && !retrain_firing(&f.model, &f.version)
+        {
+            retrain
+                .entry((f.model.clone(), f.version.clone()))
+                .or_default()
+                .push(alert);
+        }
+    }
+    let all = alerts(&s.db).await?;
+    let mut firing: BTreeMap<&str, i64> = BTreeMap::new();
+    for a in all.iter().filter(|a| a.state == "firing") {
+        *firing.entry(a.rule.as_str()).or_default() += 1;
+    }
+    for rule in ["drift", "errors", "latency", "accuracy"] {
+        s.metrics
+            .alerts_firing
+            .with_label_values(&[rule])
+            .set(firing.get(rule).copied().unwrap_or(0));
+    }
+    for ((model, version), reasons) in retrain {
+        let drift: Vec<Value> = reports
+            .get(&(model.clone(), version.clone()))
+            .map(|v| {
+                v.iter()
+                    .map(|(g, d)| {
+                        let mut d = serde_json::to_value(d).unwrap_or(Value::Null);
+                        if let Some(o) = d.as_object_mut() {
+                            o.insert("group".into(), json!(g));
+                        }
+                        d
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let accuracy = accuracy(&s.db, &model)
+            .await?
+            .get(&version)
+            .copied()
+            .unwrap_or_default();
+        let report = json!({
+            "model": model,
+            "version": version,
+            "window_start_ms": ws,
+            "window_end_ms": we,
+            "reasons": reasons,
+            "drift": drift,
+            "accuracy": {"labeled": accuracy.labeled, "correct": accuracy.correct, "value": accuracy.value()},
+        });
+        trigger_retraining(s, &model, &version, report).await?;
+    }
+    Ok(())
+}
+
+/// POSTs `body` (with `"status"`) to every webhook (three attempts each) in the background,
+/// and records the notification and how its delivery went.
+async fn notify(s: &Shared, key: &str, kind: &str, body: Value, hooks: &[String]) -> Result<()> {
+    let id = new_id();
+    let mut body = body;
+    if let Some(o) = body.as_object_mut() {
+        o.insert("status".into(), json!(kind));
+    }
+    let text = body.to_string();
+    s.db.add_alert_event(
+        &id,
+        key,
+        kind,
+        &text,
+        if hooks.is_empty() {
+            "no webhook"
+        } else {
+            "pending"
+        },
+    )
+    .await?;
+    if hooks.is_empty() {
+        return Ok(());
+    }
+    let db = s.db.clone();
+    let http = s.http.clone();
+    let metrics = s.metrics.clone();
+    let hooks = hooks.to_vec();
+    tokio::spawn(async move {
+        let mut results = Vec::new();
+        for hook in &hooks {
+            let outcome = deliver(&http, hook, &text).await;
+            metrics
+                .webhook_deliveries
+                .with_label_values(&[if outcome.is_ok() {
+                    "delivered"
+                } else {
+                    "failed"
+                }])
+                .inc();
+            results.push(match outcome {
+                Ok(()) => format!("{hook}: delivered"),
+                Err(e) => {
+                    tracing::error!(webhook = %hook, error = %e, "webhook delivery failed");
+                    format!("{hook}: failed: {e}")
+                }
+            });
+        }
+        if let Err(e) = db.set_alert_delivery(&id, &results.join("; ")).await {
+            tracing::error!(error = %e, "cannot record a webhook delivery");
+        }
+    });
+    Ok(())
+}
+
+async fn deliver(http: &reqwest::Client, url: &str, body: &str) -> std::result::Result<(), String> {
+    let mut last = String::new();
+    for attempt in 0..3u32 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(
+                250 * u64::from(attempt) * u64::from(attempt),
+            ))
+            .await;
+        }
+        match http
+            .post(url)
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => return Ok(()),
+            Ok(r) => last = format!("answered {}", r.status()),
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(last)
+}
+
+/// Writes the report, POSTs it to the retraining webhook and runs the retraining command.
+async fn trigger_retraining(s: &Shared, model: &str, version: &str, report: Value) -> Result<()> {
+    let cfg = &s.config.monitor.retrain;
+    s.metrics.retrain_triggers.with_label_values(&[model]).inc();
+    let dir = &s.config.monitor.reports_dir;
+    let id = new_id();
+    let path = dir.join(format!("retrain-{model}-{version}-{id}.json").replace(['/', '\\'], "_"));
+    let text = serde_json::to_string_pretty(&report).map_err(|e| Error::Internal(e.to_string()))?;
+    tokio::fs::create_dir_all(dir)
+        .await
+        .map_err(|e| Error::Io(format!("creating {}: {e}", dir.display())))?;
+    tokio::fs::write(&path, &text)
+        .await
+        .map_err(|e| Error::Io(format!("writing {}: {e}", path.display())))?;
+    tracing::warn!(model, version, report = %path.display(), "retraining triggered");
+    s.db.audit(
+        "hub",
+        "retrain.trigger",
+        &json!({"model": model, "version": version, "report": path.display().to_string()})
+            .to_string(),
+        "",
+    )
+    .await?;
+    let key = format!("retrain|{model}|{version}");
+    let hooks: Vec<String> = cfg.webhook.iter().cloned().collect();
+    notify(s, &key, "retrain", report, &hooks).await?;
+    if let Some((program, args)) = cfg.command.split_first() {
+        let mut command = tokio::process::Command::new(program);
+        command
+            .args(args)
+            .arg(&path)
+            .env("CAPSULE_RETRAIN_REPORT", &path)
+            .env("CAPSULE_MODEL", model)
+            .env("CAPSULE_VERSION", version)
+            .kill_on_drop(false);
+        let db = s.db.clone();
+        let program = program.clone();
+        tokio::spawn(async move {
+            let status = match command.status().await {
+                Ok(st) => st.to_string(),
+                Err(e) => format!("could not start {program}: {e}"),
+            };
+            tracing::info!(%status, "retraining command finished");
+            let _ = db
+                .add_alert_event(
+                    &new_id(),
+                    &key,
+                    "retrain.command",
+                    &json!({"command": program}).to_string(),
+                    &status,
+                )
+                .await;
+        });
+    }
+    Ok(())
+}
