@@ -4,156 +4,16 @@
 //! killed and restarted mid-rollout, a node offline during a rollout catching up; on SQLite
 //! and on PostgreSQL. Then one test per attack on the update path.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use capsule_tests::{WatCapsule, wat_capsule};
 use serde_json::{Value, json};
 
-const ADMIN: &str = "test-admin-token";
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_capsule")
-}
-
-fn cache() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/capsule-test-cache")
-}
-
-fn run(args: &[&str]) -> Result<String> {
-    let out = Command::new(bin())
-        .args(args)
-        .env("CAPSULE_CACHE_DIR", cache())
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "capsule {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// A child process whose stderr is collected, killed on drop.
-struct Proc {
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Proc {
-    fn spawn(args: &[String]) -> Result<Proc> {
-        let mut child = Command::new(bin())
-            .args(args)
-            .env("CAPSULE_CACHE_DIR", cache())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        let stderr = child.stderr.take().context("stderr")?;
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&log);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Ok(mut l) = sink.lock() {
-                    l.push(line);
-                }
-            }
-        });
-        Ok(Proc { child, log })
-    }
-
-    /// Waits for a stderr line containing `marker`, returns the `http(s)://ADDR` after it.
-    fn address(&self, marker: &str) -> Result<String> {
-        let started = Instant::now();
-        while started.elapsed() < Duration::from_secs(60) {
-            if let Ok(lines) = self.log.lock()
-                && let Some(line) = lines.iter().find(|l| l.contains(marker))
-                && let Some(at) = line.find("https://").or_else(|| line.find("http://"))
-            {
-                let rest = &line[at..];
-                let end = rest.find([';', ' ', ',']).unwrap_or(rest.len());
-                return Ok(rest[..end].to_owned());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        bail!(
-            "no {marker:?} line; stderr: {:?}",
-            self.log.lock().map(|l| l.clone())
-        )
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// Keys `root`, `pub1`, `pub2` (and `extra` ones) in `dir`, and `root.json`: the root key
-/// signs root metadata, two of the two publisher keys must sign targets.
-fn publisher_keys(dir: &Path, extra: &[&str]) -> Result<()> {
-    let p = |n: &str| dir.join(n).to_string_lossy().into_owned();
-    for k in ["root", "pub1", "pub2"].iter().chain(extra) {
-        run(&["keys", "generate", &p(k)])?;
-    }
-    run(&[
-        "keys",
-        "root",
-        "--root-key",
-        &p("root.pub"),
-        "--targets-key",
-        &p("pub1.pub"),
-        "--targets-key",
-        &p("pub2.pub"),
-        "--targets-threshold",
-        "2",
-        "--sign",
-        &p("root.key"),
-        "-o",
-        &p("root.json"),
-    ])?;
-    Ok(())
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn http() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::new()
-}
-
-fn api(
-    hub: &str,
-    method: &str,
-    path: &str,
-    token: &str,
-    body: Option<Value>,
-) -> Result<(u16, Value)> {
-    let c = http();
-    let mut req = match method {
-        "GET" => c.get(format!("{hub}{path}")),
-        "PUT" => c.put(format!("{hub}{path}")),
-        _ => c.post(format!("{hub}{path}")),
-    }
-    .bearer_auth(token);
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let resp = req.send()?;
-    let status = resp.status().as_u16();
-    Ok((status, resp.json().unwrap_or(Value::Null)))
-}
+mod common;
+use common::*;
 
 /// The `y` a node answers for model `wat`, or None when it does not serve it.
 fn served_y(node: &str) -> Option<f64> {
@@ -181,17 +41,6 @@ fn canary(nodes: &[(String, String)], rollout: &str, percent: u32, new: f64, old
             }
         })
         .collect()
-}
-
-fn wait_until(what: &str, mut ok: impl FnMut() -> bool) -> Result<()> {
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(30) {
-        if ok() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    bail!("timed out waiting for {what}")
 }
 
 fn wait_serving(nodes: &[(String, String)], want: &[f64]) -> Result<()> {
@@ -622,32 +471,7 @@ fn fleet_on_sqlite() -> Result<()> {
 /// server and sets it); each run gets a fresh database.
 #[test]
 fn fleet_on_postgres() -> Result<()> {
-    let Ok(url) = std::env::var("CAPSULE_TEST_POSTGRES_URL") else {
-        if std::env::var_os("CI").is_some() {
-            bail!("CAPSULE_TEST_POSTGRES_URL is not set in CI");
-        }
-        eprintln!("skipped: set CAPSULE_TEST_POSTGRES_URL=postgres://... (as .ci/run does)");
-        return Ok(());
-    };
-    let db = format!("capsule_test_{}", std::process::id());
-    let admin_url = url.clone();
-    let status = Command::new("psql")
-        .args([&admin_url, "-q", "-c", &format!("CREATE DATABASE {db}")])
-        .status()?;
-    if !status.success() {
-        bail!("cannot create database {db} with psql at {admin_url}");
-    }
-    let base = url.rsplit_once('/').map(|(b, _)| b).unwrap_or(&url);
-    let result = scenario(&format!("{base}/{db}"));
-    let _ = Command::new("psql")
-        .args([
-            &admin_url,
-            "-q",
-            "-c",
-            &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
-        ])
-        .status();
-    result
+    with_postgres("fleet", scenario)
 }
 
 /// The last report of a node, once it covers generation `after` or later.

@@ -152,14 +152,21 @@ impl Binning {
     }
 }
 
+/// A number in at most three significant digits (whole numbers kept whole).
 fn short(v: f64) -> String {
-    let s = format!("{v:.3}");
-    let s = s.trim_end_matches('0').trim_end_matches('.');
-    if s.is_empty() || s == "-" {
-        "0".into()
+    let digits = if v == 0.0 {
+        0
     } else {
-        s.to_owned()
-    }
+        v.abs().log10().floor() as i32 + 1
+    };
+    let decimals = usize::try_from((3 - digits).max(0)).unwrap_or(0);
+    let s = format!("{v:.decimals$}");
+    let s = if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_owned()
+    } else {
+        s
+    };
+    if s == "-0" { "0".into() } else { s }
 }
 
 /// Count, sum and sum of squares, minimum and maximum of the present finite values
@@ -1110,6 +1117,15 @@ mod tests {
             tensor: Tensor::from_f32(vec![3], &[0.1, 0.2, 0.3]).unwrap(),
         };
         assert!(classes(&[embedding], &labels).is_empty());
+    }
+
+    #[test]
+    fn bin_labels_are_short() {
+        let b = Binning::Numeric {
+            edges: vec![0.4712, 13.62, 1235.0],
+        };
+        let labels: Vec<String> = (0..4).map(|i| b.label(i)).collect();
+        assert_eq!(labels, ["< 0.471", "0.471–13.6", "13.6–1235", ">= 1235"]);
     }
 
     #[test]

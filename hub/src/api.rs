@@ -479,6 +479,7 @@ async fn add_version(
             "labels": m.labels,
             "description": m.card.description,
             "golden_samples": m.golden.len(),
+            "reference": m.reference,
             "created_at_unix": m.created_at_unix,
         }),
         provenance,
@@ -1064,6 +1065,7 @@ async fn list_alerts(State(s): State<AppState>, _admin: Admin) -> Result<axum::J
     Ok(axum::Json(json!({
         "alerts": crate::monitor::alerts(&s.db).await?,
         "events": crate::monitor::events(&s.db, 200).await?,
+        "evaluated_until_ms": s.db.state("telemetry_evaluated_until").await?,
     })))
 }
 
@@ -1100,6 +1102,11 @@ async fn metrics(State(s): State<AppState>) -> Result<Response> {
         m.rollouts.with_label_values(&[&r.state]).inc();
     }
     let summary = crate::monitor::summary(&s.db, None).await?;
+    for v in &summary.versions {
+        if let Some(a) = v.accuracy.value() {
+            m.accuracy.with_label_values(&[&v.model, &v.version]).set(a);
+        }
+    }
     m.telemetry_dropped.set(
         i64::try_from(
             summary

@@ -562,7 +562,7 @@ fn compare_bars(attrs: &str, labels: &[String], reference: &[f64], live: &[f64])
             esc(label),
             pct(l),
         );
-        if n <= 12 || i % (n / 8).max(1) == 0 {
+        if n <= 6 || i % 2 == 0 {
             let short: String = label.chars().take(12).collect();
             let _ = write!(
                 o,

@@ -147,7 +147,23 @@ impl HubMetrics {
             )?,
             rollouts: gauge("capsule_hub_rollouts", "Rollouts by state.", &["state"])?,
             registry: r,
-        })
+        }
+        .init())
+    }
+
+    /// Creates the counters' label sets known in advance, so they read 0 before their first
+    /// event.
+    fn init(self) -> HubMetrics {
+        for r in ["stored", "duplicate"] {
+            let _ = self.telemetry_batches.with_label_values(&[r]);
+        }
+        for o in ["delivered", "failed"] {
+            let _ = self.webhook_deliveries.with_label_values(&[o]);
+        }
+        for rule in ["drift", "errors", "latency", "accuracy"] {
+            let _ = self.alerts_firing.with_label_values(&[rule]);
+        }
+        self
     }
 
     /// The text exposition.

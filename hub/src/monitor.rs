@@ -875,29 +875,30 @@ async fn evaluate_window(s: &Shared, ws: i64, we: i64) -> Result<()> {
                 .push((group.clone(), d));
         }
     }
-    if let Some(below) = cfg.accuracy.below {
-        let models: BTreeSet<String> = agg.keys().map(|(m, _, _)| m.clone()).collect();
-        for model in models {
-            for (version, a) in accuracy(&s.db, &model).await? {
-                let Some(value) = a.value() else { continue };
-                s.metrics
-                    .accuracy
-                    .with_label_values(&[&model, &version])
-                    .set(value);
-                if a.labeled < cfg.accuracy.min_labels {
-                    continue;
-                }
-                findings.push(Finding {
-                    rule: "accuracy",
-                    model: model.clone(),
-                    version,
-                    group: "all".into(),
-                    feature: String::new(),
-                    value,
-                    threshold: below,
-                    breach: value < below,
-                });
+    let models: BTreeSet<String> = agg.keys().map(|(m, _, _)| m.clone()).collect();
+    for model in models {
+        for (version, a) in accuracy(&s.db, &model).await? {
+            let Some(value) = a.value() else { continue };
+            s.metrics
+                .accuracy
+                .with_label_values(&[&model, &version])
+                .set(value);
+            let Some(below) = cfg.accuracy.below else {
+                continue;
+            };
+            if a.labeled < cfg.accuracy.min_labels {
+                continue;
             }
+            findings.push(Finding {
+                rule: "accuracy",
+                model: model.clone(),
+                version,
+                group: "all".into(),
+                feature: String::new(),
+                value,
+                threshold: below,
+                breach: value < below,
+            });
         }
     }
     apply(s, ws, we, findings, &reports).await

@@ -341,6 +341,12 @@ impl Loader {
         for m in &chosen {
             if !previous.iter().any(|p| Arc::ptr_eq(p, m)) {
                 metrics.swaps.with_label_values(&[name, "loaded"]).inc();
+                // Counters start at 0 (present before the first event, for rate() and
+                // dashboards).
+                let labels = [m.name.as_str(), m.version.as_str()];
+                let _ = metrics.traps.with_label_values(&labels);
+                let _ = metrics.inferences.with_label_values(&labels);
+                let _ = metrics.feedback.with_label_values(&[m.name.as_str()]);
                 tracing::info!(model = %name, version = %m.version, "version now serving");
             }
         }

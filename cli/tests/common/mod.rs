@@ -1,0 +1,194 @@
+//! Helpers shared by the CLI's process-level tests: the `capsule` binary, child processes
+//! with their stderr collected, publisher keys, the hub API.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+pub const ADMIN: &str = "test-admin-token";
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_capsule")
+}
+
+pub fn cache() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/capsule-test-cache")
+}
+
+pub fn run(args: &[&str]) -> Result<String> {
+    let out = Command::new(bin())
+        .args(args)
+        .env("CAPSULE_CACHE_DIR", cache())
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "capsule {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A child process whose stderr is collected, killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    pub fn spawn(args: &[String]) -> Result<Proc> {
+        let mut child = Command::new(bin())
+            .args(args)
+            .env("CAPSULE_CACHE_DIR", cache())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let stderr = child.stderr.take().context("stderr")?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(mut l) = sink.lock() {
+                    l.push(line);
+                }
+            }
+        });
+        Ok(Proc { child, log })
+    }
+
+    /// Waits for a stderr line containing `marker`, returns the `http(s)://ADDR` after it.
+    pub fn address(&self, marker: &str) -> Result<String> {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(60) {
+            if let Ok(lines) = self.log.lock()
+                && let Some(line) = lines.iter().find(|l| l.contains(marker))
+                && let Some(at) = line.find("https://").or_else(|| line.find("http://"))
+            {
+                let rest = &line[at..];
+                let end = rest.find([';', ' ', ',']).unwrap_or(rest.len());
+                return Ok(rest[..end].to_owned());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!(
+            "no {marker:?} line; stderr: {:?}",
+            self.log.lock().map(|l| l.clone())
+        )
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Keys `root`, `pub1`, `pub2` (and `extra` ones) in `dir`, and `root.json`: the root key
+/// signs root metadata, two of the two publisher keys must sign targets.
+pub fn publisher_keys(dir: &Path, extra: &[&str]) -> Result<()> {
+    let p = |n: &str| dir.join(n).to_string_lossy().into_owned();
+    for k in ["root", "pub1", "pub2"].iter().chain(extra) {
+        run(&["keys", "generate", &p(k)])?;
+    }
+    run(&[
+        "keys",
+        "root",
+        "--root-key",
+        &p("root.pub"),
+        "--targets-key",
+        &p("pub1.pub"),
+        "--targets-key",
+        &p("pub2.pub"),
+        "--targets-threshold",
+        "2",
+        "--sign",
+        &p("root.key"),
+        "-o",
+        &p("root.json"),
+    ])?;
+    Ok(())
+}
+
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+pub fn http() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::new()
+}
+
+pub fn api(
+    hub: &str,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: Option<Value>,
+) -> Result<(u16, Value)> {
+    let c = http();
+    let mut req = match method {
+        "GET" => c.get(format!("{hub}{path}")),
+        "PUT" => c.put(format!("{hub}{path}")),
+        _ => c.post(format!("{hub}{path}")),
+    }
+    .bearer_auth(token);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send()?;
+    let status = resp.status().as_u16();
+    Ok((status, resp.json().unwrap_or(Value::Null)))
+}
+
+pub fn wait_until(what: &str, mut ok: impl FnMut() -> bool) -> Result<()> {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(30) {
+        if ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("timed out waiting for {what}")
+}
+
+/// Runs `f` on a fresh PostgreSQL database (created and dropped with psql, on the server of
+/// `CAPSULE_TEST_POSTGRES_URL`); skipped when that is unset, except in CI.
+pub fn with_postgres(tag: &str, f: impl FnOnce(&str) -> Result<()>) -> Result<()> {
+    let Ok(url) = std::env::var("CAPSULE_TEST_POSTGRES_URL") else {
+        if std::env::var_os("CI").is_some() {
+            bail!("CAPSULE_TEST_POSTGRES_URL is not set in CI");
+        }
+        eprintln!("skipped: set CAPSULE_TEST_POSTGRES_URL=postgres://... (as .ci/run does)");
+        return Ok(());
+    };
+    let db = format!("capsule_test_{tag}_{}", std::process::id());
+    let status = Command::new("psql")
+        .args([&url, "-q", "-c", &format!("CREATE DATABASE {db}")])
+        .status()?;
+    if !status.success() {
+        bail!("cannot create database {db} with psql at {url}");
+    }
+    let base = url.rsplit_once('/').map(|(b, _)| b).unwrap_or(&url);
+    let result = f(&format!("{base}/{db}"));
+    let _ = Command::new("psql")
+        .args([
+            &url,
+            "-q",
+            "-c",
+            &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
+        ])
+        .status();
+    result
+}
