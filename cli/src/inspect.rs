@@ -56,6 +56,8 @@ struct Report<'a> {
     model_inputs: &'a [capsule_format::TensorSpec],
     model_outputs: &'a [capsule_format::TensorSpec],
     pipeline: Vec<String>,
+    /// Drift features: name, kind, bins.
+    reference: Vec<String>,
     labels: &'a [String],
     card: &'a capsule_format::manifest::ModelCard,
     golden: Vec<GoldenSummary>,
@@ -97,6 +99,18 @@ fn report<'a>(args: &Args, image: &'a CapsuleImage) -> Result<Report<'a>> {
             .pipeline
             .iter()
             .flat_map(capsule_format::Pipeline::describe)
+            .collect(),
+        reference: m
+            .reference
+            .iter()
+            .flat_map(|r| &r.features)
+            .map(|f| {
+                let kind = match f.binning {
+                    capsule_format::telemetry::Binning::Numeric { .. } => "numeric",
+                    capsule_format::telemetry::Binning::Categorical { .. } => "categorical",
+                };
+                format!("{} ({kind}, {} bins)", f.name, f.binning.bins())
+            })
             .collect(),
         labels: &m.labels,
         card: &m.card,
@@ -166,6 +180,13 @@ pub fn run(args: &Args) -> Result<()> {
     }
     for line in &r.pipeline {
         println!("  pipeline      {line}");
+    }
+    if !r.reference.is_empty() {
+        println!(
+            "  reference     {} drift features: {}",
+            r.reference.len(),
+            r.reference.join(", ")
+        );
     }
     if !r.labels.is_empty() {
         println!("  labels        {}", r.labels.join(", "));

@@ -554,6 +554,11 @@ fn drift_scenario(d: &Path, database: &str, browser: bool) -> Result<()> {
         built.contains("reference 13 features from 124 training rows"),
         "{built}"
     );
+    let inspected = run(&["inspect", &capsule.to_string_lossy()])?;
+    assert!(
+        inspected.contains("reference     13 drift features: alcohol (numeric, 10 bins)"),
+        "{inspected}"
+    );
 
     let (hooks, calls) = webhook_receiver()?;
     let window_ms = 2000i64;
