@@ -262,5 +262,73 @@ fn preprocess(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, infer, cold_start, engine_costs, preprocess);
+/// What telemetry adds to a request on a node: counting the input features of 20 wine
+/// records in the reference bins and finding the predicted classes, beside the capsule call
+/// itself (preprocessing, model, postprocessing).
+fn telemetry(c: &mut Criterion) {
+    let root = capsule_tests::repo_dir();
+    let built = or_die(capsule_tests::example_capsule("wine-tabular"), "wine");
+    let csv = or_die(
+        std::fs::read_to_string(root.join("examples/wine-tabular/train.csv")),
+        "train.csv",
+    );
+    let mut lines = csv.lines();
+    let columns: Vec<String> = lines
+        .next()
+        .unwrap_or_default()
+        .split(',')
+        .map(str::to_owned)
+        .collect();
+    let rows: Vec<Vec<String>> = lines
+        .map(|l| l.split(',').map(str::to_owned).collect())
+        .collect();
+    let records: Vec<Vec<u8>> = rows
+        .iter()
+        .take(20)
+        .map(|r| {
+            let record: serde_json::Map<String, serde_json::Value> = columns
+                .iter()
+                .zip(r)
+                .filter(|(name, cell)| *name != "class" && !cell.is_empty())
+                .map(|(name, cell)| {
+                    (
+                        name.clone(),
+                        serde_json::json!(cell.parse::<f64>().unwrap_or(0.0)),
+                    )
+                })
+                .collect();
+            or_die(serde_json::to_vec(&record), "record")
+        })
+        .collect();
+    let reference = or_die(
+        capsule_runtime::reference::ReferenceData::Table { columns, rows }
+            .statistics(&built.manifest.inputs, built.manifest.pipeline.as_ref()),
+        "reference",
+    );
+    let items: Vec<&[u8]> = records.iter().map(Vec::as_slice).collect();
+    let raw = bytes("record", &items);
+    let outputs = or_die(built.capsule.infer(&raw), "wine");
+    let mut group = c.benchmark_group("telemetry/wine_20_records");
+    group.bench_function("capsule", |b| {
+        b.iter(|| black_box(or_die(built.capsule.infer(black_box(&raw)), "wine")))
+    });
+    group.bench_function("observe", |b| {
+        b.iter(|| {
+            let mut live = reference.empty_live();
+            let rows = reference.observe(black_box(&raw), &mut live);
+            let classes = capsule_format::telemetry::classes(&outputs, &built.manifest.labels);
+            black_box((rows, live, classes))
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    infer,
+    cold_start,
+    engine_costs,
+    preprocess,
+    telemetry
+);
 criterion_main!(benches);

@@ -85,36 +85,13 @@ impl Fleet {
     }
 
     fn start_node(&self, id: &str, token: &str) -> Result<(Proc, String)> {
-        let models = self.dir.path().join(format!("models-{id}"));
-        std::fs::create_dir_all(&models)?;
-        let args: Vec<String> = [
-            "serve",
-            "--models",
-            &models.to_string_lossy(),
-            "--http",
-            "127.0.0.1:0",
-            "--no-grpc",
-            "--instances",
-            "1",
-            "--poll-interval-ms",
-            "0",
-            "--hub",
+        start_synced_node(
+            self.dir.path(),
             &self.hub_url,
-            "--hub-token",
-            token,
-            "--node-id",
             id,
-            "--label",
-            "site=lab",
-            "--trusted-root",
-            &self.path("root.json"),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let p = Proc::spawn(&args)?;
-        let url = p.address("REST on")?;
-        Ok((p, url))
+            token,
+            &["--label", "site=lab"],
+        )
     }
 
     fn start(database: &str) -> Result<Fleet> {

@@ -130,45 +130,6 @@ fn node_token(hub: &str, id: &str) -> Result<String> {
     Ok(v["token"].as_str().unwrap_or_default().to_owned())
 }
 
-/// Starts `capsule serve` synced with the hub; returns the process and its REST URL.
-fn start_node(
-    dir: &Path,
-    hub: &str,
-    id: &str,
-    token: &str,
-    extra: &[&str],
-) -> Result<(Proc, String)> {
-    let models = dir.join(format!("models-{id}"));
-    std::fs::create_dir_all(&models)?;
-    let mut args: Vec<String> = [
-        "serve",
-        "--models",
-        &models.to_string_lossy(),
-        "--http",
-        "127.0.0.1:0",
-        "--no-grpc",
-        "--instances",
-        "1",
-        "--poll-interval-ms",
-        "0",
-        "--hub",
-        hub,
-        "--hub-token",
-        token,
-        "--node-id",
-        id,
-        "--trusted-root",
-        &dir.join("root.json").to_string_lossy(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let p = Proc::spawn(&args)?;
-    let url = p.address("REST on")?;
-    Ok((p, url))
-}
-
 /// Signs `capsule` into the targets metadata and pushes it as `production`.
 fn publish(dir: &Path, hub: &str, capsule: &Path) -> Result<()> {
     let p = |n: &str| dir.join(n).to_string_lossy().into_owned();
@@ -433,6 +394,30 @@ fn grafana_exprs(v: &Value, out: &mut Vec<String>) {
 
 /// The dashboards and alert rules in deploy/ name only metrics the node and the hub export.
 fn check_deploy_metric_names(node: &str, hub: &str) -> Result<()> {
+    // The hub's exposition is valid for Prometheus' own checker.
+    if let Ok(mut child) = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    {
+        let text = http().get(format!("{hub}/metrics")).send()?.text()?;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(text.as_bytes())?;
+        let out = child.wait_with_output()?;
+        assert!(
+            out.status.success(),
+            "promtool check metrics: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    } else if in_ci() {
+        bail!("CI must provide promtool");
+    }
     let mut exported = metric_names(node)?;
     exported.extend(metric_names(hub)?);
     let deploy = repo().join("deploy");
@@ -597,7 +582,7 @@ command = ["sh", "-c", "cp \"$1\" \"{out}/retrain-$CAPSULE_MODEL-$CAPSULE_VERSIO
     for (id, group) in [("node-eu", "eu"), ("node-us", "us")] {
         let token = node_token(&hub, id)?;
         let label = format!("group={group}");
-        let (proc_, url) = start_node(
+        let (proc_, url) = start_synced_node(
             d,
             &hub,
             id,
@@ -840,10 +825,10 @@ fn telemetry_survives_hub_outage_node_kill_and_buffer_overflow() -> Result<()> {
         tokens.insert(id, node_token(&hub, id)?);
     }
     let window = ["--telemetry-window-ms", "300"];
-    let (mut a_proc, a) = start_node(d, &hub, "node-a", &tokens["node-a"], &window)?;
-    let (_b_proc, b) = start_node(d, &hub, "node-b", &tokens["node-b"], &window)?;
+    let (mut a_proc, a) = start_synced_node(d, &hub, "node-a", &tokens["node-a"], &window)?;
+    let (_b_proc, b) = start_synced_node(d, &hub, "node-b", &tokens["node-b"], &window)?;
     // node-c's buffer holds about four batches.
-    let (_c_proc, c) = start_node(
+    let (_c_proc, c) = start_synced_node(
         d,
         &hub,
         "node-c",
@@ -899,7 +884,7 @@ fn telemetry_survives_hub_outage_node_kill_and_buffer_overflow() -> Result<()> {
     )?;
     std::thread::sleep(Duration::from_millis(400)); // the last window closes too
     a_proc.kill();
-    let (_a_proc2, a2) = start_node(d, &hub, "node-a", &tokens["node-a"], &window)?;
+    let (_a_proc2, a2) = start_synced_node(d, &hub, "node-a", &tokens["node-a"], &window)?;
     wait_for(
         "node-a serving again (from its local repository)",
         Duration::from_secs(30),

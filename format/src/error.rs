@@ -44,6 +44,9 @@ pub enum Error {
     /// A V2 JSON request or response that does not follow the protocol.
     #[error("invalid inference request: {0}")]
     InvalidRequest(String),
+    /// Telemetry (reference statistics, batches, feedback) that breaks its bounds or form.
+    #[error("{0}")]
+    InvalidTelemetry(String),
     /// A pipeline spec that does not fit the model or contradicts itself.
     #[error("invalid pipeline: {at}: {reason}")]
     InvalidPipeline {

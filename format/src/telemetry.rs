@@ -262,7 +262,7 @@ pub struct ReferenceStats {
 }
 
 fn invalid(reason: String) -> Error {
-    Error::InvalidRequest(reason)
+    Error::InvalidTelemetry(reason)
 }
 
 impl FeatureReference {
@@ -663,6 +663,42 @@ pub struct Feedback {
     pub id: String,
     /// The true class.
     pub label: String,
+}
+
+/// One ground-truth label as clients send it: `{"id": "...", "label": ..., "index": i}`
+/// (`index` names row `i` of a request of several rows).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedbackItem {
+    /// Request id.
+    pub id: String,
+    /// The true class: a string, or a number taken as its decimal text.
+    pub label: Value,
+    /// The row, for a request of several rows.
+    #[serde(default)]
+    pub index: Option<usize>,
+}
+
+impl FeedbackItem {
+    /// The prediction id ([`prediction_id`]'s form) and the label text.
+    pub fn resolve(self) -> Result<(String, String)> {
+        let label = match self.label {
+            Value::String(s) => s,
+            Value::Number(n) => n.to_string(),
+            Value::Bool(b) => b.to_string(),
+            other => {
+                return Err(invalid(format!(
+                    "feedback for {:?}: the label must be a string or a number, not {other}",
+                    self.id
+                )));
+            }
+        };
+        let id = match self.index {
+            Some(i) => format!("{}/{i}", self.id),
+            None => self.id,
+        };
+        Ok((cut(&id), cut(&label)))
+    }
 }
 
 /// What one model version saw in one window.
@@ -1165,6 +1201,18 @@ mod tests {
         batch.models[0].latency.counts.push(0);
         assert!(batch.validate().is_err());
         assert_eq!(prediction_id("r", 0, 1), "r");
+        let item =
+            |v: serde_json::Value| serde_json::from_value::<FeedbackItem>(v).unwrap().resolve();
+        assert_eq!(
+            item(serde_json::json!({"id": "r", "index": 2, "label": 3})).unwrap(),
+            ("r/2".to_owned(), "3".to_owned())
+        );
+        assert_eq!(
+            item(serde_json::json!({"id": "r", "label": ["a"]}))
+                .unwrap_err()
+                .to_string(),
+            "feedback for \"r\": the label must be a string or a number, not [\"a\"]"
+        );
         assert_eq!(prediction_id("r", 2, 3), "r/2");
     }
 }

@@ -967,18 +967,9 @@ async fn post_telemetry(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct FeedbackItem {
-    id: String,
-    label: Value,
-    #[serde(default)]
-    index: Option<usize>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct FeedbackBody {
     model: String,
-    feedback: Vec<FeedbackItem>,
+    feedback: Vec<capsule_format::telemetry::FeedbackItem>,
 }
 
 /// Ground-truth labels sent straight to the hub (browsers; nodes send theirs in telemetry).
@@ -998,24 +989,7 @@ async fn post_feedback(
     let items = b
         .feedback
         .into_iter()
-        .map(|f| {
-            let label = match f.label {
-                Value::String(s) => s,
-                Value::Number(n) => n.to_string(),
-                Value::Bool(b) => b.to_string(),
-                other => {
-                    return Err(Error::BadRequest(format!(
-                        "feedback for {:?}: the label must be a string or a number, not {other}",
-                        f.id
-                    )));
-                }
-            };
-            let id = match f.index {
-                Some(i) => format!("{}/{i}", f.id),
-                None => f.id,
-            };
-            Ok((id, label))
-        })
+        .map(|f| f.resolve().map_err(|e| Error::BadRequest(e.to_string())))
         .collect::<Result<Vec<_>>>()?;
     let source = if caller.kind == "node" {
         caller.node.clone()

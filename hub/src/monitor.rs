@@ -1167,3 +1167,64 @@ async fn trigger_retraining(s: &Shared, model: &str, version: &str, report: Valu
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<MonitorConfig> {
+        let c: MonitorConfig =
+            toml::from_str(text).map_err(|e| Error::BadRequest(e.to_string()))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    #[test]
+    fn settings_default_and_refuse_mistakes() {
+        let c = parse("window_ms = 5000\n[drift]\npsi = 0.25\n").unwrap();
+        assert_eq!((c.window_ms, c.drift.psi, c.drift.ks), (5000, 0.25, 0.3));
+        assert_eq!(c.retrain.on, ["drift", "accuracy"]);
+        assert!(c.latency.p99_ms.is_none() && c.accuracy.below.is_none());
+        let unknown = parse("[drift]\npsi_threshold = 0.2\n").unwrap_err();
+        assert!(
+            unknown
+                .to_string()
+                .contains("unknown field `psi_threshold`"),
+            "{unknown}"
+        );
+        assert_eq!(
+            parse("[retrain]\non = [\"drfit\"]\n")
+                .unwrap_err()
+                .to_string(),
+            "retrain.on: unknown rule \"drfit\" (drift, accuracy, errors, latency)"
+        );
+        assert_eq!(
+            parse("window_ms = 10\n").unwrap_err().to_string(),
+            "monitor window_ms must be at least 100"
+        );
+    }
+
+    #[test]
+    fn accuracy_and_alert_keys() {
+        assert_eq!(Accuracy::default().value(), None);
+        assert_eq!(
+            Accuracy {
+                labeled: 8,
+                correct: 6
+            }
+            .value(),
+            Some(0.75)
+        );
+        let f = Finding {
+            rule: "drift",
+            model: "wine".into(),
+            version: "1.0.0".into(),
+            group: "eu".into(),
+            feature: "alcohol".into(),
+            value: 1.0,
+            threshold: 0.2,
+            breach: true,
+        };
+        assert_eq!(f.key(), "drift|wine|1.0.0|eu|alcohol");
+    }
+}

@@ -164,7 +164,7 @@ fn garbage_manifest_is_refused() -> anyhow::Result<()> {
     wasm_encoder::Section::append_to(
         &wasm_encoder::CustomSection {
             name: "capsule.manifest".into(),
-            data: b"CAPM\x02\0\0\0\xff\xff\xff".as_slice().into(),
+            data: b"CAPM\x03\0\0\0\xff\xff\xff".as_slice().into(),
         },
         &mut bad,
     );

@@ -192,3 +192,43 @@ pub fn with_postgres(tag: &str, f: impl FnOnce(&str) -> Result<()>) -> Result<()
         .status();
     result
 }
+
+/// Starts `capsule serve` synced with the hub (pinning `DIR/root.json`, repository
+/// `DIR/models-ID`, one instance, no gRPC); returns the process and its REST URL.
+pub fn start_synced_node(
+    dir: &Path,
+    hub: &str,
+    id: &str,
+    token: &str,
+    extra: &[&str],
+) -> Result<(Proc, String)> {
+    let models = dir.join(format!("models-{id}"));
+    std::fs::create_dir_all(&models)?;
+    let mut args: Vec<String> = [
+        "serve",
+        "--models",
+        &models.to_string_lossy(),
+        "--http",
+        "127.0.0.1:0",
+        "--no-grpc",
+        "--instances",
+        "1",
+        "--poll-interval-ms",
+        "0",
+        "--hub",
+        hub,
+        "--hub-token",
+        token,
+        "--node-id",
+        id,
+        "--trusted-root",
+        &dir.join("root.json").to_string_lossy(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let p = Proc::spawn(&args)?;
+    let url = p.address("REST on")?;
+    Ok((p, url))
+}

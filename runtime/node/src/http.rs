@@ -286,17 +286,6 @@ async fn infer(
     }
 }
 
-/// One ground-truth label: `{"id": "...", "label": "..."}`, with `"index": i` for row `i`
-/// of a request of several rows. A numeric label is taken as its decimal text.
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FeedbackItem {
-    id: String,
-    label: Value,
-    #[serde(default)]
-    index: Option<usize>,
-}
-
 /// Largest feedback body.
 const MAX_FEEDBACK_BYTES: u64 = 4 << 20;
 
@@ -307,6 +296,7 @@ async fn feedback(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response> {
+    use capsule_format::telemetry::FeedbackItem;
     #[derive(serde::Deserialize)]
     #[serde(untagged)]
     enum Body_ {
@@ -325,24 +315,7 @@ async fn feedback(
     };
     let items = items
         .into_iter()
-        .map(|f| {
-            let label = match f.label {
-                Value::String(s) => s,
-                Value::Number(n) => n.to_string(),
-                Value::Bool(b) => b.to_string(),
-                other => {
-                    return Err(Error::BadRequest(format!(
-                        "feedback for {:?}: the label must be a string or a number, not {other}",
-                        f.id
-                    )));
-                }
-            };
-            let id = match f.index {
-                Some(i) => format!("{}/{i}", f.id),
-                None => f.id,
-            };
-            Ok((id, label))
-        })
+        .map(|f| f.resolve().map_err(|e| Error::BadRequest(e.to_string())))
         .collect::<Result<Vec<_>>>()?;
     let offered = items.len();
     let accepted = app.registry.feedback(&model, items)?;
