@@ -74,3 +74,5 @@ CREATE TABLE alert_events (
 );
 
 INSERT INTO hub_state (key, value) VALUES ('telemetry_evaluated_until', 0);
+-- Batches received after this time (ms) in windows already evaluated are re-evaluated.
+INSERT INTO hub_state (key, value) VALUES ('telemetry_late_mark', 0);

@@ -773,32 +773,63 @@ impl Finding {
     }
 }
 
-/// Evaluates every complete window not evaluated yet (at most the last ten).
+/// Evaluates every complete window not evaluated yet (at most the last ten), then again
+/// any of the last ten that received batches after it was evaluated (a node that was
+/// offline, a slow network).
 pub(crate) async fn evaluate(s: &Shared) -> Result<()> {
     let cfg = &s.config.monitor;
     let w = i64::try_from(cfg.window_ms).unwrap_or(60_000);
     let grace = i64::try_from(cfg.grace_ms).unwrap_or(0);
-    let until = (now_ms() - grace) / w * w;
+    let now = now_ms();
+    let until = (now - grace) / w * w;
     let done = s.db.state("telemetry_evaluated_until").await?;
-    if until <= done {
+    if until > done
+        && s.db
+            .claim_state("telemetry_evaluated_until", done, until)
+            .await?
+    {
+        let from = if done == 0 {
+            until - w
+        } else {
+            done.max(until - 10 * w)
+        };
+        let mut ws = from;
+        while ws < until {
+            evaluate_window(s, ws, ws + w).await?;
+            ws += w;
+        }
+    }
+    // Late batches: received since the last look, for windows evaluated before this call.
+    let mark = s.db.state("telemetry_late_mark").await?;
+    let upto = now - 500; // a batch received before this has committed
+    if upto <= mark || done == 0 {
+        if done == 0 && upto > mark {
+            s.db.claim_state("telemetry_late_mark", mark, upto).await?;
+        }
         return Ok(());
     }
-    if !s
-        .db
-        .claim_state("telemetry_evaluated_until", done, until)
-        .await?
-    {
-        return Ok(()); // another replica took these windows
+    if !s.db.claim_state("telemetry_late_mark", mark, upto).await? {
+        return Ok(());
     }
-    let from = if done == 0 {
-        until - w
-    } else {
-        done.max(until - 10 * w)
-    };
-    let mut ws = from;
-    while ws < until {
+    let rows = sqlx::query(
+        "SELECT DISTINCT window_start FROM telemetry_batches WHERE received_at > $1 AND received_at <= $2 AND window_start < $3 AND window_start >= $4",
+    )
+    .bind(mark)
+    .bind(upto)
+    .bind(done)
+    .bind(done - 10 * w)
+    .fetch_all(s.db.pool())
+    .await?;
+    let mut late = BTreeSet::new();
+    for r in rows {
+        late.insert(r.try_get::<i64, _>("window_start")? / w * w);
+    }
+    for ws in late {
+        tracing::info!(
+            window_start_ms = ws,
+            "re-evaluating a window that received late telemetry"
+        );
         evaluate_window(s, ws, ws + w).await?;
-        ws += w;
     }
     Ok(())
 }
@@ -932,6 +963,9 @@ async fn apply(
     for f in findings {
         let key = f.key();
         let before = existing.get(&key);
+        if before.is_some_and(|a| a.window_start_ms > ws) {
+            continue; // a later window already decided (this one was re-evaluated late)
+        }
         let was_firing = before.is_some_and(|a| a.state == "firing");
         let state = match (was_firing, f.breach) {
             (false, true) => "firing",
