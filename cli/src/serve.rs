@@ -89,6 +89,11 @@ pub struct Args {
     /// and counted. [default: 67108864]
     #[arg(long, env = "CAPSULE_TELEMETRY_BUFFER_BYTES")]
     telemetry_buffer_bytes: Option<u64>,
+    /// Serve this directory to browsers at / (the SDK from sdk-js/dist, pages, signed
+    /// metadata), with cross-origin isolation headers. Installed capsules are always at
+    /// /capsules/MODEL/VERSION.capsule.wasm.
+    #[arg(long = "static", env = "CAPSULE_STATIC", value_name = "DIR")]
+    static_dir: Option<PathBuf>,
 }
 
 impl Args {
@@ -122,6 +127,9 @@ impl Args {
         }
         if self.no_grpc {
             c.grpc = None;
+        }
+        if let Some(dir) = &self.static_dir {
+            c.static_dir = Some(dir.clone());
         }
         if self.max_memory_bytes.is_some() {
             c.max_memory_bytes = self.max_memory_bytes;

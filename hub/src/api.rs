@@ -84,6 +84,22 @@ pub(crate) fn router(state: AppState) -> Router {
             Arc::clone(&state),
             count_requests,
         ))
+        // Cross-origin-isolated pages (COEP require-corp) may read the hub's answers, beacons
+        // included (no-cors requests get no CORS headers).
+        .layer(
+            tower_http::set_header::SetResponseHeaderLayer::if_not_present(
+                header::HeaderName::from_static("cross-origin-resource-policy"),
+                header::HeaderValue::from_static("cross-origin"),
+            ),
+        )
+        // Browsers (the SDK) call the hub from their pages' origins with bearer tokens; no
+        // cookies cross origins, so the dashboard's session stays same-origin.
+        .layer(
+            tower_http::cors::CorsLayer::new()
+                .allow_origin(tower_http::cors::Any)
+                .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+                .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, header::RANGE]),
+        )
         .with_state(state)
 }
 
@@ -136,8 +152,22 @@ async fn count_requests(
     resp
 }
 
+/// `?access_token=` on the two endpoints browsers reach with `navigator.sendBeacon`, which
+/// cannot set headers (telemetry and feedback).
+fn beacon_token(parts: &Parts) -> Option<String> {
+    if parts.method != axum::http::Method::POST
+        || !matches!(parts.uri.path(), "/api/v1/telemetry" | "/api/v1/feedback")
+    {
+        return None;
+    }
+    parts.uri.query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == "access_token").then(|| v.to_owned())
+    })
+}
+
 /// Who is calling (any valid token), from `Authorization: Bearer ...` (or, for the
-/// dashboard, its session cookie).
+/// dashboard, its session cookie; for beacons, `?access_token=`).
 pub(crate) struct Caller {
     kind: String,
     name: String,
@@ -164,6 +194,7 @@ impl FromRequestParts<AppState> for Caller {
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::to_owned)
             .or_else(|| crate::dashboard::session_token(&parts.headers))
+            .or_else(|| beacon_token(parts))
             .ok_or_else(|| {
                 Error::Unauthorized("missing bearer token (Authorization: Bearer ...)".into())
             })?;

@@ -67,6 +67,10 @@ type Plan = TypedSimplePlan;
 /// A model parsed and optimized into a tract plan, with its input and output signature.
 pub struct LoadedModel {
     state: TypedSimpleState,
+    /// The ops' initial states (recurrent and stateful ops keep state across `run`s, for
+    /// streaming): restored before every inference so that each one is independent, as on a
+    /// fresh instance. Empty when no op has state (nothing to restore).
+    pristine: Vec<Option<Box<dyn tract_onnx::tract_core::internal::OpState>>>,
     inputs: Vec<TensorSpec>,
     input_types: Vec<DatumType>,
     outputs: Vec<TensorSpec>,
@@ -217,8 +221,14 @@ impl LoadedModel {
         let node_count = u32::try_from(typed.nodes().len()).unwrap_or(u32::MAX);
         let plan: Arc<Plan> = typed.into_runnable().map_err(load)?;
         let state = TypedSimpleState::new(&plan).map_err(load)?;
+        let pristine = if state.op_states.iter().any(Option::is_some) {
+            state.op_states.clone()
+        } else {
+            Vec::new()
+        };
         Ok(LoadedModel {
             state,
+            pristine,
             inputs,
             input_types,
             outputs,
@@ -266,6 +276,9 @@ impl LoadedModel {
                 .find(|t| t.name == spec.name)
                 .ok_or_else(|| Error::BadInput(format!("missing input {:?}", spec.name)))?;
             values.push(to_tract_checked(&spec.name, *dt, &t.tensor)?.into());
+        }
+        if !self.pristine.is_empty() {
+            self.state.op_states.clone_from(&self.pristine);
         }
         let outputs = self.state.run(values);
         clear_avx_upper_state();

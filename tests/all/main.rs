@@ -4,6 +4,7 @@ mod builder;
 mod code_once;
 mod conformance;
 mod fixtures;
+mod independent_calls;
 mod limits;
 mod malformed_capsules;
 mod malformed_requests;

@@ -115,6 +115,8 @@ pub struct NodeConfig {
     /// Bound of the local telemetry buffer, in bytes; past it the oldest batches are dropped
     /// (and counted).
     pub telemetry_buffer_bytes: u64,
+    /// Serve this directory's files to browsers (the SDK, pages, signed metadata) at `/`.
+    pub static_dir: Option<PathBuf>,
 }
 
 impl Default for NodeConfig {
@@ -137,6 +139,7 @@ impl Default for NodeConfig {
             hub: None,
             telemetry_window_ms: 60_000,
             telemetry_buffer_bytes: 64 << 20,
+            static_dir: None,
         }
     }
 }

@@ -31,8 +31,63 @@ pub(crate) struct App {
 #[derive(Debug, Clone)]
 struct RequestId(String);
 
+/// Cross-origin isolation (COOP/COEP, so pages may use SharedArrayBuffer and threads) and
+/// CORP (so isolated pages of other origins may load capsules) on every answer.
+fn isolation<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Router<S> {
+    use tower_http::set_header::SetResponseHeaderLayer;
+    router
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::HeaderName::from_static("cross-origin-opener-policy"),
+            HeaderValue::from_static("same-origin"),
+        ))
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::HeaderName::from_static("cross-origin-embedder-policy"),
+            HeaderValue::from_static("require-corp"),
+        ))
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::HeaderName::from_static("cross-origin-resource-policy"),
+            HeaderValue::from_static("cross-origin"),
+        ))
+}
+
+/// `GET /capsules/{model}/{version}.capsule.wasm`: the installed capsule of a served version
+/// (the path of its signed target), for the browser SDK.
+async fn capsule_file(
+    State(app): State<App>,
+    Path((model, file)): Path<(String, String)>,
+) -> Result<Response> {
+    let version = file
+        .strip_suffix(".capsule.wasm")
+        .ok_or_else(|| Error::ModelNotFound(format!("{model}/{file}")))?;
+    let served = app.registry.resolve(&model, Some(version))?;
+    let bytes = tokio::fs::read(&served.path)
+        .await
+        .map_err(|e| Error::Internal(format!("cannot read {}: {e}", served.path.display())))?;
+    let mut response = Response::new(Body::from(bytes));
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/wasm"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    Ok(response)
+}
+
 pub(crate) fn router(app: App) -> Router {
+    let static_dir = app.config.static_dir.clone();
+    let router = base_router(app);
+    let router = match static_dir {
+        // Files for browsers; mime types from their extensions (.wasm: application/wasm,
+        // .js/.mjs: text/javascript). Paths outside the directory are refused.
+        Some(dir) => router.fallback_service(tower_http::services::ServeDir::new(dir)),
+        None => router,
+    };
+    isolation(router)
+}
+
+fn base_router(app: App) -> Router {
     Router::new()
+        .route("/capsules/{model}/{file}", get(capsule_file))
         .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(ready))

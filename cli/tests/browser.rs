@@ -1,0 +1,485 @@
+//! The browser SDK (`sdk-js`) in real headless Chromium, against the edge runtime:
+//! every fixture model (and the image and tabular examples, from raw inputs) runs in the
+//! browser from a signed static repository served by `capsule serve --static`, and its
+//! outputs are compared with wasmtime's for the same capsule and inputs; a tampered capsule
+//! and a repository signed by another key are refused; a reload takes the capsule from Cache
+//! Storage (no download in the network log); a browser connected to a hub follows a new
+//! version published there, and its telemetry reaches the hub.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use base64::Engine as _;
+use capsule_format::{DType, NamedTensor};
+use capsule_tests::{WatCapsule, wat_capsule};
+use serde_json::{Value, json};
+
+mod common;
+use common::*;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Builds the SDK (`sdk-js/build.sh`: the Rust core with wasm-bindgen, esbuild, tsc) once per
+/// test process.
+fn sdk_dist() -> Result<PathBuf> {
+    static BUILT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let sdk = repo().join("sdk-js");
+            if !sdk.join("node_modules/esbuild").exists() {
+                return Err("sdk-js/node_modules is missing: run `npm ci --prefix sdk-js`".into());
+            }
+            let out = Command::new("bash")
+                .arg(sdk.join("build.sh"))
+                .output()
+                .map_err(|e| e.to_string())?;
+            if !out.status.success() {
+                return Err(format!(
+                    "sdk-js/build.sh failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            Ok(sdk.join("dist"))
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+/// Whether Chromium and playwright-core are here (they must be in CI).
+fn browser_available() -> Result<bool> {
+    let ok = repo()
+        .join("tests/browser/node_modules/playwright-core")
+        .exists()
+        && Path::new(&std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into()))
+            .exists()
+        && repo().join("sdk-js/node_modules/esbuild").exists();
+    if !ok && std::env::var_os("CI").is_some() {
+        bail!("CI must provide chromium, tests/browser/node_modules and sdk-js/node_modules");
+    }
+    if !ok {
+        eprintln!(
+            "skipped: needs chromium, `npm ci --prefix tests/browser` and `npm ci --prefix sdk-js`"
+        );
+    }
+    Ok(ok)
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
+fn public_hex(path: &Path) -> Result<String> {
+    let v: Value = serde_json::from_slice(&std::fs::read(path)?)?;
+    Ok(v["public"].as_str().context("no public key")?.to_owned())
+}
+
+/// A plan input: raw little-endian bytes, or BYTES elements.
+fn plan_input(t: &NamedTensor) -> Result<Value> {
+    Ok(if t.tensor.dtype == DType::Bytes {
+        let items: Vec<String> = capsule_format::byte_elements(&t.tensor.data)?
+            .into_iter()
+            .map(b64)
+            .collect();
+        json!({"name": t.name, "datatype": "BYTES", "shape": t.tensor.shape, "items": items})
+    } else {
+        json!({"name": t.name, "datatype": t.tensor.dtype.v2_name(), "shape": t.tensor.shape, "data": b64(&t.tensor.data)})
+    })
+}
+
+/// What the browser must answer: wasmtime's outputs of the same capsule.
+fn expected_output(t: &NamedTensor) -> Result<Value> {
+    Ok(if t.tensor.dtype == DType::Bytes {
+        let items: Vec<String> = capsule_format::byte_elements(&t.tensor.data)?
+            .into_iter()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect();
+        json!({"datatype": "BYTES", "shape": t.tensor.shape, "items": items})
+    } else {
+        json!({"datatype": t.tensor.dtype.v2_name(), "shape": t.tensor.shape, "data": b64(&t.tensor.data)})
+    })
+}
+
+struct Case {
+    model: String,
+    capsule: std::sync::Arc<capsule_runtime::BuiltCapsule>,
+    inputs: Vec<NamedTensor>,
+}
+
+fn cases() -> Result<Vec<Case>> {
+    let mut out = Vec::new();
+    for name in [
+        "digits_logreg",
+        "digits_mlp",
+        "digits_rf",
+        "mnist_cnn",
+        "silero_vad",
+    ] {
+        let capsule = capsule_tests::fixture_capsule(name)?;
+        let inputs = capsule
+            .manifest
+            .golden
+            .first()
+            .with_context(|| format!("{name} has no golden sample"))?
+            .inputs
+            .clone();
+        out.push(Case {
+            model: capsule.manifest.name.clone(),
+            capsule,
+            inputs,
+        });
+    }
+    // Raw inputs through the pipelines: a PNG, and JSON records.
+    let png = std::fs::read(repo().join("examples/mnist-png/samples/digit1_0.png"))?;
+    let records: Vec<Value> = serde_json::from_slice(&std::fs::read(
+        repo().join("examples/wine-tabular/records.json"),
+    )?)?;
+    let records: Vec<Vec<u8>> = records
+        .iter()
+        .take(5)
+        .map(serde_json::to_vec)
+        .collect::<std::result::Result<_, _>>()?;
+    for (example, input, items) in [
+        ("mnist-png", "image", vec![png]),
+        ("wine-tabular", "record", records),
+    ] {
+        let capsule = std::sync::Arc::new(capsule_tests::example_capsule(example)?);
+        let tensor = capsule_format::Tensor::from_byte_strings(vec![items.len() as u64], &items)?;
+        out.push(Case {
+            model: capsule.manifest.name.clone(),
+            capsule,
+            inputs: vec![NamedTensor {
+                name: input.into(),
+                tensor,
+            }],
+        });
+    }
+    Ok(out)
+}
+
+#[test]
+fn the_sdk_runs_signed_capsules_in_chromium_like_the_edge() -> Result<()> {
+    if !browser_available()? {
+        return Ok(());
+    }
+    let dist = sdk_dist()?;
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let site = d.join("site");
+    copy_dir(&dist, &site.join("sdk"))?;
+    std::fs::write(
+        site.join("test.html"),
+        "<!doctype html><meta charset=\"utf-8\"><title>capsule sdk test</title>\
+         <script type=\"module\">import Capsule from \"/sdk/capsule.js\"; window.Capsule = Capsule;</script>",
+    )?;
+    publisher_keys(d, &["other"])?;
+    let p = |n: &str| d.join(n).to_string_lossy().into_owned();
+
+    // The signed static repository (and a copy with one capsule tampered with).
+    let cases = cases()?;
+    let targets = site.join("repo/targets.json");
+    std::fs::create_dir_all(site.join("repo"))?;
+    let mut plan_cases = Vec::new();
+    for c in &cases {
+        let version = c.capsule.manifest.version.to_string();
+        let file = site
+            .join("repo")
+            .join(&c.model)
+            .join(format!("{version}.capsule.wasm"));
+        std::fs::create_dir_all(file.parent().context("parent")?)?;
+        std::fs::write(&file, &c.capsule.bytes)?;
+        run(&[
+            "sign",
+            "--targets",
+            &targets.to_string_lossy(),
+            "--add",
+            &file.to_string_lossy(),
+            "--key",
+            &p("pub1.key"),
+            "--key",
+            &p("pub2.key"),
+        ])?;
+        plan_cases.push(json!({
+            "model": c.model,
+            "inputs": c.inputs.iter().map(plan_input).collect::<Result<Vec<_>>>()?,
+        }));
+    }
+    let tampered_model = cases[0].model.clone();
+    let mut bad = cases[0].capsule.bytes.clone();
+    let at = bad.len() / 2;
+    bad[at] ^= 0x5a;
+    let bad_file = site
+        .join("tampered")
+        .join(&tampered_model)
+        .join("1.0.0.capsule.wasm");
+    std::fs::create_dir_all(bad_file.parent().context("parent")?)?;
+    std::fs::write(&bad_file, bad)?;
+    std::fs::copy(&targets, site.join("tampered/targets.json"))?;
+
+    // The hub, with a wat capsule for the browser to follow.
+    let hub_port = free_port()?;
+    let hub_proc = {
+        let args: Vec<String> = [
+            "hub",
+            "--database",
+            &format!("sqlite://{}", d.join("hub.db").display()),
+            "--blobs",
+            &p("blobs"),
+            "--http",
+            &format!("127.0.0.1:{hub_port}"),
+            "--admin-token",
+            ADMIN,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let proc_ = Proc::spawn(&args)?;
+        proc_.address("capsule hub:")?;
+        proc_
+    };
+    let hub = format!("http://127.0.0.1:{hub_port}");
+    for (v, y) in [("1.0.0", 1.0), ("2.0.0", 2.0)] {
+        std::fs::write(
+            d.join(format!("wat-{v}.capsule.wasm")),
+            wat_capsule(&WatCapsule {
+                name: "wat".into(),
+                version: semver::Version::parse(v)?,
+                y,
+                golden_y: None,
+            })?,
+        )?;
+    }
+    let publish = |v: &str| -> Result<()> {
+        let capsule = p(&format!("wat-{v}.capsule.wasm"));
+        run(&[
+            "sign",
+            "--targets",
+            &p("hub-targets.json"),
+            "--add",
+            &capsule,
+            "--key",
+            &p("pub1.key"),
+            "--key",
+            &p("pub2.key"),
+        ])?;
+        run(&[
+            "push",
+            &capsule,
+            "--hub",
+            &hub,
+            "--token",
+            ADMIN,
+            "--targets",
+            &p("hub-targets.json"),
+            "--alias",
+            "production",
+        ])?;
+        Ok(())
+    };
+    publish("1.0.0")?;
+    let (status, token) = api(
+        &hub,
+        "POST",
+        "/api/v1/nodes/browser-test/token",
+        ADMIN,
+        None,
+    )?;
+    assert_eq!(status, 200, "{token}");
+
+    // The node serves the site (SDK, page, repositories) with COOP/COEP.
+    let models = d.join("models");
+    std::fs::create_dir_all(&models)?;
+    let node = Proc::spawn(
+        &[
+            "serve",
+            "--models",
+            &models.to_string_lossy(),
+            "--http",
+            "127.0.0.1:0",
+            "--no-grpc",
+            "--static",
+            &site.to_string_lossy(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>(),
+    )?;
+    let node_url = node.address("REST on")?;
+    let head = http()
+        .get(format!("{node_url}/sdk/core/capsule_sdk_core_bg.wasm"))
+        .send()?;
+    assert_eq!(head.headers()["content-type"], "application/wasm");
+    assert_eq!(
+        head.headers()["cross-origin-embedder-policy"],
+        "require-corp"
+    );
+    assert_eq!(head.headers()["cross-origin-opener-policy"], "same-origin");
+    let js = http().get(format!("{node_url}/sdk/capsule.js")).send()?;
+    assert!(
+        js.headers()["content-type"]
+            .to_str()?
+            .contains("javascript"),
+        "{:?}",
+        js.headers()
+    );
+
+    let plan = json!({
+        "page": format!("{node_url}/test.html"),
+        "repo": format!("{node_url}/repo/"),
+        "tamperedRepo": format!("{node_url}/tampered/"),
+        "tamperedModel": tampered_model,
+        "publicKeys": [public_hex(&d.join("pub1.pub"))?, public_hex(&d.join("pub2.pub"))?],
+        "otherKey": public_hex(&d.join("other.pub"))?,
+        "cases": plan_cases,
+        "hub": {
+            "url": hub,
+            "token": token["token"],
+            "root": std::fs::read_to_string(d.join("root.json"))?,
+            "nodeId": "browser-test",
+            "model": "wat",
+            "ready": p("ready"),
+            "published": p("published"),
+        },
+    });
+    let plan_path = d.join("plan.json");
+    std::fs::write(&plan_path, serde_json::to_vec(&plan)?)?;
+    let script = repo().join("tests/browser/sdk.mjs");
+    let child = Command::new("node")
+        .arg(&script)
+        .arg(&plan_path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    // When the browser has loaded version 1, publish version 2.
+    let ready = d.join("ready");
+    let started = std::time::Instant::now();
+    while !ready.exists() && started.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if ready.exists() {
+        publish("2.0.0")?;
+        std::fs::write(d.join("published"), "yes")?;
+    }
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let result: Value = stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .with_context(|| {
+            format!(
+                "no JSON from sdk.mjs; stdout {stdout}; stderr {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+    assert_eq!(
+        result["ok"],
+        json!(true),
+        "{result}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // 1. Every case: the browser's outputs are wasmtime's, bit for bit.
+    for (c, got) in cases
+        .iter()
+        .zip(result["cases"].as_array().context("cases")?)
+    {
+        let native = c.capsule.capsule.infer(&c.inputs)?;
+        assert_eq!(got["model"], json!(c.model));
+        assert_eq!(got["sha256"], json!(c.capsule.sha256));
+        for t in &native {
+            assert_eq!(
+                got["outputs"][&t.name],
+                expected_output(t)?,
+                "{} output {}",
+                c.model,
+                t.name
+            );
+        }
+        eprintln!(
+            "{}: identical outputs in Chromium ({:.2} ms)",
+            c.model,
+            got["ms"].as_f64().unwrap_or(0.0)
+        );
+    }
+
+    // 2. Refusals, by name and cause.
+    let r = &result["refusals"];
+    assert_eq!(r["tampered"]["name"], "VerificationError", "{r}");
+    assert!(
+        r["tampered"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("5.7.3"),
+        "{r}"
+    );
+    assert_eq!(r["wrongKey"]["name"], "VerificationError", "{r}");
+    assert!(
+        r["wrongKey"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("5.6.3"),
+        "{r}"
+    );
+    assert_eq!(r["missing"]["name"], "ModelNotFoundError", "{r}");
+    assert_eq!(
+        r["missing"]["message"],
+        "model \"no-such-model\" is not in the signed targets"
+    );
+    assert_eq!(r["badInput"]["name"], "RequestError", "{r}");
+
+    // 3. The reload took the capsule from Cache Storage: no download.
+    let reload = &result["reload"];
+    assert_eq!(reload["fromCache"], json!(true), "{reload}");
+    assert_eq!(reload["downloads"], json!([]), "{reload}");
+    assert_eq!(reload["targetsFetched"], json!(true), "{reload}");
+
+    // 4. The hub: version 1, then the newly published version 2 (which replaced 1 in the
+    // cache); the browser's telemetry reached the hub.
+    let h = &result["hub"];
+    assert_eq!(h["first"]["version"], "1.0.0", "{h}");
+    assert_eq!(h["first"]["y"].as_f64(), Some(1.0), "{h}");
+    assert_eq!(h["second"]["version"], "2.0.0", "{h}");
+    assert_eq!(h["second"]["y"].as_f64(), Some(2.0), "{h}");
+    let cached = h["cached"].as_array().context("cached")?;
+    assert_eq!(cached.len(), 1, "{h}");
+    // The cache key holds the capsule's hash.
+    let v2_sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(std::fs::read(
+            d.join("wat-2.0.0.capsule.wasm"),
+        )?))
+    };
+    assert!(
+        cached[0].as_str().unwrap_or_default().ends_with(&v2_sha),
+        "{h}"
+    );
+    assert!(h["beacons"].as_u64().unwrap_or(0) >= 1, "{h}");
+    wait_until("the browser's telemetry at the hub", || {
+        api(&hub, "GET", "/api/v1/telemetry/summary", ADMIN, None)
+            .ok()
+            .and_then(|(_, s)| s["nodes"]["browser-test"]["requests"].as_u64())
+            .is_some_and(|n| n >= 2)
+    })?;
+    assert_eq!(result["console_errors"], json!([]), "{result}");
+    drop(hub_proc);
+    Ok(())
+}

@@ -1,0 +1,607 @@
+//! Capsule's browser core, compiled to WebAssembly with wasm-bindgen and used by the
+//! `capsule-sdk` npm package (in its Web Worker). It reuses `capsule-format`, so a browser
+//! decodes manifests, verifies update metadata (after TUF), encodes guest ABI requests and
+//! counts telemetry exactly as an edge node does.
+//!
+//! Every function has a plain Rust form (tested natively) and a `#[wasm_bindgen]` wrapper.
+//! Errors reach JavaScript as `Error`s whose message starts with their kind
+//! (`verification failed:`, `invalid capsule:`, `invalid request:`, `model error:`).
+
+use std::collections::BTreeMap;
+
+use capsule_format::telemetry::{self, ModelWindow, Prediction, TelemetryBatch};
+use capsule_format::tuf::{self, PublicKey, Role, Root, Signed, Target, Targets};
+use capsule_format::wire::{self, InferResponse};
+use capsule_format::{CapsuleManifest, DType, NamedTensor, Tensor};
+use sha2::{Digest, Sha256};
+use wasm_bindgen::prelude::*;
+
+/// Errors of the browser core.
+#[derive(Debug, thiserror::Error)]
+pub enum SdkError {
+    /// Signed metadata or a capsule that does not verify.
+    #[error("verification failed: {0}")]
+    Verification(String),
+    /// A capsule or manifest that cannot be read.
+    #[error("invalid capsule: {0}")]
+    Capsule(String),
+    /// A request that does not fit the capsule.
+    #[error("invalid request: {0}")]
+    Request(String),
+    /// The model refused the request (the guest's typed error).
+    #[error("model error: {0}")]
+    Model(String),
+}
+
+/// Result with [`SdkError`].
+pub type Result<T> = std::result::Result<T, SdkError>;
+
+fn js(e: SdkError) -> JsError {
+    JsError::new(&e.to_string())
+}
+
+/// SHA-256 of `bytes`, lowercase hex.
+#[wasm_bindgen(js_name = sha256Hex)]
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Decodes the `capsule.manifest` custom section (from
+/// `WebAssembly.Module.customSections`) into the manifest.
+pub fn manifest(section: &[u8]) -> Result<CapsuleManifest> {
+    CapsuleManifest::from_section_bytes(section).map_err(|e| SdkError::Capsule(e.to_string()))
+}
+
+/// The manifest of a `capsule.manifest` section, as JSON.
+#[wasm_bindgen(js_name = decodeManifest)]
+pub fn decode_manifest(section: &[u8]) -> std::result::Result<String, JsError> {
+    Manifest::new(section).map(|m| m.json())
+}
+
+/// Targets metadata that verified: the capsules a publisher approved.
+#[wasm_bindgen]
+#[derive(Debug, Clone)]
+pub struct Verified {
+    targets: Targets,
+}
+
+/// A root that trusts `keys` (hex ed25519 public keys) to sign targets, `threshold` of them.
+pub fn root_of_keys(keys: &[String], threshold: u32) -> Result<Root> {
+    if keys.is_empty() || threshold == 0 || threshold as usize > keys.len() {
+        return Err(SdkError::Verification(format!(
+            "{} public keys with threshold {threshold}",
+            keys.len()
+        )));
+    }
+    let mut map = BTreeMap::new();
+    for k in keys {
+        let key = PublicKey {
+            keytype: "ed25519".into(),
+            public: k.trim().to_lowercase(),
+        };
+        map.insert(key.keyid(), key);
+    }
+    let ids: Vec<String> = map.keys().cloned().collect();
+    let mut roles = BTreeMap::new();
+    roles.insert(
+        "targets".to_owned(),
+        Role {
+            keyids: ids.clone(),
+            threshold,
+        },
+    );
+    roles.insert(
+        "root".to_owned(),
+        Role {
+            keyids: ids,
+            threshold,
+        },
+    );
+    Ok(Root {
+        kind: "root".into(),
+        version: 1,
+        expires: u64::MAX,
+        keys: map,
+        roles,
+    })
+}
+
+fn refuse(e: capsule_format::Error) -> SdkError {
+    SdkError::Verification(e.to_string())
+}
+
+/// Verifies signed targets metadata against a root (TUF 5.6: threshold of valid signatures
+/// by the root's targets keys, expiry, no version below `trusted_version`).
+pub fn verify(
+    root: &Root,
+    targets_json: &[u8],
+    trusted_version: Option<u64>,
+    now_s: u64,
+) -> Result<Verified> {
+    let signed: Signed<Targets> = tuf::parse(targets_json, "targets").map_err(refuse)?;
+    let targets = tuf::verify_targets(root, trusted_version, &signed, now_s).map_err(refuse)?;
+    Ok(Verified { targets })
+}
+
+fn trusted(v: f64) -> Option<u64> {
+    (v.is_finite() && v >= 1.0).then_some(v as u64)
+}
+
+/// Verifies targets metadata signed by `threshold` of these publisher keys.
+#[wasm_bindgen(js_name = verifyWithKeys)]
+pub fn verify_with_keys(
+    targets_json: &[u8],
+    public_keys: Vec<String>,
+    threshold: u32,
+    trusted_version: f64,
+    now_s: f64,
+) -> std::result::Result<Verified, JsError> {
+    let root = root_of_keys(&public_keys, threshold).map_err(js)?;
+    verify(&root, targets_json, trusted(trusted_version), now_s as u64).map_err(js)
+}
+
+/// Verifies targets metadata against pinned root metadata (as nodes do).
+#[wasm_bindgen(js_name = verifyWithRoot)]
+pub fn verify_with_root(
+    root_json: &[u8],
+    targets_json: &[u8],
+    trusted_version: f64,
+    now_s: f64,
+) -> std::result::Result<Verified, JsError> {
+    let signed: Signed<Root> = tuf::parse(root_json, "root").map_err(|e| js(refuse(e)))?;
+    let root = tuf::trust_root(&signed, now_s as u64).map_err(|e| js(refuse(e)))?;
+    verify(&root, targets_json, trusted(trusted_version), now_s as u64).map_err(js)
+}
+
+impl Verified {
+    /// The approved target of a model version.
+    pub fn target(&self, model: &str, version: &str) -> Option<&Target> {
+        self.targets.targets.get(&tuf::target_path(model, version))
+    }
+
+    /// The newest approved version of `model` (semver order).
+    pub fn latest(&self, model: &str) -> Option<&Target> {
+        self.targets
+            .targets
+            .values()
+            .filter(|t| t.model == model)
+            .max_by(|a, b| {
+                match (
+                    semver::Version::parse(&a.version),
+                    semver::Version::parse(&b.version),
+                ) {
+                    (Ok(x), Ok(y)) => x.cmp(&y),
+                    _ => a.version.cmp(&b.version),
+                }
+            })
+    }
+
+    /// Checks capsule bytes against the approved target (TUF 5.7.3: length, then hash).
+    pub fn check(&self, model: &str, version: &str, bytes: &[u8]) -> Result<()> {
+        let path = tuf::target_path(model, version);
+        let target = self.target(model, version).ok_or_else(|| {
+            SdkError::Verification(format!("{path} is not in the signed targets"))
+        })?;
+        tuf::verify_target(&path, target, bytes).map_err(refuse)
+    }
+}
+
+#[wasm_bindgen]
+impl Verified {
+    /// The metadata's version.
+    #[wasm_bindgen(getter)]
+    pub fn version(&self) -> f64 {
+        self.targets.version as f64
+    }
+
+    /// `{"model", "version", "sha256", "length"}` of the approved target of `model`:
+    /// `version`, or the newest when it is empty; `undefined` when there is none.
+    #[wasm_bindgen(js_name = targetOf)]
+    pub fn target_of(&self, model: &str, version: &str) -> Option<String> {
+        let t = if version.is_empty() {
+            self.latest(model)
+        } else {
+            self.target(model, version)
+        }?;
+        serde_json::to_string(t).ok()
+    }
+
+    /// Checks capsule bytes against the approved target (length and SHA-256).
+    #[wasm_bindgen(js_name = checkCapsule)]
+    pub fn check_capsule(
+        &self,
+        model: &str,
+        version: &str,
+        bytes: &[u8],
+    ) -> std::result::Result<(), JsError> {
+        self.check(model, version, bytes).map_err(js)
+    }
+}
+
+/// The inputs of one inference, built from JavaScript one tensor at a time.
+#[wasm_bindgen]
+#[derive(Debug, Default)]
+pub struct Request {
+    inputs: Vec<NamedTensor>,
+}
+
+#[wasm_bindgen]
+impl Request {
+    /// An empty request.
+    #[wasm_bindgen(constructor)]
+    pub fn new() -> Request {
+        Request::default()
+    }
+
+    /// Adds a tensor: its V2 datatype (`FP32`, `INT64`, `BYTES`, ...), shape and packed
+    /// little-endian data (`BYTES`: each element as a 4-byte little-endian length, then its
+    /// bytes).
+    pub fn add(
+        &mut self,
+        name: &str,
+        datatype: &str,
+        shape: Vec<f64>,
+        data: Vec<u8>,
+    ) -> std::result::Result<(), JsError> {
+        self.push(name, datatype, &shape, data).map_err(js)
+    }
+
+    /// The request in the guest ABI's encoding.
+    pub fn encode(&self) -> std::result::Result<Vec<u8>, JsError> {
+        wire::encode_request(&self.inputs).map_err(|e| js(SdkError::Request(e.to_string())))
+    }
+}
+
+impl Request {
+    /// Adds a tensor (see [`Request::add`]).
+    pub fn push(&mut self, name: &str, datatype: &str, shape: &[f64], data: Vec<u8>) -> Result<()> {
+        let dtype = DType::from_v2_name(datatype).map_err(|e| SdkError::Request(e.to_string()))?;
+        let shape = shape
+            .iter()
+            .map(|d| {
+                if d.is_finite() && *d >= 0.0 && d.fract() == 0.0 && *d < 9.007e15 {
+                    Ok(*d as u64)
+                } else {
+                    Err(SdkError::Request(format!(
+                        "input {name:?}: dimension {d} is not a size"
+                    )))
+                }
+            })
+            .collect::<Result<Vec<u64>>>()?;
+        let tensor = Tensor::new(dtype, shape, data)
+            .map_err(|e| SdkError::Request(format!("input {name:?}: {e}")))?;
+        self.inputs.push(NamedTensor {
+            name: name.to_owned(),
+            tensor,
+        });
+        Ok(())
+    }
+
+    /// The inputs so far.
+    pub fn inputs(&self) -> &[NamedTensor] {
+        &self.inputs
+    }
+}
+
+/// Checks a request against the capsule's signature (names, datatypes, ranks, fixed
+/// dimensions) before it enters the guest, as the edge node does.
+pub fn check_request(m: &CapsuleManifest, inputs: &[NamedTensor]) -> Result<()> {
+    for t in inputs {
+        let Some(spec) = m.input(&t.name) else {
+            let names: Vec<&str> = m.inputs.iter().map(|i| i.name.as_str()).collect();
+            return Err(SdkError::Request(format!(
+                "unknown input {:?}; the capsule's inputs are {names:?}",
+                t.name
+            )));
+        };
+        if spec.dtype != t.tensor.dtype {
+            return Err(SdkError::Request(format!(
+                "input {:?} is {}, the capsule expects {}",
+                t.name,
+                t.tensor.dtype.v2_name(),
+                spec.dtype.v2_name()
+            )));
+        }
+        if spec.shape.len() != t.tensor.shape.len() {
+            return Err(SdkError::Request(format!(
+                "input {:?} has rank {}, the capsule expects {}",
+                t.name,
+                t.tensor.shape.len(),
+                spec.shape.len()
+            )));
+        }
+        for (i, (want, got)) in spec.shape.iter().zip(&t.tensor.shape).enumerate() {
+            if let capsule_format::Dim::Fixed(n) = want
+                && n != got
+            {
+                return Err(SdkError::Request(format!(
+                    "input {:?} dimension {i} is {got}, the capsule expects {n}",
+                    t.name
+                )));
+            }
+        }
+    }
+    for spec in &m.inputs {
+        if !inputs.iter().any(|t| t.name == spec.name) {
+            return Err(SdkError::Request(format!(
+                "input {:?} is missing",
+                spec.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A capsule's decoded manifest.
+#[wasm_bindgen]
+#[derive(Debug)]
+pub struct Manifest {
+    manifest: CapsuleManifest,
+}
+
+#[wasm_bindgen]
+impl Manifest {
+    /// Decodes a `capsule.manifest` section; refuses another guest ABI version.
+    #[wasm_bindgen(constructor)]
+    pub fn new(section: &[u8]) -> std::result::Result<Manifest, JsError> {
+        let manifest = manifest(section).map_err(js)?;
+        if manifest.abi_version != capsule_format::ABI_VERSION {
+            return Err(js(SdkError::Capsule(format!(
+                "manifest declares guest ABI version {}, this SDK implements version {}",
+                manifest.abi_version,
+                capsule_format::ABI_VERSION
+            ))));
+        }
+        Ok(Manifest { manifest })
+    }
+
+    /// The manifest as JSON.
+    pub fn json(&self) -> String {
+        serde_json::to_string(&self.manifest).unwrap_or_default()
+    }
+
+    /// Model name.
+    #[wasm_bindgen(getter)]
+    pub fn name(&self) -> String {
+        self.manifest.name.clone()
+    }
+
+    /// Model version.
+    #[wasm_bindgen(getter)]
+    pub fn version(&self) -> String {
+        self.manifest.version.to_string()
+    }
+
+    /// Checks a request against the capsule's signature.
+    pub fn check(&self, request: &Request) -> std::result::Result<(), JsError> {
+        check_request(&self.manifest, &request.inputs).map_err(js)
+    }
+}
+
+/// The outputs of one inference.
+#[wasm_bindgen]
+#[derive(Debug)]
+pub struct Outputs {
+    outputs: Vec<NamedTensor>,
+}
+
+/// Decodes a guest response: its outputs, or the model's typed error.
+pub fn response(bytes: &[u8]) -> Result<Vec<NamedTensor>> {
+    match wire::decode::<InferResponse>(bytes, "inference response")
+        .map_err(|e| SdkError::Capsule(e.to_string()))?
+    {
+        InferResponse::Outputs(o) => Ok(o),
+        InferResponse::Error(e) => Err(SdkError::Model(e.message)),
+    }
+}
+
+/// Decodes a guest response.
+#[wasm_bindgen(js_name = decodeResponse)]
+pub fn decode_response(bytes: &[u8]) -> std::result::Result<Outputs, JsError> {
+    response(bytes)
+        .map(|outputs| Outputs { outputs })
+        .map_err(js)
+}
+
+#[wasm_bindgen]
+impl Outputs {
+    /// Number of outputs.
+    #[wasm_bindgen(getter)]
+    pub fn length(&self) -> usize {
+        self.outputs.len()
+    }
+
+    /// Name of output `i`.
+    pub fn name(&self, i: usize) -> String {
+        self.outputs
+            .get(i)
+            .map(|o| o.name.clone())
+            .unwrap_or_default()
+    }
+
+    /// V2 datatype of output `i`.
+    pub fn datatype(&self, i: usize) -> String {
+        self.outputs
+            .get(i)
+            .map(|o| o.tensor.dtype.v2_name().to_owned())
+            .unwrap_or_default()
+    }
+
+    /// Shape of output `i`.
+    pub fn shape(&self, i: usize) -> Vec<f64> {
+        self.outputs
+            .get(i)
+            .map(|o| o.tensor.shape.iter().map(|d| *d as f64).collect())
+            .unwrap_or_default()
+    }
+
+    /// Packed little-endian data of output `i`.
+    pub fn data(&self, i: usize) -> Vec<u8> {
+        self.outputs
+            .get(i)
+            .map(|o| o.tensor.data.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// Telemetry of a browser, in the same batches as a node's (`capsule-format::telemetry`).
+#[wasm_bindgen]
+#[derive(Debug)]
+pub struct Recorder {
+    node_id: String,
+    references: BTreeMap<(String, String), CapsuleManifest>,
+    window: BTreeMap<(String, String), ModelWindow>,
+    feedback: Vec<telemetry::Feedback>,
+    window_start_ms: f64,
+}
+
+#[wasm_bindgen]
+impl Recorder {
+    /// A recorder for this browser (`node_id`: its id at the hub).
+    #[wasm_bindgen(constructor)]
+    pub fn new(node_id: &str, now_ms: f64) -> Recorder {
+        Recorder {
+            node_id: node_id.to_owned(),
+            references: BTreeMap::new(),
+            window: BTreeMap::new(),
+            feedback: Vec::new(),
+            window_start_ms: now_ms,
+        }
+    }
+
+    /// Registers a loaded model version (its manifest section: reference statistics,
+    /// labels).
+    pub fn register(&mut self, section: &[u8]) -> std::result::Result<(), JsError> {
+        let m = manifest(section).map_err(js)?;
+        self.references
+            .insert((m.name.clone(), m.version.to_string()), m);
+        Ok(())
+    }
+
+    /// Records one inference: the encoded request, the response bytes (empty when it
+    /// failed with `error_kind`), its latency and its request id.
+    #[allow(clippy::too_many_arguments)]
+    pub fn record(
+        &mut self,
+        model: &str,
+        version: &str,
+        request: &[u8],
+        response_bytes: &[u8],
+        error_kind: &str,
+        latency_ms: f64,
+        request_id: &str,
+    ) {
+        let key = (model.to_owned(), version.to_owned());
+        let inputs: Vec<NamedTensor> = wire::decode::<wire::InferRequest>(request, "request")
+            .map(|r| r.inputs)
+            .unwrap_or_default();
+        let manifest = self.references.get(&key);
+        let (features, rows) = match manifest.and_then(|m| m.reference.as_ref()) {
+            Some(r) => {
+                let mut live = r.empty_live();
+                let rows = r.observe(&inputs, &mut live);
+                (live, rows)
+            }
+            None => (Vec::new(), 0),
+        };
+        let labels = manifest.map(|m| m.labels.clone()).unwrap_or_default();
+        let classes = if error_kind.is_empty() {
+            response(response_bytes)
+                .map(|o| telemetry::classes(&o, &labels))
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let w = self.window.entry(key).or_insert_with(|| ModelWindow {
+            model: model.to_owned(),
+            version: version.to_owned(),
+            ..ModelWindow::default()
+        });
+        w.requests += 1;
+        w.rows += rows;
+        w.latency.observe(latency_ms);
+        if !error_kind.is_empty() {
+            *w.errors.entry(error_kind.to_owned()).or_default() += 1;
+        }
+        if w.features.is_empty() {
+            w.features = features;
+        } else if w.features.len() == features.len() {
+            for (a, b) in w.features.iter_mut().zip(&features) {
+                let _ = a.merge(b);
+            }
+        }
+        let n = classes.len();
+        for (i, class) in classes.into_iter().enumerate() {
+            w.count_class(&class);
+            if w.predictions.len() < telemetry::MAX_PREDICTIONS {
+                w.predictions.push(Prediction {
+                    id: telemetry::prediction_id(request_id, i, n),
+                    class,
+                });
+            }
+        }
+    }
+
+    /// Records a ground-truth label for an earlier prediction.
+    pub fn feedback(&mut self, model: &str, id: &str, label: &str) {
+        if self.feedback.len() < telemetry::MAX_FEEDBACK {
+            self.feedback.push(telemetry::Feedback {
+                model: model.to_owned(),
+                id: telemetry::cut(id),
+                label: telemetry::cut(label),
+            });
+        }
+    }
+
+    /// Closes the window: the batch (JSON) numbered `seq`, or `undefined` when the window
+    /// saw nothing.
+    pub fn take(&mut self, seq: f64, now_ms: f64) -> Option<String> {
+        let start = self.window_start_ms;
+        self.window_start_ms = now_ms;
+        if self.window.is_empty() && self.feedback.is_empty() {
+            return None;
+        }
+        let batch = TelemetryBatch {
+            node_id: self.node_id.clone(),
+            seq: seq as u64,
+            window_start_ms: start as u64,
+            window_end_ms: now_ms.max(start) as u64,
+            dropped_batches: 0,
+            dropped_requests: 0,
+            models: std::mem::take(&mut self.window).into_values().collect(),
+            feedback: std::mem::take(&mut self.feedback),
+        };
+        serde_json::to_string(&batch).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_encode_and_are_checked() {
+        let mut r = Request::new();
+        r.push("x", "FP32", &[1.0, 2.0], vec![0; 8]).unwrap();
+        assert!(matches!(
+            r.push("y", "FP32", &[1.5], vec![0; 4]),
+            Err(SdkError::Request(m)) if m == "input \"y\": dimension 1.5 is not a size"
+        ));
+        assert!(r.push("z", "FP32", &[3.0], vec![0; 4]).is_err());
+        let bytes = wire::encode_request(r.inputs()).unwrap();
+        let back: wire::InferRequest = wire::decode(&bytes, "request").unwrap();
+        assert_eq!(back.inputs, r.inputs());
+    }
+
+    #[test]
+    fn keys_make_a_root_and_bad_thresholds_are_refused() {
+        let key = "11".repeat(32);
+        let root = root_of_keys(std::slice::from_ref(&key), 1).unwrap();
+        assert_eq!(root.roles["targets"].threshold, 1);
+        assert_eq!(
+            root_of_keys(&[key], 2).unwrap_err().to_string(),
+            "verification failed: 1 public keys with threshold 2"
+        );
+        assert!(verify(&root, b"{}", None, 0).is_err());
+    }
+}

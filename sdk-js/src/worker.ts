@@ -1,0 +1,415 @@
+// The SDK's Web Worker: fetches signed metadata and capsules, verifies them with the Rust
+// core (capsule-format compiled to WebAssembly), caches verified capsules in Cache Storage by
+// hash, instantiates them, runs inferences through the guest ABI, and records telemetry.
+// The page never blocks on any of it.
+
+import init, {
+  Manifest,
+  Recorder,
+  Request as CoreRequest,
+  Verified,
+  decodeResponse,
+  verifyWithKeys,
+  verifyWithRoot,
+} from "./core/capsule_sdk_core.js";
+import type { ErrorInfo, Loaded, Request, Source, Trust, WireTensor } from "./protocol.js";
+
+interface GuestExports {
+  memory: WebAssembly.Memory;
+  capsule_abi_version(): number;
+  capsule_init(): number;
+  capsule_alloc(size: number, align: number): number;
+  capsule_free(ptr: number, size: number, align: number): void;
+  capsule_infer(ptr: number, len: number): bigint;
+}
+
+interface Slot {
+  name: string;
+  version: string;
+  sha256: string;
+  module: WebAssembly.Module;
+  manifest: Manifest;
+  exports: GuestExports | null;
+}
+
+class SdkError extends Error {
+  constructor(name: string, message: string) {
+    super(message);
+    this.name = name;
+  }
+}
+
+/** Maps the core's message prefixes to error names. */
+function classify(e: unknown): ErrorInfo {
+  if (e instanceof SdkError) return { name: e.name, message: e.message };
+  const message = e instanceof Error ? e.message : String(e);
+  const kinds: [string, string][] = [
+    ["verification failed:", "VerificationError"],
+    ["invalid capsule:", "CapsuleError"],
+    ["invalid request:", "RequestError"],
+    ["model error:", "ModelError"],
+  ];
+  for (const [prefix, name] of kinds) {
+    if (message.startsWith(prefix)) return { name, message };
+  }
+  return { name: "CapsuleError", message };
+}
+
+const CACHE_HOST = "https://capsule.cache";
+const TELEMETRY_QUEUE = 64;
+
+let source: Source;
+let trust: Trust;
+let cacheName = "capsule-v1";
+let recorder: Recorder | null = null;
+let telemetryTimer: ReturnType<typeof setInterval> | null = null;
+const pending: string[] = [];
+const slots = new Map<number, Slot>();
+let nextHandle = 1;
+let registered = false;
+
+async function cache(): Promise<Cache> {
+  return caches.open(cacheName);
+}
+
+/** Small persistent state (highest targets version seen, telemetry sequence) in the cache. */
+async function state(): Promise<{ targetsVersion: number; seq: number }> {
+  const r = await (await cache()).match(`${CACHE_HOST}/state`);
+  if (!r) return { targetsVersion: 0, seq: 0 };
+  try {
+    return await r.json();
+  } catch {
+    return { targetsVersion: 0, seq: 0 };
+  }
+}
+
+async function saveState(s: { targetsVersion: number; seq: number }): Promise<void> {
+  await (await cache()).put(
+    `${CACHE_HOST}/state`,
+    new Response(JSON.stringify(s), { headers: { "content-type": "application/json" } }),
+  );
+}
+
+async function fetchOk(url: string, init?: RequestInit): Promise<Response> {
+  let r: Response;
+  try {
+    r = await fetch(url, init);
+  } catch (e) {
+    throw new SdkError("NetworkError", `cannot fetch ${url}: ${e instanceof Error ? e.message : e}`);
+  }
+  if (!r.ok) {
+    const name = r.status === 404 ? "ModelNotFoundError" : "NetworkError";
+    throw new SdkError(name, `${url} answered ${r.status}`);
+  }
+  return r;
+}
+
+function hubHeaders(): HeadersInit {
+  return source.kind === "hub" ? { authorization: `Bearer ${source.token}` } : {};
+}
+
+interface Resolved {
+  verified: Verified;
+  model: string;
+  version: string;
+  sha256: string;
+  length: number;
+  url: string;
+}
+
+/** The signed target of `model` (and version), with where to download it. */
+async function resolve(model: string, version?: string): Promise<Resolved> {
+  let targetsJson: Uint8Array;
+  let wanted = version ?? "";
+  let url = "";
+  if (source.kind === "url") {
+    targetsJson = new Uint8Array(
+      await (await fetchOk(source.targets, { cache: "no-store" })).arrayBuffer(),
+    );
+  } else {
+    const base = source.hub.replace(/\/$/, "");
+    if (!registered) {
+      await fetchOk(`${base}/api/v1/nodes/${encodeURIComponent(source.nodeId)}/register`, {
+        method: "POST",
+        headers: { ...hubHeaders(), "content-type": "application/json" },
+        body: JSON.stringify({ labels: source.labels }),
+      });
+      registered = true;
+    }
+    const desired = await (
+      await fetchOk(`${base}/api/v1/nodes/${encodeURIComponent(source.nodeId)}/desired`, {
+        headers: hubHeaders(),
+        cache: "no-store",
+      })
+    ).json();
+    if (typeof desired.targets !== "string") {
+      throw new SdkError("ModelNotFoundError", "the hub has no signed targets metadata yet");
+    }
+    targetsJson = new TextEncoder().encode(desired.targets);
+    const entry = (desired.models as { model: string; version: string; sha256: string }[]).find(
+      (m) => m.model === model && (!version || m.version === version),
+    );
+    if (!entry) {
+      throw new SdkError("ModelNotFoundError", `the hub assigns no version of model "${model}" to this browser`);
+    }
+    wanted = entry.version;
+    url = `${base}/api/v1/blobs/${entry.sha256}`;
+    const s = await state();
+    const verified = verifyNow(targetsJson, s.targetsVersion);
+    const target = verified.targetOf(model, wanted);
+    if (!target) {
+      throw new SdkError("VerificationError", `verification failed: ${model}/${wanted}.capsule.wasm is not in the signed targets`);
+    }
+    const t = JSON.parse(target);
+    if (t.sha256 !== entry.sha256) {
+      throw new SdkError("VerificationError", `verification failed: the hub's ${model} ${wanted} is not the signed one (mix-and-match)`);
+    }
+    await saveState({ ...s, targetsVersion: Math.max(s.targetsVersion, verified.version) });
+    return { verified, model, version: t.version, sha256: t.sha256, length: t.length, url };
+  }
+  const s = await state();
+  const verified = verifyNow(targetsJson, s.targetsVersion);
+  const target = verified.targetOf(model, wanted);
+  if (!target) {
+    throw new SdkError(
+      "ModelNotFoundError",
+      `model "${model}"${version ? ` version ${version}` : ""} is not in the signed targets`,
+    );
+  }
+  const t = JSON.parse(target);
+  await saveState({ ...s, targetsVersion: Math.max(s.targetsVersion, verified.version) });
+  url = new URL(`${t.model}/${t.version}.capsule.wasm`, source.base).href;
+  return { verified, model, version: t.version, sha256: t.sha256, length: t.length, url };
+}
+
+function verifyNow(targetsJson: Uint8Array, trustedVersion: number): Verified {
+  const now = Date.now() / 1000;
+  return trust.kind === "keys"
+    ? verifyWithKeys(targetsJson, trust.publicKeys, trust.threshold, trustedVersion, now)
+    : verifyWithRoot(new TextEncoder().encode(trust.root), targetsJson, trustedVersion, now);
+}
+
+async function load(model: string, version?: string): Promise<Loaded> {
+  const r = await resolve(model, version);
+  const c = await cache();
+  const key = `${CACHE_HOST}/${encodeURIComponent(r.model)}/${r.sha256}`;
+  let bytes: ArrayBuffer;
+  let compiled: Promise<WebAssembly.Module> | null = null;
+  let fromCache = false;
+  const hit = await c.match(key);
+  if (hit) {
+    bytes = await hit.arrayBuffer();
+    fromCache = true;
+  } else {
+    const resp = await fetchOk(r.url, { headers: hubHeaders() });
+    if (
+      typeof WebAssembly.compileStreaming === "function" &&
+      (resp.headers.get("content-type") ?? "").startsWith("application/wasm")
+    ) {
+      // Compiles while the bytes arrive; nothing is instantiated before they verify.
+      compiled = WebAssembly.compileStreaming(resp.clone());
+      compiled.catch(() => undefined);
+    }
+    bytes = await resp.arrayBuffer();
+  }
+  // TUF 5.7.3: the signed length and hash, before anything runs.
+  try {
+    r.verified.checkCapsule(r.model, r.version, new Uint8Array(bytes));
+  } catch (e) {
+    if (fromCache) await c.delete(key);
+    throw e;
+  }
+  const module = await (compiled ?? WebAssembly.compile(bytes));
+  const sections = WebAssembly.Module.customSections(module, "capsule.manifest");
+  if (sections.length !== 1) {
+    throw new SdkError("CapsuleError", "invalid capsule: no capsule.manifest section");
+  }
+  const section = new Uint8Array(sections[0]);
+  const manifest = new Manifest(section);
+  if (manifest.name !== r.model || manifest.version !== r.version) {
+    throw new SdkError(
+      "VerificationError",
+      `verification failed: the capsule is ${manifest.name} ${manifest.version}, the signed target is ${r.model} ${r.version}`,
+    );
+  }
+  if (!fromCache) {
+    await c.put(key, new Response(bytes, { headers: { "content-type": "application/wasm" } }));
+    // A new version replaces the model's older ones.
+    for (const old of await c.keys()) {
+      if (old.url.startsWith(`${CACHE_HOST}/${encodeURIComponent(r.model)}/`) && old.url !== key) {
+        await c.delete(old);
+      }
+    }
+  }
+  const handle = nextHandle++;
+  const slot: Slot = { name: r.model, version: r.version, sha256: r.sha256, module, manifest, exports: null };
+  await instantiate(slot);
+  slots.set(handle, slot);
+  recorder?.register(section);
+  return {
+    handle,
+    name: r.model,
+    version: r.version,
+    sha256: r.sha256,
+    manifest: JSON.parse(manifest.json()),
+    fromCache,
+    bytes: bytes.byteLength,
+  };
+}
+
+async function instantiate(slot: Slot): Promise<GuestExports> {
+  const instance = await WebAssembly.instantiate(slot.module, {});
+  const ex = instance.exports as unknown as GuestExports;
+  if (ex.capsule_abi_version() !== 1) {
+    throw new SdkError("CapsuleError", `invalid capsule: guest ABI version ${ex.capsule_abi_version()}`);
+  }
+  if (ex.capsule_init() !== 0) {
+    throw new SdkError("CapsuleError", "invalid capsule: capsule_init reports that no model is loaded");
+  }
+  slot.exports = ex;
+  return ex;
+}
+
+/** One call through the guest ABI: the request in, the response bytes out. */
+function call(ex: GuestExports, request: Uint8Array): Uint8Array {
+  const ptr = ex.capsule_alloc(request.length, 1);
+  if (ptr === 0) throw new SdkError("ModelError", `model error: the capsule cannot allocate ${request.length} bytes`);
+  new Uint8Array(ex.memory.buffer, ptr, request.length).set(request);
+  const packed = ex.capsule_infer(ptr, request.length);
+  const outPtr = Number(packed >> 32n);
+  const outLen = Number(packed & 0xffffffffn);
+  if (outPtr + outLen > ex.memory.buffer.byteLength) {
+    throw new SdkError("CapsuleError", "invalid capsule: response outside memory");
+  }
+  const out = new Uint8Array(ex.memory.buffer, outPtr, outLen).slice();
+  ex.capsule_free(outPtr, outLen, 1);
+  return out;
+}
+
+async function infer(handle: number, inputs: WireTensor[], id: string): Promise<WireTensor[]> {
+  const slot = slots.get(handle);
+  if (!slot) throw new SdkError("CapsuleError", "this model was disposed");
+  const started = performance.now();
+  const req = new CoreRequest();
+  let encoded: Uint8Array | null = null;
+  let response: Uint8Array | null = null;
+  let errorKind = "";
+  try {
+    for (const t of inputs) req.add(t.name, t.datatype, new Float64Array(t.shape), new Uint8Array(t.data));
+    slot.manifest.check(req);
+    encoded = req.encode();
+    const ex = slot.exports ?? (await instantiate(slot));
+    try {
+      response = call(ex, encoded);
+    } catch (e) {
+      // After a trap the guest's state is poisoned: the next call gets a fresh instance.
+      slot.exports = null;
+      errorKind = "trap";
+      throw new SdkError("ModelError", `model error: the capsule trapped: ${e instanceof Error ? e.message : e}`);
+    }
+    const out = decodeResponse(response);
+    const tensors: WireTensor[] = [];
+    for (let i = 0; i < out.length; i++) {
+      tensors.push({
+        name: out.name(i),
+        datatype: out.datatype(i),
+        shape: Array.from(out.shape(i)),
+        data: out.data(i).buffer as ArrayBuffer,
+      });
+    }
+    out.free();
+    return tensors;
+  } catch (e) {
+    if (!errorKind) errorKind = classify(e).name === "RequestError" ? "bad_request" : "error";
+    throw e;
+  } finally {
+    req.free();
+    if (recorder && encoded) {
+      recorder.record(
+        slot.name,
+        slot.version,
+        encoded,
+        errorKind ? new Uint8Array() : (response ?? new Uint8Array()),
+        errorKind,
+        performance.now() - started,
+        id,
+      );
+    }
+  }
+}
+
+/** Closes the telemetry window into the queue. */
+async function closeWindow(): Promise<void> {
+  if (!recorder) return;
+  const s = await state();
+  const batch = recorder.take(s.seq + 1, Date.now());
+  if (batch === undefined) return;
+  await saveState({ ...s, seq: s.seq + 1 });
+  pending.push(batch);
+  while (pending.length > TELEMETRY_QUEUE) pending.shift();
+}
+
+async function ship(): Promise<void> {
+  if (source.kind !== "hub" || pending.length === 0) return;
+  const batches = pending.splice(0, pending.length);
+  try {
+    await fetchOk(`${source.hub.replace(/\/$/, "")}/api/v1/telemetry`, {
+      method: "POST",
+      headers: { ...hubHeaders(), "content-type": "application/json" },
+      body: `{"batches":[${batches.join(",")}]}`,
+      keepalive: true,
+    });
+  } catch {
+    pending.unshift(...batches); // retried at the next window (the hub stores each once)
+    while (pending.length > TELEMETRY_QUEUE) pending.shift();
+  }
+}
+
+async function handle(msg: Request): Promise<unknown> {
+  switch (msg.op) {
+    case "init": {
+      source = msg.source;
+      trust = msg.trust;
+      cacheName = msg.cacheName;
+      await init({ module_or_path: new URL("./core/capsule_sdk_core_bg.wasm", import.meta.url) });
+      if (source.kind === "hub") {
+        recorder = new Recorder(source.nodeId, Date.now());
+        telemetryTimer = setInterval(() => {
+          void closeWindow().then(ship);
+        }, msg.telemetryWindowMs);
+      }
+      return null;
+    }
+    case "load":
+      return load(msg.model, msg.version);
+    case "infer":
+      return infer(msg.handle, msg.inputs, msg.id);
+    case "dispose":
+      slots.get(msg.handle)?.manifest.free();
+      slots.delete(msg.handle);
+      return null;
+    case "feedback":
+      recorder?.feedback(msg.model, msg.id, msg.label);
+      return null;
+    case "flush": {
+      // For the page's sendBeacon on hide: everything not yet shipped.
+      await closeWindow();
+      return pending.splice(0, pending.length);
+    }
+  }
+}
+
+self.onmessage = async (ev: MessageEvent<{ id: number; msg: Request }>) => {
+  const { id, msg } = ev.data;
+  try {
+    const result = await handle(msg);
+    const transfer: Transferable[] = Array.isArray(result)
+      ? (result as WireTensor[]).filter((t) => t && t.data instanceof ArrayBuffer).map((t) => t.data)
+      : [];
+    (self as unknown as Worker).postMessage({ id, ok: true, result }, transfer);
+  } catch (e) {
+    (self as unknown as Worker).postMessage({ id, ok: false, error: classify(e) });
+  }
+};
+
+void telemetryTimer;

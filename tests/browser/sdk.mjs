@@ -1,0 +1,150 @@
+// Drive the browser SDK (sdk-js) in headless chromium:
+//
+//   node tests/browser/sdk.mjs <plan.json>
+//
+// The plan (written by cli/tests/browser.rs) names a page that imports the SDK, a static
+// repository of signed capsules, the publisher key, the fixture cases and the negative
+// cases. The script runs every case through `Capsule.fromUrl(...).load(...).infer(...)`,
+// checks that a tampered capsule and a wrongly signed repository are refused, reloads the
+// page and loads again (the capsule must come from Cache Storage with no download), and,
+// when the plan has a hub, follows a new version published there. Prints one JSON line:
+// {"ok":true,"cases":[...],"refusals":{...},"reload":{...},"hub":{...}}.
+
+import { readFileSync } from 'node:fs';
+import { launch, done, fail, run, consoleErrors, TIMEOUT_MS } from './lib.mjs';
+
+run(async () => {
+  const [planPath] = process.argv.slice(2);
+  if (!planPath) return fail('usage: node tests/browser/sdk.mjs <plan.json>');
+  const plan = JSON.parse(readFileSync(planPath, 'utf8'));
+  const { page } = await launch();
+  const requests = [];
+  page.on('request', (r) => requests.push(r.url()));
+  page.on('console', (m) => process.stderr.write(`[page] ${m.text()}\n`));
+  await page.goto(plan.page, { timeout: TIMEOUT_MS });
+  await page.waitForFunction(() => window.Capsule !== undefined, null, { timeout: TIMEOUT_MS });
+
+  // 1. Every fixture through the SDK, outputs as raw little-endian bytes (base64).
+  const cases = await page.evaluate(async (plan) => {
+    const b64 = (u8) => btoa(Array.from(u8, (c) => String.fromCharCode(c)).join(''));
+    const unb64 = (s) => Uint8Array.from(atob(s), (c) => c.charCodeAt(0));
+    const ARR = { FP32: Float32Array, FP64: Float64Array, INT64: BigInt64Array, INT32: Int32Array,
+      UINT8: Uint8Array, BOOL: Uint8Array, INT8: Int8Array, UINT64: BigUint64Array };
+    const rt = await window.Capsule.fromUrl(plan.repo, { publicKeys: plan.publicKeys });
+    const out = [];
+    for (const c of plan.cases) {
+      const model = await rt.load(c.model);
+      const inputs = {};
+      for (const t of c.inputs) {
+        if (t.datatype === 'BYTES') {
+          inputs[t.name] = { datatype: 'BYTES', shape: t.shape, data: t.items.map(unb64) };
+        } else {
+          const bytes = unb64(t.data);
+          inputs[t.name] = { datatype: t.datatype, shape: t.shape, data: new ARR[t.datatype](bytes.buffer) };
+        }
+      }
+      const started = performance.now();
+      const r = await model.infer(inputs);
+      const ms = performance.now() - started;
+      const outputs = {};
+      for (const [name, t] of Object.entries(r.outputs)) {
+        outputs[name] = t.datatype === 'BYTES'
+          ? { datatype: t.datatype, shape: t.shape, items: t.data }
+          : { datatype: t.datatype, shape: t.shape, data: b64(new Uint8Array(t.data.buffer, t.data.byteOffset, t.data.byteLength)) };
+      }
+      out.push({ model: c.model, version: model.version, sha256: model.sha256, fromCache: model.fromCache, ms, outputs });
+      model.dispose();
+    }
+    rt.close();
+    return out;
+  }, plan);
+
+  // 2. Refusals: a tampered capsule, a repository signed by another key, a missing model,
+  // a request that does not fit.
+  const refusals = await page.evaluate(async (plan) => {
+    const attempt = async (f) => {
+      try {
+        await f();
+        return { refused: false };
+      } catch (e) {
+        return { refused: true, name: e.name, message: e.message };
+      }
+    };
+    const tampered = await window.Capsule.fromUrl(plan.tamperedRepo, { publicKeys: plan.publicKeys, cacheName: 'tampered' });
+    const other = await window.Capsule.fromUrl(plan.repo, { publicKeys: [plan.otherKey], cacheName: 'other' });
+    const good = await window.Capsule.fromUrl(plan.repo, { publicKeys: plan.publicKeys, cacheName: 'good' });
+    const first = plan.cases[0];
+    const r = {
+      tampered: await attempt(() => tampered.load(plan.tamperedModel)),
+      wrongKey: await attempt(() => other.load(first.model)),
+      missing: await attempt(() => good.load('no-such-model')),
+      badInput: await attempt(async () => {
+        const m = await good.load(first.model);
+        await m.infer({ nope: new Float32Array(1) });
+      }),
+    };
+    for (const rt of [tampered, other, good]) rt.close();
+    return r;
+  }, plan);
+
+  // 3. Reload: the first case's capsule must come from Cache Storage, not the network.
+  const capsuleUrl = new URL(`${plan.cases[0].model}/`, plan.repo).href;
+  requests.length = 0;
+  await page.reload({ timeout: TIMEOUT_MS });
+  await page.waitForFunction(() => window.Capsule !== undefined, null, { timeout: TIMEOUT_MS });
+  const reload = await page.evaluate(async (plan) => {
+    const rt = await window.Capsule.fromUrl(plan.repo, { publicKeys: plan.publicKeys });
+    const m = await rt.load(plan.cases[0].model);
+    const r = { fromCache: m.fromCache, version: m.version };
+    rt.close();
+    return r;
+  }, plan);
+  reload.downloads = requests.filter((u) => u.startsWith(capsuleUrl));
+  reload.targetsFetched = requests.some((u) => u.endsWith('/targets.json'));
+
+  // 4. A hub: the browser follows the version the hub assigns, and a new one replaces the old
+  // in the cache.
+  let hub = null;
+  if (plan.hub) {
+    hub = await page.evaluate(async (plan) => {
+      const rt = await window.Capsule.connect({ hub: plan.hub.url, token: plan.hub.token, root: plan.hub.root, nodeId: plan.hub.nodeId, cacheName: 'hub' });
+      const run = async () => {
+        const m = await rt.load(plan.hub.model);
+        const r = await m.infer({ x: new Float32Array([0]) });
+        const y = r.outputs.y.data[0];
+        m.dispose();
+        return { version: m.version, y, id: r.id };
+      };
+      const first = await run();
+      window.__capsuleHub = { rt, run };
+      return { first };
+    }, plan);
+    // The Rust side publishes the new version, then tells us through a file.
+    const { writeFileSync, existsSync } = await import('node:fs');
+    writeFileSync(plan.hub.ready, 'loaded');
+    const started = Date.now();
+    while (!existsSync(plan.hub.published)) {
+      if (Date.now() - started > 60_000) return fail('the new version was never published');
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    const second = await page.evaluate(async () => {
+      const deadline = Date.now() + 20_000;
+      for (;;) {
+        const r = await window.__capsuleHub.run();
+        if (r.version !== undefined && (r.y !== 1 || Date.now() > deadline)) return r;
+        await new Promise((res) => setTimeout(res, 200));
+      }
+    });
+    const cached = await page.evaluate(async () => {
+      const c = await caches.open('hub');
+      return (await c.keys()).map((r) => r.url).filter((u) => !u.endsWith('/state'));
+    });
+    const beacons = await page.evaluate(async () => window.__capsuleHub.rt.beacon());
+    await new Promise((r) => setTimeout(r, 1000)); // the beacon leaves before the browser closes
+    hub.second = second;
+    hub.cached = cached;
+    hub.beacons = beacons;
+  }
+
+  done({ cases, refusals, reload, hub, console_errors: consoleErrors });
+});
