@@ -421,6 +421,16 @@ fn the_sdk_runs_signed_capsules_in_chromium_like_the_edge() -> Result<()> {
         );
     }
 
+    // 1b. Raw inputs as pages have them give the same answers as their bytes.
+    let raw = &result["raw"];
+    let png_case = &result["cases"][5]["outputs"]["top3"]["items"];
+    let wine_case = &result["cases"][6]["outputs"]["label"]["items"];
+    assert_eq!(&raw["blob"], png_case, "{raw}");
+    assert_eq!(raw["imageData"][0], png_case[0], "{raw}");
+    assert_eq!(raw["list"].as_array().map(Vec::len), Some(6), "{raw}");
+    assert_eq!(&raw["records"], wine_case, "{raw}");
+    assert_eq!(raw["record"][0], wine_case[0], "{raw}");
+
     // 2. Refusals, by name and cause.
     let r = &result["refusals"];
     assert_eq!(r["tampered"]["name"], "VerificationError", "{r}");

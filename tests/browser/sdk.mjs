@@ -59,6 +59,32 @@ run(async () => {
     return out;
   }, plan);
 
+  // 1b. Raw inputs as a page has them: a PNG Blob, ImageData, record objects, a list.
+  const raw = await page.evaluate(async (plan) => {
+    const unb64 = (s) => Uint8Array.from(atob(s), (c) => c.charCodeAt(0));
+    const rt = await window.Capsule.fromUrl(plan.repo, { publicKeys: plan.publicKeys });
+    const out = {};
+    const image = plan.cases.find((c) => c.model === 'mnist-png');
+    const png = unb64(image.inputs[0].items[0]);
+    const mnist = await rt.load('mnist-png');
+    const blob = new Blob([png], { type: 'image/png' });
+    out.blob = (await mnist.infer({ image: blob })).outputs.top3.data;
+    const bitmap = await createImageBitmap(blob);
+    const canvas = new OffscreenCanvas(bitmap.width, bitmap.height);
+    const ctx = canvas.getContext('2d');
+    ctx.drawImage(bitmap, 0, 0);
+    const imageData = ctx.getImageData(0, 0, bitmap.width, bitmap.height);
+    out.imageData = (await mnist.infer({ image: imageData })).outputs.top3.data;
+    out.list = (await mnist.infer({ image: [blob, png] })).outputs.top3.data;
+    const wine = plan.cases.find((c) => c.model === 'wine-tabular');
+    const records = wine.inputs[0].items.map((i) => JSON.parse(new TextDecoder().decode(unb64(i))));
+    const w = await rt.load('wine-tabular');
+    out.records = (await w.infer({ record: records })).outputs.label.data;
+    out.record = (await w.infer({ record: records[0] })).outputs.label.data;
+    rt.close();
+    return out;
+  }, plan);
+
   // 2. Refusals: a tampered capsule, a repository signed by another key, a missing model,
   // a request that does not fit.
   const refusals = await page.evaluate(async (plan) => {
@@ -146,5 +172,5 @@ run(async () => {
     hub.beacons = beacons;
   }
 
-  done({ cases, refusals, reload, hub, console_errors: consoleErrors });
+  done({ cases, raw, refusals, reload, hub, console_errors: consoleErrors });
 });
