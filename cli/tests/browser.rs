@@ -236,25 +236,12 @@ fn the_sdk_runs_signed_capsules_in_chromium_like_the_edge() -> Result<()> {
 
     // The hub, with a wat capsule for the browser to follow.
     let hub_port = free_port()?;
-    let hub_proc = {
-        let args: Vec<String> = [
-            "hub",
-            "--database",
-            &format!("sqlite://{}", d.join("hub.db").display()),
-            "--blobs",
-            &p("blobs"),
-            "--http",
-            &format!("127.0.0.1:{hub_port}"),
-            "--admin-token",
-            ADMIN,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let proc_ = Proc::spawn(&args)?;
-        proc_.address("capsule hub:")?;
-        proc_
-    };
+    let hub_proc = start_hub(
+        d,
+        &format!("sqlite://{}", d.join("hub.db").display()),
+        hub_port,
+        &[],
+    )?;
     let hub = format!("http://127.0.0.1:{hub_port}");
     for (v, y) in [("1.0.0", 1.0), ("2.0.0", 2.0)] {
         std::fs::write(

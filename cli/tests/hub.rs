@@ -68,20 +68,7 @@ impl Fleet {
     }
 
     fn start_hub(dir: &Path, database: &str, port: u16) -> Result<Proc> {
-        let args: Vec<String> = vec![
-            "hub".into(),
-            "--database".into(),
-            database.into(),
-            "--blobs".into(),
-            dir.join("blobs").to_string_lossy().into_owned(),
-            "--http".into(),
-            format!("127.0.0.1:{port}"),
-            "--admin-token".into(),
-            ADMIN.into(),
-        ];
-        let p = Proc::spawn(&args)?;
-        p.address("capsule hub:")?;
-        Ok(p)
+        start_hub(dir, database, port, &[])
     }
 
     fn start_node(&self, id: &str, token: &str) -> Result<(Proc, String)> {

@@ -97,23 +97,13 @@ fn webhook_receiver() -> Result<(String, Calls)> {
     Ok((url, calls))
 }
 
-fn start_hub(dir: &Path, database: &str, port: u16, monitor: &Path) -> Result<Proc> {
-    let args: Vec<String> = vec![
-        "hub".into(),
-        "--database".into(),
-        database.into(),
-        "--blobs".into(),
-        dir.join("blobs").to_string_lossy().into_owned(),
-        "--http".into(),
-        format!("127.0.0.1:{port}"),
-        "--admin-token".into(),
-        ADMIN.into(),
-        "--monitor".into(),
-        monitor.to_string_lossy().into_owned(),
-    ];
-    let p = Proc::spawn(&args)?;
-    p.address("capsule hub:")?;
-    Ok(p)
+fn start_monitoring_hub(dir: &Path, database: &str, port: u16, monitor: &Path) -> Result<Proc> {
+    start_hub(
+        dir,
+        database,
+        port,
+        &["--monitor", &monitor.to_string_lossy()],
+    )
 }
 
 fn node_token(hub: &str, id: &str) -> Result<String> {
@@ -581,7 +571,7 @@ command = ["sh", "-c", "cp \"$1\" \"{out}/retrain-$CAPSULE_MODEL-$CAPSULE_VERSIO
         ),
     )?;
     let port = free_port()?;
-    let _hub = start_hub(d, database, port, &monitor)?;
+    let _hub = start_monitoring_hub(d, database, port, &monitor)?;
     let hub = format!("http://127.0.0.1:{port}");
     publish(d, &hub, &capsule)?;
     let mut nodes = Vec::new();
@@ -855,7 +845,7 @@ fn telemetry_survives_hub_outage_node_kill_and_buffer_overflow() -> Result<()> {
     std::fs::write(&monitor, "window_ms = 2000\ngrace_ms = 500\n")?;
     let port = free_port()?;
     let database = format!("sqlite://{}", d.join("hub.db").display());
-    let mut hub_proc = start_hub(d, &database, port, &monitor)?;
+    let mut hub_proc = start_monitoring_hub(d, &database, port, &monitor)?;
     let hub = format!("http://127.0.0.1:{port}");
     publish(d, &hub, &capsule)?;
     let mut tokens = BTreeMap::new();
@@ -941,7 +931,7 @@ fn telemetry_survives_hub_outage_node_kill_and_buffer_overflow() -> Result<()> {
     );
 
     // The hub returns on the same database: every total is exact.
-    let _hub2 = start_hub(d, &database, port, &monitor)?;
+    let _hub2 = start_monitoring_hub(d, &database, port, &monitor)?;
     wait_for(
         "the hub has every buffered batch",
         Duration::from_secs(40),

@@ -232,3 +232,23 @@ pub fn start_synced_node(
     let url = p.address("REST on")?;
     Ok((p, url))
 }
+
+/// Starts `capsule hub` on `127.0.0.1:port` with the test admin token, blobs in `DIR/blobs`,
+/// and `extra` arguments; waits until it listens.
+pub fn start_hub(dir: &Path, database: &str, port: u16, extra: &[&str]) -> Result<Proc> {
+    let mut args: Vec<String> = vec![
+        "hub".into(),
+        "--database".into(),
+        database.into(),
+        "--blobs".into(),
+        dir.join("blobs").to_string_lossy().into_owned(),
+        "--http".into(),
+        format!("127.0.0.1:{port}"),
+        "--admin-token".into(),
+        ADMIN.into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let p = Proc::spawn(&args)?;
+    p.address("capsule hub:")?;
+    Ok(p)
+}
