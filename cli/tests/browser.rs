@@ -442,6 +442,11 @@ fn the_sdk_runs_signed_capsules_in_chromium_like_the_edge() -> Result<()> {
         "model \"no-such-model\" is not in the signed targets"
     );
     assert_eq!(r["badInput"]["name"], "RequestError", "{r}");
+    assert_eq!(r["unsupported"]["name"], "UnsupportedBrowserError", "{r}");
+    assert_eq!(
+        r["unsupported"]["message"],
+        "Cache Storage is unavailable (it needs a secure context: https or localhost)"
+    );
 
     // 3. The reload took the capsule from Cache Storage: no download.
     let reload = &result["reload"];

@@ -110,6 +110,11 @@ run(async () => {
       }),
     };
     for (const rt of [tampered, other, good]) rt.close();
+    // A browser without Cache Storage (an insecure context, say) is told so.
+    const caches = Object.getOwnPropertyDescriptor(window, 'caches') ? window.caches : undefined;
+    Object.defineProperty(window, 'caches', { value: undefined, configurable: true });
+    r.unsupported = await attempt(() => window.Capsule.fromUrl(plan.repo, { publicKeys: plan.publicKeys }));
+    Object.defineProperty(window, 'caches', { value: caches, configurable: true });
     return r;
   }, plan);
 
