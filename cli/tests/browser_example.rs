@@ -1,0 +1,162 @@
+//! The browser example (`examples/browser`) end to end: `run.sh --prepare-only` builds the
+//! mnist-png capsule, signs it and lays out the node's repository and the page; the node
+//! serves both; headless Chromium draws a "1" on the page, and the page's two answers (the SDK
+//! in the browser, the node over V2 REST) must be the same, to the last digit.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+mod common;
+use common::*;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Whether Chromium, playwright-core and the SDK's node modules are here (they must be in CI).
+fn browser_available() -> Result<bool> {
+    let ok = repo()
+        .join("tests/browser/node_modules/playwright-core")
+        .exists()
+        && Path::new(&std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into()))
+            .exists()
+        && repo().join("sdk-js/node_modules").exists();
+    if !ok && std::env::var_os("CI").is_some() {
+        bail!("CI must provide chromium, tests/browser/node_modules and sdk-js/node_modules");
+    }
+    if !ok {
+        eprintln!(
+            "skipped: needs chromium, `npm ci --prefix tests/browser` and `npm ci --prefix sdk-js`"
+        );
+    }
+    Ok(ok)
+}
+
+fn public_hex(path: &Path) -> Result<String> {
+    let v: Value = serde_json::from_slice(&std::fs::read(path)?)?;
+    Ok(v["public"].as_str().context("no public key")?.to_owned())
+}
+
+#[test]
+fn the_browser_example_answers_like_the_edge() -> Result<()> {
+    if !browser_available()? {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let work = dir.path().join("example");
+
+    // 1. The example's own script lays everything out (with this test's binary).
+    let out = Command::new("bash")
+        .arg(repo().join("examples/browser/run.sh"))
+        .arg("--prepare-only")
+        .arg(&work)
+        .env("CAPSULE", bin())
+        .env("CAPSULE_CACHE_DIR", cache())
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "run.sh --prepare-only failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let site = work.join("site");
+    for file in [
+        "models/mnist/1.0.0/mnist.capsule.wasm",
+        "site/index.html",
+        "site/app.js",
+        "site/targets.json",
+        "site/sdk/capsule.js",
+        "site/sdk/capsule-worker.js",
+    ] {
+        assert!(work.join(file).is_file(), "run.sh wrote no {file}");
+    }
+    let config: Value = serde_json::from_slice(&std::fs::read(site.join("config.json"))?)?;
+    assert_eq!(
+        config,
+        json!({"model": "mnist", "publicKey": public_hex(&work.join("keys/publisher.pub"))?})
+    );
+
+    // 2. The node, as run.sh starts it, on a free port.
+    let node = Proc::spawn(
+        &[
+            "serve",
+            "--models",
+            &work.join("models").to_string_lossy(),
+            "--static",
+            &site.to_string_lossy(),
+            "--http",
+            "127.0.0.1:0",
+            "--no-grpc",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>(),
+    )?;
+    let url = node.address("REST on")?;
+    wait_until("the node to load the capsule", || {
+        http()
+            .get(format!("{url}/v2/health/ready"))
+            .send()
+            .is_ok_and(|r| r.status().is_success())
+    })?;
+
+    // 3. Chromium draws a "1" and compares the two answers on the page.
+    let screenshot = repo().join("target/browser-example.png");
+    let _ = std::fs::remove_file(&screenshot);
+    let out = Command::new("node")
+        .arg(repo().join("tests/browser/example.mjs"))
+        .arg(format!("{url}/"))
+        .arg(&screenshot)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let result: Value = stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .with_context(|| format!("no JSON from example.mjs; stdout {stdout}; stderr {stderr}"))?;
+    assert_eq!(result["ok"], json!(true), "{result}\n{stderr}");
+
+    let (browser, edge) = (&result["browser"], &result["edge"]);
+    assert_eq!(browser["top3"], edge["top3"], "{result}");
+    assert_eq!(browser["scores"], edge["scores"], "{result}");
+    assert_eq!(browser["shownValues"], edge["shownValues"], "{result}");
+    let top3 = browser["top3"].as_array().context("top3")?;
+    assert_eq!(top3.len(), 3, "{result}");
+    let top = top3[0].as_str().unwrap_or_default();
+    assert!(
+        top.len() == 1 && top.chars().all(|c| c.is_ascii_digit()),
+        "{result}"
+    );
+    let scores = browser["scores"].as_array().context("scores")?;
+    assert!(
+        scores
+            .iter()
+            .all(|s| s.as_f64().is_some_and(|s| (0.0..=1.0).contains(&s))),
+        "{result}"
+    );
+    assert_eq!(result["verdict"]["kind"], "identical", "{result}");
+    assert!(
+        result["status"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("signature verified"),
+        "{result}"
+    );
+    assert_eq!(result["console_errors"], json!([]), "{result}");
+    let png = std::fs::read(&screenshot)?;
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "no PNG screenshot");
+    eprintln!(
+        "the page drew a \"1\": browser {} ({}), edge {} ({}); screenshot {}",
+        browser["top3"],
+        browser["ms"],
+        edge["top3"],
+        edge["ms"],
+        screenshot.display()
+    );
+    drop(node);
+    Ok(())
+}
