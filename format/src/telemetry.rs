@@ -469,16 +469,10 @@ impl ReferenceStats {
                 let FeatureSource::Column { index, .. } = reference.source else {
                     continue;
                 };
-                let value = usize::try_from(index)
-                    .ok()
-                    .and_then(|ix| row.get(ix))
-                    .copied();
-                hist.add(
-                    &reference.binning,
-                    value.map_or(Value::Null, |v| {
-                        serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number)
-                    }),
-                );
+                match usize::try_from(index).ok().and_then(|ix| row.get(ix)) {
+                    Some(v) => hist.add_f64(&reference.binning, *v),
+                    None => hist.count(None, None),
+                }
             }
         }
         rows
@@ -493,32 +487,220 @@ impl ReferenceStats {
         let Ok(elements) = byte_elements(&input.tensor.data) else {
             return 0;
         };
+        let fields: Vec<&str> = features
+            .iter()
+            .map(|&i| match self.features.get(i).map(|f| &f.source) {
+                Some(FeatureSource::Field { field, .. }) => field.as_str(),
+                _ => "",
+            })
+            .collect();
         let mut rows = 0u64;
-        let mut record = |r: Option<&serde_json::Map<String, Value>>, rows: &mut u64| {
-            *rows += 1;
-            for &i in features {
-                let (Some(reference), Some(hist)) = (self.features.get(i), live.get_mut(i)) else {
-                    continue;
-                };
-                let FeatureSource::Field { field, .. } = &reference.source else {
-                    continue;
-                };
-                let value = r.and_then(|r| r.get(field)).cloned().unwrap_or(Value::Null);
-                hist.add(&reference.binning, value);
-            }
-        };
         for element in elements {
-            match serde_json::from_slice::<Value>(element) {
-                Ok(Value::Object(r)) => record(Some(&r), &mut rows),
-                Ok(Value::Array(items)) => {
-                    for item in &items {
-                        record(item.as_object(), &mut rows);
+            // Only the features' fields are read, without building a JSON tree.
+            let mut de = serde_json::Deserializer::from_slice(element);
+            let parsed = serde::de::DeserializeSeed::deserialize(Rows(&fields), &mut de)
+                .ok()
+                .filter(|_| de.end().is_ok());
+            let parsed = parsed.unwrap_or_else(|| vec![vec![Scalar::Missing; fields.len()]]);
+            for row in parsed {
+                rows += 1;
+                for (&i, value) in features.iter().zip(&row) {
+                    if let (Some(reference), Some(hist)) = (self.features.get(i), live.get_mut(i)) {
+                        hist.add_scalar(&reference.binning, value);
                     }
                 }
-                _ => record(None, &mut rows),
             }
         }
         rows
+    }
+}
+
+/// One field's value in a record, as far as binning cares.
+#[derive(Debug, Clone, PartialEq)]
+enum Scalar {
+    Missing,
+    Number(f64),
+    Text(String),
+    Other,
+}
+
+/// Deserializes one record element (an object, or an array of objects) into the values of
+/// `fields`, one row per object.
+struct Rows<'a>(&'a [&'a str]);
+
+/// One record into the values of `fields`.
+struct Row<'a>(&'a [&'a str]);
+
+/// A key, as its index among `fields`.
+struct FieldIndex<'a>(&'a [&'a str]);
+
+impl<'de> serde::de::DeserializeSeed<'de> for FieldIndex<'_> {
+    type Value = Option<usize>;
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        d: D,
+    ) -> std::result::Result<Option<usize>, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl serde::de::Visitor<'_> for FieldIndex<'_> {
+    type Value = Option<usize>;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a field name")
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<Option<usize>, E> {
+        Ok(self.0.iter().position(|f| *f == v))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Scalar {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Scalar, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Scalar;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_f64<E>(self, v: f64) -> std::result::Result<Scalar, E> {
+                Ok(Scalar::Number(v))
+            }
+            fn visit_i64<E>(self, v: i64) -> std::result::Result<Scalar, E> {
+                Ok(Scalar::Number(v as f64))
+            }
+            fn visit_u64<E>(self, v: u64) -> std::result::Result<Scalar, E> {
+                Ok(Scalar::Number(v as f64))
+            }
+            fn visit_bool<E>(self, v: bool) -> std::result::Result<Scalar, E> {
+                Ok(Scalar::Number(f64::from(u8::from(v))))
+            }
+            fn visit_str<E>(self, v: &str) -> std::result::Result<Scalar, E> {
+                Ok(Scalar::Text(v.to_owned()))
+            }
+            fn visit_unit<E>(self) -> std::result::Result<Scalar, E> {
+                Ok(Scalar::Missing)
+            }
+            fn visit_none<E>(self) -> std::result::Result<Scalar, E> {
+                Ok(Scalar::Missing)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> std::result::Result<Scalar, A::Error> {
+                while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Scalar::Other)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> std::result::Result<Scalar, A::Error> {
+                while a
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Scalar::Other)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Row<'_> {
+    type Value = Vec<Scalar>;
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        d: D,
+    ) -> std::result::Result<Vec<Scalar>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Row<'_> {
+    type Value = Vec<Scalar>;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut a: A,
+    ) -> std::result::Result<Vec<Scalar>, A::Error> {
+        let mut row = vec![Scalar::Missing; self.0.len()];
+        while let Some(index) = a.next_key_seed(FieldIndex(self.0))? {
+            match index {
+                Some(i) => {
+                    let v: Scalar = a.next_value()?;
+                    // Every feature naming this field gets the value.
+                    for (j, f) in self.0.iter().enumerate() {
+                        if *f == self.0[i] {
+                            row[j] = v.clone();
+                        }
+                    }
+                }
+                None => {
+                    a.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(row)
+    }
+    // Anything but an object is a row whose fields are all missing.
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut a: A,
+    ) -> std::result::Result<Vec<Scalar>, A::Error> {
+        while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(vec![Scalar::Missing; self.0.len()])
+    }
+    fn visit_str<E>(self, _: &str) -> std::result::Result<Vec<Scalar>, E> {
+        Ok(vec![Scalar::Missing; self.0.len()])
+    }
+    fn visit_f64<E>(self, _: f64) -> std::result::Result<Vec<Scalar>, E> {
+        Ok(vec![Scalar::Missing; self.0.len()])
+    }
+    fn visit_i64<E>(self, _: i64) -> std::result::Result<Vec<Scalar>, E> {
+        Ok(vec![Scalar::Missing; self.0.len()])
+    }
+    fn visit_u64<E>(self, _: u64) -> std::result::Result<Vec<Scalar>, E> {
+        Ok(vec![Scalar::Missing; self.0.len()])
+    }
+    fn visit_bool<E>(self, _: bool) -> std::result::Result<Vec<Scalar>, E> {
+        Ok(vec![Scalar::Missing; self.0.len()])
+    }
+    fn visit_unit<E>(self) -> std::result::Result<Vec<Scalar>, E> {
+        Ok(vec![Scalar::Missing; self.0.len()])
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Rows<'_> {
+    type Value = Vec<Vec<Scalar>>;
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        d: D,
+    ) -> std::result::Result<Vec<Vec<Scalar>>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Rows<'_> {
+    type Value = Vec<Vec<Scalar>>;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object or an array of objects")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        a: A,
+    ) -> std::result::Result<Vec<Vec<Scalar>>, A::Error> {
+        Ok(vec![Row(self.0).visit_map(a)?])
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut a: A,
+    ) -> std::result::Result<Vec<Vec<Scalar>>, A::Error> {
+        let mut rows = Vec::new();
+        while let Some(row) = a.next_element_seed(Row(self.0))? {
+            rows.push(row);
+        }
+        Ok(rows)
     }
 }
 
@@ -553,6 +735,46 @@ impl FeatureHistogram {
                 }
             }
             None => self.missing = self.missing.saturating_add(1),
+        }
+    }
+
+    fn count(&mut self, bin: Option<usize>, numeric: Option<f64>) {
+        match bin {
+            Some(b) => {
+                if let Some(c) = self.counts.get_mut(b) {
+                    *c = c.saturating_add(1);
+                }
+                if let Some(v) = numeric {
+                    self.moments.add(v);
+                }
+            }
+            None => self.missing = self.missing.saturating_add(1),
+        }
+    }
+
+    /// Counts one number (NaN is missing).
+    pub fn add_f64(&mut self, binning: &Binning, v: f64) {
+        self.count(binning.bin_f64(v), Some(v));
+    }
+
+    fn add_scalar(&mut self, binning: &Binning, value: &Scalar) {
+        match (binning, value) {
+            (_, Scalar::Missing) => self.count(None, None),
+            (Binning::Numeric { .. }, Scalar::Number(v)) => self.add_f64(binning, *v),
+            (Binning::Numeric { .. }, Scalar::Text(t)) if t.eq_ignore_ascii_case("nan") => {
+                self.count(None, None)
+            }
+            (Binning::Numeric { edges }, _) => self.count(Some(edges.len()), None),
+            (Binning::Categorical { categories }, Scalar::Text(t)) => self.count(
+                Some(
+                    categories
+                        .iter()
+                        .position(|c| c == t)
+                        .unwrap_or(categories.len()),
+                ),
+                None,
+            ),
+            (Binning::Categorical { categories }, _) => self.count(Some(categories.len()), None),
         }
     }
 
