@@ -1,0 +1,281 @@
+// Browser benchmark: a capsule through the SDK vs onnxruntime-web (wasm backend, one
+// thread) on the same ONNX model, in the same headless chromium. Driven by run.sh, which
+// builds and signs the capsules, lays out the site and starts `capsule serve --static`:
+//
+//   node benches/browser/bench.mjs --base http://127.0.0.1:PORT/ --key HEX --site DIR \
+//        --models mnist_cnn,digits_mlp [--first-reps 3] [--warmup 20] [--runs 200]
+//
+// For each model:
+//   - first result, capsule: a fresh browser context (empty HTTP cache and Cache Storage)
+//     loads bench.html?mode=sdk-first, which imports the SDK, calls fromUrl, load, infer;
+//     the time is performance.now() at the result, i.e. from navigation start.
+//   - first result, ORT: the same with mode=ort-first (import ort, create session, run).
+//   - bytes: every response of the page load, workers included, from playwright's
+//     requestfinished events and request.sizes() (body as transferred + headers).
+//   - steady state: one fresh context runs mode=steady: both runtimes loaded, `warmup` calls
+//     of each, then `runs` iterations calling both, rotating which goes first. Diagnostic
+//     arms in the same loop: `direct` (the capsule on the page's main thread, called the way
+//     the SDK's worker calls it; bench-direct.mjs), `direct_worker` (that code in a worker of
+//     the benchmark's own; bench-worker.mjs), `guest` (the bare capsule_infer call) and
+//     `echo` (a worker round trip that does nothing).
+// Prints one JSON line with every number (RAW=1 adds every steady-state sample); exits 1 with
+// {"ok":false,...} on failure.
+//
+// The browser is Debian's chromium ($CHROMIUM, default /usr/bin/chromium) launched as in
+// tests/browser/lib.mjs; playwright-core never downloads a browser.
+
+import { accessSync, constants, readFileSync, writeSync } from 'node:fs';
+import { loadavg } from 'node:os';
+import { join } from 'node:path';
+import { createHash } from 'node:crypto';
+import { gzipSync } from 'node:zlib';
+import { chromium } from 'playwright-core';
+
+// Same flags as tests/browser/lib.mjs (not imported: that file resolves playwright-core
+// from tests/browser/node_modules, which this benchmark does not install).
+const CHROMIUM_ARGS = [
+  '--no-sandbox',
+  '--disable-gpu',
+  '--disable-quic',
+  '--no-first-run',
+  '--disable-background-networking',
+  '--disable-component-update',
+  '--disable-sync',
+  '--disable-dev-shm-usage',
+];
+
+/** The models: fixture directory -> capsule name, input, shape, output compared, input scale. */
+const MODELS = {
+  mnist_cnn: { name: 'mnist-cnn', input: 'input', shape: [1, 1, 28, 28], out: 'probabilities', scale: 1 },
+  digits_mlp: { name: 'digits-mlp', input: 'input', shape: [1, 64], out: 'probabilities', scale: 16 },
+  digits_logreg: { name: 'digits-logreg', input: 'input', shape: [1, 64], out: 'probabilities', scale: 16 },
+};
+
+const PAGE_TIMEOUT_MS = 120_000;
+const WATCHDOG_MS = 15 * 60_000;
+
+function args() {
+  const a = process.argv.slice(2);
+  const o = { firstReps: 3, warmup: 20, runs: 200 };
+  for (let i = 0; i < a.length; i += 2) {
+    const k = a[i].replace(/^--/, '').replace(/-([a-z])/g, (_, c) => c.toUpperCase());
+    o[k] = a[i + 1];
+  }
+  for (const k of ['base', 'key', 'site', 'models']) {
+    if (!o[k]) throw new Error(`missing --${k}`);
+  }
+  o.firstReps = Number(o.firstReps);
+  o.models = o.models.split(',');
+  return o;
+}
+
+function print(obj) {
+  writeSync(1, JSON.stringify(obj) + '\n');
+}
+
+function median(xs) {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
+}
+
+const round = (x, d = 3) => (typeof x === 'number' ? Number(x.toFixed(d)) : x);
+function roundAll(v) {
+  if (Array.isArray(v)) return v.map(roundAll);
+  if (v && typeof v === 'object') return Object.fromEntries(Object.entries(v).map(([k, x]) => [k, roundAll(x)]));
+  return round(v);
+}
+
+function category(path) {
+  if (path.startsWith('/sdk/') || path.startsWith('/ort/')) return 'runtime';
+  if (path.endsWith('.capsule.wasm') || path.endsWith('.onnx')) return 'model';
+  if (path.endsWith('/targets.json')) return 'metadata';
+  if (path.startsWith('/bench')) return 'page';
+  return 'other';
+}
+
+const gzipSizes = new Map();
+/** gzip -6 size of a served file (what a server that compresses would send). */
+function gzipSize(path, file) {
+  if (!gzipSizes.has(path)) gzipSizes.set(path, gzipSync(file).length);
+  return gzipSizes.get(path);
+}
+
+/** One page load in a fresh context; returns the page's result and what it downloaded. */
+async function measure(browser, url, site) {
+  const context = await browser.newContext();
+  context.setDefaultTimeout(PAGE_TIMEOUT_MS);
+  const page = await context.newPage();
+  const finished = [];
+  const failed = [];
+  const errors = [];
+  let workers = 0;
+  context.on('requestfinished', (r) => finished.push(r));
+  context.on('requestfailed', (r) => failed.push(`${r.url()}: ${r.failure()?.errorText}`));
+  page.on('worker', () => workers++);
+  page.on('console', (m) => {
+    if (m.type() === 'error' && !m.location()?.url?.endsWith('/favicon.ico')) errors.push(m.text());
+  });
+  page.on('pageerror', (e) => errors.push(`pageerror: ${e.message}`));
+  try {
+    await page.goto(url, { timeout: PAGE_TIMEOUT_MS });
+    await page.waitForFunction(() => window.__bench || window.__benchError, null, {
+      timeout: PAGE_TIMEOUT_MS,
+      polling: 100,
+    });
+    const error = await page.evaluate(() => window.__benchError);
+    if (error) throw new Error(`${url}: ${error} ${errors.join('; ')}`);
+    const result = await page.evaluate(() => window.__bench);
+    // The page's own resource timing (its worker's fetches are not in it).
+    const pageResources = await page.evaluate(() =>
+      performance.getEntriesByType('resource').reduce((n, e) => n + e.transferSize, 0),
+    );
+    const requests = [];
+    for (const r of finished) {
+      const u = new URL(r.url());
+      if (u.pathname === '/favicon.ico') continue;
+      const s = await r.sizes();
+      const response = await r.response();
+      let file = null;
+      try {
+        file = readFileSync(join(site, decodeURIComponent(u.pathname)));
+      } catch {
+        // not a file of the site
+      }
+      const encoding = response ? (await response.allHeaders())['content-encoding'] ?? null : null;
+      // Chromium reports no body size for a worker's own script (0 bytes): the server sends
+      // files as they are (no content-encoding), so that body is the file.
+      const fromFile = s.responseBodySize === 0 && file !== null && file.length > 0 && !encoding;
+      requests.push({
+        path: u.pathname,
+        status: response ? response.status() : null,
+        category: category(u.pathname),
+        body: fromFile ? file.length : s.responseBodySize,
+        body_from_file: fromFile,
+        encoding,
+        headers: s.responseHeadersSize,
+        gzip: file ? gzipSize(u.pathname, file) : null,
+      });
+    }
+    const bytes = { total: 0, gzip_total: 0, by_category: {} };
+    for (const r of requests) {
+      const n = r.body + r.headers;
+      bytes.total += n;
+      bytes.gzip_total += (r.gzip ?? r.body) + r.headers;
+      const c = (bytes.by_category[r.category] ??= { bytes: 0, gzip: 0, files: [] });
+      c.bytes += n;
+      c.gzip += (r.gzip ?? r.body) + r.headers;
+      c.files.push(`${r.path} ${r.status} ${r.body}${r.body_from_file ? ' (file size)' : ''}${r.encoding ? ` ${r.encoding}` : ''}`);
+    }
+    return { result, bytes, page_resource_timing_bytes: pageResources, workers, failed, console_errors: errors };
+  } finally {
+    await context.close();
+  }
+}
+
+function query(params) {
+  return new URLSearchParams(Object.entries(params).map(([k, v]) => [k, String(v)])).toString();
+}
+
+async function main() {
+  const o = args();
+  const executablePath = process.env.CHROMIUM || '/usr/bin/chromium';
+  accessSync(executablePath, constants.X_OK);
+    const browser = await chromium.launch({ executablePath, headless: true, timeout: 60_000, args: CHROMIUM_ARGS });
+  const out = {
+    ok: true,
+    chromium: browser.version(),
+    commit: o.commit ?? null,
+    // Which SDK build was served (sha256 of capsule.js, capsule-worker.js and the core wasm).
+    sdk_sha256: createHash('sha256')
+      .update(Buffer.concat(['capsule.js', 'capsule-worker.js', 'core/capsule_sdk_core_bg.wasm'].map((f) => readFileSync(join(o.site, 'sdk', f)))))
+      .digest('hex')
+      .slice(0, 16),
+    // The machine's 1-minute load average when the run started and ended (2 cores here:
+    // above 2, other processes compete with the browser's threads).
+    load_start: Number(loadavg()[0].toFixed(2)),
+    first_reps: o.firstReps,
+    warmup: Number(o.warmup),
+    runs: Number(o.runs),
+    models: {},
+  };
+  try {
+    for (const dir of o.models) {
+      const m = MODELS[dir];
+      if (!m) throw new Error(`unknown model ${dir}`);
+      const common = { input: m.input, shape: m.shape.join(','), scale: m.scale };
+      const sdkUrl = new URL(`bench.html?${query({ mode: 'sdk-first', model: m.name, key: o.key, ...common })}`, o.base).href;
+      const ortUrl = new URL(`bench.html?${query({ mode: 'ort-first', onnx: `/models/${dir}.onnx`, ...common })}`, o.base).href;
+      const steadyUrl = new URL(
+        `bench.html?${query({ mode: 'steady', model: m.name, key: o.key, onnx: `/models/${dir}.onnx`, out: m.out, warmup: o.warmup, runs: o.runs, raw: process.env.RAW === '1' ? 1 : 0, ...common })}`,
+        o.base,
+      ).href;
+
+      const sdk = [];
+      const ort = [];
+      for (let i = 0; i < o.firstReps; i++) {
+        // Alternate which goes first.
+        if (i % 2 === 0) {
+          sdk.push(await measure(browser, sdkUrl, o.site));
+          ort.push(await measure(browser, ortUrl, o.site));
+        } else {
+          ort.push(await measure(browser, ortUrl, o.site));
+          sdk.push(await measure(browser, sdkUrl, o.site));
+        }
+      }
+      const steady = await measure(browser, steadyUrl, o.site);
+
+      // The first results of the two runtimes must agree.
+      const a = sdk[0].result.outputs[m.out];
+      const b = ort[0].result.outputs[m.out];
+      const firstDiff = Math.max(...a.map((x, i) => Math.abs(x - b[i])));
+
+      const summary = (runs, keys) => ({
+        first_result_ms: runs.map((r) => r.result.first_result_ms),
+        first_result_median_ms: median(runs.map((r) => r.result.first_result_ms)),
+        ...Object.fromEntries(keys.map((k) => [`${k}_median`, median(runs.map((r) => r.result[k]))])),
+        bytes: runs[0].bytes.total,
+        bytes_gzip: runs[0].bytes.gzip_total,
+        bytes_by_category: runs[0].bytes.by_category,
+        bytes_every_load: runs.map((r) => r.bytes.total),
+        page_resource_timing_bytes: runs[0].page_resource_timing_bytes,
+        workers: runs[0].workers,
+        failed: runs.flatMap((r) => r.failed),
+        console_errors: runs.flatMap((r) => r.console_errors),
+      });
+      out.models[dir] = roundAll({
+        capsule: {
+          ...summary(sdk, ['script_start_ms', 'import_ms', 'from_url_ms', 'load_ms', 'infer_ms']),
+          from_cache: sdk.map((r) => r.result.from_cache),
+          capsule_bytes: sdk[0].result.capsule_bytes,
+        },
+        ort: {
+          ...summary(ort, ['script_start_ms', 'import_ms', 'create_ms', 'run_ms']),
+          env: ort[0].result.ort,
+          cross_origin_isolated: ort[0].result.cross_origin_isolated,
+        },
+        first_result_ratio: median(sdk.map((r) => r.result.first_result_ms)) / median(ort.map((r) => r.result.first_result_ms)),
+        first_result_max_abs_diff: firstDiff,
+        steady: {
+          ...steady.result,
+          workers: steady.workers,
+          console_errors: steady.console_errors,
+        },
+      });
+      out.ort_version = out.ort_version ?? ort[0].result.ort.version;
+    }
+  } finally {
+    await browser.close();
+  }
+  out.load_end = Number(loadavg()[0].toFixed(2));
+  print(out);
+  process.exit(0);
+}
+
+setTimeout(() => {
+  print({ ok: false, error: `timed out after ${WATCHDOG_MS / 1000} s` });
+  process.exit(1);
+}, WATCHDOG_MS).unref();
+main().catch((e) => {
+  print({ ok: false, error: String(e && e.message ? e.message : e).split('\n')[0] });
+  process.exit(1);
+});
