@@ -11,7 +11,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use base64::Engine as _;
 use capsule_format::{DType, NamedTensor};
 use capsule_tests::{WatCapsule, wat_capsule};
@@ -19,10 +19,6 @@ use serde_json::{Value, json};
 
 mod common;
 use common::*;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
@@ -54,25 +50,6 @@ fn sdk_dist() -> Result<PathBuf> {
         .map_err(anyhow::Error::msg)
 }
 
-/// Whether Chromium and playwright-core are here (they must be in CI).
-fn browser_available() -> Result<bool> {
-    let ok = repo()
-        .join("tests/browser/node_modules/playwright-core")
-        .exists()
-        && Path::new(&std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into()))
-            .exists()
-        && repo().join("sdk-js/node_modules/esbuild").exists();
-    if !ok && std::env::var_os("CI").is_some() {
-        bail!("CI must provide chromium, tests/browser/node_modules and sdk-js/node_modules");
-    }
-    if !ok {
-        eprintln!(
-            "skipped: needs chromium, `npm ci --prefix tests/browser` and `npm ci --prefix sdk-js`"
-        );
-    }
-    Ok(ok)
-}
-
 fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     std::fs::create_dir_all(to)?;
     for entry in std::fs::read_dir(from)? {
@@ -85,11 +62,6 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn public_hex(path: &Path) -> Result<String> {
-    let v: Value = serde_json::from_slice(&std::fs::read(path)?)?;
-    Ok(v["public"].as_str().context("no public key")?.to_owned())
 }
 
 /// A plan input: raw little-endian bytes, or BYTES elements.
@@ -255,31 +227,13 @@ fn the_sdk_runs_signed_capsules_in_chromium_like_the_edge() -> Result<()> {
         )?;
     }
     let publish = |v: &str| -> Result<()> {
-        let capsule = p(&format!("wat-{v}.capsule.wasm"));
-        run(&[
-            "sign",
-            "--targets",
-            &p("hub-targets.json"),
-            "--add",
-            &capsule,
-            "--key",
-            &p("pub1.key"),
-            "--key",
-            &p("pub2.key"),
-        ])?;
-        run(&[
-            "push",
-            &capsule,
-            "--hub",
+        sign_and_push(
+            d,
             &hub,
-            "--token",
-            ADMIN,
-            "--targets",
-            &p("hub-targets.json"),
-            "--alias",
-            "production",
-        ])?;
-        Ok(())
+            &d.join(format!("wat-{v}.capsule.wasm")),
+            &d.join("hub-targets.json"),
+            &["--alias", "production"],
+        )
     };
     publish("1.0.0")?;
     let (status, token) = api(

@@ -3,7 +3,6 @@
 //! serves both; headless Chromium draws a "1" on the page, and the page's two answers (the SDK
 //! in the browser, the node over V2 REST) must be the same, to the last digit.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
@@ -11,34 +10,6 @@ use serde_json::{Value, json};
 
 mod common;
 use common::*;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// Whether Chromium, playwright-core and the SDK's node modules are here (they must be in CI).
-fn browser_available() -> Result<bool> {
-    let ok = repo()
-        .join("tests/browser/node_modules/playwright-core")
-        .exists()
-        && Path::new(&std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into()))
-            .exists()
-        && repo().join("sdk-js/node_modules").exists();
-    if !ok && std::env::var_os("CI").is_some() {
-        bail!("CI must provide chromium, tests/browser/node_modules and sdk-js/node_modules");
-    }
-    if !ok {
-        eprintln!(
-            "skipped: needs chromium, `npm ci --prefix tests/browser` and `npm ci --prefix sdk-js`"
-        );
-    }
-    Ok(ok)
-}
-
-fn public_hex(path: &Path) -> Result<String> {
-    let v: Value = serde_json::from_slice(&std::fs::read(path)?)?;
-    Ok(v["public"].as_str().context("no public key")?.to_owned())
-}
 
 #[test]
 fn the_browser_example_answers_like_the_edge() -> Result<()> {

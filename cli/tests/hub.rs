@@ -119,34 +119,11 @@ impl Fleet {
     }
 
     fn node_token(&self, id: &str) -> Result<String> {
-        let (status, v) = api(
-            &self.hub_url,
-            "POST",
-            &format!("/api/v1/nodes/{id}/token"),
-            ADMIN,
-            None,
-        )?;
-        if status != 200 {
-            bail!("token for {id}: {status} {v}");
-        }
-        Ok(v["token"].as_str().unwrap_or_default().to_owned())
+        node_token(&self.hub_url, id)
     }
 
     /// Signs the version into the targets metadata (two publisher keys) and pushes it.
     fn publish(&self, version: &str, alias: Option<&str>) -> Result<()> {
-        let capsule = self.path(&format!("wat-{version}.capsule.wasm"));
-        let targets = self.path("targets.json");
-        run(&[
-            "sign",
-            "--targets",
-            &targets,
-            "--add",
-            &capsule,
-            "--key",
-            &self.path("pub1.key"),
-            "--key",
-            &self.path("pub2.key"),
-        ])?;
         let provenance = self.path("provenance.json");
         std::fs::write(
             &provenance,
@@ -155,25 +132,22 @@ impl Fleet {
         let metrics = self.path(&format!("metrics-{version}.json"));
         let accuracy = 0.9 + 0.01 * version[..1].parse::<f64>().unwrap_or(0.0);
         std::fs::write(&metrics, format!(r#"{{"accuracy": {accuracy}}}"#))?;
-        let mut args = vec![
-            "push",
-            capsule.as_str(),
-            "--hub",
-            self.hub_url.as_str(),
-            "--token",
-            ADMIN,
-            "--targets",
-            targets.as_str(),
+        let mut extra = vec![
             "--provenance",
             provenance.as_str(),
             "--metrics",
             metrics.as_str(),
         ];
         if let Some(a) = alias {
-            args.extend(["--alias", a]);
+            extra.extend(["--alias", a]);
         }
-        run(&args)?;
-        Ok(())
+        sign_and_push(
+            self.dir.path(),
+            &self.hub_url,
+            Path::new(&self.path(&format!("wat-{version}.capsule.wasm"))),
+            Path::new(&self.path("targets.json")),
+            &extra,
+        )
     }
 
     fn rollout(&self, version: &str, steps: &str, threshold: f64) -> Result<Value> {

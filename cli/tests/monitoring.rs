@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,14 +25,6 @@ use serde_json::{Value, json};
 
 mod common;
 use common::*;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn in_ci() -> bool {
-    std::env::var_os("CI").is_some()
-}
 
 /// Webhook calls received: (path, JSON body).
 type Calls = Arc<Mutex<Vec<(String, Value)>>>;
@@ -106,48 +98,15 @@ fn start_monitoring_hub(dir: &Path, database: &str, port: u16, monitor: &Path) -
     )
 }
 
-fn node_token(hub: &str, id: &str) -> Result<String> {
-    let (status, v) = api(
-        hub,
-        "POST",
-        &format!("/api/v1/nodes/{id}/token"),
-        ADMIN,
-        None,
-    )?;
-    if status != 200 {
-        bail!("token for {id}: {status} {v}");
-    }
-    Ok(v["token"].as_str().unwrap_or_default().to_owned())
-}
-
-/// Signs `capsule` into the targets metadata and pushes it as `production`.
+/// Signs `capsule` into `DIR/targets.json` and pushes it as `production`.
 fn publish(dir: &Path, hub: &str, capsule: &Path) -> Result<()> {
-    let p = |n: &str| dir.join(n).to_string_lossy().into_owned();
-    let capsule = capsule.to_string_lossy().into_owned();
-    run(&[
-        "sign",
-        "--targets",
-        &p("targets.json"),
-        "--add",
-        &capsule,
-        "--key",
-        &p("pub1.key"),
-        "--key",
-        &p("pub2.key"),
-    ])?;
-    run(&[
-        "push",
-        &capsule,
-        "--hub",
+    sign_and_push(
+        dir,
         hub,
-        "--token",
-        ADMIN,
-        "--targets",
-        &p("targets.json"),
-        "--alias",
-        "production",
-    ])?;
-    Ok(())
+        capsule,
+        &dir.join("targets.json"),
+        &["--alias", "production"],
+    )
 }
 
 fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> Result<bool>) -> Result<()> {

@@ -252,3 +252,91 @@ pub fn start_hub(dir: &Path, database: &str, port: u16, extra: &[&str]) -> Resul
     p.address("capsule hub:")?;
     Ok(p)
 }
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Whether the tests run in CI (where every optional tool must be present).
+pub fn in_ci() -> bool {
+    std::env::var_os("CI").is_some()
+}
+
+/// Whether Chromium, playwright-core and the SDK's npm packages are here; they must be in CI.
+pub fn browser_available() -> Result<bool> {
+    let ok = repo()
+        .join("tests/browser/node_modules/playwright-core")
+        .exists()
+        && Path::new(&std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into()))
+            .exists()
+        && repo().join("sdk-js/node_modules/esbuild").exists();
+    if !ok && in_ci() {
+        bail!("CI must provide chromium, tests/browser/node_modules and sdk-js/node_modules");
+    }
+    if !ok {
+        eprintln!(
+            "skipped: needs chromium, `npm ci --prefix tests/browser` and `npm ci --prefix sdk-js`"
+        );
+    }
+    Ok(ok)
+}
+
+/// The hex ed25519 key of a `capsule keys generate` NAME.pub file.
+pub fn public_hex(path: &Path) -> Result<String> {
+    let v: Value = serde_json::from_slice(&std::fs::read(path)?)?;
+    Ok(v["public"].as_str().context("no public key")?.to_owned())
+}
+
+/// A node token for `id` from the hub.
+pub fn node_token(hub: &str, id: &str) -> Result<String> {
+    let (status, v) = api(
+        hub,
+        "POST",
+        &format!("/api/v1/nodes/{id}/token"),
+        ADMIN,
+        None,
+    )?;
+    if status != 200 {
+        bail!("token for {id}: {status} {v}");
+    }
+    Ok(v["token"].as_str().unwrap_or_default().to_owned())
+}
+
+/// Signs `capsule` into `targets` with `DIR/pub1.key` and `DIR/pub2.key`, then pushes it to
+/// the hub (with `extra` push arguments: alias, provenance, metrics).
+pub fn sign_and_push(
+    dir: &Path,
+    hub: &str,
+    capsule: &Path,
+    targets: &Path,
+    extra: &[&str],
+) -> Result<()> {
+    let key = |n: &str| dir.join(n).to_string_lossy().into_owned();
+    let capsule = capsule.to_string_lossy();
+    let targets = targets.to_string_lossy();
+    run(&[
+        "sign",
+        "--targets",
+        &targets,
+        "--add",
+        &capsule,
+        "--key",
+        &key("pub1.key"),
+        "--key",
+        &key("pub2.key"),
+    ])?;
+    let mut args = vec![
+        "push",
+        &capsule,
+        "--hub",
+        hub,
+        "--token",
+        ADMIN,
+        "--targets",
+        &targets,
+    ];
+    args.extend_from_slice(extra);
+    run(&args)?;
+    Ok(())
+}
