@@ -1093,22 +1093,24 @@ pub fn classes(outputs: &[NamedTensor], labels: &[String]) -> Vec<String> {
             .cloned()
             .unwrap_or_else(|| i.to_string())
     };
+    // Values per row: the last dimension of a rank-2+ output, else one.
+    let width = if t.shape.len() >= 2 {
+        t.shape
+            .last()
+            .and_then(|w| usize::try_from(*w).ok())
+            .unwrap_or(1)
+            .max(1)
+    } else {
+        1
+    };
     match t.dtype {
         DType::Bytes => {
             let Ok(elements) = byte_elements(&t.data) else {
                 return Vec::new();
             };
             // A [N, k] label output (top-k) gives each row its first label.
-            let width = if t.shape.len() >= 2 {
-                t.shape
-                    .last()
-                    .and_then(|w| usize::try_from(*w).ok())
-                    .unwrap_or(1)
-            } else {
-                1
-            };
             elements
-                .chunks(width.max(1))
+                .chunks(width)
                 .filter_map(|row| row.first())
                 .map(|e| cut(&String::from_utf8_lossy(e)))
                 .collect()
@@ -1117,15 +1119,8 @@ pub fn classes(outputs: &[NamedTensor], labels: &[String]) -> Vec<String> {
             let Ok(values) = t.to_f64_vec() else {
                 return Vec::new();
             };
-            if t.shape.len() < 2 {
-                return Vec::new();
-            }
-            let width = t
-                .shape
-                .last()
-                .and_then(|w| usize::try_from(*w).ok())
-                .unwrap_or(0);
-            if width < 2 {
+            // Scores need a row of at least two classes.
+            if t.shape.len() < 2 || width < 2 {
                 return Vec::new();
             }
             values
@@ -1146,16 +1141,8 @@ pub fn classes(outputs: &[NamedTensor], labels: &[String]) -> Vec<String> {
             let Ok(values) = t.to_f64_vec() else {
                 return Vec::new();
             };
-            let width = if t.shape.len() >= 2 {
-                t.shape
-                    .last()
-                    .and_then(|w| usize::try_from(*w).ok())
-                    .unwrap_or(1)
-            } else {
-                1
-            };
             values
-                .chunks(width.max(1))
+                .chunks(width)
                 .filter_map(|row| row.first())
                 .map(|v| name(*v as i64))
                 .collect()
