@@ -967,16 +967,11 @@ async fn apply(
             continue; // a later window already decided (this one was re-evaluated late)
         }
         let was_firing = before.is_some_and(|a| a.state == "firing");
+        // Neither firing nor breaching: nothing to record.
         let state = match (was_firing, f.breach) {
-            (false, true) => "firing",
+            (_, true) => "firing",
             (true, false) => "resolved",
-            (true, true) => "firing",
-            (false, false) => {
-                if before.is_some() {
-                    continue; // resolved and still fine
-                }
-                continue;
-            }
+            (false, false) => continue,
         };
         let started = match (was_firing, before) {
             (true, Some(a)) => a.started_at_ms,
