@@ -410,6 +410,30 @@ fn fmt_num(v: f64) -> String {
     }
 }
 
+/// The vertical pixel of value `y` on an axis from 0 to `ymax`.
+fn y_pixel(ymax: f64, y: f64) -> f64 {
+    PAD_T + (1.0 - y / ymax) * (H - PAD_T - PAD_B)
+}
+
+/// An open `<svg>` with `ticks + 1` horizontal grid lines from 0 to `ymax`, labelled.
+fn chart_start(attrs: &str, ymax: f64, ticks: u32, label: impl Fn(f64) -> String) -> String {
+    let mut o =
+        format!("<svg {attrs} viewBox=\"0 0 {W} {H}\" width=\"{W}\" height=\"{H}\" role=\"img\">");
+    for i in 0..=ticks {
+        let y = ymax * f64::from(i) / f64::from(ticks);
+        let _ = write!(
+            o,
+            "<line x1=\"{PAD_L}\" x2=\"{}\" y1=\"{py:.1}\" y2=\"{py:.1}\" stroke=\"#e3e8ee\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
+            W - PAD_R,
+            PAD_L - 6.0,
+            y_pixel(ymax, y) + 4.0,
+            label(y),
+            py = y_pixel(ymax, y)
+        );
+    }
+    o
+}
+
 /// A line chart over windows, with an optional dashed threshold line.
 fn line_chart(attrs: &str, series: &[Series<'_>], threshold: Option<f64>, unit: &str) -> String {
     let xs: Vec<i64> = series
@@ -429,21 +453,8 @@ fn line_chart(attrs: &str, series: &[Series<'_>], threshold: Option<f64>, unit: 
         .max(1e-9)
         * 1.15;
     let px = |x: i64| PAD_L + (x - x0) as f64 / span * (W - PAD_L - PAD_R);
-    let py = |y: f64| PAD_T + (1.0 - y / ymax) * (H - PAD_T - PAD_B);
-    let mut o =
-        format!("<svg {attrs} viewBox=\"0 0 {W} {H}\" width=\"{W}\" height=\"{H}\" role=\"img\">");
-    for i in 0..=4 {
-        let y = ymax * f64::from(i) / 4.0;
-        let _ = write!(
-            o,
-            "<line x1=\"{PAD_L}\" x2=\"{}\" y1=\"{py:.1}\" y2=\"{py:.1}\" stroke=\"#e3e8ee\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}{unit}</text>",
-            W - PAD_R,
-            PAD_L - 6.0,
-            py(y) + 4.0,
-            fmt_num(y),
-            py = py(y)
-        );
-    }
+    let py = |y: f64| y_pixel(ymax, y);
+    let mut o = chart_start(attrs, ymax, 4, |y| format!("{}{unit}", fmt_num(y)));
     if xs.is_empty() {
         let _ = write!(
             o,
@@ -528,21 +539,8 @@ fn compare_bars(attrs: &str, labels: &[String], reference: &[f64], live: &[f64])
         * 1.1;
     let slot = (W - PAD_L - PAD_R) / n as f64;
     let bar = (slot * 0.38).min(26.0);
-    let py = |y: f64| PAD_T + (1.0 - y / ymax) * (H - PAD_T - PAD_B);
-    let mut o =
-        format!("<svg {attrs} viewBox=\"0 0 {W} {H}\" width=\"{W}\" height=\"{H}\" role=\"img\">");
-    for i in 0..=3 {
-        let y = ymax * f64::from(i) / 3.0;
-        let _ = write!(
-            o,
-            "<line x1=\"{PAD_L}\" x2=\"{}\" y1=\"{py:.1}\" y2=\"{py:.1}\" stroke=\"#e3e8ee\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
-            W - PAD_R,
-            PAD_L - 6.0,
-            py(y) + 4.0,
-            pct(y),
-            py = py(y)
-        );
-    }
+    let py = |y: f64| y_pixel(ymax, y);
+    let mut o = chart_start(attrs, ymax, 3, pct);
     for (i, label) in labels.iter().enumerate() {
         let cx = PAD_L + slot * (i as f64 + 0.5);
         let r = reference.get(i).copied().unwrap_or(0.0);
