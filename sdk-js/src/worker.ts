@@ -121,8 +121,11 @@ interface Resolved {
 async function resolve(model: string, version?: string): Promise<Resolved> {
   let targetsJson: Uint8Array;
   let wanted = version ?? "";
-  let url = "";
+  // What the hub assigned (checked against the signed target below); none for a static source.
+  let assigned: { sha256: string; url: string } | null = null;
+  let repo = "";
   if (source.kind === "url") {
+    repo = source.base;
     targetsJson = new Uint8Array(
       await (await fetchOk(source.targets, { cache: "no-store" })).arrayBuffer(),
     );
@@ -153,32 +156,25 @@ async function resolve(model: string, version?: string): Promise<Resolved> {
       throw new SdkError("ModelNotFoundError", `the hub assigns no version of model "${model}" to this browser`);
     }
     wanted = entry.version;
-    url = `${base}/api/v1/blobs/${entry.sha256}`;
-    const s = await state();
-    const verified = verifyNow(targetsJson, s.targetsVersion);
-    const target = verified.targetOf(model, wanted);
-    if (!target) {
-      throw new SdkError("VerificationError", `verification failed: ${model}/${wanted}.capsule.wasm is not in the signed targets`);
-    }
-    const t = JSON.parse(target);
-    if (t.sha256 !== entry.sha256) {
-      throw new SdkError("VerificationError", `verification failed: the hub's ${model} ${wanted} is not the signed one (mix-and-match)`);
-    }
-    await saveState({ ...s, targetsVersion: Math.max(s.targetsVersion, verified.version) });
-    return { verified, model, version: t.version, sha256: t.sha256, length: t.length, url };
+    assigned = { sha256: entry.sha256, url: `${base}/api/v1/blobs/${entry.sha256}` };
   }
   const s = await state();
   const verified = verifyNow(targetsJson, s.targetsVersion);
   const target = verified.targetOf(model, wanted);
   if (!target) {
-    throw new SdkError(
-      "ModelNotFoundError",
-      `model "${model}"${version ? ` version ${version}` : ""} is not in the signed targets`,
-    );
+    throw assigned
+      ? new SdkError("VerificationError", `verification failed: ${model}/${wanted}.capsule.wasm is not in the signed targets`)
+      : new SdkError(
+          "ModelNotFoundError",
+          `model "${model}"${version ? ` version ${version}` : ""} is not in the signed targets`,
+        );
   }
   const t = JSON.parse(target);
+  if (assigned && t.sha256 !== assigned.sha256) {
+    throw new SdkError("VerificationError", `verification failed: the hub's ${model} ${wanted} is not the signed one (mix-and-match)`);
+  }
   await saveState({ ...s, targetsVersion: Math.max(s.targetsVersion, verified.version) });
-  url = new URL(`${t.model}/${t.version}.capsule.wasm`, source.base).href;
+  const url = assigned ? assigned.url : new URL(`${t.model}/${t.version}.capsule.wasm`, repo).href;
   return { verified, model, version: t.version, sha256: t.sha256, length: t.length, url };
 }
 
