@@ -18,6 +18,8 @@ use capsule_format::wire::{BuildReport, InputShape, NamedTensorView};
 use capsule_format::{DType, NamedTensor, Tensor};
 use tract_onnx::prelude::*;
 
+mod pool;
+
 /// Errors of loading or running a model.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -201,8 +203,9 @@ impl LoadedModel {
         Self::from_typed(typed)
     }
 
-    fn from_typed(typed: TypedModel) -> Result<LoadedModel> {
+    fn from_typed(mut typed: TypedModel) -> Result<LoadedModel> {
         let load = |e: TractError| Error::Load(chain(&e));
+        pool::substitute(&mut typed).map_err(load)?;
         let mut inputs = Vec::new();
         let mut input_types = Vec::new();
         for (ix, outlet) in typed.input_outlets().map_err(load)?.iter().enumerate() {
