@@ -21,9 +21,10 @@ mkdir -p dist/core
 wasm-bindgen --target web --out-dir src/core \
   "$ROOT/target/sdk/wasm32-unknown-unknown/release/capsule_sdk_core.wasm"
 cp src/core/capsule_sdk_core.js src/core/capsule_sdk_core_bg.wasm dist/core/
-# The worker imports the core's glue at run time (it loads the core's .wasm next to itself).
+# The worker bundles the core's glue (one request less before the core starts) and loads the
+# core's .wasm from core/ next to itself. The page module loads the worker script, as a
+# worker or (worker: false) as a module.
 npx --no-install esbuild src/index.ts --bundle --format=esm --target=es2022 --outfile=dist/capsule.js
-npx --no-install esbuild src/worker.ts --bundle --format=esm --target=es2022 \
-  --external:./core/capsule_sdk_core.js --outfile=dist/capsule-worker.js
+npx --no-install esbuild src/worker.ts --bundle --format=esm --target=es2022 --outfile=dist/capsule-worker.js
 npx --no-install tsc -p .
 echo "built $(du -sh dist | cut -f1) in sdk-js/dist"

@@ -1,6 +1,7 @@
 //! The browser SDK (`sdk-js`) in real headless Chromium, against the edge runtime:
 //! every fixture model (and the image and tabular examples, from raw inputs) runs in the
-//! browser from a signed static repository served by `capsule serve --static`, and its
+//! browser, in the SDK's worker and on the page's thread (`worker: false`), from a signed
+//! static repository served by `capsule serve --static`, and its
 //! outputs are compared with wasmtime's for the same capsule and inputs; a tampered capsule
 //! and a repository signed by another key are refused; a reload takes the capsule from Cache
 //! Storage (no download in the network log); a browser connected to a hub follows a new
@@ -338,11 +339,16 @@ fn the_sdk_runs_signed_capsules_in_chromium_like_the_edge() -> Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    // 1. Every case: the browser's outputs are wasmtime's, bit for bit.
-    for (c, got) in cases
-        .iter()
-        .zip(result["cases"].as_array().context("cases")?)
-    {
+    // 1. Every case, in the SDK's worker and on the page's thread: the browser's outputs
+    // are wasmtime's, bit for bit. The second runtime found every capsule in the cache.
+    let in_worker = result["cases"].as_array().context("cases")?;
+    let on_page = result["casesOnPage"].as_array().context("casesOnPage")?;
+    assert_eq!(in_worker.len(), cases.len());
+    assert_eq!(on_page.len(), cases.len());
+    for got in on_page {
+        assert_eq!(got["fromCache"], json!(true), "{got}");
+    }
+    for (c, got) in cases.iter().zip(in_worker).chain(cases.iter().zip(on_page)) {
         let native = c.capsule.capsule.infer(&c.inputs)?;
         assert_eq!(got["model"], json!(c.model));
         assert_eq!(got["sha256"], json!(c.capsule.sha256));

@@ -14,8 +14,9 @@ export interface WireTensor {
   name: string;
   datatype: string;
   shape: number[];
-  /** Packed little-endian elements (BYTES: 4-byte length + bytes per element). */
-  data: ArrayBuffer;
+  /** Packed little-endian elements (BYTES: 4-byte length + bytes per element). Sent to a
+   * worker, it owns its whole buffer (which is transferred). */
+  data: Uint8Array;
 }
 
 export interface Loaded {
@@ -26,6 +27,21 @@ export interface Loaded {
   manifest: unknown;
   fromCache: boolean;
   bytes: number;
+  timings: LoadTimings;
+}
+
+/** Where a load's time went, in milliseconds. */
+export interface LoadTimings {
+  /** Signed metadata: download (or the hub's assignment) and verification. */
+  metadataMs: number;
+  /** The capsule's bytes from the network or Cache Storage (compilation streams meanwhile). */
+  downloadMs: number;
+  /** Length and SHA-256 against the signed target. */
+  verifyMs: number;
+  /** What compilation still took after the bytes verified. */
+  compileMs: number;
+  /** Instantiation and the guest's model initialization. */
+  instantiateMs: number;
 }
 
 export type Request =
@@ -34,7 +50,8 @@ export type Request =
   | { op: "infer"; handle: number; inputs: WireTensor[]; id: string }
   | { op: "dispose"; handle: number }
   | { op: "feedback"; model: string; id: string; label: string }
-  | { op: "flush" };
+  | { op: "flush" }
+  | { op: "close" };
 
 export interface ErrorInfo {
   name: string;

@@ -2,6 +2,9 @@
 // core (capsule-format compiled to WebAssembly), caches verified capsules in Cache Storage by
 // hash, instantiates them, runs inferences through the guest ABI, and records telemetry.
 // The page never blocks on any of it.
+//
+// The same module runs on the page's thread when the page asks for it (`worker: false`): it
+// then exports `handle` and installs no message handler.
 
 import init, {
   Manifest,
@@ -40,7 +43,7 @@ class SdkError extends Error {
 }
 
 /** Maps the core's message prefixes to error names. */
-function classify(e: unknown): ErrorInfo {
+export function classify(e: unknown): ErrorInfo {
   if (e instanceof SdkError) return { name: e.name, message: e.message };
   const message = e instanceof Error ? e.message : String(e);
   const kinds: [string, string][] = [
@@ -67,26 +70,52 @@ const pending: string[] = [];
 const slots = new Map<number, Slot>();
 let nextHandle = 1;
 let registered = false;
+/** The core's memory: encoded requests are copied from it straight into a guest's. */
+let coreMemory: WebAssembly.Memory | null = null;
+/** The static source's targets metadata, fetched while the core starts (used once). */
+let prefetched: Promise<Uint8Array> | null = null;
 
 async function cache(): Promise<Cache> {
   return caches.open(cacheName);
 }
 
-/** Small persistent state (highest targets version seen, telemetry sequence) in the cache. */
-async function state(): Promise<{ targetsVersion: number; seq: number }> {
-  const r = await (await cache()).match(`${CACHE_HOST}/state`);
-  if (!r) return { targetsVersion: 0, seq: 0 };
-  try {
-    return await r.json();
-  } catch {
-    return { targetsVersion: 0, seq: 0 };
-  }
+/** Cache Storage writes run in the background, one after another, so a load does not wait
+ * for them; `close` does. A write that fails leaves the cache as it was (a later load
+ * downloads again). */
+let writes: Promise<void> = Promise.resolve();
+function inBackground(work: () => Promise<void>): void {
+  writes = writes.then(work).catch(() => undefined);
 }
 
-async function saveState(s: { targetsVersion: number; seq: number }): Promise<void> {
-  await (await cache()).put(
-    `${CACHE_HOST}/state`,
-    new Response(JSON.stringify(s), { headers: { "content-type": "application/json" } }),
+interface State {
+  targetsVersion: number;
+  seq: number;
+}
+let current: State | null = null;
+
+/** Small persistent state (highest targets version seen, telemetry sequence): read from the
+ * cache once, then kept here and written back in the background. */
+async function state(): Promise<State> {
+  if (current) return current;
+  let read: State = { targetsVersion: 0, seq: 0 };
+  const r = await (await cache()).match(`${CACHE_HOST}/state`);
+  if (r) {
+    try {
+      const s = await r.json();
+      if (Number.isSafeInteger(s.targetsVersion) && Number.isSafeInteger(s.seq)) read = s;
+    } catch {
+      // unreadable: start over (the signed metadata is still verified)
+    }
+  }
+  current ??= read;
+  return current;
+}
+
+function saveState(s: State): void {
+  current = s;
+  const body = JSON.stringify(s);
+  inBackground(async () =>
+    (await cache()).put(`${CACHE_HOST}/state`, new Response(body, { headers: { "content-type": "application/json" } })),
   );
 }
 
@@ -126,9 +155,9 @@ async function resolve(model: string, version?: string): Promise<Resolved> {
   let repo = "";
   if (source.kind === "url") {
     repo = source.base;
-    targetsJson = new Uint8Array(
-      await (await fetchOk(source.targets, { cache: "no-store" })).arrayBuffer(),
-    );
+    const early = prefetched;
+    prefetched = null;
+    targetsJson = await (early ?? fetchTargets(source.targets));
   } else {
     const base = source.hub.replace(/\/$/, "");
     if (!registered) {
@@ -173,9 +202,23 @@ async function resolve(model: string, version?: string): Promise<Resolved> {
   if (assigned && t.sha256 !== assigned.sha256) {
     throw new SdkError("VerificationError", `verification failed: the hub's ${model} ${wanted} is not the signed one (mix-and-match)`);
   }
-  await saveState({ ...s, targetsVersion: Math.max(s.targetsVersion, verified.version) });
+  if (verified.version > s.targetsVersion) saveState({ ...s, targetsVersion: verified.version });
   const url = assigned ? assigned.url : new URL(`${t.model}/${t.version}.capsule.wasm`, repo).href;
   return { verified, model, version: t.version, sha256: t.sha256, length: t.length, url };
+}
+
+async function fetchTargets(url: string): Promise<Uint8Array> {
+  return new Uint8Array(await (await fetchOk(url, { cache: "no-store" })).arrayBuffer());
+}
+
+/** Lowercase hex SHA-256 by the browser's own implementation, or null where there is none
+ * (`crypto.subtle` needs a secure context). */
+async function nativeSha256(bytes: ArrayBuffer): Promise<string | null> {
+  if (typeof crypto === "undefined" || !crypto.subtle) return null;
+  const d = new Uint8Array(await crypto.subtle.digest("SHA-256", bytes));
+  let hex = "";
+  for (const b of d) hex += b.toString(16).padStart(2, "0");
+  return hex;
 }
 
 function verifyNow(targetsJson: Uint8Array, trustedVersion: number): Verified {
@@ -186,7 +229,9 @@ function verifyNow(targetsJson: Uint8Array, trustedVersion: number): Verified {
 }
 
 async function load(model: string, version?: string): Promise<Loaded> {
+  const t0 = performance.now();
   const r = await resolve(model, version);
+  const t1 = performance.now();
   const c = await cache();
   const key = `${CACHE_HOST}/${encodeURIComponent(r.model)}/${r.sha256}`;
   let bytes: ArrayBuffer;
@@ -208,14 +253,20 @@ async function load(model: string, version?: string): Promise<Loaded> {
     }
     bytes = await resp.arrayBuffer();
   }
-  // TUF 5.7.3: the signed length and hash, before anything runs.
+  const t2 = performance.now();
+  // TUF 5.7.3: the signed length and hash, before anything runs. The browser's SHA-256 is
+  // several times faster than the core's; without crypto.subtle the core hashes.
   try {
-    r.verified.checkCapsule(r.model, r.version, new Uint8Array(bytes));
+    const digest = await nativeSha256(bytes);
+    if (digest !== null) r.verified.checkDigest(r.model, r.version, bytes.byteLength, digest);
+    else r.verified.checkCapsule(r.model, r.version, new Uint8Array(bytes));
   } catch (e) {
     if (fromCache) await c.delete(key);
     throw e;
   }
+  const t3 = performance.now();
   const module = await (compiled ?? WebAssembly.compile(bytes));
+  const t4 = performance.now();
   const sections = WebAssembly.Module.customSections(module, "capsule.manifest");
   if (sections.length !== 1) {
     throw new SdkError("CapsuleError", "invalid capsule: no capsule.manifest section");
@@ -229,19 +280,22 @@ async function load(model: string, version?: string): Promise<Loaded> {
     );
   }
   if (!fromCache) {
-    await c.put(key, new Response(bytes, { headers: { "content-type": "application/wasm" } }));
-    // A new version replaces the model's older ones.
-    for (const old of await c.keys()) {
-      if (old.url.startsWith(`${CACHE_HOST}/${encodeURIComponent(r.model)}/`) && old.url !== key) {
-        await c.delete(old);
+    inBackground(async () => {
+      await c.put(key, new Response(bytes, { headers: { "content-type": "application/wasm" } }));
+      // A new version replaces the model's older ones.
+      for (const old of await c.keys()) {
+        if (old.url.startsWith(`${CACHE_HOST}/${encodeURIComponent(r.model)}/`) && old.url !== key) {
+          await c.delete(old);
+        }
       }
-    }
+    });
   }
   const handle = nextHandle++;
   const slot: Slot = { name: r.model, version: r.version, sha256: r.sha256, module, manifest, exports: null };
   await instantiate(slot);
   slots.set(handle, slot);
   recorder?.register(section);
+  const t5 = performance.now();
   return {
     handle,
     name: r.model,
@@ -250,6 +304,13 @@ async function load(model: string, version?: string): Promise<Loaded> {
     manifest: JSON.parse(manifest.json()),
     fromCache,
     bytes: bytes.byteLength,
+    timings: {
+      metadataMs: t1 - t0,
+      downloadMs: t2 - t1,
+      verifyMs: t3 - t2,
+      compileMs: t4 - t3,
+      instantiateMs: t5 - t4,
+    },
   };
 }
 
@@ -266,51 +327,59 @@ async function instantiate(slot: Slot): Promise<GuestExports> {
   return ex;
 }
 
-/** One call through the guest ABI: the request in, the response bytes out. */
-function call(ex: GuestExports, request: Uint8Array): Uint8Array {
-  const ptr = ex.capsule_alloc(request.length, 1);
-  if (ptr === 0) throw new SdkError("ModelError", `model error: the capsule cannot allocate ${request.length} bytes`);
-  new Uint8Array(ex.memory.buffer, ptr, request.length).set(request);
-  const packed = ex.capsule_infer(ptr, request.length);
+/** One call through the guest ABI: the encoded request (`len` bytes at `src` in the core's
+ * memory) into the guest's memory, `capsule_infer`, and where the response is in the guest's
+ * memory (the caller frees it with `capsule_free`). */
+function invoke(ex: GuestExports, src: number, len: number): { ptr: number; len: number } {
+  if (!coreMemory) throw new SdkError("CapsuleError", "the SDK core is not initialized");
+  const ptr = ex.capsule_alloc(len, 1);
+  if (ptr === 0) throw new SdkError("ModelError", `model error: the capsule cannot allocate ${len} bytes`);
+  new Uint8Array(ex.memory.buffer, ptr, len).set(new Uint8Array(coreMemory.buffer, src, len));
+  const packed = ex.capsule_infer(ptr, len);
   const outPtr = Number(packed >> 32n);
   const outLen = Number(packed & 0xffffffffn);
   if (outPtr + outLen > ex.memory.buffer.byteLength) {
     throw new SdkError("CapsuleError", "invalid capsule: response outside memory");
   }
-  const out = new Uint8Array(ex.memory.buffer, outPtr, outLen).slice();
-  ex.capsule_free(outPtr, outLen, 1);
-  return out;
+  return { ptr: outPtr, len: outLen };
 }
 
 async function infer(handle: number, inputs: WireTensor[], id: string): Promise<WireTensor[]> {
   const slot = slots.get(handle);
   if (!slot) throw new SdkError("CapsuleError", "this model was disposed");
+  return inferNow(slot, slot.exports ?? (await instantiate(slot)), inputs, id);
+}
+
+/** One inference on an instantiated guest. */
+function inferNow(slot: Slot, instance: GuestExports, inputs: WireTensor[], id: string): WireTensor[] {
   const started = performance.now();
   const req = new CoreRequest();
-  let encoded: Uint8Array | null = null;
-  let response: Uint8Array | null = null;
+  let encoded = false;
+  let ex: GuestExports | null = instance;
+  let response: { ptr: number; len: number } | null = null;
   let errorKind = "";
   try {
-    for (const t of inputs) req.add(t.name, t.datatype, new Float64Array(t.shape), new Uint8Array(t.data));
-    slot.manifest.check(req);
-    encoded = req.encode();
-    const ex = slot.exports ?? (await instantiate(slot));
+    // Shapes go in as plain arrays (the glue copies any array-like).
+    for (const t of inputs) req.add(t.name, t.datatype, t.shape as unknown as Float64Array, t.data);
+    const len = req.encodeChecked(slot.manifest);
+    encoded = true;
     try {
-      response = call(ex, encoded);
+      response = invoke(instance, req.encodedPtr(), len);
     } catch (e) {
       // After a trap the guest's state is poisoned: the next call gets a fresh instance.
       slot.exports = null;
+      ex = null;
       errorKind = "trap";
       throw new SdkError("ModelError", `model error: the capsule trapped: ${e instanceof Error ? e.message : e}`);
     }
-    const out = decodeResponse(response);
+    const out = decodeResponse(new Uint8Array(instance.memory.buffer, response.ptr, response.len));
     const tensors: WireTensor[] = [];
     for (let i = 0; i < out.length; i++) {
       tensors.push({
         name: out.name(i),
         datatype: out.datatype(i),
         shape: Array.from(out.shape(i)),
-        data: out.data(i).buffer as ArrayBuffer,
+        data: out.data(i),
       });
     }
     out.free();
@@ -319,18 +388,12 @@ async function infer(handle: number, inputs: WireTensor[], id: string): Promise<
     if (!errorKind) errorKind = classify(e).name === "RequestError" ? "bad_request" : "error";
     throw e;
   } finally {
-    req.free();
     if (recorder && encoded) {
-      recorder.record(
-        slot.name,
-        slot.version,
-        encoded,
-        errorKind ? new Uint8Array() : (response ?? new Uint8Array()),
-        errorKind,
-        performance.now() - started,
-        id,
-      );
+      const bytes = !errorKind && ex && response ? new Uint8Array(ex.memory.buffer, response.ptr, response.len) : new Uint8Array();
+      recorder.record(slot.name, slot.version, req, bytes, errorKind, performance.now() - started, id);
     }
+    if (ex && response) ex.capsule_free(response.ptr, response.len, 1);
+    req.free();
   }
 }
 
@@ -340,7 +403,7 @@ async function closeWindow(): Promise<void> {
   const s = await state();
   const batch = recorder.take(s.seq + 1, Date.now());
   if (batch === undefined) return;
-  await saveState({ ...s, seq: s.seq + 1 });
+  saveState({ ...s, seq: s.seq + 1 });
   pending.push(batch);
   while (pending.length > TELEMETRY_QUEUE) pending.shift();
 }
@@ -361,13 +424,19 @@ async function ship(): Promise<void> {
   }
 }
 
-async function handle(msg: Request): Promise<unknown> {
+export async function handle(msg: Request): Promise<unknown> {
   switch (msg.op) {
     case "init": {
       source = msg.source;
       trust = msg.trust;
       cacheName = msg.cacheName;
-      await init({ module_or_path: new URL("./core/capsule_sdk_core_bg.wasm", import.meta.url) });
+      // The targets metadata downloads while the core compiles.
+      if (source.kind === "url") {
+        prefetched = fetchTargets(source.targets);
+        prefetched.catch(() => undefined);
+      }
+      const core = await init({ module_or_path: new URL("./core/capsule_sdk_core_bg.wasm", import.meta.url) });
+      coreMemory = core.memory;
       if (source.kind === "hub") {
         recorder = new Recorder(source.nodeId, Date.now());
         telemetryTimer = setInterval(() => {
@@ -387,6 +456,16 @@ async function handle(msg: Request): Promise<unknown> {
     case "feedback":
       recorder?.feedback(msg.model, msg.id, msg.label);
       return null;
+    case "close": {
+      // Before the worker is terminated (or, on the page's thread, dropped): the cache
+      // writes finish.
+      if (telemetryTimer !== null) clearInterval(telemetryTimer);
+      telemetryTimer = null;
+      for (const slot of slots.values()) slot.manifest.free();
+      slots.clear();
+      await writes;
+      return null;
+    }
     case "flush": {
       // For the page's sendBeacon on hide: everything not yet shipped.
       await closeWindow();
@@ -395,12 +474,18 @@ async function handle(msg: Request): Promise<unknown> {
   }
 }
 
-self.onmessage = async (ev: MessageEvent<{ id: number; msg: Request }>) => {
+/** In a worker: answers the page's messages. On the page's thread, the page calls `handle`. */
+function inWorker(): boolean {
+  const scope = (globalThis as { WorkerGlobalScope?: abstract new () => unknown }).WorkerGlobalScope;
+  return scope !== undefined && self instanceof scope;
+}
+
+if (inWorker()) self.onmessage = async (ev: MessageEvent<{ id: number; msg: Request }>) => {
   const { id, msg } = ev.data;
   try {
     const result = await handle(msg);
     const transfer: Transferable[] = Array.isArray(result)
-      ? (result as WireTensor[]).filter((t) => t && t.data instanceof ArrayBuffer).map((t) => t.data)
+      ? (result as WireTensor[]).filter((t) => t && t.data instanceof Uint8Array).map((t) => t.data.buffer)
       : [];
     (self as unknown as Worker).postMessage({ id, ok: true, result }, transfer);
   } catch (e) {

@@ -24,13 +24,15 @@ run(async () => {
   await page.goto(plan.page, { timeout: TIMEOUT_MS });
   await page.waitForFunction(() => window.Capsule !== undefined, null, { timeout: TIMEOUT_MS });
 
-  // 1. Every fixture through the SDK, outputs as raw little-endian bytes (base64).
-  const cases = await page.evaluate(async (plan) => {
+  // 1. Every fixture through the SDK, outputs as raw little-endian bytes (base64): in the
+  // SDK's worker, then on the page's thread (`worker: false`), which finds every capsule in
+  // the cache the first runtime filled before it closed.
+  const runCases = (worker) => page.evaluate(async ([plan, worker]) => {
     const b64 = (u8) => btoa(Array.from(u8, (c) => String.fromCharCode(c)).join(''));
     const unb64 = (s) => Uint8Array.from(atob(s), (c) => c.charCodeAt(0));
     const ARR = { FP32: Float32Array, FP64: Float64Array, INT64: BigInt64Array, INT32: Int32Array,
       UINT8: Uint8Array, BOOL: Uint8Array, INT8: Int8Array, UINT64: BigUint64Array };
-    const rt = await window.Capsule.fromUrl(plan.repo, { publicKeys: plan.publicKeys });
+    const rt = await window.Capsule.fromUrl(plan.repo, { publicKeys: plan.publicKeys, worker });
     const out = [];
     for (const c of plan.cases) {
       const model = await rt.load(c.model);
@@ -57,7 +59,9 @@ run(async () => {
     }
     rt.close();
     return out;
-  }, plan);
+  }, [plan, worker]);
+  const cases = await runCases(true);
+  const casesOnPage = await runCases(false);
 
   // 1b. Raw inputs as a page has them: a PNG Blob, ImageData, record objects, a list.
   const raw = await page.evaluate(async (plan) => {
@@ -166,9 +170,15 @@ run(async () => {
         await new Promise((res) => setTimeout(res, 200));
       }
     });
+    // The SDK writes the cache in the background: wait (10 s at most) for one entry.
     const cached = await page.evaluate(async () => {
-      const c = await caches.open('hub');
-      return (await c.keys()).map((r) => r.url).filter((u) => !u.endsWith('/state'));
+      const deadline = Date.now() + 10_000;
+      for (;;) {
+        const c = await caches.open('hub');
+        const urls = (await c.keys()).map((r) => r.url).filter((u) => !u.endsWith('/state'));
+        if (urls.length === 1 || Date.now() > deadline) return urls;
+        await new Promise((res) => setTimeout(res, 100));
+      }
     });
     const beacons = await page.evaluate(async () => window.__capsuleHub.rt.beacon());
     await new Promise((r) => setTimeout(r, 1000)); // the beacon leaves before the browser closes
@@ -177,5 +187,5 @@ run(async () => {
     hub.beacons = beacons;
   }
 
-  done({ cases, raw, refusals, reload, hub, console_errors: consoleErrors });
+  done({ cases, casesOnPage, raw, refusals, reload, hub, console_errors: consoleErrors });
 });

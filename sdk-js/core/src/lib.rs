@@ -184,6 +184,40 @@ impl Verified {
         })?;
         tuf::verify_target(&path, target, bytes).map_err(refuse)
     }
+
+    /// The same check as [`Verified::check`] for bytes hashed elsewhere (the browser's native
+    /// SHA-256): `length` bytes whose SHA-256 is `sha256` (lowercase hex).
+    pub fn check_digest(
+        &self,
+        model: &str,
+        version: &str,
+        length: u64,
+        sha256: &str,
+    ) -> Result<()> {
+        let path = tuf::target_path(model, version);
+        let target = self.target(model, version).ok_or_else(|| {
+            SdkError::Verification(format!("{path} is not in the signed targets"))
+        })?;
+        let refused = |reason: String| {
+            refuse(capsule_format::Error::Refused {
+                step: "5.7.3",
+                reason,
+            })
+        };
+        if length != target.length {
+            return Err(refused(format!(
+                "{path}: {length} bytes, the signed length is {}",
+                target.length
+            )));
+        }
+        if sha256 != target.sha256 {
+            return Err(refused(format!(
+                "{path}: sha256 {sha256}, the signed hash is {}",
+                target.sha256
+            )));
+        }
+        Ok(())
+    }
 }
 
 #[wasm_bindgen]
@@ -216,6 +250,25 @@ impl Verified {
     ) -> std::result::Result<(), JsError> {
         self.check(model, version, bytes).map_err(js)
     }
+
+    /// Checks a capsule hashed by the browser (`crypto.subtle`): its length and SHA-256 (hex)
+    /// against the approved target.
+    #[wasm_bindgen(js_name = checkDigest)]
+    pub fn check_digest_js(
+        &self,
+        model: &str,
+        version: &str,
+        length: f64,
+        sha256: &str,
+    ) -> std::result::Result<(), JsError> {
+        if !(length >= 0.0 && length.fract() == 0.0 && length <= u64::MAX as f64) {
+            return Err(js(SdkError::Verification(format!(
+                "{length} is not a length"
+            ))));
+        }
+        self.check_digest(model, version, length as u64, sha256)
+            .map_err(js)
+    }
 }
 
 /// The inputs of one inference, built from JavaScript one tensor at a time.
@@ -223,6 +276,8 @@ impl Verified {
 #[derive(Debug, Default)]
 pub struct Request {
     inputs: Vec<NamedTensor>,
+    /// The encoding of `inputs` after [`Request::encode_checked`].
+    encoded: Vec<u8>,
 }
 
 #[wasm_bindgen]
@@ -249,6 +304,23 @@ impl Request {
     /// The request in the guest ABI's encoding.
     pub fn encode(&self) -> std::result::Result<Vec<u8>, JsError> {
         wire::encode_request(&self.inputs).map_err(|e| js(SdkError::Request(e.to_string())))
+    }
+
+    /// Checks the request against the capsule's signature and encodes it, keeping the bytes
+    /// in the core: they are the returned length at `encodedPtr()` in the core's memory, so
+    /// JavaScript copies them into the guest's memory without an intermediate buffer.
+    #[wasm_bindgen(js_name = encodeChecked)]
+    pub fn encode_checked(&mut self, manifest: &Manifest) -> std::result::Result<usize, JsError> {
+        check_request(&manifest.manifest, &self.inputs).map_err(js)?;
+        self.encoded =
+            wire::encode_request(&self.inputs).map_err(|e| js(SdkError::Request(e.to_string())))?;
+        Ok(self.encoded.len())
+    }
+
+    /// Where the bytes of the last `encodeChecked` are in the core's memory.
+    #[wasm_bindgen(js_name = encodedPtr)]
+    pub fn encoded_ptr(&self) -> usize {
+        self.encoded.as_ptr() as usize
     }
 }
 
@@ -478,28 +550,26 @@ impl Recorder {
         Ok(())
     }
 
-    /// Records one inference: the encoded request, the response bytes (empty when it
-    /// failed with `error_kind`), its latency and its request id.
+    /// Records one inference: its request, the response bytes (empty when it failed with
+    /// `error_kind`), its latency and its request id.
     #[allow(clippy::too_many_arguments)]
     pub fn record(
         &mut self,
         model: &str,
         version: &str,
-        request: &[u8],
+        request: &Request,
         response_bytes: &[u8],
         error_kind: &str,
         latency_ms: f64,
         request_id: &str,
     ) {
         let key = (model.to_owned(), version.to_owned());
-        let inputs: Vec<NamedTensor> = wire::decode::<wire::InferRequest>(request, "request")
-            .map(|r| r.inputs)
-            .unwrap_or_default();
+        let inputs = &request.inputs;
         let manifest = self.references.get(&key);
         let (features, rows) = match manifest.and_then(|m| m.reference.as_ref()) {
             Some(r) => {
                 let mut live = r.empty_live();
-                let rows = r.observe(&inputs, &mut live);
+                let rows = r.observe(inputs, &mut live);
                 (live, rows)
             }
             None => (Vec::new(), 0),
@@ -603,5 +673,50 @@ mod tests {
             "verification failed: 1 public keys with threshold 2"
         );
         assert!(verify(&root, b"{}", None, 0).is_err());
+    }
+
+    #[test]
+    fn a_digest_from_elsewhere_is_checked_like_the_bytes() {
+        let bytes = b"capsule bytes".to_vec();
+        let sha = sha256_hex(&bytes);
+        let target = Target {
+            length: bytes.len() as u64,
+            sha256: sha.clone(),
+            model: "m".into(),
+            version: "1.0.0".into(),
+        };
+        let v = Verified {
+            targets: Targets {
+                kind: "targets".into(),
+                version: 1,
+                expires: u64::MAX,
+                targets: [(tuf::target_path("m", "1.0.0"), target)].into(),
+            },
+        };
+        v.check("m", "1.0.0", &bytes).unwrap();
+        v.check_digest("m", "1.0.0", bytes.len() as u64, &sha)
+            .unwrap();
+        let mut tampered = bytes.clone();
+        tampered[0] ^= 1;
+        let other = sha256_hex(&tampered);
+        // Both forms refuse with the same words.
+        assert_eq!(
+            v.check("m", "1.0.0", &tampered).unwrap_err().to_string(),
+            v.check_digest("m", "1.0.0", bytes.len() as u64, &other)
+                .unwrap_err()
+                .to_string()
+        );
+        assert_eq!(
+            v.check_digest("m", "1.0.0", 3, &sha)
+                .unwrap_err()
+                .to_string(),
+            "verification failed: refused (5.7.3): m/1.0.0.capsule.wasm: 3 bytes, the signed length is 13"
+        );
+        assert_eq!(
+            v.check_digest("m", "2.0.0", 13, &sha)
+                .unwrap_err()
+                .to_string(),
+            "verification failed: m/2.0.0.capsule.wasm is not in the signed targets"
+        );
     }
 }
