@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use capsule_runtime::{CapsuleEngine, EngineConfig};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 /// Capsule: one sandboxed WebAssembly module per model, with its preprocessing, that runs the
 /// same on edge nodes, in browsers and here.
@@ -97,7 +97,20 @@ fn init_logging(format: LogFormat, default_level: &str) {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    // `capsule --version` also names the guest build the binary carries (what its capsules
+    // run): guest-release ships, guest-dev is the fast-to-build one of debug builds.
+    let version: &'static str = Box::leak(
+        format!(
+            "{} (guest {})",
+            env!("CARGO_PKG_VERSION"),
+            capsule_runtime::GUEST_PROFILE
+        )
+        .into_boxed_str(),
+    );
+    let cli = match Cli::from_arg_matches(&Cli::command().version(version).get_matches()) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let level = match cli.command {
         Command::Serve(_) | Command::Hub(_) => "info",
         _ => "warn",

@@ -123,6 +123,19 @@ fn build_inspect_run_bench() -> anyhow::Result<()> {
 }
 
 #[test]
+fn version_names_the_guest_build() {
+    let printed = ok(&["--version"]);
+    assert_eq!(
+        printed.trim(),
+        format!(
+            "capsule {} (guest {})",
+            env!("CARGO_PKG_VERSION"),
+            std::env::var("CAPSULE_GUEST_PROFILE").unwrap_or_else(|_| "guest-dev".into())
+        )
+    );
+}
+
+#[test]
 fn build_errors_are_clear() {
     let zipmap = fixtures().join("digits_rf_zipmap/model.onnx");
     let out = capsule(&["build", &zipmap.to_string_lossy(), "-o", "/dev/null"]);
