@@ -1,8 +1,7 @@
 // Diagnostic only, for bench.html (not how an application uses the SDK): a capsule
 // instantiated in the calling thread and called the way the SDK's worker calls it
 // (sdk-js/src/worker.ts): the request encoded and checked against the manifest by the SDK's
-// core, capsule_infer, the response decoded. Imported by the page (no worker at all) and by
-// bench-worker.mjs (the same code in a worker of the page's own).
+// core, capsule_infer, the response decoded. bench.html times `call` alone: the bare guest.
 
 /** Loads `/repo/MODEL/1.0.0.capsule.wasm`; returns `full(bytes)` and `call(encoded)`. */
 export async function direct(modelName, inputName, shape) {

@@ -3,21 +3,23 @@
 // builds and signs the capsules, lays out the site and starts `capsule serve --static`:
 //
 //   node benches/browser/bench.mjs --base http://127.0.0.1:PORT/ --key HEX --site DIR \
-//        --models mnist_cnn,digits_mlp [--first-reps 3] [--warmup 20] [--runs 200]
+//        --models mnist_cnn,digits_mlp [--first-reps 3] [--warmup 200] [--runs 200] [--batch dynamic|1]
+//        [--guest "capsule 0.1.0 (guest guest-release)"]
 //
 // For each model:
 //   - first result, capsule: a fresh browser context (empty HTTP cache and Cache Storage)
 //     loads bench.html?mode=sdk-first, which imports the SDK, calls fromUrl, load, infer;
-//     the time is performance.now() at the result, i.e. from navigation start.
+//     the time is performance.now() at the result, i.e. from navigation start. Twice: with
+//     the SDK's worker (the default) and with `worker: false` (the page's thread).
 //   - first result, ORT: the same with mode=ort-first (import ort, create session, run).
 //   - bytes: every response of the page load, workers included, from playwright's
 //     requestfinished events and request.sizes() (body as transferred + headers).
-//   - steady state: one fresh context runs mode=steady: both runtimes loaded, `warmup` calls
-//     of each, then `runs` iterations calling both, rotating which goes first. Diagnostic
-//     arms in the same loop: `direct` (the capsule on the page's main thread, called the way
-//     the SDK's worker calls it; bench-direct.mjs), `direct_worker` (that code in a worker of
-//     the benchmark's own; bench-worker.mjs), `guest` (the bare capsule_infer call) and
-//     `echo` (a worker round trip that does nothing).
+//   - steady state: a fresh context runs mode=steady: both runtimes loaded, `warmup` calls
+//     of each, then `runs` iterations calling every arm, rotating which goes first. Arms:
+//     `sdk` (worker), `sdk_page` (worker: false), `ort` (main thread), and diagnostics:
+//     `guest` (the bare capsule_infer call; bench-direct.mjs) and `echo` (a worker round trip
+//     that does nothing). A second page (proxy=1) runs `sdk` against ORT in its own worker
+//     (`env.wasm.proxy`): both runtimes off the page's thread.
 // Prints one JSON line with every number (RAW=1 adds every steady-state sample); exits 1 with
 // {"ok":false,...} on failure.
 //
@@ -56,7 +58,7 @@ const WATCHDOG_MS = 15 * 60_000;
 
 function args() {
   const a = process.argv.slice(2);
-  const o = { firstReps: 3, warmup: 20, runs: 200 };
+  const o = { firstReps: 3, warmup: 200, runs: 200, batch: 'dynamic', guest: null };
   for (let i = 0; i < a.length; i += 2) {
     const k = a[i].replace(/^--/, '').replace(/-([a-z])/g, (_, c) => c.toUpperCase());
     o[k] = a[i + 1];
@@ -185,6 +187,11 @@ async function main() {
     ok: true,
     chromium: browser.version(),
     commit: o.commit ?? null,
+    // The CLI that built the capsules (`capsule --version` names its guest build).
+    cli: o.guest,
+    // dynamic: N stays symbolic; 1: capsules built with --input-shape, ORT given
+    // freeDimensionOverrides {N: 1}.
+    batch: o.batch,
     // Which SDK build was served (sha256 of capsule.js, capsule-worker.js and the core wasm).
     sdk_sha256: createHash('sha256')
       .update(Buffer.concat(['capsule.js', 'capsule-worker.js', 'core/capsule_sdk_core_bg.wasm'].map((f) => readFileSync(join(o.site, 'sdk', f)))))
@@ -202,32 +209,39 @@ async function main() {
     for (const dir of o.models) {
       const m = MODELS[dir];
       if (!m) throw new Error(`unknown model ${dir}`);
-      const common = { input: m.input, shape: m.shape.join(','), scale: m.scale };
+      const common = { input: m.input, shape: m.shape.join(','), scale: m.scale, batch: o.batch };
       const sdkUrl = new URL(`bench.html?${query({ mode: 'sdk-first', model: m.name, key: o.key, ...common })}`, o.base).href;
+      const pageUrl = new URL(`bench.html?${query({ mode: 'sdk-first', model: m.name, key: o.key, worker: 0, ...common })}`, o.base).href;
       const ortUrl = new URL(`bench.html?${query({ mode: 'ort-first', onnx: `/models/${dir}.onnx`, ...common })}`, o.base).href;
-      const steadyUrl = new URL(
-        `bench.html?${query({ mode: 'steady', model: m.name, key: o.key, onnx: `/models/${dir}.onnx`, out: m.out, warmup: o.warmup, runs: o.runs, raw: process.env.RAW === '1' ? 1 : 0, ...common })}`,
-        o.base,
-      ).href;
+      const steadyUrl = (proxy) =>
+        new URL(
+          `bench.html?${query({ mode: 'steady', model: m.name, key: o.key, onnx: `/models/${dir}.onnx`, out: m.out, warmup: o.warmup, runs: o.runs, raw: process.env.RAW === '1' ? 1 : 0, proxy, ...common })}`,
+          o.base,
+        ).href;
 
       const sdk = [];
+      const sdkPage = [];
       const ort = [];
+      const firsts = [
+        [sdk, sdkUrl],
+        [sdkPage, pageUrl],
+        [ort, ortUrl],
+      ];
       for (let i = 0; i < o.firstReps; i++) {
-        // Alternate which goes first.
-        if (i % 2 === 0) {
-          sdk.push(await measure(browser, sdkUrl, o.site));
-          ort.push(await measure(browser, ortUrl, o.site));
-        } else {
-          ort.push(await measure(browser, ortUrl, o.site));
-          sdk.push(await measure(browser, sdkUrl, o.site));
+        // Rotate which goes first.
+        for (let j = 0; j < firsts.length; j++) {
+          const [into, url] = firsts[(i + j) % firsts.length];
+          into.push(await measure(browser, url, o.site));
         }
       }
-      const steady = await measure(browser, steadyUrl, o.site);
+      const steady = await measure(browser, steadyUrl(0), o.site);
+      const steadyProxy = await measure(browser, steadyUrl(1), o.site);
 
       // The first results of the two runtimes must agree.
-      const a = sdk[0].result.outputs[m.out];
       const b = ort[0].result.outputs[m.out];
-      const firstDiff = Math.max(...a.map((x, i) => Math.abs(x - b[i])));
+      const firstDiff = Math.max(
+        ...[sdk, sdkPage].flatMap((runs) => runs[0].result.outputs[m.out].map((x, i) => Math.abs(x - b[i]))),
+      );
 
       const summary = (runs, keys) => ({
         first_result_ms: runs.map((r) => r.result.first_result_ms),
@@ -242,23 +256,35 @@ async function main() {
         failed: runs.flatMap((r) => r.failed),
         console_errors: runs.flatMap((r) => r.console_errors),
       });
+      const capsule = (runs) => ({
+        ...summary(runs, ['script_start_ms', 'import_ms', 'from_url_ms', 'load_ms', 'infer_ms']),
+        load_timings_median: Object.fromEntries(
+          Object.keys(runs[0].result.load_timings).map((k) => [k, median(runs.map((r) => r.result.load_timings[k]))]),
+        ),
+        from_cache: runs.map((r) => r.result.from_cache),
+        capsule_bytes: runs[0].result.capsule_bytes,
+      });
+      const firstMedian = (runs) => median(runs.map((r) => r.result.first_result_ms));
       out.models[dir] = roundAll({
-        capsule: {
-          ...summary(sdk, ['script_start_ms', 'import_ms', 'from_url_ms', 'load_ms', 'infer_ms']),
-          from_cache: sdk.map((r) => r.result.from_cache),
-          capsule_bytes: sdk[0].result.capsule_bytes,
-        },
+        capsule: capsule(sdk),
+        capsule_page: capsule(sdkPage),
         ort: {
           ...summary(ort, ['script_start_ms', 'import_ms', 'create_ms', 'run_ms']),
           env: ort[0].result.ort,
           cross_origin_isolated: ort[0].result.cross_origin_isolated,
         },
-        first_result_ratio: median(sdk.map((r) => r.result.first_result_ms)) / median(ort.map((r) => r.result.first_result_ms)),
+        first_result_ratio: firstMedian(sdk) / firstMedian(ort),
+        first_result_page_ratio: firstMedian(sdkPage) / firstMedian(ort),
         first_result_max_abs_diff: firstDiff,
         steady: {
           ...steady.result,
           workers: steady.workers,
           console_errors: steady.console_errors,
+        },
+        steady_proxy: {
+          ...steadyProxy.result,
+          workers: steadyProxy.workers,
+          console_errors: steadyProxy.console_errors,
         },
       });
       out.ort_version = out.ort_version ?? ort[0].result.ort.version;

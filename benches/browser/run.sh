@@ -6,14 +6,18 @@
 #
 # Settings (environment): RUNS (3), MODELS (fixture directories under tests/fixtures/models:
 # mnist_cnn digits_mlp digits_logreg), FIRST_REPS (cold page loads per runtime and run, 3),
-# WARMUP (20), ITERATIONS (200), RAW=1 (every steady-state sample in the JSON), CAPSULE (the
-# CLI, target/debug/capsule: its guest is guest-dev), CHROMIUM (/usr/bin/chromium).
+# WARMUP (200), ITERATIONS (200), RAW=1 (every steady-state sample in the JSON), CAPSULE (the
+# CLI, target/debug/capsule: its guest is guest-dev; a CLI built with
+# CAPSULE_GUEST_PROFILE=guest-release carries the guest that ships), CHROMIUM
+# (/usr/bin/chromium), BATCH (dynamic: the models' batch dimension N stays symbolic in both
+# runtimes; 1: both are told it is 1, the capsules with `capsule build --input-shape` and
+# onnxruntime-web with the session option freeDimensionOverrides {N: 1}).
 #
 # In a temporary directory: builds a capsule of each fixture model with the CLI
 # ($CAPSULE, default target/debug/capsule), signs them into a static repository
 # (repo/targets.json + repo/MODEL/1.0.0.capsule.wasm), copies the SDK (sdk-js/dist), the
 # onnxruntime-web files (npm, pinned in package.json) and the .onnx models next to
-# bench.html and its diagnostic helpers (bench-direct.mjs, bench-worker.mjs), serves the lot
+# bench.html and its diagnostic helper (bench-direct.mjs), serves the lot
 # with `capsule serve --static` on loopback, and runs bench.mjs RUNS times. Needs node, npm
 # (first run: npm ci) and Debian's chromium ($CHROMIUM). Everything is served locally;
 # nothing comes from a CDN.
@@ -25,7 +29,9 @@ CAPSULE=${CAPSULE:-$ROOT/target/debug/capsule}
 RUNS=${RUNS:-3}
 MODELS=${MODELS:-mnist_cnn digits_mlp digits_logreg}
 FIRST_REPS=${FIRST_REPS:-3}
-WARMUP=${WARMUP:-20}
+WARMUP=${WARMUP:-200}
+BATCH=${BATCH:-dynamic}
+case "$BATCH" in dynamic|1) ;; *) echo "BATCH is dynamic or 1, not $BATCH" >&2; exit 1 ;; esac
 ITERATIONS=${ITERATIONS:-200}
 
 if [ ! -x "$CAPSULE" ]; then
@@ -56,7 +62,14 @@ for dir in $MODELS; do
   name=${dir//_/-}
   mkdir -p "$SITE/repo/$name"
   cp "$ROOT/tests/fixtures/models/$dir/model.onnx" "$SITE/models/$dir.onnx"
-  "$CAPSULE" build "$SITE/models/$dir.onnx" --name "$name" --version 1.0.0 \
+  fixed=()
+  if [ "$BATCH" = 1 ]; then
+    case "$dir" in
+      mnist_cnn) fixed=(--input-shape input=1,1,28,28) ;;
+      *) fixed=(--input-shape input=1,64) ;;
+    esac
+  fi
+  "$CAPSULE" build "$SITE/models/$dir.onnx" --name "$name" --version 1.0.0 "${fixed[@]}" \
     -o "$SITE/repo/$name/1.0.0.capsule.wasm" >&2
 done
 
@@ -71,7 +84,7 @@ KEY=$(node -e 'process.stdout.write(JSON.parse(require("fs").readFileSync(proces
 cp -r "$ROOT/sdk-js/dist" "$SITE/sdk"
 ORT="$HERE/node_modules/onnxruntime-web/dist"
 cp "$ORT/ort.wasm.min.mjs" "$ORT/ort-wasm-simd-threaded.mjs" "$ORT/ort-wasm-simd-threaded.wasm" "$SITE/ort/"
-cp "$HERE/bench.html" "$HERE/bench-direct.mjs" "$HERE/bench-worker.mjs" "$SITE/"
+cp "$HERE/bench.html" "$HERE/bench-direct.mjs" "$SITE/"
 
 # Serve on a free loopback port.
 "$CAPSULE" serve --models "$WORK/empty" --http 127.0.0.1:0 --no-grpc --static "$SITE" \
@@ -96,5 +109,6 @@ if [ -n "$(git -C "$ROOT" status --porcelain --untracked-files=no -- sdk-js benc
 for run in $(seq 1 "$RUNS"); do
   echo "run $run of $RUNS" >&2
   node "$HERE/bench.mjs" --base "$BASE/" --key "$KEY" --site "$SITE" --commit "$COMMIT" \
-    --models "$(echo $MODELS | tr ' ' ',')" --first-reps "$FIRST_REPS" --warmup "$WARMUP" --runs "$ITERATIONS"
+    --models "$(echo $MODELS | tr ' ' ',')" --first-reps "$FIRST_REPS" --warmup "$WARMUP" --runs "$ITERATIONS" \
+    --batch "$BATCH" --guest "$("$CAPSULE" --version 2>/dev/null | head -1 || echo unknown)"
 done
