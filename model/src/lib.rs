@@ -66,13 +66,52 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 type Plan = TypedSimplePlan;
 
-/// A model parsed and optimized into a tract plan, with its input and output signature.
-pub struct LoadedModel {
+/// Weights (constants of the decluttered model) above which no one-row plan is made: it
+/// holds its own packed copy of them, in memory and in the capsule's snapshot.
+pub const ONE_ROW_PLAN_MAX_WEIGHT_BYTES: usize = 4 << 20;
+
+/// An optimized plan and the state it runs with.
+struct Runner {
     state: TypedSimpleState,
     /// The ops' initial states (recurrent and stateful ops keep state across `run`s, for
     /// streaming): restored before every inference so that each one is independent, as on a
     /// fresh instance. Empty when no op has state (nothing to restore).
     pristine: Vec<Option<Box<dyn tract_onnx::tract_core::internal::OpState>>>,
+}
+
+impl Runner {
+    fn new(mut typed: TypedModel) -> TractResult<Runner> {
+        pool::substitute(&mut typed)?;
+        let plan: Arc<Plan> = typed.into_runnable()?;
+        let state = TypedSimpleState::new(&plan)?;
+        let pristine = if state.op_states.iter().any(Option::is_some) {
+            state.op_states.clone()
+        } else {
+            Vec::new()
+        };
+        Ok(Runner { state, pristine })
+    }
+
+    fn run(&mut self, values: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        if !self.pristine.is_empty() {
+            self.state.op_states.clone_from(&self.pristine);
+        }
+        let outputs = self.state.run(values);
+        clear_avx_upper_state();
+        outputs
+    }
+}
+
+/// A model parsed and optimized into a tract plan, with its input and output signature.
+pub struct LoadedModel {
+    runner: Runner,
+    /// For a model whose inputs share one symbolic leading (batch) dimension and nothing
+    /// else symbolic: a second plan optimized for a batch of one, and the input shapes it
+    /// serves. tract optimizes concrete shapes much further (e.g. lazy im2col for
+    /// convolutions: the MNIST CNN runs in less than half the time), and a batch of one is
+    /// what browsers and most edge callers send. Which plan runs depends only on the
+    /// request's shapes, so a given request always gets the same outputs.
+    one_row: Option<(Vec<Vec<usize>>, Runner)>,
     inputs: Vec<TensorSpec>,
     input_types: Vec<DatumType>,
     outputs: Vec<TensorSpec>,
@@ -199,13 +238,26 @@ impl LoadedModel {
                 .with_input_fact(ix, fact)
                 .map_err(|e| Error::Load(chain(&e)))?;
         }
-        let typed = model.into_optimized().map_err(|e| Error::Load(chain(&e)))?;
-        Self::from_typed(typed)
+        let load = |e: TractError| Error::Load(chain(&e));
+        let decluttered = model
+            .into_typed()
+            .and_then(TypedModel::into_decluttered)
+            .map_err(load)?;
+        let one_row = one_row_plan(&decluttered, ONE_ROW_PLAN_MAX_WEIGHT_BYTES);
+        let typed = decluttered.into_optimized().map_err(load)?;
+        let mut loaded = Self::from_typed(typed)?;
+        loaded.one_row = one_row;
+        Ok(loaded)
     }
 
-    fn from_typed(mut typed: TypedModel) -> Result<LoadedModel> {
+    /// Whether a second plan serves batches of one (see [`LoadedModel`]), and for which
+    /// input shapes.
+    pub fn one_row_shapes(&self) -> Option<&[Vec<usize>]> {
+        self.one_row.as_ref().map(|(shapes, _)| shapes.as_slice())
+    }
+
+    fn from_typed(typed: TypedModel) -> Result<LoadedModel> {
         let load = |e: TractError| Error::Load(chain(&e));
-        pool::substitute(&mut typed).map_err(load)?;
         let mut inputs = Vec::new();
         let mut input_types = Vec::new();
         for (ix, outlet) in typed.input_outlets().map_err(load)?.iter().enumerate() {
@@ -222,16 +274,9 @@ impl LoadedModel {
             outputs.push(spec(name, typed.output_fact(ix).map_err(load)?)?);
         }
         let node_count = u32::try_from(typed.nodes().len()).unwrap_or(u32::MAX);
-        let plan: Arc<Plan> = typed.into_runnable().map_err(load)?;
-        let state = TypedSimpleState::new(&plan).map_err(load)?;
-        let pristine = if state.op_states.iter().any(Option::is_some) {
-            state.op_states.clone()
-        } else {
-            Vec::new()
-        };
         Ok(LoadedModel {
-            state,
-            pristine,
+            runner: Runner::new(typed).map_err(load)?,
+            one_row: None,
             inputs,
             input_types,
             outputs,
@@ -280,12 +325,18 @@ impl LoadedModel {
                 .ok_or_else(|| Error::BadInput(format!("missing input {:?}", spec.name)))?;
             values.push(to_tract_checked(&spec.name, *dt, &t.tensor)?.into());
         }
-        if !self.pristine.is_empty() {
-            self.state.op_states.clone_from(&self.pristine);
-        }
-        let outputs = self.state.run(values);
-        clear_avx_upper_state();
-        let outputs = outputs.map_err(|e| Error::Run(chain(&e)))?;
+        let runner = match &mut self.one_row {
+            Some((shapes, runner))
+                if values
+                    .iter()
+                    .zip(shapes.iter())
+                    .all(|(v, s)| v.shape() == s.as_slice()) =>
+            {
+                runner
+            }
+            _ => &mut self.runner,
+        };
+        let outputs = runner.run(values).map_err(|e| Error::Run(chain(&e)))?;
         outputs
             .iter()
             .zip(&self.outputs)
@@ -297,6 +348,47 @@ impl LoadedModel {
             })
             .collect()
     }
+}
+
+/// The one-row plan of a decluttered model (see [`LoadedModel`]), when its inputs share one
+/// symbolic leading dimension, nothing else is symbolic and its weights are at most
+/// [`ONE_ROW_PLAN_MAX_WEIGHT_BYTES`]. It is an optimization: when tract cannot make it, the
+/// model runs on its general plan alone.
+fn one_row_plan(
+    decluttered: &TypedModel,
+    max_weight_bytes: usize,
+) -> Option<(Vec<Vec<usize>>, Runner)> {
+    let mut batch: Option<Symbol> = None;
+    for ix in 0..decluttered.inputs.len() {
+        let fact = decluttered.input_fact(ix).ok()?;
+        let (first, rest) = fact.shape.dims().split_first()?;
+        let TDim::Sym(s) = first else {
+            return None;
+        };
+        if batch.as_ref().is_some_and(|b| b != s) || rest.iter().any(|d| d.to_i64().is_err()) {
+            return None;
+        }
+        batch = Some(s.clone());
+    }
+    let batch = batch?;
+    let mut weights = 0usize;
+    for node in decluttered.nodes() {
+        if let Some(c) = node.op_as::<tract_onnx::tract_core::ops::konst::Const>() {
+            let t = c.val();
+            weights = weights.checked_add(t.len().checked_mul(t.datum_type().size_of())?)?;
+        }
+    }
+    if weights > max_weight_bytes {
+        return None;
+    }
+    let subs = std::collections::HashMap::from([(batch, TDim::Val(1))]);
+    let optimized = decluttered.set_symbols(&subs).ok()?.into_optimized().ok()?;
+    let mut shapes = Vec::new();
+    for ix in 0..optimized.inputs.len() {
+        let fact = optimized.input_fact(ix).ok()?;
+        shapes.push(fact.shape.as_concrete()?.to_vec());
+    }
+    Some((shapes, Runner::new(optimized).ok()?))
 }
 
 fn to_tract_checked(
@@ -370,4 +462,81 @@ pub fn from_tract(name: &str, value: &tract_onnx::prelude::Tensor) -> Result<Ten
         value.as_bytes().to_vec()
     };
     Tensor::new(dtype, shape, data).map_err(|e| Error::Run(format!("output {name:?}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use capsule_format::TensorView;
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let path = format!(
+            "{}/../tests/fixtures/models/{name}/model.onnx",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        std::fs::read(path).unwrap()
+    }
+
+    fn images(n: usize) -> Vec<u8> {
+        (0..n * 784)
+            .flat_map(|i| (((i * 37) % 101) as f32 / 101.0).to_le_bytes())
+            .collect()
+    }
+
+    fn run(m: &mut LoadedModel, n: usize) -> Vec<f32> {
+        let data = images(n);
+        let input = NamedTensorView {
+            name: "input",
+            tensor: TensorView {
+                dtype: DType::F32,
+                shape: vec![n as u64, 1, 28, 28],
+                data: &data,
+            },
+        };
+        let out = m.run(&[input]).unwrap();
+        out[0]
+            .tensor
+            .data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    }
+
+    #[test]
+    fn a_symbolic_batch_gets_a_one_row_plan_that_agrees_with_the_general_one() {
+        let mut m = LoadedModel::load(&fixture("mnist_cnn"), &[]).unwrap();
+        assert_eq!(m.one_row_shapes(), Some(&[vec![1, 1, 28, 28]][..]));
+        // Batch 1 runs on the one-row plan, batch 3 on the general plan: the first row of
+        // the batch is the same image, and the two plans agree on it (to rounding).
+        let one = run(&mut m, 1);
+        let three = run(&mut m, 3);
+        assert_eq!(one.len(), 10);
+        assert_eq!(three.len(), 30);
+        for (a, b) in one.iter().zip(&three[..10]) {
+            assert!((a - b).abs() < 1e-6, "{one:?} vs {:?}", &three[..10]);
+        }
+        // Each request always gets the same outputs.
+        assert_eq!(run(&mut m, 1), one);
+        assert_eq!(run(&mut m, 3), three);
+    }
+
+    #[test]
+    fn no_one_row_plan_over_the_weight_limit_or_for_fixed_shapes() {
+        let decluttered = tract_onnx::onnx()
+            .model_for_read(&mut &*fixture("mnist_cnn"))
+            .unwrap()
+            .into_typed()
+            .unwrap()
+            .into_decluttered()
+            .unwrap();
+        // The CNN's weights are 21 KB.
+        assert!(one_row_plan(&decluttered, 64 << 10).is_some());
+        assert!(one_row_plan(&decluttered, 16 << 10).is_none());
+        let fixed = InputShape {
+            name: "input".into(),
+            shape: [1, 1, 28, 28].map(Dim::Fixed).to_vec(),
+        };
+        let m = LoadedModel::load(&fixture("mnist_cnn"), &[fixed]).unwrap();
+        assert_eq!(m.one_row_shapes(), None);
+    }
 }
