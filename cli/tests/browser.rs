@@ -341,14 +341,29 @@ fn the_sdk_runs_signed_capsules_in_chromium_like_the_edge() -> Result<()> {
 
     // 1. Every case, in the SDK's worker and on the page's thread: the browser's outputs
     // are wasmtime's, bit for bit. The second runtime found every capsule in the cache.
-    let in_worker = result["cases"].as_array().context("cases")?;
-    let on_page = result["casesOnPage"].as_array().context("casesOnPage")?;
+    let mut in_worker = result["cases"].as_array().context("cases")?.clone();
+    let mut on_page = result["casesOnPage"]
+        .as_array()
+        .context("casesOnPage")?
+        .clone();
+    // Last: what a second runtime, alive meanwhile and trusting another key, got.
+    for runs in [&mut in_worker, &mut on_page] {
+        assert_eq!(
+            runs.pop(),
+            Some(json!({"rogue": "VerificationError"})),
+            "{result}"
+        );
+    }
     assert_eq!(in_worker.len(), cases.len());
     assert_eq!(on_page.len(), cases.len());
-    for got in on_page {
+    for got in &on_page {
         assert_eq!(got["fromCache"], json!(true), "{got}");
     }
-    for (c, got) in cases.iter().zip(in_worker).chain(cases.iter().zip(on_page)) {
+    for (c, got) in cases
+        .iter()
+        .zip(&in_worker)
+        .chain(cases.iter().zip(&on_page))
+    {
         let native = c.capsule.capsule.infer(&c.inputs)?;
         assert_eq!(got["model"], json!(c.model));
         assert_eq!(got["sha256"], json!(c.capsule.sha256));

@@ -490,6 +490,8 @@ function browserId(): string {
   }
 }
 
+let pageRuntimes = 0;
+
 async function start(
   source: Source,
   trust: Trust,
@@ -499,9 +501,11 @@ async function start(
 ): Promise<Runtime> {
   checkSupport(worker);
   const engine = new URL("./capsule-worker.js", import.meta.url);
+  // On the page's thread, each runtime imports the engine under its own URL: a module of its
+  // own, with its own state and core instance, as each worker has.
   const channel: Channel = worker
     ? new WorkerChannel(new Worker(engine, { type: "module" }))
-    : new PageChannel((await import(/* @vite-ignore */ engine.href)) as Engine);
+    : new PageChannel((await import(/* @vite-ignore */ `${engine.href}?runtime=${++pageRuntimes}`)) as Engine);
   await channel.call({ op: "init", source, trust, cacheName, telemetryWindowMs });
   return new Runtime(channel, source);
 }

@@ -33,6 +33,9 @@ run(async () => {
     const ARR = { FP32: Float32Array, FP64: Float64Array, INT64: BigInt64Array, INT32: Int32Array,
       UINT8: Uint8Array, BOOL: Uint8Array, INT8: Int8Array, UINT64: BigUint64Array };
     const rt = await window.Capsule.fromUrl(plan.repo, { publicKeys: plan.publicKeys, worker });
+    // A second runtime alive at the same time, trusting another key: it must refuse, and
+    // must not change what the first one trusts (on the page's thread they share a page).
+    const rogue = await window.Capsule.fromUrl(plan.repo, { publicKeys: [plan.otherKey], worker, cacheName: 'rogue' });
     const out = [];
     for (const c of plan.cases) {
       const model = await rt.load(c.model);
@@ -57,6 +60,14 @@ run(async () => {
       out.push({ model: c.model, version: model.version, sha256: model.sha256, fromCache: model.fromCache, ms, outputs });
       model.dispose();
     }
+    let rogueError = null;
+    try {
+      await rogue.load(plan.cases[0].model);
+    } catch (e) {
+      rogueError = e.name;
+    }
+    out.push({ rogue: rogueError });
+    rogue.close();
     rt.close();
     return out;
   }, [plan, worker]);
