@@ -72,8 +72,10 @@ let nextHandle = 1;
 let registered = false;
 /** The core's memory: encoded requests are copied from it straight into a guest's. */
 let coreMemory: WebAssembly.Memory | null = null;
-/** The static source's targets metadata, fetched while the core starts (used once). */
-let prefetched: Promise<Uint8Array> | null = null;
+/** The static source's targets metadata, fetched while the core starts: used by a first
+ * load that comes within PREFETCH_FRESH_MS (later loads fetch it again). */
+let prefetched: { at: number; bytes: Promise<Uint8Array> } | null = null;
+const PREFETCH_FRESH_MS = 10_000;
 
 async function cache(): Promise<Cache> {
   return caches.open(cacheName);
@@ -93,10 +95,11 @@ interface State {
 }
 let current: State | null = null;
 
-/** Small persistent state (highest targets version seen, telemetry sequence): read from the
- * cache once, then kept here and written back in the background. */
+/** Small persistent state (highest targets version seen, telemetry sequence), kept here and
+ * written back in the background. Each read also takes what other runtimes of this origin
+ * wrote to the cache (the higher of the two), so none of them accepts older metadata than
+ * another has seen. */
 async function state(): Promise<State> {
-  if (current) return current;
   let read: State = { targetsVersion: 0, seq: 0 };
   const r = await (await cache()).match(`${CACHE_HOST}/state`);
   if (r) {
@@ -107,7 +110,10 @@ async function state(): Promise<State> {
       // unreadable: start over (the signed metadata is still verified)
     }
   }
-  current ??= read;
+  current = {
+    targetsVersion: Math.max(read.targetsVersion, current?.targetsVersion ?? 0),
+    seq: Math.max(read.seq, current?.seq ?? 0),
+  };
   return current;
 }
 
@@ -155,7 +161,7 @@ async function resolve(model: string, version?: string): Promise<Resolved> {
   let repo = "";
   if (source.kind === "url") {
     repo = source.base;
-    const early = prefetched;
+    const early = prefetched && performance.now() - prefetched.at < PREFETCH_FRESH_MS ? prefetched.bytes : null;
     prefetched = null;
     targetsJson = await (early ?? fetchTargets(source.targets));
   } else {
@@ -432,8 +438,8 @@ export async function handle(msg: Request): Promise<unknown> {
       cacheName = msg.cacheName;
       // The targets metadata downloads while the core compiles.
       if (source.kind === "url") {
-        prefetched = fetchTargets(source.targets);
-        prefetched.catch(() => undefined);
+        prefetched = { at: performance.now(), bytes: fetchTargets(source.targets) };
+        prefetched.bytes.catch(() => undefined);
       }
       const core = await init({ module_or_path: new URL("./core/capsule_sdk_core_bg.wasm", import.meta.url) });
       coreMemory = core.memory;
