@@ -321,17 +321,7 @@ fn the_sdk_runs_signed_capsules_in_chromium_like_the_edge() -> Result<()> {
         std::fs::write(d.join("published"), "yes")?;
     }
     let out = child.wait_with_output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let result: Value = stdout
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str(l).ok())
-        .with_context(|| {
-            format!(
-                "no JSON from sdk.mjs; stdout {stdout}; stderr {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })?;
+    let result = script_result("sdk.mjs", &out)?;
     assert_eq!(
         result["ok"],
         json!(true),

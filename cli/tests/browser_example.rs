@@ -82,13 +82,8 @@ fn the_browser_example_answers_like_the_edge() -> Result<()> {
         .arg(format!("{url}/"))
         .arg(&screenshot)
         .output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let result: Value = stdout
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str(l).ok())
-        .with_context(|| format!("no JSON from example.mjs; stdout {stdout}; stderr {stderr}"))?;
+    let result = script_result("example.mjs", &out)?;
     assert_eq!(result["ok"], json!(true), "{result}\n{stderr}");
 
     let (browser, edge) = (&result["browser"], &result["edge"]);

@@ -430,17 +430,7 @@ fn check_dashboard_in_chromium(hub: &str, feature: &str) -> Result<()> {
         .arg(&shot)
         .env("CHROMIUM", &chromium)
         .output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let result: Value = stdout
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str(l).ok())
-        .with_context(|| {
-            format!(
-                "no JSON from dashboard.mjs; stdout {stdout}; stderr {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })?;
+    let result = script_result("dashboard.mjs", &out)?;
     assert!(out.status.success(), "dashboard check failed: {result}");
     assert_eq!(result["ok"], json!(true), "{result}");
     assert_eq!(result["drifting"], json!(true), "{result}");

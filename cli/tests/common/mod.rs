@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -339,4 +339,20 @@ pub fn sign_and_push(
     args.extend_from_slice(extra);
     run(&args)?;
     Ok(())
+}
+
+/// The result a browser script (`tests/browser/*.mjs`) prints: the last line of its stdout
+/// that is JSON. The error names the script and shows both of its streams.
+pub fn script_result(script: &str, out: &Output) -> Result<Value> {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .with_context(|| {
+            format!(
+                "no JSON from {script}; stdout {stdout}; stderr {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
 }
