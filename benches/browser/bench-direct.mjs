@@ -1,9 +1,8 @@
 // Diagnostic only, for bench.html (not how an application uses the SDK): a capsule
-// instantiated in the calling thread and called the way the SDK's worker calls it
-// (sdk-js/src/worker.ts): the request encoded and checked against the manifest by the SDK's
-// core, capsule_infer, the response decoded. bench.html times `call` alone: the bare guest.
+// instantiated in the calling thread, so that bench.html can time `capsule_infer` alone (the
+// bare guest) on a request the SDK's core encoded and checked once.
 
-/** Loads `/repo/MODEL/1.0.0.capsule.wasm`; returns `full(bytes)` and `call(encoded)`. */
+/** Loads `/repo/MODEL/1.0.0.capsule.wasm`; returns `encode(bytes)` and `call(encoded)`. */
 export async function direct(modelName, inputName, shape) {
   const core = await import('/sdk/core/capsule_sdk_core.js');
   await core.default({ module_or_path: '/sdk/core/capsule_sdk_core_bg.wasm' });
@@ -31,13 +30,5 @@ export async function direct(modelName, inputName, shape) {
     req.free();
     return encoded;
   };
-  /** The input's raw bytes -> {output name: raw bytes}. */
-  const full = (data) => {
-    const out = core.decodeResponse(call(encode(data)));
-    const tensors = {};
-    for (let i = 0; i < out.length; i++) tensors[out.name(i)] = out.data(i);
-    out.free();
-    return tensors;
-  };
-  return { full, call, encode };
+  return { call, encode };
 }
