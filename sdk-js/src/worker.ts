@@ -353,15 +353,10 @@ function invoke(ex: GuestExports, src: number, len: number): { ptr: number; len:
 async function infer(handle: number, inputs: WireTensor[], id: string): Promise<WireTensor[]> {
   const slot = slots.get(handle);
   if (!slot) throw new SdkError("CapsuleError", "this model was disposed");
-  return inferNow(slot, slot.exports ?? (await instantiate(slot)), inputs, id);
-}
-
-/** One inference on an instantiated guest. */
-function inferNow(slot: Slot, instance: GuestExports, inputs: WireTensor[], id: string): WireTensor[] {
   const started = performance.now();
   const req = new CoreRequest();
   let encoded = false;
-  let ex: GuestExports | null = instance;
+  let ex: GuestExports | null = null;
   let response: { ptr: number; len: number } | null = null;
   let errorKind = "";
   try {
@@ -369,6 +364,8 @@ function inferNow(slot: Slot, instance: GuestExports, inputs: WireTensor[], id: 
     for (const t of inputs) req.add(t.name, t.datatype, t.shape as unknown as Float64Array, t.data);
     const len = req.encodeChecked(slot.manifest);
     encoded = true;
+    const instance = slot.exports ?? (await instantiate(slot));
+    ex = instance;
     try {
       response = invoke(instance, req.encodedPtr(), len);
     } catch (e) {
