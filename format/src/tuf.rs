@@ -448,17 +448,36 @@ pub fn verify_targets(
 
 /// TUF 5.7.3: downloaded bytes against the signed length and hash.
 pub fn verify_target(path: &str, target: &Target, bytes: &[u8]) -> Result<(), crate::Error> {
-    if bytes.len() as u64 != target.length {
+    verify_target_length(path, target, bytes.len() as u64)?;
+    verify_target_digest(path, target, &hex(&Sha256::digest(bytes)))
+}
+
+/// [`verify_target`] for bytes hashed elsewhere (a browser's native SHA-256): `length` bytes
+/// whose SHA-256 is `digest` (lowercase hex).
+pub fn verify_target_hashed(
+    path: &str,
+    target: &Target,
+    length: u64,
+    digest: &str,
+) -> Result<(), crate::Error> {
+    verify_target_length(path, target, length)?;
+    verify_target_digest(path, target, digest)
+}
+
+fn verify_target_length(path: &str, target: &Target, length: u64) -> Result<(), crate::Error> {
+    if length != target.length {
         return Err(refuse(
             "5.7.3",
             format!(
-                "{path}: {} bytes, the signed length is {}",
-                bytes.len(),
+                "{path}: {length} bytes, the signed length is {}",
                 target.length
             ),
         ));
     }
-    let digest = hex(&Sha256::digest(bytes));
+    Ok(())
+}
+
+fn verify_target_digest(path: &str, target: &Target, digest: &str) -> Result<(), crate::Error> {
     if digest != target.sha256 {
         return Err(refuse(
             "5.7.3",

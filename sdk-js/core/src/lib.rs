@@ -178,10 +178,7 @@ impl Verified {
 
     /// Checks capsule bytes against the approved target (TUF 5.7.3: length, then hash).
     pub fn check(&self, model: &str, version: &str, bytes: &[u8]) -> Result<()> {
-        let path = tuf::target_path(model, version);
-        let target = self.target(model, version).ok_or_else(|| {
-            SdkError::Verification(format!("{path} is not in the signed targets"))
-        })?;
+        let (path, target) = self.approved(model, version)?;
         tuf::verify_target(&path, target, bytes).map_err(refuse)
     }
 
@@ -194,29 +191,19 @@ impl Verified {
         length: u64,
         sha256: &str,
     ) -> Result<()> {
+        let (path, target) = self.approved(model, version)?;
+        tuf::verify_target_hashed(&path, target, length, sha256).map_err(refuse)
+    }
+
+    /// The target path of a model version and its approved target.
+    fn approved(&self, model: &str, version: &str) -> Result<(String, &Target)> {
         let path = tuf::target_path(model, version);
-        let target = self.target(model, version).ok_or_else(|| {
-            SdkError::Verification(format!("{path} is not in the signed targets"))
-        })?;
-        let refused = |reason: String| {
-            refuse(capsule_format::Error::Refused {
-                step: "5.7.3",
-                reason,
-            })
-        };
-        if length != target.length {
-            return Err(refused(format!(
-                "{path}: {length} bytes, the signed length is {}",
-                target.length
-            )));
+        match self.target(model, version) {
+            Some(target) => Ok((path, target)),
+            None => Err(SdkError::Verification(format!(
+                "{path} is not in the signed targets"
+            ))),
         }
-        if sha256 != target.sha256 {
-            return Err(refused(format!(
-                "{path}: sha256 {sha256}, the signed hash is {}",
-                target.sha256
-            )));
-        }
-        Ok(())
     }
 }
 
