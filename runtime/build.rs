@@ -5,6 +5,11 @@
 //! changing RUSTFLAGS rebuilds everything. Profile: `CAPSULE_GUEST_PROFILE` when set, else
 //! `guest-release` (fat LTO, what ships) for release host builds and `guest-dev` (no LTO,
 //! fast to build) otherwise.
+//!
+//! `CAPSULE_GUEST_SIMD=relaxed` builds the fast guest: `relaxed-simd` as well, so tract's
+//! matrix kernels use `f32x4.relaxed_madd` (a fused multiply-add where the machine has one;
+//! its rounding may differ between machines). Its capsules say so in their manifest
+//! (`numerics = relaxed-simd`). It has its own target directory (`target/guest-relaxed`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -68,6 +73,14 @@ fn main() {
         println!("cargo:rerun-if-changed={}", root.join(path).display());
     }
     println!("cargo:rerun-if-env-changed=CAPSULE_GUEST_PROFILE");
+    println!("cargo:rerun-if-env-changed=CAPSULE_GUEST_SIMD");
+    let relaxed = match std::env::var("CAPSULE_GUEST_SIMD").as_deref() {
+        Err(_) | Ok("" | "deterministic") => false,
+        Ok("relaxed") => true,
+        Ok(other) => fail(&format!(
+            "CAPSULE_GUEST_SIMD={other:?}: expected \"deterministic\" (the default) or \"relaxed\""
+        )),
+    };
 
     let profile = std::env::var("CAPSULE_GUEST_PROFILE").unwrap_or_else(|_| {
         match std::env::var("PROFILE").as_deref() {
@@ -79,7 +92,14 @@ fn main() {
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_owned());
     ensure_wasm_target(&rustc);
 
-    let target_dir = root.join("target").join("guest");
+    let target_dir = root
+        .join("target")
+        .join(if relaxed { "guest-relaxed" } else { "guest" });
+    let features = if relaxed {
+        "-Ctarget-feature=+simd128,+relaxed-simd"
+    } else {
+        "-Ctarget-feature=+simd128"
+    };
     let mut cmd = Command::new(&cargo);
     cmd.current_dir(&root)
         .args([
@@ -104,12 +124,7 @@ fn main() {
         // guest has no imports at all (design section 9).
         .env(
             "CARGO_ENCODED_RUSTFLAGS",
-            [
-                "-Ctarget-feature=+simd128",
-                "--cfg",
-                "getrandom_backend=\"unsupported\"",
-            ]
-            .join("\x1f"),
+            [features, "--cfg", "getrandom_backend=\"unsupported\""].join("\x1f"),
         )
         .stdout(Stdio::inherit());
     for (key, _) in std::env::vars() {
@@ -139,4 +154,12 @@ fn main() {
         .unwrap_or_else(|e| fail(&format!("cannot copy {}: {e}", wasm.display())));
     println!("cargo:rustc-env=CAPSULE_GUEST_WASM={}", out.display());
     println!("cargo:rustc-env=CAPSULE_GUEST_PROFILE={profile}");
+    println!(
+        "cargo:rustc-env=CAPSULE_GUEST_NUMERICS={}",
+        if relaxed {
+            "relaxed-simd"
+        } else {
+            "deterministic"
+        }
+    );
 }

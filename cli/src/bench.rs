@@ -32,6 +32,10 @@ pub struct Args {
     /// Cold starts to time (fresh instance to first output).
     #[arg(long, default_value_t = 20)]
     cold_starts: usize,
+    /// Rows per request: the bench input's first row repeated (inputs whose leading
+    /// dimension is symbolic). Latencies stay per request; divide by this for per row.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    batch: u64,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -46,6 +50,7 @@ impl Args {
             iterations: 200,
             warmup: 20,
             cold_starts: 20,
+            batch: 1,
             json: false,
         }
     }
@@ -92,6 +97,7 @@ pub struct BenchReport {
     pub version: String,
     pub guest_profile: &'static str,
     pub input_from: String,
+    pub batch: u64,
     pub capsule_latency: Percentiles,
     pub native_latency: Option<Percentiles>,
     pub ratio_p50: Option<f64>,
@@ -132,6 +138,44 @@ pub fn bench_inputs(m: &CapsuleManifest) -> Result<(Vec<NamedTensor>, String)> {
     Ok((inputs, "zeros".into()))
 }
 
+/// The bench inputs with their first row repeated `batch` times along a symbolic leading
+/// dimension.
+pub fn batched(
+    m: &CapsuleManifest,
+    inputs: Vec<NamedTensor>,
+    batch: u64,
+) -> Result<Vec<NamedTensor>> {
+    if batch == 1 {
+        return Ok(inputs);
+    }
+    inputs
+        .into_iter()
+        .map(|input| {
+            let spec = m
+                .inputs
+                .iter()
+                .find(|s| s.name == input.name)
+                .with_context(|| format!("input {:?} is not in the manifest", input.name))?;
+            if !matches!(spec.shape.first(), Some(Dim::Symbolic(_))) {
+                bail!("--batch needs a symbolic leading dimension; the manifest has {spec}");
+            }
+            let t = &input.tensor;
+            let rows = t.shape.first().copied().unwrap_or(0);
+            if rows == 0 {
+                bail!("input {:?} has no row to repeat", input.name);
+            }
+            let row = &t.data[..t.data.len() / usize::try_from(rows)?];
+            let mut shape = t.shape.clone();
+            shape[0] = batch;
+            let data = row.repeat(usize::try_from(batch)?);
+            Ok(NamedTensor {
+                name: input.name,
+                tensor: Tensor::new(t.dtype, shape, data)?,
+            })
+        })
+        .collect()
+}
+
 /// Loads the native tract baseline with the capsule's (possibly user-fixed) input shapes.
 pub fn native_model(m: &CapsuleManifest, onnx: &[u8]) -> Result<LoadedModel> {
     let hash = hex::encode(Sha256::digest(onnx));
@@ -151,6 +195,7 @@ pub fn measure(
 ) -> Result<BenchReport> {
     let m = capsule.manifest();
     let (inputs, input_from) = bench_inputs(m)?;
+    let inputs = batched(m, inputs, args.batch)?;
     let views = capsule_format::wire::views(&inputs);
     let mut native = native;
     for _ in 0..args.warmup {
@@ -191,6 +236,7 @@ pub fn measure(
         version: m.version.to_string(),
         guest_profile: capsule_runtime::GUEST_PROFILE,
         input_from,
+        batch: args.batch,
         ratio_p50: native_latency.as_ref().map(|n| capsule_latency.p50 / n.p50),
         capsule_latency,
         native_latency,
@@ -201,8 +247,8 @@ pub fn measure(
 
 pub fn print(r: &BenchReport) {
     println!(
-        "{} {} (guest profile {}, input: {})",
-        r.capsule, r.version, r.guest_profile, r.input_from
+        "{} {} (guest profile {}, input: {}, batch {})",
+        r.capsule, r.version, r.guest_profile, r.input_from, r.batch
     );
     println!(
         "  {:<34} {:>9} {:>9} {:>9} {:>9}",

@@ -50,6 +50,7 @@ struct Report<'a> {
     created_at_unix: u64,
     builder_version: &'a str,
     guest_sha256: &'a str,
+    numerics: capsule_format::manifest::Numerics,
     source: &'a capsule_format::manifest::SourceModel,
     inputs: &'a [capsule_format::TensorSpec],
     outputs: &'a [capsule_format::TensorSpec],
@@ -90,6 +91,7 @@ fn report<'a>(args: &Args, image: &'a CapsuleImage) -> Result<Report<'a>> {
         created_at_unix: m.created_at_unix,
         builder_version: &m.builder_version,
         guest_sha256: &m.guest_sha256,
+        numerics: m.numerics,
         source: &m.source,
         inputs: &m.inputs,
         outputs: &m.outputs,
@@ -163,8 +165,8 @@ pub fn run(args: &Args) -> Result<()> {
         bytes(r.image_bytes as u64)
     );
     println!(
-        "  abi           version {}, builder {}",
-        r.abi_version, r.builder_version
+        "  abi           version {}, builder {}, numerics {}",
+        r.abi_version, r.builder_version, r.numerics
     );
     println!(
         "  source        {}, {}, sha256 {}",

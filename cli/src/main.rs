@@ -99,9 +99,14 @@ fn init_logging(format: LogFormat, default_level: &str) {
 fn main() -> std::process::ExitCode {
     // `capsule --version` also names the guest build the binary carries (what its capsules
     // run): guest-release ships, guest-dev is the fast-to-build one of debug builds.
+    // A fast guest (CAPSULE_GUEST_SIMD=relaxed) says so.
+    let relaxed = match capsule_runtime::GUEST_SIMD {
+        "relaxed-simd" => ", relaxed-simd",
+        _ => "",
+    };
     let version: &'static str = Box::leak(
         format!(
-            "{} (guest {})",
+            "{} (guest {}{relaxed})",
             env!("CARGO_PKG_VERSION"),
             capsule_runtime::GUEST_PROFILE
         )

@@ -128,9 +128,13 @@ fn version_names_the_guest_build() {
     assert_eq!(
         printed.trim(),
         format!(
-            "capsule {} (guest {})",
+            "capsule {} (guest {}{})",
             env!("CARGO_PKG_VERSION"),
-            std::env::var("CAPSULE_GUEST_PROFILE").unwrap_or_else(|_| "guest-dev".into())
+            std::env::var("CAPSULE_GUEST_PROFILE").unwrap_or_else(|_| "guest-dev".into()),
+            match std::env::var("CAPSULE_GUEST_SIMD").as_deref() {
+                Ok("relaxed") => ", relaxed-simd",
+                _ => "",
+            }
         )
     );
 }

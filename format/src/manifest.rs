@@ -9,7 +9,12 @@ use serde::{Deserialize, Serialize};
 use crate::{DType, Error, NamedTensor, Result, wire};
 
 /// Version of the manifest encoding written by this build.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
+
+/// The oldest manifest encoding still read: version 3 is version 4 without
+/// [`CapsuleManifest::numerics`] (read as [`Numerics::Deterministic`], which every capsule of
+/// that format is), so nodes keep serving the capsules they have across an upgrade.
+pub const OLDEST_FORMAT_VERSION: u32 = 3;
 
 /// Largest manifest section a reader accepts.
 pub const MAX_MANIFEST_BYTES: usize = 16 << 20;
@@ -135,6 +140,28 @@ impl Default for Limits {
     }
 }
 
+/// How the capsule's floating-point arithmetic may round.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Numerics {
+    /// `simd128` only: every engine on every machine computes the same bits (nodes and
+    /// browsers agree exactly). The default build.
+    #[default]
+    Deterministic,
+    /// `relaxed-simd` as well: matrix products use `f32x4.relaxed_madd`, a fused
+    /// multiply-add where the machine has one. Faster, and its results may differ between
+    /// machines and engines within the golden samples' tolerance.
+    RelaxedSimd,
+}
+
+impl std::fmt::Display for Numerics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Numerics::Deterministic => "deterministic",
+            Numerics::RelaxedSimd => "relaxed-simd",
+        })
+    }
+}
+
 /// Everything a capsule says about itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CapsuleManifest {
@@ -173,6 +200,9 @@ pub struct CapsuleManifest {
     pub limits: Limits,
     /// Training-set statistics of the input features, for drift detection.
     pub reference: Option<crate::telemetry::ReferenceStats>,
+    /// How the guest's arithmetic rounds (format version 4; the last field, so that a
+    /// version 3 payload is a version 4 one without it).
+    pub numerics: Numerics,
 }
 
 impl CapsuleManifest {
@@ -214,13 +244,21 @@ impl CapsuleManifest {
             });
         }
         let version = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        if version != FORMAT_VERSION {
-            return Err(Error::UnsupportedFormatVersion {
+        match version {
+            FORMAT_VERSION => wire::decode(payload, "manifest"),
+            // Version 3 lacks only the last field: append its encoding (variant 0,
+            // `Deterministic`, is one byte) and decode as version 4.
+            OLDEST_FORMAT_VERSION => {
+                let mut upgraded = Vec::with_capacity(payload.len() + 1);
+                upgraded.extend_from_slice(payload);
+                upgraded.push(0);
+                wire::decode(&upgraded, "manifest")
+            }
+            _ => Err(Error::UnsupportedFormatVersion {
                 found: version,
                 supported: FORMAT_VERSION,
-            });
+            }),
         }
-        wire::decode(payload, "manifest")
     }
 
     /// The declared input shapes, as the builder's `--input-shape` overrides: loading the
@@ -288,29 +326,57 @@ pub(crate) mod tests {
             }],
             limits: Limits::default(),
             reference: None,
+            numerics: Numerics::Deterministic,
         }
     }
 
     #[test]
     fn section_round_trip() {
+        for numerics in [Numerics::Deterministic, Numerics::RelaxedSimd] {
+            let m = CapsuleManifest {
+                numerics,
+                ..sample()
+            };
+            let bytes = m.to_section_bytes().unwrap();
+            assert_eq!(&bytes[..8], b"CAPM\x04\x00\x00\x00");
+            assert_eq!(CapsuleManifest::from_section_bytes(&bytes).unwrap(), m);
+        }
+    }
+
+    /// A version 3 manifest (what capsules built before `numerics` carry) is the version 4
+    /// encoding without its last byte, and reads as a deterministic capsule.
+    #[test]
+    fn version_3_manifests_still_read_as_deterministic() {
         let m = sample();
-        let bytes = m.to_section_bytes().unwrap();
-        assert_eq!(&bytes[..8], b"CAPM\x03\x00\x00\x00");
-        assert_eq!(CapsuleManifest::from_section_bytes(&bytes).unwrap(), m);
+        let v4 = m.to_section_bytes().unwrap();
+        assert_eq!(
+            v4.last(),
+            Some(&0),
+            "Deterministic is encoded as one zero byte"
+        );
+        let mut v3 = v4[..v4.len() - 1].to_vec();
+        v3[4] = 3;
+        assert_eq!(CapsuleManifest::from_section_bytes(&v3).unwrap(), m);
+        // The whole version 4 payload under a version 3 header has a byte too many.
+        let mut mislabelled = v4.clone();
+        mislabelled[4] = 3;
+        assert!(CapsuleManifest::from_section_bytes(&mislabelled).is_err());
     }
 
     #[test]
     fn refuses_bad_headers_and_truncation() {
         let bytes = sample().to_section_bytes().unwrap();
-        let mut newer = bytes.clone();
-        newer[4] = 4;
-        assert!(matches!(
-            CapsuleManifest::from_section_bytes(&newer),
-            Err(Error::UnsupportedFormatVersion {
-                found: 4,
-                supported: 3
-            })
-        ));
+        for version in [2, 5] {
+            let mut other = bytes.clone();
+            other[4] = version;
+            assert!(matches!(
+                CapsuleManifest::from_section_bytes(&other),
+                Err(Error::UnsupportedFormatVersion {
+                    found,
+                    supported: 4
+                }) if found == u32::from(version)
+            ));
+        }
         let mut bad = bytes.clone();
         bad[0] = b'X';
         assert!(matches!(

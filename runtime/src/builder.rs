@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use capsule_format::manifest::{GoldenSample, Limits, ModelCard, SourceModel};
+use capsule_format::manifest::{GoldenSample, Limits, ModelCard, Numerics, SourceModel};
 use capsule_format::wire::{self, BuildReport, BuildRequest, BuildResponse, InputShape};
 use capsule_format::{CapsuleManifest, MANIFEST_SECTION, Pipeline};
 use sha2::{Digest, Sha256};
@@ -76,6 +76,7 @@ pub struct BuiltCapsule {
 pub struct CapsuleBuilder {
     engine: Arc<CapsuleEngine>,
     guest_sha256: String,
+    numerics: Numerics,
     cx: ModuleContext<'static>,
     instrumented: Module,
     wizer: Wizer,
@@ -85,8 +86,27 @@ impl std::fmt::Debug for CapsuleBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CapsuleBuilder")
             .field("guest_sha256", &self.guest_sha256)
+            .field("numerics", &self.numerics)
             .finish()
     }
+}
+
+/// Whether a guest build uses relaxed-simd instructions: it validates without them, or only
+/// with them. Read from the code itself, so a manifest cannot claim bit-identical results
+/// for a guest that fuses multiply-adds.
+fn numerics_of(guest: &[u8]) -> Result<Numerics> {
+    use wasmparser::{Validator, WasmFeatures};
+    let strict = WasmFeatures::default().difference(WasmFeatures::RELAXED_SIMD);
+    if Validator::new_with_features(strict)
+        .validate_all(guest)
+        .is_ok()
+    {
+        return Ok(Numerics::Deterministic);
+    }
+    Validator::new_with_features(WasmFeatures::default())
+        .validate_all(guest)
+        .map_err(|e| Error::Build(format!("the guest is not valid WebAssembly: {e}")))?;
+    Ok(Numerics::RelaxedSimd)
 }
 
 struct SnapshotSource<'a> {
@@ -153,6 +173,7 @@ impl CapsuleBuilder {
         Ok(CapsuleBuilder {
             engine: Arc::clone(engine),
             guest_sha256: hex::encode(Sha256::digest(guest)),
+            numerics: numerics_of(guest)?,
             cx,
             instrumented,
             wizer,
@@ -162,6 +183,11 @@ impl CapsuleBuilder {
     /// SHA-256 of the guest build.
     pub fn guest_sha256(&self) -> &str {
         &self.guest_sha256
+    }
+
+    /// How the guest build's arithmetic rounds (what its capsules' manifests say).
+    pub fn numerics(&self) -> Numerics {
+        self.numerics
     }
 
     /// A fresh instance of the instrumented guest with the model loaded in it (constructors
@@ -306,6 +332,7 @@ impl CapsuleBuilder {
             golden: options.golden,
             limits: options.limits,
             reference,
+            numerics: self.numerics,
         };
         let section = wasm_encoder::CustomSection {
             name: MANIFEST_SECTION.into(),

@@ -139,7 +139,10 @@ impl CapsuleImage {
                     _ => section_name(id).to_owned(),
                 };
                 sections.push((name, range.len()));
-                if !matches!(id, 0 | 5 | 11 | 12) {
+                // The code module keeps the guest's function names when it has them (only
+                // `guest-profile` builds do), so profilers can name guest frames.
+                let names = matches!(&payload, Payload::CustomSection(c) if c.name() == "name");
+                if !matches!(id, 0 | 5 | 11 | 12) || names {
                     kept.push((id, range));
                 }
             }

@@ -27,6 +27,10 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 pub struct EngineConfig {
     /// Directory of the compiled-code cache; `None` keeps compiled code in memory only.
     pub cache_dir: Option<PathBuf>,
+    /// Map each capsule's memory image copy-on-write into its instances (Linux): a fresh
+    /// instance costs microseconds whatever the model's size. Instances then come from
+    /// on-demand allocation, and `pooling` applies only where this is unavailable.
+    pub copy_on_write: bool,
     /// Try the pooling allocator (falls back to on-demand allocation when it cannot reserve
     /// its address space, as on 39-bit ARM boards).
     pub pooling: bool,
@@ -40,6 +44,7 @@ impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
             cache_dir: default_cache_dir(),
+            copy_on_write: true,
             pooling: true,
             pool_slots: 64,
             max_memory_bytes: 4 << 30,
@@ -75,29 +80,61 @@ pub struct CapsuleEngine {
     engine: Engine,
     config: EngineConfig,
     pooling: bool,
+    copy_on_write: bool,
     fingerprint: String,
     modules: Mutex<HashMap<String, Module>>,
     loading: Mutex<()>,
     stats: EngineStats,
 }
 
-fn wasmtime_config(pooling: Option<&EngineConfig>) -> Config {
+/// How instances get their linear memories.
+enum Memories<'a> {
+    /// Copy-on-write images through [`crate::cow::CowMemoryCreator`].
+    #[cfg(target_os = "linux")]
+    CopyOnWrite,
+    /// wasmtime's pooling allocator, sized by the engine settings.
+    Pooling(&'a EngineConfig),
+    /// wasmtime's on-demand allocation.
+    OnDemand,
+}
+
+fn wasmtime_config(memories: Memories<'_>) -> Config {
     let mut config = Config::new();
     config
         .strategy(Strategy::Cranelift)
         .cranelift_opt_level(OptLevel::Speed)
         .wasm_simd(true)
-        .wasm_relaxed_simd(false)
+        // Fast guests (`Numerics::RelaxedSimd`) use relaxed_madd; deterministic ones contain
+        // no relaxed instruction (their builder checks the code), so enabling the proposal
+        // changes nothing for them. Non-deterministic lowering: fused multiply-add where the
+        // CPU has it, which is the point.
+        .wasm_relaxed_simd(true)
+        .relaxed_simd_deterministic(false)
         .epoch_interruption(true)
         .parallel_compilation(true);
-    if let Some(c) = pooling {
-        let mut pool = PoolingAllocationConfig::default();
-        pool.total_core_instances(c.pool_slots)
-            .total_memories(c.pool_slots)
-            .total_tables(c.pool_slots)
-            .max_memory_size(usize::try_from(c.max_memory_bytes).unwrap_or(usize::MAX))
-            .table_elements(100_000);
-        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    if let Some(profiler) = profiler_from_env() {
+        config.profiler(profiler);
+    }
+    match memories {
+        #[cfg(target_os = "linux")]
+        Memories::CopyOnWrite => {
+            // wasmtime's own copy-on-write initialization (from a module's data segments,
+            // used by the builder's instrumented guest) needs its own mmap-based memories;
+            // with a memory creator, data segments are copied instead.
+            config
+                .with_host_memory(Arc::new(crate::cow::CowMemoryCreator))
+                .memory_init_cow(false);
+        }
+        Memories::Pooling(c) => {
+            let mut pool = PoolingAllocationConfig::default();
+            pool.total_core_instances(c.pool_slots)
+                .total_memories(c.pool_slots)
+                .total_tables(c.pool_slots)
+                .max_memory_size(usize::try_from(c.max_memory_bytes).unwrap_or(usize::MAX))
+                .table_elements(100_000);
+            config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        }
+        Memories::OnDemand => {}
     }
     config
 }
@@ -106,22 +143,33 @@ impl CapsuleEngine {
     /// Creates the engine and starts its epoch ticker thread (which stops when the engine is
     /// dropped).
     pub fn new(config: EngineConfig) -> Result<Arc<CapsuleEngine>> {
-        let (engine, pooling) = match config
-            .pooling
-            .then(|| Engine::new(&wasmtime_config(Some(&config))))
-        {
-            Some(Ok(engine)) => (engine, true),
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "pooling allocator unavailable; using on-demand allocation");
-                (
-                    Engine::new(&wasmtime_config(None)).map_err(Error::wasmtime)?,
+        let copy_on_write = cfg!(target_os = "linux") && config.copy_on_write;
+        let (engine, pooling) = if copy_on_write {
+            #[cfg(target_os = "linux")]
+            let memories = Memories::CopyOnWrite;
+            #[cfg(not(target_os = "linux"))]
+            let memories = Memories::OnDemand;
+            let engine = Engine::new(&wasmtime_config(memories)).map_err(Error::wasmtime)?;
+            (engine, false)
+        } else {
+            match config
+                .pooling
+                .then(|| Engine::new(&wasmtime_config(Memories::Pooling(&config))))
+            {
+                Some(Ok(engine)) => (engine, true),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "pooling allocator unavailable; using on-demand allocation");
+                    (
+                        Engine::new(&wasmtime_config(Memories::OnDemand))
+                            .map_err(Error::wasmtime)?,
+                        false,
+                    )
+                }
+                None => (
+                    Engine::new(&wasmtime_config(Memories::OnDemand)).map_err(Error::wasmtime)?,
                     false,
-                )
+                ),
             }
-            None => (
-                Engine::new(&wasmtime_config(None)).map_err(Error::wasmtime)?,
-                false,
-            ),
         };
         let mut h = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut h);
@@ -145,6 +193,7 @@ impl CapsuleEngine {
             engine,
             config,
             pooling,
+            copy_on_write,
             fingerprint,
             modules: Mutex::new(HashMap::new()),
             loading: Mutex::new(()),
@@ -160,6 +209,11 @@ impl CapsuleEngine {
     /// Whether the pooling allocator is in use.
     pub fn pooling(&self) -> bool {
         self.pooling
+    }
+
+    /// Whether instances map their capsule's memory image copy-on-write.
+    pub fn copy_on_write(&self) -> bool {
+        self.copy_on_write
     }
 
     /// The settings.
@@ -239,6 +293,23 @@ impl CapsuleEngine {
             .map_err(|_| poisoned())?
             .insert(key, module.clone());
         Ok(())
+    }
+}
+
+/// `CAPSULE_WASM_PROFILER=perfmap` (or `jitdump`, where wasmtime was built with it) makes
+/// compiled guest code visible to `perf`: /tmp/perf-PID.map names each guest function (from
+/// the guest's name section when it has one; `guest-profile` builds keep it).
+fn profiler_from_env() -> Option<wasmtime::ProfilingStrategy> {
+    match std::env::var("CAPSULE_WASM_PROFILER").ok()?.as_str() {
+        "perfmap" => Some(wasmtime::ProfilingStrategy::PerfMap),
+        "jitdump" => Some(wasmtime::ProfilingStrategy::JitDump),
+        other => {
+            tracing::warn!(
+                value = other,
+                "CAPSULE_WASM_PROFILER is not perfmap or jitdump; ignored"
+            );
+            None
+        }
     }
 }
 

@@ -95,6 +95,10 @@ pub struct CapsuleStats {
 pub struct LoadedCapsule {
     engine: Arc<CapsuleEngine>,
     image: CapsuleImage,
+    /// The memory image as a sealed memfd that instances map copy-on-write (when the engine
+    /// does; otherwise every instance copies the segments).
+    #[cfg(target_os = "linux")]
+    image_file: Option<Arc<crate::cow::ImageFile>>,
     module: Module,
     config: RunConfig,
     deadline_ticks: u64,
@@ -155,9 +159,28 @@ impl LoadedCapsule {
             .max_memory_bytes
             .unwrap_or(limits.max_memory_bytes)
             .min(engine.config().max_memory_bytes);
+        #[cfg(target_os = "linux")]
+        let image_file = if engine.copy_on_write() {
+            let len = image
+                .memory_pages
+                .checked_mul(PAGE)
+                .filter(|len| *len <= memory_cap)
+                .and_then(|len| usize::try_from(len).ok())
+                .ok_or_else(|| {
+                    Error::InvalidCapsule(format!(
+                        "its memory image needs {} pages, over the memory cap of {memory_cap} bytes",
+                        image.memory_pages
+                    ))
+                })?;
+            Some(Arc::new(crate::cow::ImageFile::new(len, image.segments())?))
+        } else {
+            None
+        };
         let capsule = LoadedCapsule {
             engine: Arc::clone(engine),
             image,
+            #[cfg(target_os = "linux")]
+            image_file,
             module,
             config,
             deadline_ticks,
@@ -191,10 +214,26 @@ impl LoadedCapsule {
     }
 
     /// Creates a fresh instance: shared compiled code, memory grown to the capsule's size and
-    /// filled from its image, then probed.
+    /// holding its image (mapped copy-on-write, or copied), then probed.
     fn instantiate(&self) -> Result<GuestInstance> {
         let mut store = new_store(&self.engine, self.memory_cap, self.deadline_ticks);
-        let instance = Instance::new(&mut store, &self.module, &[]).map_err(Error::wasmtime)?;
+        #[cfg(target_os = "linux")]
+        let (instance, mapped) = match &self.image_file {
+            Some(file) => {
+                let (instance, taken) =
+                    crate::cow::with_image(file, || Instance::new(&mut store, &self.module, &[]));
+                (instance.map_err(Error::wasmtime)?, taken)
+            }
+            None => (
+                Instance::new(&mut store, &self.module, &[]).map_err(Error::wasmtime)?,
+                false,
+            ),
+        };
+        #[cfg(not(target_os = "linux"))]
+        let (instance, mapped) = (
+            Instance::new(&mut store, &self.module, &[]).map_err(Error::wasmtime)?,
+            false,
+        );
         let memory = instance
             .get_memory(&mut store, "memory")
             .ok_or_else(|| Error::InvalidCapsule("no exported memory".into()))?;
@@ -206,11 +245,15 @@ impl LoadedCapsule {
                 self.memory_cap
             )));
         }
+        // The first growth, before any guest code runs: with a mapped image it uncovers the
+        // image (see `cow`), otherwise zero pages that the segments are copied into.
         memory.grow(&mut store, pages).map_err(Error::wasmtime)?;
-        for (offset, data) in self.image.segments() {
-            memory
-                .write(&mut store, offset as usize, data)
-                .map_err(|e| Error::InvalidCapsule(e.to_string()))?;
+        if !mapped {
+            for (offset, data) in self.image.segments() {
+                memory
+                    .write(&mut store, offset as usize, data)
+                    .map_err(|e| Error::InvalidCapsule(e.to_string()))?;
+            }
         }
         let mut guest = GuestInstance::new(store, instance)?;
         let version: TypedFunc<(), u32> = guest.typed("capsule_abi_version")?;

@@ -1,8 +1,9 @@
 //! The Capsule host runtime: runs capsules under wasmtime and builds them.
 //!
-//! - [`CapsuleEngine`] owns the wasmtime policy (Cranelift, SIMD, pooling allocator with
-//!   fallback, epoch deadlines) and the compiled-code caches: each guest build is compiled
-//!   once, and further capsules of that build install without compiling.
+//! - [`CapsuleEngine`] owns the wasmtime policy (Cranelift, SIMD, copy-on-write memory images
+//!   on Linux, else the pooling allocator with fallback, epoch deadlines) and the
+//!   compiled-code caches: each guest build is compiled once, and further capsules of that
+//!   build install without compiling.
 //! - [`LoadedCapsule`] is an installed capsule with a pool of warm instances; every request is
 //!   validated against the manifest before the guest runs, and any trap discards the instance.
 //! - [`CapsuleBuilder`] turns an ONNX model into a pre-initialized `.capsule.wasm`.
@@ -21,6 +22,8 @@
 
 mod builder;
 pub mod capsule;
+#[cfg(target_os = "linux")]
+mod cow;
 mod engine;
 mod error;
 pub mod golden;
@@ -41,3 +44,7 @@ pub const GUEST_WASM: &[u8] = include_bytes!(env!("CAPSULE_GUEST_WASM"));
 
 /// The cargo profile the carried guest was built with (`guest-dev` or `guest-release`).
 pub const GUEST_PROFILE: &str = env!("CAPSULE_GUEST_PROFILE");
+
+/// The carried guest's SIMD: `deterministic` (simd128, the default) or `relaxed-simd`
+/// (`CAPSULE_GUEST_SIMD=relaxed` at build time; see `capsule_format::manifest::Numerics`).
+pub const GUEST_SIMD: &str = env!("CAPSULE_GUEST_NUMERICS");

@@ -1,0 +1,362 @@
+//! Copy-on-write memory images (Linux).
+//!
+//! Every capsule of one guest build shares one compiled code module whose memory starts
+//! empty; the capsule's own state (the parsed and optimized model) is its memory image. Copying
+//! that image into every fresh instance costs time and memory in proportion to the model (tens
+//! of milliseconds for a ResNet-50-class capsule). Instead, the image is written once per
+//! installed capsule into a sealed `memfd`, and every instance maps it privately: a fresh
+//! instance costs a few system calls whatever the model's size, pages are shared between
+//! instances until one writes to them, and only the pages an inference touches are ever
+//! faulted in.
+//!
+//! wasmtime's own copy-on-write initialization works from a module's data segments, which the
+//! shared code module does not have (that is what lets one compiled module serve every
+//! capsule). So the engine installs [`CowMemoryCreator`] as its memory creator and hands it the
+//! image of the instance being created through [`with_image`].
+//!
+//! The one departure from wasmtime's `MemoryCreator` contract ("memory should be zero
+//! filled"): bytes past the memory's current size are the image, not zeros, until the memory
+//! grows over them. The host grows a fresh instance to exactly the image's size before any
+//! guest code runs (`LoadedCapsule::instantiate`), so the guest never observes the difference,
+//! and growth past the image reveals zero pages as wasm requires.
+
+use std::cell::RefCell;
+use std::ffi::c_void;
+use std::os::fd::OwnedFd;
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use rustix::fs::{MemfdFlags, SealFlags};
+use rustix::mm::{MapFlags, MprotectFlags, ProtFlags};
+use wasmtime::{LinearMemory, MemoryCreator, MemoryType};
+
+use crate::{Error, Result};
+
+/// A capsule's memory image in a sealed, anonymous, in-memory file.
+#[derive(Debug)]
+pub(crate) struct ImageFile {
+    fd: OwnedFd,
+    len: usize,
+}
+
+impl ImageFile {
+    /// Writes `len` bytes of image (zeros, then every `(offset, bytes)` segment) into a new
+    /// memfd and seals it against any further change. Zero ranges stay holes in the file.
+    pub(crate) fn new<'a>(
+        len: usize,
+        segments: impl Iterator<Item = (u32, &'a [u8])>,
+    ) -> Result<ImageFile> {
+        let io = |what: &'static str| {
+            move |e: rustix::io::Errno| Error::Io {
+                context: format!("{what} the copy-on-write memory image"),
+                source: std::io::Error::from(e),
+            }
+        };
+        let fd = rustix::fs::memfd_create(
+            "capsule-image",
+            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+        )
+        .map_err(io("creating"))?;
+        rustix::fs::ftruncate(&fd, len as u64).map_err(io("sizing"))?;
+        for (offset, data) in segments {
+            let end = (offset as usize).checked_add(data.len());
+            if end.is_none_or(|end| end > len) {
+                return Err(Error::InvalidCapsule(format!(
+                    "a data segment at {offset} of {} bytes ends past the memory image ({len} bytes)",
+                    data.len()
+                )));
+            }
+            let mut written = 0;
+            while written < data.len() {
+                let n =
+                    rustix::io::pwrite(&fd, &data[written..], u64::from(offset) + written as u64)
+                        .map_err(io("writing"))?;
+                if n == 0 {
+                    return Err(io("writing")(rustix::io::Errno::NOSPC));
+                }
+                written += n;
+            }
+        }
+        rustix::fs::fcntl_add_seals(
+            &fd,
+            SealFlags::SHRINK | SealFlags::GROW | SealFlags::WRITE | SealFlags::SEAL,
+        )
+        .map_err(io("sealing"))?;
+        Ok(ImageFile { fd, len })
+    }
+
+    /// Size of the image in bytes.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+thread_local! {
+    /// The image for the next memory this thread's instantiation creates.
+    static NEXT_IMAGE: RefCell<Option<Arc<ImageFile>>> = const { RefCell::new(None) };
+}
+
+/// Runs `instantiate` with `image` as the memory image of the memory it creates. Returns
+/// whether the memory creator took the image (false means the engine did not create a memory
+/// through [`CowMemoryCreator`], and the caller must initialize the memory itself).
+pub(crate) fn with_image<R>(image: &Arc<ImageFile>, instantiate: impl FnOnce() -> R) -> (R, bool) {
+    struct Clear;
+    impl Drop for Clear {
+        fn drop(&mut self) {
+            NEXT_IMAGE.with(|n| n.borrow_mut().take());
+        }
+    }
+    NEXT_IMAGE.with(|n| *n.borrow_mut() = Some(Arc::clone(image)));
+    let _clear = Clear;
+    let result = instantiate();
+    let taken = NEXT_IMAGE.with(|n| n.borrow().is_none());
+    (result, taken)
+}
+
+/// The engine's memory creator: a virtual reservation (plus guard) per memory, with the
+/// pending image, if any, mapped privately at its start.
+#[derive(Debug, Default)]
+pub(crate) struct CowMemoryCreator;
+
+/// One linear memory: `mapped` bytes reserved at `base`, the first `size` readable and
+/// writable, growth possible up to `capacity` without moving.
+#[derive(Debug)]
+struct CowMemory {
+    base: NonNull<u8>,
+    mapped: usize,
+    capacity: usize,
+    size: usize,
+}
+
+// SAFETY: the mapping is owned by this value alone (wasmtime owns the value and synchronizes
+// access to the memory it describes); the raw pointer is only an address.
+unsafe impl Send for CowMemory {}
+// SAFETY: as above; `&CowMemory` gives out only the address and sizes.
+unsafe impl Sync for CowMemory {}
+
+const HOST_PAGE: usize = 4096;
+
+fn round_up(n: usize) -> Option<usize> {
+    n.checked_add(HOST_PAGE - 1).map(|n| n & !(HOST_PAGE - 1))
+}
+
+impl Drop for CowMemory {
+    fn drop(&mut self) {
+        // SAFETY: `base..base + mapped` is the mapping this value made and owns.
+        if let Err(e) = unsafe { rustix::mm::munmap(self.base.as_ptr().cast(), self.mapped) } {
+            tracing::error!(error = %e, "cannot unmap a linear memory");
+        }
+    }
+}
+
+// SAFETY: the memory is page aligned (mmap), its `capacity` bytes plus the guard the engine
+// asked for stay reserved (inaccessible past `size`) for its whole life, and it never moves.
+unsafe impl LinearMemory for CowMemory {
+    fn byte_size(&self) -> usize {
+        self.size
+    }
+
+    fn byte_capacity(&self) -> usize {
+        self.capacity
+    }
+
+    fn grow_to(&mut self, new_size: usize) -> wasmtime::Result<()> {
+        if new_size > self.capacity {
+            wasmtime::bail!(
+                "cannot grow a memory of {} bytes to {new_size}: its reservation is {} bytes",
+                self.size,
+                self.capacity
+            );
+        }
+        if new_size > self.size {
+            let start = round_up(self.size).unwrap_or(self.capacity);
+            let end = round_up(new_size)
+                .unwrap_or(self.capacity)
+                .min(self.capacity);
+            if end > start {
+                // SAFETY: `start..end` lies inside this value's own reservation.
+                unsafe {
+                    rustix::mm::mprotect(
+                        self.base.as_ptr().add(start).cast(),
+                        end - start,
+                        MprotectFlags::READ | MprotectFlags::WRITE,
+                    )
+                }
+                .map_err(std::io::Error::from)?;
+            }
+            self.size = new_size;
+        }
+        Ok(())
+    }
+
+    fn as_ptr(&self) -> *mut u8 {
+        self.base.as_ptr()
+    }
+}
+
+// SAFETY: every memory it returns is a fresh, exclusively owned mapping with the reservation
+// and guard the engine asked for; the image exception is documented in the module docs.
+unsafe impl MemoryCreator for CowMemoryCreator {
+    fn new_memory(
+        &self,
+        _ty: MemoryType,
+        minimum: usize,
+        maximum: Option<usize>,
+        reserved_size_in_bytes: Option<usize>,
+        guard_size_in_bytes: usize,
+    ) -> std::result::Result<Box<dyn LinearMemory>, String> {
+        let image = NEXT_IMAGE.with(|n| n.borrow_mut().take());
+        let capacity = reserved_size_in_bytes
+            .or(maximum)
+            .unwrap_or(1 << 32)
+            .max(minimum);
+        let capacity = round_up(capacity).ok_or("memory reservation overflows")?;
+        let mapped = capacity
+            .checked_add(guard_size_in_bytes)
+            .and_then(round_up)
+            .ok_or("memory reservation overflows")?;
+        // SAFETY: a fresh anonymous reservation, nothing else refers to it.
+        let base = unsafe {
+            rustix::mm::mmap_anonymous(
+                std::ptr::null_mut(),
+                mapped,
+                ProtFlags::empty(),
+                MapFlags::PRIVATE | MapFlags::NORESERVE,
+            )
+        }
+        .map_err(|e| format!("cannot reserve {mapped} bytes for a linear memory: {e}"))?;
+        let base = NonNull::new(base.cast::<u8>()).ok_or("mmap returned a null address")?;
+        let memory = CowMemory {
+            base,
+            mapped,
+            capacity,
+            size: 0,
+        };
+        if let Some(image) = image {
+            if image.len > capacity {
+                return Err(format!(
+                    "a memory image of {} bytes does not fit a reservation of {capacity} bytes",
+                    image.len
+                ));
+            }
+            if image.len > 0 {
+                // SAFETY: maps over the start of this memory's own reservation (MAP_FIXED
+                // replaces part of the mapping made above, nothing else).
+                unsafe {
+                    rustix::mm::mmap(
+                        memory.base.as_ptr().cast::<c_void>(),
+                        image.len,
+                        ProtFlags::empty(),
+                        MapFlags::PRIVATE | MapFlags::FIXED,
+                        &image.fd,
+                        0,
+                    )
+                }
+                .map_err(|e| format!("cannot map the memory image: {e}"))?;
+            }
+        }
+        let mut memory = memory;
+        memory.grow_to(minimum).map_err(|e| format!("{e:#}"))?;
+        Ok(Box::new(memory))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn memory(image: Option<&Arc<ImageFile>>, minimum: usize) -> Box<dyn LinearMemory> {
+        let make = || {
+            CowMemoryCreator.new_memory(
+                MemoryType::new(0, None),
+                minimum,
+                None,
+                Some(1 << 24),
+                1 << 16,
+            )
+        };
+        match image {
+            Some(image) => {
+                let (m, taken) = with_image(image, make);
+                assert!(taken);
+                m.unwrap()
+            }
+            None => make().unwrap(),
+        }
+    }
+
+    #[test]
+    fn an_image_shows_once_grown_and_writes_stay_private() {
+        let data = [7u8; 100];
+        let image =
+            Arc::new(ImageFile::new(3 * 65536, [(65536 + 10, &data[..])].into_iter()).unwrap());
+        let mut a = memory(Some(&image), 0);
+        let mut b = memory(Some(&image), 0);
+        assert_eq!(a.byte_size(), 0);
+        a.grow_to(image.len()).unwrap();
+        b.grow_to(image.len()).unwrap();
+        // SAFETY: both memories are grown over the bytes read and written here.
+        unsafe {
+            let pa = a.as_ptr();
+            let pb = b.as_ptr();
+            assert_eq!(*pa.add(65536 + 10), 7);
+            assert_eq!(*pa.add(65536 + 109), 7);
+            assert_eq!(*pa.add(65536 + 110), 0);
+            assert_eq!(*pa, 0);
+            *pa.add(65536 + 10) = 1;
+            assert_eq!(
+                *pb.add(65536 + 10),
+                7,
+                "a write in one instance leaks into another"
+            );
+        }
+        // Past the image, growth reveals zeros.
+        a.grow_to(5 * 65536).unwrap();
+        // SAFETY: grown above.
+        unsafe { assert_eq!(*a.as_ptr().add(4 * 65536), 0) };
+        // A third instance still sees the pristine image.
+        let mut c = memory(Some(&image), 0);
+        c.grow_to(image.len()).unwrap();
+        // SAFETY: grown above.
+        unsafe { assert_eq!(*c.as_ptr().add(65536 + 10), 7) };
+    }
+
+    #[test]
+    fn growth_stops_at_the_reservation() {
+        let mut m = memory(None, 65536);
+        assert_eq!(m.byte_size(), 65536);
+        assert!(m.grow_to(1 << 24).is_ok());
+        assert!(m.grow_to((1 << 24) + 65536).is_err());
+    }
+
+    #[test]
+    fn segments_past_the_image_are_refused() {
+        let data = [1u8; 16];
+        let err = ImageFile::new(65536, [(65536 - 8, &data[..])].into_iter()).unwrap_err();
+        assert!(
+            err.to_string().contains("ends past the memory image"),
+            "{err}"
+        );
+        let err = ImageFile::new(65536, [(u32::MAX, &data[..])].into_iter()).unwrap_err();
+        assert!(err.to_string().contains("ends past"), "{err}");
+    }
+
+    #[test]
+    fn an_image_too_large_for_the_reservation_is_refused() {
+        let image = Arc::new(ImageFile::new(1 << 25, std::iter::empty()).unwrap());
+        let (m, _) = with_image(&image, || {
+            CowMemoryCreator.new_memory(MemoryType::new(0, None), 0, None, Some(1 << 24), 0)
+        });
+        assert!(m.is_err());
+    }
+
+    #[test]
+    fn the_image_file_is_sealed() {
+        let image = ImageFile::new(65536, std::iter::empty()).unwrap();
+        assert!(rustix::io::pwrite(&image.fd, b"x", 0).is_err());
+        assert!(rustix::fs::ftruncate(&image.fd, 0).is_err());
+    }
+}
