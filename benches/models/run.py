@@ -82,7 +82,9 @@ def main():
     built = {}
     for m in models:
         d = os.path.join(args.out, m)
-        out = os.path.join(d, f"{m}.capsule.wasm")
+        # Named by the CLI that built it, so runs of two CLIs (say, deterministic and
+        # relaxed-simd guests) keep their capsules apart.
+        out = os.path.join(d, f"{m}.{os.path.basename(capsule)}.capsule.wasm")
         sh([capsule, "build", os.path.join(d, "model.onnx"), "--name", m, "--version", "1.0.0",
             "--golden", os.path.join(d, "golden"), "-o", out], stdout=subprocess.DEVNULL)
         with open(os.path.join(d, "golden", "000.json")) as f:

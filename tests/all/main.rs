@@ -3,6 +3,7 @@
 mod builder;
 mod code_once;
 mod conformance;
+mod copy_on_write;
 mod fixtures;
 mod independent_calls;
 mod limits;
