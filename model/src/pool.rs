@@ -9,10 +9,17 @@
 //! compiles to `f32x4.pmax` when vectorized. (With a symbolic batch dimension tract keeps
 //! `MaxPool`, which also rebuilds its geometry on every call.)
 //!
+//! Every other f32 NCHW max pool without dilation or index outputs (any kernel, strides,
+//! explicit padding, ceil mode: SqueezeNet's and ResNet's 3x3 stride-2 pools) becomes
+//! [`MaxPoolNchw`], the same fold over each window's taps inside the image. tract calls
+//! `fmaxf` per tap there too: in a SqueezeNet capsule its pools took 11% of the inference
+//! (docs/benchmarks.md, "Profiles").
+//!
 //! The fold is tract's: the taps in row-major order from `f32::MIN`, keeping the running
 //! maximum unless a tap is greater. That is what `fmaxf` computes whenever the running
 //! maximum is not NaN (it never is: it starts at `f32::MIN` and only takes non-NaN taps), so
-//! the outputs are the same, NaN taps included (they are skipped).
+//! the outputs are the same, NaN taps included (they are skipped), and so is the sign of a
+//! zero maximum (the first of equal taps is kept).
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -145,8 +152,174 @@ impl TypedOp for MaxPool2x2 {
     as_op!();
 }
 
-/// Replaces every 2×2 stride-2 f32 NCHW max pool of an optimized model by [`MaxPool2x2`];
-/// returns how many.
+/// Max pooling of an `[n, c, h, w]` f32 tensor (`n` may be symbolic) with any kernel and
+/// strides and explicit or `SAME` padding: each output is the fold of its window's taps that lie in
+/// the image (padding taps do not count, as in tract and ONNX). The output size is the
+/// replaced op's own (tract computed it, ceil mode included).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct MaxPoolNchw {
+    /// Input channels, height, width.
+    chw: [usize; 3],
+    /// Output height and width.
+    out: [usize; 2],
+    kernel: [usize; 2],
+    strides: [usize; 2],
+    /// Padding before (top, left).
+    pad: [usize; 2],
+}
+
+impl MaxPoolNchw {
+    /// The replacement of a max pool reading `input` and writing `output`, when it is an f32
+    /// NCHW pool without dilation or index outputs.
+    fn of(
+        spec: &PoolSpec,
+        with_index_outputs: bool,
+        input: &TypedFact,
+        output: &TypedFact,
+    ) -> Option<MaxPoolNchw> {
+        if with_index_outputs
+            || input.datum_type != f32::datum_type()
+            || spec.data_format != DataFormat::NCHW
+            || input.rank() != 4
+            || output.rank() != 4
+            || spec.kernel_shape.len() != 2
+            || spec
+                .dilations
+                .as_ref()
+                .is_some_and(|d| d.iter().any(|&x| x != 1))
+        {
+            return None;
+        }
+        let strides = match &spec.strides {
+            None => [1, 1],
+            Some(s) => [*s.first()?, *s.get(1)?],
+        };
+        let dim = |f: &TypedFact, i: usize| f.shape[i].to_usize().ok();
+        let chw = [dim(input, 1)?, dim(input, 2)?, dim(input, 3)?];
+        let out = [dim(output, 2)?, dim(output, 3)?];
+        let kernel = [spec.kernel_shape[0], spec.kernel_shape[1]];
+        // SAME padding (tract's optimizer writes it for explicit padding that amounts to
+        // it): the total is what the output size needs; the odd pixel goes after (upper)
+        // or before (lower).
+        let same = |axis: usize, lower: bool| {
+            let needed = (out[axis].checked_sub(1)? * strides[axis] + kernel[axis])
+                .saturating_sub(chw[axis + 1]);
+            Some(if lower {
+                needed - needed / 2
+            } else {
+                needed / 2
+            })
+        };
+        let pad = match &spec.padding {
+            PaddingSpec::Valid => [0, 0],
+            PaddingSpec::Explicit(before, _) | PaddingSpec::ExplicitOnnxPool(before, _, _) => {
+                [*before.first()?, *before.get(1)?]
+            }
+            PaddingSpec::SameUpper => [same(0, false)?, same(1, false)?],
+            PaddingSpec::SameLower => [same(0, true)?, same(1, true)?],
+        };
+        let positive = |v: [usize; 2]| v.iter().all(|&x| x > 0);
+        (dim(output, 1)? == chw[0]
+            && positive(kernel)
+            && positive(strides)
+            && positive(out)
+            && positive([chw[1], chw[2]]))
+        .then_some(MaxPoolNchw {
+            chw,
+            out,
+            kernel,
+            strides,
+            pad,
+        })
+    }
+
+    /// The taps of output index `o` along one axis: `start..end` in the image.
+    fn window(&self, axis: usize, o: usize) -> std::ops::Range<usize> {
+        let size = self.chw[axis + 1];
+        let first = (o * self.strides[axis]) as isize - self.pad[axis] as isize;
+        let start = first.clamp(0, size as isize) as usize;
+        let end = (first + self.kernel[axis] as isize).clamp(0, size as isize) as usize;
+        start..end
+    }
+
+    /// The pooling itself, on contiguous planes of `h * w` values.
+    fn pool(&self, input: &[f32], output: &mut [f32]) {
+        let [_, h, w] = self.chw;
+        let [oh, ow] = self.out;
+        let cols: Vec<std::ops::Range<usize>> = (0..ow).map(|ox| self.window(1, ox)).collect();
+        for (plane, out) in input
+            .chunks_exact(h * w)
+            .zip(output.chunks_exact_mut(oh * ow))
+        {
+            for (oy, out_row) in out.chunks_exact_mut(ow).enumerate() {
+                let rows = self.window(0, oy);
+                for (o, xs) in out_row.iter_mut().zip(&cols) {
+                    let mut m = f32::MIN;
+                    for y in rows.clone() {
+                        for &v in &plane[y * w..][xs.clone()] {
+                            m = if m < v { v } else { m };
+                        }
+                    }
+                    *o = m;
+                }
+            }
+        }
+    }
+}
+
+impl Op for MaxPoolNchw {
+    fn name(&self) -> StaticName {
+        "MaxPoolNchw".into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for MaxPoolNchw {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let input = args_1!(inputs);
+        let [c, h, w] = self.chw;
+        let &[n, ic, ih, iw] = input.shape() else {
+            bail!(
+                "MaxPoolNchw expects [n, {c}, {h}, {w}], got {:?}",
+                input.shape()
+            );
+        };
+        if [ic, ih, iw] != self.chw {
+            bail!(
+                "MaxPoolNchw expects [n, {c}, {h}, {w}], got {:?}",
+                input.shape()
+            );
+        }
+        let [oh, ow] = self.out;
+        let mut output = Tensor::zero::<f32>(&[n, c, oh, ow])?;
+        {
+            let input = input.try_as_plain_ram()?;
+            let mut plain = output.try_as_plain_ram_mut()?;
+            self.pool(input.as_slice::<f32>()?, plain.as_slice_mut::<f32>()?);
+        }
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+impl TypedOp for MaxPoolNchw {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let [c, _, _] = self.chw;
+        let [oh, ow] = self.out;
+        let Some(n) = inputs.first().and_then(|f| f.shape.iter().next()) else {
+            bail!("MaxPoolNchw has one input");
+        };
+        let shape: TVec<TDim> = tvec![n.clone(), c.into(), oh.into(), ow.into()];
+        Ok(tvec!(f32::fact(shape)))
+    }
+
+    as_op!();
+}
+
+/// Replaces every 2×2 stride-2 f32 NCHW max pool of an optimized model by [`MaxPool2x2`],
+/// and every other f32 NCHW max pool it can by [`MaxPoolNchw`]; returns how many.
 pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
     let mut replaced = 0;
     for id in 0..model.nodes().len() {
@@ -161,19 +334,24 @@ pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
         let [input] = node.inputs[..] else {
             continue;
         };
-        let Some(new) = MaxPool2x2::of(spec, indices, model.outlet_fact(input)?) else {
+        let before = model.outlet_fact(OutletId::new(id, 0))?.clone();
+        let input_fact = model.outlet_fact(input)?;
+        let new: Box<dyn TypedOp> = if let Some(op) = MaxPool2x2::of(spec, indices, input_fact) {
+            Box::new(op)
+        } else if let Some(op) = MaxPoolNchw::of(spec, indices, input_fact, &before) {
+            Box::new(op)
+        } else {
             continue;
         };
         // Same output fact, so nothing downstream changes.
-        let before = model.outlet_fact(OutletId::new(id, 0))?.clone();
-        let after = new.output_facts(&[model.outlet_fact(input)?])?;
+        let after = new.output_facts(&[input_fact])?;
         if after.len() != 1
             || after[0].shape != before.shape
             || after[0].datum_type != before.datum_type
         {
             continue;
         }
-        model.node_mut(id).op = Box::new(new);
+        model.node_mut(id).op = new;
         replaced += 1;
     }
     Ok(replaced)
@@ -245,6 +423,113 @@ mod tests {
                 want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                 "{planes}x{h}x{w}"
             );
+        }
+    }
+
+    /// One max pool through tract, and the same model after [`substitute`]: the outputs
+    /// must be the same bits.
+    fn same_as_tract(
+        planes: usize,
+        hw: [usize; 2],
+        k: [usize; 2],
+        st: [usize; 2],
+        pads: [usize; 4],
+        ceil: bool,
+    ) {
+        let [h, w] = hw;
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([2, planes, h, w])).unwrap();
+        let pool_spec = PoolSpec {
+            data_format: DataFormat::NCHW,
+            kernel_shape: tvec![k[0], k[1]],
+            padding: PaddingSpec::ExplicitOnnxPool(
+                tvec![pads[0], pads[1]],
+                tvec![pads[2], pads[3]],
+                ceil,
+            ),
+            dilations: None,
+            strides: Some(tvec![st[0], st[1]]),
+            input_channels: planes,
+            output_channels: planes,
+        };
+        let y = model
+            .wire_node(
+                "pool",
+                MaxPool {
+                    pool_spec,
+                    with_index_outputs: None,
+                },
+                &[x],
+            )
+            .unwrap();
+        model.select_output_outlets(&y).unwrap();
+        // Values with repeats, signed zeros and NaNs: equal taps and NaN taps are where a
+        // fold in another order or with another comparison would differ.
+        let values: Vec<f32> = (0..2 * planes * h * w)
+            .map(|i| match (i * 7919) % 29 {
+                0 => f32::NAN,
+                1 => -0.0,
+                2 => 0.0,
+                v => (v % 13) as f32 - 6.0,
+            })
+            .collect();
+        let input: Tensor = tract_ndarray::Array4::from_shape_vec((2, planes, h, w), values)
+            .unwrap()
+            .into();
+        let run = |m: TypedModel| {
+            m.into_runnable()
+                .unwrap()
+                .run(tvec!(input.clone().into_tvalue()))
+                .unwrap()
+                .remove(0)
+        };
+        let bits = |t: TValue| {
+            t.to_plain_array_view::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect::<Vec<_>>()
+        };
+        let want = run(model.clone());
+        let mut ours = model.clone();
+        assert_eq!(
+            substitute(&mut ours).unwrap(),
+            1,
+            "{hw:?} k{k:?} s{st:?} p{pads:?} ceil {ceil}"
+        );
+        assert_eq!(
+            bits(run(ours)),
+            bits(want.clone()),
+            "{hw:?} k{k:?} s{st:?} p{pads:?} ceil {ceil}"
+        );
+        // And after tract's optimizer (OptMaxPool).
+        let mut optimized = model.into_optimized().unwrap();
+        assert_eq!(substitute(&mut optimized).unwrap(), 1);
+        assert_eq!(
+            bits(run(optimized)),
+            bits(want),
+            "optimized {hw:?} k{k:?} s{st:?}"
+        );
+    }
+
+    #[test]
+    fn general_pools_answer_like_tract() {
+        // SqueezeNet (3x3 stride 2, ceil mode) and ResNet (3x3 stride 2, padding 1) at their
+        // sizes, then odd sizes, asymmetric kernels, strides and padding.
+        same_as_tract(2, [111, 111], [3, 3], [2, 2], [0, 0, 0, 0], true);
+        same_as_tract(2, [27, 27], [3, 3], [2, 2], [0, 0, 0, 0], true);
+        same_as_tract(2, [112, 112], [3, 3], [2, 2], [1, 1, 1, 1], false);
+        for (hw, k, st, pads, ceil) in [
+            ([7, 9], [3, 3], [2, 2], [0, 0, 0, 0], true),
+            ([7, 9], [3, 3], [2, 2], [0, 0, 0, 0], false),
+            ([5, 6], [3, 3], [2, 2], [1, 1, 1, 1], false),
+            ([5, 6], [3, 3], [1, 1], [1, 1, 1, 1], false),
+            ([6, 5], [2, 3], [1, 2], [0, 1, 1, 0], true),
+            ([4, 4], [5, 5], [3, 3], [2, 2, 2, 2], true),
+            ([8, 3], [1, 1], [2, 2], [0, 0, 0, 0], false),
+            ([3, 3], [3, 3], [1, 1], [2, 2, 2, 2], false),
+        ] {
+            same_as_tract(3, hw, k, st, pads, ceil);
         }
     }
 }
