@@ -115,38 +115,17 @@ impl EvalOp for MaxPool2x2 {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let input = args_1!(inputs);
-        let [c, h, w] = self.chw;
-        let &[n, ic, ih, iw] = input.shape() else {
-            bail!(
-                "MaxPool2x2 expects [n, {c}, {h}, {w}], got {:?}",
-                input.shape()
-            );
-        };
-        if [ic, ih, iw] != self.chw {
-            bail!(
-                "MaxPool2x2 expects [n, {c}, {h}, {w}], got {:?}",
-                input.shape()
-            );
-        }
-        let mut output = Tensor::zero::<f32>(&[n, c, h / 2, w / 2])?;
-        {
-            let input = input.try_as_plain_ram()?;
-            let mut plain = output.try_as_plain_ram_mut()?;
-            pool(input.as_slice::<f32>()?, plain.as_slice_mut::<f32>()?, h, w);
-        }
-        Ok(tvec!(output.into_tvalue()))
+        let [_, h, w] = self.chw;
+        eval_planes("MaxPool2x2", self.chw, [h / 2, w / 2], inputs, |i, o| {
+            pool(i, o, h, w)
+        })
     }
 }
 
 impl TypedOp for MaxPool2x2 {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let [c, h, w] = self.chw;
-        let Some(n) = inputs.first().and_then(|f| f.shape.iter().next()) else {
-            bail!("MaxPool2x2 has one input");
-        };
-        let shape: TVec<TDim> = tvec![n.clone(), c.into(), (h / 2).into(), (w / 2).into()];
-        Ok(tvec!(f32::fact(shape)))
+        output_fact("MaxPool2x2", c, [h / 2, w / 2], inputs)
     }
 
     as_op!();
@@ -279,43 +258,58 @@ impl EvalOp for MaxPoolNchw {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let input = args_1!(inputs);
-        let [c, h, w] = self.chw;
-        let &[n, ic, ih, iw] = input.shape() else {
-            bail!(
-                "MaxPoolNchw expects [n, {c}, {h}, {w}], got {:?}",
-                input.shape()
-            );
-        };
-        if [ic, ih, iw] != self.chw {
-            bail!(
-                "MaxPoolNchw expects [n, {c}, {h}, {w}], got {:?}",
-                input.shape()
-            );
-        }
-        let [oh, ow] = self.out;
-        let mut output = Tensor::zero::<f32>(&[n, c, oh, ow])?;
-        {
-            let input = input.try_as_plain_ram()?;
-            let mut plain = output.try_as_plain_ram_mut()?;
-            self.pool(input.as_slice::<f32>()?, plain.as_slice_mut::<f32>()?);
-        }
-        Ok(tvec!(output.into_tvalue()))
+        eval_planes("MaxPoolNchw", self.chw, self.out, inputs, |i, o| {
+            self.pool(i, o)
+        })
     }
 }
 
 impl TypedOp for MaxPoolNchw {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let [c, _, _] = self.chw;
-        let [oh, ow] = self.out;
-        let Some(n) = inputs.first().and_then(|f| f.shape.iter().next()) else {
-            bail!("MaxPoolNchw has one input");
-        };
-        let shape: TVec<TDim> = tvec![n.clone(), c.into(), oh.into(), ow.into()];
-        Ok(tvec!(f32::fact(shape)))
+        output_fact("MaxPoolNchw", self.chw[0], self.out, inputs)
     }
 
     as_op!();
+}
+
+/// Runs a pooling of `[n, c, h, w]` planes into `[n, c, oh, ow]`, checking the input's
+/// shape against the one the op was made for.
+fn eval_planes(
+    name: &str,
+    chw: [usize; 3],
+    [oh, ow]: [usize; 2],
+    inputs: TVec<TValue>,
+    pool: impl FnOnce(&[f32], &mut [f32]),
+) -> TractResult<TVec<TValue>> {
+    let input = args_1!(inputs);
+    let [c, h, w] = chw;
+    let &[n, ic, ih, iw] = input.shape() else {
+        bail!("{name} expects [n, {c}, {h}, {w}], got {:?}", input.shape());
+    };
+    if [ic, ih, iw] != chw {
+        bail!("{name} expects [n, {c}, {h}, {w}], got {:?}", input.shape());
+    }
+    let mut output = Tensor::zero::<f32>(&[n, c, oh, ow])?;
+    {
+        let input = input.try_as_plain_ram()?;
+        let mut plain = output.try_as_plain_ram_mut()?;
+        pool(input.as_slice::<f32>()?, plain.as_slice_mut::<f32>()?);
+    }
+    Ok(tvec!(output.into_tvalue()))
+}
+
+/// The `[n, c, oh, ow]` f32 fact of a pooling whose input's `n` may be symbolic.
+fn output_fact(
+    name: &str,
+    c: usize,
+    [oh, ow]: [usize; 2],
+    inputs: &[&TypedFact],
+) -> TractResult<TVec<TypedFact>> {
+    let Some(n) = inputs.first().and_then(|f| f.shape.iter().next()) else {
+        bail!("{name} has one input");
+    };
+    let shape: TVec<TDim> = tvec![n.clone(), c.into(), oh.into(), ow.into()];
+    Ok(tvec!(f32::fact(shape)))
 }
 
 /// Replaces every 2×2 stride-2 f32 NCHW max pool of an optimized model by [`MaxPool2x2`],
