@@ -48,6 +48,8 @@ pub struct CapsuleImage {
     pub memory_pages: u64,
     /// Active data segments: offset in memory and byte range in the file.
     segments: Vec<(u32, Range<usize>)>,
+    /// Total bytes of the segments (kept when they are shed).
+    image_len: usize,
     /// Export names.
     pub exports: Vec<String>,
     /// Import names (`module::name`); always empty for a valid capsule, kept for `inspect`.
@@ -257,6 +259,7 @@ impl CapsuleImage {
         }
         let sha256 = hex::encode(Sha256::digest(&bytes));
         let code_sha256 = hex::encode(Sha256::digest(&code));
+        let image_len = segments.iter().map(|(_, r)| r.len()).sum();
         Ok(CapsuleImage {
             file_size: bytes.len(),
             bytes,
@@ -266,6 +269,7 @@ impl CapsuleImage {
             code_sha256,
             memory_pages,
             segments,
+            image_len,
             exports,
             imports,
             sections,
@@ -305,6 +309,14 @@ impl CapsuleImage {
 
     /// Total bytes of the memory image.
     pub fn image_bytes(&self) -> usize {
-        self.segments.iter().map(|(_, r)| r.len()).sum()
+        self.image_len
+    }
+
+    /// Drops the memory image itself (after [`Self::shed_code`], the last of the file): an
+    /// installed capsule whose image lives in a copy-on-write file needs no second copy in
+    /// process memory. [`Self::segments`] is empty afterwards.
+    pub(crate) fn shed_image(&mut self) {
+        self.bytes = Vec::new();
+        self.segments = Vec::new();
     }
 }

@@ -172,7 +172,10 @@ impl LoadedCapsule {
                         image.memory_pages
                     ))
                 })?;
-            Some(Arc::new(crate::cow::ImageFile::new(len, image.segments())?))
+            let file = Arc::new(crate::cow::ImageFile::new(len, image.segments())?);
+            // The file is the image from now on: no second copy in process memory.
+            image.shed_image();
+            Some(file)
         } else {
             None
         };
@@ -222,7 +225,15 @@ impl LoadedCapsule {
             Some(file) => {
                 let (instance, taken) =
                     crate::cow::with_image(file, || Instance::new(&mut store, &self.module, &[]));
-                (instance.map_err(Error::wasmtime)?, taken)
+                let instance = instance.map_err(Error::wasmtime)?;
+                if !taken {
+                    // The segments were shed at install: without the mapping the instance
+                    // would start from zeros.
+                    return Err(Error::Wasmtime(
+                        "the engine's memory creator did not map the capsule's memory image".into(),
+                    ));
+                }
+                (instance, true)
             }
             None => (
                 Instance::new(&mut store, &self.module, &[]).map_err(Error::wasmtime)?,

@@ -33,6 +33,15 @@ fn mapped_and_copied_images_answer_alike() -> anyhow::Result<()> {
             config.clone(),
         )?;
         let b = LoadedCapsule::install(&copied, CapsuleImage::parse(built.bytes.clone())?, config)?;
+        // The mapped capsule keeps its image only in the sealed file, not a second time in
+        // process memory; its size is still known.
+        assert_eq!(a.image().image_bytes(), b.image().image_bytes());
+        assert!(b.image().segments().next().is_some());
+        assert_eq!(
+            a.image().segments().next().is_none(),
+            cfg!(target_os = "linux"),
+            "{name}: the image's bytes are shed once mapped"
+        );
         for sample in golden(name)? {
             // The same instance twice (its writes from the first call stay its own), then a
             // cold start (a fresh mapping of the pristine image).
