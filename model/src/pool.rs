@@ -75,6 +75,15 @@ impl MaxPool2x2 {
     }
 }
 
+/// tract's max-pool fold over a window's taps in row-major order: from `f32::MIN`, keep the
+/// running maximum unless a tap is greater (NaN taps are skipped; of equal taps, such as
+/// `-0.0` and `0.0`, the first is kept).
+#[inline(always)]
+fn fold_max(taps: impl IntoIterator<Item = f32>) -> f32 {
+    taps.into_iter()
+        .fold(f32::MIN, |m, v| if m < v { v } else { m })
+}
+
 /// The pooling itself, on contiguous planes of `h * w` values.
 fn pool(input: &[f32], output: &mut [f32], h: usize, w: usize) {
     let (oh, ow) = (h / 2, w / 2);
@@ -93,11 +102,7 @@ fn pool(input: &[f32], output: &mut [f32], h: usize, w: usize) {
                 .zip(r0.chunks_exact(2))
                 .zip(r1.chunks_exact(2))
             {
-                let mut m = f32::MIN;
-                for v in [a[0], a[1], b[0], b[1]] {
-                    m = if m < v { v } else { m };
-                }
-                *o = m;
+                *o = fold_max([a[0], a[1], b[0], b[1]]);
             }
         }
     }
@@ -233,13 +238,10 @@ impl MaxPoolNchw {
             for (oy, out_row) in out.chunks_exact_mut(ow).enumerate() {
                 let rows = self.window(0, oy);
                 for (o, xs) in out_row.iter_mut().zip(&cols) {
-                    let mut m = f32::MIN;
-                    for y in rows.clone() {
-                        for &v in &plane[y * w..][xs.clone()] {
-                            m = if m < v { v } else { m };
-                        }
-                    }
-                    *o = m;
+                    *o = fold_max(
+                        rows.clone()
+                            .flat_map(|y| plane[y * w..][xs.clone()].iter().copied()),
+                    );
                 }
             }
         }

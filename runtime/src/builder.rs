@@ -185,11 +185,6 @@ impl CapsuleBuilder {
         &self.guest_sha256
     }
 
-    /// How the guest build's arithmetic rounds (what its capsules' manifests say).
-    pub fn numerics(&self) -> Numerics {
-        self.numerics
-    }
-
     /// A fresh instance of the instrumented guest with the model loaded in it (constructors
     /// run, `capsule_build` done): the state the snapshot captures.
     fn load_in_guest(
