@@ -3,6 +3,7 @@
 //! anything).
 
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -103,6 +104,9 @@ pub struct BenchReport {
     pub ratio_p50: Option<f64>,
     pub cold_start_instantiate: Percentiles,
     pub cold_start_first_output: Percentiles,
+    /// 8x8 product tiles the node's native kernels computed per warm inference (0: every
+    /// product ran in wasm).
+    pub host_kernel_tiles_per_inference: f64,
 }
 
 /// The bench input: the first golden sample, else zeros shaped by the manifest (symbolic
@@ -229,6 +233,9 @@ pub fn measure(
         inst.push(c.instantiate);
         first.push(c.first_output);
     }
+    let stats = capsule.stats();
+    let tiles = stats.host_kernel_calls.load(Ordering::Relaxed) as f64
+        / (stats.inferences.load(Ordering::Relaxed).max(1)) as f64;
     let capsule_latency = Percentiles::of(caps);
     let native_latency = native.is_some().then(|| Percentiles::of(nat));
     Ok(BenchReport {
@@ -242,6 +249,7 @@ pub fn measure(
         native_latency,
         cold_start_instantiate: Percentiles::of(inst),
         cold_start_first_output: Percentiles::of(first),
+        host_kernel_tiles_per_inference: tiles,
     })
 }
 
@@ -250,6 +258,14 @@ pub fn print(r: &BenchReport) {
         "{} {} (guest profile {}, input: {}, batch {})",
         r.capsule, r.version, r.guest_profile, r.input_from, r.batch
     );
+    if r.host_kernel_tiles_per_inference > 0.0 {
+        println!(
+            "  host kernels: on ({:.0} native 8x8 product tiles per inference)",
+            r.host_kernel_tiles_per_inference
+        );
+    } else {
+        println!("  host kernels: off (every product in wasm)");
+    }
     println!(
         "  {:<34} {:>9} {:>9} {:>9} {:>9}",
         "", "p50 ms", "p90 ms", "p99 ms", "mean ms"

@@ -51,6 +51,7 @@ struct Report<'a> {
     builder_version: &'a str,
     guest_sha256: &'a str,
     numerics: capsule_format::manifest::Numerics,
+    host_kernels: capsule_format::HostKernels,
     source: &'a capsule_format::manifest::SourceModel,
     inputs: &'a [capsule_format::TensorSpec],
     outputs: &'a [capsule_format::TensorSpec],
@@ -92,6 +93,7 @@ fn report<'a>(args: &Args, image: &'a CapsuleImage) -> Result<Report<'a>> {
         builder_version: &m.builder_version,
         guest_sha256: &m.guest_sha256,
         numerics: m.numerics,
+        host_kernels: m.host_kernels,
         source: &m.source,
         inputs: &m.inputs,
         outputs: &m.outputs,
@@ -165,8 +167,8 @@ pub fn run(args: &Args) -> Result<()> {
         bytes(r.image_bytes as u64)
     );
     println!(
-        "  abi           version {}, builder {}, numerics {}",
-        r.abi_version, r.builder_version, r.numerics
+        "  abi           version {}, builder {}, numerics {}, host kernels {}",
+        r.abi_version, r.builder_version, r.numerics, r.host_kernels
     );
     println!(
         "  source        {}, {}, sha256 {}",

@@ -28,6 +28,11 @@ struct Cli {
     /// Keep compiled code in memory only.
     #[arg(long, global = true)]
     no_cache: bool,
+    /// Let capsules hand dense matrix products to this machine's native kernels (x86-64 with
+    /// AVX2 and FMA). `false` keeps everything in wasm: outputs then match a browser's bit for
+    /// bit. [default: true]
+    #[arg(long, global = true, env = "CAPSULE_HOST_KERNELS", value_name = "BOOL")]
+    host_kernels: Option<bool>,
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "CAPSULE_LOG_FORMAT")]
     log_format: LogFormat,
@@ -79,6 +84,9 @@ impl Cli {
         }
         if self.no_cache {
             config.cache_dir = None;
+        }
+        if let Some(on) = self.host_kernels {
+            config.host_kernels = on;
         }
         Ok(CapsuleEngine::new(config)?)
     }

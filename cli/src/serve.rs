@@ -18,7 +18,7 @@ pub struct Args {
     models: Option<PathBuf>,
     /// TOML file with any of the settings below (keys as in `NodeConfig`: models, http, grpc,
     /// instances, queue, deadline_ms, max_body_bytes, max_capsule_bytes, poll_interval_ms,
-    /// version_policy, cache_dir, disk_cache, max_memory_bytes, drain_timeout_ms).
+    /// version_policy, cache_dir, disk_cache, max_memory_bytes, host_kernels, drain_timeout_ms).
     #[arg(long, env = "CAPSULE_CONFIG")]
     config: Option<PathBuf>,
     /// REST (Open Inference Protocol V2) address. [default: 0.0.0.0:8000]
@@ -139,6 +139,9 @@ impl Args {
         }
         if cli.no_cache {
             c.disk_cache = false;
+        }
+        if let Some(on) = cli.host_kernels {
+            c.host_kernels = on;
         }
         if let (Some(url), Some(token), Some(node_id), Some(root)) = (
             &self.hub,

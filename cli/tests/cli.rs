@@ -57,11 +57,28 @@ fn build_inspect_run_bench() -> anyhow::Result<()> {
     assert!(printed.contains("(4 golden samples passed)"), "{printed}");
 
     let inspect: serde_json::Value = serde_json::from_str(&ok(&["inspect", &s(&out), "--json"]))?;
-    assert_eq!(inspect["imports"], serde_json::json!([]));
+    // The host kernels, and nothing else.
+    assert_eq!(
+        inspect["imports"],
+        serde_json::json!([
+            "capsule_kernels::abi_version",
+            "capsule_kernels::f32_mmm_8x8"
+        ])
+    );
+    assert_eq!(inspect["host_kernels"], "V1");
     assert_eq!(inspect["name"], "digits");
     assert_eq!(inspect["version"], "1.2.3");
     assert_eq!(inspect["card"]["metrics"][0]["name"], "accuracy");
-    assert!(ok(&["inspect", &s(&out)]).contains("imports       none"));
+    let printed = ok(&["inspect", &s(&out)]);
+    assert!(
+        printed
+            .contains("imports       capsule_kernels::abi_version, capsule_kernels::f32_mmm_8x8"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("host kernels capsule_kernels v1"),
+        "{printed}"
+    );
 
     // V2 request in, V2 response out, equal to onnxruntime's golden output.
     let golden: serde_json::Value =

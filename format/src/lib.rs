@@ -30,13 +30,24 @@ pub mod wire;
 
 pub use dtype::DType;
 pub use error::{Error, Result};
-pub use manifest::{CapsuleManifest, Dim, TensorSpec};
+pub use manifest::{CapsuleManifest, Dim, HostKernels, TensorSpec};
 pub use pipeline::Pipeline;
 pub use tensor::{NamedTensor, Tensor, TensorView, byte_elements};
 
 /// Version of the guest ABI described in the design (section 3). A capsule whose
 /// `capsule_abi_version()` returns anything else is refused.
 pub const ABI_VERSION: u32 = 1;
+
+/// Version of the `capsule_kernels` import (manifest [`manifest::HostKernels::V1`]): the node
+/// answers the guest's `abi_version()` with it to compute dense products natively, with 0 to
+/// leave them in wasm.
+pub const HOST_KERNELS_ABI: i32 = 1;
+
+/// The wasm import module of the host kernels, and the functions a capsule may import from it
+/// (a capsule imports nothing else).
+pub const HOST_KERNELS_MODULE: &str = "capsule_kernels";
+/// See [`HOST_KERNELS_MODULE`].
+pub const HOST_KERNELS_IMPORTS: [&str; 2] = ["abi_version", "f32_mmm_8x8"];
 
 /// Name of the wasm custom section that holds the encoded manifest.
 pub const MANIFEST_SECTION: &str = "capsule.manifest";

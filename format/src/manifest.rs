@@ -9,11 +9,13 @@ use serde::{Deserialize, Serialize};
 use crate::{DType, Error, NamedTensor, Result, wire};
 
 /// Version of the manifest encoding written by this build.
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
 
-/// The oldest manifest encoding still read: version 3 is version 4 without
-/// [`CapsuleManifest::numerics`] (read as [`Numerics::Deterministic`], which every capsule of
-/// that format is), so nodes keep serving the capsules they have across an upgrade.
+/// The oldest manifest encoding still read, so nodes keep serving the capsules they have
+/// across an upgrade. Each older version lacks only fields at the end: version 4 lacks
+/// [`CapsuleManifest::host_kernels`] (read as [`HostKernels::None`]), version 3 also
+/// [`CapsuleManifest::numerics`] (read as [`Numerics::Deterministic`]), which is what every
+/// capsule of those formats is.
 pub const OLDEST_FORMAT_VERSION: u32 = 3;
 
 /// Largest manifest section a reader accepts.
@@ -162,6 +164,28 @@ impl std::fmt::Display for Numerics {
     }
 }
 
+/// Whether the capsule's code can hand dense products to the node's native kernels (the
+/// `capsule_kernels` import, ARCHITECTURE.md "Host kernels"). A capsule that can still
+/// carries its own wasm kernels and uses them wherever the import answers "unavailable".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum HostKernels {
+    /// No import: everything runs in wasm.
+    #[default]
+    None,
+    /// Version 1 of the import: `abi_version() -> i32` and
+    /// `f32_mmm_8x8(k, a, b, out)`.
+    V1,
+}
+
+impl std::fmt::Display for HostKernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HostKernels::None => "none",
+            HostKernels::V1 => "capsule_kernels v1",
+        })
+    }
+}
+
 /// Everything a capsule says about itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CapsuleManifest {
@@ -200,9 +224,11 @@ pub struct CapsuleManifest {
     pub limits: Limits,
     /// Training-set statistics of the input features, for drift detection.
     pub reference: Option<crate::telemetry::ReferenceStats>,
-    /// How the guest's arithmetic rounds (format version 4; the last field, so that a
-    /// version 3 payload is a version 4 one without it).
+    /// How the guest's arithmetic rounds (format version 4).
     pub numerics: Numerics,
+    /// Whether the code can use the node's native kernels (format version 5; the last field,
+    /// so that a version 4 payload is a version 5 one without it).
+    pub host_kernels: HostKernels,
 }
 
 impl CapsuleManifest {
@@ -246,12 +272,13 @@ impl CapsuleManifest {
         let version = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
         match version {
             FORMAT_VERSION => wire::decode(payload, "manifest"),
-            // Version 3 lacks only the last field: append its encoding (variant 0,
-            // `Deterministic`, is one byte) and decode as version 4.
-            OLDEST_FORMAT_VERSION => {
-                let mut upgraded = Vec::with_capacity(payload.len() + 1);
+            // Older versions lack only their last fields: append their encodings (variant 0,
+            // `Deterministic` and `None`, is one byte each) and decode as the current version.
+            OLDEST_FORMAT_VERSION..FORMAT_VERSION => {
+                let missing = (FORMAT_VERSION - version) as usize;
+                let mut upgraded = Vec::with_capacity(payload.len() + missing);
                 upgraded.extend_from_slice(payload);
-                upgraded.push(0);
+                upgraded.resize(payload.len() + missing, 0);
                 wire::decode(&upgraded, "manifest")
             }
             _ => Err(Error::UnsupportedFormatVersion {
@@ -327,53 +354,60 @@ pub(crate) mod tests {
             limits: Limits::default(),
             reference: None,
             numerics: Numerics::Deterministic,
+            host_kernels: HostKernels::None,
         }
     }
 
     #[test]
     fn section_round_trip() {
         for numerics in [Numerics::Deterministic, Numerics::RelaxedSimd] {
-            let m = CapsuleManifest {
-                numerics,
-                ..sample()
-            };
-            let bytes = m.to_section_bytes().unwrap();
-            assert_eq!(&bytes[..8], b"CAPM\x04\x00\x00\x00");
-            assert_eq!(CapsuleManifest::from_section_bytes(&bytes).unwrap(), m);
+            for host_kernels in [HostKernels::None, HostKernels::V1] {
+                let m = CapsuleManifest {
+                    numerics,
+                    host_kernels,
+                    ..sample()
+                };
+                let bytes = m.to_section_bytes().unwrap();
+                assert_eq!(&bytes[..8], b"CAPM\x05\x00\x00\x00");
+                assert_eq!(CapsuleManifest::from_section_bytes(&bytes).unwrap(), m);
+            }
         }
     }
 
-    /// A version 3 manifest (what capsules built before `numerics` carry) is the version 4
-    /// encoding without its last byte, and reads as a deterministic capsule.
+    /// A version 4 manifest (before `host_kernels`) is the version 5 encoding without its
+    /// last byte, a version 3 one (before `numerics`) without its last two: both read as a
+    /// deterministic capsule without host kernels.
     #[test]
-    fn version_3_manifests_still_read_as_deterministic() {
+    fn older_manifests_still_read() {
         let m = sample();
-        let v4 = m.to_section_bytes().unwrap();
+        let v5 = m.to_section_bytes().unwrap();
         assert_eq!(
-            v4.last(),
-            Some(&0),
-            "Deterministic is encoded as one zero byte"
+            &v5[v5.len() - 2..],
+            &[0, 0],
+            "Deterministic and None are encoded as one zero byte each"
         );
-        let mut v3 = v4[..v4.len() - 1].to_vec();
-        v3[4] = 3;
-        assert_eq!(CapsuleManifest::from_section_bytes(&v3).unwrap(), m);
-        // The whole version 4 payload under a version 3 header has a byte too many.
-        let mut mislabelled = v4.clone();
-        mislabelled[4] = 3;
-        assert!(CapsuleManifest::from_section_bytes(&mislabelled).is_err());
+        for (version, cut) in [(4u8, 1), (3, 2)] {
+            let mut old = v5[..v5.len() - cut].to_vec();
+            old[4] = version;
+            assert_eq!(CapsuleManifest::from_section_bytes(&old).unwrap(), m);
+            // The whole current payload under an older header has bytes too many.
+            let mut mislabelled = v5.clone();
+            mislabelled[4] = version;
+            assert!(CapsuleManifest::from_section_bytes(&mislabelled).is_err());
+        }
     }
 
     #[test]
     fn refuses_bad_headers_and_truncation() {
         let bytes = sample().to_section_bytes().unwrap();
-        for version in [2, 5] {
+        for version in [2, 6] {
             let mut other = bytes.clone();
             other[4] = version;
             assert!(matches!(
                 CapsuleManifest::from_section_bytes(&other),
                 Err(Error::UnsupportedFormatVersion {
                     found,
-                    supported: 4
+                    supported: 5
                 }) if found == u32::from(version)
             ));
         }

@@ -256,6 +256,7 @@ fn model_error(e: capsule_model::Error) -> GuestError {
 pub unsafe extern "C" fn capsule_infer(ptr: u32, len: u32) -> u64 {
     // SAFETY: the host contract above.
     let bytes = unsafe { take_request(ptr, len) };
+    capsule_model::kernels::refresh();
     let response = match wire::decode_borrowed::<InferRequestView<'_>>(&bytes, "inference request")
     {
         Err(e) => InferResponse::Error(GuestError {

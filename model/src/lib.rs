@@ -18,6 +18,7 @@ use capsule_format::wire::{BuildReport, InputShape, NamedTensorView};
 use capsule_format::{DType, NamedTensor, Tensor};
 use tract_onnx::prelude::*;
 
+pub mod kernels;
 mod pool;
 
 /// Errors of loading or running a model.
@@ -195,6 +196,7 @@ impl LoadedModel {
     /// Parses, types and optimizes an ONNX model. `input_shapes` fixes the shapes of the
     /// named inputs; other symbolic dimensions stay symbolic.
     pub fn load(onnx: &[u8], input_shapes: &[InputShape]) -> Result<LoadedModel> {
+        kernels::keep();
         let mut model = tract_onnx::onnx()
             .model_for_read(&mut &*onnx)
             .map_err(|e| Error::Load(chain(&e)))?;

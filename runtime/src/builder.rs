@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use capsule_format::manifest::{GoldenSample, Limits, ModelCard, Numerics, SourceModel};
+use capsule_format::manifest::{
+    GoldenSample, HostKernels, Limits, ModelCard, Numerics, SourceModel,
+};
 use capsule_format::wire::{self, BuildReport, BuildRequest, BuildResponse, InputShape};
 use capsule_format::{CapsuleManifest, MANIFEST_SECTION, Pipeline};
 use sha2::{Digest, Sha256};
@@ -77,6 +79,7 @@ pub struct CapsuleBuilder {
     engine: Arc<CapsuleEngine>,
     guest_sha256: String,
     numerics: Numerics,
+    host_kernels: HostKernels,
     cx: ModuleContext<'static>,
     instrumented: Module,
     wizer: Wizer,
@@ -107,6 +110,37 @@ fn numerics_of(guest: &[u8]) -> Result<Numerics> {
         .validate_all(guest)
         .map_err(|e| Error::Build(format!("the guest is not valid WebAssembly: {e}")))?;
     Ok(Numerics::RelaxedSimd)
+}
+
+/// Whether a guest build imports the host kernels (and nothing else, which `CapsuleImage`
+/// checks again on every capsule). Read from the code, as [`numerics_of`] is.
+fn host_kernels_of(guest: &[u8]) -> Result<HostKernels> {
+    let mut imports = 0usize;
+    for payload in wasmparser::Parser::new(0).parse_all(guest) {
+        let payload = payload
+            .map_err(|e| Error::Build(format!("the guest is not valid WebAssembly: {e}")))?;
+        if let wasmparser::Payload::ImportSection(reader) = payload {
+            for import in reader.into_imports() {
+                let import = import.map_err(|e| {
+                    Error::Build(format!("the guest is not valid WebAssembly: {e}"))
+                })?;
+                if import.module != capsule_format::HOST_KERNELS_MODULE
+                    || !capsule_format::HOST_KERNELS_IMPORTS.contains(&import.name)
+                {
+                    return Err(Error::Build(format!(
+                        "the guest imports {:?}::{:?}: a capsule's code may import only the host kernels",
+                        import.module, import.name
+                    )));
+                }
+                imports += 1;
+            }
+        }
+    }
+    Ok(if imports == 0 {
+        HostKernels::None
+    } else {
+        HostKernels::V1
+    })
 }
 
 struct SnapshotSource<'a> {
@@ -174,6 +208,7 @@ impl CapsuleBuilder {
             engine: Arc::clone(engine),
             guest_sha256: hex::encode(Sha256::digest(guest)),
             numerics: numerics_of(guest)?,
+            host_kernels: host_kernels_of(guest)?,
             cx,
             instrumented,
             wizer,
@@ -195,13 +230,18 @@ impl CapsuleBuilder {
         labels: &[String],
     ) -> Result<(GuestInstance, BuildReport)> {
         let deadline = (BUILD_DEADLINE.as_micros() / EPOCH_TICK.as_micros()) as u64;
+        // Host kernels off: the snapshot is taken here, and nothing a node decides may be in it.
         let mut store = new_store(
             &self.engine,
             self.engine.config().max_memory_bytes,
             deadline,
+            false,
         );
-        let instance =
-            Instance::new(&mut store, &self.instrumented, &[]).map_err(Error::wasmtime)?;
+        let instance = self
+            .engine
+            .linker()
+            .instantiate(&mut store, &self.instrumented)
+            .map_err(Error::wasmtime)?;
         let mut guest = GuestInstance::new(store, instance)?;
         let crashed = |e: Error| match e {
             Error::Trap { message, .. } => Error::Build(format!(
@@ -328,6 +368,7 @@ impl CapsuleBuilder {
             limits: options.limits,
             reference,
             numerics: self.numerics,
+            host_kernels: self.host_kernels,
         };
         let section = wasm_encoder::CustomSection {
             name: MANIFEST_SECTION.into(),

@@ -158,8 +158,20 @@ impl CapsuleImage {
                 Payload::ImportSection(reader) => {
                     for import in reader.into_imports() {
                         let import = import.map_err(|e| invalid(e.to_string()))?;
+                        let allowed = import.module == capsule_format::HOST_KERNELS_MODULE
+                            && capsule_format::HOST_KERNELS_IMPORTS.contains(&import.name)
+                            && matches!(import.ty, TypeRef::Func(_));
+                        if !allowed {
+                            return Err(invalid(format!(
+                                "it imports {:?}::{:?}; a capsule imports nothing but the \
+                                 host kernels ({}::{:?})",
+                                import.module,
+                                import.name,
+                                capsule_format::HOST_KERNELS_MODULE,
+                                capsule_format::HOST_KERNELS_IMPORTS,
+                            )));
+                        }
                         imports.push(format!("{}::{}", import.module, import.name));
-                        let _: TypeRef = import.ty;
                     }
                 }
                 Payload::ExportSection(reader) => {
@@ -213,11 +225,6 @@ impl CapsuleImage {
                 _ => {}
             }
         }
-        if !imports.is_empty() {
-            return Err(invalid(format!(
-                "it imports {imports:?}; a capsule must have no imports"
-            )));
-        }
         for required in REQUIRED_EXPORTS {
             if !exports.iter().any(|e| e == required) {
                 return Err(invalid(format!("missing export {required:?}")));
@@ -234,6 +241,19 @@ impl CapsuleImage {
                 manifest.abi_version,
                 capsule_format::ABI_VERSION
             )));
+        }
+        match (manifest.host_kernels, imports.is_empty()) {
+            (capsule_format::HostKernels::None, false) => {
+                return Err(invalid(format!(
+                    "it imports {imports:?} but its manifest declares no host kernels"
+                )));
+            }
+            (capsule_format::HostKernels::V1, true) => {
+                return Err(invalid(
+                    "its manifest declares host kernels but the code imports none",
+                ));
+            }
+            _ => {}
         }
         for (offset, range) in &segments {
             let end = u64::from(*offset) + range.len() as u64;

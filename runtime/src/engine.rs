@@ -38,6 +38,10 @@ pub struct EngineConfig {
     pub pool_slots: u32,
     /// Largest linear memory any guest may have (also the `StoreLimits` cap ceiling).
     pub max_memory_bytes: u64,
+    /// Let capsules that can ([`capsule_format::HostKernels::V1`]) hand dense matrix products
+    /// to this machine's native kernels ([`crate::host_kernels`]); in effect only where the
+    /// machine has them (x86-64 with AVX2 and FMA).
+    pub host_kernels: bool,
 }
 
 impl Default for EngineConfig {
@@ -48,6 +52,7 @@ impl Default for EngineConfig {
             pooling: true,
             pool_slots: 64,
             max_memory_bytes: 4 << 30,
+            host_kernels: true,
         }
     }
 }
@@ -81,6 +86,8 @@ pub struct CapsuleEngine {
     config: EngineConfig,
     pooling: bool,
     copy_on_write: bool,
+    host_kernels: bool,
+    linker: wasmtime::Linker<crate::instance::StoreData>,
     fingerprint: String,
     modules: Mutex<HashMap<String, Module>>,
     loading: Mutex<()>,
@@ -178,6 +185,8 @@ impl CapsuleEngine {
             std::env::consts::ARCH,
             h.finish()
         );
+        let linker = crate::host_kernels::linker(&engine)?;
+        let host_kernels = config.host_kernels && crate::host_kernels::supported_here();
         let weak = engine.weak();
         std::thread::Builder::new()
             .name("capsule-epoch".into())
@@ -194,6 +203,8 @@ impl CapsuleEngine {
             config,
             pooling,
             copy_on_write,
+            host_kernels,
+            linker,
             fingerprint,
             modules: Mutex::new(HashMap::new()),
             loading: Mutex::new(()),
@@ -209,6 +220,16 @@ impl CapsuleEngine {
     /// Whether the pooling allocator is in use.
     pub fn pooling(&self) -> bool {
         self.pooling
+    }
+
+    /// Whether capsules that can use host kernels do (on in the config and supported here).
+    pub fn host_kernels(&self) -> bool {
+        self.host_kernels
+    }
+
+    /// The linker every instance is made with (the `capsule_kernels` import).
+    pub(crate) fn linker(&self) -> &wasmtime::Linker<crate::instance::StoreData> {
+        &self.linker
     }
 
     /// Whether instances map their capsule's memory image copy-on-write.

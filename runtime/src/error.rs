@@ -10,6 +10,8 @@ pub enum TrapKind {
     Unreachable,
     /// A memory access out of bounds.
     MemoryOutOfBounds,
+    /// The host kernels refused the guest's operands ([`crate::host_kernels`]).
+    HostKernel,
     /// Any other trap.
     Other,
 }
@@ -102,7 +104,13 @@ impl Error {
                 }
                 Error::Trap { kind, message }
             }
-            None => Error::wasmtime(e),
+            None => match e.downcast_ref::<crate::host_kernels::Refused>() {
+                Some(refused) => Error::Trap {
+                    kind: TrapKind::HostKernel,
+                    message: refused.to_string(),
+                },
+                None => Error::wasmtime(e),
+            },
         }
     }
 }

@@ -44,19 +44,33 @@ impl Default for RunConfig {
 
 pub(crate) struct StoreData {
     limits: StoreLimits,
+    /// The instance's memory, for the host kernels (set once the instance exists).
+    pub(crate) memory: Option<Memory>,
+    /// Whether this instance may hand products to the host ([`crate::host_kernels`]).
+    pub(crate) host_kernels: bool,
+    /// Products the host computed for this instance since the last look.
+    pub(crate) host_kernel_calls: u64,
 }
 
-/// A store with a memory cap and an armed epoch deadline.
+/// A store with a memory cap and an armed epoch deadline; its instance uses host kernels
+/// when the engine does and `host_kernels` allows it (the builder's snapshot runs never do).
 pub(crate) fn new_store(
     engine: &CapsuleEngine,
     memory_cap: u64,
     deadline_ticks: u64,
+    host_kernels: bool,
 ) -> Store<StoreData> {
     let limits = StoreLimitsBuilder::new()
         .memory_size(usize::try_from(memory_cap).unwrap_or(usize::MAX))
         .instances(1)
         .build();
-    let mut store = Store::new(engine.engine(), StoreData { limits });
+    let data = StoreData {
+        limits,
+        memory: None,
+        host_kernels: host_kernels && engine.host_kernels(),
+        host_kernel_calls: 0,
+    };
+    let mut store = Store::new(engine.engine(), data);
     store.limiter(|d| &mut d.limits);
     store.set_epoch_deadline(deadline_ticks);
     store.epoch_deadline_trap();
@@ -89,6 +103,9 @@ pub struct CapsuleStats {
     pub memory_bytes: AtomicU64,
     /// Live instances (idle and busy).
     pub live_instances: AtomicU64,
+    /// 8x8 product tiles computed by the node's native kernels (zero unless the engine has
+    /// host kernels on and the capsule can use them).
+    pub host_kernel_calls: AtomicU64,
 }
 
 /// A capsule installed on an engine, ready to run, with its pool of warm instances.
@@ -219,12 +236,13 @@ impl LoadedCapsule {
     /// Creates a fresh instance: shared compiled code, memory grown to the capsule's size and
     /// holding its image (mapped copy-on-write, or copied), then probed.
     fn instantiate(&self) -> Result<GuestInstance> {
-        let mut store = new_store(&self.engine, self.memory_cap, self.deadline_ticks);
+        let mut store = new_store(&self.engine, self.memory_cap, self.deadline_ticks, true);
+        let linker = self.engine.linker();
         #[cfg(target_os = "linux")]
         let (instance, mapped) = match &self.image_file {
             Some(file) => {
                 let (instance, taken) =
-                    crate::cow::with_image(file, || Instance::new(&mut store, &self.module, &[]));
+                    crate::cow::with_image(file, || linker.instantiate(&mut store, &self.module));
                 let instance = instance.map_err(Error::wasmtime)?;
                 if !taken {
                     // The segments were shed at install: without the mapping the instance
@@ -236,13 +254,17 @@ impl LoadedCapsule {
                 (instance, true)
             }
             None => (
-                Instance::new(&mut store, &self.module, &[]).map_err(Error::wasmtime)?,
+                linker
+                    .instantiate(&mut store, &self.module)
+                    .map_err(Error::wasmtime)?,
                 false,
             ),
         };
         #[cfg(not(target_os = "linux"))]
         let (instance, mapped) = (
-            Instance::new(&mut store, &self.module, &[]).map_err(Error::wasmtime)?,
+            linker
+                .instantiate(&mut store, &self.module)
+                .map_err(Error::wasmtime)?,
             false,
         );
         let memory = instance
@@ -368,7 +390,12 @@ impl LoadedCapsule {
 
     fn run_encoded(&self, request: &[u8], ticks: u64) -> Result<Vec<NamedTensor>> {
         let mut instance = self.acquire()?;
-        match instance.run(request, ticks) {
+        let result = instance.run(request, ticks);
+        let calls = std::mem::take(&mut instance.store.data_mut().host_kernel_calls);
+        self.stats
+            .host_kernel_calls
+            .fetch_add(calls, Ordering::Relaxed);
+        match result {
             Ok(response) => {
                 self.release(instance);
                 match response {
@@ -429,6 +456,7 @@ impl GuestInstance {
         let memory = instance
             .get_memory(&mut store, "memory")
             .ok_or_else(|| Error::InvalidCapsule("no exported memory".into()))?;
+        store.data_mut().memory = Some(memory);
         fn typed<P: wasmtime::WasmParams, R: wasmtime::WasmResults>(
             store: &mut Store<StoreData>,
             instance: &Instance,

@@ -27,6 +27,7 @@ mod cow;
 mod engine;
 mod error;
 pub mod golden;
+pub mod host_kernels;
 mod instance;
 pub mod reference;
 pub mod spec;

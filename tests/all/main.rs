@@ -5,6 +5,7 @@ mod code_once;
 mod conformance;
 mod copy_on_write;
 mod fixtures;
+mod host_kernels;
 mod independent_calls;
 mod limits;
 mod malformed_capsules;

@@ -196,7 +196,62 @@ fn a_module_with_imports_is_refused() -> anyhow::Result<()> {
     );
     assert_eq!(
         message(load(wasm).unwrap_err()),
-        "invalid capsule: it imports [\"env::clock\"]; a capsule must have no imports"
+        "invalid capsule: it imports \"env\"::\"clock\"; a capsule imports nothing but the host \
+         kernels (capsule_kernels::[\"abi_version\", \"f32_mmm_8x8\"])"
+    );
+    Ok(())
+}
+
+/// The host kernels are the only import, and the manifest must say whether the code uses
+/// them: a capsule whose code imports them under a manifest that declares none (or the
+/// reverse) is refused, and so is any other function of that module.
+#[test]
+fn host_kernel_imports_must_match_the_manifest() -> anyhow::Result<()> {
+    let module = |import: &str| {
+        wat::parse_str(format!(
+            r#"(module (import "capsule_kernels" "{import}" (func (result i32)))
+                (memory (export "memory") 1)
+                (func (export "capsule_abi_version") (result i32) i32.const 1)
+                (func (export "capsule_init") (result i32) i32.const 0)
+                (func (export "capsule_alloc") (param i32 i32) (result i32) i32.const 0)
+                (func (export "capsule_free") (param i32 i32 i32))
+                (func (export "capsule_infer") (param i32 i32) (result i64) i64.const 0))"#
+        ))
+    };
+    let with_manifest = |mut wasm: Vec<u8>, host_kernels| -> anyhow::Result<Vec<u8>> {
+        let mut manifest = fixture_capsule("digits_logreg")?.manifest.clone();
+        manifest.host_kernels = host_kernels;
+        wasm_encoder::Section::append_to(
+            &wasm_encoder::CustomSection {
+                name: "capsule.manifest".into(),
+                data: manifest.to_section_bytes()?.into(),
+            },
+            &mut wasm,
+        );
+        Ok(wasm)
+    };
+    use capsule_format::HostKernels;
+    assert!(load(with_manifest(module("abi_version")?, HostKernels::V1)?).is_ok());
+    assert_eq!(
+        message(load(with_manifest(module("abi_version")?, HostKernels::None)?).unwrap_err()),
+        "invalid capsule: it imports [\"capsule_kernels::abi_version\"] but its manifest declares \
+         no host kernels"
+    );
+    let no_imports = wat::parse_str(
+        r#"(module (memory (export "memory") 1)
+            (func (export "capsule_abi_version") (result i32) i32.const 1)
+            (func (export "capsule_init") (result i32) i32.const 0)
+            (func (export "capsule_alloc") (param i32 i32) (result i32) i32.const 0)
+            (func (export "capsule_free") (param i32 i32 i32))
+            (func (export "capsule_infer") (param i32 i32) (result i64) i64.const 0))"#,
+    )?;
+    assert_eq!(
+        message(load(with_manifest(no_imports, HostKernels::V1)?).unwrap_err()),
+        "invalid capsule: its manifest declares host kernels but the code imports none"
+    );
+    assert!(
+        message(load(with_manifest(module("read_host_memory")?, HostKernels::V1)?).unwrap_err())
+            .contains("a capsule imports nothing but the host kernels")
     );
     Ok(())
 }

@@ -31,6 +31,8 @@ fn config(dir: &Path) -> NodeConfig {
         queue: 8,
         poll_interval_ms: 0,
         cache_dir: Some(test_cache_dir()),
+        // As the shared engine: answers are compared with in-process ones bit for bit.
+        host_kernels: false,
         ..NodeConfig::default()
     }
 }

@@ -100,6 +100,9 @@ pub fn engine() -> Arc<CapsuleEngine> {
         .get_or_init(|| {
             let config = EngineConfig {
                 cache_dir: Some(test_cache_dir()),
+                // Deterministic: the tests compare the node with the browser and with stored
+                // outputs bit for bit. `host_kernels.rs` runs the native kernels.
+                host_kernels: false,
                 ..EngineConfig::default()
             };
             match CapsuleEngine::new(config) {
@@ -283,6 +286,7 @@ pub fn wat_capsule(settings: &WatCapsule) -> Result<Vec<u8>> {
     let mut manifest = fixture_capsule("digits_logreg")?.manifest.clone();
     manifest.name = settings.name.clone();
     manifest.version = settings.version.clone();
+    manifest.host_kernels = capsule_format::HostKernels::None;
     manifest.inputs = vec![capsule_format::TensorSpec {
         name: "x".into(),
         dtype: capsule_format::DType::F32,

@@ -105,6 +105,10 @@ pub struct NodeConfig {
     pub disk_cache: bool,
     /// Memory cap of one guest instance (`None`: each capsule's manifest limit).
     pub max_memory_bytes: Option<u64>,
+    /// Let capsules hand dense matrix products to this machine's native kernels (x86-64
+    /// with AVX2 and FMA; elsewhere, or when false, everything runs in wasm and outputs match
+    /// a browser's bit for bit).
+    pub host_kernels: bool,
     /// How long a graceful shutdown waits for in-flight requests.
     pub drain_timeout_ms: u64,
     /// Sync with a hub (`None`: the repository is managed by hand).
@@ -135,6 +139,7 @@ impl Default for NodeConfig {
             cache_dir: None,
             disk_cache: true,
             max_memory_bytes: None,
+            host_kernels: true,
             drain_timeout_ms: 30_000,
             hub: None,
             telemetry_window_ms: 60_000,

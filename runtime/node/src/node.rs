@@ -66,6 +66,7 @@ impl Node {
         if !config.disk_cache {
             engine_config.cache_dir = None;
         }
+        engine_config.host_kernels = config.host_kernels;
         let engine = CapsuleEngine::new(engine_config).map_err(Error::Engine)?;
         let metrics = Metrics::new()?;
         let telemetry = match &config.hub {

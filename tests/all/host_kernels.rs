@@ -1,0 +1,178 @@
+//! Host kernels: a capsule hands its dense products to the node's native kernel when the
+//! engine allows it, computes them in wasm otherwise, and answers within its golden tolerance
+//! either way; a capsule that passes hostile pointers only traps its own instance.
+
+use std::sync::atomic::Ordering;
+
+use capsule_format::HostKernels;
+use capsule_runtime::{
+    CapsuleEngine, CapsuleImage, EngineConfig, Error, LoadedCapsule, RunConfig, golden as compare,
+};
+use capsule_tests::{
+    FIXTURE_MODELS, WatCapsule, engine, fixture_capsule, golden, test_cache_dir, wat_capsule,
+};
+
+fn host_engine() -> anyhow::Result<std::sync::Arc<CapsuleEngine>> {
+    let engine = CapsuleEngine::new(EngineConfig {
+        cache_dir: Some(test_cache_dir()),
+        host_kernels: true,
+        ..EngineConfig::default()
+    })?;
+    if !engine.host_kernels() {
+        eprintln!("SKIP host kernels: this machine has no AVX2+FMA");
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI machines must run the host kernels (x86-64 with AVX2 and FMA)"
+        );
+    }
+    Ok(engine)
+}
+
+/// Every fixture: the manifest says the code can use host kernels; with them on, the
+/// products of convolutions and batched matrices run natively (counted), the outputs stay
+/// within each golden sample's tolerance of onnxruntime's, and they are close to (not
+/// necessarily bit-identical with) the wasm kernels' outputs, which the deterministic engine
+/// reproduces exactly on every call.
+#[test]
+fn native_products_stay_within_the_golden_tolerance() -> anyhow::Result<()> {
+    let host = host_engine()?;
+    let wasm = engine();
+    assert!(
+        !wasm.host_kernels(),
+        "the shared test engine is deterministic"
+    );
+    for name in FIXTURE_MODELS {
+        let built = fixture_capsule(name)?;
+        assert_eq!(built.manifest.host_kernels, HostKernels::V1, "{name}");
+        let on = LoadedCapsule::install(
+            &host,
+            CapsuleImage::parse(built.bytes.clone())?,
+            RunConfig::default(),
+        )?;
+        let off = LoadedCapsule::install(
+            &wasm,
+            CapsuleImage::parse(built.bytes.clone())?,
+            RunConfig::default(),
+        )?;
+        for sample in golden(name)? {
+            let native = on.infer(&sample.inputs)?;
+            compare::compare(&sample.outputs, &native, sample.tolerance)
+                .map_err(|e| anyhow::anyhow!("{name}/{} with host kernels: {e}", sample.name))?;
+            let portable = off.infer(&sample.inputs)?;
+            compare::compare(&portable, &native, sample.tolerance).map_err(|e| {
+                anyhow::anyhow!("{name}/{}: host vs wasm kernels: {e}", sample.name)
+            })?;
+            assert_eq!(
+                portable,
+                off.infer(&sample.inputs)?,
+                "{name}/{}",
+                sample.name
+            );
+        }
+        assert_eq!(
+            off.stats().host_kernel_calls.load(Ordering::Relaxed),
+            0,
+            "{name}: host kernels off means none are called"
+        );
+        let calls = on.stats().host_kernel_calls.load(Ordering::Relaxed);
+        // The MNIST CNN's convolutions are matrix products with many columns (GEMM); the
+        // other fixtures at batch 1 are matrix-vector products, which stay in wasm.
+        if name == "mnist_cnn" && host.host_kernels() {
+            assert!(calls > 0, "{name}: its convolutions ran on the host");
+        }
+        if !host.host_kernels() {
+            assert_eq!(calls, 0, "{name}: unsupported machines call nothing");
+        }
+    }
+    Ok(())
+}
+
+/// A hand-written capsule that imports the host kernels and asks for products with hostile
+/// operands: every call outside memory, misaligned or overflowing traps its instance (the
+/// node stays up and the capsule keeps serving), and an in-bounds call computes the product.
+#[test]
+fn hostile_operands_trap_only_their_instance() -> anyhow::Result<()> {
+    let host = host_engine()?;
+    if !host.host_kernels() {
+        return Ok(());
+    }
+    let base = CapsuleImage::parse(wat_capsule(&WatCapsule::default())?)?;
+    let mut manifest = base.manifest.clone();
+    manifest.host_kernels = HostKernels::V1;
+    // x is the case number: the arguments of `f32_mmm_8x8(k, a, b, out)` are read from a
+    // table at 8192 + 16 * x.
+    let cases: [(u32, u32, u32, u32); 9] = [
+        (1, 65536, 0, 1024),                // A starts at the end of memory
+        (4, 0, 65536 - 64, 1024),           // B runs off the end
+        (1, 0, 0, 65536 - 255),             // the tile runs off the end
+        (u32::MAX, 0, 0, 1024),             // a huge k
+        (1, !31, 0, 1024),                  // a pointer near 4 GiB
+        (1, 0, u32::MAX, 1024),             // wrapping is not a way in
+        (1, 16, 0, 1024),                   // A not 32-byte aligned
+        (1 << 27, 0, 0, 1024),              // k * 32 = 4 GiB
+        (2, 8192 + 512, 8192 + 768, 32768), // in bounds (zeros): computed
+    ];
+    let table: String = cases
+        .iter()
+        .flat_map(|(k, a, b, out)| [k, a, b, out])
+        .flat_map(|v| v.to_le_bytes())
+        .map(|b| format!("\\{b:02x}"))
+        .collect();
+    let wat = format!(
+        r#"(module
+          (import "capsule_kernels" "f32_mmm_8x8" (func $mmm (param i32 i32 i32 i32)))
+          (import "capsule_kernels" "abi_version" (func $abi (result i32)))
+          (memory (export "memory") 1)
+          (data (i32.const 8192) "{table}")
+          (func (export "capsule_abi_version") (result i32) i32.const 1)
+          (func (export "capsule_init") (result i32) i32.const 0)
+          (func (export "capsule_alloc") (param i32 i32) (result i32) i32.const 1024)
+          (func (export "capsule_free") (param i32 i32 i32))
+          (func (export "capsule_infer") (param $p i32) (param $n i32) (result i64)
+            (local $row i32)
+            (if (i32.ne (call $abi) (i32.const 1)) (then unreachable))
+            (local.set $row (i32.add (i32.const 8192)
+              (i32.mul (i32.trunc_f32_u (f32.load (i32.add (local.get $p) (i32.const 7))))
+                       (i32.const 16))))
+            (call $mmm
+              (i32.load (local.get $row))
+              (i32.load (i32.add (local.get $row) (i32.const 4)))
+              (i32.load (i32.add (local.get $row) (i32.const 8)))
+              (i32.load (i32.add (local.get $row) (i32.const 12))))
+            ;; no response (a null pointer): only the product matters here
+            (i64.const 0)))"#
+    );
+    let mut wasm = wat::parse_str(&wat)?;
+    wasm_encoder::Section::append_to(
+        &wasm_encoder::CustomSection {
+            name: capsule_format::MANIFEST_SECTION.into(),
+            data: manifest.to_section_bytes()?.into(),
+        },
+        &mut wasm,
+    );
+    let capsule = LoadedCapsule::install(&host, CapsuleImage::parse(wasm)?, RunConfig::default())?;
+    let x = |case: usize| {
+        vec![capsule_format::NamedTensor {
+            name: "x".into(),
+            tensor: capsule_format::Tensor::from_f32(vec![1], &[case as f32]).unwrap(),
+        }]
+    };
+    for (case, args) in cases.iter().enumerate().take(cases.len() - 1) {
+        match capsule.infer(&x(case)) {
+            Err(Error::Trap { message, .. }) => assert!(
+                message.contains("capsule_kernels.f32_mmm_8x8"),
+                "case {case} {args:?}: {message}"
+            ),
+            other => panic!("case {case} {args:?}: expected a trap, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        capsule.stats().traps.load(Ordering::Relaxed),
+        cases.len() as u64 - 1
+    );
+    // The in-bounds product ran (its response, a null pointer, is then refused as a bad
+    // response: what matters is that the host computed the tile and the node stays up).
+    let _ = capsule.infer(&x(cases.len() - 1));
+    assert_eq!(capsule.stats().host_kernel_calls.load(Ordering::Relaxed), 1);
+    Ok(())
+}
