@@ -46,8 +46,12 @@ const CHROMIUM_ARGS = [
   '--disable-dev-shm-usage',
 ];
 
-/** The models: fixture directory -> capsule name, input, shape, output compared, input scale. */
+/** The models: fixture directory (or generated real network, benches/models) -> capsule name,
+ * input, shape, output compared, input scale. */
 const MODELS = {
+  textdir: { name: 'textdir', input: 'input', shape: [1, 3, 48, 192], out: 'gemm_41', scale: 1 },
+  squeezenet: { name: 'squeezenet', input: 'input', shape: [1, 3, 224, 224], out: 'flatten_117', scale: 1 },
+  resnet50: { name: 'resnet50', input: 'input', shape: [1, 3, 224, 224], out: 'gemm_230', scale: 1 },
   mnist_cnn: { name: 'mnist-cnn', input: 'input', shape: [1, 1, 28, 28], out: 'probabilities', scale: 1 },
   digits_mlp: { name: 'digits-mlp', input: 'input', shape: [1, 64], out: 'probabilities', scale: 16 },
   digits_logreg: { name: 'digits-logreg', input: 'input', shape: [1, 64], out: 'probabilities', scale: 16 },

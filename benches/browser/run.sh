@@ -5,7 +5,8 @@
 #   RUNS=1 MODELS=mnist_cnn bash benches/browser/run.sh
 #
 # Settings (environment): RUNS (3), MODELS (fixture directories under tests/fixtures/models:
-# mnist_cnn digits_mlp digits_logreg), FIRST_REPS (cold page loads per runtime and run, 3),
+# mnist_cnn digits_mlp digits_logreg; or the real networks textdir, squeezenet, resnet50, which
+# benches/models/generate.py writes into target/bench-models on demand), FIRST_REPS (cold page loads per runtime and run, 3),
 # WARMUP (200), ITERATIONS (200), RAW=1 (every steady-state sample in the JSON), CAPSULE (the
 # CLI, target/debug/capsule: its guest is guest-dev; a CLI built with
 # CAPSULE_GUEST_PROFILE=guest-release carries the guest that ships), CHROMIUM
@@ -61,11 +62,18 @@ mkdir -p "$SITE/repo" "$SITE/models" "$SITE/ort" "$WORK/empty" "$WORK/keys"
 for dir in $MODELS; do
   name=${dir//_/-}
   mkdir -p "$SITE/repo/$name"
-  cp "$ROOT/tests/fixtures/models/$dir/model.onnx" "$SITE/models/$dir.onnx"
+  case "$dir" in
+    textdir|squeezenet|resnet50)
+      python3 "$ROOT/benches/models/generate.py" --out "$ROOT/target/bench-models" --models "$dir" >&2
+      cp "$ROOT/target/bench-models/$dir/model.onnx" "$SITE/models/$dir.onnx" ;;
+    *) cp "$ROOT/tests/fixtures/models/$dir/model.onnx" "$SITE/models/$dir.onnx" ;;
+  esac
   fixed=()
   if [ "$BATCH" = 1 ]; then
     case "$dir" in
       mnist_cnn) fixed=(--input-shape input=1,1,28,28) ;;
+      textdir) fixed=(--input-shape input=1,3,48,192) ;;
+      squeezenet|resnet50) fixed=(--input-shape input=1,3,224,224) ;;
       *) fixed=(--input-shape input=1,64) ;;
     esac
   fi

@@ -1,7 +1,9 @@
 //! The code inside every capsule: the guest ABI (design section 3) over `capsule-model`.
 //!
-//! Built for `wasm32-unknown-unknown` with `simd128` by `runtime/build.rs`; the module has no
-//! imports, so everything it does is compute on bytes the host hands it. Exports:
+//! Built for `wasm32-unknown-unknown` with `simd128` by `runtime/build.rs`. Its only imports
+//! are the host kernels (`capsule_kernels`, see `capsule_model::kernels`), which compute
+//! dense products inside its own memory when the host offers them: everything it does is
+//! compute on bytes the host hands it. Exports:
 //!
 //! | export | purpose |
 //! |---|---|

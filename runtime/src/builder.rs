@@ -382,6 +382,27 @@ impl CapsuleBuilder {
         for sample in &manifest.golden {
             golden::check(&capsule, sample)?;
         }
+        if self.engine.host_kernels() && manifest.host_kernels != HostKernels::None {
+            // The samples above ran on this machine's native kernels; browsers and nodes
+            // without them run every product in wasm: check that path too.
+            let portable = LoadedCapsule::load(
+                &self.engine,
+                bytes.clone(),
+                RunConfig {
+                    host_kernels: false,
+                    ..RunConfig::default()
+                },
+            )?;
+            for sample in &manifest.golden {
+                golden::check(&portable, sample).map_err(|e| match e {
+                    Error::GoldenMismatch { sample, reason } => Error::GoldenMismatch {
+                        sample,
+                        reason: format!("{reason} (without host kernels, as browsers run it)"),
+                    },
+                    other => other,
+                })?;
+            }
+        }
         let image_bytes = capsule.image().image_bytes();
         Ok(BuiltCapsule {
             sha256: capsule.image().sha256.clone(),

@@ -29,6 +29,9 @@ pub struct RunConfig {
     pub max_request_bytes: u64,
     /// Warm instances kept idle for reuse.
     pub max_idle_instances: usize,
+    /// Let this capsule's instances use the host kernels when the engine has them (false:
+    /// every product in wasm, outputs bit for bit a browser's).
+    pub host_kernels: bool,
 }
 
 impl Default for RunConfig {
@@ -38,6 +41,7 @@ impl Default for RunConfig {
             max_memory_bytes: None,
             max_request_bytes: 256 << 20,
             max_idle_instances: 4,
+            host_kernels: true,
         }
     }
 }
@@ -236,7 +240,12 @@ impl LoadedCapsule {
     /// Creates a fresh instance: shared compiled code, memory grown to the capsule's size and
     /// holding its image (mapped copy-on-write, or copied), then probed.
     fn instantiate(&self) -> Result<GuestInstance> {
-        let mut store = new_store(&self.engine, self.memory_cap, self.deadline_ticks, true);
+        let mut store = new_store(
+            &self.engine,
+            self.memory_cap,
+            self.deadline_ticks,
+            self.config.host_kernels,
+        );
         let linker = self.engine.linker();
         #[cfg(target_os = "linux")]
         let (instance, mapped) = match &self.image_file {

@@ -169,6 +169,8 @@ impl Loader {
             max_memory_bytes: self.config.max_memory_bytes,
             max_request_bytes: self.config.max_body_bytes,
             max_idle_instances: self.config.instances,
+            // The engine already follows the node's `host_kernels` setting.
+            host_kernels: true,
         };
         let capsule = LoadedCapsule::install(&self.engine, image, run)
             .map_err(|e| Refusal::Load(e.to_string()))?;
