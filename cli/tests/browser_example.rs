@@ -54,6 +54,8 @@ fn the_browser_example_answers_like_the_edge() -> Result<()> {
     let node = Proc::spawn(
         &[
             "serve",
+            "--host-kernels",
+            "false",
             "--models",
             &work.join("models").to_string_lossy(),
             "--static",
