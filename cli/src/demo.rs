@@ -95,7 +95,11 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
         if image.imports.is_empty() {
             "none (fully sandboxed)".to_owned()
         } else {
-            image.imports.join(", ")
+            // Only the host kernels (`CapsuleImage::parse` refuses anything else).
+            format!(
+                "{} (the host's matrix kernel, on its own memory only; nothing else)",
+                image.imports.join(", ")
+            )
         }
     );
     for i in &image.manifest.inputs {

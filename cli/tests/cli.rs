@@ -61,8 +61,8 @@ fn build_inspect_run_bench() -> anyhow::Result<()> {
     assert_eq!(
         inspect["imports"],
         serde_json::json!([
-            "capsule_kernels::abi_version",
-            "capsule_kernels::f32_mmm_8x8"
+            "capsule_kernels::f32_mmm_8x8",
+            "capsule_kernels::abi_version"
         ])
     );
     assert_eq!(inspect["host_kernels"], "V1");
@@ -72,7 +72,7 @@ fn build_inspect_run_bench() -> anyhow::Result<()> {
     let printed = ok(&["inspect", &s(&out)]);
     assert!(
         printed
-            .contains("imports       capsule_kernels::abi_version, capsule_kernels::f32_mmm_8x8"),
+            .contains("imports       capsule_kernels::f32_mmm_8x8, capsule_kernels::abi_version"),
         "{printed}"
     );
     assert!(
@@ -180,7 +180,10 @@ fn demo_runs() -> anyhow::Result<()> {
     let printed = ok(&["demo", "--dir", &dir.path().to_string_lossy()]);
     assert!(printed.contains("predicted digit: "), "{printed}");
     assert!(
-        printed.contains("imports: none (fully sandboxed)"),
+        printed.contains(
+            "imports: capsule_kernels::f32_mmm_8x8, capsule_kernels::abi_version (the host's \
+             matrix kernel, on its own memory only; nothing else)"
+        ),
         "{printed}"
     );
     assert!(
