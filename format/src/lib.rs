@@ -49,5 +49,10 @@ pub const HOST_KERNELS_MODULE: &str = "capsule_kernels";
 /// See [`HOST_KERNELS_MODULE`].
 pub const HOST_KERNELS_IMPORTS: [&str; 2] = ["abi_version", "f32_mmm_8x8"];
 
+/// Deepest product (`k`) the host computes in one call: 32 MiB per panel, 5-6 ms of native
+/// work here (2.6 GHz Xeon). A host call cannot be interrupted by the epoch deadline, so this bounds how
+/// far one call can overrun it. Deeper products stay in the guest's wasm kernel.
+pub const HOST_KERNELS_MAX_K: u32 = 1 << 20;
+
 /// Name of the wasm custom section that holds the encoded manifest.
 pub const MANIFEST_SECTION: &str = "capsule.manifest";

@@ -79,7 +79,8 @@ mod wasm {
         for op in program {
             if let FusedKerSpec::AddMatMul { k, .. } = op {
                 products += 1;
-                shallow |= *k < MIN_HOST_K;
+                // Too shallow to pay for the call, or deeper than the host takes.
+                shallow |= *k < MIN_HOST_K || *k > capsule_format::HOST_KERNELS_MAX_K as usize;
             }
         }
         if !HOST.load(Ordering::Relaxed)

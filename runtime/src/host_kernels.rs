@@ -45,8 +45,9 @@ pub(crate) struct Operands {
     pub out: std::ops::Range<usize>,
 }
 
-/// Checks the guest's arguments: every range inside memory, A aligned. The arguments are
-/// the raw `i32`s of the call, read as unsigned addresses.
+/// Checks the guest's arguments: `k` at most [`capsule_format::HOST_KERNELS_MAX_K`], every
+/// range inside memory, A aligned. The arguments are the raw `i32`s of the call, read as
+/// unsigned addresses.
 pub(crate) fn operands(
     memory_len: usize,
     k: u32,
@@ -54,6 +55,12 @@ pub(crate) fn operands(
     b: u32,
     out: u32,
 ) -> std::result::Result<Operands, String> {
+    if k > capsule_format::HOST_KERNELS_MAX_K {
+        return Err(format!(
+            "k = {k} is over the limit of {}",
+            capsule_format::HOST_KERNELS_MAX_K
+        ));
+    }
     let k = k as usize;
     let panel = k
         .checked_mul(STEP_BYTES)
@@ -226,6 +233,10 @@ mod tests {
         assert!(operands(4096, 4, 4096 - 128, 4096 - 128, 4096 - 256).is_ok());
         // k = 0 reads nothing.
         assert!(operands(4096, 0, 4096, 4096, 0).is_ok());
+        // The deepest product the host takes, in a memory that holds it.
+        let max = capsule_format::HOST_KERNELS_MAX_K;
+        assert!(operands(80 << 20, max, 0, 40 << 20, 0).is_ok());
+        assert!(operands(80 << 20, max + 1, 0, 40 << 20, 0).is_err());
     }
 
     #[test]
