@@ -536,6 +536,17 @@ mod tests {
         std::fs::read(path).unwrap()
     }
 
+    /// A fixture as `LoadedModel::load` has it before optimizing.
+    fn decluttered(name: &str) -> TypedModel {
+        tract_onnx::onnx()
+            .model_for_read(&mut &*fixture(name))
+            .unwrap()
+            .into_typed()
+            .unwrap()
+            .into_decluttered()
+            .unwrap()
+    }
+
     fn images(n: usize) -> Vec<u8> {
         (0..n * 784)
             .flat_map(|i| (((i * 37) % 101) as f32 / 101.0).to_le_bytes())
@@ -581,13 +592,7 @@ mod tests {
 
     #[test]
     fn no_one_row_plan_over_the_weight_limit_or_for_fixed_shapes() {
-        let decluttered = tract_onnx::onnx()
-            .model_for_read(&mut &*fixture("mnist_cnn"))
-            .unwrap()
-            .into_typed()
-            .unwrap()
-            .into_decluttered()
-            .unwrap();
+        let decluttered = decluttered("mnist_cnn");
         // The CNN's weights are 21 KB.
         assert!(one_row_plan(&decluttered, 64 << 10).is_some());
         assert!(one_row_plan(&decluttered, 16 << 10).is_none());
@@ -605,13 +610,7 @@ mod tests {
     #[test]
     fn the_plans_share_equal_constants() {
         use tract_onnx::tract_core::ops::konst::Const;
-        let decluttered = tract_onnx::onnx()
-            .model_for_read(&mut &*fixture("mnist_cnn"))
-            .unwrap()
-            .into_typed()
-            .unwrap()
-            .into_decluttered()
-            .unwrap();
+        let decluttered = decluttered("mnist_cnn");
         let (_, mut one_row) = one_row_plan(&decluttered, 64 << 10).unwrap();
         let general = decluttered.into_optimized().unwrap();
         assert!(share_constants(&general, &mut one_row).unwrap() > 0);
