@@ -124,9 +124,7 @@ fn host_kernels_of(guest: &[u8]) -> Result<HostKernels> {
                 let import = import.map_err(|e| {
                     Error::Build(format!("the guest is not valid WebAssembly: {e}"))
                 })?;
-                if import.module != capsule_format::HOST_KERNELS_MODULE
-                    || !capsule_format::HOST_KERNELS_IMPORTS.contains(&import.name)
-                {
+                if !crate::host_kernels::importable(import.module, import.name, &import.ty) {
                     return Err(Error::Build(format!(
                         "the guest imports {:?}::{:?}: a capsule's code may import only the host kernels",
                         import.module, import.name

@@ -9,7 +9,7 @@ use std::ops::Range;
 
 use capsule_format::{CapsuleManifest, MANIFEST_SECTION};
 use sha2::{Digest, Sha256};
-use wasmparser::{DataKind, Operator, Parser, Payload, TypeRef};
+use wasmparser::{DataKind, Operator, Parser, Payload};
 
 use crate::{Error, Result};
 
@@ -158,10 +158,8 @@ impl CapsuleImage {
                 Payload::ImportSection(reader) => {
                     for import in reader.into_imports() {
                         let import = import.map_err(|e| invalid(e.to_string()))?;
-                        let allowed = import.module == capsule_format::HOST_KERNELS_MODULE
-                            && capsule_format::HOST_KERNELS_IMPORTS.contains(&import.name)
-                            && matches!(import.ty, TypeRef::Func(_));
-                        if !allowed {
+                        if !crate::host_kernels::importable(import.module, import.name, &import.ty)
+                        {
                             return Err(invalid(format!(
                                 "it imports {:?}::{:?}; a capsule imports nothing but the \
                                  host kernels ({}::{:?})",

@@ -30,6 +30,14 @@ pub fn supported_here() -> bool {
     native::supported()
 }
 
+/// Whether a capsule's code may import `module::name` of kind `ty`: only the host kernels'
+/// functions. The one rule for the builder (reading a guest build) and `CapsuleImage::parse`.
+pub(crate) fn importable(module: &str, name: &str, ty: &wasmparser::TypeRef) -> bool {
+    module == capsule_format::HOST_KERNELS_MODULE
+        && capsule_format::HOST_KERNELS_IMPORTS.contains(&name)
+        && matches!(ty, wasmparser::TypeRef::Func(_))
+}
+
 /// Why the host refused a guest's call: the instance traps with
 /// [`crate::TrapKind::HostKernel`] and is discarded.
 #[derive(Debug, thiserror::Error)]
