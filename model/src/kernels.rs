@@ -18,6 +18,16 @@
 //! The packing is the one both sides read: 8 f32 per k step, A aligned to 256 bytes (what
 //! tract's x86-64 FMA 8x8 kernel requires and loads with aligned moves), B to 8 bytes.
 //!
+//! tract reaches a kernel two ways. Where the product's column count is known when the model
+//! is optimized (convolutions), it asks the tiers, and ours names this kernel. Where it is
+//! symbolic (the batch: 1x1 convolutions and dense layers become products of
+//! `n = pixels * batch` or `n = batch` columns), it keeps the suitable kernels of the highest
+//! preference and picks by shape among them: a GEMV for one column, the widest tile for more.
+//! So this kernel has a companion, `capsule_f32_8x1` (tract's `wasm_f32_8x1` with this
+//! kernel's A packing, the matrix-vector products of a batch of one), and both are boosted
+//! above tract's wasm kernels. Without the boost tract's own 8x8 won those products by name
+//! order, and a ResNet-50's 1x1 convolutions (80% of its products) never reached the host.
+//!
 //! [`refresh`] asks the host at every inference whether it serves the kernel: a snapshot
 //! taken on the builder must not carry the builder's answer to a node.
 //!
@@ -37,6 +47,13 @@ mod wasm {
 
     /// The kernel's name, as tract's dispatch knows it.
     pub const NAME: &str = "capsule_f32_8x8";
+    /// Its matrix-vector companion (see the module's documentation).
+    pub const GEMV_NAME: &str = "capsule_f32_8x1";
+    /// Above tract's wasm kernels (0, or `NEVER_PREFERRED`), so that tract's shape rules
+    /// choose between these two only.
+    fn boost() -> isize {
+        1
+    }
 
     /// Longest program handled on the host path (tract's are a handful of ops); longer ones
     /// run on the wasm kernel.
@@ -75,16 +92,21 @@ mod wasm {
     /// it covers the bytes its op reads or writes.
     unsafe fn kernel(program: &[FusedKerSpec<f32>]) -> isize {
         let wasm = tract_linalg::wasm::wasm_f32_8x8.kernel;
-        let (mut products, mut shallow) = (0, false);
+        let (mut products, mut shallow, mut misaligned) = (0, false, false);
         for op in program {
-            if let FusedKerSpec::AddMatMul { k, .. } = op {
+            if let FusedKerSpec::AddMatMul { k, pa, .. } = op {
                 products += 1;
                 // Too shallow to pay for the call, or deeper than the host takes.
                 shallow |= *k < MIN_HOST_K || *k > capsule_format::HOST_KERNELS_MAX_K as usize;
+                // The host refuses (traps on) an A it cannot load with aligned moves; the
+                // packing guarantees it, and a packing tract merged differently falls back
+                // here rather than trapping.
+                misaligned |= !(*pa as usize).is_multiple_of(32);
             }
         }
         if !HOST.load(Ordering::Relaxed)
             || products == 0
+            || misaligned
             || shallow
             || products > MAX_PRODUCTS
             || program.len() > MAX_OPS
@@ -127,10 +149,26 @@ mod wasm {
         k.kernel = kernel;
         k.packings.clear();
         k.with_packing(f32::packing(8).align(256), f32::packing(8).align(8))
+            .with_boost(boost)
+    }
+
+    /// tract's 8x1 GEMV, unchanged but for its name, its boost and an A packed as
+    /// [`make`]'s, so that one packed weight serves both kernels.
+    fn make_gemv() -> DynKernel<8, 1, f32> {
+        let mut k = tract_linalg::wasm::wasm_f32_8x1.clone();
+        k.name = GEMV_NAME.to_owned();
+        let b = k.packings.drain(..).next().map(|(_, b)| b);
+        let b = b.unwrap_or_else(|| Box::new(f32::packing(1)));
+        k.packings.push((Box::new(f32::packing(8).align(256)), b));
+        k.with_boost(boost)
     }
 
     inventory::submit! {
         MmmRoutine { make: || make().mmm() }
+    }
+
+    inventory::submit! {
+        MmmRoutine { make: || make_gemv().mmm() }
     }
 
     /// Every f32 product with more than one column (GEMM) runs on this kernel, as tract's
