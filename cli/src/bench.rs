@@ -18,8 +18,12 @@ use crate::Cli;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The capsule.
+    /// The capsule: a single file, or a model image (split form).
     capsule: PathBuf,
+    /// The model image's guest code: a file, or a directory holding `<sha256>.wasm`
+    /// [default: the image's directory]. Only for model images (`.capsule.img`).
+    #[arg(long, value_name = "PATH")]
+    code: Option<PathBuf>,
     /// The ONNX model the capsule was built from, to run on native tract in the same run
     /// (checked against the manifest's source hash).
     #[arg(long)]
@@ -47,6 +51,7 @@ impl Args {
     pub fn quick() -> Args {
         Args {
             capsule: PathBuf::new(),
+            code: None,
             model: None,
             iterations: 200,
             warmup: 20,
@@ -288,10 +293,9 @@ pub fn print(r: &BenchReport) {
 }
 
 pub fn run(cli: &Cli, args: &Args) -> Result<()> {
-    let bytes = std::fs::read(&args.capsule)
-        .with_context(|| format!("reading {}", args.capsule.display()))?;
+    let image = crate::split::read_capsule(&args.capsule, args.code.as_deref())?;
     let engine = cli.engine()?;
-    let capsule = LoadedCapsule::load(&engine, bytes, RunConfig::default())?;
+    let capsule = LoadedCapsule::install(&engine, image, RunConfig::default())?;
     let mut native = match &args.model {
         Some(path) => {
             let onnx =

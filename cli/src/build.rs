@@ -19,9 +19,14 @@ const MAX_MODEL_BYTES: u64 = 2 << 30;
 pub struct Args {
     /// The ONNX model.
     model: PathBuf,
-    /// Output file (default: NAME.capsule.wasm).
+    /// Output file (default: NAME.capsule.wasm; NAME.capsule.img with --split).
     #[arg(short, long)]
     output: Option<PathBuf>,
+    /// Write the split form instead of one file: the model image (the output) and, beside it,
+    /// the guest code module as `<sha256>.wasm` (kept when already there). `capsule join`
+    /// makes the single file again, byte for byte.
+    #[arg(long)]
+    split: bool,
     /// Model name (default: the model file's stem).
     #[arg(long)]
     name: Option<String>,
@@ -133,10 +138,13 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
             .map(|s| s.to_string_lossy().into_owned())
             .context("cannot derive a name from the model path; pass --name")?,
     };
-    let output = args
-        .output
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("{name}.capsule.wasm")));
+    let output = args.output.clone().unwrap_or_else(|| {
+        PathBuf::from(if args.split {
+            format!("{name}{}", capsule_format::split::IMAGE_SUFFIX)
+        } else {
+            format!("{name}.capsule.wasm")
+        })
+    });
     let card: ModelCard = match &args.card {
         Some(path) => {
             let text = String::from_utf8(read_limited(path, 1 << 20, "card")?)
@@ -182,6 +190,12 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
     };
     let engine = cli.engine()?;
     let built = build_with_progress(&engine, options)?;
+    if args.split {
+        let written = crate::split::write_split(&built.bytes, &output)?;
+        print_summary(&built, &output)?;
+        crate::split::print_written(&written, built.bytes.len());
+        return Ok(());
+    }
     std::fs::write(&output, &built.bytes)
         .with_context(|| format!("writing {}", output.display()))?;
     print_summary(&built, &output)?;

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use capsule_format::CapsuleManifest;
 use capsule_runtime::CapsuleImage;
 use serde::Serialize;
@@ -11,8 +11,12 @@ use crate::{bytes, gzip_size};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The capsule.
+    /// The capsule: a single file, or a model image (split form).
     capsule: PathBuf,
+    /// The model image's guest code: a file, or a directory holding `<sha256>.wasm`
+    /// [default: the image's directory]. Only for model images (`.capsule.img`).
+    #[arg(long, value_name = "PATH")]
+    code: Option<PathBuf>,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -38,6 +42,8 @@ struct Report<'a> {
     sha256: &'a str,
     size: usize,
     gzip_size: u64,
+    /// Size of the model image file, when the capsule was given in split form.
+    model_image_size: Option<usize>,
     guest_code_sha256: &'a str,
     memory_pages: u64,
     image_bytes: usize,
@@ -66,13 +72,18 @@ struct Report<'a> {
     limits: capsule_format::manifest::Limits,
 }
 
-fn report<'a>(args: &Args, image: &'a CapsuleImage) -> Result<Report<'a>> {
+fn report<'a>(
+    args: &Args,
+    image: &'a CapsuleImage,
+    model_image_size: Option<usize>,
+) -> Result<Report<'a>> {
     let m: &CapsuleManifest = &image.manifest;
     Ok(Report {
         file: args.capsule.display().to_string(),
         sha256: &image.sha256,
         size: image.size(),
         gzip_size: gzip_size(image.bytes())?,
+        model_image_size,
         guest_code_sha256: &image.code_sha256,
         memory_pages: image.memory_pages,
         image_bytes: image.image_bytes(),
@@ -141,10 +152,8 @@ fn report<'a>(args: &Args, image: &'a CapsuleImage) -> Result<Report<'a>> {
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    let data = std::fs::read(&args.capsule)
-        .with_context(|| format!("reading {}", args.capsule.display()))?;
-    let image = CapsuleImage::parse(data).with_context(|| format!("{}", args.capsule.display()))?;
-    let r = report(args, &image)?;
+    let (image, model_image_size) = crate::split::read_either(&args.capsule, args.code.as_deref())?;
+    let r = report(args, &image, model_image_size)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
@@ -156,6 +165,13 @@ pub fn run(args: &Args) -> Result<()> {
         bytes(r.size as u64),
         bytes(r.gzip_size)
     );
+    if let Some(size) = r.model_image_size {
+        println!(
+            "  split form    model image {} + guest code {}",
+            bytes(size as u64),
+            r.guest_code_sha256
+        );
+    }
     println!(
         "  guest code    sha256 {} (build {})",
         r.guest_code_sha256, r.guest_sha256

@@ -9,6 +9,7 @@ mod inspect;
 mod npy;
 mod run;
 mod serve;
+mod split;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -52,6 +53,11 @@ enum Command {
     Build(build::Args),
     /// Show a capsule's manifest, imports, exports, sections and hashes.
     Inspect(inspect::Args),
+    /// Cut a capsule into its guest code (`<sha256>.wasm`, shared by every model of one guest
+    /// build) and its model image (`NAME.capsule.img`: the manifest and memory image, gzipped).
+    Split(split::Args),
+    /// Put a model image and its guest code back together into the single-file capsule.
+    Join(split::JoinArgs),
     /// Run one inference (Open Inference Protocol V2 JSON in and out).
     Run(run::Args),
     /// Measure latency percentiles, cold start and the same model on native tract.
@@ -132,6 +138,8 @@ fn main() -> std::process::ExitCode {
     let result = match &cli.command {
         Command::Build(args) => build::run(&cli, args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Split(args) => split::run_split(args),
+        Command::Join(args) => split::run_join(args),
         Command::Run(args) => run::run(&cli, args),
         Command::Bench(args) => bench::run(&cli, args),
         Command::Demo(args) => demo::run(&cli, args),

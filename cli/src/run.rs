@@ -14,8 +14,12 @@ const MAX_REQUEST_BYTES: u64 = 256 << 20;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The capsule.
+    /// The capsule: a single file, or a model image (split form).
     capsule: PathBuf,
+    /// The model image's guest code: a file, or a directory holding `<sha256>.wasm`
+    /// [default: the image's directory]. Only for model images (`.capsule.img`).
+    #[arg(long, value_name = "PATH")]
+    code: Option<PathBuf>,
     /// A V2 inference request (JSON).
     #[arg(long, conflicts_with = "inputs")]
     request: Option<PathBuf>,
@@ -84,14 +88,13 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
         (None, false) => (None, file_inputs(&args.inputs)?, None),
         (None, true) => bail!("give the inputs with --request req.json or --input name=FILE"),
     };
-    let bytes = std::fs::read(&args.capsule)
-        .with_context(|| format!("reading {}", args.capsule.display()))?;
+    let image = crate::split::read_capsule(&args.capsule, args.code.as_deref())?;
     let config = RunConfig {
         deadline: args.deadline_ms.map(std::time::Duration::from_millis),
         ..RunConfig::default()
     };
     let engine = cli.engine()?;
-    let capsule = LoadedCapsule::load(&engine, bytes, config)
+    let capsule = LoadedCapsule::install(&engine, image, config)
         .with_context(|| format!("{}", args.capsule.display()))?;
     let mut outputs = capsule.infer(&tensors)?;
     if let Some(wanted) = wanted {

@@ -282,3 +282,106 @@ fn pipeline_build_and_raw_file_inputs() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// The split form from the command line: `build --split` writes a model image and the code
+/// beside it; `split` of the single file writes the same two files (the code kept, not
+/// rewritten); `join` makes the single file again byte for byte; `run` and `inspect` take the
+/// image (code found beside it, or given with `--code`), and an image with code it does not
+/// name is refused.
+#[test]
+fn split_join_and_run_the_image() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    let mlp = fixtures().join("digits_mlp");
+    let fat = dir.path().join("digits.capsule.wasm");
+    ok(&[
+        "build",
+        &s(&mlp.join("model.onnx")),
+        "-o",
+        &s(&fat),
+        "--name",
+        "digits",
+    ]);
+    let split_dir = dir.path().join("split");
+    let printed = ok(&["split", &s(&fat), "--out-dir", &s(&split_dir)]);
+    let image = split_dir.join("digits.capsule.img");
+    assert!(printed.contains(&s(&image)), "{printed}");
+    let inspect: serde_json::Value = serde_json::from_str(&ok(&["inspect", &s(&fat), "--json"]))?;
+    let code_sha = inspect["guest_code_sha256"].as_str().unwrap_or_default();
+    let code = split_dir.join(format!("{code_sha}.wasm"));
+    assert!(code.exists(), "{printed}");
+    let image_len = std::fs::metadata(&image)?.len();
+    assert!(image_len * 10 < std::fs::metadata(&fat)?.len());
+
+    // Joined: the same bytes.
+    let joined = dir.path().join("joined.capsule.wasm");
+    ok(&["join", &s(&image), "-o", &s(&joined)]);
+    assert_eq!(std::fs::read(&joined)?, std::fs::read(&fat)?);
+
+    // The image runs and inspects like the single file.
+    let golden: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(mlp.join("golden/000.json"))?)?;
+    let request = dir.path().join("req.json");
+    std::fs::write(
+        &request,
+        serde_json::json!({"inputs": golden["inputs"]}).to_string(),
+    )?;
+    let response: serde_json::Value =
+        serde_json::from_str(&ok(&["run", &s(&image), "--request", &s(&request)]))?;
+    assert_eq!(response["outputs"][0]["data"], golden["outputs"][0]["data"]);
+    let inspect_image: serde_json::Value =
+        serde_json::from_str(&ok(&["inspect", &s(&image), "--json"]))?;
+    assert_eq!(inspect_image["sha256"], inspect["sha256"]);
+    assert_eq!(inspect_image["model_image_size"], image_len);
+    let elsewhere = dir.path().join("elsewhere.capsule.img");
+    std::fs::copy(&image, &elsewhere)?;
+    let missing = capsule(&["run", &s(&elsewhere), "--request", &s(&request)]);
+    assert!(!missing.status.success());
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        err.contains(&format!("needs guest code {code_sha}")),
+        "{err}"
+    );
+    ok(&[
+        "run",
+        &s(&elsewhere),
+        "--code",
+        &s(&split_dir),
+        "--request",
+        &s(&request),
+    ]);
+
+    // `build --split` writes the same image (but for its build time) next to the code that
+    // is already there.
+    let printed = ok(&[
+        "build",
+        &s(&mlp.join("model.onnx")),
+        "--split",
+        "-o",
+        &s(&split_dir.join("again.capsule.img")),
+        "--name",
+        "digits",
+    ]);
+    assert!(printed.contains("already there"), "{printed}");
+    ok(&[
+        "run",
+        &s(&split_dir.join("again.capsule.img")),
+        "--request",
+        &s(&request),
+    ]);
+
+    // Code other than the one the image names: refused, naming both.
+    let other = dir.path().join("other.wasm");
+    let mut bytes = std::fs::read(&code)?;
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&other, bytes)?;
+    let bad = capsule(&["inspect", &s(&image), "--code", &s(&other)]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains(&format!("needs guest code {code_sha}")),
+        "{err}"
+    );
+    Ok(())
+}

@@ -65,6 +65,26 @@ pub enum Error {
         /// What failed.
         reason: String,
     },
+    /// A model image (the split form of a capsule, `split`) that is malformed.
+    #[error("invalid model image: {what}")]
+    InvalidImage {
+        /// What is wrong.
+        what: String,
+    },
+    /// A model image given a code module other than the one it names.
+    #[error("the model image needs guest code {expected}; given {found}")]
+    CodeMismatch {
+        /// SHA-256 of the code the image names.
+        expected: String,
+        /// What was given instead (its SHA-256, or why it cannot be it).
+        found: String,
+    },
+    /// A model image's payload could not be compressed.
+    #[error("cannot compress the model image")]
+    Compress(#[source] std::io::Error),
+    /// A model image's payload is not gzip data.
+    #[error("invalid model image: its payload does not decompress")]
+    Decompress(#[source] std::io::Error),
     /// Something larger than a documented bound.
     #[error("{what} is {size} bytes, over the limit of {limit} bytes")]
     TooLarge {

@@ -13,8 +13,8 @@ use wasmparser::{DataKind, Operator, Parser, Payload};
 
 use crate::{Error, Result};
 
-/// Largest capsule file accepted.
-pub const MAX_CAPSULE_BYTES: usize = 1 << 30;
+/// Largest capsule file accepted (single-file form, or the split form once joined).
+pub use capsule_format::split::MAX_CAPSULE_BYTES;
 
 /// Exports every capsule must have (design section 3, ABI version 1).
 pub const REQUIRED_EXPORTS: [&str; 6] = [
@@ -82,24 +82,6 @@ fn section_name(id: u8) -> &'static str {
     }
 }
 
-fn push_leb128(out: &mut Vec<u8>, mut v: u64) {
-    loop {
-        let byte = (v & 0x7f) as u8;
-        v >>= 7;
-        if v == 0 {
-            out.push(byte);
-            return;
-        }
-        out.push(byte | 0x80);
-    }
-}
-
-fn push_section(out: &mut Vec<u8>, id: u8, content: &[u8]) {
-    out.push(id);
-    push_leb128(out, content.len() as u64);
-    out.extend_from_slice(content);
-}
-
 impl CapsuleImage {
     /// Parses and checks a capsule file: a wasm core module with no imports, one 32-bit
     /// memory, only active data segments at constant offsets, the ABI exports, and exactly
@@ -123,7 +105,6 @@ impl CapsuleImage {
         let mut exports = Vec::new();
         let mut imports = Vec::new();
         let mut sections = Vec::new();
-        let mut kept: Vec<(u8, Range<usize>)> = Vec::new();
         for payload in Parser::new(0).parse_all(&bytes) {
             let payload = payload.map_err(|e| {
                 // wasmparser's messages may span lines; one line reads better in logs and
@@ -141,12 +122,6 @@ impl CapsuleImage {
                     _ => section_name(id).to_owned(),
                 };
                 sections.push((name, range.len()));
-                // The code module keeps the guest's function names when it has them (only
-                // `guest-profile` builds do), so profilers can name guest frames.
-                let names = matches!(&payload, Payload::CustomSection(c) if c.name() == "name");
-                if !matches!(id, 0 | 5 | 11 | 12) || names {
-                    kept.push((id, range));
-                }
             }
             match payload {
                 Payload::Version {
@@ -260,21 +235,9 @@ impl CapsuleImage {
             }
         }
 
-        let mut code = b"\0asm\x01\0\0\0".to_vec();
-        let mut memory_written = false;
-        for (id, range) in &kept {
-            // The code module's memory starts empty (it is grown to `memory_pages` at
-            // instantiation) and goes where the memory section belongs: after type, import,
-            // function and table sections, before everything else.
-            if !memory_written && !matches!(id, 1..=4) {
-                push_section(&mut code, 5, &[1, 0, 0]);
-                memory_written = true;
-            }
-            push_section(&mut code, *id, &bytes[range.clone()]);
-        }
-        if !memory_written {
-            push_section(&mut code, 5, &[1, 0, 0]);
-        }
+        // The guest build's sections with an empty memory: one rule for every reader
+        // (`capsule_format::split`), so a code module has one hash on nodes, hubs and browsers.
+        let code = capsule_format::split::code_module(&bytes)?;
         let sha256 = hex::encode(Sha256::digest(&bytes));
         let code_sha256 = hex::encode(Sha256::digest(&code));
         let image_len = segments.iter().map(|(_, r)| r.len()).sum();
@@ -292,6 +255,14 @@ impl CapsuleImage {
             imports,
             sections,
         })
+    }
+
+    /// Parses the split form: a model image and the code module it names
+    /// (`capsule_format::split`). The code is checked against the image (length and SHA-256)
+    /// before anything is decompressed; the capsule they join into then passes every check of
+    /// [`Self::parse`], and is the byte-identical single file the image was cut from.
+    pub fn parse_split(code: &[u8], image: &[u8]) -> Result<CapsuleImage> {
+        Self::parse(capsule_format::split::join(code, image)?)
     }
 
     /// Size of the capsule file.

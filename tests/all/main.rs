@@ -12,3 +12,4 @@ mod malformed_capsules;
 mod malformed_requests;
 mod node;
 mod pipeline;
+mod split_form;

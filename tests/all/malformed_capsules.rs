@@ -4,8 +4,29 @@ use capsule_format::CapsuleManifest;
 use capsule_runtime::{CapsuleImage, Error, LoadedCapsule, RunConfig};
 use capsule_tests::{engine, fixture_capsule};
 
+/// Loads a capsule from its single file, and checks that its split form (code module and
+/// model image, `capsule_format::split`) is refused or accepted alike: with the same error, or
+/// by the split itself when the file's section framing is broken.
 fn load(bytes: Vec<u8>) -> Result<LoadedCapsule, Error> {
+    both_forms_agree(&bytes);
     LoadedCapsule::load(&engine(), bytes, RunConfig::default())
+}
+
+fn both_forms_agree(bytes: &[u8]) {
+    if let Ok(split) = capsule_format::split::split(bytes) {
+        match (
+            CapsuleImage::parse(bytes.to_vec()),
+            CapsuleImage::parse_split(&split.code, &split.image),
+        ) {
+            (Ok(whole), Ok(parts)) => assert_eq!(parts.bytes(), whole.bytes()),
+            (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string()),
+            (a, b) => panic!(
+                "the two forms disagree: single file {:?}, split {:?}",
+                a.err(),
+                b.err()
+            ),
+        }
+    }
 }
 
 fn message(e: Error) -> String {
@@ -61,9 +82,14 @@ fn flipped_bytes_never_crash_the_host() -> anyhow::Result<()> {
     for i in positions {
         let mut bad = good.clone();
         bad[i] ^= 0xff;
+        // The split form of every tenth case too (each costs a split, a gzip and three
+        // hashes of the 10 MB code).
+        if i % 10 == 0 {
+            both_forms_agree(&bad);
+        }
         // Any outcome but a crash is acceptable: a flip inside a data segment may still load
         // (and compute garbage); a flip in a structure must give a typed error.
-        match load(bad) {
+        match LoadedCapsule::load(&engine(), bad, RunConfig::default()) {
             Ok(c) => match c.infer(&sample.inputs) {
                 Ok(_) | Err(Error::Guest(_) | Error::Trap { .. } | Error::Abi(_)) => {}
                 Err(other) => panic!("byte {i}: unexpected inference error {other:?}"),

@@ -1,0 +1,75 @@
+//! The split form of a capsule (`capsule_format::split`): the code module every capsule of one
+//! guest build shares, and a model image per capsule. `tests/all/malformed_capsules.rs` runs
+//! every malformed case through both forms.
+
+use capsule_format::split;
+use capsule_runtime::{CapsuleImage, LoadedCapsule, RunConfig, golden as compare};
+use capsule_tests::{FIXTURE_MODELS, engine, fixture_capsule, golden};
+
+/// Every fixture: `join(split(x))` is `x` byte for byte; the code module is the one the
+/// runtime compiles (same hash) and the same for every fixture; the image is a small part of
+/// the file; the split form installs and answers its golden samples.
+#[test]
+fn every_fixture_splits_and_joins_byte_for_byte() -> anyhow::Result<()> {
+    let engine = engine();
+    let mut code_hashes = Vec::new();
+    for name in FIXTURE_MODELS {
+        let built = fixture_capsule(name)?;
+        let parts = split::split(&built.bytes)?;
+        assert_eq!(
+            split::join(&parts.code, &parts.image)?,
+            built.bytes,
+            "{name}"
+        );
+        let whole = CapsuleImage::parse(built.bytes.clone())?;
+        assert_eq!(parts.code, whole.code, "{name}");
+        assert_eq!(parts.code_sha256, whole.code_sha256, "{name}");
+        let header = split::image_header(&parts.image)?;
+        assert_eq!(header.code_sha256, whole.code_sha256, "{name}");
+        assert!(
+            parts.image.len() * 5 < built.bytes.len(),
+            "{name}: image {} of {} bytes",
+            parts.image.len(),
+            built.bytes.len()
+        );
+        let image = CapsuleImage::parse_split(&parts.code, &parts.image)?;
+        assert_eq!(image.sha256, whole.sha256, "{name}");
+        let capsule = LoadedCapsule::install(&engine, image, RunConfig::default())?;
+        for sample in golden(name)? {
+            let outputs = capsule.infer(&sample.inputs)?;
+            compare::compare(&sample.outputs, &outputs, sample.tolerance)
+                .map_err(|e| anyhow::anyhow!("{name}/{}: {e}", sample.name))?;
+        }
+        code_hashes.push(parts.code_sha256);
+    }
+    code_hashes.dedup();
+    assert_eq!(code_hashes.len(), 1, "one guest build, one code module");
+    Ok(())
+}
+
+/// An image joined with another capsule's code of another build is refused before anything
+/// is decompressed; with a code module of the same build it joins (that is the point).
+#[test]
+fn an_image_joins_only_the_code_it_names() -> anyhow::Result<()> {
+    let a = split::split(&fixture_capsule("digits_mlp")?.bytes)?;
+    let b = split::split(&fixture_capsule("mnist_cnn")?.bytes)?;
+    assert_eq!(a.code, b.code);
+    assert_eq!(
+        split::join(&b.code, &a.image)?,
+        fixture_capsule("digits_mlp")?.bytes
+    );
+    let mut other = a.code.clone();
+    let last = other.len() - 1;
+    other[last] ^= 0x01;
+    match CapsuleImage::parse_split(&other, &a.image) {
+        Err(capsule_runtime::Error::Manifest(capsule_format::Error::CodeMismatch {
+            expected,
+            found,
+        })) => {
+            assert_eq!(expected, a.code_sha256);
+            assert_eq!(found, split::sha256_hex(&other));
+        }
+        other => panic!("expected CodeMismatch, got {other:?}"),
+    }
+    Ok(())
+}
