@@ -828,3 +828,64 @@ async fn raw_inputs_reach_the_pipeline_over_rest() -> Result<()> {
     node.node.shutdown().await;
     Ok(())
 }
+
+/// Model images (split form) in the repository: an image whose code is not in the
+/// repository's code store yet is refused and retried when the code arrives (the scan stamps
+/// the code file too); a second model of the same guest build needs no second code file; a
+/// flat image is named from its manifest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_images_serve_once_their_code_is_there() -> Result<()> {
+    let mlp = capsule_format::split::split(&fixture_capsule("digits_mlp")?.bytes)?;
+    let cnn = capsule_format::split::split(&fixture_capsule("mnist_cnn")?.bytes)?;
+    assert_eq!(mlp.code_sha256, cnn.code_sha256);
+    let t = TestNode::start(
+        |dir| {
+            let d = dir.join("digits").join("1");
+            std::fs::create_dir_all(&d)?;
+            std::fs::write(d.join("digits.capsule.img"), &mlp.image)?;
+            Ok(())
+        },
+        |_| {},
+    )
+    .await?;
+    let (status, body) = t.get("/v2/models/digits").await?;
+    assert_eq!(status, 503, "{body}");
+    let needs = format!("needs guest code {}", mlp.code_sha256);
+    assert!(
+        body["error"].as_str().is_some_and(|e| e.contains(&needs)),
+        "{body}"
+    );
+    let code = capsule_node::code_path(t.dir.path(), &mlp.code_sha256).context("code path")?;
+    std::fs::create_dir_all(code.parent().context("code dir")?)?;
+    std::fs::write(&code, &mlp.code)?;
+    std::fs::write(t.dir.path().join("cnn.capsule.img"), &cnn.image)?;
+    t.node.sync_now().await;
+    let flat_name = fixture_capsule("mnist_cnn")?.manifest.name.clone();
+    for (model, fixture) in [("digits", "digits_mlp"), (flat_name.as_str(), "mnist_cnn")] {
+        let sample = golden(fixture)?.remove(0);
+        let (status, body) = t
+            .post(
+                &format!("/v2/models/{model}/infer"),
+                json_request(&sample.inputs)?,
+            )
+            .await?;
+        assert_eq!(status, 200, "{model}: {body}");
+        for expected in &sample.outputs {
+            let got = body["outputs"]
+                .as_array()
+                .and_then(|o| o.iter().find(|o| o["name"] == expected.name.as_str()))
+                .and_then(|o| o["data"].as_array())
+                .with_context(|| format!("{model}: no output {} in {body}", expected.name))?;
+            let want = expected.tensor.to_f64_vec()?;
+            assert_eq!(got.len(), want.len(), "{model}");
+            for (g, w) in got.iter().zip(&want) {
+                let g = g.as_f64().context("a number")?;
+                assert!(
+                    (g - w).abs() <= sample.tolerance * w.abs().max(1.0),
+                    "{model}: {g} vs {w}"
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -68,6 +68,27 @@ pub(crate) struct Loader {
     known: HashMap<PathBuf, KnownFile>,
 }
 
+/// Reads a capsule in either form: a single file, or a model image whose code module is in
+/// the repository's code store ([`crate::repository::CODE_DIR`]); both bounded by `limit`.
+fn read_capsule(repo: &Path, path: &Path, limit: u64) -> Result<CapsuleImage, String> {
+    let bytes = read_bounded(path, limit)?;
+    if !capsule_format::split::is_image(&bytes) {
+        return CapsuleImage::parse(bytes).map_err(|e| e.to_string());
+    }
+    let header = capsule_format::split::image_header(&bytes).map_err(|e| e.to_string())?;
+    let code_path = crate::repository::code_path(repo, &header.code_sha256)
+        .ok_or_else(|| "malformed code hash".to_owned())?;
+    if !code_path.exists() {
+        return Err(format!(
+            "the model image needs guest code {}, and {} does not exist",
+            header.code_sha256,
+            code_path.display()
+        ));
+    }
+    let code = read_bounded(&code_path, header.code_len.min(limit))?;
+    CapsuleImage::parse_split(&code, &bytes).map_err(|e| e.to_string())
+}
+
 fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, String> {
     let file = std::fs::File::open(path).map_err(|e| format!("cannot open: {e}"))?;
     let mut bytes = Vec::new();
@@ -114,8 +135,11 @@ impl Loader {
                 image: None,
             });
         }
-        let named = read_bounded(&file.path, self.config.max_capsule_bytes)
-            .and_then(|bytes| CapsuleImage::parse(bytes).map_err(|e| e.to_string()));
+        let named = read_capsule(
+            &self.config.models,
+            &file.path,
+            self.config.max_capsule_bytes,
+        );
         match named {
             Ok(image) => Some(Candidate {
                 file,
@@ -150,10 +174,12 @@ impl Loader {
         let started = Instant::now();
         let image = match c.image.take() {
             Some(image) => image,
-            None => CapsuleImage::parse(
-                read_bounded(&c.file.path, self.config.max_capsule_bytes).map_err(Refusal::Load)?,
+            None => read_capsule(
+                &self.config.models,
+                &c.file.path,
+                self.config.max_capsule_bytes,
             )
-            .map_err(|e| Refusal::Load(e.to_string()))?,
+            .map_err(Refusal::Load)?,
         };
         let sha256 = image.sha256.clone();
         if image.manifest.name != c.name {

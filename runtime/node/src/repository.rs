@@ -4,10 +4,27 @@ use std::cmp::Ordering;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
+use capsule_format::split::IMAGE_SUFFIX;
+
 use crate::{Error, Result};
 
 /// File name suffix of a capsule.
 pub const CAPSULE_SUFFIX: &str = ".capsule.wasm";
+
+/// The repository's store of guest code modules, for the model images in it (split form,
+/// `capsule_format::split`): `DIR/.capsule-code/<sha256>.wasm`. Hidden, so never scanned as a
+/// model.
+pub const CODE_DIR: &str = ".capsule-code";
+
+/// Where a code module lives in the repository `dir`; `None` for a malformed hash (never a
+/// path outside the store).
+pub fn code_path(dir: &Path, code_sha256: &str) -> Option<PathBuf> {
+    let valid = code_sha256.len() == 64
+        && code_sha256
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    valid.then(|| dir.join(CODE_DIR).join(format!("{code_sha256}.wasm")))
+}
 
 /// A capsule file found in the repository.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,12 +45,30 @@ pub struct Stamp {
     pub len: u64,
     /// Modification time.
     pub modified: Option<SystemTime>,
+    /// For a model image, the size and modification time of the code module it names (`None`
+    /// while it is missing): a refused image is retried when its code arrives or changes.
+    pub code: Option<(u64, Option<SystemTime>)>,
 }
 
 fn is_capsule(path: &Path) -> bool {
-    path.file_name()
-        .and_then(|n| n.to_str())
-        .is_some_and(|n| n.ends_with(CAPSULE_SUFFIX) && !n.starts_with('.'))
+    path.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+        (n.ends_with(CAPSULE_SUFFIX) || n.ends_with(IMAGE_SUFFIX)) && !n.starts_with('.')
+    })
+}
+
+/// The stamp of the code module a model image names, read from the image's fixed header
+/// (60 bytes; nothing is decompressed).
+fn code_stamp(repo: &Path, path: &Path) -> Option<(u64, Option<SystemTime>)> {
+    if !path.to_str().is_some_and(|p| p.ends_with(IMAGE_SUFFIX)) {
+        return None;
+    }
+    let mut header = [0u8; capsule_format::split::IMAGE_HEADER_BYTES];
+    std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut header))
+        .ok()?;
+    let header = capsule_format::split::image_header(&header).ok()?;
+    let meta = std::fs::metadata(code_path(repo, &header.code_sha256)?).ok()?;
+    Some((meta.len(), meta.modified().ok()))
 }
 
 fn hidden(path: &Path) -> bool {
@@ -64,23 +99,25 @@ fn entries(dir: &Path) -> Result<Vec<(PathBuf, std::fs::Metadata)>> {
     Ok(out)
 }
 
-fn stamp(meta: &std::fs::Metadata) -> Stamp {
+fn stamp(repo: &Path, path: &Path, meta: &std::fs::Metadata) -> Stamp {
     Stamp {
         len: meta.len(),
         modified: meta.modified().ok(),
+        code: code_stamp(repo, path),
     }
 }
 
 /// Lists the capsules of a repository: flat `DIR/*.capsule.wasm` files and
 /// `DIR/NAME/VERSION/*.capsule.wasm` (one capsule per version directory; a version directory
-/// holding several is skipped with a warning). Hidden files (starting with `.`) are ignored,
+/// holding several is skipped with a warning). Model images (`*.capsule.img`, their code in
+/// [`CODE_DIR`]) count as capsules. Hidden files (starting with `.`) are ignored,
 /// so a capsule can be written under a hidden name and renamed into place atomically.
 pub fn scan(dir: &Path) -> Result<Vec<CapsuleFile>> {
     let mut found = Vec::new();
     for (path, meta) in entries(dir)? {
         if meta.is_file() && is_capsule(&path) {
             found.push(CapsuleFile {
-                stamp: stamp(&meta),
+                stamp: stamp(dir, &path, &meta),
                 path,
                 layout: None,
             });
@@ -112,7 +149,7 @@ pub fn scan(dir: &Path) -> Result<Vec<CapsuleFile>> {
                 [(p, m)] => found.push(CapsuleFile {
                     path: p.clone(),
                     layout: Some((name.clone(), version.clone())),
-                    stamp: stamp(m),
+                    stamp: stamp(dir, p, m),
                 }),
                 many => tracing::warn!(
                     dir = %version_dir.display(),
