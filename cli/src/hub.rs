@@ -273,18 +273,40 @@ pub fn run_sign(args: &SignArgs) -> Result<()> {
     };
     if !args.add.is_empty() || metadata.signed.version == 0 {
         for path in &args.add {
-            let bytes = read_limited(path, 2 << 30, "capsule")?;
-            let image = capsule_runtime::CapsuleImage::parse(bytes)
-                .with_context(|| format!("{}", path.display()))?;
-            let m = &image.manifest;
+            // Both forms: the single file (browsers, older nodes), the model image that
+            // names its code, and the code as a target of its own.
+            let forms = crate::split::BothForms::read(path)?;
+            let m = &forms.capsule.manifest;
             let version = m.version.to_string();
+            let sha = capsule_format::split::sha256_hex;
             metadata.signed.targets.insert(
                 tuf::target_path(&m.name, &version),
                 Target {
-                    length: image.size() as u64,
-                    sha256: image.sha256.clone(),
+                    length: forms.capsule.size() as u64,
+                    sha256: forms.capsule.sha256.clone(),
+                    model: m.name.clone(),
+                    version: version.clone(),
+                    code: None,
+                },
+            );
+            metadata.signed.targets.insert(
+                tuf::image_target_path(&m.name, &version),
+                Target {
+                    length: forms.image.len() as u64,
+                    sha256: sha(&forms.image),
                     model: m.name.clone(),
                     version,
+                    code: Some(forms.code_sha256.clone()),
+                },
+            );
+            metadata.signed.targets.insert(
+                tuf::code_target_path(&forms.code_sha256),
+                Target {
+                    length: forms.code.len() as u64,
+                    sha256: forms.code_sha256.clone(),
+                    model: String::new(),
+                    version: String::new(),
+                    code: None,
                 },
             );
         }
@@ -321,19 +343,39 @@ pub struct HubClient {
 }
 
 impl HubClient {
+    fn client(&self) -> Result<reqwest::Client> {
+        let mut builder = reqwest::Client::builder().use_rustls_tls();
+        if let Some(ca) = &self.ca {
+            let pem = read_limited(ca, 1 << 20, "CA certificate")?;
+            builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
+        }
+        Ok(builder.build()?)
+    }
+
+    /// Whether the hub has this resource (`HEAD`: 200 or 404).
+    async fn has(&self, path: &str) -> Result<bool> {
+        let resp = self
+            .client()?
+            .head(format!("{}{path}", self.hub.trim_end_matches('/')))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the hub at {}", self.hub))?;
+        match resp.status().as_u16() {
+            200 => Ok(true),
+            404 => Ok(false),
+            other => bail!("hub answered {other} to HEAD {path}"),
+        }
+    }
+
     async fn call(
         &self,
         method: reqwest::Method,
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Value> {
-        let mut builder = reqwest::Client::builder().use_rustls_tls();
-        if let Some(ca) = &self.ca {
-            let pem = read_limited(ca, 1 << 20, "CA certificate")?;
-            builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
-        }
-        let client = builder.build()?;
-        let mut req = client
+        let mut req = self
+            .client()?
             .request(method, format!("{}{path}", self.hub.trim_end_matches('/')))
             .bearer_auth(&self.token);
         if let Some(b) = body {
@@ -380,10 +422,8 @@ pub struct PushArgs {
 }
 
 pub fn run_push(args: &PushArgs) -> Result<()> {
-    let bytes = read_limited(&args.capsule, 2 << 30, "capsule")?;
-    let image = capsule_runtime::CapsuleImage::parse(bytes.clone())
-        .with_context(|| format!("{}", args.capsule.display()))?;
-    let m = &image.manifest;
+    let forms = crate::split::BothForms::read(&args.capsule)?;
+    let m = &forms.capsule.manifest;
     let read_json = |p: &Option<PathBuf>| -> Result<Value> {
         match p {
             Some(p) => Ok(serde_json::from_slice(&read_limited(p, 1 << 20, "JSON")?)?),
@@ -394,9 +434,32 @@ pub fn run_push(args: &PushArgs) -> Result<()> {
     let metrics = read_json(&args.metrics)?;
     runtime()?.block_on(async {
         let c = &args.client;
-        let blob = c
-            .call(reqwest::Method::POST, "/api/v1/blobs", Some(bytes))
+        // The split form: the code only when the hub lacks it (every model of one guest
+        // build shares it), then the model image; the hub joins the single file on demand.
+        let code_path = format!("/api/v1/blobs/{}", forms.code_sha256);
+        if c.has(&code_path).await? {
+            println!("code {} already on the hub", forms.code_sha256);
+        } else {
+            c.call(
+                reqwest::Method::POST,
+                "/api/v1/blobs",
+                Some(forms.code.clone()),
+            )
             .await?;
+            println!(
+                "uploaded code {} ({} bytes)",
+                forms.code_sha256,
+                forms.code.len()
+            );
+        }
+        let blob = c
+            .call(
+                reqwest::Method::POST,
+                "/api/v1/blobs",
+                Some(forms.image.clone()),
+            )
+            .await?;
+        println!("uploaded model image ({} bytes)", forms.image.len());
         let sha = blob["sha256"].as_str().unwrap_or_default().to_owned();
         let body = json!({"sha256": sha, "provenance": provenance, "metrics": metrics});
         c.call(
@@ -405,7 +468,10 @@ pub fn run_push(args: &PushArgs) -> Result<()> {
             Some(serde_json::to_vec(&body)?),
         )
         .await?;
-        println!("pushed {} {} (sha256 {sha})", m.name, m.version);
+        println!(
+            "pushed {} {} (sha256 {}, image {sha})",
+            m.name, m.version, forms.capsule.sha256
+        );
         if let Some(t) = &args.targets {
             let text = read_limited(t, 1 << 20, "targets")?;
             let r = c

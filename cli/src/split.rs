@@ -211,3 +211,42 @@ pub fn run_join(args: &JoinArgs) -> Result<()> {
     );
     Ok(())
 }
+
+/// A capsule in both forms, from a file in either: what `capsule sign` signs and `capsule
+/// push` uploads.
+#[derive(Debug)]
+pub struct BothForms {
+    /// The single file, parsed.
+    pub capsule: CapsuleImage,
+    /// The model image: the file itself when given one, else the split of the single file.
+    pub image: Vec<u8>,
+    /// The code module.
+    pub code: Vec<u8>,
+    /// Its SHA-256.
+    pub code_sha256: String,
+}
+
+impl BothForms {
+    /// Reads `path` (a single file, or a model image with its code beside it).
+    pub fn read(path: &Path) -> Result<BothForms> {
+        let data = read_limited(path, MAX_CAPSULE_BYTES as u64, "capsule")?;
+        if split::is_image(&data) {
+            let capsule = read_capsule(path, None)?;
+            let code = capsule.code.clone();
+            return Ok(BothForms {
+                code_sha256: capsule.code_sha256.clone(),
+                capsule,
+                image: data,
+                code,
+            });
+        }
+        let parts = split::split(&data)?;
+        let capsule = CapsuleImage::parse(data).with_context(|| format!("{}", path.display()))?;
+        Ok(BothForms {
+            capsule,
+            image: parts.image,
+            code: parts.code,
+            code_sha256: parts.code_sha256,
+        })
+    }
+}

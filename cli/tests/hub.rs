@@ -186,9 +186,16 @@ impl Fleet {
 fn scenario(database: &str) -> Result<()> {
     let mut fleet = Fleet::start(database)?;
 
-    // Publish v1 as production: every node serves it.
+    // Publish v1 as production: every node serves it, having fetched the guest code and
+    // v1's model image once each (split form; the wat capsules of every version share their
+    // code).
     fleet.publish("1.0.0", Some("production"))?;
     wait_serving(&fleet.nodes, &[1.0, 1.0, 1.0])?;
+    assert_eq!(
+        blob_downloads(&fleet.hub_url)?,
+        (0, 3, 3),
+        "capsule, image, code"
+    );
 
     // Canary v2 at 34%: exactly the nodes whose bucket is below 34.
     fleet.publish("2.0.0", None)?;
@@ -238,9 +245,14 @@ fn scenario(database: &str) -> Result<()> {
         assert_eq!(served_y(url), Some(*y), "{n} at 34%");
     }
 
-    // Promote: everyone.
+    // Promote: everyone. v2 moved as three images and no code.
     fleet.action(&id, "promote")?;
     wait_serving(&fleet.nodes, &[2.0, 2.0, 2.0])?;
+    assert_eq!(
+        blob_downloads(&fleet.hub_url)?,
+        (0, 6, 3),
+        "capsule, image, code"
+    );
 
     // v3 fails its golden probe: refused by the nodes, which keep serving v2; the rollout
     // aborts itself.
@@ -432,6 +444,23 @@ fn wait_report(hub: &str, node: &str, after: i64) -> Result<Value> {
     bail!("no report of {node} for generation {after}; last: {last}")
 }
 
+/// The hub's blob download counters: (capsule, image, code).
+fn blob_downloads(hub: &str) -> Result<(u64, u64, u64)> {
+    let text = http()
+        .get(format!("{hub}/metrics"))
+        .bearer_auth(ADMIN)
+        .send()?
+        .text()?;
+    let count = |kind: &str| {
+        let prefix = format!("capsule_hub_blob_downloads_total{{kind=\"{kind}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Ok((count("capsule"), count("image"), count("code")))
+}
+
 fn generation(hub: &str) -> Result<i64> {
     let (_, v) = api(hub, "GET", "/api/v1/health", ADMIN, None)?;
     v["generation"].as_i64().context("generation")
@@ -516,6 +545,17 @@ fn every_attack_on_the_update_path_is_refused() -> Result<()> {
             ADMIN,
         ])?;
     }
+    // `push` uploads the split form; the single files too, as an older publisher would, so
+    // the attacks below can tamper with them on the hub's disk.
+    for bytes in &blobs {
+        let status = http()
+            .post(format!("{hub}/api/v1/blobs"))
+            .bearer_auth(ADMIN)
+            .body(bytes.clone())
+            .send()?
+            .status();
+        assert_eq!(status, 200);
+    }
     let (s, _) = api(
         &hub,
         "PUT",
@@ -549,6 +589,7 @@ fn every_attack_on_the_update_path_is_refused() -> Result<()> {
                                 sha256: sha(&blobs[*i]),
                                 model: "wat".into(),
                                 version: ["1.0.0", "2.0.0", "3.0.0"][*i].into(),
+                                code: None,
                             },
                         )
                     })
@@ -864,6 +905,70 @@ fn every_attack_on_the_update_path_is_refused() -> Result<()> {
     let g = upload(&resume)?;
     let report = wait_report(&hub, "node-a", g)?;
     assert_eq!(report["models"][0]["state"], "serving", "{report}");
+    assert_eq!(served_y(&node_url), Some(2.0));
+
+    // 12. Split mix-and-match: v2's model image is signed with the code it names (A), but
+    // the hub serves other code (B) under A's address. The node downloads code by the hash
+    // the image's signed target names, so B fails that hash (5.7.3); nothing is installed and
+    // v2 keeps serving from its single file.
+    let parts = capsule_format::split::split(&blobs[1])?;
+    let mut code_b = capsule_format::split::split(&blobs[0])?.code;
+    if code_b == parts.code {
+        let last = code_b.len() - 1;
+        code_b[last] ^= 0xff;
+    }
+    let blob_path = |sha: &str| {
+        fleet
+            .dir
+            .path()
+            .join("blobs")
+            .join(&sha[..2])
+            .join(format!("{sha}.capsule.wasm"))
+    };
+    assert!(
+        blob_path(&parts.code_sha256).exists(),
+        "push uploaded the code"
+    );
+    std::fs::write(blob_path(&parts.code_sha256), &code_b)?;
+    let mut split_targets = targets(30, 3600, &[(v1, 0), (v2, 1)]);
+    split_targets.signed.targets.insert(
+        capsule_format::tuf::image_target_path("wat", "2.0.0"),
+        Target {
+            length: parts.image.len() as u64,
+            sha256: sha(&parts.image),
+            model: "wat".into(),
+            version: "2.0.0".into(),
+            code: Some(parts.code_sha256.clone()),
+        },
+    );
+    split_targets.signed.targets.insert(
+        capsule_format::tuf::code_target_path(&parts.code_sha256),
+        Target {
+            length: parts.code.len() as u64,
+            sha256: parts.code_sha256.clone(),
+            model: String::new(),
+            version: String::new(),
+            code: None,
+        },
+    );
+    key("pub3")?.sign(&mut split_targets)?;
+    let g = upload(&split_targets)?;
+    refused(
+        g,
+        &format!(
+            "refused (5.7.3): code/{}.wasm: sha256 {}",
+            parts.code_sha256,
+            sha(&code_b)
+        ),
+    )?;
+    assert!(!models.join("wat/2.0.0/wat.capsule.img").exists());
+    assert_eq!(
+        std::fs::read_dir(models.join(".capsule-code"))
+            .map(|d| d.count())
+            .unwrap_or(0),
+        0,
+        "no code stored"
+    );
     assert_eq!(served_y(&node_url), Some(2.0));
     Ok(())
 }

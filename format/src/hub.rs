@@ -24,6 +24,11 @@ pub struct DesiredModel {
     pub version: String,
     /// Its path in the targets metadata.
     pub path: String,
+    /// The path of its model image in the targets metadata, when the hub has the split form:
+    /// a node that has the guest code the image's signed target names downloads only the
+    /// image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_path: Option<String>,
     /// SHA-256 of the capsule (the blob's address).
     pub sha256: String,
     /// Its size.

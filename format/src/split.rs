@@ -427,6 +427,8 @@ mod tests {
         assert_eq!(split.code, code_module(&capsule).unwrap());
         assert_eq!(split.code_sha256, sha256_hex(&split.code));
         assert_eq!(join(&split.code, &split.image).unwrap(), capsule);
+        // Deterministic: what `capsule sign` hashes is what `capsule push` uploads.
+        assert_eq!(super::split(&capsule).unwrap().image, split.image);
         // The code keeps the guest's sections and `name`, with an empty memory; no data.
         let ids: Vec<u8> = sections(&split.code)
             .unwrap()

@@ -93,7 +93,9 @@ pub struct Root {
     pub roles: BTreeMap<String, Role>,
 }
 
-/// One approved capsule.
+/// One approved artifact: a capsule (`MODEL/VERSION.capsule.wasm`), a model image
+/// (`MODEL/VERSION.capsule.img`, [`image_target_path`]) or a guest code module
+/// (`code/SHA256.wasm`, [`code_target_path`]; its model and version are empty).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Target {
@@ -105,6 +107,11 @@ pub struct Target {
     pub model: String,
     /// Model version.
     pub version: String,
+    /// For a model image: the SHA-256 of the only code module it may be joined with, itself a
+    /// target at [`code_target_path`]. Absent for capsules and code modules (and then not
+    /// serialized, so metadata without model images signs as before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
 }
 
 /// The targets role's metadata.
@@ -436,7 +443,8 @@ pub fn verify_targets(
     }
     for (path, target) in &t.targets {
         check_target_path(path)?;
-        if target.sha256.len() != 64 || unhex(&target.sha256).is_none() {
+        let well_formed = |h: &str| h.len() == 64 && unhex(h).is_some();
+        if !well_formed(&target.sha256) || !target.code.as_deref().is_none_or(well_formed) {
             return Err(refuse(
                 "capsule",
                 format!("target {path:?} has a malformed sha256"),
@@ -495,6 +503,78 @@ pub fn target_path(model: &str, version: &str) -> String {
     format!("{model}/{version}.capsule.wasm")
 }
 
+/// The path of a model image (split form) in targets metadata.
+pub fn image_target_path(model: &str, version: &str) -> String {
+    format!("{model}/{version}{}", crate::split::IMAGE_SUFFIX)
+}
+
+/// The path of a guest code module in targets metadata.
+pub fn code_target_path(code_sha256: &str) -> String {
+    format!("code/{code_sha256}.wasm")
+}
+
+/// The signed targets of a model image and of the code it must be joined with (TUF 5.7, with
+/// a step of ours for the pairing): the image is a target that names its code (`code`), and
+/// that code is a target of its own at [`code_target_path`] with exactly that hash. A client
+/// installs the image only with this code, never with another it happens to have.
+pub fn image_and_code<'a>(
+    targets: &'a Targets,
+    image_path: &str,
+) -> Result<(&'a Target, &'a Target), crate::Error> {
+    let image = targets.targets.get(image_path).ok_or_else(|| {
+        refuse(
+            "5.7.1",
+            format!(
+                "{image_path} is not in the signed targets (version {})",
+                targets.version
+            ),
+        )
+    })?;
+    let code = image.code.as_deref().ok_or_else(|| {
+        refuse(
+            "capsule",
+            format!("{image_path}: the signed target names no code module"),
+        )
+    })?;
+    let code_path = code_target_path(code);
+    let code_target = targets.targets.get(&code_path).ok_or_else(|| {
+        refuse(
+            "5.7.1",
+            format!("{image_path} needs code {code}, which is not a signed target ({code_path})"),
+        )
+    })?;
+    if code_target.sha256 != code {
+        return Err(refuse(
+            "5.7.3",
+            format!(
+                "{code_path}: signed with sha256 {}, the image's target names {code}",
+                code_target.sha256
+            ),
+        ));
+    }
+    Ok((image, code_target))
+}
+
+/// A downloaded model image against the code its signed target names: the image's own header
+/// must name the same code (an image that passed [`verify_target`] is the publisher's, so this
+/// catches a publisher's error, not an attack; the join then checks the code bytes).
+pub fn verify_image_code(
+    image_path: &str,
+    image_target: &Target,
+    header: &crate::split::ImageHeader,
+) -> Result<(), crate::Error> {
+    if image_target.code.as_deref() != Some(header.code_sha256.as_str()) {
+        return Err(refuse(
+            "capsule",
+            format!(
+                "{image_path} names code {}, its signed target names {:?}",
+                header.code_sha256, image_target.code
+            ),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -531,6 +611,7 @@ mod tests {
                 sha256: hex(&Sha256::digest(b"abc")),
                 model: "digits".into(),
                 version: "1.0.0".into(),
+                code: None,
             },
         );
         Signed {
@@ -549,6 +630,87 @@ mod tests {
             crate::Error::Refused { step, .. } => step,
             other => panic!("{other}"),
         }
+    }
+
+    /// Mix-and-match of split artifacts: an image pairs only with the code its signed target
+    /// names, and that code must be signed too, with that hash.
+    #[test]
+    fn an_image_pairs_only_with_its_signed_code() {
+        let code = hex(&Sha256::digest(b"code A"));
+        let other = hex(&Sha256::digest(b"code B"));
+        let image = |code: Option<&str>| Target {
+            length: 10,
+            sha256: hex(&Sha256::digest(b"image")),
+            model: "digits".into(),
+            version: "1.0.0".into(),
+            code: code.map(str::to_owned),
+        };
+        let code_target = |sha: &str| Target {
+            length: 6,
+            sha256: sha.to_owned(),
+            model: String::new(),
+            version: String::new(),
+            code: None,
+        };
+        let path = image_target_path("digits", "1.0.0");
+        let with = |entries: Vec<(String, Target)>| Targets {
+            kind: "targets".into(),
+            version: 1,
+            expires: NOW + 10,
+            targets: entries.into_iter().collect(),
+        };
+        let good = with(vec![
+            (path.clone(), image(Some(&code))),
+            (code_target_path(&code), code_target(&code)),
+        ]);
+        let (i, c) = image_and_code(&good, &path).unwrap();
+        assert_eq!(
+            (i.code.as_deref(), c.sha256.as_str()),
+            (Some(&*code), &*code)
+        );
+        // Not a target; names no code; its code unsigned; the code's path signed with B.
+        let cases = [
+            (with(vec![]), "5.7.1"),
+            (
+                with(vec![
+                    (path.clone(), image(None)),
+                    (code_target_path(&code), code_target(&code)),
+                ]),
+                "capsule",
+            ),
+            (with(vec![(path.clone(), image(Some(&code)))]), "5.7.1"),
+            (
+                with(vec![
+                    (path.clone(), image(Some(&code))),
+                    (code_target_path(&code), code_target(&other)),
+                ]),
+                "5.7.3",
+            ),
+        ];
+        for (targets, want) in cases {
+            assert_eq!(step(image_and_code(&targets, &path).unwrap_err()), want);
+        }
+        // The image's header must name the signed code.
+        let header = |sha: &str| crate::split::ImageHeader {
+            code_sha256: sha.to_owned(),
+            code_len: 6,
+            payload_len: 1,
+        };
+        verify_image_code(&path, &image(Some(&code)), &header(&code)).unwrap();
+        let e = verify_image_code(&path, &image(Some(&code)), &header(&other)).unwrap_err();
+        assert_eq!(step(e), "capsule");
+        // A malformed code hash makes the whole metadata invalid.
+        let trusted = trust_root(&root(2), NOW).unwrap();
+        let mut t = targets(1, NOW + 10);
+        t.signed
+            .targets
+            .insert(path.clone(), image(Some("not hex")));
+        key(3).sign(&mut t).unwrap();
+        key(4).sign(&mut t).unwrap();
+        assert_eq!(
+            step(verify_targets(&trusted, None, &t, NOW).unwrap_err()),
+            "capsule"
+        );
     }
 
     #[test]

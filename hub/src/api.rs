@@ -15,12 +15,13 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use capsule_format::hub::{DesiredState, Registration, Report};
+use capsule_format::split;
 use capsule_format::tuf::{self, Root, Targets};
 use capsule_format::{CapsuleManifest, MANIFEST_SECTION};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::db::{NodeRow, Rollout, VersionRow, assigned, new_id, now};
+use crate::db::{NodeRow, Rollout, SplitBlobs, VersionRow, assigned, new_id, now};
 use crate::{Error, Result, Shared, token_hash};
 
 type AppState = Arc<Shared>;
@@ -270,12 +271,29 @@ fn manifest_of(bytes: &[u8]) -> Result<CapsuleManifest> {
     ))
 }
 
+/// What an uploaded blob is: a single-file capsule (it has a manifest), a model image (its
+/// header reads) or a guest code module (a core module without a manifest).
+fn blob_kind(bytes: &[u8]) -> Result<&'static str> {
+    if split::is_image(bytes) {
+        split::image_header(bytes).map_err(|e| Error::BadRequest(e.to_string()))?;
+        return Ok("image");
+    }
+    if manifest_of(bytes).is_ok() {
+        return Ok("capsule");
+    }
+    // No manifest: a code module is still a well-framed core module.
+    split::code_module(bytes).map_err(|e| {
+        Error::BadRequest(format!("not a capsule, model image or code module: {e}"))
+    })?;
+    Ok("code")
+}
+
 async fn put_blob(
     State(s): State<AppState>,
     Admin(c): Admin,
     body: Bytes,
 ) -> Result<axum::Json<Value>> {
-    manifest_of(&body)?;
+    let kind = blob_kind(&body)?;
     let store = s.blobs.clone();
     let bytes = body.clone();
     let sha256 = tokio::task::spawn_blocking(move || store.put(&bytes))
@@ -285,16 +303,43 @@ async fn put_blob(
         &s,
         &c,
         "blob.upload",
-        json!({"sha256": sha256, "length": body.len()}),
+        json!({"sha256": sha256, "length": body.len(), "kind": kind}),
     )
     .await?;
-    Ok(axum::Json(json!({"sha256": sha256, "length": body.len()})))
+    Ok(axum::Json(
+        json!({"sha256": sha256, "length": body.len(), "kind": kind}),
+    ))
 }
 
-/// A blob, with `Range: bytes=N-` for resumed downloads.
+/// Reads a stored blob; 404 naming it when it is not there.
+async fn read_blob(s: &Shared, sha256: &str, what: &str) -> Result<Vec<u8>> {
+    let path = s
+        .blobs
+        .path(sha256)
+        .ok_or_else(|| Error::BadRequest(format!("{sha256:?} is not a SHA-256")))?;
+    tokio::fs::read(&path)
+        .await
+        .map_err(|_| Error::NotFound(format!("no {what} {sha256} (upload it first)")))
+}
+
+/// Joins a version's split form into its single-file capsule (the hub stores only the split
+/// form of versions pushed as images).
+async fn join_version(s: &Shared, split: &SplitBlobs) -> Result<Vec<u8>> {
+    let image = read_blob(s, &split.image_sha256, "model image").await?;
+    let code = read_blob(s, &split.code_sha256, "code module").await?;
+    tokio::task::spawn_blocking(move || split::join(&code, &image))
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?
+        .map_err(|e| Error::BadRequest(e.to_string()))
+}
+
+/// A blob, with `Range: bytes=N-` for resumed downloads. A single-file capsule the hub only
+/// has in split form is joined on demand. Downloads (not `HEAD`, which answers "have") are
+/// counted by kind: capsule, image, code.
 async fn get_blob(
     State(s): State<AppState>,
     _caller: Caller,
+    method: axum::http::Method,
     headers: HeaderMap,
     Path(sha256): Path<String>,
 ) -> Result<Response> {
@@ -303,48 +348,70 @@ async fn get_blob(
         .blobs
         .path(&sha256)
         .ok_or_else(|| Error::BadRequest(format!("{sha256:?} is not a SHA-256")))?;
-    let mut file = tokio::fs::File::open(&path)
-        .await
-        .map_err(|_| Error::NotFound(format!("no blob {sha256}")))?;
-    let total = file
-        .metadata()
-        .await
-        .map_err(|e| Error::Io(e.to_string()))?
-        .len();
     let start = headers
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("bytes="))
         .and_then(|v| v.strip_suffix('-'))
         .and_then(|v| v.parse::<u64>().ok());
-    // Streamed from the file: a large capsule never sits whole in the hub's memory.
-    let stream = |file| Body::from_stream(tokio_util::io::ReaderStream::new(file));
-    match start {
-        Some(start) if start <= total => {
-            file.seek(std::io::SeekFrom::Start(start))
+    // Streamed from the file: a large capsule never sits whole in the hub's memory (a joined
+    // one does, once, while it is sent).
+    let (total, body) = match tokio::fs::File::open(&path).await {
+        Ok(mut file) => {
+            let total = file
+                .metadata()
                 .await
-                .map_err(|e| Error::Io(e.to_string()))?;
-            Ok((
-                StatusCode::PARTIAL_CONTENT,
-                [
-                    (header::CONTENT_TYPE, "application/wasm".to_owned()),
-                    (header::CONTENT_LENGTH, (total - start).to_string()),
-                    (
-                        header::CONTENT_RANGE,
-                        format!("bytes {start}-{}/{total}", total.saturating_sub(1)),
-                    ),
-                ],
-                stream(file),
+                .map_err(|e| Error::Io(e.to_string()))?
+                .len();
+            if let Some(start) = start.filter(|st| *st <= total) {
+                file.seek(std::io::SeekFrom::Start(start))
+                    .await
+                    .map_err(|e| Error::Io(e.to_string()))?;
+            }
+            (
+                total,
+                Body::from_stream(tokio_util::io::ReaderStream::new(file)),
             )
-                .into_response())
         }
+        Err(_) => {
+            let split =
+                s.db.version_by_capsule(&sha256)
+                    .await?
+                    .and_then(|v| v.split)
+                    .ok_or_else(|| Error::NotFound(format!("no blob {sha256}")))?;
+            let joined = join_version(&s, &split).await?;
+            let total = joined.len() as u64;
+            let from = start.filter(|st| *st <= total).unwrap_or(0) as usize;
+            (total, Body::from(joined[from..].to_vec()))
+        }
+    };
+    if method == axum::http::Method::GET {
+        s.metrics
+            .blob_downloads
+            .with_label_values(&[s.db.blob_kind(&sha256).await?])
+            .inc();
+    }
+    match start {
+        Some(start) if start <= total => Ok((
+            StatusCode::PARTIAL_CONTENT,
+            [
+                (header::CONTENT_TYPE, "application/wasm".to_owned()),
+                (header::CONTENT_LENGTH, (total - start).to_string()),
+                (
+                    header::CONTENT_RANGE,
+                    format!("bytes {start}-{}/{total}", total.saturating_sub(1)),
+                ),
+            ],
+            body,
+        )
+            .into_response()),
         Some(_) => Err(Error::BadRequest("range past the end of the blob".into())),
         None => Ok((
             [
                 (header::CONTENT_TYPE, "application/wasm".to_owned()),
                 (header::CONTENT_LENGTH, total.to_string()),
             ],
-            stream(file),
+            body,
         )
             .into_response()),
     }
@@ -464,13 +531,36 @@ async fn add_version(
     body: Bytes,
 ) -> Result<axum::Json<VersionRow>> {
     let req: NewVersion = json_body(&body)?;
-    let path = s
-        .blobs
-        .path(&req.sha256)
-        .ok_or_else(|| Error::BadRequest(format!("{:?} is not a SHA-256", req.sha256)))?;
-    let bytes = tokio::fs::read(&path)
+    let uploaded = read_blob(&s, &req.sha256, "blob").await?;
+    // Either form registers both: a model image is joined with its code (which must be
+    // uploaded already) to read its manifest; a single file is split and its image and code
+    // stored (once: blobs are content-addressed).
+    let (bytes, split_blobs) = if split::is_image(&uploaded) {
+        let header =
+            split::image_header(&uploaded).map_err(|e| Error::BadRequest(e.to_string()))?;
+        let blobs = SplitBlobs {
+            image_sha256: req.sha256.clone(),
+            image_length: uploaded.len() as i64,
+            code_sha256: header.code_sha256,
+            code_length: header.code_len as i64,
+        };
+        (join_version(&s, &blobs).await?, blobs)
+    } else {
+        manifest_of(&uploaded)?;
+        let store = s.blobs.clone();
+        tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, SplitBlobs)> {
+            let parts = split::split(&uploaded).map_err(|e| Error::BadRequest(e.to_string()))?;
+            let blobs = SplitBlobs {
+                image_sha256: store.put(&parts.image)?,
+                image_length: parts.image.len() as i64,
+                code_sha256: store.put(&parts.code)?,
+                code_length: parts.code.len() as i64,
+            };
+            Ok((uploaded, blobs))
+        })
         .await
-        .map_err(|_| Error::NotFound(format!("no blob {} (upload it first)", req.sha256)))?;
+        .map_err(|e| Error::Internal(e.to_string()))??
+    };
     let m = manifest_of(&bytes)?;
     if m.name != model {
         return Err(Error::BadRequest(format!(
@@ -502,8 +592,9 @@ async fn add_version(
     let row = VersionRow {
         model: model.clone(),
         version: m.version.to_string(),
-        sha256: req.sha256,
+        sha256: split::sha256_hex(&bytes),
         length: bytes.len() as i64,
+        split: Some(split_blobs),
         manifest: json!({
             "inputs": m.inputs.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "outputs": m.outputs.iter().map(ToString::to_string).collect::<Vec<_>>(),

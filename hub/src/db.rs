@@ -57,6 +57,22 @@ pub struct VersionRow {
     pub created_at: i64,
     /// Who registered it.
     pub created_by: String,
+    /// The split form: the model image and the code module it needs (versions registered
+    /// before the split form have none).
+    pub split: Option<SplitBlobs>,
+}
+
+/// The blobs of a version's split form (`capsule_format::split`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitBlobs {
+    /// SHA-256 of the model image.
+    pub image_sha256: String,
+    /// Its size.
+    pub image_length: i64,
+    /// SHA-256 of the code module.
+    pub code_sha256: String,
+    /// Its size.
+    pub code_length: i64,
 }
 
 /// A rollout.
@@ -137,6 +153,22 @@ fn version_row(r: &AnyRow) -> Result<VersionRow> {
         metrics: json(&r.try_get::<String, _>("metrics")?),
         created_at: r.try_get("created_at")?,
         created_by: r.try_get("created_by")?,
+        split: match (
+            r.try_get::<Option<String>, _>("image_sha256")?,
+            r.try_get::<Option<i64>, _>("image_length")?,
+            r.try_get::<Option<String>, _>("code_sha256")?,
+            r.try_get::<Option<i64>, _>("code_length")?,
+        ) {
+            (Some(image_sha256), Some(image_length), Some(code_sha256), Some(code_length)) => {
+                Some(SplitBlobs {
+                    image_sha256,
+                    image_length,
+                    code_sha256,
+                    code_length,
+                })
+            }
+            _ => None,
+        },
     })
 }
 
@@ -372,7 +404,8 @@ impl Db {
         .bind(now())
         .execute(&mut *tx)
         .await?;
-        let done = sqlx::query("INSERT INTO versions (model, version, sha256, length, manifest, provenance, metrics, created_at, created_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)")
+        let split = v.split.as_ref();
+        let done = sqlx::query("INSERT INTO versions (model, version, sha256, length, manifest, provenance, metrics, created_at, created_by, image_sha256, image_length, code_sha256, code_length) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)")
             .bind(&v.model)
             .bind(&v.version)
             .bind(&v.sha256)
@@ -382,6 +415,10 @@ impl Db {
             .bind(v.metrics.to_string())
             .bind(v.created_at)
             .bind(&v.created_by)
+            .bind(split.map(|s| s.image_sha256.clone()))
+            .bind(split.map(|s| s.image_length))
+            .bind(split.map(|s| s.code_sha256.clone()))
+            .bind(split.map(|s| s.code_length))
             .execute(&mut *tx)
             .await;
         if let Err(e) = done {
@@ -591,6 +628,40 @@ impl Db {
         rows.iter().map(rollout_row).collect()
     }
 
+    /// What kind of blob a hash names, for the download counters: a code module or a model
+    /// image of some version, else a single-file capsule.
+    pub async fn blob_kind(&self, sha256: &str) -> Result<&'static str> {
+        let row = sqlx::query(
+            "SELECT CASE WHEN code_sha256 = $1 THEN 'code' ELSE 'image' END AS kind FROM versions WHERE code_sha256 = $1 OR image_sha256 = $1 LIMIT 1",
+        )
+        .bind(sha256)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(
+            match row
+                .map(|r| r.try_get::<String, _>("kind"))
+                .transpose()?
+                .as_deref()
+            {
+                Some("code") => "code",
+                Some(_) => "image",
+                None => "capsule",
+            },
+        )
+    }
+
+    /// The version whose single-file capsule has this hash and that has a split form (the
+    /// hub stores the split form and joins the single file on demand).
+    pub async fn version_by_capsule(&self, sha256: &str) -> Result<Option<VersionRow>> {
+        let row = sqlx::query(
+            "SELECT * FROM versions WHERE sha256 = $1 AND image_sha256 IS NOT NULL LIMIT 1",
+        )
+        .bind(sha256)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(version_row).transpose()
+    }
+
     /// One rollout.
     pub async fn rollout(&self, id: &str) -> Result<Option<Rollout>> {
         let row = sqlx::query(&format!(
@@ -621,6 +692,10 @@ impl Db {
             if let Some(v) = self.version(&model, &version).await? {
                 out.push(DesiredModel {
                     path: capsule_format::tuf::target_path(&model, &version),
+                    image_path: v
+                        .split
+                        .is_some()
+                        .then(|| capsule_format::tuf::image_target_path(&model, &version)),
                     model,
                     version,
                     sha256: v.sha256,

@@ -27,6 +27,7 @@ pub(crate) struct HubMetrics {
     pub(crate) webhook_deliveries: IntCounterVec,
     pub(crate) retrain_triggers: IntCounterVec,
     pub(crate) rollouts: IntGaugeVec,
+    pub(crate) blob_downloads: IntCounterVec,
 }
 
 fn err(e: prometheus::Error) -> Error {
@@ -70,6 +71,11 @@ impl HubMetrics {
                 "capsule_hub_http_requests_total",
                 "API requests by route, method and status.",
                 &["route", "method", "status"],
+            )?,
+            blob_downloads: counter(
+                "capsule_hub_blob_downloads_total",
+                "Blob downloads (GET, resumed ones included) by kind: capsule (single file), image (model image), code (guest code module).",
+                &["kind"],
             )?,
             http_seconds: reg(
                 &r,

@@ -156,6 +156,7 @@ async fn run(n: usize) -> Result<()> {
                 sha256: sha(bytes),
                 model: "wat".into(),
                 version: (*v).into(),
+                code: None,
             },
         );
         targets.signatures.clear();

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use capsule_format::hub::{DesiredModel, DesiredState, Registration, Report, ReportedModel};
+use capsule_format::split::IMAGE_SUFFIX;
 use capsule_format::tuf::{self, Root, Signed, Targets};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -68,6 +69,25 @@ pub(crate) struct Agent {
     loader: Arc<Mutex<Loader>>,
     registry: Arc<ModelRegistry>,
     state: AgentState,
+}
+
+/// Writes a file the loader may read at any moment: under a hidden name in the same
+/// directory (the scan skips it), flushed to disk, then renamed into place.
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), (&'static str, String)> {
+    let io = |e: std::io::Error| ("install_failed", format!("writing {}: {e}", path.display()));
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".incoming.{name}"));
+    std::fs::write(&tmp, bytes).map_err(io)?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)?;
+    Ok(())
 }
 
 /// An error with its causes, one line.
@@ -523,6 +543,15 @@ impl Agent {
                 d.model, d.version
             )));
         }
+        // The split form when the hub offers it and the publisher signed it: the image, and
+        // the code only if this node does not have it.
+        if let Some(image_path) = d
+            .image_path
+            .as_deref()
+            .filter(|p| targets.targets.contains_key(*p))
+        {
+            return self.install_image(targets, d, image_path).await;
+        }
         let dir = self.models.join(&d.model).join(&d.version);
         let path = dir.join(format!("{}.capsule.wasm", d.model));
         let have = self
@@ -534,16 +563,20 @@ impl Agent {
             return Ok(path);
         }
         let bytes = self.download(&d.path, t).await?;
-        let io = |e: std::io::Error| ("install_failed", format!("writing {}: {e}", path.display()));
-        std::fs::create_dir_all(&dir).map_err(io)?;
-        let tmp = dir.join(".incoming.capsule.wasm");
-        std::fs::write(&tmp, &bytes).map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)?;
+        write_file(&path, &bytes)?;
+        // One capsule per version directory: a model image of this version goes.
+        let _ = std::fs::remove_file(dir.join(format!("{}{IMAGE_SUFFIX}", d.model)));
+        self.installed(d, &t.sha256);
+        Ok(path)
+    }
+
+    /// Records an installed version, retires newer ones, drops its partial download.
+    fn installed(&mut self, d: &DesiredModel, sha256: &str) {
         self.state
             .managed
             .entry(d.model.clone())
             .or_default()
-            .insert(d.version.clone(), t.sha256.clone());
+            .insert(d.version.clone(), sha256.to_owned());
         // A newer managed version would win the version policy: retire it now (rollback).
         let version = d.version.clone();
         self.retire(&d.model, &d.version, |v| {
@@ -552,8 +585,66 @@ impl Agent {
         let _ = std::fs::remove_file(
             state_dir(&self.models)
                 .join("downloads")
-                .join(format!("{}.part", t.sha256)),
+                .join(format!("{sha256}.part")),
         );
+    }
+
+    /// Installs a model image: checks that its signed target names a code module that is
+    /// signed too (never another code this node happens to have), downloads that code into
+    /// the repository's code store unless it is there already with the signed hash, downloads
+    /// and verifies the image, checks that the image names the same code, and writes it into
+    /// the version directory. The loader joins the two (checking the code's hash again).
+    async fn install_image(
+        &mut self,
+        targets: &Targets,
+        d: &DesiredModel,
+        image_path: &str,
+    ) -> Result<PathBuf, (&'static str, String)> {
+        let verify = |e: String| ("verify_failed", e);
+        tuf::check_target_path(image_path).map_err(|e| verify(e.to_string()))?;
+        let (image, code) =
+            tuf::image_and_code(targets, image_path).map_err(|e| verify(e.to_string()))?;
+        if image.model != d.model || image.version != d.version {
+            return Err(verify(format!(
+                "{image_path} is signed as {} {}, the hub offers it as {} {}",
+                image.model, image.version, d.model, d.version
+            )));
+        }
+        let dir = self.models.join(&d.model).join(&d.version);
+        let path = dir.join(format!("{}{IMAGE_SUFFIX}", d.model));
+        let have = self
+            .state
+            .managed
+            .get(&d.model)
+            .and_then(|v| v.get(&d.version));
+        if have == Some(&image.sha256) && path.exists() {
+            return Ok(path);
+        }
+        let code_path = tuf::code_target_path(&code.sha256);
+        let code_file = crate::repository::code_path(&self.models, &code.sha256)
+            .ok_or_else(|| verify(format!("{code_path}: malformed hash")))?;
+        let have_code = std::fs::metadata(&code_file).is_ok_and(|m| m.len() == code.length)
+            && std::fs::read(&code_file)
+                .is_ok_and(|b| tuf::verify_target(&code_path, code, &b).is_ok());
+        if have_code {
+            tracing::info!(model = %d.model, version = %d.version, code = %code.sha256, "guest code already here: downloading the model image only");
+        } else {
+            let bytes = self.download(&code_path, code).await?;
+            write_file(&code_file, &bytes)?;
+            let _ = std::fs::remove_file(
+                state_dir(&self.models)
+                    .join("downloads")
+                    .join(format!("{}.part", code.sha256)),
+            );
+        }
+        let bytes = self.download(image_path, image).await?;
+        let header = capsule_format::split::image_header(&bytes)
+            .map_err(|e| verify(format!("{image_path}: {e}")))?;
+        tuf::verify_image_code(image_path, image, &header).map_err(|e| verify(e.to_string()))?;
+        write_file(&path, &bytes)?;
+        // One capsule per version directory: a single file of this version goes.
+        let _ = std::fs::remove_file(dir.join(format!("{}.capsule.wasm", d.model)));
+        self.installed(d, &image.sha256);
         Ok(path)
     }
 

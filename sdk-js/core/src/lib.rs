@@ -671,6 +671,7 @@ mod tests {
             sha256: sha.clone(),
             model: "m".into(),
             version: "1.0.0".into(),
+            code: None,
         };
         let v = Verified {
             targets: Targets {
