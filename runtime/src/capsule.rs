@@ -87,6 +87,14 @@ impl CapsuleImage {
     /// memory, only active data segments at constant offsets, the ABI exports, and exactly
     /// one decodable manifest section.
     pub fn parse(bytes: Vec<u8>) -> Result<CapsuleImage> {
+        Self::parse_with(bytes, None)
+    }
+
+    /// [`Self::parse`], given the code module and its SHA-256 when the caller already has
+    /// them checked against this file (the split form: [`capsule_format::split::join`] checked
+    /// the code's hash, and the code module of the joined file is that code by construction),
+    /// so they are not built and hashed again.
+    fn parse_with(bytes: Vec<u8>, known_code: Option<(Vec<u8>, String)>) -> Result<CapsuleImage> {
         if bytes.len() > MAX_CAPSULE_BYTES {
             return Err(invalid(format!(
                 "{} bytes, over the limit of {MAX_CAPSULE_BYTES}",
@@ -237,9 +245,15 @@ impl CapsuleImage {
 
         // The guest build's sections with an empty memory: one rule for every reader
         // (`capsule_format::split`), so a code module has one hash on nodes, hubs and browsers.
-        let code = capsule_format::split::code_module(&bytes)?;
+        let (code, code_sha256) = match known_code {
+            Some(known) => known,
+            None => {
+                let code = capsule_format::split::code_module(&bytes)?;
+                let sha = hex::encode(Sha256::digest(&code));
+                (code, sha)
+            }
+        };
         let sha256 = hex::encode(Sha256::digest(&bytes));
-        let code_sha256 = hex::encode(Sha256::digest(&code));
         let image_len = segments.iter().map(|(_, r)| r.len()).sum();
         Ok(CapsuleImage {
             file_size: bytes.len(),
@@ -262,7 +276,19 @@ impl CapsuleImage {
     /// before anything is decompressed; the capsule they join into then passes every check of
     /// [`Self::parse`], and is the byte-identical single file the image was cut from.
     pub fn parse_split(code: &[u8], image: &[u8]) -> Result<CapsuleImage> {
-        Self::parse(capsule_format::split::join(code, image)?)
+        let joined = capsule_format::split::join(code, image)?;
+        let code_sha256 = capsule_format::split::image_header(image)?.code_sha256;
+        Self::parse_with(joined, Some((code.to_vec(), code_sha256)))
+    }
+
+    /// [`Self::parse_split`] with a code module hashed already (a node joining many images
+    /// with one guest build's code).
+    pub fn parse_image(code: &capsule_format::split::Code, image: &[u8]) -> Result<CapsuleImage> {
+        let joined = capsule_format::split::join_code(code, image)?;
+        Self::parse_with(
+            joined,
+            Some((code.bytes().to_vec(), code.sha256().to_owned())),
+        )
     }
 
     /// Size of the capsule file.

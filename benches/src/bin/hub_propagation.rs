@@ -1,21 +1,26 @@
 //! Propagation benchmark: time from publishing a new production version on the hub until N
-//! nodes serve it, and the bytes each node moves for it.
+//! nodes serve it, and the bytes each node moves for it, for the single-file form and the
+//! split form (guest code once, then model images) side by side.
 //!
 //! One process: a hub (SQLite) and N edge nodes (`capsule_node::Node`, each with its own
 //! sync agent, engine and model repository) on loopback. Each node verifies the signed
-//! targets metadata, downloads the blob, probes and swaps, then reports; the clock stops when
-//! the hub has a `serving` report of the new version from every node.
+//! targets metadata, downloads what it lacks, probes and swaps, then reports; the clock stops
+//! when the hub has a `serving` report of the new version from every node. Bytes per node come
+//! from the hub's download counters (`capsule_hub_blob_downloads_total{kind}`) times the blob
+//! sizes.
 //!
-//! `cargo run -p capsule-benches --bin hub_propagation -- 10 100` (what docs/benchmarks.md reports;
-//! the workspace's dev profile optimizes every dependency)
+//! `cargo run -p capsule-benches --bin hub_propagation -- [--model mnist_cnn] [--form single|split] 10 100` (what
+//! docs/benchmarks.md reports; `--model wat` is the 640-byte test capsule of earlier runs; the
+//! workspace's dev profile optimizes every dependency, its guest is `guest-dev`)
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use capsule_format::split;
 use capsule_format::tuf::{self, Root, Signed, SigningKey, Target, Targets};
 use capsule_hub::{Hub, HubConfig};
 use capsule_node::{HubSync, Node, NodeConfig};
-use capsule_tests::{WatCapsule, test_cache_dir, wat_capsule};
+use capsule_tests::{WatCapsule, builder, options, test_cache_dir, wat_capsule};
 use serde_json::{Value, json};
 
 const ADMIN: &str = "bench-admin";
@@ -52,7 +57,49 @@ fn sha(b: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(b))
 }
 
-async fn run(n: usize) -> Result<()> {
+/// The two versions of the benchmark's model: the test capsule (`wat`), or a fixture built
+/// twice (1.0.0 and 2.0.0: same guest code, other manifests).
+fn versions(model: &str) -> Result<Vec<(&'static str, Vec<u8>)>> {
+    let mut out = Vec::new();
+    for (v, y) in [("1.0.0", 1.0), ("2.0.0", 2.0)] {
+        let bytes = if model == "wat" {
+            wat_capsule(&WatCapsule {
+                name: "wat".into(),
+                version: semver::Version::parse(v)?,
+                y,
+                golden_y: Some(y),
+            })?
+        } else {
+            let mut o = options(model)?;
+            o.name = "wat".into();
+            o.version = semver::Version::parse(v)?;
+            builder().build(o)?.bytes
+        };
+        out.push((v, bytes));
+    }
+    Ok(out)
+}
+
+/// The hub's download counters: kind -> count.
+async fn downloads(c: &reqwest::Client, base: &str) -> Result<[u64; 3]> {
+    let text = c
+        .get(format!("{base}/metrics"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await?
+        .text()
+        .await?;
+    let count = |kind: &str| {
+        let prefix = format!("capsule_hub_blob_downloads_total{{kind=\"{kind}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Ok([count("capsule"), count("image"), count("code")])
+}
+
+async fn run(n: usize, model: &str, split_form: bool) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let publisher = SigningKey::from_secret([7; 32]);
     let mut root = Signed {
@@ -112,16 +159,7 @@ async fn run(n: usize) -> Result<()> {
         .await?;
         nodes.push(node);
     }
-    let mut versions = Vec::new();
-    for (v, y) in [("1.0.0", 1.0), ("2.0.0", 2.0)] {
-        let bytes = wat_capsule(&WatCapsule {
-            name: "wat".into(),
-            version: semver::Version::parse(v)?,
-            y,
-            golden_y: Some(y),
-        })?;
-        versions.push((v, bytes));
-    }
+    let versions = versions(model)?;
     let mut targets = Signed {
         signed: Targets {
             kind: "targets".into(),
@@ -132,20 +170,25 @@ async fn run(n: usize) -> Result<()> {
         signatures: vec![],
     };
     for (round, (v, bytes)) in versions.iter().enumerate() {
-        call(
-            &c,
-            reqwest::Method::POST,
-            format!("{base}/api/v1/blobs"),
-            ADMIN,
-            Some(bytes.clone()),
-        )
-        .await?;
+        let parts = split::split(bytes)?;
+        // What `capsule push` uploads: the code once, then the image. The hub registers both
+        // forms either way; only the signed targets decide what nodes fetch.
+        for blob in [&parts.code, &parts.image] {
+            call(
+                &c,
+                reqwest::Method::POST,
+                format!("{base}/api/v1/blobs"),
+                ADMIN,
+                Some(blob.clone()),
+            )
+            .await?;
+        }
         call(
             &c,
             reqwest::Method::POST,
             format!("{base}/api/v1/models/wat/versions"),
             ADMIN,
-            Some(serde_json::to_vec(&json!({"sha256": sha(bytes)}))?),
+            Some(serde_json::to_vec(&json!({"sha256": sha(&parts.image)}))?),
         )
         .await?;
         targets.signed.version += 1;
@@ -159,6 +202,29 @@ async fn run(n: usize) -> Result<()> {
                 code: None,
             },
         );
+        if split_form {
+            targets.signed.targets.insert(
+                tuf::image_target_path("wat", v),
+                Target {
+                    length: parts.image.len() as u64,
+                    sha256: sha(&parts.image),
+                    model: "wat".into(),
+                    version: (*v).into(),
+                    code: Some(parts.code_sha256.clone()),
+                },
+            );
+            targets.signed.targets.insert(
+                tuf::code_target_path(&parts.code_sha256),
+                Target {
+                    length: parts.code.len() as u64,
+                    sha256: parts.code_sha256.clone(),
+                    model: String::new(),
+                    version: String::new(),
+                    code: None,
+                },
+            );
+        }
+        let before = downloads(&c, &base).await?;
         targets.signatures.clear();
         publisher.sign(&mut targets)?;
         let metadata = serde_json::to_vec(&targets)?;
@@ -209,6 +275,11 @@ async fn run(n: usize) -> Result<()> {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let elapsed = started.elapsed();
+        let after = downloads(&c, &base).await?;
+        let sizes = [bytes.len(), parts.image.len(), parts.code.len()];
+        let moved: u64 = (0..3)
+            .map(|k| (after[k] - before[k]) * sizes[k] as u64)
+            .sum();
         let desired = call(
             &c,
             reqwest::Method::GET,
@@ -219,14 +290,18 @@ async fn run(n: usize) -> Result<()> {
         .await?;
         let desired_bytes = serde_json::to_vec(&desired)?.len();
         println!(
-            "nodes {n:>4}  {}  {v}: all serving after {:8.1} ms; per node: blob {} B + desired state {} B (signed metadata {} B inside)",
+            "{model} {} nodes {n:>4}  {}  {v}: all serving after {:8.1} ms; per node: blobs {} B ({} capsule, {} image, {} code downloads in all) + desired state {} B (signed metadata {} B inside)",
+            if split_form { "split " } else { "single" },
             if round == 0 {
                 "first publish"
             } else {
                 "update       "
             },
             elapsed.as_secs_f64() * 1e3,
-            bytes.len(),
+            moved / n as u64,
+            after[0] - before[0],
+            after[1] - before[1],
+            after[2] - before[2],
             desired_bytes,
             metadata.len()
         );
@@ -240,16 +315,32 @@ async fn run(n: usize) -> Result<()> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
-    let counts: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let model = args
+        .iter()
+        .position(|a| a == "--model")
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| "wat".to_owned());
+    let forms: Vec<bool> = match args
+        .iter()
+        .position(|a| a == "--form")
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+    {
+        Some("single") => vec![false],
+        Some("split") => vec![true],
+        _ => vec![false, true],
+    };
+    let counts: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
     for n in if counts.is_empty() {
         vec![10, 100]
     } else {
         counts
     } {
-        run(n).await?;
+        for &split_form in &forms {
+            run(n, &model, split_form).await?;
+        }
     }
     Ok(())
 }

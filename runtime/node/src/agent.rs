@@ -69,6 +69,8 @@ pub(crate) struct Agent {
     loader: Arc<Mutex<Loader>>,
     registry: Arc<ModelRegistry>,
     state: AgentState,
+    /// Code modules in the code store whose hash this process checked.
+    verified_code: std::collections::HashSet<String>,
 }
 
 /// Writes a file the loader may read at any moment: under a hidden name in the same
@@ -220,6 +222,7 @@ impl Agent {
             loader,
             registry,
             state,
+            verified_code: Default::default(),
         })
     }
 
@@ -623,9 +626,12 @@ impl Agent {
         let code_path = tuf::code_target_path(&code.sha256);
         let code_file = crate::repository::code_path(&self.models, &code.sha256)
             .ok_or_else(|| verify(format!("{code_path}: malformed hash")))?;
+        // Hashed once per process (a code module is megabytes, and every install of every
+        // model of this guest build names it); the loader's join checks it again anyway.
         let have_code = std::fs::metadata(&code_file).is_ok_and(|m| m.len() == code.length)
-            && std::fs::read(&code_file)
-                .is_ok_and(|b| tuf::verify_target(&code_path, code, &b).is_ok());
+            && (self.verified_code.contains(&code.sha256)
+                || std::fs::read(&code_file)
+                    .is_ok_and(|b| tuf::verify_target(&code_path, code, &b).is_ok()));
         if have_code {
             tracing::info!(model = %d.model, version = %d.version, code = %code.sha256, "guest code already here: downloading the model image only");
         } else {
@@ -637,6 +643,7 @@ impl Agent {
                     .join(format!("{}.part", code.sha256)),
             );
         }
+        self.verified_code.insert(code.sha256.clone());
         let bytes = self.download(image_path, image).await?;
         let header = capsule_format::split::image_header(&bytes)
             .map_err(|e| verify(format!("{image_path}: {e}")))?;
@@ -675,6 +682,20 @@ impl Agent {
             if resp.status().as_u16() != 206 {
                 bytes.clear();
             }
+            // What arrives is appended to the partial file, so a broken connection resumes
+            // where it stopped (a failure to keep it only costs the resume).
+            let mut keep = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(false)
+                .open(&part)
+                .and_then(|mut f| {
+                    use std::io::Seek;
+                    f.set_len(bytes.len() as u64)?;
+                    f.seek(std::io::SeekFrom::End(0))?;
+                    Ok(f)
+                })
+                .ok();
             while let Some(chunk) = resp.chunk().await.map_err(|e| fail(e.to_string()))? {
                 if (bytes.len() + chunk.len()) as u64 > t.length {
                     return Err((
@@ -686,9 +707,10 @@ impl Agent {
                     ));
                 }
                 bytes.extend_from_slice(&chunk);
-                // Keep what arrived, so a broken connection resumes where it stopped.
-                if bytes.len() % (1 << 20) < chunk.len() {
-                    let _ = std::fs::write(&part, &bytes);
+                if let Some(f) = keep.as_mut()
+                    && std::io::Write::write_all(f, &chunk).is_err()
+                {
+                    keep = None;
                 }
             }
         }

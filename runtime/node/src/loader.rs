@@ -6,9 +6,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
 
+use capsule_format::split::Code;
 use capsule_runtime::{CapsuleEngine, CapsuleImage, LoadedCapsule, RunConfig, golden};
 
 use crate::models::{ModelEntry, ModelRegistry, ServedModel, sort_versions};
@@ -66,11 +67,48 @@ pub(crate) struct Loader {
     config: NodeConfig,
     registry: Arc<ModelRegistry>,
     known: HashMap<PathBuf, KnownFile>,
+    codes: CodeCache,
+}
+
+/// Code modules of the repository's code store, read and hashed once while their file's size
+/// and modification time stay the same (at most [`CODE_CACHE`] of them: one per guest build
+/// the repository's images use, in practice one or two).
+#[derive(Default)]
+struct CodeCache(Mutex<Vec<CachedCode>>);
+
+/// A code file: its path, its size and modification time when read, the module.
+type CachedCode = (PathBuf, (u64, Option<SystemTime>), Arc<Code>);
+
+/// Code modules kept by a [`CodeCache`].
+const CODE_CACHE: usize = 4;
+
+impl CodeCache {
+    fn get(&self, path: &Path, limit: u64) -> Result<Arc<Code>, String> {
+        let meta =
+            std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let stamp = (meta.len(), meta.modified().ok());
+        let mut entries = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, _, code)) = entries.iter().find(|(p, s, _)| p == path && *s == stamp) {
+            return Ok(Arc::clone(code));
+        }
+        let code = Arc::new(Code::new(read_bounded(path, limit)?));
+        entries.retain(|(p, _, _)| p != path);
+        if entries.len() >= CODE_CACHE {
+            entries.remove(0);
+        }
+        entries.push((path.to_path_buf(), stamp, Arc::clone(&code)));
+        Ok(code)
+    }
 }
 
 /// Reads a capsule in either form: a single file, or a model image whose code module is in
 /// the repository's code store ([`crate::repository::CODE_DIR`]); both bounded by `limit`.
-fn read_capsule(repo: &Path, path: &Path, limit: u64) -> Result<CapsuleImage, String> {
+fn read_capsule(
+    codes: &CodeCache,
+    repo: &Path,
+    path: &Path,
+    limit: u64,
+) -> Result<CapsuleImage, String> {
     let bytes = read_bounded(path, limit)?;
     if !capsule_format::split::is_image(&bytes) {
         return CapsuleImage::parse(bytes).map_err(|e| e.to_string());
@@ -85,8 +123,8 @@ fn read_capsule(repo: &Path, path: &Path, limit: u64) -> Result<CapsuleImage, St
             code_path.display()
         ));
     }
-    let code = read_bounded(&code_path, header.code_len.min(limit))?;
-    CapsuleImage::parse_split(&code, &bytes).map_err(|e| e.to_string())
+    let code = codes.get(&code_path, header.code_len.min(limit))?;
+    CapsuleImage::parse_image(&code, &bytes).map_err(|e| e.to_string())
 }
 
 fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, String> {
@@ -112,6 +150,7 @@ impl Loader {
             config,
             registry,
             known: HashMap::new(),
+            codes: CodeCache::default(),
         }
     }
 
@@ -136,6 +175,7 @@ impl Loader {
             });
         }
         let named = read_capsule(
+            &self.codes,
             &self.config.models,
             &file.path,
             self.config.max_capsule_bytes,
@@ -175,6 +215,7 @@ impl Loader {
         let image = match c.image.take() {
             Some(image) => image,
             None => read_capsule(
+                &self.codes,
                 &self.config.models,
                 &c.file.path,
                 self.config.max_capsule_bytes,
