@@ -9,7 +9,8 @@
 //!   pre-initialized snapshot vs loading the model in a fresh guest first.
 //! - `engine/{compile,cached_load}`: Cranelift compile of the guest code vs loading it from
 //!   the disk cache.
-//! - `install/second_capsule`: installing a capsule of an already compiled guest build.
+//! - `install/second_capsule_cnn[_image]`: installing a capsule of an already compiled guest
+//!   build, from the single file or from a model image joined with its code (hashed once).
 //! - `preprocess/<kind>/{capsule,native,capsule_call}`: the pipeline's preprocessing inside
 //!   a capsule (an Identity model, so the output is the preprocessed input) vs the same
 //!   `capsule-pipeline` code natively; `capsule_call` is the same capsule called with the
@@ -119,6 +120,19 @@ fn engine_costs(c: &mut Criterion) {
         b.iter(|| {
             black_box(or_die(
                 LoadedCapsule::load(&engine, built.bytes.clone(), RunConfig::default()),
+                "install",
+            ))
+        })
+    });
+    // The same capsule as a model image with its code module hashed already (a node's
+    // loader keeps a guest build's code so): what a node does per model update.
+    let parts = or_die(capsule_format::split::split(&built.bytes), "split");
+    let code = capsule_format::split::Code::new(parts.code.clone());
+    group.bench_function("second_capsule_cnn_image", |b| {
+        b.iter(|| {
+            let image = or_die(CapsuleImage::parse_image(&code, &parts.image), "join");
+            black_box(or_die(
+                LoadedCapsule::install(&engine, image, RunConfig::default()),
                 "install",
             ))
         })

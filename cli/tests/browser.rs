@@ -179,6 +179,16 @@ fn the_sdk_runs_signed_capsules_in_chromium_like_the_edge() -> Result<()> {
             .join(format!("{version}.capsule.wasm"));
         std::fs::create_dir_all(file.parent().context("parent")?)?;
         std::fs::write(&file, &c.capsule.bytes)?;
+        // The split form beside it (`capsule sign` signs both): the SDK loads the image and
+        // the guest code, which every case shares.
+        let parts = capsule_format::split::split(&c.capsule.bytes)?;
+        std::fs::write(file.with_extension("img"), &parts.image)?;
+        std::fs::create_dir_all(site.join("repo/code"))?;
+        std::fs::write(
+            site.join("repo/code")
+                .join(format!("{}.wasm", parts.code_sha256)),
+            &parts.code,
+        )?;
         run(&[
             "sign",
             "--targets",
@@ -206,6 +216,13 @@ fn the_sdk_runs_signed_capsules_in_chromium_like_the_edge() -> Result<()> {
     std::fs::create_dir_all(bad_file.parent().context("parent")?)?;
     std::fs::write(&bad_file, bad)?;
     std::fs::copy(&targets, site.join("tampered/targets.json"))?;
+    // Its split form tampered with too: the image, beside intact code.
+    let parts = capsule_format::split::split(&cases[0].capsule.bytes)?;
+    let mut bad_image = parts.image.clone();
+    let at = bad_image.len() / 2;
+    bad_image[at] ^= 0x5a;
+    std::fs::write(bad_file.with_extension("img"), bad_image)?;
+    copy_dir(&site.join("repo/code"), &site.join("tampered/code"))?;
 
     // The hub, with a wat capsule for the browser to follow.
     let hub_port = free_port()?;
@@ -419,24 +436,36 @@ fn the_sdk_runs_signed_capsules_in_chromium_like_the_edge() -> Result<()> {
     assert_eq!(reload["downloads"], json!([]), "{reload}");
     assert_eq!(reload["targetsFetched"], json!(true), "{reload}");
 
-    // 4. The hub: version 1, then the newly published version 2 (which replaced 1 in the
-    // cache); the browser's telemetry reached the hub.
+    // 4. The hub: version 1, then the newly published version 2 (whose image replaced 1's in
+    // the cache, beside the guest code both share); the browser's telemetry reached the hub.
     let h = &result["hub"];
     assert_eq!(h["first"]["version"], "1.0.0", "{h}");
     assert_eq!(h["first"]["y"].as_f64(), Some(1.0), "{h}");
     assert_eq!(h["second"]["version"], "2.0.0", "{h}");
     assert_eq!(h["second"]["y"].as_f64(), Some(2.0), "{h}");
-    let cached = h["cached"].as_array().context("cached")?;
-    assert_eq!(cached.len(), 1, "{h}");
-    // The cache key holds the capsule's hash.
-    let v2_sha = {
+    let cached: Vec<&str> = h["cached"]
+        .as_array()
+        .context("cached")?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    // The cache keys hold the artifacts' hashes.
+    let v2 = capsule_format::split::split(&std::fs::read(d.join("wat-2.0.0.capsule.wasm"))?)?;
+    let image_sha = {
         use sha2::Digest;
-        hex::encode(sha2::Sha256::digest(std::fs::read(
-            d.join("wat-2.0.0.capsule.wasm"),
-        )?))
+        hex::encode(sha2::Sha256::digest(&v2.image))
     };
+    assert_eq!(cached.len(), 2, "{h}");
     assert!(
-        cached[0].as_str().unwrap_or_default().ends_with(&v2_sha),
+        cached
+            .iter()
+            .any(|k| k.contains("/code/") && k.ends_with(&v2.code_sha256)),
+        "{h}"
+    );
+    assert!(
+        cached
+            .iter()
+            .any(|k| k.contains("/wat/2.0.0.capsule.img/") && k.ends_with(&image_sha)),
         "{h}"
     );
     assert!(h["beacons"].as_u64().unwrap_or(0) >= 1, "{h}");
@@ -447,6 +476,10 @@ fn the_sdk_runs_signed_capsules_in_chromium_like_the_edge() -> Result<()> {
             .is_some_and(|n| n >= 2)
     })?;
     assert_eq!(result["console_errors"], json!([]), "{result}");
+    // Every case is a model image of one guest build: the code came over the network once
+    // (the page-thread runtime found it in Cache Storage), and every answer above matched
+    // wasmtime's bit for bit.
+    assert_eq!(result["code_downloads"], json!(1), "{result}");
     drop(hub_proc);
     Ok(())
 }

@@ -319,6 +319,176 @@ pub fn image_header(image: &[u8]) -> Result<ImageHeader> {
     Ok(header)
 }
 
+/// The decompressed payload of a model image: exactly the length its header declares, and
+/// never more than that plus one byte decompressed.
+fn payload(header: &ImageHeader, image: &[u8]) -> Result<Vec<u8>> {
+    // Within MAX_CAPSULE_BYTES (checked by `image_header`), so this fits a usize.
+    let payload_len = usize::try_from(header.payload_len)
+        .map_err(|_| invalid("payload length does not fit this machine"))?;
+    let mut payload = Vec::with_capacity(payload_len.min(64 << 20));
+    GzDecoder::new(image.get(IMAGE_HEADER_BYTES..).unwrap_or_default())
+        .take(header.payload_len.saturating_add(1))
+        .read_to_end(&mut payload)
+        .map_err(Error::Decompress)?;
+    if payload.len() != payload_len {
+        return Err(invalid(format!(
+            "the payload decompresses to {}{} bytes; the header says {payload_len}",
+            if payload.len() > payload_len {
+                "more than "
+            } else {
+                ""
+            },
+            payload.len().min(payload_len),
+        )));
+    }
+    Ok(payload)
+}
+
+/// What a model image puts into a fresh instance of its code module: the memory's initial
+/// size and the active data segments, plus the manifest section. A runtime that keeps the
+/// guest code compiled (a browser's `WebAssembly.Module`) instantiates the code, grows its
+/// empty memory to [`Self::pages`] and writes the segments before any guest call, which is
+/// what instantiating the joined capsule does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageMemory {
+    /// Initial memory size in 64 KiB pages.
+    pub pages: u64,
+    /// Active data segments: offset in memory, bytes; each within `pages`.
+    pub segments: Vec<(u32, Vec<u8>)>,
+    /// The content of the `capsule.manifest` custom section.
+    pub manifest: Vec<u8>,
+}
+
+/// Reads a model image's memory and manifest without its code, with the checks the runtime
+/// applies to a capsule's: exactly one unshared 32-bit memory, active data segments of memory
+/// 0 at constant offsets (empty passive ones, which a snapshot leaves, are skipped) that lie
+/// inside the initial memory, and exactly one manifest section. The image's bytes must have
+/// passed their signed target first, and the code its header names must be the one used.
+pub fn image_memory(image: &[u8]) -> Result<ImageMemory> {
+    let header = image_header(image)?;
+    let payload = payload(&header, image)?;
+    let parts: Vec<Part<'_>> = crate::wire::decode_borrowed(&payload, "model image")?;
+    let (mut pages, mut segments, mut manifest) = (None, Vec::new(), None);
+    for part in parts {
+        let Part::Own(raw) = part else { continue };
+        let mut module = PREAMBLE.to_vec();
+        module.extend_from_slice(raw);
+        let [section] = sections(&module)?
+            .try_into()
+            .map_err(|_| invalid("an image part that is not exactly one section"))?;
+        let body = &module[section.content.clone()];
+        let mut at = 0;
+        let bad = |what: &str| invalid(format!("{what} in section {}", section.id));
+        match section.id {
+            5 => {
+                let count = read_u32(body, &mut at).ok_or_else(|| bad("bad memory count"))?;
+                let flags = body
+                    .get(at)
+                    .copied()
+                    .ok_or_else(|| bad("no memory limits"))?;
+                at += 1;
+                // 0: a minimum; 1: a minimum and a maximum. Shared (2, 3) and 64-bit (4..)
+                // memories are refused, as by the runtime.
+                if count != 1 || flags > 1 || pages.is_some() {
+                    return Err(invalid("a capsule has exactly one unshared 32-bit memory"));
+                }
+                pages = Some(u64::from(
+                    read_u32(body, &mut at).ok_or_else(|| bad("bad memory size"))?,
+                ));
+            }
+            11 => {
+                let count = read_u32(body, &mut at).ok_or_else(|| bad("bad segment count"))?;
+                for _ in 0..count {
+                    let kind = read_u32(body, &mut at).ok_or_else(|| bad("bad segment"))?;
+                    let offset = match kind {
+                        0 => {
+                            // i32.const <sleb128> end
+                            if body.get(at) != Some(&0x41) {
+                                return Err(invalid("data segment offsets must be constants"));
+                            }
+                            at += 1;
+                            let value =
+                                read_i32(body, &mut at).ok_or_else(|| bad("bad segment offset"))?;
+                            if body.get(at) != Some(&0x0b) {
+                                return Err(invalid("data segment offsets must be constants"));
+                            }
+                            at += 1;
+                            Some(value as u32)
+                        }
+                        1 => None,
+                        _ => {
+                            return Err(invalid(
+                                "only active data segments of memory 0 are allowed in a capsule",
+                            ));
+                        }
+                    };
+                    let len = read_u32(body, &mut at)
+                        .and_then(|n| usize::try_from(n).ok())
+                        .ok_or_else(|| bad("bad segment size"))?;
+                    let end = at
+                        .checked_add(len)
+                        .filter(|end| *end <= body.len())
+                        .ok_or_else(|| bad("a segment runs past the end"))?;
+                    match offset {
+                        Some(offset) => segments.push((offset, body[at..end].to_vec())),
+                        None if len == 0 => {}
+                        None => {
+                            return Err(invalid(
+                                "only active data segments of memory 0 are allowed in a capsule",
+                            ));
+                        }
+                    }
+                    at = end;
+                }
+            }
+            0 if custom_name(body) == Some(crate::MANIFEST_SECTION.as_bytes()) => {
+                if manifest.is_some() {
+                    return Err(invalid("more than one capsule.manifest section"));
+                }
+                let name_len = crate::MANIFEST_SECTION.len();
+                // The name's length prefix is one byte for this name.
+                manifest = Some(body[1 + name_len..].to_vec());
+            }
+            _ => {}
+        }
+    }
+    let pages = pages.ok_or_else(|| invalid("no memory"))?;
+    let limit = pages.saturating_mul(65536);
+    if segments
+        .iter()
+        .any(|(offset, bytes)| u64::from(*offset) + bytes.len() as u64 > limit)
+    {
+        return Err(invalid("a data segment lies outside the initial memory"));
+    }
+    let manifest = manifest.ok_or_else(|| invalid("no capsule.manifest section"))?;
+    Ok(ImageMemory {
+        pages,
+        segments,
+        manifest,
+    })
+}
+
+/// Reads a signed LEB128 of at most 32 bits at `*at`, advancing it.
+fn read_i32(bytes: &[u8], at: &mut usize) -> Option<i32> {
+    let mut value: i64 = 0;
+    let mut shift = 0;
+    loop {
+        let byte = *bytes.get(*at)?;
+        *at += 1;
+        value |= i64::from(byte & 0x7f) << shift;
+        shift += 7;
+        if byte & 0x80 == 0 {
+            if shift < 64 && byte & 0x40 != 0 {
+                value |= -1i64 << shift;
+            }
+            return i32::try_from(value).ok();
+        }
+        if shift >= 35 {
+            return None;
+        }
+    }
+}
+
 /// A code module and its SHA-256, hashed once: a node that installs every model of a guest
 /// build joins each image with the same code, and hashing megabytes per install is most of an
 /// install's cost.
@@ -384,25 +554,7 @@ fn join_checked(
             found: code_sha256.to_owned(),
         });
     }
-    // Within MAX_CAPSULE_BYTES (checked by `image_header`), so this fits a usize.
-    let payload_len = usize::try_from(header.payload_len)
-        .map_err(|_| invalid("payload length does not fit this machine"))?;
-    let mut payload = Vec::with_capacity(payload_len.min(64 << 20));
-    GzDecoder::new(&image[IMAGE_HEADER_BYTES..])
-        .take(header.payload_len.saturating_add(1))
-        .read_to_end(&mut payload)
-        .map_err(Error::Decompress)?;
-    if payload.len() != payload_len {
-        return Err(invalid(format!(
-            "the payload decompresses to {}{} bytes; the header says {payload_len}",
-            if payload.len() > payload_len {
-                "more than "
-            } else {
-                ""
-            },
-            payload.len().min(payload_len),
-        )));
-    }
+    let payload = payload(&header, image)?;
     let parts: Vec<Part<'_>> = crate::wire::decode_borrowed(&payload, "model image")?;
     let code_sections = sections(code)?;
     let mut code_sections = code_sections.iter().filter(|s| s.id != 5);
@@ -457,7 +609,56 @@ mod tests {
         let mut name = vec![4];
         name.extend_from_slice(b"name");
         push_section(&mut m, 0, &name);
+        let mut manifest = vec![crate::MANIFEST_SECTION.len() as u8];
+        manifest.extend_from_slice(crate::MANIFEST_SECTION.as_bytes());
+        manifest.extend_from_slice(b"CAPM...");
+        push_section(&mut m, 0, &manifest);
         m
+    }
+
+    /// What a runtime that keeps the code compiled needs from an image: the memory size, the
+    /// segments and the manifest, read without the code.
+    #[test]
+    fn an_image_gives_its_memory_without_the_code() {
+        let s = split(&module()).unwrap();
+        let memory = image_memory(&s.image).unwrap();
+        assert_eq!(
+            memory,
+            ImageMemory {
+                pages: 2,
+                segments: vec![(8, vec![7, 8, 9])],
+                manifest: b"CAPM...".to_vec(),
+            }
+        );
+        // A segment past the initial memory, a shared memory, a segment offset that is not a
+        // constant: refused as the runtime refuses them.
+        let with_section = |id: u8, content: &[u8]| {
+            let mut m = module();
+            let old = sections(&m)
+                .unwrap()
+                .into_iter()
+                .find(|x| x.id == id)
+                .unwrap();
+            let mut replaced = m[..old.header.start].to_vec();
+            push_section(&mut replaced, id, content);
+            replaced.extend_from_slice(&m[old.content.end..]);
+            m = replaced;
+            split(&m).unwrap().image
+        };
+        for (id, content) in [
+            (11u8, vec![1, 0, 0x41, 0x80, 0x80, 0x08, 0x0b, 1, 9]), // at 131072: past 2 pages
+            (5, vec![1, 3, 1, 1]),                                  // shared
+            (11, vec![1, 0, 0x23, 0, 0x0b, 1, 9]),                  // global.get offset
+            (11, vec![1, 2, 0, 0x41, 0, 0x0b, 1, 9]),               // another memory
+        ] {
+            assert!(
+                matches!(
+                    image_memory(&with_section(id, &content)),
+                    Err(Error::InvalidImage { .. })
+                ),
+                "{id} {content:?}"
+            );
+        }
     }
 
     #[test]

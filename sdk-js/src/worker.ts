@@ -7,11 +7,13 @@
 // then exports `handle` and installs no message handler.
 
 import init, {
+  ImageMemory,
   Manifest,
   Recorder,
   Request as CoreRequest,
   Verified,
   decodeResponse,
+  sha256Hex,
   verifyWithKeys,
   verifyWithRoot,
 } from "./core/capsule_sdk_core.js";
@@ -33,7 +35,22 @@ interface Slot {
   module: WebAssembly.Module;
   manifest: Manifest;
   exports: GuestExports | null;
+  /** For a model image (split form): what each fresh instance of the shared code module gets
+   * before any guest call (memory size in pages, data segments). */
+  image: { pages: number; segments: { offset: number; data: Uint8Array }[] } | null;
 }
+
+/** One signed artifact of the split form: where it is, its signed path, length and hash. */
+interface SplitPart {
+  path: string;
+  length: number;
+  sha256: string;
+  url: string;
+}
+
+/** Compiled guest code modules by SHA-256, for the page's lifetime: a second model of the same
+ * guest build instantiates without downloading or compiling the code again. */
+const codeModules = new Map<string, Promise<WebAssembly.Module>>();
 
 class SdkError extends Error {
   constructor(name: string, message: string) {
@@ -150,6 +167,8 @@ interface Resolved {
   sha256: string;
   length: number;
   url: string;
+  /** The signed split form, when the publisher signed one. */
+  split: { image: SplitPart; code: SplitPart } | null;
 }
 
 /** The signed target of `model` (and version), with where to download it. */
@@ -210,7 +229,98 @@ async function resolve(model: string, version?: string): Promise<Resolved> {
   }
   if (verified.version > s.targetsVersion) saveState({ ...s, targetsVersion: verified.version });
   const url = assigned ? assigned.url : new URL(`${t.model}/${t.version}.capsule.wasm`, repo).href;
-  return { verified, model, version: t.version, sha256: t.sha256, length: t.length, url };
+  // The split form, when signed: the image pairs only with the code its target names (the
+  // core refuses an image whose code is not signed with that hash).
+  let split: Resolved["split"] = null;
+  const signedSplit = verified.splitOf(model, t.version);
+  if (signedSplit) {
+    const sp = JSON.parse(signedSplit) as { image: Omit<SplitPart, "url">; code: Omit<SplitPart, "url">};
+    const where = (part: Omit<SplitPart, "url">): SplitPart => ({
+      ...part,
+      url:
+        source.kind === "hub"
+          ? `${source.hub.replace(/\/$/, "")}/api/v1/blobs/${part.sha256}`
+          : new URL(part.path, repo).href,
+    });
+    split = { image: where(sp.image), code: where(sp.code) };
+  }
+  return { verified, model, version: t.version, sha256: t.sha256, length: t.length, url, split };
+}
+
+/** Downloads (or takes from Cache Storage) one split artifact and checks it against its
+ * signed target; `null` when it is not published (a static repository with single files
+ * only), so the caller falls back to the single file. */
+async function fetchPart(
+  c: Cache,
+  r: Resolved,
+  part: SplitPart,
+): Promise<{ bytes: ArrayBuffer; fromCache: boolean } | null> {
+  const key = `${CACHE_HOST}/${part.path}/${part.sha256}`;
+  const hit = await c.match(key);
+  let bytes: ArrayBuffer;
+  let fromCache = false;
+  if (hit) {
+    bytes = await hit.arrayBuffer();
+    fromCache = true;
+  } else {
+    let resp: Response;
+    try {
+      resp = await fetch(part.url, { headers: hubHeaders() });
+    } catch (e) {
+      throw new SdkError("NetworkError", `cannot fetch ${part.url}: ${e instanceof Error ? e.message : e}`);
+    }
+    if (resp.status === 404) return null;
+    if (!resp.ok) throw new SdkError("NetworkError", `${part.url} answered ${resp.status}`);
+    bytes = await resp.arrayBuffer();
+  }
+  try {
+    const digest = (await nativeSha256(bytes)) ?? sha256Hex(new Uint8Array(bytes));
+    r.verified.checkPathDigest(part.path, bytes.byteLength, digest);
+  } catch (e) {
+    if (fromCache) await c.delete(key);
+    throw e;
+  }
+  if (!fromCache) {
+    inBackground(async () => {
+      await c.put(key, new Response(bytes));
+      // A model's new image replaces its older ones (code modules stay: other models share
+      // them).
+      if (part.path.startsWith("code/")) return;
+      const model = `${CACHE_HOST}/${encodeURIComponent(r.model)}/`;
+      for (const old of await c.keys()) {
+        if (old.url.startsWith(model) && old.url !== key) await c.delete(old);
+      }
+    });
+  }
+  return { bytes, fromCache };
+}
+
+/** Loads a model version in split form: the guest code once per page (compiled, kept by
+ * hash), the model image per model. `null` when the repository has no split form. */
+async function loadSplit(
+  r: Resolved,
+  split: NonNullable<Resolved["split"]>,
+): Promise<{ module: WebAssembly.Module; image: ImageMemory; bytes: number; fromCache: boolean } | null> {
+  const c = await cache();
+  let module = codeModules.get(split.code.sha256);
+  let codeBytes = 0;
+  if (!module) {
+    const code = await fetchPart(c, r, split.code);
+    if (!code) return null;
+    codeBytes = code.fromCache ? 0 : code.bytes.byteLength;
+    module = WebAssembly.compile(code.bytes);
+    codeModules.set(split.code.sha256, module);
+    module.catch(() => codeModules.delete(split.code.sha256));
+  }
+  const image = await fetchPart(c, r, split.image);
+  if (!image) return null;
+  const memory = new ImageMemory(new Uint8Array(image.bytes), split.code.sha256);
+  return {
+    module: await module,
+    image: memory,
+    bytes: codeBytes + (image.fromCache ? 0 : image.bytes.byteLength),
+    fromCache: image.fromCache,
+  };
 }
 
 async function fetchTargets(url: string): Promise<Uint8Array> {
@@ -238,6 +348,47 @@ async function load(model: string, version?: string): Promise<Loaded> {
   const t0 = performance.now();
   const r = await resolve(model, version);
   const t1 = performance.now();
+  const parts = r.split ? await loadSplit(r, r.split) : null;
+  if (parts) {
+    const t2 = performance.now();
+    const section = parts.image.manifest;
+    const manifest = new Manifest(section);
+    if (manifest.name !== r.model || manifest.version !== r.version) {
+      throw new SdkError(
+        "VerificationError",
+        `verification failed: the capsule is ${manifest.name} ${manifest.version}, the signed target is ${r.model} ${r.version}`,
+      );
+    }
+    const segments = [];
+    for (let i = 0; i < parts.image.segments; i++) {
+      segments.push({ offset: parts.image.offset(i), data: parts.image.data(i) });
+    }
+    const handle = nextHandle++;
+    const slot: Slot = {
+      name: r.model,
+      version: r.version,
+      sha256: r.sha256,
+      module: parts.module,
+      manifest,
+      exports: null,
+      image: { pages: parts.image.pages, segments },
+    };
+    parts.image.free();
+    await instantiate(slot);
+    slots.set(handle, slot);
+    recorder?.register(section);
+    const t3 = performance.now();
+    return {
+      handle,
+      name: r.model,
+      version: r.version,
+      sha256: r.sha256,
+      manifest: JSON.parse(manifest.json()),
+      fromCache: parts.fromCache,
+      bytes: parts.bytes,
+      timings: { metadataMs: t1 - t0, downloadMs: t2 - t1, verifyMs: 0, compileMs: 0, instantiateMs: t3 - t2 },
+    };
+  }
   const c = await cache();
   const key = `${CACHE_HOST}/${encodeURIComponent(r.model)}/${r.sha256}`;
   let bytes: ArrayBuffer;
@@ -297,7 +448,7 @@ async function load(model: string, version?: string): Promise<Loaded> {
     });
   }
   const handle = nextHandle++;
-  const slot: Slot = { name: r.model, version: r.version, sha256: r.sha256, module, manifest, exports: null };
+  const slot: Slot = { name: r.model, version: r.version, sha256: r.sha256, module, manifest, exports: null, image: null };
   await instantiate(slot);
   slots.set(handle, slot);
   recorder?.register(section);
@@ -336,6 +487,13 @@ const HOST_KERNELS: WebAssembly.Imports = {
 async function instantiate(slot: Slot): Promise<GuestExports> {
   const instance = await WebAssembly.instantiate(slot.module, HOST_KERNELS);
   const ex = instance.exports as unknown as GuestExports;
+  if (slot.image) {
+    // The shared code module's memory starts empty: the image's size and data go in before
+    // any guest call, as instantiating the single file would have put them.
+    const have = ex.memory.buffer.byteLength / 65536;
+    if (slot.image.pages > have) ex.memory.grow(slot.image.pages - have);
+    for (const s of slot.image.segments) new Uint8Array(ex.memory.buffer, s.offset, s.data.length).set(s.data);
+  }
   if (ex.capsule_abi_version() !== 1) {
     throw new SdkError("CapsuleError", `invalid capsule: guest ABI version ${ex.capsule_abi_version()}`);
   }

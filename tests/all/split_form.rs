@@ -34,6 +34,24 @@ fn every_fixture_splits_and_joins_byte_for_byte() -> anyhow::Result<()> {
         );
         let image = CapsuleImage::parse_split(&parts.code, &parts.image)?;
         assert_eq!(image.sha256, whole.sha256, "{name}");
+        // Without the code, the image gives what the runtime puts into a fresh instance.
+        let memory = split::image_memory(&parts.image)?;
+        assert_eq!(memory.pages, whole.memory_pages, "{name}");
+        let segments: Vec<(u32, &[u8])> = whole.segments().collect();
+        assert_eq!(
+            memory
+                .segments
+                .iter()
+                .map(|(o, b)| (*o, b.as_slice()))
+                .collect::<Vec<_>>(),
+            segments,
+            "{name}"
+        );
+        assert_eq!(
+            capsule_format::CapsuleManifest::from_section_bytes(&memory.manifest)?,
+            whole.manifest,
+            "{name}"
+        );
         let capsule = LoadedCapsule::install(&engine, image, RunConfig::default())?;
         for sample in golden(name)? {
             let outputs = capsule.infer(&sample.inputs)?;

@@ -73,6 +73,7 @@ run(async () => {
   }, [plan, worker]);
   const cases = await runCases(true);
   const casesOnPage = await runCases(false);
+  const codeDownloads = requests.filter((u) => u.startsWith(new URL('code/', plan.repo).href)).length;
 
   // 1b. Raw inputs as a page has them: a PNG Blob, ImageData, record objects, a list.
   const raw = await page.evaluate(async (plan) => {
@@ -181,13 +182,14 @@ run(async () => {
         await new Promise((res) => setTimeout(res, 200));
       }
     });
-    // The SDK writes the cache in the background: wait (10 s at most) for one entry.
+    // The SDK writes the cache in the background: wait (10 s at most) for one model entry
+    // (beside the guest code, which every model shares).
     const cached = await page.evaluate(async () => {
       const deadline = Date.now() + 10_000;
       for (;;) {
         const c = await caches.open('hub');
         const urls = (await c.keys()).map((r) => r.url).filter((u) => !u.endsWith('/state'));
-        if (urls.length === 1 || Date.now() > deadline) return urls;
+        if (urls.filter((u) => !u.includes('/code/')).length === 1 || Date.now() > deadline) return urls;
         await new Promise((res) => setTimeout(res, 100));
       }
     });
@@ -198,5 +200,5 @@ run(async () => {
     hub.beacons = beacons;
   }
 
-  done({ cases, casesOnPage, raw, refusals, reload, hub, console_errors: consoleErrors });
+  done({ cases, casesOnPage, raw, refusals, reload, hub, code_downloads: codeDownloads, console_errors: consoleErrors });
 });

@@ -159,12 +159,14 @@ impl Verified {
         self.targets.targets.get(&tuf::target_path(model, version))
     }
 
-    /// The newest approved version of `model` (semver order).
+    /// The newest approved version of `model` (semver order), among its capsules (not the
+    /// model images and code modules signed beside them).
     pub fn latest(&self, model: &str) -> Option<&Target> {
         self.targets
             .targets
-            .values()
-            .filter(|t| t.model == model)
+            .iter()
+            .filter(|(path, t)| t.model == model && **path == tuf::target_path(model, &t.version))
+            .map(|(_, t)| t)
             .max_by(|a, b| {
                 match (
                     semver::Version::parse(&a.version),
@@ -193,6 +195,29 @@ impl Verified {
     ) -> Result<()> {
         let (path, target) = self.approved(model, version)?;
         tuf::verify_target_hashed(&path, target, length, sha256).map_err(refuse)
+    }
+
+    /// The split form of a model version, when its publisher signed one: the image's target
+    /// and the code's, paired by `tuf::image_and_code` (the image only with the code its
+    /// target names, itself signed with that hash). `None` when no image is signed; an error
+    /// when one is but its code is not.
+    pub fn split(&self, model: &str, version: &str) -> Result<Option<(&Target, &Target)>> {
+        let path = tuf::image_target_path(model, version);
+        if !self.targets.targets.contains_key(&path) {
+            return Ok(None);
+        }
+        tuf::image_and_code(&self.targets, &path)
+            .map(Some)
+            .map_err(refuse)
+    }
+
+    /// Checks bytes hashed elsewhere against the approved target at `path` (a model image or
+    /// a code module).
+    pub fn check_path_digest(&self, path: &str, length: u64, sha256: &str) -> Result<()> {
+        let target = self.targets.targets.get(path).ok_or_else(|| {
+            SdkError::Verification(format!("{path} is not in the signed targets"))
+        })?;
+        tuf::verify_target_hashed(path, target, length, sha256).map_err(refuse)
     }
 
     /// The target path of a model version and its approved target.
@@ -227,6 +252,46 @@ impl Verified {
         serde_json::to_string(t).ok()
     }
 
+    /// The split form of a model version:
+    /// `{"image": {"path", "length", "sha256"}, "code": {"path", "length", "sha256"}}`, or
+    /// `undefined` when its publisher signed none. Throws when an image is signed but its code
+    /// is not (mix-and-match).
+    #[wasm_bindgen(js_name = splitOf)]
+    pub fn split_of(
+        &self,
+        model: &str,
+        version: &str,
+    ) -> std::result::Result<Option<String>, JsError> {
+        let Some((image, code)) = self.split(model, version).map_err(js)? else {
+            return Ok(None);
+        };
+        let entry = |path: String, t: &Target| serde_json::json!({"path": path, "length": t.length, "sha256": t.sha256});
+        Ok(Some(
+            serde_json::json!({
+                "image": entry(tuf::image_target_path(model, version), image),
+                "code": entry(tuf::code_target_path(&code.sha256), code),
+            })
+            .to_string(),
+        ))
+    }
+
+    /// Checks bytes hashed by the browser against the approved target at `path`.
+    #[wasm_bindgen(js_name = checkPathDigest)]
+    pub fn check_path_digest_js(
+        &self,
+        path: &str,
+        length: f64,
+        sha256: &str,
+    ) -> std::result::Result<(), JsError> {
+        if !(length >= 0.0 && length.fract() == 0.0 && length <= u64::MAX as f64) {
+            return Err(js(SdkError::Verification(format!(
+                "{length} is not a length"
+            ))));
+        }
+        self.check_path_digest(path, length as u64, sha256)
+            .map_err(js)
+    }
+
     /// Checks capsule bytes against the approved target (length and SHA-256).
     #[wasm_bindgen(js_name = checkCapsule)]
     pub fn check_capsule(
@@ -256,6 +321,69 @@ impl Verified {
         self.check_digest(model, version, length as u64, sha256)
             .map_err(js)
     }
+}
+
+/// What a model image writes into a fresh instance of its code module
+/// (`capsule_format::split::image_memory`), after checking that the image names the code the
+/// caller holds (the code its signed target names).
+#[wasm_bindgen]
+#[derive(Debug)]
+pub struct ImageMemory(capsule_format::split::ImageMemory);
+
+#[wasm_bindgen]
+impl ImageMemory {
+    /// Reads an image (verified against its signed target) that must name `code_sha256`.
+    #[wasm_bindgen(constructor)]
+    pub fn new(image: &[u8], code_sha256: &str) -> std::result::Result<ImageMemory, JsError> {
+        image_memory(image, code_sha256)
+            .map(ImageMemory)
+            .map_err(js)
+    }
+
+    /// Initial memory size in 64 KiB pages.
+    #[wasm_bindgen(getter)]
+    pub fn pages(&self) -> f64 {
+        self.0.pages as f64
+    }
+
+    /// Number of data segments.
+    #[wasm_bindgen(getter)]
+    pub fn segments(&self) -> usize {
+        self.0.segments.len()
+    }
+
+    /// Where segment `i` goes in memory.
+    pub fn offset(&self, i: usize) -> f64 {
+        self.0.segments.get(i).map_or(0.0, |(o, _)| f64::from(*o))
+    }
+
+    /// The bytes of segment `i`.
+    pub fn data(&self, i: usize) -> Vec<u8> {
+        self.0
+            .segments
+            .get(i)
+            .map(|(_, d)| d.clone())
+            .unwrap_or_default()
+    }
+
+    /// The manifest section's content.
+    #[wasm_bindgen(getter)]
+    pub fn manifest(&self) -> Vec<u8> {
+        self.0.manifest.clone()
+    }
+}
+
+/// [`ImageMemory::new`] in plain Rust.
+pub fn image_memory(image: &[u8], code_sha256: &str) -> Result<capsule_format::split::ImageMemory> {
+    let header =
+        capsule_format::split::image_header(image).map_err(|e| SdkError::Capsule(e.to_string()))?;
+    if header.code_sha256 != code_sha256 {
+        return Err(SdkError::Verification(format!(
+            "the model image names code {}, its signed target names {code_sha256}",
+            header.code_sha256
+        )));
+    }
+    capsule_format::split::image_memory(image).map_err(|e| SdkError::Capsule(e.to_string()))
 }
 
 /// The inputs of one inference, built from JavaScript one tensor at a time.
@@ -660,6 +788,58 @@ mod tests {
             "verification failed: 1 public keys with threshold 2"
         );
         assert!(verify(&root, b"{}", None, 0).is_err());
+    }
+
+    /// The split form as a browser reads it: the image pairs with its signed code; an image
+    /// whose code is not signed is refused; the latest capsule ignores the image and code
+    /// targets signed beside it.
+    #[test]
+    fn split_targets_pair_an_image_with_its_signed_code() {
+        let (image, code) = (b"image".to_vec(), b"code".to_vec());
+        let t = |bytes: &[u8], model: &str, version: &str, code: Option<String>| Target {
+            length: bytes.len() as u64,
+            sha256: sha256_hex(bytes),
+            model: model.into(),
+            version: version.into(),
+            code,
+        };
+        let code_sha = sha256_hex(&code);
+        let mut targets = Targets {
+            kind: "targets".into(),
+            version: 1,
+            expires: u64::MAX,
+            targets: [
+                (
+                    tuf::target_path("m", "1.0.0"),
+                    t(b"capsule", "m", "1.0.0", None),
+                ),
+                (
+                    tuf::image_target_path("m", "1.0.0"),
+                    t(&image, "m", "1.0.0", Some(code_sha.clone())),
+                ),
+                (tuf::code_target_path(&code_sha), t(&code, "", "", None)),
+            ]
+            .into(),
+        };
+        let v = Verified {
+            targets: targets.clone(),
+        };
+        assert_eq!(v.latest("m").map(|t| t.length), Some(7));
+        let (i, c) = v.split("m", "1.0.0").unwrap().unwrap();
+        assert_eq!((i.length, c.sha256.as_str()), (5, code_sha.as_str()));
+        v.check_path_digest(&tuf::code_target_path(&code_sha), 4, &code_sha)
+            .unwrap();
+        assert!(
+            v.check_path_digest(&tuf::image_target_path("m", "1.0.0"), 5, &code_sha)
+                .is_err()
+        );
+        assert!(v.split("m", "2.0.0").unwrap().is_none());
+        targets.targets.remove(&tuf::code_target_path(&code_sha));
+        let v = Verified { targets };
+        assert!(matches!(
+            v.split("m", "1.0.0"),
+            Err(SdkError::Verification(m)) if m.contains("5.7.1")
+        ));
     }
 
     #[test]
