@@ -293,6 +293,43 @@ async function main() {
       });
       out.ort_version = out.ort_version ?? ort[0].result.ort.version;
     }
+    // Two models of one guest build on one page (the first two models given): the second
+    // one's time to its first result and bytes, capsule SDK (split form: the second model
+    // moves only its image) against onnxruntime-web (its runtime is loaded; the second model
+    // moves its .onnx).
+    if (o.models.length >= 2) {
+      const [a, b] = o.models.slice(0, 2).map((d) => [d, MODELS[d]]);
+      const params = {
+        model: a[1].name, input: a[1].input, shape: a[1].shape.join(','), scale: a[1].scale, onnx: `/models/${a[0]}.onnx`,
+        model2: b[1].name, input2: b[1].input, shape2: b[1].shape.join(','), scale2: b[1].scale, onnx2: `/models/${b[0]}.onnx`,
+        key: o.key, batch: o.batch,
+      };
+      const sdkTwo = [];
+      const ortTwo = [];
+      for (let i = 0; i < o.firstReps; i++) {
+        for (const [into, mode] of i % 2 ? [[ortTwo, 'ort-two'], [sdkTwo, 'sdk-two']] : [[sdkTwo, 'sdk-two'], [ortTwo, 'ort-two']]) {
+          into.push(await measure(browser, new URL(`bench.html?${query({ mode, ...params })}`, o.base).href, o.site));
+        }
+      }
+      const two = (runs) => ({
+        first_result_median_ms: median(runs.map((r) => r.result.first.result_ms)),
+        first_bytes: runs[0].result.first.bytes,
+        second_result_median_ms: median(runs.map((r) => r.result.second.result_ms)),
+        second_bytes: runs[0].result.second.bytes,
+        console_errors: runs.flatMap((r) => r.console_errors),
+      });
+      const c = two(sdkTwo);
+      const r = two(ortTwo);
+      out.two_models = roundAll({
+        models: [a[0], b[0]],
+        capsule: c,
+        ort: r,
+        capsule_second_vs_first_time: c.second_result_median_ms / c.first_result_median_ms,
+        capsule_second_vs_first_bytes: c.second_bytes / c.first_bytes,
+        ort_second_vs_first_time: r.second_result_median_ms / r.first_result_median_ms,
+        second_time_capsule_vs_ort: c.second_result_median_ms / r.second_result_median_ms,
+      });
+    }
   } finally {
     await browser.close();
   }

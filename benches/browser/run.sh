@@ -79,6 +79,13 @@ for dir in $MODELS; do
   fi
   "$CAPSULE" build "$SITE/models/$dir.onnx" --name "$name" --version 1.0.0 "${fixed[@]}" \
     -o "$SITE/repo/$name/1.0.0.capsule.wasm" >&2
+  # The split form beside it (model image + the guest code every model shares), which the
+  # SDK loads when the signed targets name it.
+  "$CAPSULE" split "$SITE/repo/$name/1.0.0.capsule.wasm" --out-dir "$SITE/repo/$name" >&2
+  mkdir -p "$SITE/repo/code"
+  for code in "$SITE/repo/$name"/*.wasm; do
+    case "$code" in *.capsule.wasm) ;; *) mv -f "$code" "$SITE/repo/code/" ;; esac
+  done
 done
 
 # Signed targets metadata (one publisher key; the page trusts its public half).
