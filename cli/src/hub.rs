@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use capsule_format::tuf::{self, PublicKey, Root, Signed, SigningKey, Target, Targets};
+use capsule_format::tuf::{self, PublicKey, Root, Signed, SigningKey, Targets};
 use capsule_hub::{Hub, HubConfig};
 use serde_json::{Value, json};
 
@@ -278,37 +278,14 @@ pub fn run_sign(args: &SignArgs) -> Result<()> {
             let forms = crate::split::BothForms::read(path)?;
             let m = &forms.capsule.manifest;
             let version = m.version.to_string();
-            let sha = capsule_format::split::sha256_hex;
-            metadata.signed.targets.insert(
-                tuf::target_path(&m.name, &version),
-                Target {
-                    length: forms.capsule.size() as u64,
-                    sha256: forms.capsule.sha256.clone(),
-                    model: m.name.clone(),
-                    version: version.clone(),
-                    code: None,
-                },
-            );
-            metadata.signed.targets.insert(
-                tuf::image_target_path(&m.name, &version),
-                Target {
-                    length: forms.image.len() as u64,
-                    sha256: sha(&forms.image),
-                    model: m.name.clone(),
-                    version,
-                    code: Some(forms.code_sha256.clone()),
-                },
-            );
-            metadata.signed.targets.insert(
-                tuf::code_target_path(&forms.code_sha256),
-                Target {
-                    length: forms.code.len() as u64,
-                    sha256: forms.code_sha256.clone(),
-                    model: String::new(),
-                    version: String::new(),
-                    code: None,
-                },
-            );
+            let sha = capsule_format::split::sha256_hex(&forms.image);
+            metadata.signed.targets.extend(tuf::capsule_targets(
+                &m.name,
+                &version,
+                (forms.capsule.size() as u64, &forms.capsule.sha256),
+                (forms.image.len() as u64, &sha),
+                (forms.code.len() as u64, &forms.code_sha256),
+            ));
         }
         metadata.signed.version += 1;
         metadata.signed.expires = unix_now() + args.expires_days * 86_400;

@@ -451,14 +451,7 @@ fn blob_downloads(hub: &str) -> Result<(u64, u64, u64)> {
         .bearer_auth(ADMIN)
         .send()?
         .text()?;
-    let count = |kind: &str| {
-        let prefix = format!("capsule_hub_blob_downloads_total{{kind=\"{kind}\"}} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(prefix.as_str()))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    Ok((count("capsule"), count("image"), count("code")))
+    Ok(capsule_tests::blob_downloads(&text))
 }
 
 fn generation(hub: &str) -> Result<i64> {

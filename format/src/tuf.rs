@@ -513,6 +513,36 @@ pub fn code_target_path(code_sha256: &str) -> String {
     format!("code/{code_sha256}.wasm")
 }
 
+/// The targets `capsule sign` signs for one capsule, each `(length, sha256)`: the single file,
+/// its model image (naming its code) and the code module.
+pub fn capsule_targets(
+    model: &str,
+    version: &str,
+    capsule: (u64, &str),
+    image: (u64, &str),
+    code: (u64, &str),
+) -> [(String, Target); 3] {
+    let target =
+        |(length, sha256): (u64, &str), model: &str, version: &str, code: Option<&str>| Target {
+            length,
+            sha256: sha256.to_owned(),
+            model: model.to_owned(),
+            version: version.to_owned(),
+            code: code.map(str::to_owned),
+        };
+    [
+        (
+            target_path(model, version),
+            target(capsule, model, version, None),
+        ),
+        (
+            image_target_path(model, version),
+            target(image, model, version, Some(code.1)),
+        ),
+        (code_target_path(code.1), target(code, "", "", None)),
+    ]
+}
+
 /// The signed targets of a model image and of the code it must be joined with (TUF 5.7, with
 /// a step of ours for the pairing): the image is a target that names its code (`code`), and
 /// that code is a target of its own at [`code_target_path`] with exactly that hash. A client

@@ -344,6 +344,42 @@ function verifyNow(targetsJson: Uint8Array, trustedVersion: number): Verified {
     : verifyWithRoot(new TextEncoder().encode(trust.root), targetsJson, trustedVersion, now);
 }
 
+/** The manifest of a verified capsule or image: its name and version must be the signed
+ * target's. */
+function signedManifest(section: Uint8Array, r: Resolved): Manifest {
+  const manifest = new Manifest(section);
+  if (manifest.name !== r.model || manifest.version !== r.version) {
+    throw new SdkError(
+      "VerificationError",
+      `verification failed: the capsule is ${manifest.name} ${manifest.version}, the signed target is ${r.model} ${r.version}`,
+    );
+  }
+  return manifest;
+}
+
+/** Registers a loaded model: its instance (created now, so a capsule that cannot start fails
+ * the load), its handle, its telemetry; answers the page. */
+async function register(
+  slot: Slot,
+  section: Uint8Array,
+  download: { fromCache: boolean; bytes: number },
+  timings: (instantiated: number) => Loaded["timings"],
+): Promise<Loaded> {
+  await instantiate(slot);
+  const handle = nextHandle++;
+  slots.set(handle, slot);
+  recorder?.register(section);
+  return {
+    handle,
+    name: slot.name,
+    version: slot.version,
+    sha256: slot.sha256,
+    manifest: JSON.parse(slot.manifest.json()),
+    ...download,
+    timings: timings(performance.now()),
+  };
+}
+
 async function load(model: string, version?: string): Promise<Loaded> {
   const t0 = performance.now();
   const r = await resolve(model, version);
@@ -352,18 +388,11 @@ async function load(model: string, version?: string): Promise<Loaded> {
   if (parts) {
     const t2 = performance.now();
     const section = parts.image.manifest;
-    const manifest = new Manifest(section);
-    if (manifest.name !== r.model || manifest.version !== r.version) {
-      throw new SdkError(
-        "VerificationError",
-        `verification failed: the capsule is ${manifest.name} ${manifest.version}, the signed target is ${r.model} ${r.version}`,
-      );
-    }
+    const manifest = signedManifest(section, r);
     const segments = [];
     for (let i = 0; i < parts.image.segments; i++) {
       segments.push({ offset: parts.image.offset(i), data: parts.image.data(i) });
     }
-    const handle = nextHandle++;
     const slot: Slot = {
       name: r.model,
       version: r.version,
@@ -374,20 +403,13 @@ async function load(model: string, version?: string): Promise<Loaded> {
       image: { pages: parts.image.pages, segments },
     };
     parts.image.free();
-    await instantiate(slot);
-    slots.set(handle, slot);
-    recorder?.register(section);
-    const t3 = performance.now();
-    return {
-      handle,
-      name: r.model,
-      version: r.version,
-      sha256: r.sha256,
-      manifest: JSON.parse(manifest.json()),
-      fromCache: parts.fromCache,
-      bytes: parts.bytes,
-      timings: { metadataMs: t1 - t0, downloadMs: t2 - t1, verifyMs: 0, compileMs: 0, instantiateMs: t3 - t2 },
-    };
+    return register(slot, section, { fromCache: parts.fromCache, bytes: parts.bytes }, (t3) => ({
+      metadataMs: t1 - t0,
+      downloadMs: t2 - t1,
+      verifyMs: 0,
+      compileMs: 0,
+      instantiateMs: t3 - t2,
+    }));
   }
   const c = await cache();
   const key = `${CACHE_HOST}/${encodeURIComponent(r.model)}/${r.sha256}`;
@@ -429,13 +451,7 @@ async function load(model: string, version?: string): Promise<Loaded> {
     throw new SdkError("CapsuleError", "invalid capsule: no capsule.manifest section");
   }
   const section = new Uint8Array(sections[0]);
-  const manifest = new Manifest(section);
-  if (manifest.name !== r.model || manifest.version !== r.version) {
-    throw new SdkError(
-      "VerificationError",
-      `verification failed: the capsule is ${manifest.name} ${manifest.version}, the signed target is ${r.model} ${r.version}`,
-    );
-  }
+  const manifest = signedManifest(section, r);
   if (!fromCache) {
     inBackground(async () => {
       await c.put(key, new Response(bytes, { headers: { "content-type": "application/wasm" } }));
@@ -447,28 +463,14 @@ async function load(model: string, version?: string): Promise<Loaded> {
       }
     });
   }
-  const handle = nextHandle++;
   const slot: Slot = { name: r.model, version: r.version, sha256: r.sha256, module, manifest, exports: null, image: null };
-  await instantiate(slot);
-  slots.set(handle, slot);
-  recorder?.register(section);
-  const t5 = performance.now();
-  return {
-    handle,
-    name: r.model,
-    version: r.version,
-    sha256: r.sha256,
-    manifest: JSON.parse(manifest.json()),
-    fromCache,
-    bytes: bytes.byteLength,
-    timings: {
-      metadataMs: t1 - t0,
-      downloadMs: t2 - t1,
-      verifyMs: t3 - t2,
-      compileMs: t4 - t3,
-      instantiateMs: t5 - t4,
-    },
-  };
+  return register(slot, section, { fromCache, bytes: bytes.byteLength }, (t5) => ({
+    metadataMs: t1 - t0,
+    downloadMs: t2 - t1,
+    verifyMs: t3 - t2,
+    compileMs: t4 - t3,
+    instantiateMs: t5 - t4,
+  }));
 }
 
 /** The host kernels a capsule may import (`capsule_kernels`): a browser has no native

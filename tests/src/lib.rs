@@ -321,3 +321,16 @@ pub fn wat_capsule(settings: &WatCapsule) -> Result<Vec<u8>> {
     );
     Ok(wasm)
 }
+
+/// The hub's blob download counters in its `/metrics` text: (capsule, image, code).
+pub fn blob_downloads(metrics: &str) -> (u64, u64, u64) {
+    let count = |kind: &str| {
+        let prefix = format!("capsule_hub_blob_downloads_total{{kind=\"{kind}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (count("capsule"), count("image"), count("code"))
+}

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use capsule_format::split;
-use capsule_format::tuf::{self, Root, Signed, SigningKey, Target, Targets};
+use capsule_format::tuf::{self, Root, Signed, SigningKey, Targets};
 use capsule_hub::{Hub, HubConfig};
 use capsule_node::{HubSync, Node, NodeConfig};
 use capsule_tests::{WatCapsule, builder, options, test_cache_dir, wat_capsule};
@@ -80,7 +80,7 @@ fn versions(model: &str) -> Result<Vec<(&'static str, Vec<u8>)>> {
     Ok(out)
 }
 
-/// The hub's download counters: kind -> count.
+/// The hub's download counters: capsule, image, code.
 async fn downloads(c: &reqwest::Client, base: &str) -> Result<[u64; 3]> {
     let text = c
         .get(format!("{base}/metrics"))
@@ -89,14 +89,8 @@ async fn downloads(c: &reqwest::Client, base: &str) -> Result<[u64; 3]> {
         .await?
         .text()
         .await?;
-    let count = |kind: &str| {
-        let prefix = format!("capsule_hub_blob_downloads_total{{kind=\"{kind}\"}} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(prefix.as_str()))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    Ok([count("capsule"), count("image"), count("code")])
+    let (capsule, image, code) = capsule_tests::blob_downloads(&text);
+    Ok([capsule, image, code])
 }
 
 async fn run(n: usize, model: &str, split_form: bool) -> Result<()> {
@@ -192,42 +186,21 @@ async fn run(n: usize, model: &str, split_form: bool) -> Result<()> {
         )
         .await?;
         targets.signed.version += 1;
-        targets.signed.targets.insert(
-            tuf::target_path("wat", v),
-            Target {
-                length: bytes.len() as u64,
-                sha256: sha(bytes),
-                model: "wat".into(),
-                version: (*v).into(),
-                code: None,
-            },
+        let (capsule_sha, image_sha) = (sha(bytes), sha(&parts.image));
+        let signed = tuf::capsule_targets(
+            "wat",
+            v,
+            (bytes.len() as u64, &capsule_sha),
+            (parts.image.len() as u64, &image_sha),
+            (parts.code.len() as u64, &parts.code_sha256),
         );
-        if split_form {
-            targets.signed.targets.insert(
-                tuf::image_target_path("wat", v),
-                Target {
-                    length: parts.image.len() as u64,
-                    sha256: sha(&parts.image),
-                    model: "wat".into(),
-                    version: (*v).into(),
-                    code: Some(parts.code_sha256.clone()),
-                },
-            );
-            targets.signed.targets.insert(
-                tuf::code_target_path(&parts.code_sha256),
-                Target {
-                    length: parts.code.len() as u64,
-                    sha256: parts.code_sha256.clone(),
-                    model: String::new(),
-                    version: String::new(),
-                    code: None,
-                },
-            );
-        }
-        let before = downloads(&c, &base).await?;
+        // The single file only, or with its split form.
+        let keep = if split_form { 3 } else { 1 };
+        targets.signed.targets.extend(signed.into_iter().take(keep));
         targets.signatures.clear();
         publisher.sign(&mut targets)?;
         let metadata = serde_json::to_vec(&targets)?;
+        let before = downloads(&c, &base).await?;
         // The clock starts when the publisher starts publishing.
         let started = Instant::now();
         call(

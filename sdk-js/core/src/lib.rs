@@ -40,6 +40,17 @@ fn js(e: SdkError) -> JsError {
     JsError::new(&e.to_string())
 }
 
+/// A byte length given by JavaScript (a number): a whole, non-negative one.
+fn byte_length(length: f64) -> std::result::Result<u64, JsError> {
+    if length >= 0.0 && length.fract() == 0.0 && length <= u64::MAX as f64 {
+        Ok(length as u64)
+    } else {
+        Err(js(SdkError::Verification(format!(
+            "{length} is not a length"
+        ))))
+    }
+}
+
 /// SHA-256 of `bytes`, lowercase hex.
 #[wasm_bindgen(js_name = sha256Hex)]
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -283,12 +294,7 @@ impl Verified {
         length: f64,
         sha256: &str,
     ) -> std::result::Result<(), JsError> {
-        if !(length >= 0.0 && length.fract() == 0.0 && length <= u64::MAX as f64) {
-            return Err(js(SdkError::Verification(format!(
-                "{length} is not a length"
-            ))));
-        }
-        self.check_path_digest(path, length as u64, sha256)
+        self.check_path_digest(path, byte_length(length)?, sha256)
             .map_err(js)
     }
 
@@ -313,12 +319,7 @@ impl Verified {
         length: f64,
         sha256: &str,
     ) -> std::result::Result<(), JsError> {
-        if !(length >= 0.0 && length.fract() == 0.0 && length <= u64::MAX as f64) {
-            return Err(js(SdkError::Verification(format!(
-                "{length} is not a length"
-            ))));
-        }
-        self.check_digest(model, version, length as u64, sha256)
+        self.check_digest(model, version, byte_length(length)?, sha256)
             .map_err(js)
     }
 }
