@@ -196,6 +196,34 @@ fn scenario(database: &str) -> Result<()> {
         (0, 3, 3),
         "capsule, image, code"
     );
+    // The single file, which the hub has only in split form: joined once, byte for byte, and
+    // stored (a second download streams the stored file).
+    let v1 = std::fs::read(fleet.path("wat-1.0.0.capsule.wasm"))?;
+    let v1_sha = capsule_format::split::sha256_hex(&v1);
+    let blob = fleet
+        .dir
+        .path()
+        .join("blobs")
+        .join(&v1_sha[..2])
+        .join(format!("{v1_sha}.capsule.wasm"));
+    assert!(!blob.exists(), "push uploads the split form only");
+    for _ in 0..2 {
+        let got = http()
+            .get(format!("{}/api/v1/blobs/{v1_sha}", fleet.hub_url))
+            .bearer_auth(ADMIN)
+            .send()?
+            .bytes()?;
+        assert!(
+            got.as_ref() == v1.as_slice(),
+            "the joined capsule is the signed file"
+        );
+    }
+    assert!(blob.exists(), "joined once and stored");
+    assert_eq!(
+        blob_downloads(&fleet.hub_url)?,
+        (2, 3, 3),
+        "capsule, image, code"
+    );
 
     // Canary v2 at 34%: exactly the nodes whose bucket is below 34.
     fleet.publish("2.0.0", None)?;
@@ -250,7 +278,7 @@ fn scenario(database: &str) -> Result<()> {
     wait_serving(&fleet.nodes, &[2.0, 2.0, 2.0])?;
     assert_eq!(
         blob_downloads(&fleet.hub_url)?,
-        (0, 6, 3),
+        (2, 6, 3),
         "capsule, image, code"
     );
 

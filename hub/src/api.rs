@@ -333,9 +333,10 @@ async fn join_version(s: &Shared, split: &SplitBlobs) -> Result<Vec<u8>> {
         .map_err(|e| Error::BadRequest(e.to_string()))
 }
 
-/// A blob, with `Range: bytes=N-` for resumed downloads. A single-file capsule the hub only
-/// has in split form is joined on demand. Downloads (not `HEAD`, which answers "have") are
-/// counted by kind: capsule, image, code.
+/// A blob, with `Range: bytes=N-` for resumed downloads, streamed from its file. A single-file
+/// capsule the hub has only in split form is joined once (one join at a time) and stored, so
+/// no request makes the hub hold more than one joined capsule. Downloads (not `HEAD`, which
+/// answers "have") are counted by kind: capsule, image, code.
 async fn get_blob(
     State(s): State<AppState>,
     _caller: Caller,
@@ -348,70 +349,75 @@ async fn get_blob(
         .blobs
         .path(&sha256)
         .ok_or_else(|| Error::BadRequest(format!("{sha256:?} is not a SHA-256")))?;
+    if !path.exists() {
+        let split =
+            s.db.version_by_capsule(&sha256)
+                .await?
+                .and_then(|v| v.split)
+                .ok_or_else(|| Error::NotFound(format!("no blob {sha256}")))?;
+        let _one = s.joins.lock().await;
+        // Another request may have stored it while this one waited.
+        if !path.exists() {
+            let joined = join_version(&s, &split).await?;
+            if split::sha256_hex(&joined) != sha256 {
+                return Err(Error::Internal(format!(
+                    "the split form of {sha256} joins into another capsule"
+                )));
+            }
+            let store = s.blobs.clone();
+            tokio::task::spawn_blocking(move || store.put(&joined))
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))??;
+        }
+    }
+    let mut file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|_| Error::NotFound(format!("no blob {sha256}")))?;
+    let total = file
+        .metadata()
+        .await
+        .map_err(|e| Error::Io(e.to_string()))?
+        .len();
     let start = headers
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("bytes="))
         .and_then(|v| v.strip_suffix('-'))
         .and_then(|v| v.parse::<u64>().ok());
-    // Streamed from the file: a large capsule never sits whole in the hub's memory (a joined
-    // one does, once, while it is sent).
-    let (total, body) = match tokio::fs::File::open(&path).await {
-        Ok(mut file) => {
-            let total = file
-                .metadata()
-                .await
-                .map_err(|e| Error::Io(e.to_string()))?
-                .len();
-            if let Some(start) = start.filter(|st| *st <= total) {
-                file.seek(std::io::SeekFrom::Start(start))
-                    .await
-                    .map_err(|e| Error::Io(e.to_string()))?;
-            }
-            (
-                total,
-                Body::from_stream(tokio_util::io::ReaderStream::new(file)),
-            )
-        }
-        Err(_) => {
-            let split =
-                s.db.version_by_capsule(&sha256)
-                    .await?
-                    .and_then(|v| v.split)
-                    .ok_or_else(|| Error::NotFound(format!("no blob {sha256}")))?;
-            let joined = join_version(&s, &split).await?;
-            let total = joined.len() as u64;
-            let from = start.filter(|st| *st <= total).unwrap_or(0) as usize;
-            (total, Body::from(joined[from..].to_vec()))
-        }
-    };
     if method == axum::http::Method::GET {
         s.metrics
             .blob_downloads
             .with_label_values(&[s.db.blob_kind(&sha256).await?])
             .inc();
     }
+    // Streamed from the file: a large capsule never sits whole in the hub's memory.
+    let stream = |file| Body::from_stream(tokio_util::io::ReaderStream::new(file));
     match start {
-        Some(start) if start <= total => Ok((
-            StatusCode::PARTIAL_CONTENT,
-            [
-                (header::CONTENT_TYPE, "application/wasm".to_owned()),
-                (header::CONTENT_LENGTH, (total - start).to_string()),
-                (
-                    header::CONTENT_RANGE,
-                    format!("bytes {start}-{}/{total}", total.saturating_sub(1)),
-                ),
-            ],
-            body,
-        )
-            .into_response()),
+        Some(start) if start <= total => {
+            file.seek(std::io::SeekFrom::Start(start))
+                .await
+                .map_err(|e| Error::Io(e.to_string()))?;
+            Ok((
+                StatusCode::PARTIAL_CONTENT,
+                [
+                    (header::CONTENT_TYPE, "application/wasm".to_owned()),
+                    (header::CONTENT_LENGTH, (total - start).to_string()),
+                    (
+                        header::CONTENT_RANGE,
+                        format!("bytes {start}-{}/{total}", total.saturating_sub(1)),
+                    ),
+                ],
+                stream(file),
+            )
+                .into_response())
+        }
         Some(_) => Err(Error::BadRequest("range past the end of the blob".into())),
         None => Ok((
             [
                 (header::CONTENT_TYPE, "application/wasm".to_owned()),
                 (header::CONTENT_LENGTH, total.to_string()),
             ],
-            body,
+            stream(file),
         )
             .into_response()),
     }
@@ -538,6 +544,14 @@ async fn add_version(
     let (bytes, split_blobs) = if split::is_image(&uploaded) {
         let header =
             split::image_header(&uploaded).map_err(|e| Error::BadRequest(e.to_string()))?;
+        // The joined capsule is bounded like an uploaded one.
+        if header.joined_len_bound() > s.config.max_blob_bytes {
+            return Err(Error::TooLarge(format!(
+                "the model image joins into up to {} bytes, over the limit of {}",
+                header.joined_len_bound(),
+                s.config.max_blob_bytes
+            )));
+        }
         let blobs = SplitBlobs {
             image_sha256: req.sha256.clone(),
             image_length: uploaded.len() as i64,

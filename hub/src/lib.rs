@@ -156,6 +156,10 @@ pub(crate) struct Shared {
     pub(crate) metrics: metrics::HubMetrics,
     /// Client for webhooks.
     pub(crate) http: reqwest::Client,
+    /// One join at a time of a single-file capsule the hub has only in split form (it is
+    /// then stored, so each is joined once): a burst of downloads cannot make the hub hold
+    /// one joined capsule per request.
+    pub(crate) joins: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -226,6 +230,7 @@ impl Hub {
             notify,
             metrics: metrics::HubMetrics::new()?,
             http,
+            joins: tokio::sync::Mutex::new(()),
         });
         let (shutdown, mut stop) = watch::channel(false);
         let app = api::router(Arc::clone(&shared));
