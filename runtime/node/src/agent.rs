@@ -22,7 +22,7 @@ use tokio::sync::watch;
 
 use crate::loader::Loader;
 use crate::models::ModelRegistry;
-use crate::repository::compare_versions;
+use crate::repository::{CAPSULE_SUFFIX, compare_versions};
 use crate::{Error, Result};
 
 /// How the node syncs with a hub.
@@ -555,14 +555,8 @@ impl Agent {
         {
             return self.install_image(targets, d, image_path).await;
         }
-        let dir = self.models.join(&d.model).join(&d.version);
-        let path = dir.join(format!("{}.capsule.wasm", d.model));
-        let have = self
-            .state
-            .managed
-            .get(&d.model)
-            .and_then(|v| v.get(&d.version));
-        if have == Some(&t.sha256) && path.exists() {
+        let (dir, path, have) = self.version_file(d, CAPSULE_SUFFIX, &t.sha256);
+        if have {
             return Ok(path);
         }
         let bytes = self.download(&d.path, t).await?;
@@ -585,6 +579,31 @@ impl Agent {
         self.retire(&d.model, &d.version, |v| {
             compare_versions(v, &version) == std::cmp::Ordering::Greater
         });
+        self.drop_partial(sha256);
+    }
+
+    /// Where a version's file goes (`MODELS/NAME/VERSION/NAME<suffix>`), and whether it is
+    /// already there as the agent wrote it (with this signed hash).
+    fn version_file(
+        &self,
+        d: &DesiredModel,
+        suffix: &str,
+        sha256: &str,
+    ) -> (PathBuf, PathBuf, bool) {
+        let dir = self.models.join(&d.model).join(&d.version);
+        let path = dir.join(format!("{}{suffix}", d.model));
+        let have = self
+            .state
+            .managed
+            .get(&d.model)
+            .and_then(|v| v.get(&d.version))
+            .is_some_and(|h| h == sha256)
+            && path.exists();
+        (dir, path, have)
+    }
+
+    /// Removes what is left of a download once its blob is installed.
+    fn drop_partial(&self, sha256: &str) {
         let _ = std::fs::remove_file(
             state_dir(&self.models)
                 .join("downloads")
@@ -613,14 +632,8 @@ impl Agent {
                 image.model, image.version, d.model, d.version
             )));
         }
-        let dir = self.models.join(&d.model).join(&d.version);
-        let path = dir.join(format!("{}{IMAGE_SUFFIX}", d.model));
-        let have = self
-            .state
-            .managed
-            .get(&d.model)
-            .and_then(|v| v.get(&d.version));
-        if have == Some(&image.sha256) && path.exists() {
+        let (dir, path, have) = self.version_file(d, IMAGE_SUFFIX, &image.sha256);
+        if have {
             return Ok(path);
         }
         let code_path = tuf::code_target_path(&code.sha256);
@@ -637,11 +650,7 @@ impl Agent {
         } else {
             let bytes = self.download(&code_path, code).await?;
             write_file(&code_file, &bytes)?;
-            let _ = std::fs::remove_file(
-                state_dir(&self.models)
-                    .join("downloads")
-                    .join(format!("{}.part", code.sha256)),
-            );
+            self.drop_partial(&code.sha256);
         }
         self.verified_code.insert(code.sha256.clone());
         let bytes = self.download(image_path, image).await?;
@@ -650,7 +659,7 @@ impl Agent {
         tuf::verify_image_code(image_path, image, &header).map_err(|e| verify(e.to_string()))?;
         write_file(&path, &bytes)?;
         // One capsule per version directory: a single file of this version goes.
-        let _ = std::fs::remove_file(dir.join(format!("{}.capsule.wasm", d.model)));
+        let _ = std::fs::remove_file(dir.join(format!("{}{CAPSULE_SUFFIX}", d.model)));
         self.installed(d, &image.sha256);
         Ok(path)
     }
