@@ -215,8 +215,21 @@ fn encode_element(dtype: DType, v: &Value, out: &mut Vec<u8>) -> std::result::Re
         DType::I32 => out.extend_from_slice(&int::<i32>(v, dtype)?.to_le_bytes()),
         DType::U64 => out.extend_from_slice(&int::<u64>(v, dtype)?.to_le_bytes()),
         DType::I64 => out.extend_from_slice(&int::<i64>(v, dtype)?.to_le_bytes()),
-        DType::F16 => out.extend_from_slice(&f64_to_f16(float(v)?).to_le_bytes()),
-        DType::F32 => out.extend_from_slice(&(float(v)? as f32).to_le_bytes()),
+        // JSON numbers are finite; one past the type's range would silently become infinity.
+        DType::F16 => {
+            let h = f64_to_f16(float(v)?);
+            if h & 0x7fff == 0x7c00 {
+                return Err(format!("{v} is out of range for FP16"));
+            }
+            out.extend_from_slice(&h.to_le_bytes())
+        }
+        DType::F32 => {
+            let x = float(v)? as f32;
+            if x.is_infinite() {
+                return Err(format!("{v} is out of range for FP32"));
+            }
+            out.extend_from_slice(&x.to_le_bytes())
+        }
         DType::F64 => out.extend_from_slice(&float(v)?.to_le_bytes()),
         DType::Bytes => {
             let owned;
@@ -723,6 +736,31 @@ mod tests {
                 .contains("expected a string, {\"b64\": ...} or a JSON object for BYTES, got 3"),
             "{e}"
         );
+    }
+
+    /// A float past its type's range is an error, not a silent infinity; the largest finite
+    /// values pass.
+    #[test]
+    fn floats_past_their_range_are_refused() {
+        let one = |dtype: &str, x: &str| {
+            parse(&format!(
+                r#"{{"inputs":[{{"name":"x","shape":[1],"datatype":"{dtype}","data":[{x}]}}]}}"#
+            ))
+        };
+        for (dtype, x, shown) in [
+            ("FP32", "1e39", "1e+39"),
+            ("FP32", "-1e39", "-1e+39"),
+            ("FP16", "70000", "70000"),
+        ] {
+            assert_eq!(
+                one(dtype, x).unwrap_err().to_string(),
+                format!("tensor \"x\": element 0: {shown} is out of range for {dtype}"),
+            );
+        }
+        let max = one("FP32", "3.4028234663852886e38").unwrap();
+        assert_eq!(max[0].tensor.data, f32::MAX.to_le_bytes());
+        let max = one("FP16", "65504").unwrap();
+        assert_eq!(max[0].tensor.data, 0x7bffu16.to_le_bytes());
     }
 
     #[test]
