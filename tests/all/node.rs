@@ -889,3 +889,42 @@ async fn model_images_serve_once_their_code_is_there() -> Result<()> {
     }
     Ok(())
 }
+
+/// Made-up model and version names add no metric series (issue 16's probe: 3,000 requests to
+/// unknown models made 3,000 series, kept forever): they count under `model=""` and
+/// `version=""`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_names_add_no_metric_series() -> Result<()> {
+    let t = TestNode::start(|dir| put(dir, "wat", "1", &wat(1.0, None)?), |_| {}).await?;
+    let body = serde_json::to_vec(
+        &json!({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [0]}]}),
+    )?;
+    for i in 0..20 {
+        let (status, _) = t
+            .post(&format!("/v2/models/nope-{i}/infer"), body.clone())
+            .await?;
+        assert_eq!(status, 404);
+        let (status, _) = t
+            .post(&format!("/v2/models/wat/versions/v{i}/infer"), body.clone())
+            .await?;
+        assert_eq!(status, 404);
+    }
+    assert_eq!(t.infer_x("wat", 0.0).await?.0, 200);
+    let metrics = t
+        .http
+        .get(format!("{}/metrics", t.base))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(!metrics.contains("nope-"), "{metrics}");
+    assert!(!metrics.contains("version=\"v1"), "{metrics}");
+    for line in [
+        "capsule_requests_total{model=\"\",outcome=\"not_found\",protocol=\"http\",version=\"\"} 20",
+        "capsule_requests_total{model=\"wat\",outcome=\"not_found\",protocol=\"http\",version=\"\"} 20",
+        "capsule_requests_total{model=\"wat\",outcome=\"success\",protocol=\"http\",version=\"1\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+    Ok(())
+}

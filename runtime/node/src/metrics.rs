@@ -261,8 +261,16 @@ impl Metrics {
             Ok(_) => "success",
             Err(e) => e.outcome(),
         };
+        // Names a client made up get no series of their own: a request for an unknown model
+        // counts under model "", one for a version the node does not serve under version "".
+        // Otherwise every made-up name would be a new series, kept forever.
+        let (model, version) = match result {
+            Err(Error::ModelNotFound(_)) => ("", ""),
+            Err(Error::VersionNotFound { .. } | Error::NotReady { .. }) => (labels.0.as_str(), ""),
+            _ => (labels.0.as_str(), labels.1.as_str()),
+        };
         self.requests
-            .with_label_values(&[labels.0.as_str(), labels.1.as_str(), protocol, outcome])
+            .with_label_values(&[model, version, protocol, outcome])
             .inc();
         self.request_seconds
             .with_label_values(&[protocol])
