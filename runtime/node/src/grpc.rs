@@ -324,7 +324,7 @@ impl GrpcInferenceService for GrpcService {
             tracing::Instrument::instrument(self.model_infer_inner(r, &mut labels), span.clone())
                 .await;
         if let Err(e) = &result {
-            span.in_scope(|| tracing::info!(model = %labels.0, error = %e, code = ?e.grpc_code(), "inference refused"));
+            span.in_scope(|| tracing::info!(model = ?labels.0, error = %e, code = ?e.grpc_code(), "inference refused"));
         }
         self.registry
             .metrics

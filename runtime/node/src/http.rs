@@ -335,7 +335,7 @@ async fn infer(
     match result {
         Ok(r) => r,
         Err(e) => {
-            tracing::info!(model = %model, error = %e, status = e.http_status(), "inference refused");
+            tracing::info!(model = ?model, error = %e, status = e.http_status(), "inference refused");
             e.into_response()
         }
     }
