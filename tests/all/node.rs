@@ -928,3 +928,24 @@ async fn made_up_names_add_no_metric_series() -> Result<()> {
     }
     Ok(())
 }
+
+/// An output named more than once is refused (issue 16's probe: 200,000 copies of one output
+/// made a 53.6 MB response and left the node 290 MiB larger). gRPC checks its requested
+/// outputs with the same function (`v2::requested_outputs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_requested_twice_is_refused() -> Result<()> {
+    let t = TestNode::start(|dir| put(dir, "wat", "1", &wat(1.0, None)?), |_| {}).await?;
+    let body = json!({
+        "inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [0]}],
+        "outputs": [{"name": "y"}, {"name": "y"}],
+    });
+    assert_eq!(
+        t.post("/v2/models/wat/infer", serde_json::to_vec(&body)?)
+            .await?,
+        (
+            400,
+            json!({"error": "invalid inference request: output \"y\" is requested more than once"})
+        )
+    );
+    Ok(())
+}

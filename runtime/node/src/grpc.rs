@@ -186,9 +186,8 @@ impl GrpcService {
         let deadline =
             timeout_param(&r).map_or(self.config.deadline(), |t| t.min(self.config.deadline()));
         let names = served.output_names();
-        for o in &r.outputs {
-            v2::output_index(&names, &o.name).map_err(|e| bad(e.to_string()))?;
-        }
+        v2::requested_outputs(&names, r.outputs.iter().map(|o| o.name.as_str()))
+            .map_err(|e| bad(e.to_string()))?;
         let request_id = if r.id.is_empty() {
             uuid::Uuid::new_v4().to_string()
         } else {
