@@ -266,21 +266,16 @@ fn the_sdk_runs_signed_capsules_in_chromium_like_the_edge() -> Result<()> {
     // The node serves the site (SDK, page, repositories) with COOP/COEP.
     let models = d.join("models");
     std::fs::create_dir_all(&models)?;
-    let node = Proc::spawn(
-        &[
-            "serve",
-            "--models",
-            &models.to_string_lossy(),
-            "--http",
-            "127.0.0.1:0",
-            "--no-grpc",
-            "--static",
-            &site.to_string_lossy(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect::<Vec<_>>(),
-    )?;
+    let node = Proc::spawn(&[
+        "serve",
+        "--models",
+        &models.to_string_lossy(),
+        "--http",
+        "127.0.0.1:0",
+        "--no-grpc",
+        "--static",
+        &site.to_string_lossy(),
+    ])?;
     let node_url = node.address("REST on")?;
     let head = http()
         .get(format!("{node_url}/sdk/core/capsule_sdk_core_bg.wasm"))

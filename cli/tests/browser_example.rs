@@ -51,23 +51,18 @@ fn the_browser_example_answers_like_the_edge() -> Result<()> {
     );
 
     // 2. The node, as run.sh starts it, on a free port.
-    let node = Proc::spawn(
-        &[
-            "serve",
-            "--host-kernels",
-            "false",
-            "--models",
-            &work.join("models").to_string_lossy(),
-            "--static",
-            &site.to_string_lossy(),
-            "--http",
-            "127.0.0.1:0",
-            "--no-grpc",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect::<Vec<_>>(),
-    )?;
+    let node = Proc::spawn(&[
+        "serve",
+        "--host-kernels",
+        "false",
+        "--models",
+        &work.join("models").to_string_lossy(),
+        "--static",
+        &site.to_string_lossy(),
+        "--http",
+        "127.0.0.1:0",
+        "--no-grpc",
+    ])?;
     let url = node.address("REST on")?;
     wait_until("the node to load the capsule", || {
         http()

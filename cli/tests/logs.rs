@@ -13,19 +13,14 @@ use common::{Proc, http};
 #[test]
 fn request_fields_cannot_forge_log_lines() -> Result<()> {
     let models = tempfile::tempdir()?;
-    let node = Proc::spawn(
-        &[
-            "serve",
-            "--models",
-            &models.path().to_string_lossy(),
-            "--http",
-            "127.0.0.1:0",
-            "--no-grpc",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect::<Vec<_>>(),
-    )?;
+    let node = Proc::spawn(&[
+        "serve",
+        "--models",
+        &models.path().to_string_lossy(),
+        "--http",
+        "127.0.0.1:0",
+        "--no-grpc",
+    ])?;
     let url = node.address("REST on")?;
     let resp = http()
         .post(format!(

@@ -247,6 +247,14 @@ async function resolve(model: string, version?: string): Promise<Resolved> {
   return { verified, model, version: t.version, sha256: t.sha256, length: t.length, url, split };
 }
 
+/** Deletes every cached entry of `model` but `key` (its newest version, in either form). */
+async function keepOnly(c: Cache, model: string, key: string): Promise<void> {
+  const prefix = `${CACHE_HOST}/${encodeURIComponent(model)}/`;
+  for (const old of await c.keys()) {
+    if (old.url.startsWith(prefix) && old.url !== key) await c.delete(old);
+  }
+}
+
 /** Downloads (or takes from Cache Storage) one split artifact and checks it against its
  * signed target; `null` when it is not published (a static repository with single files
  * only), so the caller falls back to the single file. */
@@ -285,11 +293,7 @@ async function fetchPart(
       await c.put(key, new Response(bytes));
       // A model's new image replaces its older ones (code modules stay: other models share
       // them).
-      if (part.path.startsWith("code/")) return;
-      const model = `${CACHE_HOST}/${encodeURIComponent(r.model)}/`;
-      for (const old of await c.keys()) {
-        if (old.url.startsWith(model) && old.url !== key) await c.delete(old);
-      }
+      if (!part.path.startsWith("code/")) await keepOnly(c, r.model, key);
     });
   }
   return { bytes, fromCache };
@@ -456,11 +460,7 @@ async function load(model: string, version?: string): Promise<Loaded> {
     inBackground(async () => {
       await c.put(key, new Response(bytes, { headers: { "content-type": "application/wasm" } }));
       // A new version replaces the model's older ones.
-      for (const old of await c.keys()) {
-        if (old.url.startsWith(`${CACHE_HOST}/${encodeURIComponent(r.model)}/`) && old.url !== key) {
-          await c.delete(old);
-        }
-      }
+      await keepOnly(c, r.model, key);
     });
   }
   const slot: Slot = { name: r.model, version: r.version, sha256: r.sha256, module, manifest, exports: null, image: null };

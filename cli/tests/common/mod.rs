@@ -42,7 +42,7 @@ pub struct Proc {
 }
 
 impl Proc {
-    pub fn spawn(args: &[String]) -> Result<Proc> {
+    pub fn spawn<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<Proc> {
         let mut child = Command::new(bin())
             .args(args)
             .env("CAPSULE_CACHE_DIR", cache())
