@@ -124,13 +124,19 @@ fn engine_costs(c: &mut Criterion) {
             ))
         })
     });
-    // The same capsule as a model image with its code module hashed already (a node's
+    // The same capsule as a model image with its code module checked already (a node's
     // loader keeps a guest build's code so): what a node does per model update.
     let parts = or_die(capsule_format::split::split(&built.bytes), "split");
-    let code = capsule_format::split::Code::new(parts.code.clone());
+    let code = or_die(
+        capsule_runtime::GuestCode::check(capsule_format::split::Code::new(parts.code.clone())),
+        "check code",
+    );
     group.bench_function("second_capsule_cnn_image", |b| {
         b.iter(|| {
-            let image = or_die(CapsuleImage::parse_image(&code, &parts.image), "join");
+            let image = or_die(
+                CapsuleImage::parse_image(&code, &parts.image),
+                "parse image",
+            );
             black_box(or_die(
                 LoadedCapsule::install(&engine, image, RunConfig::default()),
                 "install",

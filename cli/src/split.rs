@@ -232,7 +232,7 @@ impl BothForms {
         let data = read_limited(path, MAX_CAPSULE_BYTES as u64, "capsule")?;
         if split::is_image(&data) {
             let capsule = read_capsule(path, None)?;
-            let code = capsule.code.clone();
+            let code = capsule.code.to_vec();
             return Ok(BothForms {
                 code_sha256: capsule.code_sha256.clone(),
                 capsule,

@@ -166,8 +166,12 @@ fn sections(bytes: &[u8]) -> Result<Vec<Section>> {
             "not a WebAssembly core module (version 1): bad preamble",
         ));
     }
+    sections_from(bytes, PREAMBLE.len())
+}
+
+/// The sections of `bytes` from `at` on (a module's after its preamble, or an image part's).
+fn sections_from(bytes: &[u8], mut at: usize) -> Result<Vec<Section>> {
     let mut out = Vec::new();
-    let mut at = PREAMBLE.len();
     while at < bytes.len() {
         let start = at;
         let id = bytes[at];
@@ -353,10 +357,39 @@ fn payload(header: &ImageHeader, image: &[u8]) -> Result<Vec<u8>> {
 pub struct ImageMemory {
     /// Initial memory size in 64 KiB pages.
     pub pages: u64,
-    /// Active data segments: offset in memory, bytes; each within `pages`.
-    pub segments: Vec<(u32, Vec<u8>)>,
+    /// Active data segments: offset in memory and byte range in [`Self::data`]; each within
+    /// `pages`.
+    pub segments: Vec<(u32, Range<usize>)>,
+    /// The segments' bytes, one after the other (one allocation for a snapshot's thousands
+    /// of segments).
+    pub data: Vec<u8>,
     /// The content of the `capsule.manifest` custom section.
     pub manifest: Vec<u8>,
+    /// How many sections of the code module the image places (every one but its memory
+    /// section, for an image cut from a capsule of that code).
+    pub code_sections: usize,
+    /// The sections the image holds itself, in file order.
+    pub own_sections: Vec<OwnSection>,
+}
+
+impl ImageMemory {
+    /// The segments: offset in memory, bytes.
+    pub fn segments(&self) -> impl Iterator<Item = (u32, &[u8])> {
+        self.segments
+            .iter()
+            .map(|(offset, range)| (*offset, &self.data[range.clone()]))
+    }
+}
+
+/// A section a model image holds itself (memory, data, data count, custom sections).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnSection {
+    /// The section id.
+    pub id: u8,
+    /// A custom section's name.
+    pub custom_name: Option<String>,
+    /// Length of its content in bytes.
+    pub len: usize,
 }
 
 /// Reads a model image's memory and manifest without its code, with the checks the runtime
@@ -369,14 +402,27 @@ pub fn image_memory(image: &[u8]) -> Result<ImageMemory> {
     let payload = payload(&header, image)?;
     let parts: Vec<Part<'_>> = crate::wire::decode_borrowed(&payload, "model image")?;
     let (mut pages, mut segments, mut manifest) = (None, Vec::new(), None);
+    let mut data = Vec::new();
+    let (mut code_sections, mut own_sections) = (0, Vec::new());
     for part in parts {
-        let Part::Own(raw) = part else { continue };
-        let mut module = PREAMBLE.to_vec();
-        module.extend_from_slice(raw);
-        let [section] = sections(&module)?
+        let raw = match part {
+            Part::Own(raw) => raw,
+            Part::Code(_) => {
+                code_sections += 1;
+                continue;
+            }
+        };
+        let [section] = sections_from(raw, 0)?
             .try_into()
             .map_err(|_| invalid("an image part that is not exactly one section"))?;
-        let body = &module[section.content.clone()];
+        let body = &raw[section.content.clone()];
+        own_sections.push(OwnSection {
+            id: section.id,
+            custom_name: (section.id == 0)
+                .then(|| custom_name(body).map(|n| String::from_utf8_lossy(n).into_owned()))
+                .flatten(),
+            len: body.len(),
+        });
         let mut at = 0;
         let bad = |what: &str| invalid(format!("{what} in section {}", section.id));
         match section.id {
@@ -430,7 +476,11 @@ pub fn image_memory(image: &[u8]) -> Result<ImageMemory> {
                         .filter(|end| *end <= body.len())
                         .ok_or_else(|| bad("a segment runs past the end"))?;
                     match offset {
-                        Some(offset) => segments.push((offset, body[at..end].to_vec())),
+                        Some(offset) => {
+                            let start = data.len();
+                            data.extend_from_slice(&body[at..end]);
+                            segments.push((offset, start..data.len()));
+                        }
                         None if len == 0 => {}
                         None => {
                             return Err(invalid(
@@ -456,7 +506,7 @@ pub fn image_memory(image: &[u8]) -> Result<ImageMemory> {
     let limit = pages.saturating_mul(65536);
     if segments
         .iter()
-        .any(|(offset, bytes)| u64::from(*offset) + bytes.len() as u64 > limit)
+        .any(|(offset, range)| u64::from(*offset) + range.len() as u64 > limit)
     {
         return Err(invalid("a data segment lies outside the initial memory"));
     }
@@ -464,7 +514,10 @@ pub fn image_memory(image: &[u8]) -> Result<ImageMemory> {
     Ok(ImageMemory {
         pages,
         segments,
+        data,
         manifest,
+        code_sections,
+        own_sections,
     })
 }
 
@@ -508,6 +561,11 @@ impl Code {
     /// The module.
     pub fn bytes(&self) -> &[u8] {
         &self.bytes
+    }
+
+    /// The module and its SHA-256 (lowercase hex), without copying the module.
+    pub fn into_parts(self) -> (Vec<u8>, String) {
+        (self.bytes, self.sha256)
     }
 
     /// Its SHA-256, lowercase hex.
@@ -626,10 +684,36 @@ mod tests {
             memory,
             ImageMemory {
                 pages: 2,
-                segments: vec![(8, vec![7, 8, 9])],
+                segments: vec![(8, 0..3)],
+                data: vec![7, 8, 9],
                 manifest: b"CAPM...".to_vec(),
+                // type, function, export, code, name
+                code_sections: 5,
+                own_sections: vec![
+                    OwnSection {
+                        id: 5,
+                        custom_name: None,
+                        len: 3
+                    },
+                    OwnSection {
+                        id: 11,
+                        custom_name: None,
+                        len: 9
+                    },
+                    OwnSection {
+                        id: 0,
+                        custom_name: Some("x".into()),
+                        len: 3
+                    },
+                    OwnSection {
+                        id: 0,
+                        custom_name: Some(crate::MANIFEST_SECTION.into()),
+                        len: 1 + crate::MANIFEST_SECTION.len() + 7
+                    },
+                ],
             }
         );
+        assert_eq!(memory.segments().collect::<Vec<_>>(), [(8, &[7, 8, 9][..])]);
         // A segment past the initial memory, a shared memory, a segment offset that is not a
         // constant: refused as the runtime refuses them.
         let with_section = |id: u8, content: &[u8]| {

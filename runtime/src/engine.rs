@@ -79,6 +79,55 @@ pub struct EngineStats {
     pub memory_cache_hits: AtomicU64,
 }
 
+/// One thread advances the epoch of every live engine of the process every [`EPOCH_TICK`]:
+/// a process with many engines (a test or benchmark that runs a hundred nodes) wakes once per
+/// tick, not once per engine. The thread ends when no engine is left, and the next engine
+/// starts it again.
+mod epoch_ticker {
+    use std::sync::Mutex;
+
+    use wasmtime::{Engine, EngineWeak};
+
+    use super::EPOCH_TICK;
+    use crate::{Error, Result};
+
+    /// The engines, and whether the thread runs.
+    static ENGINES: Mutex<(Vec<EngineWeak>, bool)> = Mutex::new((Vec::new(), false));
+
+    pub(super) fn register(engine: &Engine) -> Result<()> {
+        let mut state = ENGINES.lock().unwrap_or_else(|p| p.into_inner());
+        state.0.push(engine.weak());
+        if !state.1 {
+            std::thread::Builder::new()
+                .name("capsule-epoch".into())
+                .spawn(tick)
+                .map_err(Error::io("starting the epoch ticker thread"))?;
+            state.1 = true;
+        }
+        Ok(())
+    }
+
+    fn tick() {
+        loop {
+            {
+                let mut state = ENGINES.lock().unwrap_or_else(|p| p.into_inner());
+                state.0.retain(|weak| match weak.upgrade() {
+                    Some(engine) => {
+                        engine.increment_epoch();
+                        true
+                    }
+                    None => false,
+                });
+                if state.0.is_empty() {
+                    state.1 = false;
+                    return;
+                }
+            }
+            std::thread::sleep(EPOCH_TICK);
+        }
+    }
+}
+
 /// A configured wasmtime engine with its epoch ticker and compiled-code caches.
 #[derive(Debug)]
 pub struct CapsuleEngine {
@@ -147,8 +196,8 @@ fn wasmtime_config(memories: Memories<'_>) -> Config {
 }
 
 impl CapsuleEngine {
-    /// Creates the engine and starts its epoch ticker thread (which stops when the engine is
-    /// dropped).
+    /// Creates the engine and registers it with the process's epoch ticker (one thread for
+    /// every engine; it stops when the last engine is dropped).
     pub fn new(config: EngineConfig) -> Result<Arc<CapsuleEngine>> {
         let copy_on_write = cfg!(target_os = "linux") && config.copy_on_write;
         let (engine, pooling) = if copy_on_write {
@@ -187,17 +236,7 @@ impl CapsuleEngine {
         );
         let linker = crate::host_kernels::linker(&engine)?;
         let host_kernels = config.host_kernels && crate::host_kernels::supported_here();
-        let weak = engine.weak();
-        std::thread::Builder::new()
-            .name("capsule-epoch".into())
-            .spawn(move || {
-                while let Some(engine) = weak.upgrade() {
-                    engine.increment_epoch();
-                    drop(engine);
-                    std::thread::sleep(EPOCH_TICK);
-                }
-            })
-            .map_err(Error::io("starting the epoch ticker thread"))?;
+        epoch_ticker::register(&engine)?;
         Ok(Arc::new(CapsuleEngine {
             engine,
             config,

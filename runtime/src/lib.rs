@@ -34,7 +34,7 @@ pub mod spec;
 mod validate;
 
 pub use builder::{BuildOptions, BuiltCapsule, CapsuleBuilder};
-pub use capsule::CapsuleImage;
+pub use capsule::{CapsuleImage, GuestCode};
 pub use engine::{CapsuleEngine, EngineConfig, EngineStats, default_cache_dir};
 pub use error::{Error, Result, TrapKind};
 pub use instance::{CapsuleStats, ColdStart, LoadedCapsule, RunConfig};

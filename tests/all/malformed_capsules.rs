@@ -1,7 +1,7 @@
 //! Malformed capsules are refused with typed errors, and the process goes on.
 
 use capsule_format::CapsuleManifest;
-use capsule_runtime::{CapsuleImage, Error, LoadedCapsule, RunConfig};
+use capsule_runtime::{CapsuleImage, Error, GuestCode, LoadedCapsule, RunConfig};
 use capsule_tests::{engine, fixture_capsule};
 
 /// Loads a capsule from its single file, and checks that its split form (code module and
@@ -12,16 +12,40 @@ fn load(bytes: Vec<u8>) -> Result<LoadedCapsule, Error> {
     LoadedCapsule::load(&engine(), bytes, RunConfig::default())
 }
 
+///
+/// A node reads the split form without joining (`CapsuleImage::parse_image`, the code checked
+/// once as a `GuestCode`): that path refuses what the single file's refuses (its messages may
+/// name the image's part instead) and reads the same memory, manifest and exports from what
+/// it accepts.
 fn both_forms_agree(bytes: &[u8]) {
     if let Ok(split) = capsule_format::split::split(bytes) {
-        match (
-            CapsuleImage::parse(bytes.to_vec()),
-            CapsuleImage::parse_split(&split.code, &split.image),
-        ) {
+        let whole = CapsuleImage::parse(bytes.to_vec());
+        match (&whole, CapsuleImage::parse_split(&split.code, &split.image)) {
             (Ok(whole), Ok(parts)) => assert_eq!(parts.bytes(), whole.bytes()),
             (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string()),
             (a, b) => panic!(
                 "the two forms disagree: single file {:?}, split {:?}",
+                a.as_ref().err(),
+                b.err()
+            ),
+        }
+        let image = GuestCode::check(capsule_format::split::Code::new(split.code.clone()))
+            .and_then(|code| CapsuleImage::parse_image(&code, &split.image));
+        match (whole, image) {
+            (Ok(whole), Ok(image)) => {
+                assert!(
+                    image.segments().eq(whole.segments()),
+                    "the same memory image"
+                );
+                assert_eq!(image.memory_pages, whole.memory_pages);
+                assert_eq!(image.manifest, whole.manifest);
+                assert_eq!(image.exports, whole.exports);
+                assert_eq!(image.imports, whole.imports);
+                assert!(*image.code == *whole.code, "the same code module");
+            }
+            (Err(_), Err(_)) => {}
+            (a, b) => panic!(
+                "the single file and the unjoined image disagree: single file {:?}, image {:?}",
                 a.err(),
                 b.err()
             ),

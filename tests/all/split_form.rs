@@ -3,7 +3,7 @@
 //! every malformed case through both forms.
 
 use capsule_format::split;
-use capsule_runtime::{CapsuleImage, LoadedCapsule, RunConfig, golden as compare};
+use capsule_runtime::{CapsuleImage, GuestCode, LoadedCapsule, RunConfig, golden as compare};
 use capsule_tests::{FIXTURE_MODELS, engine, fixture_capsule, golden};
 
 /// Every fixture: `join(split(x))` is `x` byte for byte; the code module is the one the
@@ -22,7 +22,7 @@ fn every_fixture_splits_and_joins_byte_for_byte() -> anyhow::Result<()> {
             "{name}"
         );
         let whole = CapsuleImage::parse(built.bytes.clone())?;
-        assert_eq!(parts.code, whole.code, "{name}");
+        assert_eq!(parts.code.as_slice(), &*whole.code, "{name}");
         assert_eq!(parts.code_sha256, whole.code_sha256, "{name}");
         let header = split::image_header(&parts.image)?;
         assert_eq!(header.code_sha256, whole.code_sha256, "{name}");
@@ -34,19 +34,30 @@ fn every_fixture_splits_and_joins_byte_for_byte() -> anyhow::Result<()> {
         );
         let image = CapsuleImage::parse_split(&parts.code, &parts.image)?;
         assert_eq!(image.sha256, whole.sha256, "{name}");
+        // A node's path: the code checked once, the image read without joining; its identity
+        // is the image file's hash (what the image's signed target names).
+        let code = GuestCode::check(split::Code::new(parts.code.clone()))?;
+        let unjoined = CapsuleImage::parse_image(&code, &parts.image)?;
+        assert_eq!(unjoined.sha256, split::sha256_hex(&parts.image), "{name}");
+        assert_eq!(unjoined.size(), parts.image.len(), "{name}");
+        assert!(
+            unjoined.segments().eq(whole.segments()),
+            "{name}: the memory image"
+        );
+        assert_eq!(unjoined.manifest, whole.manifest, "{name}");
+        let mut names: Vec<_> = unjoined.sections.iter().map(|(n, _)| n.clone()).collect();
+        let mut whole_names: Vec<_> = whole.sections.iter().map(|(n, _)| n.clone()).collect();
+        names.sort();
+        whole_names.sort();
+        // The code module's own (empty) memory section is the one more.
+        whole_names.push("memory".to_owned());
+        whole_names.sort();
+        assert_eq!(names, whole_names, "{name}");
         // Without the code, the image gives what the runtime puts into a fresh instance.
         let memory = split::image_memory(&parts.image)?;
         assert_eq!(memory.pages, whole.memory_pages, "{name}");
         let segments: Vec<(u32, &[u8])> = whole.segments().collect();
-        assert_eq!(
-            memory
-                .segments
-                .iter()
-                .map(|(o, b)| (*o, b.as_slice()))
-                .collect::<Vec<_>>(),
-            segments,
-            "{name}"
-        );
+        assert_eq!(memory.segments().collect::<Vec<_>>(), segments, "{name}");
         assert_eq!(
             capsule_format::CapsuleManifest::from_section_bytes(&memory.manifest)?,
             whole.manifest,
@@ -87,6 +98,15 @@ fn an_image_joins_only_the_code_it_names() -> anyhow::Result<()> {
             assert_eq!(expected, a.code_sha256);
             assert_eq!(found, split::sha256_hex(&other));
         }
+        other => panic!("expected CodeMismatch, got {other:?}"),
+    }
+    // The same refusal without joining.
+    let other = GuestCode::check(split::Code::new(other))?;
+    match CapsuleImage::parse_image(&other, &a.image) {
+        Err(capsule_runtime::Error::Manifest(capsule_format::Error::CodeMismatch {
+            expected,
+            ..
+        })) => assert_eq!(expected, a.code_sha256),
         other => panic!("expected CodeMismatch, got {other:?}"),
     }
     Ok(())

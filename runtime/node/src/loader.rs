@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 use capsule_format::split::Code;
+use capsule_runtime::GuestCode;
 use capsule_runtime::{CapsuleEngine, CapsuleImage, LoadedCapsule, RunConfig, golden};
 
 use crate::models::{ModelEntry, ModelRegistry, ServedModel, sort_versions};
@@ -70,20 +71,20 @@ pub(crate) struct Loader {
     codes: CodeCache,
 }
 
-/// Code modules of the repository's code store, read and hashed once while their file's size
-/// and modification time stay the same (at most [`CODE_CACHE`] of them: one per guest build
+/// Code modules of the repository's code store, read, hashed and checked once while their
+/// file's size and modification time stay the same (at most [`CODE_CACHE`] of them: one per guest build
 /// the repository's images use, in practice one or two).
 #[derive(Default)]
 struct CodeCache(Mutex<Vec<CachedCode>>);
 
 /// A code file: its path, its size and modification time when read, the module.
-type CachedCode = (PathBuf, (u64, Option<SystemTime>), Arc<Code>);
+type CachedCode = (PathBuf, (u64, Option<SystemTime>), Arc<GuestCode>);
 
 /// Code modules kept by a [`CodeCache`].
 const CODE_CACHE: usize = 4;
 
 impl CodeCache {
-    fn get(&self, path: &Path, limit: u64) -> Result<Arc<Code>, String> {
+    fn get(&self, path: &Path, limit: u64) -> Result<Arc<GuestCode>, String> {
         let meta =
             std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let stamp = (meta.len(), meta.modified().ok());
@@ -91,7 +92,9 @@ impl CodeCache {
         if let Some((_, _, code)) = entries.iter().find(|(p, s, _)| p == path && *s == stamp) {
             return Ok(Arc::clone(code));
         }
-        let code = Arc::new(Code::new(read_bounded(path, limit)?));
+        let code = GuestCode::check(Code::new(read_bounded(path, limit)?))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let code = Arc::new(code);
         entries.retain(|(p, _, _)| p != path);
         if entries.len() >= CODE_CACHE {
             entries.remove(0);

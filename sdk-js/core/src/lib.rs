@@ -363,7 +363,8 @@ impl ImageMemory {
         self.0
             .segments
             .get(i)
-            .map(|(_, d)| d.clone())
+            .and_then(|(_, range)| self.0.data.get(range.clone()))
+            .map(<[u8]>::to_vec)
             .unwrap_or_default()
     }
 
