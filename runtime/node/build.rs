@@ -11,9 +11,11 @@ fn main() {
             std::process::exit(1);
         }
     };
+    // Requests are scanned before prost decodes them (`src/grpc_budget.rs`).
     if let Err(e) = tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        .codec_path("crate::grpc_budget::BoundedCodec")
         .compile_fds(fds)
     {
         eprintln!("error: cannot generate the gRPC service from {proto}: {e}");

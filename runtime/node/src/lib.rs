@@ -19,6 +19,7 @@ mod agent;
 mod config;
 mod error;
 mod grpc;
+mod grpc_budget;
 mod http;
 mod loader;
 mod metrics;
