@@ -516,6 +516,43 @@ fn capsule_files(dir: &Path) -> Vec<String> {
 /// One attack per block, each from a hub that serves what an attacker wants (the test
 /// writes the hub's database and blob store directly, as a compromised hub would): every
 /// one refused by the node at the TUF step named, nothing installed, the good version kept.
+/// Issue 16's probe: 50 `register` calls with unchanged labels bumped the state generation 50
+/// times, waking every long-poll of the fleet each time. Now only a new node or new labels do.
+#[test]
+fn registering_unchanged_labels_wakes_no_one() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let database = format!("sqlite://{}", dir.path().join("hub.db").display());
+    let port = free_port()?;
+    let _hub = start_hub(dir.path(), &database, port, &[])?;
+    let hub = format!("http://127.0.0.1:{port}");
+    let register = |labels: Value| -> Result<()> {
+        let (status, body) = api(
+            &hub,
+            "POST",
+            "/api/v1/nodes/n1/register",
+            ADMIN,
+            Some(json!({ "labels": labels })),
+        )?;
+        anyhow::ensure!(status == 200, "register: {status} {body}");
+        Ok(())
+    };
+    let before = generation(&hub)?;
+    register(json!({"site": "a"}))?;
+    let registered = generation(&hub)?;
+    assert_eq!(registered, before + 1, "a new node is a change");
+    for _ in 0..50 {
+        register(json!({"site": "a"}))?;
+    }
+    assert_eq!(
+        generation(&hub)?,
+        registered,
+        "the same labels again change nothing"
+    );
+    register(json!({"site": "b"}))?;
+    assert_eq!(generation(&hub)?, registered + 1, "new labels are a change");
+    Ok(())
+}
+
 #[test]
 fn every_attack_on_the_update_path_is_refused() -> Result<()> {
     use capsule_format::tuf::{Root, Signed, SigningKey, Target, Targets};

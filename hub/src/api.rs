@@ -756,10 +756,13 @@ async fn register(
 ) -> Result<axum::Json<Value>> {
     let c = caller.for_node(&id)?;
     let reg: Registration = json_body(&body)?;
-    s.db.register_node(&id, &reg.labels).await?;
-    tracing::info!(node = %id, by = %c.name, "node registered");
-    // Labels decide rollouts: wake long-polls so the node gets its state at once.
-    s.changed().await?;
+    let changed = s.db.register_node(&id, &reg.labels).await?;
+    tracing::info!(node = %id, by = %c.name, changed, "node registered");
+    // Labels decide rollouts: wake long-polls so the node gets its state at once. The same
+    // labels again change nothing, and wake no one (every long-poll of the fleet would).
+    if changed {
+        s.changed().await?;
+    }
     Ok(axum::Json(json!({"node": id, "labels": reg.labels})))
 }
 

@@ -508,16 +508,28 @@ impl Db {
             .transpose()
     }
 
-    /// Registers (or re-registers) a node.
-    pub async fn register_node(&self, id: &str, labels: &BTreeMap<String, String>) -> Result<()> {
+    /// Registers (or re-registers) a node. Returns whether anything nodes must see changed:
+    /// a new node, or new labels (labels decide rollout groups). A re-registration with the
+    /// same labels only marks the node as seen.
+    pub async fn register_node(&self, id: &str, labels: &BTreeMap<String, String>) -> Result<bool> {
         let labels = serde_json::to_string(labels).map_err(|e| Error::Internal(e.to_string()))?;
+        let known: Option<String> = sqlx::query("SELECT labels FROM nodes WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| r.try_get("labels"))
+            .transpose()?;
+        if known.as_deref() == Some(labels.as_str()) {
+            self.touch(id).await?;
+            return Ok(false);
+        }
         sqlx::query("INSERT INTO nodes (id, labels, registered_at, last_seen, report) VALUES ($1, $2, $3, $3, '') ON CONFLICT (id) DO UPDATE SET labels = excluded.labels, last_seen = excluded.last_seen")
             .bind(id)
             .bind(labels)
             .bind(now())
             .execute(&self.pool)
             .await?;
-        Ok(())
+        Ok(true)
     }
 
     /// Stores a node's report.
