@@ -553,6 +553,34 @@ fn registering_unchanged_labels_wakes_no_one() -> Result<()> {
     Ok(())
 }
 
+/// Issue 16's probe: a cross-origin `text/plain` POST carrying the dashboard's session cookie
+/// minted a node token (CSRF). The cookie now only reads; writes need a bearer token.
+#[test]
+fn the_dashboard_session_cannot_write() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let database = format!("sqlite://{}", dir.path().join("hub.db").display());
+    let port = free_port()?;
+    let _hub = start_hub(dir.path(), &database, port, &[])?;
+    let hub = format!("http://127.0.0.1:{port}");
+    let cookie = format!("capsule_session={ADMIN}");
+    let forged = http()
+        .post(format!("{hub}/api/v1/nodes/x/token"))
+        .header("cookie", &cookie)
+        .header("origin", "http://127.0.0.1:1")
+        .header("content-type", "text/plain")
+        .body("")
+        .send()?;
+    assert_eq!(forged.status().as_u16(), 403);
+    let reads = http()
+        .get(format!("{hub}/api/v1/nodes"))
+        .header("cookie", &cookie)
+        .send()?;
+    assert_eq!(reads.status().as_u16(), 200, "the session still reads");
+    let (status, body) = api(&hub, "POST", "/api/v1/nodes/x/token", ADMIN, None)?;
+    assert_eq!(status, 200, "a bearer token writes: {body}");
+    Ok(())
+}
+
 #[test]
 fn every_attack_on_the_update_path_is_refused() -> Result<()> {
     use capsule_format::tuf::{Root, Signed, SigningKey, Target, Targets};

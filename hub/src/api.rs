@@ -11,7 +11,7 @@ use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use capsule_format::hub::{DesiredState, Registration, Report};
@@ -188,13 +188,28 @@ impl FromRequestParts<AppState> for Caller {
             .get::<ConnectInfo<crate::tls::Remote>>()
             .map(|c| c.0.0.to_string())
             .unwrap_or_default();
-        let token = parts
+        let bearer = parts
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::to_owned)
-            .or_else(|| crate::dashboard::session_token(&parts.headers))
+            .map(str::to_owned);
+        let session = bearer
+            .is_none()
+            .then(|| crate::dashboard::session_token(&parts.headers))
+            .flatten();
+        // The dashboard's session cookie only reads. A browser attaches it to any request
+        // to the hub, including a form or `fetch` that another page (another port of the same
+        // host is the same site, so `SameSite=Strict` does not stop it) aims at a write route:
+        // writes take `Authorization: Bearer`, which no other page can make a browser send.
+        if session.is_some() && !matches!(parts.method, Method::GET | Method::HEAD) {
+            return Err(Error::Forbidden(
+                "the dashboard's session cookie is read-only; write with Authorization: Bearer"
+                    .into(),
+            ));
+        }
+        let token = bearer
+            .or(session)
             .or_else(|| beacon_token(parts))
             .ok_or_else(|| {
                 Error::Unauthorized("missing bearer token (Authorization: Bearer ...)".into())
