@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use common::Proc;
+use common::{Proc, serve_empty};
 
 /// The node's peak resident set so far, in bytes (Linux).
 fn peak_rss(node: &Proc) -> Result<u64> {
@@ -47,15 +47,7 @@ fn grpc_address(node: &Proc) -> Result<String> {
 #[test]
 fn millions_of_empty_grpc_inputs_do_not_grow_the_node() -> Result<()> {
     let models = tempfile::tempdir()?;
-    let node = Proc::spawn(&[
-        "serve",
-        "--models",
-        &models.path().to_string_lossy(),
-        "--http",
-        "127.0.0.1:0",
-        "--grpc",
-        "127.0.0.1:0",
-    ])?;
+    let node = serve_empty(models.path(), &["--grpc", "127.0.0.1:0"])?;
     let grpc = grpc_address(&node)?;
     let client = reqwest::blocking::Client::builder()
         .http2_prior_knowledge()

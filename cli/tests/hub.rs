@@ -516,15 +516,20 @@ fn capsule_files(dir: &Path) -> Vec<String> {
 /// One attack per block, each from a hub that serves what an attacker wants (the test
 /// writes the hub's database and blob store directly, as a compromised hub would): every
 /// one refused by the node at the TUF step named, nothing installed, the good version kept.
+/// A hub on SQLite in `dir`, and its base URL.
+fn sqlite_hub(dir: &Path) -> Result<(Proc, String)> {
+    let database = format!("sqlite://{}", dir.join("hub.db").display());
+    let port = free_port()?;
+    let hub = start_hub(dir, &database, port, &[])?;
+    Ok((hub, format!("http://127.0.0.1:{port}")))
+}
+
 /// Issue 16's probe: 50 `register` calls with unchanged labels bumped the state generation 50
 /// times, waking every long-poll of the fleet each time. Now only a new node or new labels do.
 #[test]
 fn registering_unchanged_labels_wakes_no_one() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let database = format!("sqlite://{}", dir.path().join("hub.db").display());
-    let port = free_port()?;
-    let _hub = start_hub(dir.path(), &database, port, &[])?;
-    let hub = format!("http://127.0.0.1:{port}");
+    let (_hub, hub) = sqlite_hub(dir.path())?;
     let register = |labels: Value| -> Result<()> {
         let (status, body) = api(
             &hub,
@@ -558,10 +563,7 @@ fn registering_unchanged_labels_wakes_no_one() -> Result<()> {
 #[test]
 fn the_dashboard_session_cannot_write() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let database = format!("sqlite://{}", dir.path().join("hub.db").display());
-    let port = free_port()?;
-    let _hub = start_hub(dir.path(), &database, port, &[])?;
-    let hub = format!("http://127.0.0.1:{port}");
+    let (_hub, hub) = sqlite_hub(dir.path())?;
     let cookie = format!("capsule_session={ADMIN}");
     let forged = http()
         .post(format!("{hub}/api/v1/nodes/x/token"))

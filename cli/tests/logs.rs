@@ -6,21 +6,14 @@ mod common;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use common::{Proc, http};
+use common::{http, serve_empty};
 
 /// Issue 16's probe: a model name with a newline and a fake timestamp used to start a forged
 /// `ERROR` line of the node's log.
 #[test]
 fn request_fields_cannot_forge_log_lines() -> Result<()> {
     let models = tempfile::tempdir()?;
-    let node = Proc::spawn(&[
-        "serve",
-        "--models",
-        &models.path().to_string_lossy(),
-        "--http",
-        "127.0.0.1:0",
-        "--no-grpc",
-    ])?;
+    let node = serve_empty(models.path(), &["--no-grpc"])?;
     let url = node.address("REST on")?;
     let resp = http()
         .post(format!(

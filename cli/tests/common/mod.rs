@@ -94,6 +94,15 @@ impl Drop for Proc {
     }
 }
 
+/// `capsule serve` of the (empty) repository `models` on free loopback ports, REST and the
+/// `extra` flags (`--no-grpc`, or `--grpc 127.0.0.1:0`).
+pub fn serve_empty(models: &Path, extra: &[&str]) -> Result<Proc> {
+    let models = models.to_string_lossy();
+    let mut args = vec!["serve", "--models", &models, "--http", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    Proc::spawn(&args)
+}
+
 /// Keys `root`, `pub1`, `pub2` (and `extra` ones) in `dir`, and `root.json`: the root key
 /// signs root metadata, two of the two publisher keys must sign targets.
 pub fn publisher_keys(dir: &Path, extra: &[&str]) -> Result<()> {
