@@ -21,6 +21,11 @@ pub const OLDEST_FORMAT_VERSION: u32 = 3;
 /// Largest manifest section a reader accepts.
 pub const MAX_MANIFEST_BYTES: usize = 16 << 20;
 
+/// Most a manifest may claim while it is decoded (every string and sequence counts its length
+/// times its element's size): four times [`MAX_MANIFEST_BYTES`]. With the general message
+/// limit (1 GiB), a 16 MiB manifest of empty strings would decode into 384 MiB of `String`s.
+pub const MAX_MANIFEST_DECODED: usize = 4 * MAX_MANIFEST_BYTES;
+
 const MAGIC: &[u8; 4] = b"CAPM";
 
 /// One dimension of a declared tensor shape.
@@ -271,7 +276,7 @@ impl CapsuleManifest {
         }
         let version = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
         match version {
-            FORMAT_VERSION => wire::decode(payload, "manifest"),
+            FORMAT_VERSION => wire::decode_limited::<MAX_MANIFEST_DECODED, _>(payload, "manifest"),
             // Older versions lack only their last fields: append their encodings (variant 0,
             // `Deterministic` and `None`, is one byte each) and decode as the current version.
             OLDEST_FORMAT_VERSION..FORMAT_VERSION => {
@@ -279,7 +284,7 @@ impl CapsuleManifest {
                 let mut upgraded = Vec::with_capacity(payload.len() + missing);
                 upgraded.extend_from_slice(payload);
                 upgraded.resize(payload.len() + missing, 0);
-                wire::decode(&upgraded, "manifest")
+                wire::decode_limited::<MAX_MANIFEST_DECODED, _>(&upgraded, "manifest")
             }
             _ => Err(Error::UnsupportedFormatVersion {
                 found: version,
@@ -310,6 +315,32 @@ impl CapsuleManifest {
 pub(crate) mod tests {
     use super::*;
     use crate::Tensor;
+
+    /// A manifest section of a few bytes whose first string claims 900 MB is refused by the
+    /// manifest's decode limit ([`MAX_MANIFEST_DECODED`]) before anything is allocated; under
+    /// the general message limit (1 GiB) the claim was accepted, and only the missing bytes
+    /// stopped it.
+    #[test]
+    fn a_manifest_cannot_claim_past_its_decoded_limit() {
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        // bincode's varint: 252, then a little-endian u32 (the name's length).
+        bytes.push(252);
+        bytes.extend_from_slice(&900_000_000u32.to_le_bytes());
+        bytes.extend_from_slice(b"abc");
+        match CapsuleManifest::from_section_bytes(&bytes) {
+            Err(Error::Decode { reason, .. }) => assert_eq!(reason, "LimitExceeded"),
+            other => panic!("expected a decode error, got {other:?}"),
+        }
+        let under_the_message_limit =
+            wire::decode::<CapsuleManifest>(&bytes[8..], "manifest").unwrap_err();
+        assert!(
+            !under_the_message_limit
+                .to_string()
+                .contains("LimitExceeded"),
+            "{under_the_message_limit}"
+        );
+    }
 
     pub(crate) fn sample() -> CapsuleManifest {
         CapsuleManifest {

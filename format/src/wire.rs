@@ -27,8 +27,19 @@ pub fn encode<T: Serialize + ?Sized>(value: &T, what: &'static str) -> Result<Ve
 
 /// Decodes a message, refusing trailing bytes.
 pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &'static str) -> Result<T> {
+    decode_limited::<MAX_MESSAGE_BYTES, T>(bytes, what)
+}
+
+/// [`decode`] with a smaller limit on what decoding may claim (`LIMIT` bytes: every string,
+/// byte string and sequence counts its length times its element's size), for messages that
+/// are small by nature.
+pub fn decode_limited<const LIMIT: usize, T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    what: &'static str,
+) -> Result<T> {
+    let config = bincode::config::standard().with_limit::<LIMIT>();
     let (value, used) =
-        bincode::serde::decode_from_slice(bytes, config()).map_err(|e| Error::Decode {
+        bincode::serde::decode_from_slice(bytes, config).map_err(|e| Error::Decode {
             what,
             reason: e.to_string(),
         })?;
