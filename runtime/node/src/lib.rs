@@ -33,7 +33,7 @@ pub use config::{NodeConfig, VersionPolicy};
 pub use error::{Error, Result};
 pub use models::{InferOutcome, ModelRegistry, ServedModel};
 pub use node::Node;
-pub use repository::{CODE_DIR, CapsuleFile, code_path, scan};
+pub use repository::{CODE_DIR, CapsuleFile, Scan, code_path, scan};
 
 /// The generated gRPC types and client/server of `inference.GRPCInferenceService`.
 #[allow(

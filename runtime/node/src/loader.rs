@@ -295,8 +295,17 @@ impl Loader {
 
     /// One pass: scan, load what changed, apply the version policy, swap.
     pub(crate) fn sync(&mut self) {
-        let files = match scan(&self.config.models) {
-            Ok(files) => files,
+        let (files, held) = match scan(&self.config.models) {
+            Ok(scan) => {
+                // A model whose directory could not be listed in full keeps what it serves:
+                // its files are not all in the scan, and missing is not removed.
+                let mut held = std::collections::HashSet::new();
+                for (name, error) in scan.unreadable {
+                    tracing::warn!(model = %name, error = %error, "cannot list the model's directory; it keeps serving what is loaded");
+                    held.insert(name);
+                }
+                (scan.files, held)
+            }
             Err(e) => {
                 tracing::error!(error = %e, "cannot scan the model repository; serving what is loaded");
                 return;
@@ -315,7 +324,8 @@ impl Loader {
                 versions.push(c);
             }
         }
-        self.known.retain(|path, _| present.contains(path));
+        self.known
+            .retain(|path, k| present.contains(path) || held.contains(&k.name));
         // Models seen for the first time answer 503 (not 404) while they load.
         {
             let mut models = self.registry.write();
@@ -334,6 +344,9 @@ impl Loader {
             n
         };
         for name in names {
+            if held.contains(&name) {
+                continue;
+            }
             let candidates = by_model.remove(&name).unwrap_or_default();
             self.sync_model(&name, candidates);
         }

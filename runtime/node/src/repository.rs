@@ -107,16 +107,36 @@ fn stamp(repo: &Path, path: &Path, meta: &std::fs::Metadata) -> Stamp {
     }
 }
 
+/// What a scan of the repository found.
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// The capsule files.
+    pub files: Vec<CapsuleFile>,
+    /// Models whose directory, or one of whose version directories, could not be listed
+    /// (removed while the scan ran, permissions, I/O errors), with the error: their files
+    /// are not all in [`Self::files`], so a loader keeps serving what it loaded of them.
+    pub unreadable: Vec<(String, String)>,
+}
+
 /// Lists the capsules of a repository: flat `DIR/*.capsule.wasm` files and
 /// `DIR/NAME/VERSION/*.capsule.wasm` (one capsule per version directory; a version directory
 /// holding several is skipped with a warning). Model images (`*.capsule.img`, their code in
 /// [`CODE_DIR`]) count as capsules. Hidden files (starting with `.`) are ignored,
 /// so a capsule can be written under a hidden name and renamed into place atomically.
-pub fn scan(dir: &Path) -> Result<Vec<CapsuleFile>> {
-    let mut found = Vec::new();
-    for (path, meta) in entries(dir)? {
+///
+/// Only an unreadable repository is an error: a model directory that cannot be listed is
+/// reported in [`Scan::unreadable`] and the scan goes on with the others.
+pub fn scan(dir: &Path) -> Result<Scan> {
+    scan_with(dir, entries)
+}
+
+type Listing = Result<Vec<(PathBuf, std::fs::Metadata)>>;
+
+fn scan_with(dir: &Path, list: impl Fn(&Path) -> Listing) -> Result<Scan> {
+    let mut found = Scan::default();
+    for (path, meta) in list(dir)? {
         if meta.is_file() && is_capsule(&path) {
-            found.push(CapsuleFile {
+            found.files.push(CapsuleFile {
                 stamp: stamp(dir, &path, &meta),
                 path,
                 layout: None,
@@ -129,7 +149,14 @@ pub fn scan(dir: &Path) -> Result<Vec<CapsuleFile>> {
         let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
             continue;
         };
-        for (version_dir, vmeta) in entries(&path)? {
+        let versions = match list(&path) {
+            Ok(versions) => versions,
+            Err(e) => {
+                found.unreadable.push((name, e.to_string()));
+                continue;
+            }
+        };
+        for (version_dir, vmeta) in versions {
             if !vmeta.is_dir() {
                 continue;
             }
@@ -140,13 +167,19 @@ pub fn scan(dir: &Path) -> Result<Vec<CapsuleFile>> {
             else {
                 continue;
             };
-            let capsules: Vec<_> = entries(&version_dir)?
-                .into_iter()
-                .filter(|(p, m)| m.is_file() && is_capsule(p))
-                .collect();
+            let capsules: Vec<_> = match list(&version_dir) {
+                Ok(entries) => entries
+                    .into_iter()
+                    .filter(|(p, m)| m.is_file() && is_capsule(p))
+                    .collect(),
+                Err(e) => {
+                    found.unreadable.push((name.clone(), e.to_string()));
+                    continue;
+                }
+            };
             match capsules.as_slice() {
                 [] => {}
-                [(p, m)] => found.push(CapsuleFile {
+                [(p, m)] => found.files.push(CapsuleFile {
                     path: p.clone(),
                     layout: Some((name.clone(), version.clone())),
                     stamp: stamp(dir, p, m),
@@ -206,7 +239,7 @@ mod tests {
         std::fs::write(root.join("mlp/2/b.capsule.wasm"), b"xyz").unwrap();
         std::fs::write(root.join("cnn/1/a.capsule.wasm"), b"x").unwrap();
         std::fs::write(root.join("cnn/1/b.capsule.wasm"), b"x").unwrap();
-        let found = scan(root).unwrap();
+        let found = scan(root).unwrap().files;
         let summary: Vec<_> = found
             .iter()
             .map(|f| {
@@ -235,5 +268,40 @@ mod tests {
         );
         let e = scan(&root.join("missing")).unwrap_err().to_string();
         assert!(e.starts_with("cannot list "), "{e}");
+    }
+
+    /// A model directory or a version directory that cannot be listed (removed while the
+    /// scan runs; unreadable) is reported and skipped; the other models are still found. It
+    /// used to abort the whole scan, so no model's change was seen.
+    #[test]
+    fn an_unreadable_directory_is_reported_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for model in ["a", "b", "c"] {
+            std::fs::create_dir_all(root.join(model).join("1")).unwrap();
+            std::fs::write(root.join(model).join("1/m.capsule.wasm"), b"x").unwrap();
+        }
+        let failing = |path: &Path| -> Listing {
+            if path.ends_with("a") || path.ends_with("c/1") {
+                return Err(Error::io(format!("cannot list {}", path.display()))(
+                    std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+                ));
+            }
+            entries(path)
+        };
+        let found = scan_with(root, failing).unwrap();
+        let names: Vec<_> = found
+            .files
+            .iter()
+            .filter_map(|f| f.layout.as_ref().map(|(n, _)| n.as_str()))
+            .collect();
+        assert_eq!(names, ["b"]);
+        let unreadable: Vec<_> = found.unreadable.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(unreadable, ["a", "c"]);
+        assert!(
+            found.unreadable[0].1.starts_with("cannot list "),
+            "{:?}",
+            found.unreadable
+        );
     }
 }
