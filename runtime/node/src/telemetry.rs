@@ -72,15 +72,54 @@ fn write_durably(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// Largest `state.json` read (it holds three counters).
+const MAX_STATE_BYTES: u64 = 64 << 10;
+
+/// The buffer's counters from `state.json`: none yet if it does not exist. A file that cannot
+/// be read or parsed no longer stops the node: it is moved aside (`state.json.corrupt-<ms>`)
+/// with a warning, the dropped counters start again from zero, and the batch sequence starts
+/// from the current time in milliseconds, above any sequence counted one by one before, so
+/// the hub (which keeps the first batch of each node and sequence) drops none of the new ones.
+fn read_state(dir: &Path) -> BufferState {
+    use std::io::Read;
+    let path = dir.join("state.json");
+    let read = std::fs::File::open(&path).and_then(|f| {
+        let mut bytes = Vec::new();
+        f.take(MAX_STATE_BYTES + 1).read_to_end(&mut bytes)?;
+        Ok(bytes)
+    });
+    let problem = match read {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return BufferState::default(),
+        Err(e) => e.to_string(),
+        Ok(bytes) if bytes.len() as u64 > MAX_STATE_BYTES => {
+            format!("larger than {MAX_STATE_BYTES} bytes")
+        }
+        Ok(bytes) => match serde_json::from_slice(&bytes) {
+            Ok(state) => return state,
+            Err(e) => e.to_string(),
+        },
+    };
+    let now = now_ms();
+    let aside = dir.join(format!("state.json.corrupt-{now}"));
+    let moved = std::fs::rename(&path, &aside);
+    tracing::warn!(
+        path = %path.display(),
+        error = %problem,
+        moved_to = %aside.display(),
+        moved = moved.is_ok(),
+        "the telemetry buffer's state file is unreadable; starting its counters again (batch sequence from the clock)"
+    );
+    BufferState {
+        last_seq: now,
+        ..BufferState::default()
+    }
+}
+
 impl Buffer {
     fn open(dir: &Path, max_bytes: u64) -> Result<Buffer> {
         std::fs::create_dir_all(dir)
             .map_err(Error::io(format!("cannot create {}", dir.display())))?;
-        let mut state: BufferState = match std::fs::read(dir.join("state.json")) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map_err(|e| Error::Config(format!("{}: {e}", dir.join("state.json").display())))?,
-            Err(_) => BufferState::default(),
-        };
+        let mut state = read_state(dir);
         let mut files = BTreeMap::new();
         let entries =
             std::fs::read_dir(dir).map_err(Error::io(format!("cannot read {}", dir.display())))?;
@@ -533,6 +572,47 @@ mod tests {
             }],
             ..TelemetryBatch::default()
         }
+    }
+
+    /// Issue 16: a corrupt `state.json` stopped the node from starting. It is moved aside,
+    /// and the next batch's sequence is above every earlier one (the hub keeps the first batch
+    /// of each sequence, so a restart from 1 would have lost batches silently).
+    #[test]
+    fn a_corrupt_state_file_is_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = Buffer::open(dir.path(), 1 << 20).unwrap();
+        b.push(batch(10)).unwrap();
+        let before = b.state.last_seq;
+        drop(b);
+        std::fs::write(dir.path().join("state.json"), b"{\"last_seq\": ").unwrap();
+        let mut b = Buffer::open(dir.path(), 1 << 20).unwrap();
+        b.push(batch(20)).unwrap();
+        assert!(
+            b.state.last_seq > before.max(1_000_000_000_000),
+            "{}",
+            b.state.last_seq
+        );
+        let aside: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("state.json.corrupt-"))
+            .collect();
+        assert_eq!(aside.len(), 1, "{aside:?}");
+        // The new state file is good again.
+        drop(b);
+        assert!(Buffer::open(dir.path(), 1 << 20).is_ok());
+        assert_eq!(
+            std::fs::read_dir(dir.path())
+                .unwrap()
+                .flatten()
+                .filter(|e| e
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("state.json.corrupt-"))
+                .count(),
+            1
+        );
     }
 
     #[test]
