@@ -89,7 +89,120 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), (&'static str, String)> {
         .and_then(|f| f.sync_all())
         .map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)?;
+    // The rename is durable once the directory is.
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io)?;
     Ok(())
+}
+
+/// The agent's state file and the copy of it written after every save: a state file that
+/// does not parse falls back to the copy, so the rollback floor survives one corrupt file.
+const STATE_FILE: &str = "state.json";
+const STATE_COPY: &str = "state.copy.json";
+
+/// Largest state file read.
+const MAX_STATE_FILE_BYTES: u64 = 16 << 20;
+
+/// Reads the agent's state from `dir`: the state file, else (with an error in the log: the
+/// file is moved aside as `state.json.corrupt-<ms>`) its copy. No state at all is a first
+/// start. Neither readable is an error in the log too, and the agent starts without a
+/// rollback floor: loud, never silent.
+fn load_state(dir: &Path) -> AgentState {
+    use std::io::Read;
+    let read = |name: &str| -> Result<Option<AgentState>, String> {
+        let path = dir.join(name);
+        let mut bytes = Vec::new();
+        match std::fs::File::open(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.to_string()),
+            Ok(f) => f
+                .take(MAX_STATE_FILE_BYTES + 1)
+                .read_to_end(&mut bytes)
+                .map_err(|e| e.to_string())?,
+        };
+        if bytes.len() as u64 > MAX_STATE_FILE_BYTES {
+            return Err(format!("larger than {MAX_STATE_FILE_BYTES} bytes"));
+        }
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| e.to_string())
+    };
+    let problem = match read(STATE_FILE) {
+        Ok(Some(state)) => return state,
+        Ok(None) => None,
+        Err(e) => Some(e),
+    };
+    if let Some(problem) = &problem {
+        let aside = dir.join(format!("{STATE_FILE}.corrupt-{}", now_ms()));
+        let _ = std::fs::rename(dir.join(STATE_FILE), &aside);
+        tracing::error!(path = %dir.join(STATE_FILE).display(), error = %problem, moved_to = %aside.display(), "the agent's state file is unreadable; reading its copy");
+    }
+    match read(STATE_COPY) {
+        Ok(Some(state)) => {
+            if problem.is_some() {
+                tracing::error!(targets_version = ?state.targets_version, "the agent's state was recovered from its copy: the rollback floor holds");
+            }
+            state
+        }
+        Ok(None) if problem.is_none() => AgentState::default(),
+        outcome => {
+            tracing::error!(error = ?outcome.err(), "neither the agent's state file nor its copy is readable: the rollback floor is lost, and the agent accepts the hub's current targets version");
+            AgentState::default()
+        }
+    }
+}
+
+fn now_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
+}
+
+/// Writes `bytes` to `dir/name` durably: a hidden temporary file, fsync, rename, fsync of
+/// the directory.
+fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, dir.join(name))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Checks every file the agent installed against the hash its signed target had, and
+/// removes those that differ (a disk error, a hand edit) from the repository and from
+/// `managed`, so the next sync fetches them again. Returns what was removed.
+fn reverify(
+    models: &Path,
+    managed: &mut BTreeMap<String, BTreeMap<String, String>>,
+) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    for (model, versions) in managed.iter_mut() {
+        versions.retain(|version, sha256| {
+            let dir = models.join(model).join(version);
+            for suffix in [CAPSULE_SUFFIX, IMAGE_SUFFIX] {
+                let path = dir.join(format!("{model}{suffix}"));
+                let Ok(bytes) = std::fs::read(&path) else {
+                    continue;
+                };
+                if capsule_format::split::sha256_hex(&bytes) == *sha256 {
+                    return true;
+                }
+                tracing::error!(path = %path.display(), signed = %sha256, "an installed file no longer matches its signed hash; removing it to fetch it again");
+                if std::fs::remove_file(&path).is_ok() {
+                    removed.push(path);
+                }
+                return false;
+            }
+            // Gone: nothing to check; the next sync installs it again.
+            false
+        });
+    }
+    managed.retain(|_, versions| !versions.is_empty());
+    removed
 }
 
 /// An error with its causes, one line.
@@ -209,10 +322,8 @@ impl Agent {
         }
         std::fs::create_dir_all(dir.join("downloads"))
             .map_err(Error::io(format!("cannot create {}", dir.display())))?;
-        let state = std::fs::read(dir.join("state.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
+        let mut state = load_state(&dir);
+        reverify(&models, &mut state.managed);
         let hub = HubClient::new(&sync)?;
         Ok(Agent {
             sync,
@@ -327,13 +438,16 @@ impl Agent {
         }
     }
 
+    /// Saves the state durably, then its copy ([`load_state`] reads the copy when the state
+    /// file does not parse).
     fn save_state(&self) {
         let dir = state_dir(&self.models);
-        let tmp = dir.join(".state.json.tmp");
         let write = serde_json::to_vec_pretty(&self.state)
             .map_err(std::io::Error::other)
-            .and_then(|b| std::fs::write(&tmp, b))
-            .and_then(|()| std::fs::rename(&tmp, dir.join("state.json")));
+            .and_then(|b| {
+                write_durably(&dir, STATE_FILE, &b)?;
+                write_durably(&dir, STATE_COPY, &b)
+            });
         if let Err(e) = write {
             tracing::error!(error = %e, "cannot save the agent state");
         }
@@ -728,5 +842,91 @@ impl Agent {
             ("verify_failed", e.to_string())
         })?;
         Ok(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(version: u64) -> AgentState {
+        AgentState {
+            targets_version: Some(version),
+            managed: BTreeMap::new(),
+        }
+    }
+
+    fn save(dir: &Path, s: &AgentState) {
+        let b = serde_json::to_vec(s).unwrap();
+        write_durably(dir, STATE_FILE, &b).unwrap();
+        write_durably(dir, STATE_COPY, &b).unwrap();
+    }
+
+    /// Issue 16: a corrupt state file silently reset the rollback floor (any targets version
+    /// was accepted again). The copy keeps it, and the corrupt file is kept aside.
+    #[test]
+    fn a_corrupt_state_file_keeps_the_rollback_floor() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            load_state(dir.path()).targets_version,
+            None,
+            "a first start"
+        );
+        save(dir.path(), &state(7));
+        assert_eq!(load_state(dir.path()).targets_version, Some(7));
+        std::fs::write(dir.path().join(STATE_FILE), b"{\"targets_version\": 9").unwrap();
+        assert_eq!(load_state(dir.path()).targets_version, Some(7));
+        let aside = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("state.json.corrupt-")
+            })
+            .count();
+        assert_eq!(aside, 1);
+        // Both unreadable: no floor (and an error in the log), never a panic.
+        std::fs::write(dir.path().join(STATE_FILE), b"x").unwrap();
+        std::fs::write(dir.path().join(STATE_COPY), b"x").unwrap();
+        assert_eq!(load_state(dir.path()).targets_version, None);
+    }
+
+    /// Issue 16: an installed file was never checked again. At start-up every file the agent
+    /// installed is hashed against its signed target; one that differs is removed (and
+    /// forgotten, so the next sync fetches it again), one that matches stays.
+    #[test]
+    fn installed_files_are_checked_at_start_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let models = dir.path();
+        let mut managed = BTreeMap::new();
+        for (version, body) in [("1", b"good".as_slice()), ("2", b"was good")] {
+            let path = models.join("m").join(version);
+            std::fs::create_dir_all(&path).unwrap();
+            std::fs::write(path.join(format!("m{CAPSULE_SUFFIX}")), body).unwrap();
+            managed
+                .entry("m".to_owned())
+                .or_insert_with(BTreeMap::new)
+                .insert(version.to_owned(), capsule_format::split::sha256_hex(body));
+        }
+        std::fs::write(models.join(format!("m/2/m{CAPSULE_SUFFIX}")), b"flipped").unwrap();
+        let image = models.join("n/1");
+        std::fs::create_dir_all(&image).unwrap();
+        std::fs::write(image.join(format!("n{IMAGE_SUFFIX}")), b"image").unwrap();
+        managed
+            .entry("n".to_owned())
+            .or_default()
+            .insert("1".to_owned(), capsule_format::split::sha256_hex(b"image"));
+        let removed = reverify(models, &mut managed);
+        assert_eq!(removed, [models.join(format!("m/2/m{CAPSULE_SUFFIX}"))]);
+        assert!(!removed[0].exists());
+        assert!(models.join(format!("m/1/m{CAPSULE_SUFFIX}")).exists());
+        assert_eq!(
+            managed
+                .iter()
+                .map(|(m, v)| (m.as_str(), v.keys().cloned().collect::<Vec<_>>()))
+                .collect::<Vec<_>>(),
+            [("m", vec!["1".to_owned()]), ("n", vec!["1".to_owned()])]
+        );
     }
 }
