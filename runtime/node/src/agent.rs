@@ -96,6 +96,55 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), (&'static str, String)> {
     Ok(())
 }
 
+/// A body cut off at its limit (or by an error): what was read, and why it stopped.
+pub(crate) struct Cut {
+    /// The bytes read before it stopped.
+    pub(crate) partial: Vec<u8>,
+    /// Why it stopped.
+    pub(crate) message: String,
+}
+
+/// Reads at most `limit` bytes of a hub response: a declared length over it is refused
+/// before reading, and a body that goes on past it (a hub that never stops sending) is cut
+/// there. Nothing is buffered past `limit`.
+pub(crate) async fn read_bounded(
+    mut resp: reqwest::Response,
+    limit: usize,
+    what: &str,
+) -> Result<Vec<u8>, Cut> {
+    if let Some(len) = resp.content_length()
+        && len > limit as u64
+    {
+        return Err(Cut {
+            partial: Vec::new(),
+            message: format!("{what} is {len} bytes, over {limit}"),
+        });
+    }
+    let mut out = Vec::new();
+    loop {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                if out.len() + chunk.len() > limit {
+                    let room = limit - out.len();
+                    out.extend_from_slice(&chunk[..room]);
+                    return Err(Cut {
+                        partial: out,
+                        message: format!("{what} is over {limit} bytes"),
+                    });
+                }
+                out.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(out),
+            Err(e) => {
+                return Err(Cut {
+                    partial: out,
+                    message: format!("reading {what}: {}", chain(&e)),
+                });
+            }
+        }
+    }
+}
+
 /// The agent's state file and the copy of it written after every save: a state file that
 /// does not parse falls back to the copy, so the rollback floor survives one corrupt file.
 const STATE_FILE: &str = "state.json";
@@ -283,7 +332,12 @@ impl HubClient {
             return Ok(resp);
         }
         let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap_or_default();
+        // The start of the hub's answer is enough to say what went wrong; the rest is not read.
+        let text = match read_bounded(resp, 1 << 10, "the hub's error").await {
+            Ok(bytes) | Err(Cut { partial: bytes, .. }) => {
+                String::from_utf8_lossy(&bytes).into_owned()
+            }
+        };
         Err(format!(
             "hub answered {status}: {}",
             text.chars().take(300).collect::<String>()
@@ -377,13 +431,9 @@ impl Agent {
                     .timeout(Duration::from_millis(self.sync.wait_ms + 10_000)),
             )
             .await?;
-        let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
-        if bytes.len() > MAX_STATE_BYTES {
-            return Err(format!(
-                "the desired state is {} bytes, over {MAX_STATE_BYTES}",
-                bytes.len()
-            ));
-        }
+        let bytes = read_bounded(resp, MAX_STATE_BYTES, "the desired state")
+            .await
+            .map_err(|e| e.message)?;
         serde_json::from_slice(&bytes).map_err(|e| format!("malformed desired state: {e}"))
     }
 
@@ -472,7 +522,9 @@ impl Agent {
             if !resp.status().is_success() {
                 return Err(format!("fetching root version {next}: {}", resp.status()));
             }
-            let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
+            let bytes = read_bounded(resp, tuf::MAX_METADATA_BYTES, "root metadata")
+                .await
+                .map_err(|e| e.message)?;
             let signed: Signed<Root> = tuf::parse(&bytes, "root").map_err(|e| e.to_string())?;
             let rotated = tuf::rotate_root(&self.root, &signed).map_err(|e| e.to_string())?;
             let dir = state_dir(&self.models);
@@ -890,6 +942,67 @@ mod tests {
         std::fs::write(dir.path().join(STATE_FILE), b"x").unwrap();
         std::fs::write(dir.path().join(STATE_COPY), b"x").unwrap();
         assert_eq!(load_state(dir.path()).targets_version, None);
+    }
+
+    /// A hub (here a socket on loopback) that answers 200 and then never stops sending.
+    async fn endless_hub(declared: Option<u64>) -> String {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            let mut request = [0u8; 4096];
+            let _ = tokio::io::AsyncReadExt::read(&mut socket, &mut request).await;
+            let head = match declared {
+                Some(len) => format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n"),
+                None => "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_owned(),
+            };
+            if socket.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            let chunk = vec![b'x'; 64 << 10];
+            loop {
+                let framed = match declared {
+                    Some(_) => socket.write_all(&chunk).await,
+                    None => {
+                        let mut c = format!("{:x}\r\n", chunk.len()).into_bytes();
+                        c.extend_from_slice(&chunk);
+                        c.extend_from_slice(b"\r\n");
+                        socket.write_all(&c).await
+                    }
+                };
+                if framed.is_err() {
+                    return;
+                }
+            }
+        });
+        format!("http://{addr}/")
+    }
+
+    /// Issue 16's fault: a malicious hub that sends an endless body. The agent reads at most
+    /// its limit, whether the hub declares a length or streams without one.
+    #[tokio::test]
+    async fn an_endless_hub_response_is_cut_at_its_limit() {
+        let client = reqwest::Client::new();
+        let url = endless_hub(None).await;
+        let resp = client.get(&url).send().await.unwrap();
+        let cut = read_bounded(resp, 1 << 20, "the desired state")
+            .await
+            .expect_err("an endless body is refused");
+        assert_eq!(cut.message, "the desired state is over 1048576 bytes");
+        assert_eq!(cut.partial.len(), 1 << 20);
+        let url = endless_hub(Some(1 << 40)).await;
+        let resp = client.get(&url).send().await.unwrap();
+        let cut = read_bounded(resp, 1 << 20, "root metadata")
+            .await
+            .expect_err("a declared length over the limit is refused");
+        assert_eq!(
+            cut.message,
+            "root metadata is 1099511627776 bytes, over 1048576"
+        );
+        assert!(cut.partial.is_empty());
     }
 
     /// Issue 16: an installed file was never checked again. At start-up every file the agent
