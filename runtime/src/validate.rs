@@ -7,8 +7,8 @@ use capsule_format::{CapsuleManifest, Dim, NamedTensor};
 
 use crate::{Error, Result};
 
-/// Checks names, datatypes, ranks, fixed dims, consistent symbolic dims, data lengths and the
-/// total size of a request.
+/// Checks names, datatypes, ranks, fixed dims, consistent and non-zero symbolic dims, data
+/// lengths and the total size of a request.
 pub fn validate_request(
     manifest: &CapsuleManifest,
     inputs: &[NamedTensor],
@@ -67,6 +67,15 @@ pub fn validate_request(
             match dim {
                 Dim::Fixed(n) if *n != actual => return Err(mismatch()),
                 Dim::Fixed(_) => {}
+                // A zero-sized tensor reaches tract's kernels with empty arrays, which some of
+                // them do not survive (a broadcast of [1, 0] panicked the guest). Only a
+                // signature that fixes a dimension to 0 allows it.
+                Dim::Symbolic(s) if actual == 0 => {
+                    return Err(Error::BadRequest(format!(
+                        "input {:?}: dimension {s} is 0; a symbolic dimension must be at least 1",
+                        spec.name
+                    )));
+                }
                 Dim::Symbolic(s) if s.chars().all(|c| c.is_alphanumeric() || c == '_') => {
                     if let Some(&bound) = symbols.get(s.as_str()) {
                         if bound != actual {

@@ -44,6 +44,11 @@ fn requests_are_checked_against_the_signature() -> anyhow::Result<()> {
         bad_request(&c, &input(Tensor::from_f32(vec![64], &[1.0; 64])?)),
         "input \"input\" has shape [64], the capsule expects [N, 64]"
     );
+    // Issue 16: a zero-sized symbolic dimension reached tract and panicked the guest.
+    assert_eq!(
+        bad_request(&c, &input(Tensor::from_f32(vec![0, 64], &[])?)),
+        "input \"input\": dimension N is 0; a symbolic dimension must be at least 1"
+    );
     // Data shorter than the shape says (built without the checking constructor).
     let short = Tensor {
         dtype: DType::F32,
