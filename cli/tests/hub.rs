@@ -583,6 +583,78 @@ fn the_dashboard_session_cannot_write() -> Result<()> {
     Ok(())
 }
 
+/// Issue 16's probe at the hub: model names a node chooses (in its telemetry and its report)
+/// became label values of the hub's metrics, a series per made-up name, kept forever. Only
+/// registered model versions label series now; the rest count under `model=""`.
+#[test]
+fn made_up_model_names_add_no_hub_series() -> Result<()> {
+    use capsule_format::telemetry::{ModelWindow, TelemetryBatch};
+    let dir = tempfile::tempdir()?;
+    let (_hub, hub) = sqlite_hub(dir.path())?;
+    let (status, t) = api(&hub, "POST", "/api/v1/nodes/n1/token", ADMIN, None)?;
+    anyhow::ensure!(status == 200, "token: {status} {t}");
+    let token = t["token"].as_str().context("token")?.to_owned();
+    let (status, body) = api(
+        &hub,
+        "POST",
+        "/api/v1/nodes/n1/register",
+        &token,
+        Some(json!({ "labels": {} })),
+    )?;
+    anyhow::ensure!(status == 200, "register: {status} {body}");
+    let batches: Vec<TelemetryBatch> = (1..=20)
+        .map(|seq| TelemetryBatch {
+            node_id: "n1".into(),
+            seq,
+            window_start_ms: 1,
+            window_end_ms: 2,
+            models: (0..10)
+                .map(|i| ModelWindow {
+                    model: format!("made-up-{seq}-{i}"),
+                    version: "1".into(),
+                    requests: 1,
+                    ..ModelWindow::default()
+                })
+                .collect(),
+            ..TelemetryBatch::default()
+        })
+        .collect();
+    let (status, body) = api(
+        &hub,
+        "POST",
+        "/api/v1/telemetry",
+        &token,
+        Some(json!({ "batches": batches })),
+    )?;
+    anyhow::ensure!(status == 200, "telemetry: {status} {body}");
+    let (status, body) = api(
+        &hub,
+        "POST",
+        "/api/v1/nodes/n1/report",
+        &token,
+        Some(json!({ "generation": 0, "models": (0..50).map(|i| json!({
+            "model": format!("reported-{i}"), "version": "1", "state": format!("state-{i}")
+        })).collect::<Vec<_>>() })),
+    )?;
+    anyhow::ensure!(status == 200, "report: {status} {body}");
+    let metrics = http()
+        .get(format!("{hub}/metrics"))
+        .bearer_auth(ADMIN)
+        .send()?
+        .text()?;
+    assert!(!metrics.contains("made-up-"), "{metrics}");
+    assert!(!metrics.contains("reported-"), "{metrics}");
+    assert!(
+        metrics.contains("capsule_hub_fleet_requests_total{model=\"\",version=\"\"} 200"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("capsule_hub_node_models{model=\"\",state=\"other\",version=\"\"} 50"),
+        "{metrics}"
+    );
+    Ok(())
+}
+
 #[test]
 fn every_attack_on_the_update_path_is_refused() -> Result<()> {
     use capsule_format::tuf::{Root, Signed, SigningKey, Target, Targets};

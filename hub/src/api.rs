@@ -1215,10 +1215,13 @@ async fn metrics(State(s): State<AppState>) -> Result<Response> {
         .with_label_values(&["offline"])
         .set(i64::try_from(nodes.len() - online).unwrap_or(i64::MAX));
     m.node_models.reset();
+    let registered = s.db.registered_versions().await?;
     for n in &nodes {
         for r in n.report.iter().flat_map(|r| &r.models) {
+            let [model, version] =
+                crate::metrics::version_labels(&registered, &r.model, &r.version);
             m.node_models
-                .with_label_values(&[&r.model, &r.version, &r.state])
+                .with_label_values(&[model, version, crate::metrics::state_label(&r.state)])
                 .inc();
         }
     }

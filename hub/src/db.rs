@@ -443,6 +443,16 @@ impl Db {
         rows.iter().map(|r| Ok(r.try_get("name")?)).collect()
     }
 
+    /// Every registered (model, version): the only names the hub's metrics label series with.
+    pub async fn registered_versions(&self) -> Result<std::collections::HashSet<(String, String)>> {
+        let rows = sqlx::query("SELECT model, version FROM versions")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("model")?, r.try_get("version")?)))
+            .collect()
+    }
+
     /// A model's versions, oldest first.
     pub async fn versions(&self, model: &str) -> Result<Vec<VersionRow>> {
         let rows =

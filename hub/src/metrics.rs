@@ -181,3 +181,27 @@ impl HubMetrics {
         String::from_utf8(out).map_err(|e| Error::Internal(e.to_string()))
     }
 }
+
+/// The labels of a model version reported by a node: its own when the hub has it registered,
+/// else `("", "")`. Nodes name models and versions in reports and telemetry, and a series per
+/// made-up name would be kept forever; the node's own metrics use the same rule.
+pub(crate) fn version_labels<'a>(
+    registered: &std::collections::HashSet<(String, String)>,
+    model: &'a str,
+    version: &'a str,
+) -> [&'a str; 2] {
+    if registered.contains(&(model.to_owned(), version.to_owned())) {
+        [model, version]
+    } else {
+        ["", ""]
+    }
+}
+
+/// A node's reported model state as a label: one of the states nodes report, else `other`.
+pub(crate) fn state_label(state: &str) -> &str {
+    match state {
+        "serving" | "installing" | "verify_failed" | "download_failed" | "load_failed"
+        | "probe_failed" | "install_failed" => state,
+        _ => "other",
+    }
+}

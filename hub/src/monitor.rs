@@ -225,6 +225,7 @@ pub(crate) async fn ingest(
     batches: Vec<TelemetryBatch>,
 ) -> Result<Vec<u64>> {
     let mut acked = Vec::with_capacity(batches.len());
+    let registered = s.db.registered_versions().await?;
     for b in batches {
         b.validate().map_err(|e| Error::BadRequest(e.to_string()))?;
         if b.node_id != node {
@@ -240,7 +241,7 @@ pub(crate) async fn ingest(
             .inc();
         if stored {
             for m in &b.models {
-                let labels = [m.model.as_str(), m.version.as_str()];
+                let labels = crate::metrics::version_labels(&registered, &m.model, &m.version);
                 s.metrics
                     .fleet_requests
                     .with_label_values(&labels)
