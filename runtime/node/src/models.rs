@@ -43,6 +43,17 @@ pub struct ServedModel {
 /// ones run on tokio's blocking pool so they never stall other connections.
 const INLINE_COMPUTE_US: u64 = 500;
 
+/// Requests larger than this run on the blocking pool whatever the model's average: the
+/// average is of the requests so far, and one large batch to a fast model can take far longer
+/// than they did (64 KiB: a 128x128 RGB image in FP32 is 192 KiB).
+const INLINE_MAX_BYTES: usize = 64 << 10;
+
+/// Whether a request runs on the I/O thread that received it: the model's guest calls are
+/// short on average, and this request is small.
+fn runs_inline(average_us: u64, request_bytes: usize) -> bool {
+    average_us < INLINE_COMPUTE_US && request_bytes <= INLINE_MAX_BYTES
+}
+
 impl std::fmt::Debug for ServedModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServedModel")
@@ -189,7 +200,8 @@ impl ServedModel {
             });
         };
         let average = self.compute_avg_us.load(Ordering::Relaxed);
-        let (result, compute) = if average < INLINE_COMPUTE_US {
+        let request_bytes = inputs.iter().map(|t| t.tensor.data.len()).sum();
+        let (result, compute) = if runs_inline(average, request_bytes) {
             let _permit = permit;
             let t = Instant::now();
             let result = self.capsule.infer_with_deadline(&inputs, Some(remaining));
@@ -436,4 +448,23 @@ fn not_ready(model: &str, entry: &ModelEntry) -> Error {
 /// Sorts versions lowest first.
 pub(crate) fn sort_versions(versions: &mut [Arc<ServedModel>]) {
     versions.sort_by(|a, b| compare_versions(&a.version, &b.version));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 16: a huge batch to a model whose requests averaged under 0.5 ms ran on an I/O
+    /// thread, stalling every connection of that thread for its whole duration.
+    #[test]
+    fn only_small_requests_to_fast_models_run_inline() {
+        assert!(runs_inline(100, 256));
+        assert!(runs_inline(100, INLINE_MAX_BYTES));
+        assert!(
+            !runs_inline(100, INLINE_MAX_BYTES + 1),
+            "a large request to a fast model"
+        );
+        assert!(!runs_inline(INLINE_COMPUTE_US, 256), "a slow model");
+        assert!(!runs_inline(u64::MAX, 256), "a model with no calls yet");
+    }
 }
