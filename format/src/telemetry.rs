@@ -1023,7 +1023,100 @@ pub struct TelemetryBatch {
     pub feedback: Vec<Feedback>,
 }
 
+fn json_len<T: Serialize>(value: &T) -> usize {
+    serde_json::to_vec(value).map_or(usize::MAX, |v| v.len())
+}
+
 impl TelemetryBatch {
+    /// Splits the batch into batches of the same node and window whose JSON encoding is at
+    /// most `limit` bytes each (a hub refuses larger ones, [`MAX_BATCH_BYTES`], and a batch
+    /// refused for its size would be retried forever). A model version's window that does
+    /// not fit on its own is cut between its predictions: the first part keeps its counts,
+    /// histograms and classes, the others carry only predictions (zero requests). Feedback
+    /// is cut the same way. The parts' `seq` is left to the caller. Nothing is dropped unless
+    /// one prediction or feedback item is alone over the limit (impossible for the limits
+    /// of this module: ids and labels are cut to [`MAX_LABEL_CHARS`]).
+    pub fn split_to_fit(self, limit: usize) -> Vec<TelemetryBatch> {
+        if json_len(&self) <= limit {
+            return vec![self];
+        }
+        let empty = TelemetryBatch {
+            models: Vec::new(),
+            feedback: Vec::new(),
+            ..self.clone()
+        };
+        let base = json_len(&empty);
+        // Pieces no larger than the room one batch has, each a model window or feedback.
+        let room = limit.saturating_sub(base + 2);
+        let mut models = Vec::new();
+        for mut m in self.models {
+            if json_len(&m) <= room {
+                models.push(m);
+                continue;
+            }
+            let predictions = std::mem::take(&mut m.predictions);
+            let mut part = m;
+            let mut used = json_len(&part);
+            for p in predictions {
+                let n = json_len(&p) + 1;
+                if !part.predictions.is_empty() && used + n > room {
+                    let next = ModelWindow {
+                        model: part.model.clone(),
+                        version: part.version.clone(),
+                        ..ModelWindow::default()
+                    };
+                    models.push(std::mem::replace(&mut part, next));
+                    used = json_len(&part);
+                }
+                used += n;
+                part.predictions.push(p);
+            }
+            models.push(part);
+        }
+        let mut feedback_parts: Vec<Vec<Feedback>> = vec![Vec::new()];
+        let mut used = 2;
+        for f in self.feedback {
+            let n = json_len(&f) + 1;
+            if used + n > room
+                && let Some(last) = feedback_parts.last()
+                && !last.is_empty()
+            {
+                feedback_parts.push(Vec::new());
+                used = 2;
+            }
+            used += n;
+            if let Some(last) = feedback_parts.last_mut() {
+                last.push(f);
+            }
+        }
+        // Greedy packing, in order.
+        let mut out: Vec<TelemetryBatch> = Vec::new();
+        let mut current = empty.clone();
+        let mut used = base;
+        for m in models {
+            let n = json_len(&m) + 1;
+            if !current.models.is_empty() && used + n > limit {
+                out.push(std::mem::replace(&mut current, empty.clone()));
+                used = base;
+            }
+            used += n;
+            current.models.push(m);
+        }
+        for f in feedback_parts.into_iter().filter(|f| !f.is_empty()) {
+            let n = json_len(&f);
+            if !(current.models.is_empty() && current.feedback.is_empty()) && used + n > limit {
+                out.push(std::mem::replace(&mut current, empty.clone()));
+                used = base;
+            }
+            used += n;
+            current.feedback.extend(f);
+        }
+        if !(current.models.is_empty() && current.feedback.is_empty()) {
+            out.push(current);
+        }
+        out
+    }
+
     /// Requests in the batch.
     pub fn requests(&self) -> u64 {
         self.models.iter().map(|m| m.requests).sum()
@@ -1239,6 +1332,85 @@ pub fn drift(reference: &ReferenceStats, live: &[FeatureHistogram]) -> Vec<Featu
 mod tests {
     use super::*;
     use crate::Tensor;
+
+    /// Issue 16: a window's batch could exceed what a hub accepts ([`MAX_BATCH_BYTES`]) and be
+    /// refused with 413 on every retry, blocking the node's buffer. It is split instead, and
+    /// nothing is lost: every prediction, feedback item and request is in exactly one part.
+    #[test]
+    fn a_batch_over_the_limit_is_split_losing_nothing() {
+        let predictions = |model: &str, n: usize| -> Vec<Prediction> {
+            (0..n)
+                .map(|i| Prediction {
+                    id: format!("{model}-{i:0>100}"),
+                    class: "cat".into(),
+                })
+                .collect()
+        };
+        let window = |model: &str, requests: u64, n: usize| ModelWindow {
+            model: model.into(),
+            version: "1".into(),
+            requests,
+            predictions: predictions(model, n),
+            ..ModelWindow::default()
+        };
+        let batch = TelemetryBatch {
+            node_id: "n".into(),
+            seq: 0,
+            window_start_ms: 1,
+            window_end_ms: 2,
+            models: vec![
+                window("a", 5, 20_000),
+                window("b", 7, 10),
+                window("c", 1, 15_000),
+            ],
+            feedback: (0..20_000)
+                .map(|i| Feedback {
+                    model: "a".into(),
+                    id: format!("a-{i:0>100}"),
+                    label: "dog".into(),
+                })
+                .collect(),
+            ..TelemetryBatch::default()
+        };
+        let whole = json_len(&batch);
+        let limit = 1 << 20;
+        assert!(whole > 4 * limit, "{whole}");
+        let parts = batch.clone().split_to_fit(limit);
+        assert!(parts.len() >= 5, "{}", parts.len());
+        for p in &parts {
+            assert!(json_len(p) <= limit, "{} > {limit}", json_len(p));
+            assert_eq!(
+                (p.node_id.as_str(), p.window_start_ms, p.window_end_ms),
+                ("n", 1, 2)
+            );
+        }
+        let requests: u64 = parts.iter().map(TelemetryBatch::requests).sum();
+        assert_eq!(requests, 13);
+        let ids = |f: &dyn Fn(&TelemetryBatch) -> Vec<String>| -> Vec<String> {
+            parts.iter().flat_map(f).collect()
+        };
+        let predicted = ids(&|p| {
+            p.models
+                .iter()
+                .flat_map(|m| m.predictions.iter().map(|x| x.id.clone()))
+                .collect()
+        });
+        let expected: Vec<String> = batch
+            .models
+            .iter()
+            .flat_map(|m| m.predictions.iter().map(|x| x.id.clone()))
+            .collect();
+        assert!(predicted == expected, "predictions lost or reordered");
+        let labels = ids(&|p| p.feedback.iter().map(|f| f.id.clone()).collect());
+        assert_eq!(labels.len(), 20_000);
+        // A batch that fits is left alone.
+        let small = TelemetryBatch {
+            models: vec![window("b", 7, 10)],
+            feedback: Vec::new(),
+            ..batch
+        };
+        assert!(small.clone().split_to_fit(limit) == vec![small]);
+    }
 
     fn column(i: u32) -> FeatureSource {
         FeatureSource::Column {

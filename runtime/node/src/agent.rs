@@ -286,7 +286,7 @@ pub(crate) struct HubClient {
 }
 
 impl HubClient {
-    fn new(sync: &HubSync) -> Result<HubClient> {
+    pub(crate) fn new(sync: &HubSync) -> Result<HubClient> {
         let mut builder = reqwest::Client::builder()
             .use_rustls_tls()
             .connect_timeout(Duration::from_secs(5));
@@ -322,12 +322,12 @@ impl HubClient {
     pub(crate) async fn send(
         &self,
         req: reqwest::RequestBuilder,
-    ) -> Result<reqwest::Response, String> {
+    ) -> Result<reqwest::Response, HubError> {
         let resp = req
             .bearer_auth(&self.token)
             .send()
             .await
-            .map_err(|e| format!("hub unreachable: {}", chain(&e)))?;
+            .map_err(|e| HubError::Unreachable(chain(&e)))?;
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -338,10 +338,39 @@ impl HubClient {
                 String::from_utf8_lossy(&bytes).into_owned()
             }
         };
-        Err(format!(
-            "hub answered {status}: {}",
-            text.chars().take(300).collect::<String>()
-        ))
+        Err(HubError::Status {
+            status,
+            text: text.chars().take(300).collect(),
+        })
+    }
+}
+
+/// Why a call to the hub failed.
+#[derive(Debug)]
+pub(crate) enum HubError {
+    /// No answer (connection, TLS, timeout).
+    Unreachable(String),
+    /// An answer with a status other than success, and the start of its body.
+    Status {
+        /// The HTTP status.
+        status: u16,
+        /// Its first characters.
+        text: String,
+    },
+}
+
+impl std::fmt::Display for HubError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HubError::Unreachable(e) => write!(f, "hub unreachable: {e}"),
+            HubError::Status { status, text } => write!(f, "hub answered {status}: {text}"),
+        }
+    }
+}
+
+impl From<HubError> for String {
+    fn from(e: HubError) -> String {
+        e.to_string()
     }
 }
 
@@ -401,7 +430,7 @@ impl Agent {
     }
 
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, String> {
-        self.hub.send(req).await
+        Ok(self.hub.send(req).await?)
     }
 
     async fn register(&self) -> Result<(), String> {

@@ -55,6 +55,8 @@ pub struct Metrics {
     pub telemetry_shipped_batches: IntCounter,
     /// Failed shipments (the batches stay buffered).
     pub telemetry_ship_failures: IntCounter,
+    /// Batches the hub refused as malformed or too large, set aside instead of retried.
+    pub telemetry_quarantined_batches: IntCounter,
     /// Feedback labels accepted, by model.
     pub feedback: IntCounterVec,
 }
@@ -228,6 +230,11 @@ impl Metrics {
                 r,
                 "capsule_telemetry_ship_failures_total",
                 "Telemetry shipments that failed (the batches stay buffered).",
+            )?,
+            telemetry_quarantined_batches: single_counter(
+                r,
+                "capsule_telemetry_quarantined_batches_total",
+                "Telemetry batches the hub refused on their own (malformed or too large): moved to the buffer's quarantine directory, not retried.",
             )?,
             feedback: counter(
                 r,

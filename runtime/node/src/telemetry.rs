@@ -31,6 +31,8 @@ use crate::{Error, Result};
 const SHIP_BATCHES: usize = 64;
 /// Most bytes one shipment carries.
 const SHIP_BYTES: usize = 4 << 20;
+/// Quarantined batches kept on disk (the newest).
+const QUARANTINE_KEPT: usize = 16;
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -210,11 +212,11 @@ impl Buffer {
         Ok(evicted)
     }
 
-    /// The oldest batches, up to the shipment limits.
-    fn pending(&self) -> Vec<(u64, Vec<u8>)> {
+    /// The oldest batches, up to `max` and the shipment's byte limit.
+    fn pending(&self, max: usize) -> Vec<(u64, Vec<u8>)> {
         let mut out = Vec::new();
         let mut size = 0usize;
-        for (&seq, &(_, requests)) in self.files.iter().take(SHIP_BATCHES) {
+        for (&seq, &(_, requests)) in self.files.iter().take(max.min(SHIP_BATCHES)) {
             let Ok(bytes) = std::fs::read(batch_path(&self.dir, seq, requests)) else {
                 continue;
             };
@@ -225,6 +227,31 @@ impl Buffer {
             out.push((seq, bytes));
         }
         out
+    }
+
+    /// Moves a batch the hub refused on its own into `quarantine/` (for an operator to read;
+    /// the newest [`QUARANTINE_KEPT`] are kept) and out of the buffer.
+    fn quarantine(&mut self, seq: u64) {
+        let Some((_, requests)) = self.files.remove(&seq) else {
+            return;
+        };
+        let from = batch_path(&self.dir, seq, requests);
+        let dir = self.dir.join("quarantine");
+        let moved = std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::rename(&from, dir.join(from.file_name().unwrap_or_default())));
+        if moved.is_err() {
+            let _ = std::fs::remove_file(&from);
+        }
+        let mut kept: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        kept.sort();
+        for old in kept.iter().rev().skip(QUARANTINE_KEPT) {
+            let _ = std::fs::remove_file(old);
+        }
     }
 
     fn ack(&mut self, seqs: &[u64]) {
@@ -416,11 +443,15 @@ impl Telemetry {
             models: window.models.into_values().collect(),
             feedback: window.feedback,
         };
-        let evicted = self
-            .buffer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(batch)?;
+        // A hub refuses batches over MAX_BATCH_BYTES; a refused batch would be retried forever.
+        let mut evicted = (0, 0);
+        {
+            let mut buffer = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
+            for part in batch.split_to_fit(capsule_format::telemetry::MAX_BATCH_BYTES) {
+                let e = buffer.push(part)?;
+                evicted = (evicted.0 + e.0, evicted.1 + e.1);
+            }
+        }
         if evicted.0 > 0 {
             tracing::warn!(
                 batches = evicted.0,
@@ -438,12 +469,15 @@ impl Telemetry {
     /// Ships buffered batches until the buffer is empty or the hub fails. Returns whether
     /// everything buffered was acknowledged.
     async fn ship(&self, hub: &crate::agent::HubClient) -> std::result::Result<(), String> {
+        // After the hub refuses a shipment as malformed, batches go one at a time to find the
+        // one it refuses.
+        let mut one_at_a_time = false;
         loop {
             let pending = self
                 .buffer
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .pending();
+                .pending(if one_at_a_time { 1 } else { SHIP_BATCHES });
             if pending.is_empty() {
                 return Ok(());
             }
@@ -457,13 +491,35 @@ impl Telemetry {
                 body.extend_from_slice(bytes);
             }
             body.extend_from_slice(b"]}");
-            let resp = hub
+            let sent = hub
                 .send(
                     hub.post("/api/v1/telemetry")
                         .header("content-type", "application/json")
                         .body(body),
                 )
-                .await?;
+                .await;
+            let resp = match sent {
+                Ok(resp) => resp,
+                // Refused for what it holds (malformed, too large): never better on a retry.
+                Err(crate::agent::HubError::Status {
+                    status: status @ (400 | 413 | 422),
+                    text,
+                }) => {
+                    if let [(seq, _)] = pending.as_slice() {
+                        tracing::warn!(seq, status, answer = %text, "the hub refused a telemetry batch on its own; moved to the buffer's quarantine directory");
+                        self.buffer
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .quarantine(*seq);
+                        self.metrics.telemetry_quarantined_batches.inc();
+                        self.refresh_gauges();
+                    } else {
+                        one_at_a_time = true;
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             #[derive(Deserialize)]
             struct Acked {
                 acked: Vec<u64>,
@@ -574,6 +630,70 @@ mod tests {
         }
     }
 
+    /// Issue 16: a batch the hub refuses (here, one naming another node: 400) used to be
+    /// retried forever, and every batch after it waited. The shipper narrows the refusal down
+    /// to that batch, quarantines it, counts it, and ships the rest.
+    #[tokio::test]
+    async fn a_batch_the_hub_refuses_is_quarantined_and_the_rest_ship() {
+        use axum::http::StatusCode;
+        use axum::routing::post;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let app = axum::Router::new().route(
+            "/api/v1/telemetry",
+            post(|body: axum::body::Bytes| async move {
+                let shipment: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                let batches = shipment["batches"].as_array().cloned().unwrap_or_default();
+                if batches.iter().any(|b| b["node_id"] == "poison") {
+                    return (
+                        StatusCode::BAD_REQUEST,
+                        "batch is from node \"poison\"".to_owned(),
+                    );
+                }
+                let acked: Vec<_> = batches.iter().map(|b| b["seq"].clone()).collect();
+                (
+                    StatusCode::OK,
+                    serde_json::json!({ "acked": acked }).to_string(),
+                )
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let hub = crate::agent::HubClient::new(&crate::agent::HubSync {
+            url,
+            token: "t".into(),
+            node_id: "n".into(),
+            labels: BTreeMap::new(),
+            trusted_root: PathBuf::new(),
+            wait_ms: 0,
+            ca: None,
+        })
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Metrics::new().unwrap();
+        let t = Telemetry::open(dir.path(), "n", 60_000, 1 << 20, metrics.clone()).unwrap();
+        {
+            let mut buffer = t.buffer.lock().unwrap();
+            buffer.push(batch(1)).unwrap();
+            buffer
+                .push(TelemetryBatch {
+                    node_id: "poison".into(),
+                    ..batch(2)
+                })
+                .unwrap();
+            buffer.push(batch(3)).unwrap();
+        }
+        t.ship(&hub).await.unwrap();
+        assert!(t.buffer.lock().unwrap().files.is_empty());
+        assert_eq!(metrics.telemetry_quarantined_batches.get(), 1);
+        assert_eq!(metrics.telemetry_shipped_batches.get(), 2);
+        let quarantined: Vec<_> = std::fs::read_dir(dir.path().join("quarantine"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(quarantined, ["00000000000000000002-2.batch"]);
+    }
+
     /// Issue 16: a corrupt `state.json` stopped the node from starting. It is moved aside,
     /// and the next batch's sequence is above every earlier one (the hub keeps the first batch
     /// of each sequence, so a restart from 1 would have lost batches silently).
@@ -644,7 +764,7 @@ mod tests {
             (5, 2, 30)
         );
         assert_eq!(b.files.len(), 3);
-        let pending = b.pending();
+        let pending = b.pending(SHIP_BATCHES);
         let first: TelemetryBatch = serde_json::from_slice(&pending[0].1).unwrap();
         assert_eq!(
             (first.seq, first.dropped_batches, first.dropped_requests),
