@@ -66,7 +66,7 @@ enum Command {
     Demo(demo::Args),
     /// Serve a model repository over the Open Inference Protocol V2 (REST and gRPC), with
     /// metrics, warm instance pools, overload control and hot swap.
-    Serve(serve::Args),
+    Serve(Box<serve::Args>),
     /// Run the hub: model registry, signed update metadata, staged rollouts to the fleet.
     Hub(hub::HubArgs),
     /// Generate publisher keys and root metadata (offline).

@@ -18,7 +18,8 @@ pub struct Args {
     models: Option<PathBuf>,
     /// TOML file with any of the settings below (keys as in `NodeConfig`: models, http, grpc,
     /// instances, queue, deadline_ms, max_body_bytes, max_capsule_bytes, poll_interval_ms,
-    /// version_policy, cache_dir, disk_cache, max_memory_bytes, host_kernels, drain_timeout_ms).
+    /// version_policy, cache_dir, disk_cache, max_memory_bytes, host_kernels, drain_timeout_ms,
+    /// feedback_token).
     #[arg(long, env = "CAPSULE_CONFIG")]
     config: Option<PathBuf>,
     /// REST (Open Inference Protocol V2) address. [default: 0.0.0.0:8000]
@@ -94,6 +95,10 @@ pub struct Args {
     /// /capsules/MODEL/VERSION.capsule.wasm.
     #[arg(long = "static", env = "CAPSULE_STATIC", value_name = "DIR")]
     static_dir: Option<PathBuf>,
+    /// The bearer token `POST /v2/models/{m}/feedback` requires. Without it feedback is off
+    /// (403): labels drive the hub's accuracy alerts and retraining trigger.
+    #[arg(long, env = "CAPSULE_FEEDBACK_TOKEN", hide_env_values = true)]
+    feedback_token: Option<String>,
 }
 
 impl Args {
@@ -130,6 +135,9 @@ impl Args {
         }
         if let Some(dir) = &self.static_dir {
             c.static_dir = Some(dir.clone());
+        }
+        if let Some(token) = &self.feedback_token {
+            c.feedback_token = Some(token.clone());
         }
         if self.max_memory_bytes.is_some() {
             c.max_memory_bytes = self.max_memory_bytes;

@@ -26,6 +26,9 @@ use serde_json::{Value, json};
 mod common;
 use common::*;
 
+/// The nodes' `--feedback-token`.
+const FEEDBACK_TOKEN: &str = "test-feedback-token";
+
 /// Webhook calls received: (path, JSON body).
 type Calls = Arc<Mutex<Vec<(String, Value)>>>;
 
@@ -533,7 +536,14 @@ command = ["sh", "-c", "cp \"$1\" \"{out}/retrain-$CAPSULE_MODEL-$CAPSULE_VERSIO
             &hub,
             id,
             &token,
-            &["--label", &label, "--telemetry-window-ms", "500"],
+            &[
+                "--label",
+                &label,
+                "--telemetry-window-ms",
+                "500",
+                "--feedback-token",
+                FEEDBACK_TOKEN,
+            ],
         )?;
         procs.push(proc_);
         nodes.push((id, url, token));
@@ -719,8 +729,20 @@ command = ["sh", "-c", "cp \"$1\" \"{out}/retrain-$CAPSULE_MODEL-$CAPSULE_VERSIO
         correct < labeled && correct > labeled / 2,
         "{correct}/{labeled}"
     );
+    // Feedback drives accuracy alerts and retraining: only with the node's feedback token
+    // (issue 16: anyone who reached the node could send labels).
+    for token in [None, Some("wrong")] {
+        let mut forged = http()
+            .post(format!("{}/v2/models/wine/feedback", nodes[0].1))
+            .json(&json!({"feedback": by_node[&0]}));
+        if let Some(t) = token {
+            forged = forged.bearer_auth(t);
+        }
+        assert_eq!(forged.send()?.status().as_u16(), 401, "{token:?}");
+    }
     let resp = http()
         .post(format!("{}/v2/models/wine/feedback", nodes[0].1))
+        .bearer_auth(FEEDBACK_TOKEN)
         .json(&json!({"feedback": by_node[&0]}))
         .send()?;
     assert_eq!(resp.status().as_u16(), 200);
@@ -735,6 +757,7 @@ command = ["sh", "-c", "cp \"$1\" \"{out}/retrain-$CAPSULE_MODEL-$CAPSULE_VERSIO
     assert_eq!(status, 200, "{v}");
     let unknown = http()
         .post(format!("{}/v2/models/nope/feedback", nodes[0].1))
+        .bearer_auth(FEEDBACK_TOKEN)
         .json(&json!({"id": "x", "label": "class_0"}))
         .send()?;
     assert_eq!(unknown.status().as_u16(), 404);

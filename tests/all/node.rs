@@ -920,6 +920,46 @@ async fn made_up_names_add_no_metric_series() -> Result<()> {
     Ok(())
 }
 
+/// Feedback labels drive the hub's accuracy alerts and retraining trigger, so a node takes
+/// them only with its `feedback_token`: without one configured the route is off (403),
+/// without the token or with another it is 401 (issue 16: anyone reaching the node could send
+/// labels).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feedback_needs_the_nodes_token() -> Result<()> {
+    let label = serde_json::to_vec(&json!({"id": "r1", "label": "a"}))?;
+    let off = TestNode::start(|dir| put(dir, "wat", "1", &wat(1.0, None)?), |_| {}).await?;
+    let (status, body) = off.post("/v2/models/wat/feedback", label.clone()).await?;
+    assert_eq!(status, 403, "{body}");
+    let t = TestNode::start(
+        |dir| put(dir, "wat", "1", &wat(1.0, None)?),
+        |c| c.feedback_token = Some("s3cret".into()),
+    )
+    .await?;
+    for token in [None, Some("s3cre"), Some("s3cret!")] {
+        let mut req = t
+            .http
+            .post(format!("{}/v2/models/wat/feedback", t.base))
+            .body(label.clone());
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        assert_eq!(req.send().await?.status().as_u16(), 401, "{token:?}");
+    }
+    // With the token, the request gets past the check (this node has no hub, so no window
+    // keeps labels: whatever it answers, it is not 401 or 403).
+    let status = t
+        .http
+        .post(format!("{}/v2/models/wat/feedback", t.base))
+        .bearer_auth("s3cret")
+        .body(label)
+        .send()
+        .await?
+        .status()
+        .as_u16();
+    assert!(status != 401 && status != 403, "{status}");
+    Ok(())
+}
+
 /// An output named more than once is refused (issue 16's probe: 200,000 copies of one output
 /// made a 53.6 MB response and left the node 290 MiB larger). gRPC checks its requested
 /// outputs with the same function (`v2::requested_outputs`).

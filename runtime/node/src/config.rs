@@ -121,6 +121,10 @@ pub struct NodeConfig {
     pub telemetry_buffer_bytes: u64,
     /// Serve this directory's files to browsers (the SDK, pages, signed metadata) at `/`.
     pub static_dir: Option<PathBuf>,
+    /// The bearer token `POST /v2/models/{m}/feedback` requires (`None`: feedback is off,
+    /// 403). Labels drive the hub's accuracy alerts and its retraining trigger, so whoever can
+    /// reach the node must not be able to send them.
+    pub feedback_token: Option<String>,
 }
 
 impl Default for NodeConfig {
@@ -145,6 +149,7 @@ impl Default for NodeConfig {
             telemetry_window_ms: 60_000,
             telemetry_buffer_bytes: 64 << 20,
             static_dir: None,
+            feedback_token: None,
         }
     }
 }

@@ -61,6 +61,15 @@ pub enum Error {
     /// The node is not set up for this request.
     #[error("{0}")]
     Unsupported(String),
+    /// A request to a route behind a token without that token (401), or to a route that
+    /// has no token configured and is therefore off (403).
+    #[error("{message}")]
+    Unauthorized {
+        /// Whether the route is off altogether (no token configured).
+        off: bool,
+        /// What to do about it.
+        message: String,
+    },
     /// The capsule failed while running the request (trap, guest error).
     #[error("inference failed: {0}")]
     Inference(capsule_runtime::Error),
@@ -128,6 +137,8 @@ impl Error {
             Error::NotReady { .. } | Error::ShuttingDown => 503,
             Error::DeadlineExceeded { .. } => 504,
             Error::Unsupported(_) => 501,
+            Error::Unauthorized { off: true, .. } => 403,
+            Error::Unauthorized { off: false, .. } => 401,
             Error::Inference(capsule_runtime::Error::Guest(_)) => 400,
             _ => 500,
         }

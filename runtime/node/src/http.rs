@@ -341,6 +341,36 @@ async fn infer(
     }
 }
 
+/// Checks `Authorization: Bearer` against a route's token (compared in constant time):
+/// 401 without it or with another, 403 when the route has no token (it is off).
+fn check_bearer(headers: &HeaderMap, token: Option<&str>, route: &str) -> Result<()> {
+    let Some(token) = token else {
+        return Err(Error::Unauthorized {
+            off: true,
+            message: format!("{route} is off on this node: start it with --feedback-token"),
+        });
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    let same = given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        Ok(())
+    } else {
+        Err(Error::Unauthorized {
+            off: false,
+            message: format!("{route} needs Authorization: Bearer <the node's --feedback-token>"),
+        })
+    }
+}
+
 /// Largest feedback body.
 const MAX_FEEDBACK_BYTES: u64 = 4 << 20;
 
@@ -352,6 +382,7 @@ async fn feedback(
     body: Body,
 ) -> Result<Response> {
     use capsule_format::telemetry::FeedbackItem;
+    check_bearer(&headers, app.config.feedback_token.as_deref(), "feedback")?;
     #[derive(serde::Deserialize)]
     #[serde(untagged)]
     enum Body_ {
