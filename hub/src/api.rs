@@ -185,8 +185,8 @@ impl FromRequestParts<AppState> for Caller {
     async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Caller> {
         let remote = parts
             .extensions
-            .get::<ConnectInfo<crate::tls::Remote>>()
-            .map(|c| c.0.0.to_string())
+            .get::<ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.to_string())
             .unwrap_or_default();
         let bearer = parts
             .headers

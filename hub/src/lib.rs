@@ -309,25 +309,16 @@ impl Hub {
     }
 }
 
-/// Serves the API on a listener (plain TCP or TLS) until `stop` resolves.
+/// Serves the API on a listener (plain TCP or TLS) until `stop` resolves, with a header-read
+/// timeout and the remote address for handlers (`capsule_serve`).
 async fn serve<L>(
     listener: L,
     app: axum::Router,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) where
-    L: axum::serve::Listener,
-    L::Addr: std::fmt::Debug,
-    for<'a> tls::Remote: axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, L>>,
+    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
 {
-    let served = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<tls::Remote>(),
-    )
-    .with_graceful_shutdown(stop)
-    .await;
-    if let Err(e) = served {
-        tracing::error!(error = %e, "hub server failed");
-    }
+    capsule_serve::serve(listener, app, stop).await;
 }
 
 /// Writes a secret file readable by its owner only.

@@ -7,8 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::connect_info::Connected;
-use axum::serve::{IncomingStream, Listener};
+use axum::serve::Listener;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
@@ -104,21 +103,5 @@ impl Listener for TlsListener {
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
         Ok(self.local)
-    }
-}
-
-/// The remote address of a TLS connection, for `ConnectInfo`.
-#[derive(Debug, Clone, Copy)]
-pub struct Remote(pub SocketAddr);
-
-impl Connected<IncomingStream<'_, TlsListener>> for Remote {
-    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
-        Remote(*stream.remote_addr())
-    }
-}
-
-impl Connected<IncomingStream<'_, TcpListener>> for Remote {
-    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
-        Remote(*stream.remote_addr())
     }
 }

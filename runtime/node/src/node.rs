@@ -100,16 +100,14 @@ impl Node {
             config: Arc::clone(&config),
         });
         let mut rx = shutdown.subscribe();
-        servers.push(tokio::spawn(async move {
-            let served = axum::serve(http_listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.wait_for(|s| *s).await;
-                })
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        }));
+        // With a header-read timeout, which `axum::serve` does not set (`capsule_serve`).
+        servers.push(tokio::spawn(capsule_serve::serve(
+            http_listener,
+            app,
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            },
+        )));
 
         let mut grpc_addr = None;
         if let Some(addr) = config.grpc {
