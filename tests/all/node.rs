@@ -960,6 +960,31 @@ async fn feedback_needs_the_nodes_token() -> Result<()> {
     Ok(())
 }
 
+/// `/capsules/` streams the installed file with its length and honours `Range` (it used to
+/// read the whole capsule into memory per GET).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn installed_capsules_are_streamed_with_ranges() -> Result<()> {
+    let capsule = wat(1.0, None)?;
+    let expected = capsule.clone();
+    let t = TestNode::start(move |dir| put(dir, "wat", "1", &capsule), |_| {}).await?;
+    let url = format!("{}/capsules/wat/1.capsule.wasm", t.base);
+    let whole = t.http.get(&url).send().await?;
+    assert_eq!(whole.status().as_u16(), 200);
+    assert_eq!(whole.headers()["content-type"], "application/wasm");
+    assert_eq!(whole.content_length(), Some(expected.len() as u64));
+    assert_eq!(whole.bytes().await?.as_ref(), expected.as_slice());
+    let head = t.http.get(&url).header("range", "bytes=0-3").send().await?;
+    assert_eq!(head.status().as_u16(), 206);
+    assert_eq!(head.bytes().await?.as_ref(), b"\0asm");
+    let missing = t
+        .http
+        .get(format!("{}/capsules/wat/9.capsule.wasm", t.base))
+        .send()
+        .await?;
+    assert_eq!(missing.status().as_u16(), 404);
+    Ok(())
+}
+
 /// An output named more than once is refused (issue 16's probe: 200,000 copies of one output
 /// made a 53.6 MB response and left the node 290 MiB larger). gRPC checks its requested
 /// outputs with the same function (`v2::requested_outputs`).

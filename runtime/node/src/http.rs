@@ -51,19 +51,24 @@ fn isolation<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Router<S> {
 }
 
 /// `GET /capsules/{model}/{version}.capsule.wasm`: the installed capsule of a served version
-/// (the path of its signed target), for the browser SDK.
+/// (the path of its signed target), for the browser SDK. Streamed from the file in 64 KiB
+/// chunks with its length, `Range` and conditional requests (tower-http's `ServeFile`): a
+/// GET used to read the whole capsule (10 MB and more) into memory, so a hundred concurrent
+/// GETs held a gigabyte.
 async fn capsule_file(
     State(app): State<App>,
     Path((model, file)): Path<(String, String)>,
+    request: Request,
 ) -> Result<Response> {
     let version = file
         .strip_suffix(".capsule.wasm")
         .ok_or_else(|| Error::ModelNotFound(format!("{model}/{file}")))?;
     let served = app.registry.resolve(&model, Some(version))?;
-    let bytes = tokio::fs::read(&served.path)
+    let mut response = tower_http::services::ServeFile::new(&served.path)
+        .try_call(request)
         .await
-        .map_err(|e| Error::Internal(format!("cannot read {}: {e}", served.path.display())))?;
-    let mut response = Response::new(Body::from(bytes));
+        .map_err(|e| Error::Internal(format!("cannot read {}: {e}", served.path.display())))?
+        .map(Body::new);
     let h = response.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
