@@ -655,6 +655,50 @@ fn made_up_model_names_add_no_hub_series() -> Result<()> {
     Ok(())
 }
 
+/// Issue 16: node tokens could not be revoked (a stolen device kept its access). An admin's
+/// `DELETE /api/v1/nodes/{id}/token` removes them all; the next request with one is 401.
+#[test]
+fn a_revoked_node_token_is_refused() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (_hub, hub) = sqlite_hub(dir.path())?;
+    let token = |id: &str| -> Result<String> {
+        let (status, t) = api(
+            &hub,
+            "POST",
+            &format!("/api/v1/nodes/{id}/token"),
+            ADMIN,
+            None,
+        )?;
+        anyhow::ensure!(status == 200, "token: {status} {t}");
+        Ok(t["token"].as_str().context("token")?.to_owned())
+    };
+    let (n1, n2) = (token("n1")?, token("n2")?);
+    let register = |id: &str, token: &str| -> Result<u16> {
+        Ok(api(
+            &hub,
+            "POST",
+            &format!("/api/v1/nodes/{id}/register"),
+            token,
+            Some(json!({ "labels": {} })),
+        )?
+        .0)
+    };
+    assert_eq!(register("n1", &n1)?, 200);
+    let revoke = |token: &str| -> Result<(u16, Value)> {
+        let resp = http()
+            .delete(format!("{hub}/api/v1/nodes/n1/token"))
+            .bearer_auth(token)
+            .send()?;
+        Ok((resp.status().as_u16(), resp.json().unwrap_or(Value::Null)))
+    };
+    assert_eq!(revoke(&n2)?.0, 403, "a node cannot revoke tokens");
+    let (status, body) = revoke(ADMIN)?;
+    assert_eq!((status, body["revoked"].as_u64()), (200, Some(1)), "{body}");
+    assert_eq!(register("n1", &n1)?, 401);
+    assert_eq!(register("n2", &n2)?, 200, "other nodes keep their tokens");
+    Ok(())
+}
+
 #[test]
 fn every_attack_on_the_update_path_is_refused() -> Result<()> {
     use capsule_format::tuf::{Root, Signed, SigningKey, Target, Targets};

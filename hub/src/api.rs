@@ -60,7 +60,10 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/api/v1/models/{model}/compare", get(compare))
         .route("/api/v1/models/{model}/aliases/{alias}", put(set_alias))
         .route("/api/v1/nodes", get(list_nodes))
-        .route("/api/v1/nodes/{id}/token", post(node_token))
+        .route(
+            "/api/v1/nodes/{id}/token",
+            post(node_token).delete(revoke_node_tokens),
+        )
         .route("/api/v1/nodes/{id}/register", post(register))
         .route("/api/v1/nodes/{id}/desired", get(desired))
         .route("/api/v1/nodes/{id}/report", post(report))
@@ -738,6 +741,24 @@ async fn set_alias(
 
 async fn list_nodes(State(s): State<AppState>, Admin(_): Admin) -> Result<axum::Json<Value>> {
     Ok(axum::Json(json!({"nodes": s.db.nodes().await?})))
+}
+
+/// Revokes every token of one node (a lost or stolen device): its next request is 401.
+async fn revoke_node_tokens(
+    State(s): State<AppState>,
+    Admin(c): Admin,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Value>> {
+    let revoked = s.db.revoke_node_tokens(&id).await?;
+    audit(
+        &s,
+        &c,
+        "node.token.revoke",
+        json!({"node": id, "revoked": revoked}),
+    )
+    .await?;
+    tracing::info!(node = ?id, revoked, by = %c.name, "node tokens revoked");
+    Ok(axum::Json(json!({"node": id, "revoked": revoked})))
 }
 
 /// Issues a token for one node (shown once; stored hashed).

@@ -358,6 +358,16 @@ impl Db {
     }
 
     /// Stores a token's hash.
+    /// Deletes every token of a node (they stop working at once: every request looks its
+    /// token up). Returns how many there were.
+    pub async fn revoke_node_tokens(&self, node_id: &str) -> Result<u64> {
+        let done = sqlx::query("DELETE FROM tokens WHERE kind = 'node' AND node_id = $1")
+            .bind(node_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
     pub async fn add_token(&self, hash: &str, kind: &str, name: &str, node_id: &str) -> Result<()> {
         sqlx::query("INSERT INTO tokens (hash, kind, name, node_id, created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (hash) DO NOTHING")
             .bind(hash)
