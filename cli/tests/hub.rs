@@ -655,6 +655,67 @@ fn made_up_model_names_add_no_hub_series() -> Result<()> {
     Ok(())
 }
 
+/// A batch of 2,500 predictions and 1,500 labels is stored in bounded transactions (issue 16:
+/// one transaction per batch of any size held SQLite's write lock), and a batch sent twice
+/// still counts once.
+#[test]
+fn a_large_batch_is_stored_once_in_bounded_transactions() -> Result<()> {
+    use capsule_format::telemetry::{Feedback, ModelWindow, Prediction, TelemetryBatch};
+    let dir = tempfile::tempdir()?;
+    let (_hub, hub) = sqlite_hub(dir.path())?;
+    let (_, t) = api(&hub, "POST", "/api/v1/nodes/n1/token", ADMIN, None)?;
+    let token = t["token"].as_str().context("token")?.to_owned();
+    let batch = TelemetryBatch {
+        node_id: "n1".into(),
+        seq: 1,
+        window_start_ms: 1,
+        window_end_ms: 2,
+        models: vec![ModelWindow {
+            model: "m".into(),
+            version: "1".into(),
+            requests: 7,
+            predictions: (0..2500)
+                .map(|i| Prediction {
+                    id: format!("r{i}"),
+                    class: "a".into(),
+                })
+                .collect(),
+            ..ModelWindow::default()
+        }],
+        feedback: (0..1500)
+            .map(|i| Feedback {
+                model: "m".into(),
+                id: format!("r{i}"),
+                label: "a".into(),
+            })
+            .collect(),
+        ..TelemetryBatch::default()
+    };
+    for _ in 0..2 {
+        let (status, body) = api(
+            &hub,
+            "POST",
+            "/api/v1/telemetry",
+            &token,
+            Some(json!({ "batches": [&batch] })),
+        )?;
+        assert_eq!((status, &body["acked"]), (200, &json!([1])), "{body}");
+    }
+    let metrics = http()
+        .get(format!("{hub}/metrics"))
+        .bearer_auth(ADMIN)
+        .send()?
+        .text()?;
+    for line in [
+        "capsule_hub_telemetry_batches_total{result=\"stored\"} 1",
+        "capsule_hub_telemetry_batches_total{result=\"duplicate\"} 1",
+        "capsule_hub_fleet_requests_total{model=\"\",version=\"\"} 7",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+    Ok(())
+}
+
 /// Issue 16: node tokens could not be revoked (a stolen device kept its access). An admin's
 /// `DELETE /api/v1/nodes/{id}/token` removes them all; the next request with one is 401.
 #[test]

@@ -261,9 +261,67 @@ fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// Rows one transaction writes while a batch is stored: a batch holds up to tens of thousands
+/// of predictions and feedback labels, and one transaction for all of them held the
+/// database's write lock (SQLite has one) long enough to stall every report and register.
+const ROWS_PER_TRANSACTION: usize = 1000;
+
+/// Stores a batch once: `false` when it was stored already (a retry).
+///
+/// Its predictions and feedback go first, in transactions of [`ROWS_PER_TRANSACTION`]: their
+/// inserts are idempotent, so a crash between two of them only means a retry writes the same
+/// rows again. The batch row and the totals it adds go last, in one transaction: the row is
+/// what makes the totals count exactly once.
 async fn store_batch(db: &Db, b: &TelemetryBatch) -> Result<bool> {
-    let body = serde_json::to_string(b).map_err(|e| Error::Internal(e.to_string()))?;
+    let known =
+        sqlx::query("SELECT 1 AS one FROM telemetry_batches WHERE node_id = $1 AND seq = $2")
+            .bind(&b.node_id)
+            .bind(to_i64(b.seq))
+            .fetch_optional(db.pool())
+            .await?;
+    if known.is_some() {
+        return Ok(false);
+    }
     let now = now_ms();
+    enum Row<'a> {
+        Prediction(&'a str, &'a str, &'a telemetry::Prediction),
+        Feedback(&'a telemetry::Feedback),
+    }
+    let rows: Vec<Row<'_>> = b
+        .models
+        .iter()
+        .flat_map(|m| {
+            m.predictions
+                .iter()
+                .map(move |p| Row::Prediction(&m.model, &m.version, p))
+        })
+        .chain(b.feedback.iter().map(Row::Feedback))
+        .collect();
+    for chunk in rows.chunks(ROWS_PER_TRANSACTION) {
+        let mut tx = db.pool().begin().await?;
+        for row in chunk {
+            match row {
+                Row::Prediction(model, version, p) => {
+                    sqlx::query(
+                        "INSERT INTO predictions (model, id, version, class, node_id, at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (model, id) DO NOTHING",
+                    )
+                    .bind(*model)
+                    .bind(&p.id)
+                    .bind(*version)
+                    .bind(&p.class)
+                    .bind(&b.node_id)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                Row::Feedback(f) => {
+                    insert_feedback(&mut tx, &f.model, &f.id, &f.label, &b.node_id, now).await?;
+                }
+            }
+        }
+        tx.commit().await?;
+    }
+    let body = serde_json::to_string(b).map_err(|e| Error::Internal(e.to_string()))?;
     let mut tx = db.pool().begin().await?;
     let done = sqlx::query(
         "INSERT INTO telemetry_batches (node_id, seq, window_start, window_end, received_at, requests, dropped_batches, dropped_requests, body) \
@@ -298,22 +356,6 @@ async fn store_batch(db: &Db, b: &TelemetryBatch) -> Result<bool> {
         .bind(to_i64(m.rows))
         .execute(&mut *tx)
         .await?;
-        for p in &m.predictions {
-            sqlx::query(
-                "INSERT INTO predictions (model, id, version, class, node_id, at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (model, id) DO NOTHING",
-            )
-            .bind(&m.model)
-            .bind(&p.id)
-            .bind(&m.version)
-            .bind(&p.class)
-            .bind(&b.node_id)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        }
-    }
-    for f in &b.feedback {
-        insert_feedback(&mut tx, &f.model, &f.id, &f.label, &b.node_id, now).await?;
     }
     tx.commit().await?;
     Ok(true)
