@@ -45,3 +45,21 @@ pub use repository::{CODE_DIR, CapsuleFile, Scan, code_path, scan};
 pub mod proto {
     tonic::include_proto!("inference");
 }
+
+/// Entry points for the fuzz targets of `capsule-fuzz`; not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// What the gRPC service does with a `ModelInfer` message's bytes before a model runs:
+    /// the decode budget's scan, prost's decoding, the conversion to tensors.
+    pub fn grpc_model_infer(bytes: &[u8]) {
+        use crate::grpc_budget::WireBudget;
+        use prost::Message;
+        if <crate::proto::ModelInferRequest as WireBudget>::check(bytes).is_err() {
+            return;
+        }
+        let Ok(mut request) = crate::proto::ModelInferRequest::decode(bytes) else {
+            return;
+        };
+        let _ = crate::grpc::request_tensors(&mut request);
+    }
+}
