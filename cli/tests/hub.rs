@@ -716,6 +716,51 @@ fn a_large_batch_is_stored_once_in_bounded_transactions() -> Result<()> {
     Ok(())
 }
 
+/// Issue 16: a node token could write as fast as the hub answered. Writes are limited per
+/// node (a burst of 120, then 5 per second): 200 registrations at once get 429 past the
+/// burst, other nodes and admins are not held back.
+#[test]
+fn a_node_writing_too_fast_gets_429() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (_hub, hub) = sqlite_hub(dir.path())?;
+    let token = |id: &str| -> Result<String> {
+        let (_, t) = api(
+            &hub,
+            "POST",
+            &format!("/api/v1/nodes/{id}/token"),
+            ADMIN,
+            None,
+        )?;
+        Ok(t["token"].as_str().context("token")?.to_owned())
+    };
+    let (n1, n2) = (token("n1")?, token("n2")?);
+    let register = |id: &str, token: &str| -> Result<u16> {
+        Ok(api(
+            &hub,
+            "POST",
+            &format!("/api/v1/nodes/{id}/register"),
+            token,
+            Some(json!({ "labels": {} })),
+        )?
+        .0)
+    };
+    let statuses: Vec<u16> = (0..200)
+        .map(|_| register("n1", &n1))
+        .collect::<Result<_>>()?;
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    assert!(
+        (60..=80).contains(&limited),
+        "{limited} of 200 refused: {statuses:?}"
+    );
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
+    assert_eq!(register("n2", &n2)?, 200, "another node has its own bucket");
+    assert_eq!(register("n1", ADMIN)?, 200, "admins are not limited");
+    Ok(())
+}
+
 /// Issue 16: node tokens could not be revoked (a stolen device kept its access). An admin's
 /// `DELETE /api/v1/nodes/{id}/token` removes them all; the next request with one is 401.
 #[test]

@@ -221,6 +221,16 @@ impl FromRequestParts<AppState> for Caller {
             s.db.token(&token_hash(token.trim()))
                 .await?
                 .ok_or_else(|| Error::Unauthorized("unknown token".into()))?;
+        if kind == "node"
+            && !matches!(parts.method, Method::GET | Method::HEAD)
+            && !s.limits.allow(&node, std::time::Instant::now())
+        {
+            return Err(Error::TooManyRequests(format!(
+                "node {node:?} writes faster than {} per second (bursts of {})",
+                crate::limits::PER_SECOND,
+                crate::limits::BURST
+            )));
+        }
         Ok(Caller {
             kind,
             name,

@@ -14,6 +14,7 @@ mod api;
 mod blobs;
 mod dashboard;
 pub mod db;
+mod limits;
 mod metrics;
 pub mod monitor;
 mod tls;
@@ -52,6 +53,9 @@ pub enum Error {
     /// A body over its limit (413).
     #[error("{0}")]
     TooLarge(String),
+    /// Too many requests for this caller now (429).
+    #[error("{0}")]
+    TooManyRequests(String),
     /// The database failed (500).
     #[error("database: {0}")]
     Database(String),
@@ -79,6 +83,7 @@ impl Error {
             Error::BadRequest(_) => 400,
             Error::Conflict(_) => 409,
             Error::TooLarge(_) => 413,
+            Error::TooManyRequests(_) => 429,
             Error::Database(_) | Error::Io(_) | Error::Internal(_) => 500,
         }
     }
@@ -160,6 +165,8 @@ pub(crate) struct Shared {
     /// then stored, so each is joined once): a burst of downloads cannot make the hub hold
     /// one joined capsule per request.
     pub(crate) joins: tokio::sync::Mutex<()>,
+    /// Write rate limits per node.
+    pub(crate) limits: limits::RateLimits,
 }
 
 impl Shared {
@@ -231,6 +238,7 @@ impl Hub {
             metrics: metrics::HubMetrics::new()?,
             http,
             joins: tokio::sync::Mutex::new(()),
+            limits: limits::RateLimits::default(),
         });
         let (shutdown, mut stop) = watch::channel(false);
         let app = api::router(Arc::clone(&shared));
