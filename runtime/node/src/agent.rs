@@ -20,6 +20,7 @@ use capsule_format::tuf::{self, Root, Signed, Targets};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::durable::{move_aside, now_ms, read_json, write_durably};
 use crate::loader::Loader;
 use crate::models::ModelRegistry;
 use crate::repository::{CAPSULE_SUFFIX, compare_versions};
@@ -83,17 +84,7 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), (&'static str, String)> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".incoming.{name}"));
-    std::fs::write(&tmp, bytes).map_err(io)?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)?;
-    // The rename is durable once the directory is.
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io)?;
-    Ok(())
+    write_durably(&dir.join(format!(".incoming.{name}")), path, bytes).map_err(io)
 }
 
 /// A body cut off at its limit (or by an error): what was read, and why it stopped.
@@ -158,33 +149,14 @@ const MAX_STATE_FILE_BYTES: u64 = 16 << 20;
 /// start. Neither readable is an error in the log too, and the agent starts without a
 /// rollback floor: loud, never silent.
 fn load_state(dir: &Path) -> AgentState {
-    use std::io::Read;
-    let read = |name: &str| -> Result<Option<AgentState>, String> {
-        let path = dir.join(name);
-        let mut bytes = Vec::new();
-        match std::fs::File::open(&path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e.to_string()),
-            Ok(f) => f
-                .take(MAX_STATE_FILE_BYTES + 1)
-                .read_to_end(&mut bytes)
-                .map_err(|e| e.to_string())?,
-        };
-        if bytes.len() as u64 > MAX_STATE_FILE_BYTES {
-            return Err(format!("larger than {MAX_STATE_FILE_BYTES} bytes"));
-        }
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| e.to_string())
-    };
+    let read = |name: &str| read_json::<AgentState>(&dir.join(name), MAX_STATE_FILE_BYTES);
     let problem = match read(STATE_FILE) {
         Ok(Some(state)) => return state,
         Ok(None) => None,
         Err(e) => Some(e),
     };
     if let Some(problem) = &problem {
-        let aside = dir.join(format!("{STATE_FILE}.corrupt-{}", now_ms()));
-        let _ = std::fs::rename(dir.join(STATE_FILE), &aside);
+        let (aside, _) = move_aside(&dir.join(STATE_FILE), now_ms());
         tracing::error!(path = %dir.join(STATE_FILE).display(), error = %problem, moved_to = %aside.display(), "the agent's state file is unreadable; reading its copy");
     }
     match read(STATE_COPY) {
@@ -202,23 +174,9 @@ fn load_state(dir: &Path) -> AgentState {
     }
 }
 
-fn now_ms() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis())
-}
-
-/// Writes `bytes` to `dir/name` durably: a hidden temporary file, fsync, rename, fsync of
-/// the directory.
-fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, dir.join(name))?;
-    std::fs::File::open(dir)?.sync_all()
+/// Writes `dir/name` durably, through a hidden temporary file.
+fn write_state_file(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    write_durably(&dir.join(format!(".{name}.tmp")), &dir.join(name), bytes)
 }
 
 /// Checks every file the agent installed against the hash its signed target had, and
@@ -524,8 +482,8 @@ impl Agent {
         let write = serde_json::to_vec_pretty(&self.state)
             .map_err(std::io::Error::other)
             .and_then(|b| {
-                write_durably(&dir, STATE_FILE, &b)?;
-                write_durably(&dir, STATE_COPY, &b)
+                write_state_file(&dir, STATE_FILE, &b)?;
+                write_state_file(&dir, STATE_COPY, &b)
             });
         if let Err(e) = write {
             tracing::error!(error = %e, "cannot save the agent state");
@@ -557,9 +515,7 @@ impl Agent {
             let signed: Signed<Root> = tuf::parse(&bytes, "root").map_err(|e| e.to_string())?;
             let rotated = tuf::rotate_root(&self.root, &signed).map_err(|e| e.to_string())?;
             let dir = state_dir(&self.models);
-            let tmp = dir.join(".root.json.tmp");
-            std::fs::write(&tmp, &bytes)
-                .and_then(|()| std::fs::rename(&tmp, dir.join("root.json")))
+            write_state_file(&dir, "root.json", &bytes)
                 .map_err(|e| format!("saving the rotated root: {e}"))?;
             tracing::info!(version = rotated.version, "root metadata rotated");
             self.root = rotated;
@@ -939,8 +895,8 @@ mod tests {
 
     fn save(dir: &Path, s: &AgentState) {
         let b = serde_json::to_vec(s).unwrap();
-        write_durably(dir, STATE_FILE, &b).unwrap();
-        write_durably(dir, STATE_COPY, &b).unwrap();
+        write_state_file(dir, STATE_FILE, &b).unwrap();
+        write_state_file(dir, STATE_COPY, &b).unwrap();
     }
 
     /// Issue 16: a corrupt state file silently reset the rollback floor (any targets version

@@ -17,6 +17,7 @@
 
 mod agent;
 mod config;
+mod durable;
 mod error;
 mod grpc;
 mod grpc_budget;

@@ -24,6 +24,7 @@ use capsule_format::{CapsuleManifest, NamedTensor};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 
+use crate::durable::{move_aside, now_ms, read_json, write_durably};
 use crate::metrics::Metrics;
 use crate::{Error, Result};
 
@@ -33,12 +34,6 @@ const SHIP_BATCHES: usize = 64;
 const SHIP_BYTES: usize = 4 << 20;
 /// Quarantined batches kept on disk (the newest).
 const QUARANTINE_KEPT: usize = 16;
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
 
 /// Counters that survive restarts (`state.json` in the buffer directory).
 #[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
@@ -62,18 +57,6 @@ fn batch_path(dir: &Path, seq: u64, requests: u64) -> PathBuf {
     dir.join(format!("{seq:020}-{requests}.batch"))
 }
 
-/// Writes `bytes` to `path` durably: a temporary file, fsync, rename, fsync of the directory.
-fn write_durably(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
-}
-
 /// Largest `state.json` read (it holds three counters).
 const MAX_STATE_BYTES: u64 = 64 << 10;
 
@@ -83,38 +66,29 @@ const MAX_STATE_BYTES: u64 = 64 << 10;
 /// from the current time in milliseconds, above any sequence counted one by one before, so
 /// the hub (which keeps the first batch of each node and sequence) drops none of the new ones.
 fn read_state(dir: &Path) -> BufferState {
-    use std::io::Read;
     let path = dir.join("state.json");
-    let read = std::fs::File::open(&path).and_then(|f| {
-        let mut bytes = Vec::new();
-        f.take(MAX_STATE_BYTES + 1).read_to_end(&mut bytes)?;
-        Ok(bytes)
-    });
-    let problem = match read {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return BufferState::default(),
-        Err(e) => e.to_string(),
-        Ok(bytes) if bytes.len() as u64 > MAX_STATE_BYTES => {
-            format!("larger than {MAX_STATE_BYTES} bytes")
-        }
-        Ok(bytes) => match serde_json::from_slice(&bytes) {
-            Ok(state) => return state,
-            Err(e) => e.to_string(),
-        },
+    let problem = match read_json(&path, MAX_STATE_BYTES) {
+        Ok(state) => return state.unwrap_or_default(),
+        Err(problem) => problem,
     };
     let now = now_ms();
-    let aside = dir.join(format!("state.json.corrupt-{now}"));
-    let moved = std::fs::rename(&path, &aside);
+    let (aside, moved) = move_aside(&path, now);
     tracing::warn!(
         path = %path.display(),
         error = %problem,
         moved_to = %aside.display(),
-        moved = moved.is_ok(),
+        moved,
         "the telemetry buffer's state file is unreadable; starting its counters again (batch sequence from the clock)"
     );
     BufferState {
         last_seq: now,
         ..BufferState::default()
     }
+}
+
+/// [`write_durably`] with a `.tmp` temporary (which [`Buffer::open`] removes).
+fn write_buffer_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_durably(&path.with_extension("tmp"), path, bytes)
 }
 
 impl Buffer {
@@ -201,11 +175,11 @@ impl Buffer {
         self.state.dropped_requests += evicted.1;
         let state = serde_json::to_vec(&self.state)
             .map_err(|e| Error::Internal(format!("telemetry state: {e}")))?;
-        write_durably(&self.dir, &self.dir.join("state.json"), &state)
+        write_buffer_file(&self.dir.join("state.json"), &state)
             .map_err(Error::io("cannot write the telemetry state"))?;
         if encoded.len() as u64 <= self.max_bytes {
             let path = batch_path(&self.dir, seq, requests);
-            write_durably(&self.dir, &path, &encoded)
+            write_buffer_file(&path, &encoded)
                 .map_err(Error::io(format!("cannot write {}", path.display())))?;
             self.files.insert(seq, (encoded.len() as u64, requests));
         }
