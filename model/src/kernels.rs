@@ -8,8 +8,10 @@
 //! implementations is made per call:
 //!
 //! - host kernels off or unavailable (browsers, nodes that disable them, the builder): the
-//!   program goes to tract's `wasm_f32_8x8` unchanged, so outputs are bit for bit those of
-//!   tract's wasm kernel;
+//!   product is computed by our own wasm loop (`product_8x8`), then the rest of the
+//!   program (bias, activations, the store) runs on tract's `wasm_f32_8x8`; outputs are bit
+//!   for bit those of tract's wasm kernel (same sums in the same order), faster where
+//!   products are deep (see `portable`);
 //! - host kernels on: each `AddMatMul` of the program (the dense product of one packed 8-row
 //!   panel of A by one packed 8-column panel of B) is computed by the host into an 8x8 tile,
 //!   and the program runs on tract's wasm kernel with that step replaced by adding the tile.
@@ -35,6 +37,7 @@
 
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 mod wasm {
+    use std::arch::wasm32::*;
     use std::sync::atomic::{AtomicBool, Ordering};
 
     use tract_linalg::isa::{Arch, IsaSet};
@@ -91,7 +94,6 @@ mod wasm {
     /// `program` is one tract built for this kernel's geometry and packings: every pointer in
     /// it covers the bytes its op reads or writes.
     unsafe fn kernel(program: &[FusedKerSpec<f32>]) -> isize {
-        let wasm = tract_linalg::wasm::wasm_f32_8x8.kernel;
         let (mut products, mut shallow, mut misaligned) = (0, false, false);
         for op in program {
             if let FusedKerSpec::AddMatMul { k, pa, .. } = op {
@@ -112,7 +114,7 @@ mod wasm {
             || program.len() > MAX_OPS
         {
             // SAFETY: the caller's contract, and the same geometry and packings.
-            return unsafe { wasm(program) };
+            return unsafe { portable(program) };
         }
         let mut tiles = [[0f32; 64]; MAX_PRODUCTS];
         let mut ops = [FusedKerSpec::Done; MAX_OPS];
@@ -122,7 +124,7 @@ mod wasm {
                 FusedKerSpec::AddMatMul { k, pa, pb, .. } => {
                     let Some(out) = tile.next() else {
                         // Counted above: unreachable, and harmless (the wasm kernel).
-                        return unsafe { wasm(program) };
+                        return unsafe { portable(program) };
                     };
                     // SAFETY: `pa` and `pb` are packed panels of `k` steps (the caller's
                     // contract) and `out` holds 64 f32; the host bounds-checks them anyway.
@@ -139,7 +141,156 @@ mod wasm {
         }
         // SAFETY: the program with each product replaced by adding a local 8x8 row-major
         // tile, which lives until the call returns.
-        unsafe { wasm(&ops[..program.len()]) }
+        unsafe { (tract_linalg::wasm::wasm_f32_8x8.kernel)(&ops[..program.len()]) }
+    }
+
+    /// The portable path: tract's wasm 8x8 kernel, but with the first product of a program
+    /// (the one right after `Clear`, which every product of a plan is) computed by
+    /// [`product_8x8`] into a row-major tile that the program then loads (`LoadTile`)
+    /// instead of accumulating it. Bit for bit tract's result: each of the 64 sums is
+    /// accumulated from zero in the same order, with the same multiply and add.
+    ///
+    /// Why: tract's kernel keeps sixteen `v128` accumulators live across its product loop,
+    /// more than the sixteen vector registers of x86-64 leave once the operands are loaded,
+    /// so Cranelift spills them and every multiply-add is a stack load and a stack store.
+    /// [`product_8x8`] runs the tile as two passes of four rows, eight accumulators each,
+    /// which stay in registers. With a multiply and an add per step (the deterministic
+    /// guest) the loop is then bound by the CPU's two vector arithmetic ports, as tract's
+    /// was by its spills, so it gains 0-10%; with `relaxed_madd` (one fused multiply-add)
+    /// it does half the arithmetic (docs/benchmarks.md).
+    ///
+    /// # Safety
+    /// As [`kernel`].
+    unsafe fn portable(program: &[FusedKerSpec<f32>]) -> isize {
+        let wasm = tract_linalg::wasm::wasm_f32_8x8.kernel;
+        let (Some(FusedKerSpec::Clear), Some(&FusedKerSpec::AddMatMul { k, pa, pb, .. })) =
+            (program.first(), program.get(1))
+        else {
+            // SAFETY: the caller's contract.
+            return unsafe { wasm(program) };
+        };
+        if k < MIN_PORTABLE_K || program.len() > MAX_OPS + 1 {
+            // SAFETY: the caller's contract.
+            return unsafe { wasm(program) };
+        }
+        let mut tile = Tile([f32x4_splat(0.0); 16]);
+        // SAFETY: `pa` and `pb` are packed panels of `k` steps of 8 f32 (the caller's
+        // contract: this kernel's packings), 16-byte aligned (A to 256, B to 8 bytes: B is
+        // read with unaligned loads).
+        unsafe { product_8x8(k, pa.cast(), pb.cast(), &mut tile) };
+        let mut ops = [FusedKerSpec::Done; MAX_OPS];
+        ops[0] = FusedKerSpec::LoadTile(std::ptr::null(), tile.0.as_ptr().cast());
+        let rest = &program[2..];
+        ops[1..=rest.len()].copy_from_slice(rest);
+        // SAFETY: the program with its first two ops replaced by loading the tile they
+        // compute, which lives until the call returns.
+        unsafe { wasm(&ops[..=rest.len()]) }
+    }
+
+    /// Shallowest product the portable path computes with [`product_8x8`]; shallower ones
+    /// run tract's loop, where writing and loading the tile would be most of the work. (The
+    /// MNIST CNN, whose first convolution has k = 9, measured the same either way.)
+    const MIN_PORTABLE_K: usize = 8;
+
+    #[repr(C, align(16))]
+    struct Tile([v128; 16]);
+
+    /// `tile = A * B` for one 8x8 tile: `pa` holds `k` steps of 8 rows, `pb` `k` steps of 8
+    /// columns. Rows 0-3, then rows 4-7, each pass keeping its eight accumulators (four
+    /// rows, two `v128` of four columns each) in registers. The multiply-add is tract's
+    /// (`f32x4_relaxed_madd` in a relaxed-simd guest, a multiply then an add otherwise).
+    ///
+    /// # Safety
+    /// `pa` and `pb` point to `2 * k` readable `v128` each.
+    #[inline(never)]
+    unsafe fn product_8x8(k: usize, pa: *const v128, pb: *const v128, tile: &mut Tile) {
+        // SAFETY: the caller's contract, passed on.
+        unsafe {
+            half::<0>(k, pa, pb, &mut tile.0[..8]);
+            half::<1>(k, pa, pb, &mut tile.0[8..]);
+        }
+    }
+
+    /// Rows `4 * H .. 4 * H + 4` of [`product_8x8`], stored row by row (low four columns,
+    /// then high four) into `out`.
+    ///
+    /// The loop runs eight k steps per iteration. wasmtime checks the epoch (the inference
+    /// deadline) at every loop header, and the check's slow path is a call that clobbers
+    /// every vector register, so Cranelift keeps loop-carried vectors in stack slots and
+    /// loads and stores them once per iteration: per eight steps rather than per step.
+    ///
+    /// # Safety
+    /// As [`product_8x8`].
+    #[inline(always)]
+    unsafe fn half<const H: usize>(k: usize, pa: *const v128, pb: *const v128, out: &mut [v128]) {
+        let zero = f32x4_splat(0.0);
+        let (mut c0l, mut c0h, mut c1l, mut c1h) = (zero, zero, zero, zero);
+        let (mut c2l, mut c2h, mut c3l, mut c3h) = (zero, zero, zero, zero);
+        macro_rules! step {
+            ($i:expr) => {{
+                let i = $i;
+                // SAFETY: `i < k`, and the caller's contract.
+                let (a, bl, bh) = unsafe {
+                    (
+                        v128_load(pa.add(2 * i + H)),
+                        v128_load(pb.add(2 * i)),
+                        v128_load(pb.add(2 * i + 1)),
+                    )
+                };
+                let s = i32x4_shuffle::<0, 0, 0, 0>(a, a);
+                c0l = madd(c0l, s, bl);
+                c0h = madd(c0h, s, bh);
+                let s = i32x4_shuffle::<1, 1, 1, 1>(a, a);
+                c1l = madd(c1l, s, bl);
+                c1h = madd(c1h, s, bh);
+                let s = i32x4_shuffle::<2, 2, 2, 2>(a, a);
+                c2l = madd(c2l, s, bl);
+                c2h = madd(c2h, s, bh);
+                let s = i32x4_shuffle::<3, 3, 3, 3>(a, a);
+                c3l = madd(c3l, s, bl);
+                c3h = madd(c3h, s, bh);
+            }};
+        }
+        // Eight steps per iteration, each followed by its own exit test: the exits are
+        // where Cranelift must have every accumulator computed, so it computes them step by
+        // step, in registers (with one test per iteration it would load all 24 operands
+        // first and compute each accumulator's whole chain in turn).
+        let mut i = 0;
+        if k > 0 {
+            'steps: loop {
+                // Written out, not a `for` loop: a loop LLVM does not unroll at the guest's
+                // size-optimized level would be a wasm loop, with an epoch check per step.
+                macro_rules! then_test {
+                    () => {
+                        step!(i);
+                        i += 1;
+                        if i == k {
+                            break 'steps;
+                        }
+                    };
+                }
+                then_test!();
+                then_test!();
+                then_test!();
+                then_test!();
+                then_test!();
+                then_test!();
+                then_test!();
+                then_test!();
+            }
+        }
+        for (slot, v) in out.iter_mut().zip([c0l, c0h, c1l, c1h, c2l, c2h, c3l, c3h]) {
+            *slot = v;
+        }
+    }
+
+    /// `acc + a * b`, as tract's `madd_f32x4!` computes it in this build.
+    #[inline(always)]
+    fn madd(acc: v128, a: v128, b: v128) -> v128 {
+        #[cfg(target_feature = "relaxed-simd")]
+        return f32x4_relaxed_madd(a, b, acc);
+        #[cfg(not(target_feature = "relaxed-simd"))]
+        f32x4_add(acc, f32x4_mul(a, b))
     }
 
     fn make() -> DynKernel<8, 8, f32> {
