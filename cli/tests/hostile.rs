@@ -97,3 +97,74 @@ fn millions_of_empty_grpc_inputs_do_not_grow_the_node() -> Result<()> {
     );
     Ok(())
 }
+
+/// Issue 16's REST probe: a 16 MiB JSON body whose `data` is 8 Mi zeros (`0,`: two bytes per
+/// element). Decoded into JSON values, 32 bytes each plus their arrays, it took the node from
+/// 70 MiB to 589 MiB before the shape check refused it. Now the elements stay the body's text,
+/// the declared shape is checked against the signature before any element is decoded, and the
+/// node's peak stays within 48 MiB of idle: the body and one copy of its text (measured: 71 to
+/// 100 MiB), not the 32 MiB tensor as well.
+#[test]
+fn a_json_body_of_zeros_costs_its_tensor_not_json_values() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let models = dir.path().join("models");
+    std::fs::create_dir_all(&models)?;
+    let fixture = common::repo().join("tests/fixtures/models/digits_mlp/model.onnx");
+    common::run(&[
+        "build",
+        &fixture.to_string_lossy(),
+        "--name",
+        "digits",
+        "-o",
+        &models.join("digits.capsule.wasm").to_string_lossy(),
+    ])?;
+    let node = serve_empty(&models, &["--no-grpc"])?;
+    let http = node.address("REST on ")?;
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()?;
+    common::wait_until("the node is ready", || {
+        client
+            .get(format!("{http}/v2/health/ready"))
+            .send()
+            .is_ok_and(|r| r.status().is_success())
+    })?;
+    let infer = |body: Vec<u8>| -> Result<(u16, String)> {
+        let resp = client
+            .post(format!("{http}/v2/models/digits/infer"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()?;
+        Ok((resp.status().as_u16(), resp.text()?))
+    };
+    let request = |n: usize| -> Vec<u8> {
+        let mut body =
+            format!(r#"{{"inputs":[{{"name":"input","shape":[1,{n}],"datatype":"FP32","data":["#)
+                .into_bytes();
+        body.extend(std::iter::repeat_n(*b"0,", n).flatten());
+        body.pop();
+        body.extend_from_slice(b"]}]}");
+        body
+    };
+    // A valid request first, so the idle figure includes a warm instance and one decode.
+    let (status, text) = infer(request(64))?;
+    assert_eq!(status, 200, "{text}");
+    let idle = peak_rss(&node)?;
+    let n = 8 << 20;
+    let (status, text) = infer(request(n))?;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("has shape [1, 8388608]"), "{text}");
+    let peak = peak_rss(&node)?;
+    assert!(
+        peak < idle + (48 << 20),
+        "peak RSS {} MiB after the probe, {} MiB idle",
+        peak >> 20,
+        idle >> 20
+    );
+    eprintln!(
+        "node peak RSS: {} MiB idle, {} MiB after a 16 MiB JSON body of zeros",
+        idle >> 20,
+        peak >> 20
+    );
+    Ok(())
+}

@@ -4,13 +4,30 @@
 //! disagree. Tensor `data` may be flat or nested (row-major); its element count must match the
 //! shape exactly and every element must fit the datatype.
 
+use std::fmt;
+use std::marker::PhantomData;
+
 use base64::Engine as _;
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::{DType, Error, NamedTensor, Result, Tensor};
 
+/// Most inputs, or requested outputs, of one request.
+pub const MAX_TENSORS: usize = 1024;
+/// Most dimensions of one tensor's shape.
+pub const MAX_DIMS: usize = 64;
+/// Most entries of one `parameters` object.
+pub const MAX_PARAMETERS: usize = 64;
+
 /// A V2 inference request body.
+///
+/// Decoding it is bounded by the body: lists are capped ([`MAX_TENSORS`], [`MAX_DIMS`],
+/// [`MAX_PARAMETERS`]), parameter values are scalars (booleans, numbers, strings, as the
+/// protocol defines them), and each input's elements stay the body's own text
+/// ([`TensorData`]) until they are decoded straight into the tensor's bytes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InferenceRequest {
@@ -18,12 +35,21 @@ pub struct InferenceRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
     /// Optional request parameters.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "parameters"
+    )]
     pub parameters: Option<serde_json::Map<String, Value>>,
     /// Input tensors.
+    #[serde(deserialize_with = "tensors")]
     pub inputs: Vec<RequestInput>,
     /// Requested outputs (all when absent).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "requested"
+    )]
     pub outputs: Option<Vec<RequestedOutput>>,
 }
 
@@ -34,15 +60,60 @@ pub struct RequestInput {
     /// Input name.
     pub name: String,
     /// Shape.
+    #[serde(deserialize_with = "dims")]
     pub shape: Vec<u64>,
     /// Datatype name (`FP32`, ...).
     pub datatype: String,
     /// Optional parameters (`binary_data_size` when the elements follow the JSON part).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "parameters"
+    )]
     pub parameters: Option<serde_json::Map<String, Value>>,
     /// Elements, flat or nested (absent when they travel as binary data).
     #[serde(default)]
-    pub data: Value,
+    pub data: TensorData,
+}
+
+/// The elements of a request input as the request's own JSON text (flat or nested arrays,
+/// or a scalar), decoded by [`RequestInput::to_named_tensor`] straight into the tensor's
+/// bytes once its datatype and shape are known.
+///
+/// Why not JSON values: `serde_json::Value` takes 32 bytes per element, plus the arrays that
+/// hold them, so a 16 MiB body of zeros (`[0,0,...]`, two bytes per element) became more than
+/// 500 MiB of values before any check ran. This keeps one copy of the text, and the tensor
+/// takes its own size.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TensorData(Option<Box<RawValue>>);
+
+impl TensorData {
+    /// Elements given as JSON values (nested arrays or a flat list).
+    pub fn from_values(values: &[Value]) -> Result<TensorData> {
+        serde_json::value::to_raw_value(values)
+            .map(|raw| TensorData(Some(raw)))
+            .map_err(|e| Error::Encode {
+                what: "tensor data",
+                reason: e.to_string(),
+            })
+    }
+
+    /// The JSON text (`null` when absent).
+    pub fn json(&self) -> &str {
+        self.0.as_deref().map_or("null", RawValue::get)
+    }
+
+    /// Absent or `null`: the elements travel as binary data.
+    pub fn is_absent(&self) -> bool {
+        self.json() == "null"
+    }
+}
+
+impl PartialEq for TensorData {
+    fn eq(&self, other: &TensorData) -> bool {
+        self.json() == other.json()
+    }
 }
 
 /// An output the client asks for.
@@ -52,8 +123,171 @@ pub struct RequestedOutput {
     /// Output name.
     pub name: String,
     /// Optional parameters.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "parameters"
+    )]
     pub parameters: Option<serde_json::Map<String, Value>>,
+}
+
+/// A list of at most `max` items, refused as soon as it has more.
+struct Bounded<T> {
+    max: usize,
+    what: &'static str,
+    item: PhantomData<T>,
+}
+
+impl<T> Bounded<T> {
+    fn new(max: usize, what: &'static str) -> Bounded<T> {
+        Bounded {
+            max,
+            what,
+            item: PhantomData,
+        }
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Visitor<'de> for Bounded<T> {
+    type Value = Vec<T>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "a list of at most {} {}", self.max, self.what)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Vec<T>, A::Error> {
+        let mut out = Vec::new();
+        while let Some(item) = seq.next_element()? {
+            if out.len() == self.max {
+                return Err(de::Error::custom(format_args!(
+                    "more than {} {}",
+                    self.max, self.what
+                )));
+            }
+            out.push(item);
+        }
+        Ok(out)
+    }
+}
+
+fn dims<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<u64>, D::Error> {
+    d.deserialize_seq(Bounded::new(MAX_DIMS, "dimensions"))
+}
+
+fn tensors<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<RequestInput>, D::Error> {
+    d.deserialize_seq(Bounded::new(MAX_TENSORS, "inputs"))
+}
+
+fn requested<'de, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<Vec<RequestedOutput>>, D::Error> {
+    Option::<RequestedOutputs>::deserialize(d).map(|o| o.map(|o| o.0))
+}
+
+/// The `outputs` list, bounded as [`tensors`] is.
+struct RequestedOutputs(Vec<RequestedOutput>);
+
+impl<'de> Deserialize<'de> for RequestedOutputs {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_seq(Bounded::new(MAX_TENSORS, "requested outputs"))
+            .map(RequestedOutputs)
+    }
+}
+
+/// A `parameters` object: at most [`MAX_PARAMETERS`] entries whose values are scalars.
+fn parameters<'de, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<serde_json::Map<String, Value>>, D::Error> {
+    Option::<Parameters>::deserialize(d).map(|p| p.map(|p| p.0))
+}
+
+struct Parameters(serde_json::Map<String, Value>);
+
+impl<'de> Deserialize<'de> for Parameters {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Entries;
+        impl<'de> Visitor<'de> for Entries {
+            type Value = Parameters;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                write!(f, "an object of at most {MAX_PARAMETERS} parameters")
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Parameters, A::Error> {
+                let mut out = serde_json::Map::new();
+                while let Some((key, ParameterValue(value))) = map.next_entry::<String, _>()? {
+                    if out.len() == MAX_PARAMETERS {
+                        return Err(de::Error::custom(format_args!(
+                            "more than {MAX_PARAMETERS} parameters"
+                        )));
+                    }
+                    out.insert(key, value);
+                }
+                Ok(Parameters(out))
+            }
+        }
+        d.deserialize_map(Entries)
+    }
+}
+
+/// A parameter's value: a boolean, a number or a string (the protocol's
+/// `$parameter_value`), or null. Lists and objects are refused before they are built.
+struct ParameterValue(Value);
+
+impl<'de> Deserialize<'de> for ParameterValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Scalar;
+        impl Visitor<'_> for Scalar {
+            type Value = ParameterValue;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a boolean, a number, a string or null")
+            }
+            fn visit_bool<E>(self, v: bool) -> std::result::Result<ParameterValue, E> {
+                Ok(ParameterValue(Value::Bool(v)))
+            }
+            fn visit_i64<E>(self, v: i64) -> std::result::Result<ParameterValue, E> {
+                Ok(ParameterValue(Value::from(v)))
+            }
+            fn visit_u64<E>(self, v: u64) -> std::result::Result<ParameterValue, E> {
+                Ok(ParameterValue(Value::from(v)))
+            }
+            fn visit_f64<E>(self, v: f64) -> std::result::Result<ParameterValue, E> {
+                Ok(ParameterValue(Value::from(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> std::result::Result<ParameterValue, E> {
+                Ok(ParameterValue(Value::String(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> std::result::Result<ParameterValue, E> {
+                Ok(ParameterValue(Value::String(v)))
+            }
+            fn visit_unit<E>(self) -> std::result::Result<ParameterValue, E> {
+                Ok(ParameterValue(Value::Null))
+            }
+        }
+        d.deserialize_any(Scalar)
+    }
+}
+
+/// Most fields of one record given as a JSON object in a BYTES input's data.
+const MAX_RECORD_FIELDS: usize = 4096;
+
+/// A record (`{"b64": ...}`, or a tabular row): at most [`MAX_RECORD_FIELDS`] fields whose
+/// values are scalars or null (what a tabular pipeline reads; nested values are refused
+/// before they are built).
+fn record<'de, A: MapAccess<'de>>(
+    mut map: A,
+) -> std::result::Result<serde_json::Map<String, Value>, A::Error> {
+    let mut out = serde_json::Map::new();
+    while let Some((key, ParameterValue(value))) = map.next_entry::<String, _>()? {
+        if out.len() == MAX_RECORD_FIELDS {
+            return Err(de::Error::custom(format_args!(
+                "a record has more than {MAX_RECORD_FIELDS} fields"
+            )));
+        }
+        out.insert(key, value);
+    }
+    Ok(out)
 }
 
 /// A V2 inference response body.
@@ -108,7 +342,7 @@ impl InferenceRequest {
                     shape: t.tensor.shape.clone(),
                     datatype: t.tensor.dtype.v2_name().to_owned(),
                     parameters: None,
-                    data: Value::Array(tensor_values(&t.name, &t.tensor)?),
+                    data: TensorData::from_values(&tensor_values(&t.name, &t.tensor)?)?,
                 })
             })
             .collect::<Result<_>>()?;
@@ -135,24 +369,8 @@ impl RequestInput {
         let dtype = DType::from_v2_name(&self.datatype)?;
         let count = crate::tensor::element_count(&self.shape)
             .ok_or_else(|| tensor_error(name, format!("shape {:?} overflows", self.shape)))?;
-        let mut flat = Vec::new();
-        flatten(&self.data, &mut flat, 0).map_err(|r| tensor_error(name, r))?;
-        if flat.len() as u64 != count {
-            return Err(tensor_error(
-                name,
-                format!(
-                    "shape {:?} has {count} elements but data has {}",
-                    self.shape,
-                    flat.len()
-                ),
-            ));
-        }
-        let elem = dtype.size().unwrap_or(8);
-        let mut data = Vec::with_capacity(flat.len().saturating_mul(elem));
-        for (i, v) in flat.iter().enumerate() {
-            encode_element(dtype, v, &mut data)
-                .map_err(|r| tensor_error(name, format!("element {i}: {r}")))?;
-        }
+        let data = decode_elements(self.data.json(), dtype, &self.shape, count)
+            .map_err(|r| tensor_error(name, r))?;
         let tensor = Tensor::new(dtype, self.shape.clone(), data)
             .map_err(|e| tensor_error(name, e.to_string()))?;
         Ok(NamedTensor {
@@ -165,23 +383,163 @@ impl RequestInput {
 /// Nesting deeper than any real tensor is refused (it would only exhaust the stack).
 const MAX_NESTING: usize = 64;
 
-fn flatten<'a>(
-    v: &'a Value,
-    out: &mut Vec<&'a Value>,
-    depth: usize,
-) -> std::result::Result<(), String> {
-    if depth > MAX_NESTING {
+/// The elements of `json` (nested arrays flattened in row-major order, or one scalar) encoded
+/// as `count` elements of `dtype`, with nothing built per element but the bytes it encodes to
+/// (and a string's copy for BYTES). Errors, in the order a reader checks them: nesting, the
+/// element count, then the first element that does not fit.
+fn decode_elements(
+    json: &str,
+    dtype: DType,
+    shape: &[u64],
+    count: u64,
+) -> std::result::Result<Vec<u8>, String> {
+    // Every element takes at least two characters of text (a digit and a separator), so a
+    // shape that claims more cannot be filled and reserves nothing beyond the text's worth.
+    let most = (json.len() / 2 + 1) as u64;
+    let reserve = count
+        .min(most)
+        .saturating_mul(dtype.size().unwrap_or(4) as u64);
+    let mut sink = Elements {
+        dtype,
+        want: count,
+        seen: 0,
+        out: Vec::with_capacity(usize::try_from(reserve).unwrap_or(0)),
+        nesting: false,
+        error: None,
+    };
+    let mut de = serde_json::Deserializer::from_str(json);
+    let parsed = Element {
+        sink: &mut sink,
+        depth: 0,
+    }
+    .deserialize(&mut de)
+    .and_then(|()| de.end());
+    if sink.nesting {
         return Err(format!("data is nested deeper than {MAX_NESTING} levels"));
     }
-    match v {
-        Value::Array(items) => {
-            for item in items {
-                flatten(item, out, depth + 1)?;
-            }
-        }
-        other => out.push(other),
+    parsed.map_err(|e| format!("data: {e}"))?;
+    if sink.seen != count {
+        return Err(format!(
+            "shape {shape:?} has {count} elements but data has {}",
+            sink.seen
+        ));
     }
-    Ok(())
+    match sink.error {
+        Some(e) => Err(e),
+        None => Ok(sink.out),
+    }
+}
+
+/// Where [`decode_elements`] puts what it reads.
+struct Elements {
+    dtype: DType,
+    /// Elements the shape holds: later ones are counted, not encoded.
+    want: u64,
+    seen: u64,
+    out: Vec<u8>,
+    nesting: bool,
+    /// The first element that does not fit; later ones are counted, not encoded.
+    error: Option<String>,
+}
+
+impl Elements {
+    /// Whether the next element is encoded (else only counted).
+    fn takes(&mut self) -> bool {
+        let take = self.seen < self.want && self.error.is_none();
+        self.seen += 1;
+        take
+    }
+
+    fn leaf(&mut self, value: impl FnOnce() -> Value) {
+        let index = self.seen;
+        if self.takes()
+            && let Err(reason) = encode_element(self.dtype, &value(), &mut self.out)
+        {
+            self.error = Some(format!("element {index}: {reason}"));
+        }
+    }
+}
+
+/// One value of the data at some depth: a list (whose items are elements one level down) or
+/// an element.
+struct Element<'a> {
+    sink: &'a mut Elements,
+    depth: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for Element<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
+        if self.depth > MAX_NESTING {
+            self.sink.nesting = true;
+            return Err(de::Error::custom("nested too deep"));
+        }
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Element<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("tensor elements, flat or nested")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<(), A::Error> {
+        while seq
+            .next_element_seed(Element {
+                sink: &mut *self.sink,
+                depth: self.depth + 1,
+            })?
+            .is_some()
+        {}
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<(), A::Error> {
+        // A BYTES element (`{"b64": ...}` or a record), or an error for any other type.
+        let index = self.sink.seen;
+        if self.sink.takes() {
+            let value = Value::Object(record(map)?);
+            if let Err(reason) = encode_element(self.sink.dtype, &value, &mut self.sink.out) {
+                self.sink.error = Some(format!("element {index}: {reason}"));
+            }
+        } else {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        }
+        Ok(())
+    }
+
+    fn visit_bool<E>(self, v: bool) -> std::result::Result<(), E> {
+        self.sink.leaf(|| Value::Bool(v));
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, v: i64) -> std::result::Result<(), E> {
+        self.sink.leaf(|| Value::from(v));
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, v: u64) -> std::result::Result<(), E> {
+        self.sink.leaf(|| Value::from(v));
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, v: f64) -> std::result::Result<(), E> {
+        self.sink.leaf(|| Value::from(v));
+        Ok(())
+    }
+
+    fn visit_str<E>(self, v: &str) -> std::result::Result<(), E> {
+        self.sink.leaf(|| Value::String(v.to_owned()));
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> std::result::Result<(), E> {
+        self.sink.leaf(|| Value::Null);
+        Ok(())
+    }
 }
 
 fn encode_element(dtype: DType, v: &Value, out: &mut Vec<u8>) -> std::result::Result<(), String> {
@@ -393,7 +751,7 @@ impl InferenceResponse {
                     shape: o.shape.clone(),
                     datatype: o.datatype.clone(),
                     parameters: None,
-                    data: Value::Array(o.data.clone()),
+                    data: TensorData::from_values(&o.data)?,
                 }
                 .to_named_tensor()
             })
@@ -427,10 +785,24 @@ pub struct DecodedRequest {
 /// `binary_data_size`, in input order (BYTES elements each prefixed by a little-endian u32
 /// length, as in the extension).
 pub fn decode_request(body: &[u8], json_len: Option<usize>) -> Result<DecodedRequest> {
-    let (json, binary) = split_body(body, json_len)?;
-    let request = InferenceRequest::from_json(json)?;
-    let inputs = decode_tensors(&request.inputs, binary)?;
+    let (request, binary) = parse_request(body, json_len)?;
+    let inputs = decode_inputs(&request, binary)?;
     Ok(DecodedRequest { request, inputs })
+}
+
+/// The first half of [`decode_request`]: the JSON part, whose inputs declare their names,
+/// datatypes and shapes but whose elements are not decoded yet, and the binary part after
+/// it. A server checks the declarations against the model's signature in between, so that
+/// a request for the wrong shape never has its elements decoded.
+pub fn parse_request(body: &[u8], json_len: Option<usize>) -> Result<(InferenceRequest, &[u8])> {
+    let (json, binary) = split_body(body, json_len)?;
+    Ok((InferenceRequest::from_json(json)?, binary))
+}
+
+/// The second half of [`decode_request`]: every input as a checked tensor, its elements
+/// from its JSON `data` or, with `binary_data_size`, from `binary` in input order.
+pub fn decode_inputs(request: &InferenceRequest, binary: &[u8]) -> Result<Vec<NamedTensor>> {
+    decode_tensors(&request.inputs, binary)
 }
 
 /// Splits a body into its JSON part and the binary data after it.
@@ -460,7 +832,7 @@ fn decode_tensors(tensors: &[RequestInput], mut binary: &[u8]) -> Result<Vec<Nam
                     .ok_or_else(|| {
                         tensor_error(name, format!("binary_data_size {size} is not a size"))
                     })?;
-                if !input.data.is_null() {
+                if !input.data.is_absent() {
                     return Err(tensor_error(name, "has both binary_data_size and data"));
                 }
                 let (bytes, rest) = binary.split_at_checked(size).ok_or_else(|| {
@@ -529,7 +901,7 @@ pub fn encode_binary_request(inputs: &[NamedTensor], outputs: &[&str]) -> Result
                 shape: t.tensor.shape.clone(),
                 datatype: t.tensor.dtype.v2_name().to_owned(),
                 parameters: parameters("binary_data_size", Value::from(t.tensor.data.len())),
-                data: Value::Null,
+                data: TensorData::default(),
             })
             .collect(),
         outputs: Some(
@@ -722,6 +1094,125 @@ mod tests {
 
     fn parse(json: &str) -> Result<Vec<NamedTensor>> {
         InferenceRequest::from_json(json.as_bytes())?.to_tensors()
+    }
+
+    /// The decoder's bounds: each list, object and nesting has a cap, and data is counted
+    /// past its shape without being encoded.
+    #[test]
+    fn decoding_is_bounded() {
+        let input = |shape: &str, data: &str| {
+            format!(
+                r#"{{"inputs":[{{"name":"x","shape":{shape},"datatype":"FP32","data":{data}}}]}}"#
+            )
+        };
+        let too_many_dims = format!("[{}1]", "1,".repeat(MAX_DIMS));
+        let e = InferenceRequest::from_json(input(&too_many_dims, "[1]").as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("more than 64 dimensions"), "{e}");
+        let ok_dims = format!("[{}1]", "1,".repeat(MAX_DIMS - 1));
+        assert_eq!(
+            parse(&input(&ok_dims, "[2]")).unwrap()[0]
+                .tensor
+                .shape
+                .len(),
+            64
+        );
+
+        let params = (0..=MAX_PARAMETERS)
+            .map(|i| format!(r#""p{i}":{i}"#))
+            .collect::<Vec<_>>()
+            .join(",");
+        let e = InferenceRequest::from_json(
+            format!(r#"{{"parameters":{{{params}}},"inputs":[]}}"#).as_bytes(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("more than 64 parameters"), "{e}");
+        // Parameter values are scalars: a list is refused before it is built.
+        let e = InferenceRequest::from_json(br#"{"parameters":{"p":[0,0,0]},"inputs":[]}"#)
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("a boolean, a number, a string or null"),
+            "{e}"
+        );
+        let ok = InferenceRequest::from_json(
+            br#"{"parameters":{"timeout":5,"b":true,"s":"x","f":0.5,"n":null},"inputs":[]}"#,
+        )
+        .unwrap();
+        assert_eq!(ok.parameters.unwrap().len(), 5);
+
+        let inputs = vec![r#"{"name":"x","shape":[],"datatype":"FP32","data":1}"#; MAX_TENSORS + 1];
+        let e = InferenceRequest::from_json(
+            format!(r#"{{"inputs":[{}]}}"#, inputs.join(",")).as_bytes(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("more than 1024 inputs"), "{e}");
+        let outputs = vec![r#"{"name":"y"}"#; MAX_TENSORS + 1];
+        let e = InferenceRequest::from_json(
+            format!(r#"{{"inputs":[],"outputs":[{}]}}"#, outputs.join(",")).as_bytes(),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("more than 1024 requested outputs"),
+            "{e}"
+        );
+
+        // More elements than the shape: all counted, none encoded past the shape.
+        let e = parse(&input("[2]", "[1,2,3,[4,5]]")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "tensor \"x\": shape [2] has 2 elements but data has 5"
+        );
+        // A shape that claims far more than the text holds reserves nothing for it.
+        let e = parse(&input("[1,1000000000000]", "[1]")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "tensor \"x\": shape [1, 1000000000000] has 1000000000000 elements but data has 1"
+        );
+        // The count is checked before the elements, as before.
+        let e = parse(&input("[3]", r#"[1,"a"]"#)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "tensor \"x\": shape [3] has 3 elements but data has 2"
+        );
+
+        // A record in BYTES data holds scalars; a nested value is refused before it is built.
+        let bytes = |data: &str| {
+            parse(&format!(
+                r#"{{"inputs":[{{"name":"x","shape":[1],"datatype":"BYTES","data":{data}}}]}}"#
+            ))
+        };
+        assert!(bytes(r#"[{"a":1,"b":"x","c":null,"d":true}]"#).is_ok());
+        let e = bytes(r#"[{"a":[0,0,0]}]"#).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("a boolean, a number, a string or null"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn tensor_data_round_trips_and_compares_by_text() {
+        let values = vec![Value::from(1), Value::from(2.5)];
+        let data = TensorData::from_values(&values).unwrap();
+        assert_eq!(data.json(), "[1,2.5]");
+        assert!(!data.is_absent());
+        assert!(TensorData::default().is_absent());
+        let request = InferenceRequest::from_tensors(
+            &parse(r#"{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","data":[1,2.5]}]}"#)
+                .unwrap(),
+        )
+        .unwrap();
+        let text = serde_json::to_string(&request).unwrap();
+        assert_eq!(
+            InferenceRequest::from_json(text.as_bytes()).unwrap(),
+            request
+        );
+        // From a JSON value too (the golden sample files' readers).
+        let input: RequestInput = serde_json::from_value(serde_json::json!(
+            {"name": "x", "shape": [2], "datatype": "FP32", "data": [1, 2.5]}
+        ))
+        .unwrap();
+        assert_eq!(input.data.json(), "[1,2.5]");
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub use capsule::{CapsuleImage, GuestCode};
 pub use engine::{CapsuleEngine, EngineConfig, EngineStats, default_cache_dir};
 pub use error::{Error, Result, TrapKind};
 pub use instance::{CapsuleStats, ColdStart, LoadedCapsule, RunConfig};
-pub use validate::validate_request;
+pub use validate::{Declared, check_signature, validate_request};
 
 /// The guest build this runtime carries (built by `build.rs` for `wasm32-unknown-unknown`).
 pub const GUEST_WASM: &[u8] = include_bytes!(env!("CAPSULE_GUEST_WASM"));

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use capsule_format::{CapsuleManifest, Dim, NamedTensor};
+use capsule_format::{CapsuleManifest, DType, Dim, NamedTensor};
 
 use crate::{Error, Result};
 
@@ -23,9 +23,41 @@ pub fn validate_request(
             limit: max_bytes,
         });
     }
+    let declared: Vec<Declared<'_>> = inputs
+        .iter()
+        .map(|t| Declared {
+            name: &t.name,
+            dtype: t.tensor.dtype,
+            shape: &t.tensor.shape,
+        })
+        .collect();
+    check_signature(manifest, &declared)?;
+    for t in inputs {
+        t.tensor
+            .validate()
+            .map_err(|e| Error::BadRequest(format!("input {:?}: {e}", t.name)))?;
+    }
+    Ok(())
+}
+
+/// What a request says of one input before its elements are decoded.
+#[derive(Debug, Clone, Copy)]
+pub struct Declared<'a> {
+    /// The input's name.
+    pub name: &'a str,
+    /// Its datatype.
+    pub dtype: DType,
+    /// Its shape.
+    pub shape: &'a [u64],
+}
+
+/// The part of [`validate_request`] that needs no element: names, datatypes, ranks, fixed
+/// dims, consistent and non-zero symbolic dims. A server runs it on what a request declares
+/// before decoding its elements, so a request for the wrong shape costs no tensor.
+pub fn check_signature(manifest: &CapsuleManifest, inputs: &[Declared<'_>]) -> Result<()> {
     let declared: Vec<&str> = manifest.inputs.iter().map(|i| i.name.as_str()).collect();
     for (i, t) in inputs.iter().enumerate() {
-        if manifest.input(&t.name).is_none() {
+        if manifest.input(t.name).is_none() {
             return Err(Error::BadRequest(format!(
                 "unknown input {:?}; the capsule's inputs are {declared:?}",
                 t.name
@@ -44,11 +76,10 @@ pub fn validate_request(
             .iter()
             .find(|t| t.name == spec.name)
             .ok_or_else(|| Error::BadRequest(format!("missing input {:?}", spec.name)))?;
-        let tensor = &t.tensor;
-        if tensor.dtype != spec.dtype {
+        if t.dtype != spec.dtype {
             return Err(Error::BadRequest(format!(
                 "input {:?} has datatype {}, the capsule expects {}",
-                spec.name, tensor.dtype, spec.dtype
+                spec.name, t.dtype, spec.dtype
             )));
         }
         let expected: Vec<String> = spec.shape.iter().map(ToString::to_string).collect();
@@ -56,14 +87,14 @@ pub fn validate_request(
             Error::BadRequest(format!(
                 "input {:?} has shape {:?}, the capsule expects [{}]",
                 spec.name,
-                tensor.shape,
+                t.shape,
                 expected.join(", ")
             ))
         };
-        if tensor.shape.len() != spec.shape.len() {
+        if t.shape.len() != spec.shape.len() {
             return Err(mismatch());
         }
-        for (dim, &actual) in spec.shape.iter().zip(&tensor.shape) {
+        for (dim, &actual) in spec.shape.iter().zip(t.shape) {
             match dim {
                 Dim::Fixed(n) if *n != actual => return Err(mismatch()),
                 Dim::Fixed(_) => {}
@@ -91,9 +122,6 @@ pub fn validate_request(
                 Dim::Symbolic(_) => {}
             }
         }
-        tensor
-            .validate()
-            .map_err(|e| Error::BadRequest(format!("input {:?}: {e}", spec.name)))?;
     }
     Ok(())
 }

@@ -371,9 +371,18 @@ async fn every_failure_mode_has_its_status_and_exact_error() -> Result<()> {
             400,
             "invalid inference request: key must be a string at line 1 column 2",
         ),
+        // What the inputs declare is checked against the signature before any element is
+        // decoded: the datatype first, then the elements.
         (
             infer,
             br#"{"inputs":[{"name":"input","shape":[1,64],"datatype":"INT32","data":[0]}]}"#
+                .to_vec(),
+            400,
+            "input \"input\" has datatype INT32, the capsule expects FP32",
+        ),
+        (
+            infer,
+            br#"{"inputs":[{"name":"input","shape":[1,64],"datatype":"FP32","data":[0]}]}"#
                 .to_vec(),
             400,
             "tensor \"input\": shape [1, 64] has 64 elements but data has 1",
@@ -469,7 +478,7 @@ async fn every_failure_mode_has_its_status_and_exact_error() -> Result<()> {
     for line in [
         "capsule_traps_total{model=\"wat\",version=\"1\"} 1",
         "capsule_requests_total{model=\"wat\",outcome=\"timeout\",protocol=\"http\",version=\"1\"} 1",
-        "capsule_requests_total{model=\"digits_mlp\",outcome=\"bad_request\",protocol=\"http\",version=\"1\"} 6",
+        "capsule_requests_total{model=\"digits_mlp\",outcome=\"bad_request\",protocol=\"http\",version=\"1\"} 7",
         "capsule_requests_total{model=\"digits_mlp\",outcome=\"too_large\",protocol=\"http\",version=\"1\"} 1",
         "capsule_swaps_total{model=\"broken\",outcome=\"load_failed\"} 1",
     ] {

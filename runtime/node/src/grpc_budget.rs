@@ -15,6 +15,8 @@
 use std::marker::PhantomData;
 use std::mem::size_of;
 
+// The caps of a REST request: most dimensions of a shape, most entries of a `parameters` map.
+use capsule_format::v2::{MAX_DIMS, MAX_PARAMETERS};
 use prost::Message;
 use prost::bytes::Buf;
 use tonic::Status;
@@ -22,12 +24,6 @@ use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 use tonic_prost::ProstEncoder;
 
 use crate::proto::{self, model_infer_request};
-
-/// Most dimensions a tensor's shape may have.
-pub(crate) const MAX_DIMS: usize = 64;
-
-/// Most entries of one `parameters` map.
-pub(crate) const MAX_PARAMETERS: usize = 64;
 
 /// Bytes the decoded structures of a message of `wire` bytes may take: twice the message, plus
 /// 4 MiB. Twice covers typed contents whose numbers encode shorter than they decode (an

@@ -413,6 +413,35 @@ async fn feedback(
     Ok(axum::Json(json!({ "accepted": accepted, "dropped": offered - accepted })).into_response())
 }
 
+/// Decodes a request body, checking what its inputs declare (names, datatypes, shapes)
+/// against the model's signature before any element is decoded: a request of the wrong
+/// shape costs no tensor.
+fn decode_checked(
+    served: &ServedModel,
+    body: &[u8],
+    json_len: Option<usize>,
+) -> Result<v2::DecodedRequest> {
+    let bad = |e: capsule_format::Error| Error::BadRequest(e.to_string());
+    let (request, binary) = v2::parse_request(body, json_len).map_err(bad)?;
+    let declared = request
+        .inputs
+        .iter()
+        .map(|i| {
+            Ok(capsule_runtime::Declared {
+                name: &i.name,
+                dtype: capsule_format::DType::from_v2_name(&i.datatype).map_err(bad)?,
+                shape: &i.shape,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    capsule_runtime::check_signature(served.manifest(), &declared).map_err(|e| match e {
+        capsule_runtime::Error::BadRequest(m) => Error::BadRequest(m),
+        other => Error::Inference(other),
+    })?;
+    let inputs = v2::decode_inputs(&request, binary).map_err(bad)?;
+    Ok(v2::DecodedRequest { request, inputs })
+}
+
 async fn run_infer(
     app: &App,
     model: &str,
@@ -436,8 +465,7 @@ async fn run_infer(
                 })?,
         ),
     };
-    let decoded =
-        v2::decode_request(&bytes, json_len).map_err(|e| Error::BadRequest(e.to_string()))?;
+    let decoded = decode_checked(&served, &bytes, json_len)?;
     let output_names = served.output_names();
     decoded
         .request
