@@ -206,13 +206,14 @@ mod wasm {
     unsafe fn product_8x8(k: usize, pa: *const v128, pb: *const v128, tile: &mut Tile) {
         // SAFETY: the caller's contract, passed on.
         unsafe {
-            half::<0>(k, pa, pb, &mut tile.0[..8]);
-            half::<1>(k, pa, pb, &mut tile.0[8..]);
+            half(k, pa, pb, &mut tile.0[..8]);
+            half(k, pa.add(1), pb, &mut tile.0[8..]);
         }
     }
 
-    /// Rows `4 * H .. 4 * H + 4` of [`product_8x8`], stored row by row (low four columns,
-    /// then high four) into `out`.
+    /// Four rows of [`product_8x8`] (`pa` points to their four values of the first k step;
+    /// each step's are 32 bytes further), stored row by row (low four columns, then high
+    /// four) into `out`. One function for both halves: the guest's size counts.
     ///
     /// The loop runs eight k steps per iteration. wasmtime checks the epoch (the inference
     /// deadline) at every loop header, and the check's slow path is a call that clobbers
@@ -220,9 +221,9 @@ mod wasm {
     /// loads and stores them once per iteration: per eight steps rather than per step.
     ///
     /// # Safety
-    /// As [`product_8x8`].
-    #[inline(always)]
-    unsafe fn half<const H: usize>(k: usize, pa: *const v128, pb: *const v128, out: &mut [v128]) {
+    /// `pa.add(2 * i)` and `pb.add(2 * i)`, `pb.add(2 * i + 1)` are readable for `i < k`.
+    #[inline(never)]
+    unsafe fn half(k: usize, pa: *const v128, pb: *const v128, out: &mut [v128]) {
         let zero = f32x4_splat(0.0);
         let (mut c0l, mut c0h, mut c1l, mut c1h) = (zero, zero, zero, zero);
         let (mut c2l, mut c2h, mut c3l, mut c3h) = (zero, zero, zero, zero);
@@ -232,7 +233,7 @@ mod wasm {
                 // SAFETY: `i < k`, and the caller's contract.
                 let (a, bl, bh) = unsafe {
                     (
-                        v128_load(pa.add(2 * i + H)),
+                        v128_load(pa.add(2 * i)),
                         v128_load(pb.add(2 * i)),
                         v128_load(pb.add(2 * i + 1)),
                     )
