@@ -1014,3 +1014,64 @@ async fn an_output_requested_twice_is_refused() -> Result<()> {
     );
     Ok(())
 }
+
+/// Request bodies share one node-wide budget (four of the largest body), charged as their
+/// bytes arrive: clients that stall mid-body hold only what they sent, a body that would
+/// pass the budget is refused at once (429), and a body that has not arrived by the node's
+/// deadline is answered 408 and gives its bytes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_share_one_budget() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = TestNode::start(
+        |dir| put_fixture(dir, "digits_mlp"),
+        |c| {
+            c.max_body_bytes = 64 << 10;
+            c.deadline_ms = 3_000;
+        },
+    )
+    .await?;
+    let infer = "/v2/models/digits_mlp/infer";
+    // Four clients declare the largest body and stall after 60 KiB: 240 of the 256 KiB.
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let mut s = tokio::net::TcpStream::connect(t.node.http_addr()).await?;
+        let head = format!(
+            "POST {infer} HTTP/1.1\r\nhost: node\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            64 << 10
+        );
+        s.write_all(head.as_bytes()).await?;
+        s.write_all(&[b' '; 60 << 10]).await?;
+        stalled.push(s);
+    }
+    // A 20 KiB body no longer fits once the node has read theirs: 429 at once. (Before
+    // that it is read, and refused as the bad JSON it is.)
+    let mut refused = None;
+    for _ in 0..50 {
+        let (status, body) = t.post(infer, vec![b' '; 20 << 10]).await?;
+        if status == 429 {
+            refused = Some(body);
+            break;
+        }
+        assert_eq!(status, 400, "{body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let refused = refused.context("a body past the budget was never refused")?;
+    assert_eq!(
+        refused["error"],
+        "the node holds 262144 bytes of request bodies at once, its limit; retry later"
+    );
+    // A small request still fits.
+    let (status, _) = t.post(infer, vec![b' '; 1 << 10]).await?;
+    assert_eq!(status, 400);
+    // The stalled bodies are given up at the deadline.
+    for mut s in stalled {
+        let mut head = vec![0u8; 12];
+        s.read_exact(&mut head).await?;
+        assert_eq!(&head, b"HTTP/1.1 408");
+    }
+    let zeros = json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": vec![0.0; 64]}]});
+    let (status, body) = t.post(infer, serde_json::to_vec(&zeros)?).await?;
+    assert_eq!(status, 200, "{body}");
+    t.node.shutdown().await;
+    Ok(())
+}

@@ -58,6 +58,19 @@ pub enum Error {
     /// The node is shutting down.
     #[error("the node is shutting down")]
     ShuttingDown,
+    /// The request bodies the node holds at once (being read or decoded) would pass their
+    /// budget with this one's bytes (429).
+    #[error("the node holds {limit} bytes of request bodies at once, its limit; retry later")]
+    BodyBudget {
+        /// The budget in bytes.
+        limit: u64,
+    },
+    /// The request body did not arrive within the node's deadline (408).
+    #[error("the request body did not arrive within {deadline_ms} ms")]
+    BodyTimeout {
+        /// The deadline.
+        deadline_ms: u64,
+    },
     /// The node is not set up for this request.
     #[error("{0}")]
     Unsupported(String),
@@ -133,7 +146,8 @@ impl Error {
             Error::ModelNotFound(_) | Error::VersionNotFound { .. } => 404,
             Error::BadRequest(_) => 400,
             Error::PayloadTooLarge { .. } => 413,
-            Error::QueueFull { .. } => 429,
+            Error::QueueFull { .. } | Error::BodyBudget { .. } => 429,
+            Error::BodyTimeout { .. } => 408,
             Error::NotReady { .. } | Error::ShuttingDown => 503,
             Error::DeadlineExceeded { .. } => 504,
             Error::Unsupported(_) => 501,
@@ -151,6 +165,7 @@ impl Error {
             400 => tonic::Code::InvalidArgument,
             413 => tonic::Code::ResourceExhausted,
             429 => tonic::Code::ResourceExhausted,
+            408 => tonic::Code::DeadlineExceeded,
             503 => tonic::Code::Unavailable,
             504 => tonic::Code::DeadlineExceeded,
             _ => tonic::Code::Internal,
@@ -165,7 +180,8 @@ impl Error {
                 "bad_request"
             }
             Error::PayloadTooLarge { .. } => "too_large",
-            Error::QueueFull { .. } => "rejected",
+            Error::QueueFull { .. } | Error::BodyBudget { .. } => "rejected",
+            Error::BodyTimeout { .. } => "timeout",
             Error::NotReady { .. } | Error::ShuttingDown => "unavailable",
             Error::DeadlineExceeded { .. } => "timeout",
             Error::Inference(capsule_runtime::Error::Trap { .. }) => "trap",

@@ -25,6 +25,68 @@ pub const REQUEST_ID: &str = "x-request-id";
 pub(crate) struct App {
     pub registry: Arc<ModelRegistry>,
     pub config: Arc<NodeConfig>,
+    pub bodies: Arc<BodyBudget>,
+}
+
+/// Request bodies the node holds at once, as a multiple of the largest body
+/// (`max_body_bytes`).
+const BODY_BUDGET_BODIES: u64 = 4;
+
+/// The bytes of request bodies the node holds at once: bodies being read, and read bodies
+/// until their request is decoded. Each body is charged as its bytes arrive, so a client
+/// that stalls mid-body holds only what it sent; a body that would pass the budget is
+/// refused at once (429), as a full queue is. Without it, every connection could hold a
+/// body of `max_body_bytes` (64 MiB by default) at the same time.
+#[derive(Debug)]
+pub(crate) struct BodyBudget {
+    held: std::sync::atomic::AtomicU64,
+    limit: u64,
+}
+
+impl BodyBudget {
+    pub(crate) fn new(max_body_bytes: u64) -> BodyBudget {
+        BodyBudget {
+            held: std::sync::atomic::AtomicU64::new(0),
+            limit: max_body_bytes.saturating_mul(BODY_BUDGET_BODIES),
+        }
+    }
+
+    /// An empty charge on this budget.
+    fn charge(self: &Arc<Self>) -> BodyCharge {
+        BodyCharge {
+            budget: Arc::clone(self),
+            bytes: 0,
+        }
+    }
+}
+
+/// What one body holds of the [`BodyBudget`]; given back when dropped.
+pub(crate) struct BodyCharge {
+    budget: Arc<BodyBudget>,
+    bytes: u64,
+}
+
+impl BodyCharge {
+    fn add(&mut self, n: u64) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        let limit = self.budget.limit;
+        self.budget
+            .held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_add(n).filter(|total| *total <= limit)
+            })
+            .map_err(|_| Error::BodyBudget { limit })?;
+        self.bytes += n;
+        Ok(())
+    }
+}
+
+impl Drop for BodyCharge {
+    fn drop(&mut self) {
+        self.budget
+            .held
+            .fetch_sub(self.bytes, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// The request id of the current request (set by the middleware).
@@ -273,11 +335,20 @@ async fn metrics(State(app): State<App>) -> Result<Response> {
 }
 
 /// Reads the body up to the limit (413 past it, from the declared length when there is one).
-async fn read_body(headers: &HeaderMap, body: Body, limit: u64) -> Result<Bytes> {
-    if let Some(declared) = headers
+/// Reads a request body of at most `limit` bytes within the node's deadline, charging its
+/// bytes to the node's [`BodyBudget`] as they arrive. The charge is held until it is dropped
+/// (after the body is decoded).
+async fn read_body(
+    app: &App,
+    headers: &HeaderMap,
+    body: Body,
+    limit: u64,
+) -> Result<(Bytes, BodyCharge)> {
+    let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(declared) = declared
         && declared > limit
     {
         return Err(Error::PayloadTooLarge {
@@ -285,20 +356,35 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: u64) -> Result<Bytes>
             limit,
         });
     }
-    let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
-    axum::body::to_bytes(body, limit_usize).await.map_err(|e| {
-        let source = std::error::Error::source(&e)
-            .map(ToString::to_string)
-            .unwrap_or_default();
-        if source.contains("length limit") || e.to_string().contains("length limit") {
-            Error::PayloadTooLarge {
-                size: limit.saturating_add(1),
-                limit,
+    let mut charge = app.bodies.charge();
+    let deadline = app.config.deadline();
+    let read = async {
+        use axum::body::HttpBody as _;
+        let mut body = std::pin::pin!(body);
+        // The declared length is only reserved as it arrives: a client may declare 64 MiB
+        // and send nothing.
+        let mut out = Vec::new();
+        while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+            let frame = frame
+                .map_err(|e| Error::BadRequest(format!("cannot read the request body: {e}")))?;
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers
+            };
+            let size = (out.len() as u64).saturating_add(data.len() as u64);
+            if size > limit {
+                return Err(Error::PayloadTooLarge { size, limit });
             }
-        } else {
-            Error::BadRequest(format!("cannot read the request body: {e}"))
+            charge.add(data.len() as u64)?;
+            out.extend_from_slice(&data);
         }
-    })
+        Ok(Bytes::from(out))
+    };
+    let bytes = tokio::time::timeout(deadline, read)
+        .await
+        .map_err(|_| Error::BodyTimeout {
+            deadline_ms: app.config.deadline_ms,
+        })??;
+    Ok((bytes, charge))
 }
 
 /// The deadline of one request: the node's, shortened by a `timeout` request parameter in
@@ -394,7 +480,7 @@ async fn feedback(
         Many { feedback: Vec<FeedbackItem> },
         One(FeedbackItem),
     }
-    let bytes = read_body(&headers, body, MAX_FEEDBACK_BYTES).await?;
+    let (bytes, _charge) = read_body(&app, &headers, body, MAX_FEEDBACK_BYTES).await?;
     let parsed: Body_ = serde_json::from_slice(&bytes).map_err(|e| {
         Error::BadRequest(format!(
             "feedback must be {{\"id\": ..., \"label\": ..., \"index\": optional}} or {{\"feedback\": [...]}}: {e}"
@@ -422,7 +508,7 @@ fn decode_checked(
     json_len: Option<usize>,
 ) -> Result<v2::DecodedRequest> {
     let bad = |e: capsule_format::Error| Error::BadRequest(e.to_string());
-    let (request, binary) = v2::parse_request(body, json_len).map_err(bad)?;
+    let (mut request, binary) = v2::parse_request(body, json_len).map_err(bad)?;
     let declared = request
         .inputs
         .iter()
@@ -439,6 +525,10 @@ fn decode_checked(
         other => Error::Inference(other),
     })?;
     let inputs = v2::decode_inputs(&request, binary).map_err(bad)?;
+    // The elements' text is decoded; only the declarations are read from here on.
+    for input in &mut request.inputs {
+        input.data = v2::TensorData::default();
+    }
     Ok(v2::DecodedRequest { request, inputs })
 }
 
@@ -453,7 +543,7 @@ async fn run_infer(
 ) -> Result<Response> {
     let served: Arc<ServedModel> = app.registry.resolve(model, version)?;
     labels.1.clone_from(&served.version);
-    let bytes = read_body(headers, body, app.config.max_body_bytes).await?;
+    let (bytes, charge) = read_body(app, headers, body, app.config.max_body_bytes).await?;
     let json_len = match headers.get(INFERENCE_HEADER_CONTENT_LENGTH) {
         None => None,
         Some(v) => Some(
@@ -466,6 +556,10 @@ async fn run_infer(
         ),
     };
     let decoded = decode_checked(&served, &bytes, json_len)?;
+    // The body and its decoding's copy of the text are gone past this point; the tensors
+    // are bounded by the model's queue.
+    drop(bytes);
+    drop(charge);
     let output_names = served.output_names();
     decoded
         .request

@@ -98,6 +98,7 @@ impl Node {
         let app = router(App {
             registry: Arc::clone(&registry),
             config: Arc::clone(&config),
+            bodies: Arc::new(crate::http::BodyBudget::new(config.max_body_bytes)),
         });
         let mut rx = shutdown.subscribe();
         // With a header-read timeout, which `axum::serve` does not set (`capsule_serve`).
