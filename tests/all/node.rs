@@ -1017,8 +1017,8 @@ async fn an_output_requested_twice_is_refused() -> Result<()> {
 
 /// Request bodies share one node-wide budget (four of the largest body), charged as their
 /// bytes arrive: clients that stall mid-body hold only what they sent, a body that would
-/// pass the budget is refused at once (429), and a body that has not arrived by the node's
-/// deadline is answered 408 and gives its bytes back.
+/// pass the budget is refused at once (429), and a body that stalls for the node's deadline
+/// is answered 408 and gives its bytes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_bodies_share_one_budget() -> Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1063,7 +1063,7 @@ async fn request_bodies_share_one_budget() -> Result<()> {
     // A small request still fits.
     let (status, _) = t.post(infer, vec![b' '; 1 << 10]).await?;
     assert_eq!(status, 400);
-    // The stalled bodies are given up at the deadline.
+    // The stalled bodies are given up after the deadline without a byte.
     for mut s in stalled {
         let mut head = vec![0u8; 12];
         s.read_exact(&mut head).await?;

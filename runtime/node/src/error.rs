@@ -65,8 +65,8 @@ pub enum Error {
         /// The budget in bytes.
         limit: u64,
     },
-    /// The request body did not arrive within the node's deadline (408).
-    #[error("the request body did not arrive within {deadline_ms} ms")]
+    /// The request body stalled: no bytes for the node's deadline (408).
+    #[error("the request body stalled: no bytes for {deadline_ms} ms")]
     BodyTimeout {
         /// The deadline.
         deadline_ms: u64,

@@ -335,8 +335,8 @@ async fn metrics(State(app): State<App>) -> Result<Response> {
 }
 
 /// Reads the body up to the limit (413 past it, from the declared length when there is one).
-/// Reads a request body of at most `limit` bytes within the node's deadline, charging its
-/// bytes to the node's [`BodyBudget`] as they arrive. The charge is held until it is dropped
+/// Reads a request body of at most `limit` bytes, charging its bytes to the node's
+/// [`BodyBudget`] as they arrive; a body that stalls for the node's deadline is refused. The charge is held until it is dropped
 /// (after the body is decoded).
 async fn read_body(
     app: &App,
@@ -357,33 +357,40 @@ async fn read_body(
         });
     }
     let mut charge = app.bodies.charge();
-    let deadline = app.config.deadline();
-    let read = async {
-        use axum::body::HttpBody as _;
-        let mut body = std::pin::pin!(body);
-        // The declared length is only reserved as it arrives: a client may declare 64 MiB
-        // and send nothing.
-        let mut out = Vec::new();
-        while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
-            let frame = frame
-                .map_err(|e| Error::BadRequest(format!("cannot read the request body: {e}")))?;
-            let Ok(data) = frame.into_data() else {
-                continue; // trailers
-            };
-            let size = (out.len() as u64).saturating_add(data.len() as u64);
-            if size > limit {
-                return Err(Error::PayloadTooLarge { size, limit });
-            }
-            charge.add(data.len() as u64)?;
-            out.extend_from_slice(&data);
-        }
-        Ok(Bytes::from(out))
+    // A body may take as long as it needs while it progresses (a large upload over a slow
+    // link), but not stall: no bytes for the node's deadline is 408.
+    let idle = app.config.deadline();
+    let stalled = || Error::BodyTimeout {
+        deadline_ms: app.config.deadline_ms,
     };
-    let bytes = tokio::time::timeout(deadline, read)
-        .await
-        .map_err(|_| Error::BodyTimeout {
-            deadline_ms: app.config.deadline_ms,
-        })??;
+    let mut body = std::pin::pin!(body);
+    // The declared length is only charged as it arrives: a client may declare 64 MiB and
+    // send nothing.
+    let mut out = Vec::new();
+    loop {
+        let next = std::future::poll_fn(|cx| {
+            use axum::body::HttpBody as _;
+            body.as_mut().poll_frame(cx)
+        });
+        let Some(frame) = tokio::time::timeout(idle, next)
+            .await
+            .map_err(|_| stalled())?
+        else {
+            break;
+        };
+        let frame =
+            frame.map_err(|e| Error::BadRequest(format!("cannot read the request body: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        let size = (out.len() as u64).saturating_add(data.len() as u64);
+        if size > limit {
+            return Err(Error::PayloadTooLarge { size, limit });
+        }
+        charge.add(data.len() as u64)?;
+        out.extend_from_slice(&data);
+    }
+    let bytes = Bytes::from(out);
     Ok((bytes, charge))
 }
 
