@@ -1075,3 +1075,63 @@ async fn request_bodies_share_one_budget() -> Result<()> {
     t.node.shutdown().await;
     Ok(())
 }
+
+/// A gRPC `ModelInfer` whose message stalls mid-upload is cancelled after twice the node's
+/// deadline (tonic sets no timer of its own), and the node keeps answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_grpc_request_is_cancelled() -> Result<()> {
+    let t = TestNode::start(
+        |dir| put_fixture(dir, "digits_mlp"),
+        |c| c.deadline_ms = 500,
+    )
+    .await?;
+    let addr = t.node.grpc_addr().context("gRPC is on")?;
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let (client, connection) = h2::client::handshake(tcp).await?;
+    tokio::spawn(connection);
+    let mut client = client.ready().await?;
+    let request = grpc_request_head(&format!(
+        "http://{addr}/inference.GRPCInferenceService/ModelInfer"
+    ))?;
+    let (response, mut body) = client.send_request(request, false)?;
+    // gRPC framing of a 1 KiB message, and only 16 bytes of it.
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&1024u32.to_be_bytes());
+    frame.extend_from_slice(&[0u8; 16]);
+    body.send_data(bytes::Bytes::from(frame), false)?;
+    let started = std::time::Instant::now();
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .context("the stalled request was never answered")??;
+    let elapsed = started.elapsed();
+    let status = response
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("none")
+        .to_owned();
+    assert_ne!(status, "0", "{response:?}");
+    assert_ne!(status, "none", "{response:?}");
+    assert!(
+        elapsed >= Duration::from_millis(900),
+        "answered after {elapsed:?}, before twice the deadline"
+    );
+    // The node still serves.
+    let zeros = json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": vec![0.0; 64]}]});
+    let (status, body) = t
+        .post("/v2/models/digits_mlp/infer", serde_json::to_vec(&zeros)?)
+        .await?;
+    assert_eq!(status, 200, "{body}");
+    t.node.shutdown().await;
+    Ok(())
+}
+
+/// The request head of a gRPC call.
+fn grpc_request_head(uri: &str) -> Result<http::Request<()>> {
+    Ok(http::Request::builder()
+        .method("POST")
+        .uri(uri)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())?)
+}

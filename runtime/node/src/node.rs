@@ -16,6 +16,11 @@ use crate::models::ModelRegistry;
 use crate::proto::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::{Error, NodeConfig, Result};
 
+/// How often the gRPC server pings an idle HTTP/2 connection (and TCP keepalive's idle time).
+const GRPC_KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long it waits for the answer to a ping before closing the connection.
+const GRPC_KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A running edge node.
 pub struct Node {
     http_addr: SocketAddr,
@@ -129,8 +134,16 @@ impl Node {
             .max_encoding_message_size(usize::MAX);
             let mut rx = shutdown.subscribe();
             let incoming = tonic::transport::server::TcpIncoming::from(listener);
+            // A request that has not been answered within twice the deadline (its message
+            // stalled mid-upload, say) is cancelled, and connections whose peer stopped
+            // answering HTTP/2 pings are closed: tonic sets no timer of its own.
+            let stalled_after = config.deadline().saturating_mul(2);
             servers.push(tokio::spawn(async move {
                 let served = tonic::transport::Server::builder()
+                    .timeout(stalled_after)
+                    .http2_keepalive_interval(Some(GRPC_KEEPALIVE_INTERVAL))
+                    .http2_keepalive_timeout(Some(GRPC_KEEPALIVE_TIMEOUT))
+                    .tcp_keepalive(Some(GRPC_KEEPALIVE_INTERVAL))
                     .add_service(service)
                     .serve_with_incoming_shutdown(incoming, async move {
                         let _ = rx.wait_for(|s| *s).await;
