@@ -22,6 +22,24 @@ fn peak_rss(node: &Proc) -> Result<u64> {
     Ok(kib * 1024)
 }
 
+/// Asserts that the node's peak resident set stayed within `bound` bytes of `idle` through
+/// `probe`, and prints both.
+fn peak_within(node: &Proc, idle: u64, bound: u64, probe: &str) -> Result<()> {
+    let peak = peak_rss(node)?;
+    assert!(
+        peak < idle + bound,
+        "peak RSS {} MiB after {probe}, {} MiB idle",
+        peak >> 20,
+        idle >> 20
+    );
+    eprintln!(
+        "node peak RSS: {} MiB idle, {} MiB after {probe}",
+        idle >> 20,
+        peak >> 20
+    );
+    Ok(())
+}
+
 /// The `gRPC on ADDR` of the node's start-up line.
 fn grpc_address(node: &Proc) -> Result<String> {
     let started = Instant::now();
@@ -83,19 +101,7 @@ fn millions_of_empty_grpc_inputs_do_not_grow_the_node() -> Result<()> {
         .collect();
     // RESOURCE_EXHAUSTED (8).
     assert_eq!(call(&probe)?, "8");
-    let peak = peak_rss(&node)?;
-    assert!(
-        peak < idle + (64 << 20),
-        "peak RSS {} MiB after the probe, {} MiB idle",
-        peak >> 20,
-        idle >> 20
-    );
-    eprintln!(
-        "node peak RSS: {} MiB idle, {} MiB after 8 Mi empty gRPC inputs",
-        idle >> 20,
-        peak >> 20
-    );
-    Ok(())
+    peak_within(&node, idle, 64 << 20, "8 Mi empty gRPC inputs")
 }
 
 /// Issue 16's REST probe: a 16 MiB JSON body whose `data` is 8 Mi zeros (`0,`: two bytes per
@@ -154,17 +160,5 @@ fn a_json_body_of_zeros_costs_its_tensor_not_json_values() -> Result<()> {
     let (status, text) = infer(request(n))?;
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("has shape [1, 8388608]"), "{text}");
-    let peak = peak_rss(&node)?;
-    assert!(
-        peak < idle + (48 << 20),
-        "peak RSS {} MiB after the probe, {} MiB idle",
-        peak >> 20,
-        idle >> 20
-    );
-    eprintln!(
-        "node peak RSS: {} MiB idle, {} MiB after a 16 MiB JSON body of zeros",
-        idle >> 20,
-        peak >> 20
-    );
-    Ok(())
+    peak_within(&node, idle, 48 << 20, "a 16 MiB JSON body of zeros")
 }
