@@ -334,10 +334,10 @@ async fn metrics(State(app): State<App>) -> Result<Response> {
         .into_response())
 }
 
-/// Reads the body up to the limit (413 past it, from the declared length when there is one).
-/// Reads a request body of at most `limit` bytes, charging its bytes to the node's
-/// [`BodyBudget`] as they arrive; a body that stalls for the node's deadline is refused. The charge is held until it is dropped
-/// (after the body is decoded).
+/// Reads a request body of at most `limit` bytes (413 past it, from the declared length when
+/// there is one), charging its bytes to the node's [`BodyBudget`] as they arrive (429 past
+/// it); a body that stalls for the node's deadline is 408. The charge is returned with the
+/// bytes and held until it is dropped (after the body is decoded).
 async fn read_body(
     app: &App,
     headers: &HeaderMap,
