@@ -762,10 +762,50 @@ fn a_revoked_node_token_is_refused() -> Result<()> {
         Ok((resp.status().as_u16(), resp.json().unwrap_or(Value::Null)))
     };
     assert_eq!(revoke(&n2)?.0, 403, "a node cannot revoke tokens");
+    let tokens = |token: &str| -> Result<(u16, Value)> {
+        let resp = http()
+            .get(format!("{hub}/api/v1/tokens"))
+            .bearer_auth(token)
+            .send()?;
+        Ok((resp.status().as_u16(), resp.json().unwrap_or(Value::Null)))
+    };
+    assert_eq!(tokens(&n1)?.0, 403, "a node cannot list tokens");
+    let (status, listed) = tokens(ADMIN)?;
+    assert_eq!(status, 200, "{listed}");
+    let listed: Vec<capsule_format::hub::TokenInfo> =
+        serde_json::from_value(listed["tokens"].clone())?;
+    let mut nodes: Vec<&str> = listed
+        .iter()
+        .filter(|t| t.kind == "node")
+        .map(|t| t.node_id.as_str())
+        .collect();
+    nodes.sort_unstable();
+    assert_eq!(nodes, ["n1", "n2"], "{listed:?}");
+    assert!(listed.iter().any(|t| t.kind == "admin"), "{listed:?}");
+    assert!(
+        listed.iter().all(|t| t.hash_prefix.len() == 8),
+        "{listed:?}"
+    );
+    let text = serde_json::to_string(&listed)?;
+    assert!(
+        !text.contains(&n1) && !text.contains(&n2),
+        "tokens are never listed"
+    );
     let (status, body) = revoke(ADMIN)?;
     assert_eq!((status, body["revoked"].as_u64()), (200, Some(1)), "{body}");
     assert_eq!(register("n1", &n1)?, 401);
     assert_eq!(register("n2", &n2)?, 200, "other nodes keep their tokens");
+    let (_, listed) = tokens(ADMIN)?;
+    let left: Vec<&str> = listed["tokens"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| t["node_id"].as_str())
+                .filter(|n| !n.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(left, ["n2"], "{listed}");
     Ok(())
 }
 

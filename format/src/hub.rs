@@ -15,6 +15,23 @@ pub struct Registration {
     pub labels: BTreeMap<String, String>,
 }
 
+/// A token the hub accepts, as `GET /api/v1/tokens` lists it: never the token, nor its
+/// whole hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenInfo {
+    /// `admin` or `node`.
+    pub kind: String,
+    /// Its name (`node:ID` for node tokens).
+    pub name: String,
+    /// The node it belongs to (empty for admin tokens).
+    pub node_id: String,
+    /// When it was issued (seconds since the epoch).
+    pub created_at: i64,
+    /// The first 8 hex digits of its SHA-256, to tell tokens of one node apart.
+    pub hash_prefix: String,
+}
+
 /// One model version a node should run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DesiredModel {

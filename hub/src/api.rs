@@ -60,6 +60,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/api/v1/models/{model}/compare", get(compare))
         .route("/api/v1/models/{model}/aliases/{alias}", put(set_alias))
         .route("/api/v1/nodes", get(list_nodes))
+        .route("/api/v1/tokens", get(list_tokens))
         .route(
             "/api/v1/nodes/{id}/token",
             post(node_token).delete(revoke_node_tokens),
@@ -751,6 +752,12 @@ async fn set_alias(
 
 async fn list_nodes(State(s): State<AppState>, Admin(_): Admin) -> Result<axum::Json<Value>> {
     Ok(axum::Json(json!({"nodes": s.db.nodes().await?})))
+}
+
+/// Every token the hub accepts (admin only): kind, name, node, issue time and the first 8
+/// hex digits of its hash; never a token.
+async fn list_tokens(State(s): State<AppState>, Admin(_): Admin) -> Result<axum::Json<Value>> {
+    Ok(axum::Json(json!({"tokens": s.db.tokens().await?})))
 }
 
 /// Revokes every token of one node (a lost or stolen device): its next request is 401.

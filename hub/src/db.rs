@@ -380,6 +380,27 @@ impl Db {
         Ok(())
     }
 
+    /// Every token, oldest first (hashes cut to their first 8 hex digits).
+    pub async fn tokens(&self) -> Result<Vec<capsule_format::hub::TokenInfo>> {
+        let rows = sqlx::query(
+            "SELECT kind, name, node_id, created_at, hash FROM tokens ORDER BY created_at, hash",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let hash: String = r.try_get("hash")?;
+                Ok(capsule_format::hub::TokenInfo {
+                    kind: r.try_get("kind")?,
+                    name: r.try_get("name")?,
+                    node_id: r.try_get("node_id")?,
+                    created_at: r.try_get("created_at")?,
+                    hash_prefix: hash.chars().take(8).collect(),
+                })
+            })
+            .collect()
+    }
+
     /// The token with this hash: (kind, name, node id).
     pub async fn token(&self, hash: &str) -> Result<Option<(String, String, String)>> {
         let row = sqlx::query("SELECT kind, name, node_id FROM tokens WHERE hash = $1")
