@@ -168,6 +168,7 @@ fn preprocess_case(
             name: format!("{kind}-plain"),
             pipeline: None,
             reference: None,
+            one_row_plan: Default::default(),
             golden: Vec::new(),
             model: or_die(std::fs::read(model), kind),
             ..or_die(capsule_tests::options("digits_mlp"), kind)

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use capsule_format::manifest::{Dim, Limits, ModelCard};
-use capsule_format::wire::InputShape;
+use capsule_format::wire::{InputShape, OneRowPlan};
 use capsule_runtime::reference::ReferenceData;
 use capsule_runtime::{BuildOptions, BuiltCapsule, CapsuleBuilder};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -61,6 +61,11 @@ pub struct Args {
     /// Time budget of one inference recorded in the manifest, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     time_budget_ms: u64,
+    /// A second plan for batches of one (the batch dimension made concrete): auto (when the
+    /// weights are at most 4 MiB), always, never. Faster for a batch of one; its geometry
+    /// grows the model image with the input's size (docs/benchmarks.md).
+    #[arg(long, value_name = "WHEN", default_value = "auto")]
+    one_row_plan: OneRowPlan,
 }
 
 /// Largest reference data file read.
@@ -187,6 +192,7 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
             .map(capsule_runtime::spec::read_pipeline)
             .transpose()?,
         reference: args.reference.as_deref().map(read_reference).transpose()?,
+        one_row_plan: args.one_row_plan,
     };
     let engine = cli.engine()?;
     let built = build_with_progress(&engine, options)?;
@@ -276,8 +282,13 @@ fn print_summary(built: &BuiltCapsule, output: &Path) -> Result<()> {
         );
     }
     println!(
-        "  plan      {} nodes; snapshot image {}",
+        "  plan      {} nodes{}; snapshot image {}",
         built.report.node_count,
+        if built.report.one_row_plan {
+            " (and a one-row plan for batches of one)"
+        } else {
+            ""
+        },
         bytes(built.image_bytes as u64)
     );
     println!(

@@ -71,6 +71,7 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
             limits: Limits::default(),
             pipeline: None,
             reference: None,
+            one_row_plan: Default::default(),
         },
     )?;
     let path = args.dir.join("digits.capsule.wasm");

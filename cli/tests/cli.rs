@@ -385,3 +385,54 @@ fn split_join_and_run_the_image() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// `--one-row-plan`: the MNIST CNN's weights are small, so `auto` gives it the plan for
+/// batches of one; `never` leaves it out (a smaller image), `always` keeps it; every build
+/// reproduces the golden samples.
+#[test]
+fn the_one_row_plan_is_the_builders_choice() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cnn = fixtures().join("mnist_cnn");
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    let build = |when: &str| -> (String, u64) {
+        let out = dir.path().join(format!("{when}.capsule.wasm"));
+        let printed = ok(&[
+            "build",
+            &s(&cnn.join("model.onnx")),
+            "--name",
+            "cnn",
+            "--golden",
+            &s(&cnn.join("golden")),
+            "--one-row-plan",
+            when,
+            "-o",
+            &s(&out),
+        ]);
+        let size = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+        (printed, size)
+    };
+    let one_row = "(and a one-row plan for batches of one)";
+    let (auto, auto_size) = build("auto");
+    let (never, never_size) = build("never");
+    let (always, _) = build("always");
+    assert!(auto.contains(one_row), "{auto}");
+    assert!(always.contains(one_row), "{always}");
+    assert!(!never.contains(one_row), "{never}");
+    assert!(never_size < auto_size, "{never_size} >= {auto_size}");
+    for printed in [&auto, &never, &always] {
+        assert!(printed.contains("golden samples passed"), "{printed}");
+    }
+    let refused = capsule(&[
+        "build",
+        &s(&cnn.join("model.onnx")),
+        "--one-row-plan",
+        "sometimes",
+    ]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("auto, always or never"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    Ok(())
+}

@@ -153,6 +153,33 @@ pub enum InferResponse {
     Error(GuestError),
 }
 
+/// Whether a model gets a second plan for batches of one (its batch dimension concrete):
+/// faster for a batch of one, at the cost of the plan's own geometry in the memory image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum OneRowPlan {
+    /// When the model's weights are at most 4 MiB (the plan's geometry grows with the input
+    /// size, not with the weights, but small models are where it is cheap).
+    #[default]
+    Auto,
+    /// Whenever the model allows it (one symbolic leading dimension shared by its inputs).
+    Always,
+    /// Never: every batch runs the general plan.
+    Never,
+}
+
+impl std::str::FromStr for OneRowPlan {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<OneRowPlan, String> {
+        match s {
+            "auto" => Ok(OneRowPlan::Auto),
+            "always" => Ok(OneRowPlan::Always),
+            "never" => Ok(OneRowPlan::Never),
+            other => Err(format!("{other:?}: auto, always or never")),
+        }
+    }
+}
+
 /// What the builder hands to `capsule_build`: the model and how to load it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BuildRequest {
@@ -165,6 +192,8 @@ pub struct BuildRequest {
     pub pipeline: Option<crate::Pipeline>,
     /// Class labels (for the `labels` postprocessing step).
     pub labels: Vec<String>,
+    /// Whether to make the one-row plan.
+    pub one_row_plan: OneRowPlan,
 }
 
 /// A user-fixed input shape.
@@ -185,6 +214,8 @@ pub struct BuildReport {
     pub outputs: Vec<TensorSpec>,
     /// Number of nodes in the optimized plan.
     pub node_count: u32,
+    /// Whether a second plan serves batches of one ([`OneRowPlan`]).
+    pub one_row_plan: bool,
 }
 
 /// What `capsule_build` returns.

@@ -184,8 +184,8 @@ pub unsafe extern "C" fn capsule_build(ptr: u32, len: u32) -> u64 {
 /// Loads the model, then compiles the pipeline against its signature (the vocabulary's
 /// lookup table is built here, so it lands in the snapshot).
 fn load(request: &BuildRequest) -> Result<Loaded, GuestError> {
-    let model =
-        LoadedModel::load(&request.model, &request.input_shapes).map_err(|e| GuestError {
+    let model = LoadedModel::load_with(&request.model, &request.input_shapes, request.one_row_plan)
+        .map_err(|e| GuestError {
             kind: GuestErrorKind::ModelLoad,
             message: e.to_string(),
         })?;

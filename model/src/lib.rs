@@ -14,7 +14,7 @@
 use std::sync::Arc;
 
 use capsule_format::manifest::{Dim, TensorSpec};
-use capsule_format::wire::{BuildReport, InputShape, NamedTensorView};
+use capsule_format::wire::{BuildReport, InputShape, NamedTensorView, OneRowPlan};
 use capsule_format::{DType, NamedTensor, Tensor};
 use tract_onnx::prelude::*;
 
@@ -199,6 +199,15 @@ impl LoadedModel {
     /// Parses, types and optimizes an ONNX model. `input_shapes` fixes the shapes of the
     /// named inputs; other symbolic dimensions stay symbolic.
     pub fn load(onnx: &[u8], input_shapes: &[InputShape]) -> Result<LoadedModel> {
+        Self::load_with(onnx, input_shapes, OneRowPlan::Auto)
+    }
+
+    /// [`LoadedModel::load`], choosing whether to make the one-row plan.
+    pub fn load_with(
+        onnx: &[u8],
+        input_shapes: &[InputShape],
+        one_row_plan: OneRowPlan,
+    ) -> Result<LoadedModel> {
         kernels::keep();
         let mut model = tract_onnx::onnx()
             .model_for_read(&mut &*onnx)
@@ -248,7 +257,11 @@ impl LoadedModel {
             .into_typed()
             .and_then(TypedModel::into_decluttered)
             .map_err(load)?;
-        let one_row = one_row_plan(&decluttered, ONE_ROW_PLAN_MAX_WEIGHT_BYTES);
+        let one_row = match one_row_plan {
+            OneRowPlan::Auto => make_one_row_plan(&decluttered, ONE_ROW_PLAN_MAX_WEIGHT_BYTES),
+            OneRowPlan::Always => make_one_row_plan(&decluttered, usize::MAX),
+            OneRowPlan::Never => None,
+        };
         let typed = decluttered.into_optimized().map_err(load)?;
         let one_row = one_row.and_then(|(shapes, mut optimized)| {
             share_constants(&typed, &mut optimized).ok()?;
@@ -309,6 +322,7 @@ impl LoadedModel {
             inputs: self.inputs.clone(),
             outputs: self.outputs.clone(),
             node_count: self.node_count,
+            one_row_plan: self.one_row.is_some(),
         }
     }
 
@@ -363,7 +377,7 @@ impl LoadedModel {
 /// symbolic leading dimension, nothing else is symbolic and its weights are at most
 /// [`ONE_ROW_PLAN_MAX_WEIGHT_BYTES`]. It is an optimization: when tract cannot make it, the
 /// model runs on its general plan alone.
-fn one_row_plan(
+fn make_one_row_plan(
     decluttered: &TypedModel,
     max_weight_bytes: usize,
 ) -> Option<(Vec<Vec<usize>>, TypedModel)> {
@@ -594,8 +608,8 @@ mod tests {
     fn no_one_row_plan_over_the_weight_limit_or_for_fixed_shapes() {
         let decluttered = decluttered("mnist_cnn");
         // The CNN's weights are 21 KB.
-        assert!(one_row_plan(&decluttered, 64 << 10).is_some());
-        assert!(one_row_plan(&decluttered, 16 << 10).is_none());
+        assert!(make_one_row_plan(&decluttered, 64 << 10).is_some());
+        assert!(make_one_row_plan(&decluttered, 16 << 10).is_none());
         let fixed = InputShape {
             name: "input".into(),
             shape: [1, 1, 28, 28].map(Dim::Fixed).to_vec(),
@@ -611,7 +625,7 @@ mod tests {
     fn the_plans_share_equal_constants() {
         use tract_onnx::tract_core::ops::konst::Const;
         let decluttered = decluttered("mnist_cnn");
-        let (_, mut one_row) = one_row_plan(&decluttered, 64 << 10).unwrap();
+        let (_, mut one_row) = make_one_row_plan(&decluttered, 64 << 10).unwrap();
         let general = decluttered.into_optimized().unwrap();
         assert!(share_constants(&general, &mut one_row).unwrap() > 0);
         assert_eq!(share_constants(&general, &mut one_row).unwrap(), 0);

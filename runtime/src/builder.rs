@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use capsule_format::manifest::{
     GoldenSample, HostKernels, Limits, ModelCard, Numerics, SourceModel,
 };
-use capsule_format::wire::{self, BuildReport, BuildRequest, BuildResponse, InputShape};
+use capsule_format::wire::{
+    self, BuildReport, BuildRequest, BuildResponse, InputShape, OneRowPlan,
+};
 use capsule_format::{CapsuleManifest, MANIFEST_SECTION, Pipeline};
 use sha2::{Digest, Sha256};
 use wasmtime::{Instance, Module, Store};
@@ -49,6 +51,8 @@ pub struct BuildOptions {
     pub pipeline: Option<Pipeline>,
     /// Training data whose statistics the manifest carries, for drift detection.
     pub reference: Option<crate::reference::ReferenceData>,
+    /// Whether the model gets a second plan for batches of one.
+    pub one_row_plan: OneRowPlan,
 }
 
 /// A built capsule and what it took.
@@ -226,6 +230,7 @@ impl CapsuleBuilder {
         input_shapes: &[InputShape],
         pipeline: Option<&Pipeline>,
         labels: &[String],
+        one_row_plan: OneRowPlan,
     ) -> Result<(GuestInstance, BuildReport)> {
         let deadline = (BUILD_DEADLINE.as_micros() / EPOCH_TICK.as_micros()) as u64;
         // Host kernels off: the snapshot is taken here, and nothing a node decides may be in it.
@@ -258,6 +263,7 @@ impl CapsuleBuilder {
                 input_shapes: input_shapes.to_vec(),
                 pipeline: pipeline.cloned(),
                 labels: labels.to_vec(),
+                one_row_plan,
             },
             "build request",
         )?;
@@ -280,7 +286,13 @@ impl CapsuleBuilder {
     ) -> Result<Duration> {
         let request = wire::encode_request(inputs)?;
         let started = Instant::now();
-        let (mut guest, _) = self.load_in_guest(model.to_vec(), input_shapes, None, &[])?;
+        let (mut guest, _) = self.load_in_guest(
+            model.to_vec(),
+            input_shapes,
+            None,
+            &[],
+            OneRowPlan::default(),
+        )?;
         let deadline = (BUILD_DEADLINE.as_micros() / EPOCH_TICK.as_micros()) as u64;
         match guest.run(&request, deadline)? {
             capsule_format::wire::InferResponse::Outputs(_) => Ok(started.elapsed()),
@@ -303,6 +315,7 @@ impl CapsuleBuilder {
             &options.input_shapes,
             pipeline.as_ref(),
             &options.labels,
+            options.one_row_plan,
         )?;
         // The guest validated the same spec against the same signature; resolving it here
         // gives the stored form and the capsule's external signature.

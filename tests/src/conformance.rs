@@ -196,6 +196,7 @@ pub fn run_capsule(builder: &CapsuleBuilder, case: &Case) -> Result<(), String> 
         limits: Limits::default(),
         pipeline: None,
         reference: None,
+        one_row_plan: Default::default(),
     };
     let capsule = builder
         .build(options)

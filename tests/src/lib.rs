@@ -138,6 +138,7 @@ pub fn options(name: &str) -> Result<BuildOptions> {
         limits: Limits::default(),
         pipeline: None,
         reference: None,
+        one_row_plan: Default::default(),
     })
 }
 
@@ -160,6 +161,7 @@ pub fn pipeline_capsule(
         limits: Limits::default(),
         pipeline: Some(pipeline),
         reference: None,
+        one_row_plan: Default::default(),
     })?)
 }
 
