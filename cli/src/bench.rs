@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use capsule_format::manifest::Dim;
+use capsule_format::wire::OneRowPlan;
 use capsule_format::{CapsuleManifest, NamedTensor, Tensor};
 use capsule_model::LoadedModel;
 use capsule_runtime::{LoadedCapsule, RunConfig};
@@ -28,6 +29,10 @@ pub struct Args {
     /// (checked against the manifest's source hash).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// The native baseline's plan for batches of one: give what the capsule was built with
+    /// (`capsule build --one-row-plan`), so both run the same plan.
+    #[arg(long, value_name = "WHEN", default_value = "auto")]
+    one_row_plan: OneRowPlan,
     /// Timed iterations.
     #[arg(long, default_value_t = 200)]
     iterations: usize,
@@ -53,6 +58,7 @@ impl Args {
             capsule: PathBuf::new(),
             code: None,
             model: None,
+            one_row_plan: OneRowPlan::Auto,
             iterations: 200,
             warmup: 20,
             cold_starts: 20,
@@ -186,7 +192,11 @@ pub fn batched(
 }
 
 /// Loads the native tract baseline with the capsule's (possibly user-fixed) input shapes.
-pub fn native_model(m: &CapsuleManifest, onnx: &[u8]) -> Result<LoadedModel> {
+pub fn native_model(
+    m: &CapsuleManifest,
+    onnx: &[u8],
+    one_row_plan: OneRowPlan,
+) -> Result<LoadedModel> {
     let hash = hex::encode(Sha256::digest(onnx));
     if hash != m.source.sha256 {
         bail!(
@@ -194,7 +204,11 @@ pub fn native_model(m: &CapsuleManifest, onnx: &[u8]) -> Result<LoadedModel> {
             m.source.sha256
         );
     }
-    Ok(LoadedModel::load(onnx, &m.input_shapes())?)
+    Ok(LoadedModel::load_with(
+        onnx,
+        &m.input_shapes(),
+        one_row_plan,
+    )?)
 }
 
 pub fn measure(
@@ -300,7 +314,7 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
         Some(path) => {
             let onnx =
                 std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            Some(native_model(capsule.manifest(), &onnx)?)
+            Some(native_model(capsule.manifest(), &onnx, args.one_row_plan)?)
         }
         None => None,
     };

@@ -146,7 +146,7 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
     );
 
     println!("\n== 4. bench: capsule vs native tract, interleaved in one run");
-    let mut native = bench::native_model(m, MODEL)?;
+    let mut native = bench::native_model(m, MODEL, Default::default())?;
     let args = bench::Args::quick();
     let report = bench::measure(&capsule, Some(&mut native), &args)?;
     bench::print(&report);
