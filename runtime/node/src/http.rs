@@ -51,6 +51,11 @@ impl BodyBudget {
         }
     }
 
+    /// The bytes held now.
+    pub(crate) fn held(&self) -> u64 {
+        self.held.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// An empty charge on this budget.
     fn charge(self: &Arc<Self>) -> BodyCharge {
         BodyCharge {

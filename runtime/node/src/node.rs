@@ -29,6 +29,7 @@ pub struct Node {
     loader: Arc<Mutex<Loader>>,
     config: Arc<NodeConfig>,
     shutdown: watch::Sender<bool>,
+    bodies: Arc<crate::http::BodyBudget>,
     servers: Vec<JoinHandle<()>>,
     watcher: JoinHandle<()>,
     agent: Option<JoinHandle<()>>,
@@ -100,10 +101,11 @@ impl Node {
             .local_addr()
             .map_err(Error::io("listener address"))?;
         let mut servers = Vec::new();
+        let bodies = Arc::new(crate::http::BodyBudget::new(config.max_body_bytes));
         let app = router(App {
             registry: Arc::clone(&registry),
             config: Arc::clone(&config),
-            bodies: Arc::new(crate::http::BodyBudget::new(config.max_body_bytes)),
+            bodies: Arc::clone(&bodies),
         });
         let mut rx = shutdown.subscribe();
         // With a header-read timeout, which `axum::serve` does not set (`capsule_serve`).
@@ -205,6 +207,7 @@ impl Node {
             loader,
             config,
             shutdown,
+            bodies,
             servers,
             watcher,
             agent,
@@ -225,6 +228,12 @@ impl Node {
     /// The models being served.
     pub fn registry(&self) -> &Arc<ModelRegistry> {
         &self.registry
+    }
+
+    /// Bytes of REST request bodies the node holds now (being read, or read and not yet
+    /// decoded), out of its budget of four times `max_body_bytes`.
+    pub fn request_body_bytes(&self) -> u64 {
+        self.bodies.held()
     }
 
     /// Waits until the first repository scan has loaded.
