@@ -754,21 +754,9 @@ fn a_revoked_node_token_is_refused() -> Result<()> {
     let (n1, n2) = (node_token(&hub, "n1")?, node_token(&hub, "n2")?);
     let register = |id: &str, token: &str| register(&hub, id, token, json!({}));
     assert_eq!(register("n1", &n1)?, 200);
-    let revoke = |token: &str| -> Result<(u16, Value)> {
-        let resp = http()
-            .delete(format!("{hub}/api/v1/nodes/n1/token"))
-            .bearer_auth(token)
-            .send()?;
-        Ok((resp.status().as_u16(), resp.json().unwrap_or(Value::Null)))
-    };
+    let revoke = |token: &str| api(&hub, "DELETE", "/api/v1/nodes/n1/token", token, None);
     assert_eq!(revoke(&n2)?.0, 403, "a node cannot revoke tokens");
-    let tokens = |token: &str| -> Result<(u16, Value)> {
-        let resp = http()
-            .get(format!("{hub}/api/v1/tokens"))
-            .bearer_auth(token)
-            .send()?;
-        Ok((resp.status().as_u16(), resp.json().unwrap_or(Value::Null)))
-    };
+    let tokens = |token: &str| api(&hub, "GET", "/api/v1/tokens", token, None);
     assert_eq!(tokens(&n1)?.0, 403, "a node cannot list tokens");
     let (status, listed) = tokens(ADMIN)?;
     assert_eq!(status, 200, "{listed}");

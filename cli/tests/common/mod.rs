@@ -150,6 +150,7 @@ pub fn api(
     let mut req = match method {
         "GET" => c.get(format!("{hub}{path}")),
         "PUT" => c.put(format!("{hub}{path}")),
+        "DELETE" => c.delete(format!("{hub}{path}")),
         _ => c.post(format!("{hub}{path}")),
     }
     .bearer_auth(token);
