@@ -8,10 +8,15 @@
 
 mod common;
 
+use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+
+/// How long one block may run.
+const BLOCK_LIMIT: Duration = Duration::from_secs(300);
 
 /// Runs before each block.
 const PRELUDE: &str = r#"set -euo pipefail
@@ -47,7 +52,7 @@ fn sh_blocks(markdown: &str) -> Vec<(usize, String)> {
 /// Runs the `sh` blocks of `doc` (a path in the repository), at most `only` of them when
 /// given (a guide's first blocks can be its runnable quickstart).
 fn run_blocks(doc: &str, only: Option<usize>) -> Result<()> {
-    for tool in ["bash", "curl", "timeout", "python3"] {
+    for tool in ["bash", "curl", "kill", "python3"] {
         let found = Command::new(tool).arg("--version").output().is_ok();
         if !found {
             bail!("the snippets of {doc} need {tool}, which is not installed");
@@ -69,21 +74,11 @@ fn run_blocks(doc: &str, only: Option<usize>) -> Result<()> {
         std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
     ))?;
     for (line, block) in &blocks {
-        let started = std::time::Instant::now();
-        let out = Command::new("timeout")
-            .args(["300", "bash", "-c", &format!("{PRELUDE}\n{block}")])
-            .current_dir(dir.path())
-            .env("PATH", &path)
-            .env("CAPSULE_CACHE_DIR", common::cache())
-            .env_remove("CAPSULE_HUB_TOKEN")
-            .env_remove("CAPSULE_HUB")
-            .output()?;
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let started = Instant::now();
+        let (status, stdout, stderr) = run_block(dir.path(), &path, block)?;
         assert!(
-            out.status.success(),
-            "{doc} line {line}: the block failed ({}):\n{block}\n--- stdout\n{}\n--- stderr\n{stderr}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
+            status.success(),
+            "{doc} line {line}: the block failed ({status}):\n{block}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
         );
         eprintln!(
             "{doc} line {line}: ran in {:.1} s{}",
@@ -96,6 +91,63 @@ fn run_blocks(doc: &str, only: Option<usize>) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Runs one block in its own process group with its output in files (a server the block
+/// leaves behind cannot hold a pipe open), stops after [`BLOCK_LIMIT`], and then stops every
+/// process of the group, including servers started as part of a list (`mkdir x && serve &`
+/// forks a subshell whose child the prelude's `kill $(jobs -p)` does not reach).
+fn run_block(
+    dir: &Path,
+    path: &std::ffi::OsStr,
+    block: &str,
+) -> Result<(ExitStatus, String, String)> {
+    let logs = tempfile::tempdir()?;
+    let (out_path, err_path) = (logs.path().join("stdout"), logs.path().join("stderr"));
+    let mut child = Command::new("bash")
+        .args(["-c", &format!("{PRELUDE}\n{block}")])
+        .current_dir(dir)
+        .env("PATH", path)
+        .env("CAPSULE_CACHE_DIR", common::cache())
+        .env_remove("CAPSULE_HUB_TOKEN")
+        .env_remove("CAPSULE_HUB")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path)?)
+        .stderr(std::fs::File::create(&err_path)?)
+        .process_group(0)
+        .spawn()?;
+    let group = format!("-{}", child.id());
+    let deadline = Instant::now() + BLOCK_LIMIT;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Whatever is left of the group: TERM, a moment to shut down, then KILL.
+    let signal = |name: &str| {
+        Command::new("kill")
+            .args([name, "--", &group])
+            .stderr(Stdio::null())
+            .status()
+    };
+    if signal("-TERM")?.success() {
+        std::thread::sleep(Duration::from_secs(2));
+        signal("-KILL")?;
+    }
+    let status = match status {
+        Some(status) => status,
+        None => child.wait()?,
+    };
+    let read = |p: &Path| std::fs::read(p).map(|b| String::from_utf8_lossy(&b).into_owned());
+    let (stdout, mut stderr) = (read(&out_path)?, read(&err_path)?);
+    if Instant::now() >= deadline {
+        stderr.push_str(&format!("\nsnippet test: stopped after {BLOCK_LIMIT:?}"));
+    }
+    Ok((status, stdout, stderr))
 }
 
 /// README.md whole, then the hub guide's quickstart (keys, a hub, a node token, a synced node,
