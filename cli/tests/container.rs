@@ -48,14 +48,24 @@ impl Podman {
     }
 
     /// Starts a detached container on the host network from the test image.
-    fn start(&mut self, name: &str, volumes: &[(&Path, &str)], args: &[&str]) -> Result<()> {
-        let mut all: Vec<String> = ["run", "-d", "--name", name, "--network", "host"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+    /// Volumes are `(host path or volume name, container path[:options])`; the root
+    /// filesystem is read-only, as deploy/compose.yaml and deploy/k8s run it.
+    fn start(&mut self, name: &str, volumes: &[(&str, &str)], args: &[&str]) -> Result<()> {
+        let mut all: Vec<String> = [
+            "run",
+            "-d",
+            "--read-only",
+            "--name",
+            name,
+            "--network",
+            "host",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         for (host, container) in volumes {
             all.push("-v".into());
-            all.push(format!("{}:{container}", host.display()));
+            all.push(format!("{host}:{container}"));
         }
         all.push("localhost/capsule:test".into());
         all.extend(args.iter().map(|s| s.to_string()));
@@ -96,6 +106,35 @@ fn shared_dir(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The instructions of a Containerfile's last stage, comments and `--from=build /out/`
+/// (where the Dockerfile's build stage leaves the root filesystem) removed.
+fn final_stage(text: &str) -> Vec<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines
+        .iter()
+        .rposition(|l| l.starts_with("FROM "))
+        .unwrap_or_default();
+    lines
+        .into_iter()
+        .skip(start)
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(|l| l.replace("--from=build /out/", ""))
+        .collect()
+}
+
+/// The Dockerfile (which CI cannot build: it pulls a Rust image) ends with the stage that
+/// the offline Containerfile is, so the image tested below is the image it builds.
+#[test]
+fn the_dockerfile_ends_with_the_tested_stage() -> Result<()> {
+    let repo = common::repo();
+    let dockerfile = std::fs::read_to_string(repo.join("Dockerfile"))?;
+    let prebuilt = std::fs::read_to_string(repo.join("deploy/container/Containerfile.prebuilt"))?;
+    assert_eq!(final_stage(&dockerfile), final_stage(&prebuilt));
+    assert!(final_stage(&prebuilt).contains(&"FROM scratch".to_owned()));
+    assert!(dockerfile.contains("deploy/container/rootfs.sh target/release/capsule /out"));
+    Ok(())
+}
+
 #[test]
 fn hub_and_node_containers_serve_a_signed_capsule() -> Result<()> {
     let found = |tool: &str| Command::new(tool).arg("--version").output().is_ok();
@@ -130,7 +169,7 @@ fn hub_and_node_containers_serve_a_signed_capsule() -> Result<()> {
     let status = Command::new("bash")
         .arg(repo.join("deploy/container/rootfs.sh"))
         .arg(common::bin())
-        .arg(context.join("rootfs"))
+        .arg(&context)
         .status()?;
     assert!(status.success(), "rootfs.sh failed");
     podman.run(&[
@@ -155,14 +194,13 @@ fn hub_and_node_containers_serve_a_signed_capsule() -> Result<()> {
     ])?;
     assert_eq!(String::from_utf8_lossy(&user.stdout).trim(), "65532:65532");
 
-    // The hub, its database and blobs on a volume.
-    let hub_data = d.join("hub-data");
-    shared_dir(&hub_data)?;
+    // The hub, its database and blobs on a named volume (made from the image's /data, owned
+    // by the image's user, as deploy/compose.yaml mounts it).
     let hub_port = free_port()?;
     let hub = format!("http://127.0.0.1:{hub_port}");
     podman.start(
         "capsule-test-hub",
-        &[(&hub_data, "/data")],
+        &[("capsule-test-hub-data", "/data")],
         &[
             "hub",
             "--http",
@@ -215,7 +253,10 @@ fn hub_and_node_containers_serve_a_signed_capsule() -> Result<()> {
     let node = format!("http://127.0.0.1:{node_port}");
     podman.start(
         "capsule-test-node",
-        &[(&models, "/models"), (&keys, "/keys:ro")],
+        &[
+            (&models.to_string_lossy(), "/models"),
+            (&keys.to_string_lossy(), "/keys:ro"),
+        ],
         &[
             "serve",
             "--models",

@@ -5,7 +5,8 @@
 //! PrometheusRule against deploy/prometheus/capsule-alerts.yml, checks every `capsule`
 //! container's flags, ports and probes against this binary's `--help`, and starts each
 //! container as written (the PostgreSQL overlay's hub on a fresh PostgreSQL database) until
-//! its probes answer.
+//! its probes answer; deploy/compose.yaml's capsule services get the same checks and runs,
+//! and its Prometheus config passes promtool.
 
 mod common;
 
@@ -18,6 +19,9 @@ fn missing_tools() -> Option<String> {
     let python = Command::new("python3")
         .args(["-c", "import yaml, kubernetes_validate"])
         .output();
+    if !Command::new("promtool").arg("--version").output().is_ok() {
+        return Some("promtool (Debian's prometheus)".into());
+    }
     if !python.is_ok_and(|o| o.status.success()) {
         return Some(
             "python3 with PyYAML and kubernetes-validate (pip install kubernetes-validate==1.37.0)"
@@ -43,7 +47,7 @@ fn missing_tools() -> Option<String> {
 }
 
 #[test]
-fn kubernetes_manifests_render_validate_and_run() -> Result<()> {
+fn kubernetes_and_compose_manifests_render_validate_and_run() -> Result<()> {
     if let Some(missing) = missing_tools() {
         if common::in_ci() {
             bail!("CI must provide {missing}");
@@ -85,6 +89,9 @@ fn kubernetes_manifests_render_validate_and_run() -> Result<()> {
             "overlays/sqlite: Deployment capsule-node container node: ran",
             "overlays/postgres: Deployment capsule-hub container hub: ran",
             "kserve: ServingRuntime capsule container kserve-container: ran",
+            "compose: Deployment hub container hub: ran",
+            "compose: Deployment node-1 container node-1: ran",
+            "compose: promtool accepts compose/prometheus.yml",
         ] {
             assert!(stdout.contains(ran), "missing {ran:?} in\n{stdout}");
         }

@@ -25,6 +25,11 @@ For every kustomization (overlays/sqlite, overlays/postgres, monitoring, kserve)
    its ports to free loopback ports and its Secret values from the stand-ins, and asks
    every probe of it until it answers 200.
 
+And deploy/compose.yaml: its capsule services get the checks of 4 and 5 (the hub on
+CAPSULE_TEST_POSTGRES_URL when set), the files its services mount exist, and
+deploy/compose/prometheus.yml scrapes those services under the alert rules' job names and
+passes `promtool check config` (when promtool is installed).
+
 Exits non-zero with every problem listed.
 """
 
@@ -172,7 +177,9 @@ def help_flags(capsule, sub, cache):
         if out.returncode != 0:
             cache[sub] = None
         else:
-            cache[sub] = set(re.findall(r"^\s+(?:-\w, )?(--[a-z0-9-]+)", out.stdout, re.M))
+            cache[sub] = set(re.findall(r"^\s+(?:-\w, )?(--[a-z0-9-]+)", out.stdout, re.M)) | set(
+                re.findall(r"\[env: (CAPSULE_[A-Z0-9_]+)", out.stdout)
+            )
     return cache[sub]
 
 
@@ -216,11 +223,87 @@ def check_containers(docs, root, capsule, problems, help_cache):
                 if (port not in ports) if isinstance(port, str) else (port not in ports.values()):
                     problems.append(f"{at}: {probe} port {port} is not a container port")
             for env in c.get("env", []):
+                if env["name"].startswith("CAPSULE_") and env["name"] not in known:
+                    problems.append(f"{at}: `capsule {sub}` reads no environment variable {env['name']}")
                 ref = (env.get("valueFrom") or {}).get("secretKeyRef")
                 if ref:
                     secret = secrets.get(ref["name"])
                     if secret is None or ref["key"] not in (secret.get("data") or {}):
                         problems.append(f"{at}: env {env['name']} reads a Secret key not generated here: {ref}")
+
+
+def compose_docs(path, problems):
+    """deploy/compose.yaml's capsule services as Deployments (one container each, probes on
+    the subcommand's health routes: the image has no shell for a compose healthcheck), and
+    checks of its other services' files and of its Prometheus config."""
+    compose = yaml.safe_load(path.read_text())
+    base = path.parent
+    docs = []
+    for name, svc in compose["services"].items():
+        for volume in svc.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith(".") and not (base / source).exists() and source != "./models":
+                problems.append(f"compose: {name} mounts {source}, which is not in deploy/")
+        if "capsule" not in svc.get("image", ""):
+            continue
+        command = svc["command"]
+        http = next(a.split("=", 1)[1] for a in command if a.startswith("--http="))
+        container_port = int(http.rsplit(":", 1)[1])
+        published = [p for p in svc.get("ports", []) if p.split(":")[-1] == str(container_port)]
+        if not published:
+            problems.append(f"compose: {name} publishes no port to its --http {container_port}")
+        ports = [{"name": "http", "containerPort": container_port}]
+        grpc = [a.split("=", 1)[1] for a in command if a.startswith("--grpc=")]
+        if grpc:
+            ports.append({"name": "grpc", "containerPort": int(grpc[0].rsplit(":", 1)[1])})
+        route = sorted(PROBE_ROUTES[command[0]])[-1]
+        env = []
+        for key, value in (svc.get("environment") or {}).items():
+            value = re.sub(r"\$\{[A-Z_]+:\?[^}]*\}", STAND_INS["admin-token"], str(value))
+            if key == "CAPSULE_HUB_DATABASE":
+                value = os.environ.get("CAPSULE_TEST_POSTGRES_URL", value)
+            env.append({"name": key, "value": value})
+        container = {
+            "name": name,
+            "image": svc["image"],
+            "args": command,
+            "env": env,
+            "ports": ports,
+            "volumeMounts": [{"mountPath": v.split(":")[1]} for v in svc.get("volumes", [])],
+            "livenessProbe": {"httpGet": {"path": route, "port": "http"}},
+            "readinessProbe": {"httpGet": {"path": route, "port": "http"}},
+        }
+        docs.append({
+            "kind": "Deployment",
+            "metadata": {"name": name},
+            "spec": {"template": {"spec": {"containers": [container]}}},
+        })
+    # Prometheus scrapes the capsule services on their --http ports, under the job names
+    # the alert rules select, and promtool accepts the config with the rules beside it.
+    prometheus = yaml.safe_load((base / "compose" / "prometheus.yml").read_text())
+    http_of = {
+        d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
+        for d in docs
+    }
+    for job in prometheus["scrape_configs"]:
+        for target in job["static_configs"][0]["targets"]:
+            host, port = target.rsplit(":", 1)
+            if http_of.get(host) != int(port):
+                problems.append(f"compose: Prometheus job {job['job_name']} scrapes {target}, not a capsule service's --http")
+    if sorted(j["job_name"] for j in prometheus["scrape_configs"]) != ["capsule-hub", "capsule-node"]:
+        problems.append("compose: Prometheus jobs must be capsule-hub and capsule-node (the alert rules select them)")
+    if shutil.which("promtool"):
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copy(base / "compose" / "prometheus.yml", tmp)
+            shutil.copy(ALERTS, tmp)
+            out = subprocess.run(["promtool", "check", "config", f"{tmp}/prometheus.yml"], capture_output=True, text=True)
+            if out.returncode != 0:
+                problems.append(f"compose: promtool check config: {out.stdout}{out.stderr}")
+            else:
+                print("compose: promtool accepts compose/prometheus.yml with the alert rules")
+    else:
+        print("compose: promtool not installed, Prometheus config not checked by it")
+    return docs
 
 
 def free_port():
@@ -328,6 +411,10 @@ def main():
                 run_containers(docs, root, args.capsule, args.capsule_file, problems)
             kinds = sorted({d["kind"] for d in docs})
             print(f"{root}: {len(docs)} objects ({', '.join(kinds)})")
+        docs = compose_docs(HERE.parent / "compose.yaml", problems)
+        check_containers(docs, "compose", args.capsule, problems, help_cache)
+        if args.capsule_file:
+            run_containers(docs, "compose", args.capsule, args.capsule_file, problems)
     for p in problems:
         print("PROBLEM", p, file=sys.stderr)
     return 1 if problems else 0
