@@ -19,7 +19,7 @@ fn missing_tools() -> Option<String> {
     let python = Command::new("python3")
         .args(["-c", "import yaml, kubernetes_validate"])
         .output();
-    if !Command::new("promtool").arg("--version").output().is_ok() {
+    if Command::new("promtool").arg("--version").output().is_err() {
         return Some("promtool (Debian's prometheus)".into());
     }
     if !python.is_ok_and(|o| o.status.success()) {
