@@ -1460,3 +1460,128 @@ fn hub_over_tls() -> Result<()> {
     .with_context(|| format!("node log: {:?}", node.log.lock().map(|l| l.join("\n"))))?;
     Ok(())
 }
+
+/// docs/runbooks/hub-backup-restore.md on SQLite, as an operator would follow it: an online
+/// backup (SQLite's backup API, the runbook's command, while the hub serves) and a copy of
+/// the blobs; a version published after the backup; the hub's database and blobs lost and
+/// restored from the backup. The node, whose rollback floor is the newer targets metadata,
+/// refuses the restored older state and keeps serving what it has; it learns of the
+/// restored hub at once (its long-poll asks for a generation the restored database has not
+/// reached, which the hub answers without waiting). Pushing again what was published after
+/// the backup, with the latest targets metadata, brings the fleet back in sync.
+#[test]
+fn a_hub_restored_from_a_backup_takes_its_fleet_back() -> Result<()> {
+    const BACKUP: &str = r#"python3 -c 'import sqlite3; sqlite3.connect("hub.db").backup(sqlite3.connect("backup/hub.db"))'"#;
+    const BLOBS: &str = "cp -a hub-blobs/. backup/hub-blobs/";
+    let runbook = std::fs::read_to_string(repo().join("docs/runbooks/hub-backup-restore.md"))?;
+    assert!(
+        runbook.contains(BACKUP) && runbook.contains(BLOBS),
+        "the runbook's commands changed"
+    );
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    publisher_keys(d, &[])?;
+    for (v, y) in [("1.0.0", 1.0), ("2.0.0", 2.0)] {
+        let bytes = wat_capsule(&WatCapsule {
+            name: "wat".into(),
+            version: semver::Version::parse(v)?,
+            y,
+            golden_y: None,
+        })?;
+        std::fs::write(d.join(format!("wat-{v}.capsule.wasm")), bytes)?;
+    }
+    let port = free_port()?;
+    let hub = format!("http://127.0.0.1:{port}");
+    let database = format!("sqlite://{}", d.join("hub.db").display());
+    let blobs = d.join("hub-blobs").to_string_lossy().into_owned();
+    let start = || -> Result<Proc> {
+        let p = Proc::spawn(&[
+            "hub",
+            "--database",
+            &database,
+            "--blobs",
+            &blobs,
+            "--http",
+            &format!("127.0.0.1:{port}"),
+            "--admin-token",
+            ADMIN,
+        ])?;
+        p.address("capsule hub:")?;
+        Ok(p)
+    };
+    let mut hub_proc = start()?;
+    let publish = |v: &str| {
+        sign_and_push(
+            d,
+            &hub,
+            &d.join(format!("wat-{v}.capsule.wasm")),
+            &d.join("targets.json"),
+            &["--alias", "production"],
+        )
+    };
+    publish("1.0.0")?;
+    let token = node_token(&hub, "edge")?;
+    let (_node, node) = start_synced_node(d, &hub, "edge", &token, &[])?;
+    wait_until("the node to serve 1.0.0", || served_y(&node) == Some(1.0))?;
+
+    // The backup, while the hub serves.
+    std::fs::create_dir_all(d.join("backup/hub-blobs"))?;
+    for command in [BACKUP, BLOBS] {
+        let status = Command::new("bash")
+            .args(["-c", command])
+            .current_dir(d)
+            .status()?;
+        assert!(status.success(), "{command}");
+    }
+    publish("2.0.0")?;
+    wait_until("the node to serve 2.0.0", || served_y(&node) == Some(2.0))?;
+
+    // The hub's database and blobs are lost; restore them (the runbook's restore step).
+    hub_proc.kill();
+    for f in ["hub.db", "hub.db-wal", "hub.db-shm"] {
+        let _ = std::fs::remove_file(d.join(f));
+    }
+    std::fs::remove_dir_all(d.join("hub-blobs"))?;
+    std::fs::copy(d.join("backup/hub.db"), d.join("hub.db"))?;
+    let status = Command::new("cp")
+        .args(["-a", "backup/hub-blobs", "hub-blobs"])
+        .current_dir(d)
+        .status()?;
+    assert!(status.success());
+    let restored_at = Instant::now();
+    let _hub_proc = start()?;
+    // The restored database holds the node's report from the backup's time (serving 1.0.0):
+    // wait for the node's own report on the restored state.
+    let mut report = Value::Null;
+    wait_until("the node's report on the restored hub", || {
+        let Ok((_, v)) = api(&hub, "GET", "/api/v1/nodes", ADMIN, None) else {
+            return false;
+        };
+        report = v["nodes"][0]["report"].clone();
+        report["models"][0]["state"] == "verify_failed"
+    })
+    .with_context(|| format!("last report: {report}"))?;
+    let learned = restored_at.elapsed();
+    assert!(
+        learned < Duration::from_secs(20),
+        "the node took {learned:?} to learn of the restored hub (a long-poll waited out)"
+    );
+    let m = &report["models"][0];
+    assert!(
+        m["detail"].as_str().unwrap_or("").contains("5.6.4"),
+        "{report}"
+    );
+    assert_eq!(
+        served_y(&node),
+        Some(2.0),
+        "the node keeps serving what it has"
+    );
+
+    // Push again what was published after the backup, with the latest targets metadata.
+    publish("2.0.0")?;
+    let after = generation(&hub)?;
+    let report = wait_report(&hub, "edge", after)?;
+    assert_eq!(report["models"][0]["state"], "serving", "{report}");
+    assert_eq!(served_y(&node), Some(2.0));
+    Ok(())
+}

@@ -828,7 +828,7 @@ struct DesiredQuery {
 }
 
 /// The node's desired state; with `after=G`, waits (up to `wait_ms`) until the state's
-/// generation passes G.
+/// generation differs from G.
 async fn desired(
     State(s): State<AppState>,
     caller: Caller,
@@ -840,7 +840,10 @@ async fn desired(
         let wait = Duration::from_millis(q.wait_ms.unwrap_or(0)).min(s.config.max_wait);
         let mut rx = s.generation.clone();
         s.metrics.long_polls.inc();
-        let _ = tokio::time::timeout(wait, rx.wait_for(|g| *g > after)).await;
+        // A node that saw a generation this hub has not reached (its database was restored
+        // from a backup, or replaced) gets the state at once: waiting for the generation to
+        // pass G would stall it for the whole long-poll.
+        let _ = tokio::time::timeout(wait, rx.wait_for(|g| *g != after)).await;
         s.metrics.long_polls.dec();
     }
     let generation = *s.generation.borrow();

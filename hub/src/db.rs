@@ -323,6 +323,21 @@ impl Db {
         self.generation().await
     }
 
+    /// Moves the generation to `floor` or one past where it is, whichever is higher. The hub
+    /// calls it at start-up with the wall clock in milliseconds, so a database restored from
+    /// a backup never hands out again a generation its nodes already saw (a node that was told
+    /// generation G takes a later state also numbered G for the one it has, and keeps it).
+    pub async fn advance_generation(&self, floor: i64) -> Result<i64> {
+        sqlx::query(
+            "UPDATE hub_state SET value = CASE WHEN value + 1 > $1 THEN value + 1 ELSE $1 END \
+             WHERE key = 'generation'",
+        )
+        .bind(floor)
+        .execute(&self.pool)
+        .await?;
+        self.generation().await
+    }
+
     /// Records an admin action.
     pub async fn audit(&self, actor: &str, action: &str, detail: &str, remote: &str) -> Result<()> {
         sqlx::query("INSERT INTO audit (id, at_us, actor, action, detail, remote) VALUES ($1, $2, $3, $4, $5, $6)")
