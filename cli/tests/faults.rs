@@ -1,10 +1,14 @@
 //! Fault injection, scripted and repeatable (issue 16): a synced node killed with SIGKILL at
 //! chosen moments of its download and install, again and again, must come back serving a
-//! verified version, with every file in its repository matching its signed hash.
+//! verified version, with every file in its repository matching its signed hash; and a node
+//! whose disk fills up (a small tmpfs under its repository) keeps serving, says why its
+//! install failed, recovers when space comes back, and accounts for the telemetry it could
+//! not buffer.
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -169,6 +173,172 @@ fn a_node_killed_during_its_downloads_and_installs_recovers() -> Result<()> {
     eprintln!(
         "{kills} kills at {moments:?} ms, leaving the node at {stages:?}; then serving, with {} files all matching their signed hashes",
         files.len()
+    );
+    Ok(())
+}
+
+/// Unmounts the test's tmpfs (lazily: a node may still hold files there).
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn mount_tmpfs(at: &Path, size: &str) -> Result<Option<Mounted>> {
+    std::fs::create_dir_all(at)?;
+    let out = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(at)
+        .output();
+    match out {
+        Ok(o) if o.status.success() => Ok(Some(Mounted(at.to_path_buf()))),
+        other => {
+            let why = match other {
+                Ok(o) => String::from_utf8_lossy(&o.stderr).into_owned(),
+                Err(e) => e.to_string(),
+            };
+            if in_ci() {
+                bail!("CI must let the tests mount a tmpfs (root): {why}");
+            }
+            eprintln!("skipped: mounting a tmpfs needs root ({why})");
+            Ok(None)
+        }
+    }
+}
+
+/// Fills the file system of `dir` with a file until the disk refuses (ENOSPC).
+fn fill(dir: &Path) -> Result<PathBuf> {
+    use std::io::Write;
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path)?;
+    let chunk = vec![0u8; 64 << 10];
+    loop {
+        match f.write_all(&chunk).and_then(|()| f.sync_all()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(28) => return Ok(path),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// The disk under a node's repository is full (a tmpfs smaller than the guest code): the
+/// install fails with the cause in the node's report, the node stays up, and once space is
+/// freed it installs and serves without a restart. Then, serving with the disk full again,
+/// the telemetry windows it cannot buffer are counted as dropped (requests and batches), so
+/// the hub's totals still account for every request: shipped + dropped = served.
+#[test]
+fn a_full_disk_stops_installs_and_buffering_not_serving() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let models = d.join("models-node-f");
+    let Some(_mounted) = mount_tmpfs(&models, "4m")? else {
+        return Ok(());
+    };
+    publisher_keys(d, &[])?;
+    let fixture = repo().join("tests/fixtures/models/digits_mlp");
+    let capsule = d.join("digits.capsule.wasm");
+    run(&[
+        "build",
+        &fixture.join("model.onnx").to_string_lossy(),
+        "--name",
+        "digits",
+        "-o",
+        &capsule.to_string_lossy(),
+    ])?;
+    let database = format!("sqlite://{}", d.join("hub.db").display());
+    let port = free_port()?;
+    let _hub = start_hub(d, &database, port, &[])?;
+    let hub = format!("http://127.0.0.1:{port}");
+    sign_and_push(
+        d,
+        &hub,
+        &capsule,
+        &d.join("targets.json"),
+        &["--alias", "production"],
+    )?;
+    let token = node_token(&hub, "node-f")?;
+    let (node, url) =
+        start_synced_node(d, &hub, "node-f", &token, &["--telemetry-window-ms", "300"])?;
+
+    // 1. The guest code does not fit: the node says why and stays up.
+    let mut last = Value::Null;
+    wait_until("the node to report the full disk", || {
+        let Ok((_, v)) = api(&hub, "GET", "/api/v1/nodes", ADMIN, None) else {
+            return false;
+        };
+        last = v["nodes"][0]["report"]["models"][0].clone();
+        matches!(
+            last["state"].as_str(),
+            Some("download_failed" | "install_failed")
+        )
+    })
+    .with_context(|| {
+        format!(
+            "last report: {last}; node log: {:?}",
+            node.log.lock().map(|l| l.join("\n"))
+        )
+    })?;
+    let detail = last["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("No space left") || detail.contains("os error 28"),
+        "the report names the cause: {last}"
+    );
+    let live = http().get(format!("{url}/v2/health/live")).send()?;
+    assert_eq!(live.status(), 200, "the node is up");
+
+    // 2. Space comes back: the node installs and serves without a restart.
+    let status = Command::new("mount")
+        .args(["-o", "remount,size=256m"])
+        .arg(&models)
+        .status()?;
+    assert!(status.success(), "remount");
+    wait_until("the node to serve digits once space is back", || {
+        http()
+            .get(format!("{url}/v2/models/digits/ready"))
+            .send()
+            .is_ok_and(|r| r.status().is_success())
+    })?;
+
+    // 3. Serving on a full disk: every request answered; what cannot be buffered is counted.
+    let request = std::fs::read(fixture.join("sample_request.json"))?;
+    let infer = || -> Result<()> {
+        let resp = http()
+            .post(format!("{url}/v2/models/digits/infer"))
+            .header("content-type", "application/json")
+            .body(request.clone())
+            .send()?;
+        if resp.status() != 200 {
+            bail!("infer: {}", resp.status());
+        }
+        Ok(())
+    };
+    let filler = fill(&models)?;
+    for _ in 0..20 {
+        infer()?;
+    }
+    // Two windows close while the disk is full.
+    std::thread::sleep(Duration::from_millis(700));
+    std::fs::remove_file(&filler)?;
+    for _ in 0..10 {
+        infer()?;
+    }
+    let served = 30;
+    let mut s = Value::Null;
+    wait_until("the hub to account for every request", || {
+        let Ok((_, v)) = api(&hub, "GET", "/api/v1/telemetry/summary", ADMIN, None) else {
+            return false;
+        };
+        s = v["nodes"]["node-f"].clone();
+        let shipped = s["requests"].as_u64().unwrap_or(0);
+        let dropped = s["dropped_requests"].as_u64().unwrap_or(0);
+        shipped + dropped == served
+    })
+    .with_context(|| format!("node totals at the hub: {s}"))?;
+    assert!(
+        s["dropped_requests"].as_u64().unwrap_or(0) > 0,
+        "windows closed on the full disk were counted as dropped: {s}"
     );
     Ok(())
 }

@@ -71,8 +71,8 @@ pub struct ReportedModel {
     pub model: String,
     /// Version.
     pub version: String,
-    /// `serving`, `installing`, `verify_failed`, `download_failed`, `load_failed`,
-    /// `probe_failed`.
+    /// `serving`, `installing`, `verify_failed`, `download_failed`, `install_failed`,
+    /// `load_failed`, `probe_failed`.
     pub state: String,
     /// Why, when it failed.
     #[serde(default)]
@@ -89,6 +89,13 @@ pub struct Report {
 }
 
 impl ReportedModel {
+    /// Whether the failure may pass by itself (the network, the hub's blob store, a full or
+    /// failing disk on the node), so the same state is worth applying again later. The others
+    /// are decided by the bytes and the signatures, and change only with a new state.
+    pub fn transient(&self) -> bool {
+        matches!(self.state.as_str(), "download_failed" | "install_failed")
+    }
+
     /// Whether the state is a failure that counts against a rollout.
     pub fn failed(&self) -> bool {
         matches!(

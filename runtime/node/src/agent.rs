@@ -334,6 +334,10 @@ impl From<HubError> for String {
 
 /// Largest response the agent reads besides blobs (desired state, metadata inside it).
 const MAX_STATE_BYTES: usize = 4 << 20;
+/// The first retry of a state that failed for a transient cause, and the longest wait
+/// between retries (the delay doubles).
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+const MAX_RETRY: Duration = Duration::from_secs(60);
 
 impl Agent {
     /// Reads and checks the pinned root (an unusable root is a configuration error).
@@ -405,10 +409,21 @@ impl Agent {
         .map(|_| ())
     }
 
-    async fn desired(&self, after: Option<i64>) -> Result<DesiredState, String> {
+    /// The desired state; with `after`, long-polls for a change up to `wait_ms`, or up to
+    /// `retry` when a retry is due sooner.
+    async fn desired(
+        &self,
+        after: Option<i64>,
+        retry: Option<Duration>,
+    ) -> Result<DesiredState, String> {
         let mut url = self.url(&format!("/api/v1/nodes/{}/desired", self.sync.node_id));
         if let Some(g) = after {
-            url.push_str(&format!("?after={g}&wait_ms={}", self.sync.wait_ms));
+            let wait = retry.map_or(self.sync.wait_ms, |r| {
+                self.sync
+                    .wait_ms
+                    .min(u64::try_from(r.as_millis()).unwrap_or(u64::MAX))
+            });
+            url.push_str(&format!("?after={g}&wait_ms={wait}"));
         }
         let resp = self
             .send(
@@ -430,6 +445,9 @@ impl Agent {
         let mut backoff = Duration::from_millis(200);
         let mut registered = false;
         let mut generation: Option<i64> = None;
+        // After a transient failure (download, disk), the same state is applied again after
+        // this delay (doubling up to a minute) even when the hub's state has not changed.
+        let mut retry: Option<Duration> = None;
         loop {
             if *shutdown.borrow() {
                 return;
@@ -440,9 +458,25 @@ impl Agent {
                     registered = true;
                     tracing::info!(hub = %self.sync.url, node = %self.sync.node_id, "registered with the hub");
                 }
-                let state = self.desired(generation).await?;
-                if Some(state.generation) != generation {
+                let state = self.desired(generation, retry).await?;
+                let changed = Some(state.generation) != generation;
+                if changed || retry.is_some() {
                     let report = self.apply(&state).await;
+                    retry =
+                        report
+                            .models
+                            .iter()
+                            .any(ReportedModel::transient)
+                            .then(|| match retry {
+                                Some(r) if !changed => (r * 2).min(MAX_RETRY),
+                                _ => FIRST_RETRY,
+                            });
+                    if let Some(r) = retry {
+                        tracing::warn!(
+                            retry_ms = r.as_millis() as u64,
+                            "a transient failure: the state will be applied again"
+                        );
+                    }
                     self.send(
                         self.hub
                             .http

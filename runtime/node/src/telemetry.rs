@@ -175,13 +175,43 @@ impl Buffer {
         self.state.dropped_requests += evicted.1;
         let state = serde_json::to_vec(&self.state)
             .map_err(|e| Error::Internal(format!("telemetry state: {e}")))?;
-        write_buffer_file(&self.dir.join("state.json"), &state)
-            .map_err(Error::io("cannot write the telemetry state"))?;
-        if encoded.len() as u64 <= self.max_bytes {
-            let path = batch_path(&self.dir, seq, requests);
-            write_buffer_file(&path, &encoded)
-                .map_err(Error::io(format!("cannot write {}", path.display())))?;
-            self.files.insert(seq, (encoded.len() as u64, requests));
+        let fits = encoded.len() as u64 <= self.max_bytes;
+        let path = batch_path(&self.dir, seq, requests);
+        let stored = write_buffer_file(&self.dir.join("state.json"), &state).and_then(|()| {
+            if fits {
+                write_buffer_file(&path, &encoded)?;
+            }
+            Ok(())
+        });
+        match stored {
+            Ok(()) if fits => {
+                self.files.insert(seq, (encoded.len() as u64, requests));
+            }
+            Ok(()) => {}
+            // The disk refused (full, read-only, failing): the batch is lost, and counted
+            // like an eviction, so the next batch stored carries it to the hub and the
+            // hub's totals still add up (shipped + dropped = served).
+            Err(e) => {
+                // What the failed writes left behind (write_buffer_file writes `.tmp` first).
+                for leftover in [
+                    path.with_extension("tmp"),
+                    self.dir.join("state.tmp"),
+                    path.clone(),
+                ] {
+                    let _ = std::fs::remove_file(leftover);
+                }
+                if fits {
+                    self.state.dropped_batches += 1;
+                    self.state.dropped_requests += requests;
+                    evicted = (evicted.0 + 1, evicted.1 + requests);
+                }
+                tracing::error!(
+                    error = %e,
+                    seq,
+                    requests,
+                    "telemetry: cannot store a batch (disk full?); counted as dropped"
+                );
+            }
         }
         Ok(evicted)
     }
