@@ -1585,3 +1585,37 @@ fn a_hub_restored_from_a_backup_takes_its_fleet_back() -> Result<()> {
     assert_eq!(served_y(&node), Some(2.0));
     Ok(())
 }
+
+/// A hub told to stop (SIGTERM, as Kubernetes and systemd send) answers the long-polls its
+/// nodes hold at once instead of letting them run out (25 s), so it exits within its grace
+/// period; the node polls again and keeps serving.
+#[test]
+fn a_stopping_hub_does_not_wait_for_long_polls() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    publisher_keys(d, &[])?;
+    let (mut hub_proc, hub) = sqlite_hub(d)?;
+    let token = node_token(&hub, "edge")?;
+    let (_node, _) = start_synced_node(d, &hub, "edge", &token, &[])?;
+    // The node has registered, fetched its state and holds a long-poll.
+    let after = generation(&hub)?;
+    wait_report(&hub, "edge", after)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let stopping = Instant::now();
+    let status = Command::new("kill")
+        .args(["-TERM", &hub_proc.child.id().to_string()])
+        .status()?;
+    assert!(status.success());
+    let exit = loop {
+        if let Some(exit) = hub_proc.child.try_wait()? {
+            break exit;
+        }
+        if stopping.elapsed() > Duration::from_secs(20) {
+            bail!("the hub did not stop within 20 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(exit.success(), "{exit}");
+    eprintln!("the hub stopped {:?} after SIGTERM", stopping.elapsed());
+    Ok(())
+}

@@ -1,10 +1,13 @@
-//! Every `sh` block of README.md and of the hub guide's quickstart (docs/hub.md) runs as
-//! written: each as its own bash script (`set -euo pipefail`), in order, in one fresh
-//! directory per document that links the repository's `tests/` and `examples/`, with the
-//! `capsule` under test first on `PATH`. Background servers a block
-//! starts are stopped when it ends. Two commands of "The two commands" block are mapped:
-//! `cargo run -p capsule -- ARGS` runs this `capsule ARGS`, and `cargo test --workspace` (the
-//! command running this test) is not run again, which the output says.
+//! Every `sh` block of the repository's Markdown runs as written: each as its own bash script
+//! (`set -euo pipefail`), in order, in one fresh directory per document that holds the
+//! repository's `tests/`, `deploy/`, `tools/` (linked) and `examples/` (small examples copied,
+//! so a block that writes into one leaves the repository alone), with the `capsule` under
+//! test first on `PATH` and as `target/release/capsule`. Background servers a block starts are
+//! stopped when it ends. Three cargo commands are mapped: `cargo run -p capsule -- ARGS` runs
+//! this `capsule ARGS`; `cargo build --release -p capsule` and `cargo test --workspace` (the
+//! command running this test) are not run again, which the output says. A block that is a
+//! synopsis or a template (placeholders, hosts, a long benchmark) is written as ```text.
+//! `every_sh_block_is_run` fails when a Markdown file with `sh` blocks is not in [`DOCS`].
 
 mod common;
 
@@ -14,6 +17,19 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+
+/// Every Markdown file with `sh` blocks, run whole, in this order.
+const DOCS: &[&str] = &[
+    "README.md",
+    "docs/hub.md",
+    "deploy/README.md",
+    "examples/mnist-png/README.md",
+    "examples/wine-tabular/README.md",
+    "examples/sentence-embedding/README.md",
+];
+
+/// Examples with a file this large are linked, not copied, into a document's directory.
+const COPY_LIMIT: u64 = 4 << 20;
 
 /// How long one block may run.
 const BLOCK_LIMIT: Duration = Duration::from_secs(300);
@@ -25,6 +41,7 @@ cargo() {
   case "$*" in
     "run -p capsule -- "*) shift 4; capsule "$@" ;;
     "test --workspace") echo "snippet test: not running 'cargo test --workspace' inside itself" >&2 ;;
+    "build --release -p capsule") echo "snippet test: not building; target/release/capsule is the capsule under test" >&2 ;;
     *) echo "snippet test: no rule for 'cargo $*'" >&2; return 1 ;;
   esac
 }
@@ -49,10 +66,9 @@ fn sh_blocks(markdown: &str) -> Vec<(usize, String)> {
     blocks
 }
 
-/// Runs the `sh` blocks of `doc` (a path in the repository), at most `only` of them when
-/// given (a guide's first blocks can be its runnable quickstart).
-fn run_blocks(doc: &str, only: Option<usize>) -> Result<()> {
-    for tool in ["bash", "curl", "kill", "python3"] {
+/// Runs the `sh` blocks of `doc` (a path in the repository).
+fn run_blocks(doc: &str) -> Result<()> {
+    for tool in ["bash", "curl", "kill", "python3", "promtool"] {
         let found = Command::new(tool).arg("--version").output().is_ok();
         if !found {
             bail!("the snippets of {doc} need {tool}, which is not installed");
@@ -60,13 +76,25 @@ fn run_blocks(doc: &str, only: Option<usize>) -> Result<()> {
     }
     let repo = common::repo();
     let text = std::fs::read_to_string(repo.join(doc))?;
-    let mut blocks = sh_blocks(&text);
-    blocks.truncate(only.unwrap_or(blocks.len()));
+    let blocks = sh_blocks(&text);
     assert!(!blocks.is_empty(), "no sh blocks in {doc}");
     let dir = tempfile::tempdir()?;
-    for linked in ["tests", "examples"] {
+    for linked in ["tests", "deploy", "tools"] {
         std::os::unix::fs::symlink(repo.join(linked), dir.path().join(linked))?;
     }
+    let examples = dir.path().join("examples");
+    std::fs::create_dir(&examples)?;
+    for entry in std::fs::read_dir(repo.join("examples"))? {
+        let path = entry?.path();
+        let target = examples.join(path.file_name().context("an example's name")?);
+        if largest_file(&path)? > COPY_LIMIT {
+            std::os::unix::fs::symlink(&path, &target)?;
+        } else {
+            copy_tree(&path, &target)?;
+        }
+    }
+    std::fs::create_dir_all(dir.path().join("target/release"))?;
+    std::os::unix::fs::symlink(common::bin(), dir.path().join("target/release/capsule"))?;
     let bin_dir = Path::new(common::bin())
         .parent()
         .context("the capsule binary's directory")?;
@@ -80,15 +108,64 @@ fn run_blocks(doc: &str, only: Option<usize>) -> Result<()> {
             status.success(),
             "{doc} line {line}: the block failed ({status}):\n{block}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
         );
+        let mapped: Vec<&str> = stderr
+            .lines()
+            .filter_map(|l| l.strip_prefix("snippet test: "))
+            .collect();
         eprintln!(
             "{doc} line {line}: ran in {:.1} s{}",
             started.elapsed().as_secs_f64(),
-            if stderr.contains("snippet test: not running") {
-                " (cargo test --workspace not run inside itself)"
+            if mapped.is_empty() {
+                String::new()
             } else {
-                ""
+                format!(" ({})", mapped.join("; "))
             }
         );
+    }
+    Ok(())
+}
+
+/// The size of the largest file under `path`.
+fn largest_file(path: &Path) -> Result<u64> {
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_dir() {
+        return Ok(meta.len());
+    }
+    let mut largest = 0;
+    for entry in std::fs::read_dir(path)? {
+        largest = largest.max(largest_file(&entry?.path())?);
+    }
+    Ok(largest)
+}
+
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    if !std::fs::metadata(from)?.is_dir() {
+        std::fs::copy(from, to)?;
+        return Ok(());
+    }
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        copy_tree(&entry.path(), &to.join(entry.file_name()))?;
+    }
+    Ok(())
+}
+
+/// The Markdown files of the repository (not of dependencies or build output).
+fn markdown_files(dir: &Path, found: &mut Vec<std::path::PathBuf>) -> Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if path.is_dir() {
+            if !name.starts_with('.') && !matches!(name.as_str(), "target" | "node_modules") {
+                markdown_files(&path, found)?;
+            }
+        } else if name.ends_with(".md") {
+            found.push(path);
+        }
     }
     Ok(())
 }
@@ -150,13 +227,36 @@ fn run_block(
     Ok((status, stdout, stderr))
 }
 
-/// README.md whole, then the hub guide's quickstart (keys, a hub, a node token, a synced node,
-/// a capsule published to it and served; the guide's later blocks are command references
-/// with placeholders). One test, so that the two never hold the same ports at once.
+/// Every document of [`DOCS`], one after the other (one test, so that no two hold the same
+/// ports at once).
 #[test]
-fn readme_and_hub_quickstart_run_as_written() -> Result<()> {
-    run_blocks("README.md", None)?;
-    run_blocks("docs/hub.md", Some(1))
+fn the_docs_shell_blocks_run_as_written() -> Result<()> {
+    for doc in DOCS {
+        run_blocks(doc)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn every_sh_block_is_run() -> Result<()> {
+    let repo = common::repo();
+    let mut files = Vec::new();
+    markdown_files(&repo, &mut files)?;
+    let mut with_blocks: Vec<String> = Vec::new();
+    for file in files {
+        if !sh_blocks(&std::fs::read_to_string(&file)?).is_empty() {
+            let relative = file.strip_prefix(&repo).unwrap_or(&file);
+            with_blocks.push(relative.to_string_lossy().into_owned());
+        }
+    }
+    with_blocks.sort();
+    let mut docs: Vec<String> = DOCS.iter().map(|d| d.to_string()).collect();
+    docs.sort();
+    assert_eq!(
+        with_blocks, docs,
+        "Markdown files with sh blocks must be run by this test (or their blocks be ```text)"
+    );
+    Ok(())
 }
 
 #[test]

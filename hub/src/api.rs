@@ -843,7 +843,13 @@ async fn desired(
         // A node that saw a generation this hub has not reached (its database was restored
         // from a backup, or replaced) gets the state at once: waiting for the generation to
         // pass G would stall it for the whole long-poll.
-        let _ = tokio::time::timeout(wait, rx.wait_for(|g| *g != after)).await;
+        let mut stopping = s.stopping.clone();
+        tokio::select! {
+            _ = tokio::time::timeout(wait, rx.wait_for(|g| *g != after)) => {}
+            // A stopping hub answers now; the node polls again (another replica, or this
+            // hub once it is back).
+            _ = stopping.wait_for(|s| *s) => {}
+        }
         s.metrics.long_polls.dec();
     }
     let generation = *s.generation.borrow();

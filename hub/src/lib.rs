@@ -167,6 +167,9 @@ pub(crate) struct Shared {
     pub(crate) joins: tokio::sync::Mutex<()>,
     /// Write rate limits per node.
     pub(crate) limits: limits::RateLimits,
+    /// True once the hub is stopping: long-polls answer at once instead of holding the
+    /// graceful shutdown for their whole wait.
+    pub(crate) stopping: watch::Receiver<bool>,
 }
 
 impl Shared {
@@ -233,6 +236,7 @@ impl Hub {
             .connect_timeout(Duration::from_secs(5))
             .build()
             .map_err(|e| Error::Internal(format!("HTTP client: {e}")))?;
+        let (shutdown, mut stop) = watch::channel(false);
         let shared = Arc::new(Shared {
             db,
             blobs,
@@ -243,8 +247,8 @@ impl Hub {
             http,
             joins: tokio::sync::Mutex::new(()),
             limits: limits::RateLimits::default(),
+            stopping: shutdown.subscribe(),
         });
-        let (shutdown, mut stop) = watch::channel(false);
         let app = api::router(Arc::clone(&shared));
         let mut stop_server = stop.clone();
         let graceful = async move {
