@@ -1129,6 +1129,101 @@ async fn a_stalled_grpc_request_is_cancelled() -> Result<()> {
     Ok(())
 }
 
+/// gRPC messages are charged to the same budget as REST bodies, as their bytes arrive:
+/// while stalled gRPC uploads hold most of it, a REST body that no longer fits is 429 and a
+/// gRPC message that no longer fits is `RESOURCE_EXHAUSTED` at once; when the stalled calls
+/// go, their bytes are given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_messages_share_the_body_budget() -> Result<()> {
+    let t = TestNode::start(
+        |dir| put_fixture(dir, "digits_mlp"),
+        |c| {
+            c.max_body_bytes = 64 << 10;
+            c.deadline_ms = 8_000;
+        },
+    )
+    .await?;
+    let addr = t.node.grpc_addr().context("gRPC is on")?;
+    let uri = format!("http://{addr}/inference.GRPCInferenceService/ModelInfer");
+    // A gRPC frame header announcing `declared` bytes, then `sent` bytes of the message.
+    let message = |declared: u32, sent: usize| {
+        let mut frame = vec![0u8];
+        frame.extend_from_slice(&declared.to_be_bytes());
+        frame.extend(std::iter::repeat_n(0u8, sent));
+        bytes::Bytes::from(frame)
+    };
+    let call = |end: bool, data: bytes::Bytes| {
+        let uri = uri.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await?;
+            let (client, connection) = h2::client::handshake(tcp).await?;
+            tokio::spawn(connection);
+            let mut client = client.ready().await?;
+            let (response, mut body) = client.send_request(grpc_request_head(&uri)?, false)?;
+            body.send_data(data, end)?;
+            anyhow::Ok((response, body))
+        }
+    };
+    // Four calls announce a 64 KiB message and stall after 60 KiB of it.
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        stalled.push(call(false, message(64 << 10, 60 << 10)).await?);
+    }
+    let polling = std::time::Instant::now();
+    while t.node.request_body_bytes() < 4 * (60 << 10) {
+        assert!(
+            polling.elapsed() < Duration::from_secs(6),
+            "the node holds {} bytes of the stalled messages",
+            t.node.request_body_bytes()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A REST body that no longer fits: 429.
+    let (status, refused) = t
+        .post("/v2/models/digits_mlp/infer", vec![b' '; 20 << 10])
+        .await?;
+    assert_eq!(status, 429, "{refused}");
+    // A whole 20 KiB gRPC message that no longer fits: RESOURCE_EXHAUSTED (8), at once.
+    let (response, _body) = call(true, message(20 << 10, 20 << 10)).await?;
+    let response = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .context("the refused message was not answered at once")??;
+    let mut status = response.headers().get("grpc-status").cloned();
+    let mut message_text = response.headers().get("grpc-message").cloned();
+    if status.is_none() {
+        let mut body = response.into_body();
+        while let Some(chunk) = body.data().await {
+            chunk?;
+        }
+        let trailers = body.trailers().await?.unwrap_or_default();
+        status = trailers.get("grpc-status").cloned();
+        message_text = trailers.get("grpc-message").cloned();
+    }
+    assert_eq!(
+        status.as_ref().and_then(|v| v.to_str().ok()),
+        Some("8"),
+        "{message_text:?}"
+    );
+    // The stalled calls go: every charge is given back, and requests fit again.
+    drop(stalled);
+    let polling = std::time::Instant::now();
+    while t.node.request_body_bytes() > 0 {
+        assert!(
+            polling.elapsed() < Duration::from_secs(10),
+            "the node still holds {} bytes",
+            t.node.request_body_bytes()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let zeros = json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": vec![0.0; 64]}]});
+    let (status, body) = t
+        .post("/v2/models/digits_mlp/infer", serde_json::to_vec(&zeros)?)
+        .await?;
+    assert_eq!(status, 200, "{body}");
+    t.node.shutdown().await;
+    Ok(())
+}
+
 /// The request head of a gRPC call.
 fn grpc_request_head(uri: &str) -> Result<http::Request<()>> {
     Ok(http::Request::builder()

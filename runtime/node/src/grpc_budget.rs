@@ -476,3 +476,84 @@ mod tests {
         }
     }
 }
+
+/// The node's gRPC service with every request message charged to the node's
+/// [`BodyBudget`](crate::http::BodyBudget) as its bytes arrive, as REST bodies are: a message
+/// that would pass the budget fails at once with `RESOURCE_EXHAUSTED`, a stalled upload holds
+/// only what it sent, and the charge is given back when tonic drops the body (once the
+/// message is decoded). Without it, every gRPC stream could hold a message of
+/// `max_body_bytes` at the same time, whatever the REST budget.
+#[derive(Debug, Clone)]
+pub(crate) struct Budgeted<S> {
+    inner: S,
+    budget: std::sync::Arc<crate::http::BodyBudget>,
+}
+
+impl<S> Budgeted<S> {
+    pub(crate) fn new(inner: S, budget: std::sync::Arc<crate::http::BodyBudget>) -> Budgeted<S> {
+        Budgeted { inner, budget }
+    }
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for Budgeted<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+type GrpcRequest = tonic::codegen::http::Request<tonic::body::Body>;
+
+impl<S: tonic::codegen::Service<GrpcRequest>> tonic::codegen::Service<GrpcRequest> for Budgeted<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: GrpcRequest) -> Self::Future {
+        let charge = self.budget.charge();
+        self.inner
+            .call(request.map(|body| tonic::body::Body::new(ChargedBody { body, charge })))
+    }
+}
+
+/// A request body that charges its data frames to the node's body budget.
+struct ChargedBody {
+    body: tonic::body::Body,
+    charge: crate::http::BodyCharge,
+}
+
+impl http_body::Body for ChargedBody {
+    type Data = tonic::codegen::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        match std::pin::Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref()
+                    && let Err(e) = this.charge.add(data.len() as u64)
+                {
+                    return Poll::Ready(Some(Err(Status::resource_exhausted(e.to_string()))));
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}

@@ -57,7 +57,7 @@ impl BodyBudget {
     }
 
     /// An empty charge on this budget.
-    fn charge(self: &Arc<Self>) -> BodyCharge {
+    pub(crate) fn charge(self: &Arc<Self>) -> BodyCharge {
         BodyCharge {
             budget: Arc::clone(self),
             bytes: 0,
@@ -72,7 +72,8 @@ pub(crate) struct BodyCharge {
 }
 
 impl BodyCharge {
-    fn add(&mut self, n: u64) -> Result<()> {
+    /// Charges `n` more bytes; past the budget nothing is charged and the body is refused.
+    pub(crate) fn add(&mut self, n: u64) -> Result<()> {
         use std::sync::atomic::Ordering;
         let limit = self.budget.limit;
         self.budget

@@ -128,12 +128,15 @@ impl Node {
                     .map_err(Error::io("listener address"))?,
             );
             let limit = usize::try_from(config.max_body_bytes).unwrap_or(usize::MAX);
-            let service = GrpcInferenceServiceServer::new(GrpcService {
-                registry: Arc::clone(&registry),
-                config: Arc::clone(&config),
-            })
-            .max_decoding_message_size(limit)
-            .max_encoding_message_size(usize::MAX);
+            let service = crate::grpc_budget::Budgeted::new(
+                GrpcInferenceServiceServer::new(GrpcService {
+                    registry: Arc::clone(&registry),
+                    config: Arc::clone(&config),
+                })
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(usize::MAX),
+                Arc::clone(&bodies),
+            );
             let mut rx = shutdown.subscribe();
             let incoming = tonic::transport::server::TcpIncoming::from(listener);
             // A request that has not been answered within twice the deadline (its message
@@ -230,7 +233,7 @@ impl Node {
         &self.registry
     }
 
-    /// Bytes of REST request bodies the node holds now (being read, or read and not yet
+    /// Bytes of request bodies (REST bodies and gRPC messages) the node holds now (being read, or read and not yet
     /// decoded), out of its budget of four times `max_body_bytes`.
     pub fn request_body_bytes(&self) -> u64 {
         self.bodies.held()
