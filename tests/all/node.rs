@@ -1015,6 +1015,34 @@ async fn an_output_requested_twice_is_refused() -> Result<()> {
     Ok(())
 }
 
+/// A node serving the digits MLP with 64 KiB bodies at most (a body budget of 256 KiB) and a
+/// deadline long enough that stalled bodies still hold their bytes while the node, busy with
+/// other tests on a 2-core machine, gets to read them.
+async fn budget_node() -> Result<TestNode> {
+    TestNode::start(
+        |dir| put_fixture(dir, "digits_mlp"),
+        |c| {
+            c.max_body_bytes = 64 << 10;
+            c.deadline_ms = 8_000;
+        },
+    )
+    .await
+}
+
+/// Waits (6 s at most) until the node holds `bytes` of request bodies: it has read what the
+/// stalled clients sent.
+async fn wait_until_held(t: &TestNode, bytes: u64) {
+    let polling = std::time::Instant::now();
+    while t.node.request_body_bytes() < bytes {
+        assert!(
+            polling.elapsed() < Duration::from_secs(6),
+            "the node holds {} bytes of the stalled bodies, not {bytes}",
+            t.node.request_body_bytes()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Request bodies share one node-wide budget (four of the largest body), charged as their
 /// bytes arrive: clients that stall mid-body hold only what they sent, a body that would
 /// pass the budget is refused at once (429), and a body that stalls for the node's deadline
@@ -1022,16 +1050,7 @@ async fn an_output_requested_twice_is_refused() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_bodies_share_one_budget() -> Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let t = TestNode::start(
-        |dir| put_fixture(dir, "digits_mlp"),
-        |c| {
-            c.max_body_bytes = 64 << 10;
-            // Long enough that the stalled bodies still hold their bytes while the node,
-            // busy with other tests on a 2-core machine, gets to read them.
-            c.deadline_ms = 8_000;
-        },
-    )
-    .await?;
+    let t = budget_node().await?;
     let infer = "/v2/models/digits_mlp/infer";
     // Four clients declare the largest body and stall after 60 KiB: 240 of the 256 KiB.
     let mut stalled = Vec::new();
@@ -1046,15 +1065,7 @@ async fn request_bodies_share_one_budget() -> Result<()> {
         stalled.push(s);
     }
     // Once the node has read what they sent, they hold 240 KiB of the budget.
-    let polling = std::time::Instant::now();
-    while t.node.request_body_bytes() < 4 * (60 << 10) {
-        assert!(
-            polling.elapsed() < Duration::from_secs(6),
-            "the node holds {} bytes of the stalled bodies",
-            t.node.request_body_bytes()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until_held(&t, 4 * (60 << 10)).await;
     // A 20 KiB body no longer fits: 429 at once.
     let (status, refused) = t.post(infer, vec![b' '; 20 << 10]).await?;
     assert_eq!(status, 429, "{refused}");
@@ -1135,14 +1146,7 @@ async fn a_stalled_grpc_request_is_cancelled() -> Result<()> {
 /// go, their bytes are given back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_messages_share_the_body_budget() -> Result<()> {
-    let t = TestNode::start(
-        |dir| put_fixture(dir, "digits_mlp"),
-        |c| {
-            c.max_body_bytes = 64 << 10;
-            c.deadline_ms = 8_000;
-        },
-    )
-    .await?;
+    let t = budget_node().await?;
     let addr = t.node.grpc_addr().context("gRPC is on")?;
     let uri = format!("http://{addr}/inference.GRPCInferenceService/ModelInfer");
     // A gRPC frame header announcing `declared` bytes, then `sent` bytes of the message.
@@ -1169,15 +1173,7 @@ async fn grpc_messages_share_the_body_budget() -> Result<()> {
     for _ in 0..4 {
         stalled.push(call(false, message(64 << 10, 60 << 10)).await?);
     }
-    let polling = std::time::Instant::now();
-    while t.node.request_body_bytes() < 4 * (60 << 10) {
-        assert!(
-            polling.elapsed() < Duration::from_secs(6),
-            "the node holds {} bytes of the stalled messages",
-            t.node.request_body_bytes()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until_held(&t, 4 * (60 << 10)).await;
     // A REST body that no longer fits: 429.
     let (status, refused) = t
         .post("/v2/models/digits_mlp/infer", vec![b' '; 20 << 10])

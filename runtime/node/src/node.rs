@@ -73,6 +73,11 @@ impl Node {
             engine_config.cache_dir = None;
         }
         engine_config.host_kernels = config.host_kernels;
+        // Where copy-on-write images are unavailable (not Linux), instances are allocated on
+        // demand too, never from wasmtime's pool: its slot count is fixed when the engine
+        // starts, and a node's instance count (models x --instances, twice during a swap) is
+        // not known then (two models at --instances 40 ran out of its 64 slots).
+        engine_config.pooling = false;
         let engine = CapsuleEngine::new(engine_config).map_err(Error::Engine)?;
         let metrics = Metrics::new()?;
         let telemetry = match &config.hub {
