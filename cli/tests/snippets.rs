@@ -23,6 +23,7 @@ const DOCS: &[&str] = &[
     "README.md",
     "docs/hub.md",
     "deploy/README.md",
+    "docs/model-card.md",
     "examples/mnist-png/README.md",
     "examples/wine-tabular/README.md",
     "examples/sentence-embedding/README.md",
