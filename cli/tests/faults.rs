@@ -92,6 +92,23 @@ fn stage(models: &Path) -> &'static str {
     }
 }
 
+/// A hub on SQLite in `dir` with `capsule` signed (the keys of `publisher_keys(dir)`), pushed
+/// and made production; returns it and its URL.
+fn hub_serving(dir: &Path, capsule: &Path) -> Result<(Proc, String)> {
+    let database = format!("sqlite://{}", dir.join("hub.db").display());
+    let port = free_port()?;
+    let hub_proc = start_hub(dir, &database, port, &[])?;
+    let hub = format!("http://127.0.0.1:{port}");
+    sign_and_push(
+        dir,
+        &hub,
+        capsule,
+        &dir.join("targets.json"),
+        &["--alias", "production"],
+    )?;
+    Ok((hub_proc, hub))
+}
+
 #[test]
 fn a_node_killed_during_its_downloads_and_installs_recovers() -> Result<()> {
     let kills: usize = std::env::var("CAPSULE_FAULT_KILLS")
@@ -108,17 +125,7 @@ fn a_node_killed_during_its_downloads_and_installs_recovers() -> Result<()> {
     o.version = semver::Version::new(1, 0, 0);
     let capsule = d.join("cnn-1.0.0.capsule.wasm");
     std::fs::write(&capsule, &builder().build(o)?.bytes)?;
-    let database = format!("sqlite://{}", d.join("hub.db").display());
-    let port = free_port()?;
-    let _hub = start_hub(d, &database, port, &[])?;
-    let hub = format!("http://127.0.0.1:{port}");
-    sign_and_push(
-        d,
-        &hub,
-        &capsule,
-        &d.join("targets.json"),
-        &["--alias", "production"],
-    )?;
+    let (_hub, hub) = hub_serving(d, &capsule)?;
     let signed: Value = serde_json::from_slice(&std::fs::read(d.join("targets.json"))?)?;
     let signed_hashes: Vec<String> = signed["signed"]["targets"]
         .as_object()
@@ -262,17 +269,7 @@ fn a_full_disk_stops_installs_and_buffering_not_serving() -> Result<()> {
         "-o",
         &capsule.to_string_lossy(),
     ])?;
-    let database = format!("sqlite://{}", d.join("hub.db").display());
-    let port = free_port()?;
-    let _hub = start_hub(d, &database, port, &[])?;
-    let hub = format!("http://127.0.0.1:{port}");
-    sign_and_push(
-        d,
-        &hub,
-        &capsule,
-        &d.join("targets.json"),
-        &["--alias", "production"],
-    )?;
+    let (_hub, hub) = hub_serving(d, &capsule)?;
     let token = node_token(&hub, "node-f")?;
     let (node, url) =
         start_synced_node(d, &hub, "node-f", &token, &["--telemetry-window-ms", "300"])?;
