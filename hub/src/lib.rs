@@ -211,10 +211,7 @@ impl Hub {
             generated = Some(t);
         }
         // Past any generation an earlier life of this database handed out (a restored backup).
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-        let (notify, generation) = watch::channel(db.advance_generation(now_ms).await?);
+        let (notify, generation) = watch::channel(db.advance_generation(monitor::now_ms()).await?);
         let listener = tokio::net::TcpListener::bind(config.http)
             .await
             .map_err(|e| Error::Io(format!("binding {}: {e}", config.http)))?;

@@ -1015,6 +1015,16 @@ async fn an_output_requested_twice_is_refused() -> Result<()> {
     Ok(())
 }
 
+/// The node answers a valid digits MLP request with 200 (it still serves after an attack).
+async fn assert_serves_digits(t: &TestNode) -> Result<()> {
+    let zeros = json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": vec![0.0; 64]}]});
+    let (status, body) = t
+        .post("/v2/models/digits_mlp/infer", serde_json::to_vec(&zeros)?)
+        .await?;
+    assert_eq!(status, 200, "{body}");
+    Ok(())
+}
+
 /// A node serving the digits MLP with 64 KiB bodies at most (a body budget of 256 KiB) and a
 /// deadline long enough that stalled bodies still hold their bytes while the node, busy with
 /// other tests on a 2-core machine, gets to read them.
@@ -1083,9 +1093,7 @@ async fn request_bodies_share_one_budget() -> Result<()> {
         assert_eq!(&head, b"HTTP/1.1 408");
     }
     assert_eq!(t.node.request_body_bytes(), 0, "every charge is given back");
-    let zeros = json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": vec![0.0; 64]}]});
-    let (status, body) = t.post(infer, serde_json::to_vec(&zeros)?).await?;
-    assert_eq!(status, 200, "{body}");
+    assert_serves_digits(&t).await?;
     t.node.shutdown().await;
     Ok(())
 }
@@ -1131,11 +1139,7 @@ async fn a_stalled_grpc_request_is_cancelled() -> Result<()> {
         "answered after {elapsed:?}, before twice the deadline"
     );
     // The node still serves.
-    let zeros = json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": vec![0.0; 64]}]});
-    let (status, body) = t
-        .post("/v2/models/digits_mlp/infer", serde_json::to_vec(&zeros)?)
-        .await?;
-    assert_eq!(status, 200, "{body}");
+    assert_serves_digits(&t).await?;
     t.node.shutdown().await;
     Ok(())
 }
@@ -1211,11 +1215,7 @@ async fn grpc_messages_share_the_body_budget() -> Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let zeros = json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": vec![0.0; 64]}]});
-    let (status, body) = t
-        .post("/v2/models/digits_mlp/infer", serde_json::to_vec(&zeros)?)
-        .await?;
-    assert_eq!(status, 200, "{body}");
+    assert_serves_digits(&t).await?;
     t.node.shutdown().await;
     Ok(())
 }

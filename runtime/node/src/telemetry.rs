@@ -177,7 +177,8 @@ impl Buffer {
             .map_err(|e| Error::Internal(format!("telemetry state: {e}")))?;
         let fits = encoded.len() as u64 <= self.max_bytes;
         let path = batch_path(&self.dir, seq, requests);
-        let stored = write_buffer_file(&self.dir.join("state.json"), &state).and_then(|()| {
+        let state_path = self.dir.join("state.json");
+        let stored = write_buffer_file(&state_path, &state).and_then(|()| {
             if fits {
                 write_buffer_file(&path, &encoded)?;
             }
@@ -195,7 +196,7 @@ impl Buffer {
                 // What the failed writes left behind (write_buffer_file writes `.tmp` first).
                 for leftover in [
                     path.with_extension("tmp"),
-                    self.dir.join("state.tmp"),
+                    state_path.with_extension("tmp"),
                     path.clone(),
                 ] {
                     let _ = std::fs::remove_file(leftover);
