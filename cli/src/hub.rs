@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use capsule_format::hub::{AutoPromote, NewRollout};
 use capsule_format::tuf::{self, PublicKey, Root, Signed, SigningKey, Targets};
 use capsule_hub::{Hub, HubConfig};
 use serde_json::{Value, json};
@@ -506,6 +507,26 @@ pub enum RolloutCommand {
         /// Seconds between automatic steps (0: manual `step`).
         #[arg(long, default_value_t = 0)]
         step_interval_s: i64,
+        /// Let the hub promote the rollout when its canary holds (enough requests at or
+        /// under the error rate, and the accuracy when given, for the hold time) and abort
+        /// it when the canary is worse.
+        #[arg(long)]
+        auto_promote: bool,
+        /// Fewest requests the new version serves before the hub judges it.
+        #[arg(long, requires = "auto_promote", default_value_t = AutoPromote::default().min_requests)]
+        promote_min_requests: u64,
+        /// Highest failed / all requests that still promotes.
+        #[arg(long, requires = "auto_promote", default_value_t = AutoPromote::default().max_error_rate)]
+        promote_max_error_rate: f64,
+        /// Lowest live accuracy (feedback labels) that still promotes (default: not judged).
+        #[arg(long, requires = "auto_promote")]
+        promote_min_accuracy: Option<f64>,
+        /// Fewest labeled predictions before accuracy is judged.
+        #[arg(long, requires = "auto_promote", default_value_t = AutoPromote::default().min_labels)]
+        promote_min_labels: u64,
+        /// Seconds the rollout runs before it may be promoted.
+        #[arg(long, requires = "auto_promote", default_value_t = AutoPromote::default().hold_s)]
+        promote_hold_s: i64,
     },
     /// Next step.
     Step {
@@ -542,21 +563,78 @@ pub fn run_rollout(args: &RolloutArgs) -> Result<()> {
                 steps,
                 failure_threshold,
                 step_interval_s,
+                auto_promote,
+                promote_min_requests,
+                promote_max_error_rate,
+                promote_min_accuracy,
+                promote_min_labels,
+                promote_hold_s,
             } => {
                 let mut sel = BTreeMap::new();
                 for s in selector {
-                    let (k, v) = s.split_once('=').with_context(|| format!("--selector {s:?}: expected key=value"))?;
+                    let (k, v) = s
+                        .split_once('=')
+                        .with_context(|| format!("--selector {s:?}: expected key=value"))?;
                     sel.insert(k.to_owned(), v.to_owned());
                 }
-                let body = json!({"model": model, "version": version, "selector": sel, "steps": steps,
-                                  "failure_threshold": failure_threshold, "step_interval_s": step_interval_s});
-                c.call(reqwest::Method::POST, "/api/v1/rollouts", Some(serde_json::to_vec(&body)?)).await?
+                let body = NewRollout {
+                    model: model.clone(),
+                    version: version.clone(),
+                    selector: sel,
+                    steps: steps.clone(),
+                    failure_threshold: *failure_threshold,
+                    step_interval_s: *step_interval_s,
+                    auto_promote: auto_promote.then_some(AutoPromote {
+                        min_requests: *promote_min_requests,
+                        max_error_rate: *promote_max_error_rate,
+                        min_accuracy: *promote_min_accuracy,
+                        min_labels: *promote_min_labels,
+                        hold_s: *promote_hold_s,
+                    }),
+                };
+                c.call(
+                    reqwest::Method::POST,
+                    "/api/v1/rollouts",
+                    Some(serde_json::to_vec(&body)?),
+                )
+                .await?
             }
-            RolloutCommand::Step { id } => c.call(reqwest::Method::POST, &format!("/api/v1/rollouts/{id}/step"), None).await?,
-            RolloutCommand::Promote { id } => c.call(reqwest::Method::POST, &format!("/api/v1/rollouts/{id}/promote"), None).await?,
-            RolloutCommand::Abort { id } => c.call(reqwest::Method::POST, &format!("/api/v1/rollouts/{id}/abort"), None).await?,
-            RolloutCommand::Rollback { id } => c.call(reqwest::Method::POST, &format!("/api/v1/rollouts/{id}/rollback"), None).await?,
-            RolloutCommand::List => c.call(reqwest::Method::GET, "/api/v1/rollouts", None).await?,
+            RolloutCommand::Step { id } => {
+                c.call(
+                    reqwest::Method::POST,
+                    &format!("/api/v1/rollouts/{id}/step"),
+                    None,
+                )
+                .await?
+            }
+            RolloutCommand::Promote { id } => {
+                c.call(
+                    reqwest::Method::POST,
+                    &format!("/api/v1/rollouts/{id}/promote"),
+                    None,
+                )
+                .await?
+            }
+            RolloutCommand::Abort { id } => {
+                c.call(
+                    reqwest::Method::POST,
+                    &format!("/api/v1/rollouts/{id}/abort"),
+                    None,
+                )
+                .await?
+            }
+            RolloutCommand::Rollback { id } => {
+                c.call(
+                    reqwest::Method::POST,
+                    &format!("/api/v1/rollouts/{id}/rollback"),
+                    None,
+                )
+                .await?
+            }
+            RolloutCommand::List => {
+                c.call(reqwest::Method::GET, "/api/v1/rollouts", None)
+                    .await?
+            }
         };
         println!("{}", serde_json::to_string_pretty(&value)?);
         Ok(())

@@ -10,6 +10,8 @@
 //! - `telemetry_survives_hub_outage_node_kill_and_buffer_overflow`: the hub is killed while
 //!   nodes serve, a node is killed with SIGKILL and restarted, a node's small buffer
 //!   overflows; afterwards the hub's totals equal what the nodes served, exactly.
+//! - `the_hub_promotes_or_aborts_a_canary_on_its_health`: rollouts with `auto_promote`,
+//!   judged by the hub on the canary's telemetry and feedback (SQLite and PostgreSQL).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -963,5 +965,198 @@ fn prometheus_rules_and_config_pass_promtool() -> Result<()> {
         assert!(out.status.success(), "promtool {args:?}: {text}");
         assert!(text.contains("SUCCESS"), "promtool {args:?}: {text}");
     }
+    Ok(())
+}
+
+/// The version a node serves `wine` at.
+fn served_wine_version(node: &str) -> Option<String> {
+    let v: Value = http()
+        .get(format!("{node}/v2/models/wine"))
+        .send()
+        .ok()?
+        .json()
+        .ok()?;
+    v["versions"]
+        .as_array()?
+        .first()?
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// Sends `made`'s labels back through the node: the truth, or a wrong class for every one.
+fn send_feedback(node: &str, made: &[Made], wrong: bool) -> Result<()> {
+    let feedback: Vec<Value> = made
+        .iter()
+        .map(|m| {
+            let label = match (wrong, m.predicted.as_str()) {
+                (false, _) => m.truth.clone(),
+                (true, "class_0") => "class_1".to_owned(),
+                (true, _) => "class_0".to_owned(),
+            };
+            json!({"id": m.id, "index": m.index, "label": label})
+        })
+        .collect();
+    let resp = http()
+        .post(format!("{node}/v2/models/wine/feedback"))
+        .bearer_auth(FEEDBACK_TOKEN)
+        .json(&json!({ "feedback": feedback }))
+        .send()?;
+    assert_eq!(resp.status().as_u16(), 200);
+    Ok(())
+}
+
+/// A rollout with `auto_promote` is judged by the hub on its canary's telemetry and feedback:
+/// a canary whose live accuracy is under the policy is aborted (the node goes back to
+/// production), one that holds is promoted (production = its version), each with a reason and
+/// an audit entry by `hub`; a policy that cannot be met is refused.
+#[test]
+fn the_hub_promotes_or_aborts_a_canary_on_its_health_on_sqlite() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let database = format!("sqlite://{}", dir.path().join("hub.db").display());
+    judged_canaries(dir.path(), &database)
+}
+
+#[test]
+fn the_hub_promotes_or_aborts_a_canary_on_its_health_on_postgres() -> Result<()> {
+    with_postgres("canary", |url| {
+        let dir = tempfile::tempdir()?;
+        judged_canaries(dir.path(), url)
+    })
+}
+
+fn judged_canaries(d: &Path, database: &str) -> Result<()> {
+    publisher_keys(d, &[])?;
+    let wine = repo().join("examples/wine-tabular");
+    let p = |f: &str| wine.join(f).to_string_lossy().into_owned();
+    let build = |version: &str| -> Result<std::path::PathBuf> {
+        let out = d.join(format!("wine-{version}.capsule.wasm"));
+        run(&[
+            "build",
+            &p("model.onnx"),
+            "--name",
+            "wine",
+            "--version",
+            version,
+            "--pipeline",
+            &p("pipeline.json"),
+            "--labels",
+            &p("labels.txt"),
+            "-o",
+            &out.to_string_lossy(),
+        ])?;
+        Ok(out)
+    };
+    let port = free_port()?;
+    let _hub = start_hub(d, database, port, &[])?;
+    let hub = format!("http://127.0.0.1:{port}");
+    publish(d, &hub, &build("1.0.0")?)?;
+    let token = node_token(&hub, "canary-1")?;
+    let (_node, node) = start_synced_node(
+        d,
+        &hub,
+        "canary-1",
+        &token,
+        &[
+            "--label",
+            "ring=canary",
+            "--telemetry-window-ms",
+            "300",
+            "--feedback-token",
+            FEEDBACK_TOKEN,
+        ],
+    )?;
+    wait_for("the node serving 1.0.0", Duration::from_secs(60), || {
+        Ok(served_wine_version(&node).as_deref() == Some("1.0.0"))
+    })?;
+    let data = wine_rows()?;
+    let mut rng = Lcg(7);
+    let policy = json!({"min_requests": 5, "max_error_rate": 0.01, "min_accuracy": 0.9,
+                        "min_labels": 20, "hold_s": 0});
+
+    // A policy that cannot be met is refused before anything changes.
+    for bad in [
+        json!({"min_requests": 0}),
+        json!({"max_error_rate": 2.0}),
+        json!({"min_accuracy": 0.9, "min_labels": 0}),
+        json!({"hold": 5}),
+    ] {
+        let (status, v) = api(
+            &hub,
+            "POST",
+            "/api/v1/rollouts",
+            ADMIN,
+            Some(json!({"model": "wine", "version": "1.0.0", "auto_promote": bad})),
+        )?;
+        assert!(status == 400 || status == 422, "{bad}: {status} {v}");
+    }
+
+    let mut judged = |version: &str, wrong: bool| -> Result<Value> {
+        sign_and_push(d, &hub, &build(version)?, &d.join("targets.json"), &[])?;
+        let (status, r) = api(
+            &hub,
+            "POST",
+            "/api/v1/rollouts",
+            ADMIN,
+            Some(
+                json!({"model": "wine", "version": version, "selector": {"ring": "canary"},
+                        "steps": [100], "auto_promote": policy}),
+            ),
+        )?;
+        assert_eq!(status, 200, "{r}");
+        assert_eq!(r["auto_promote"], policy);
+        let id = r["id"].as_str().context("rollout id")?.to_owned();
+        wait_for("the canary serving", Duration::from_secs(60), || {
+            Ok(served_wine_version(&node).as_deref() == Some(version))
+        })?;
+        let made = send_wine(&node, version, &mut rng, &data, 6, 10, &[])?;
+        // Not judged yet: the labels have not come back, and accuracy is part of the policy.
+        std::thread::sleep(Duration::from_millis(800));
+        let (_, r) = api(&hub, "GET", &format!("/api/v1/rollouts/{id}"), ADMIN, None)?;
+        assert_eq!(r["state"], "active", "judged without labels: {r}");
+        send_feedback(&node, &made, wrong)?;
+        let mut r = Value::Null;
+        wait_for("the hub's verdict", Duration::from_secs(30), || {
+            r = api(&hub, "GET", &format!("/api/v1/rollouts/{id}"), ADMIN, None)?.1;
+            Ok(r["state"] != "active")
+        })?;
+        Ok(r)
+    };
+
+    // Every label says the canary was wrong: aborted, and the node is back on production.
+    let r = judged("1.1.0", true)?;
+    assert_eq!(r["state"], "aborted", "{r}");
+    let reason = r["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with("canary accuracy 0.0000 (0 of 60 labeled predictions) under 0.9000"),
+        "{reason}"
+    );
+    wait_for("the node back on 1.0.0", Duration::from_secs(30), || {
+        Ok(served_wine_version(&node).as_deref() == Some("1.0.0"))
+    })?;
+
+    // The labels agree with the model: promoted, production is the new version.
+    let r = judged("1.2.0", false)?;
+    assert_eq!(r["state"], "promoted", "{r}");
+    let reason = r["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("error rate 0.0000 over 6 requests, accuracy"),
+        "{reason}"
+    );
+    let (_, m) = api(&hub, "GET", "/api/v1/models/wine", ADMIN, None)?;
+    assert_eq!(m["aliases"]["production"], "1.2.0");
+    let (_, audit) = api(&hub, "GET", "/api/v1/audit", ADMIN, None)?;
+    let by_hub: Vec<&str> = audit["audit"]
+        .as_array()
+        .context("audit")?
+        .iter()
+        .filter(|e| {
+            e["actor"] == "hub"
+                && e["action"]
+                    .as_str()
+                    .is_some_and(|a| a.starts_with("rollout."))
+        })
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    assert_eq!(by_hub, ["rollout.abort", "rollout.promote"]);
     Ok(())
 }

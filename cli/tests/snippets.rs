@@ -27,6 +27,7 @@ const DOCS: &[&str] = &[
     "examples/mnist-png/README.md",
     "examples/wine-tabular/README.md",
     "examples/sentence-embedding/README.md",
+    "examples/lifecycle/README.md",
 ];
 
 /// Examples with a file this large are linked, not copied, into a document's directory.

@@ -105,6 +105,94 @@ impl ReportedModel {
     }
 }
 
+/// `POST /api/v1/rollouts`: a staged rollout to start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewRollout {
+    /// Model.
+    pub model: String,
+    /// The version to roll out.
+    pub version: String,
+    /// Node labels a node must all have.
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+    /// Percentages of the matching nodes, step by step (increasing, in 1..=100).
+    #[serde(default = "default_steps")]
+    pub steps: Vec<u32>,
+    /// Failure rate (failed / assigned nodes) above which the rollout aborts itself.
+    #[serde(default = "default_failure_threshold")]
+    pub failure_threshold: f64,
+    /// Seconds between automatic steps (0: manual).
+    #[serde(default)]
+    pub step_interval_s: i64,
+    /// Promote (or abort) by itself on the canary's health.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_promote: Option<AutoPromote>,
+}
+
+fn default_steps() -> Vec<u32> {
+    vec![10, 50, 100]
+}
+
+fn default_failure_threshold() -> f64 {
+    0.2
+}
+
+/// When the hub promotes a rollout by itself, judged on what its version's nodes reported
+/// since the rollout started: enough requests with an error rate at or below
+/// `max_error_rate` and, when `min_accuracy` is set, enough feedback labels with an accuracy
+/// at or above it, for at least `hold_s` seconds. With enough evidence that either is worse,
+/// the hub aborts the rollout instead (its nodes go back to the production version).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AutoPromote {
+    /// Fewest requests served by the version before any verdict.
+    pub min_requests: u64,
+    /// Highest failed / all requests that still promotes.
+    pub max_error_rate: f64,
+    /// Lowest live accuracy (from feedback labels) that still promotes; none: not judged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_accuracy: Option<f64>,
+    /// Fewest labeled predictions before accuracy is judged.
+    pub min_labels: u64,
+    /// Seconds the rollout runs before it may be promoted.
+    pub hold_s: i64,
+}
+
+impl Default for AutoPromote {
+    fn default() -> Self {
+        AutoPromote {
+            min_requests: 100,
+            max_error_rate: 0.01,
+            min_accuracy: None,
+            min_labels: 20,
+            hold_s: 60,
+        }
+    }
+}
+
+impl AutoPromote {
+    /// Why the policy cannot be used, if it cannot.
+    pub fn problem(&self) -> Option<&'static str> {
+        if self.min_requests == 0 {
+            return Some("auto_promote.min_requests: at least 1");
+        }
+        if !(0.0..=1.0).contains(&self.max_error_rate) {
+            return Some("auto_promote.max_error_rate: a rate in 0..=1");
+        }
+        if self.min_accuracy.is_some_and(|a| !(0.0..=1.0).contains(&a)) {
+            return Some("auto_promote.min_accuracy: a rate in 0..=1");
+        }
+        if self.min_accuracy.is_some() && self.min_labels == 0 {
+            return Some("auto_promote.min_labels: at least 1 when min_accuracy is set");
+        }
+        if self.hold_s < 0 {
+            return Some("auto_promote.hold_s: not negative");
+        }
+        None
+    }
+}
+
 /// The canary bucket of a node in a rollout, 0..100: a stable hash of the rollout and the
 /// node id, so a rollout at P% reaches the nodes whose bucket is below P, and growing P only
 /// adds nodes.

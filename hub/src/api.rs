@@ -14,7 +14,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use capsule_format::hub::{DesiredState, Registration, Report};
+use capsule_format::hub::{AutoPromote, DesiredState, NewRollout, Registration, Report};
 use capsule_format::split;
 use capsule_format::tuf::{self, Root, Targets};
 use capsule_format::{CapsuleManifest, MANIFEST_SECTION};
@@ -22,7 +22,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::db::{NodeRow, Rollout, SplitBlobs, VersionRow, assigned, new_id, now};
-use crate::{Error, Result, Shared, token_hash};
+use crate::rollout::{Health, Verdict, judge};
+use crate::{Error, Result, Shared, monitor, token_hash};
 
 type AppState = Arc<Shared>;
 
@@ -949,6 +950,59 @@ pub(crate) async fn timed_steps(s: &Shared) -> Result<()> {
     Ok(())
 }
 
+/// Makes a rollout's version production.
+async fn promote(s: &Shared, r: &mut Rollout, reason: String) -> Result<()> {
+    r.state = "promoted".into();
+    r.percent = 100;
+    r.reason = reason;
+    s.db.set_alias(&r.model, "production", &r.version).await
+}
+
+/// Judges the active rollouts that promote themselves on their canary's health: promotes
+/// those that held, aborts those that did not (see [`crate::rollout::judge`]).
+pub(crate) async fn judge_canaries(s: &Shared) -> Result<()> {
+    for mut r in s.db.rollouts().await? {
+        let Some(policy) = r.auto_promote.filter(|_| r.state == "active") else {
+            continue;
+        };
+        let served = monitor::version_health(&s.db, &r.model, &r.version)
+            .await?
+            .since(&r.baseline);
+        let action = match judge(&policy, &served, r.created_at, now()) {
+            Verdict::Wait => continue,
+            Verdict::Promote(reason) => {
+                r.state = "promoted".into();
+                r.percent = 100;
+                r.reason = reason;
+                "rollout.promote"
+            }
+            Verdict::Abort(reason) => {
+                r.state = "aborted".into();
+                r.reason = reason;
+                "rollout.abort"
+            }
+        };
+        // Conditional on it being active, so two hubs sharing a database end it once.
+        if !s.db.finish_rollout(&r).await? {
+            continue;
+        }
+        if r.state == "promoted" {
+            s.db.set_alias(&r.model, "production", &r.version).await?;
+        }
+        s.db.audit(
+            "hub",
+            action,
+            &json!({"rollout": r.id, "state": r.state, "reason": r.reason, "served": served})
+                .to_string(),
+            "hub",
+        )
+        .await?;
+        tracing::info!(rollout = %r.id, state = %r.state, reason = %r.reason, "canary judged");
+        s.changed().await?;
+    }
+    Ok(())
+}
+
 /// Moves to the next step; false at the last one.
 fn advance(r: &mut Rollout) -> bool {
     let next = usize::try_from(r.step + 1).unwrap_or(usize::MAX);
@@ -960,29 +1014,6 @@ fn advance(r: &mut Rollout) -> bool {
         }
         None => false,
     }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewRollout {
-    model: String,
-    version: String,
-    #[serde(default)]
-    selector: BTreeMap<String, String>,
-    #[serde(default = "default_steps")]
-    steps: Vec<u32>,
-    #[serde(default = "default_threshold")]
-    failure_threshold: f64,
-    #[serde(default)]
-    step_interval_s: i64,
-}
-
-fn default_steps() -> Vec<u32> {
-    vec![10, 50, 100]
-}
-
-fn default_threshold() -> f64 {
-    0.2
 }
 
 async fn create_rollout(
@@ -1003,6 +1034,9 @@ async fn create_rollout(
         return Err(Error::BadRequest(
             "failure_threshold: a rate in 0..=1".into(),
         ));
+    }
+    if let Some(problem) = req.auto_promote.as_ref().and_then(AutoPromote::problem) {
+        return Err(Error::BadRequest(problem.into()));
     }
     if s.db.version(&req.model, &req.version).await?.is_none() {
         return Err(Error::NotFound(format!(
@@ -1026,6 +1060,10 @@ async fn create_rollout(
             .get("production")
             .cloned()
             .unwrap_or_default();
+    let baseline = match req.auto_promote {
+        Some(_) => monitor::version_health(&s.db, &req.model, &req.version).await?,
+        None => Health::default(),
+    };
     let r = Rollout {
         id: new_id(),
         model: req.model,
@@ -1041,6 +1079,8 @@ async fn create_rollout(
         reason: String::new(),
         created_at: now(),
         updated_at: now(),
+        baseline,
+        auto_promote: req.auto_promote,
     };
     s.db.add_rollout(&r).await?;
     audit(
@@ -1091,9 +1131,7 @@ async fn rollout_action(
             }
         }
         "promote" if active => {
-            r.state = "promoted".into();
-            r.percent = 100;
-            s.db.set_alias(&r.model, "production", &r.version).await?;
+            promote(&s, &mut r, format!("promoted by {}", c.name)).await?;
         }
         "abort" if active => {
             r.state = "aborted".into();

@@ -106,6 +106,12 @@ pub struct Rollout {
     pub created_at: i64,
     /// Last change.
     pub updated_at: i64,
+    /// Promote or abort by itself on the canary's health.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_promote: Option<capsule_format::hub::AutoPromote>,
+    /// What the version had served when the rollout started.
+    #[serde(default)]
+    pub baseline: crate::rollout::Health,
 }
 
 /// A node as the hub knows it.
@@ -188,10 +194,17 @@ fn rollout_row(r: &AnyRow) -> Result<Rollout> {
         reason: r.try_get("reason")?,
         created_at: r.try_get("created_at")?,
         updated_at: r.try_get("updated_at")?,
+        auto_promote: r
+            .try_get::<Option<String>, _>("auto_promote")?
+            .and_then(|t| serde_json::from_str(&t).ok()),
+        baseline: r
+            .try_get::<Option<String>, _>("baseline")?
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default(),
     })
 }
 
-const ROLLOUT_COLUMNS: &str = "id, model, version, previous, selector, steps, step, percent, state, failure_threshold, step_interval_s, reason, created_at, updated_at";
+const ROLLOUT_COLUMNS: &str = "id, model, version, previous, selector, steps, step, percent, state, failure_threshold, step_interval_s, reason, created_at, updated_at, auto_promote, baseline";
 
 impl Db {
     /// Connects (creating a SQLite file when missing) and runs the migrations.
@@ -638,7 +651,7 @@ impl Db {
 
     /// Creates a rollout.
     pub async fn add_rollout(&self, r: &Rollout) -> Result<()> {
-        sqlx::query(&format!("INSERT INTO rollouts ({ROLLOUT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"))
+        sqlx::query(&format!("INSERT INTO rollouts ({ROLLOUT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"))
             .bind(&r.id)
             .bind(&r.model)
             .bind(&r.version)
@@ -653,6 +666,13 @@ impl Db {
             .bind(&r.reason)
             .bind(r.created_at)
             .bind(r.updated_at)
+            .bind(
+                r.auto_promote
+                    .map(|p| serde_json::to_string(&p))
+                    .transpose()
+                    .map_err(|e| Error::Internal(e.to_string()))?,
+            )
+            .bind(serde_json::to_string(&r.baseline).map_err(|e| Error::Internal(e.to_string()))?)
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -681,6 +701,20 @@ impl Db {
             .bind(now())
             .bind(&r.id)
             .bind(from)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Ends an active rollout with its state, percentage and reason, only if it is still
+    /// active (several hubs may judge it at once); false otherwise.
+    pub async fn finish_rollout(&self, r: &Rollout) -> Result<bool> {
+        let done = sqlx::query("UPDATE rollouts SET percent = $1, state = $2, reason = $3, updated_at = $4 WHERE id = $5 AND state = 'active'")
+            .bind(r.percent)
+            .bind(&r.state)
+            .bind(&r.reason)
+            .bind(now())
+            .bind(&r.id)
             .execute(&self.pool)
             .await?;
         Ok(done.rows_affected() == 1)

@@ -17,6 +17,7 @@ pub mod db;
 mod limits;
 mod metrics;
 pub mod monitor;
+pub mod rollout;
 mod tls;
 
 use std::net::SocketAddr;
@@ -275,6 +276,9 @@ impl Hub {
                 }
                 if let Err(e) = api::timed_steps(&background).await {
                     tracing::error!(error = %e, "rollout timer failed");
+                }
+                if let Err(e) = api::judge_canaries(&background).await {
+                    tracing::error!(error = %e, "judging canaries failed");
                 }
             }
         });

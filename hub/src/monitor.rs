@@ -452,6 +452,34 @@ pub(crate) async fn accuracy(db: &Db, model: &str) -> Result<BTreeMap<String, Ac
     Ok(out)
 }
 
+/// What one model version has served on every node, with its feedback accuracy: a
+/// self-promoting rollout's evidence.
+pub(crate) async fn version_health(
+    db: &Db,
+    model: &str,
+    version: &str,
+) -> Result<crate::rollout::Health> {
+    let row = sqlx::query(
+        "SELECT CAST(COALESCE(SUM(requests), 0) AS BIGINT) AS requests, \
+         CAST(COALESCE(SUM(errors), 0) AS BIGINT) AS errors \
+         FROM telemetry_totals WHERE model = $1 AND version = $2",
+    )
+    .bind(model)
+    .bind(version)
+    .fetch_one(db.pool())
+    .await?;
+    let accuracy = accuracy(db, model)
+        .await?
+        .remove(version)
+        .unwrap_or_default();
+    Ok(crate::rollout::Health {
+        requests: u(row.try_get("requests")?),
+        errors: u(row.try_get("errors")?),
+        labeled: accuracy.labeled,
+        correct: accuracy.correct,
+    })
+}
+
 /// Totals of one model version.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct VersionTotals {
