@@ -58,21 +58,29 @@ pub struct HubArgs {
     monitor: Option<PathBuf>,
 }
 
+impl HubArgs {
+    /// The hub's settings from these flags.
+    pub fn config(&self) -> Result<HubConfig> {
+        let args = self;
+        Ok(HubConfig {
+            database: args.database.clone(),
+            blobs: args.blobs.clone(),
+            http: args.http,
+            admin_token: args.admin_token.clone(),
+            admin_token_file: args.admin_token_file.clone(),
+            tls_cert: args.tls_cert.clone(),
+            tls_key: args.tls_key.clone(),
+            monitor: match &args.monitor {
+                Some(path) => capsule_hub::monitor::MonitorConfig::from_toml_file(path)?,
+                None => capsule_hub::monitor::MonitorConfig::default(),
+            },
+            ..HubConfig::default()
+        })
+    }
+}
+
 pub fn run_hub(args: &HubArgs) -> Result<()> {
-    let config = HubConfig {
-        database: args.database.clone(),
-        blobs: args.blobs.clone(),
-        http: args.http,
-        admin_token: args.admin_token.clone(),
-        admin_token_file: args.admin_token_file.clone(),
-        tls_cert: args.tls_cert.clone(),
-        tls_key: args.tls_key.clone(),
-        monitor: match &args.monitor {
-            Some(path) => capsule_hub::monitor::MonitorConfig::from_toml_file(path)?,
-            None => capsule_hub::monitor::MonitorConfig::default(),
-        },
-        ..HubConfig::default()
-    };
+    let config = args.config()?;
     runtime()?.block_on(async {
         let hub = Hub::start(config).await?;
         let scheme = if args.tls_cert.is_some() {

@@ -134,31 +134,38 @@ fn main() -> std::process::ExitCode {
     };
     let level = match cli.command {
         Command::Serve(_) | Command::Hub(_) => "info",
+        // The tour says what happens; the hub and the node it runs log only their errors.
+        Command::Demo(_) => "error",
         _ => "warn",
     };
     init_logging(cli.log_format, level);
-    let result = match &cli.command {
-        Command::Build(args) => build::run(&cli, args),
-        Command::Inspect(args) => inspect::run(args),
-        Command::Split(args) => split::run_split(args),
-        Command::Join(args) => split::run_join(args),
-        Command::Run(args) => run::run(&cli, args),
-        Command::Bench(args) => bench::run(&cli, args),
-        Command::Demo(args) => demo::run(&cli, args),
-        Command::Serve(args) => serve::run(&cli, args),
-        Command::Hub(args) => hub::run_hub(args),
-        Command::Keys(cmd) => hub::run_keys(cmd),
-        Command::Sign(args) => hub::run_sign(args),
-        Command::Push(args) => hub::run_push(args),
-        Command::Rollout(args) => hub::run_rollout(args),
-        Command::Models(args) => hub::run_models(args),
-    };
+    let result = dispatch(&cli);
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Runs the subcommand `cli` names.
+fn dispatch(cli: &Cli) -> Result<()> {
+    match &cli.command {
+        Command::Build(args) => build::run(cli, args),
+        Command::Inspect(args) => inspect::run(args),
+        Command::Split(args) => split::run_split(args),
+        Command::Join(args) => split::run_join(args),
+        Command::Run(args) => run::run(cli, args),
+        Command::Bench(args) => bench::run(cli, args),
+        Command::Demo(args) => demo::run(cli, args),
+        Command::Serve(args) => serve::run(cli, args),
+        Command::Hub(args) => hub::run_hub(args),
+        Command::Keys(cmd) => hub::run_keys(cmd),
+        Command::Sign(args) => hub::run_sign(args),
+        Command::Push(args) => hub::run_push(args),
+        Command::Rollout(args) => hub::run_rollout(args),
+        Command::Models(args) => hub::run_models(args),
     }
 }
 

@@ -190,7 +190,102 @@ fn demo_runs() -> anyhow::Result<()> {
         printed.contains("capsule / native tract (p50):"),
         "{printed}"
     );
-    assert!(dir.path().join("digits.capsule.wasm").exists());
+    // The fleet part of the tour: a signed push served by the node, an update it picks up,
+    // and the hub's telemetry totals of both versions.
+    for line in [
+        "$ capsule push digits.capsule.wasm --targets targets.json --alias production",
+        "   answers now come from model_version 2.0.0",
+        "   hub: digits 1.0.0: 20 requests",
+        "   hub: digits 2.0.0: 10 requests",
+    ] {
+        assert!(printed.contains(line), "no {line:?} in:\n{printed}");
+    }
+    assert!(
+        printed.contains("serves 1.0.0, ") && printed.contains("the node serves 2.0.0 "),
+        "{printed}"
+    );
+    for file in [
+        "digits.capsule.wasm",
+        "digits-2.0.0.capsule.wasm",
+        "root.json",
+        "hub.db",
+    ] {
+        assert!(dir.path().join(file).exists(), "no {file}");
+    }
+    Ok(())
+}
+
+#[test]
+fn demo_without_dir_removes_its_temporary_directory() -> anyhow::Result<()> {
+    let printed = ok(&["demo"]);
+    let dir = printed
+        .lines()
+        .find_map(|l| l.strip_prefix("== 5. publisher keys and the root metadata nodes pin (in "))
+        .and_then(|rest| rest.strip_suffix(')'))
+        .ok_or_else(|| anyhow::anyhow!("no demo directory in:\n{printed}"))?;
+    assert!(Path::new(dir).starts_with(std::env::temp_dir()), "{dir}");
+    assert!(!Path::new(dir).exists(), "{dir} is still there");
+    Ok(())
+}
+
+/// `capsule demo` without `--dir` works in a temporary directory and removes it; `--keep`
+/// leaves the hub (its dashboard) and the node serving until Ctrl-C.
+#[test]
+fn demo_keep_leaves_the_hub_and_the_node_running() -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader};
+    let cwd = tempfile::tempdir()?;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_capsule"))
+        .args(["demo", "--keep"])
+        .current_dir(cwd.path())
+        .env(
+            "CAPSULE_CACHE_DIR",
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/capsule-test-cache"),
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let mut lines = BufReader::new(stdout).lines();
+    let (hub, node, files) = loop {
+        let Some(line) = lines.next() else {
+            let _ = child.kill();
+            anyhow::bail!("the demo ended before --keep");
+        };
+        let line = line?;
+        // "--keep: the hub (URL) and the node (URL) run until Ctrl-C; files in DIR"
+        if let Some(rest) = line.strip_prefix("--keep: the hub (") {
+            let (hub, rest) = rest.split_once(") and the node (").unwrap_or_default();
+            let (node, rest) = rest
+                .split_once(") run until Ctrl-C; files in ")
+                .unwrap_or_default();
+            break (hub.to_owned(), node.to_owned(), PathBuf::from(rest));
+        }
+    };
+    let http = reqwest::blocking::Client::new();
+    let login = http.get(format!("{hub}/dashboard/login")).send()?;
+    assert_eq!(login.status().as_u16(), 200);
+    assert!(login.text()?.contains("Sign in with an admin token"));
+    let ready = http.get(format!("{node}/v2/models/digits/ready")).send()?;
+    assert_eq!(ready.status().as_u16(), 200);
+    assert!(files.join("hub-admin.token").exists());
+    assert!(
+        files.starts_with(std::env::temp_dir()),
+        "{}",
+        files.display()
+    );
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-INT", &pid]).status()?;
+    let status = child.wait()?;
+    assert!(status.success(), "{status}");
+    assert!(
+        http.get(format!("{node}/v2/health/live")).send().is_err(),
+        "the node still runs"
+    );
+    // --keep keeps the files; a demo without it removes its temporary directory.
+    assert!(files.exists());
+    std::fs::remove_dir_all(&files)?;
     Ok(())
 }
 

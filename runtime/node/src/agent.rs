@@ -589,6 +589,15 @@ impl Agent {
             state: state.into(),
             detail,
         };
+        if state.targets.is_none() && state.models.is_empty() {
+            // A fresh hub: nothing to verify and nothing to run (the models this node runs,
+            // if any, stay: an unsigned state never removes them).
+            tracing::info!("the hub has published nothing yet");
+            return Report {
+                generation: state.generation,
+                models: Vec::new(),
+            };
+        }
         let targets = match self.trusted_targets(state).await {
             Ok(t) => t,
             Err(e) => {
