@@ -1,5 +1,6 @@
 //! Builds the guest (`capsule-guest`) for `wasm32-unknown-unknown` with `simd128`, so the
 //! runtime (and through it the `capsule` binary) carries the guest it builds capsules from.
+//! Only with the `builder` feature: without it the runtime carries no guest.
 //!
 //! The guest gets its own target directory (`target/guest`) because its RUSTFLAGS differ and
 //! changing RUSTFLAGS rebuilds everything. Profile: `CAPSULE_GUEST_PROFILE` when set, else
@@ -54,6 +55,12 @@ fn ensure_wasm_target(rustc: &str) {
 }
 
 fn main() {
+    if std::env::var_os("CARGO_FEATURE_BUILDER").is_none() {
+        // No builder, no guest: the runtime runs capsules that carry their own code.
+        println!("cargo:rustc-env=CAPSULE_GUEST_PROFILE=none");
+        println!("cargo:rustc-env=CAPSULE_GUEST_NUMERICS=none");
+        return;
+    }
     let manifest_dir = PathBuf::from(
         std::env::var("CARGO_MANIFEST_DIR")
             .unwrap_or_else(|_| fail("CARGO_MANIFEST_DIR is not set")),

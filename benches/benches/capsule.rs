@@ -322,8 +322,11 @@ fn telemetry(c: &mut Criterion) {
         })
         .collect();
     let reference = or_die(
-        capsule_runtime::reference::ReferenceData::Table { columns, rows }
-            .statistics(&built.manifest.inputs, built.manifest.pipeline.as_ref()),
+        capsule_runtime::reference::ReferenceData::Table { columns, rows }.statistics(
+            &built.manifest.inputs,
+            built.manifest.pipeline.as_ref(),
+            &Default::default(),
+        ),
         "reference",
     );
     let items: Vec<&[u8]> = records.iter().map(Vec::as_slice).collect();

@@ -53,6 +53,7 @@ pub struct Args {
 
 impl Args {
     /// The short run of `capsule demo`.
+    #[cfg(all(feature = "build", feature = "hub"))]
     pub fn quick() -> Args {
         Args {
             capsule: PathBuf::new(),

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use capsule_format::manifest::{Dim, Limits, ModelCard};
 use capsule_format::wire::{InputShape, OneRowPlan};
-use capsule_runtime::reference::ReferenceData;
+use capsule_runtime::reference::{Reference, ReferenceData, ReferencePrivacy};
 use capsule_runtime::{BuildOptions, BuiltCapsule, CapsuleBuilder};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -55,6 +55,14 @@ pub struct Args {
     /// Its per-feature histograms and moments go into the manifest.
     #[arg(long, value_name = "FILE")]
     reference: Option<PathBuf>,
+    /// What the reference statistics may reveal of the training data (browsers download the
+    /// manifest): a comma-separated list of `bins=N` (quantile bins, default 10),
+    /// `round=DIGITS` (bin edges, minima and maxima rounded to significant digits, so none is
+    /// an exact training value), `min-count=K` (leave out category values seen fewer than K
+    /// times), `no-categories` (no categorical feature in the reference). docs/monitoring.md,
+    /// "Data privacy".
+    #[arg(long, value_name = "OPTIONS", requires = "reference")]
+    reference_privacy: Option<ReferencePrivacy>,
     /// Memory cap recorded in the manifest, in MiB.
     #[arg(long, default_value_t = 1024)]
     max_memory_mib: u64,
@@ -191,20 +199,30 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
             .as_deref()
             .map(capsule_runtime::spec::read_pipeline)
             .transpose()?,
-        reference: args.reference.as_deref().map(read_reference).transpose()?,
+        reference: args
+            .reference
+            .as_deref()
+            .map(|path| -> Result<Reference> {
+                Ok(Reference {
+                    data: read_reference(path)?,
+                    privacy: args.reference_privacy.unwrap_or_default(),
+                })
+            })
+            .transpose()?,
         one_row_plan: args.one_row_plan,
     };
+    let privacy = options.reference.as_ref().map(|r| r.privacy);
     let engine = cli.engine()?;
     let built = build_with_progress(&engine, options)?;
     if args.split {
         let written = crate::split::write_split(&built.bytes, &output)?;
-        print_summary(&built, &output)?;
+        print_summary(&built, &output, privacy.as_ref())?;
         crate::split::print_written(&written, built.bytes.len());
         return Ok(());
     }
     std::fs::write(&output, &built.bytes)
         .with_context(|| format!("writing {}", output.display()))?;
-    print_summary(&built, &output)?;
+    print_summary(&built, &output, privacy.as_ref())?;
     Ok(())
 }
 
@@ -243,7 +261,11 @@ pub fn build_with_progress(
     Ok(built)
 }
 
-fn print_summary(built: &BuiltCapsule, output: &Path) -> Result<()> {
+fn print_summary(
+    built: &BuiltCapsule,
+    output: &Path,
+    privacy: Option<&ReferencePrivacy>,
+) -> Result<()> {
     let m = &built.manifest;
     println!(
         "wrote {} ({} raw, {} gzipped)",
@@ -280,6 +302,9 @@ fn print_summary(built: &BuiltCapsule, output: &Path) -> Result<()> {
             r.features.len(),
             r.rows
         );
+    }
+    if let Some(p) = privacy {
+        println!("  privacy   reference statistics: {p}");
     }
     println!(
         "  plan      {} nodes{}; snapshot image {}",

@@ -1,10 +1,16 @@
 //! `capsule`: build, inspect, run and benchmark WebAssembly inference capsules.
 
+#[cfg(feature = "bench")]
 mod bench;
+#[cfg(feature = "build")]
 mod build;
+#[cfg(all(feature = "build", feature = "bench", feature = "hub"))]
 mod demo;
+#[cfg(feature = "build")]
 mod golden;
 mod hub;
+#[cfg(feature = "hub")]
+mod hub_server;
 mod inspect;
 mod npy;
 mod run;
@@ -50,6 +56,7 @@ enum LogFormat {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Compile an ONNX model into a pre-initialized capsule.
+    #[cfg(feature = "build")]
     Build(build::Args),
     /// Show a capsule's manifest, imports, exports, sections and hashes.
     Inspect(inspect::Args),
@@ -61,14 +68,18 @@ enum Command {
     /// Run one inference (Open Inference Protocol V2 JSON in and out).
     Run(run::Args),
     /// Measure latency percentiles, cold start and the same model on native tract.
+    #[cfg(feature = "bench")]
     Bench(bench::Args),
-    /// Build the bundled sample model into a capsule and run it: the one-command tour.
+    /// The one-command tour: build the bundled sample model, run and bench it, then a hub and
+    /// a node: signed pushes, an update, telemetry.
+    #[cfg(all(feature = "build", feature = "bench", feature = "hub"))]
     Demo(demo::Args),
     /// Serve a model repository over the Open Inference Protocol V2 (REST and gRPC), with
     /// metrics, warm instance pools, overload control and hot swap.
     Serve(Box<serve::Args>),
     /// Run the hub: model registry, signed update metadata, staged rollouts to the fleet.
-    Hub(hub::HubArgs),
+    #[cfg(feature = "hub")]
+    Hub(hub_server::HubArgs),
     /// Generate publisher keys and root metadata (offline).
     #[command(subcommand)]
     Keys(hub::KeysCommand),
@@ -133,8 +144,11 @@ fn main() -> std::process::ExitCode {
         Err(e) => e.exit(),
     };
     let level = match cli.command {
-        Command::Serve(_) | Command::Hub(_) => "info",
+        Command::Serve(_) => "info",
+        #[cfg(feature = "hub")]
+        Command::Hub(_) => "info",
         // The tour says what happens; the hub and the node it runs log only their errors.
+        #[cfg(all(feature = "build", feature = "bench", feature = "hub"))]
         Command::Demo(_) => "error",
         _ => "warn",
     };
@@ -152,15 +166,19 @@ fn main() -> std::process::ExitCode {
 /// Runs the subcommand `cli` names.
 fn dispatch(cli: &Cli) -> Result<()> {
     match &cli.command {
+        #[cfg(feature = "build")]
         Command::Build(args) => build::run(cli, args),
         Command::Inspect(args) => inspect::run(args),
         Command::Split(args) => split::run_split(args),
         Command::Join(args) => split::run_join(args),
         Command::Run(args) => run::run(cli, args),
+        #[cfg(feature = "bench")]
         Command::Bench(args) => bench::run(cli, args),
+        #[cfg(all(feature = "build", feature = "bench", feature = "hub"))]
         Command::Demo(args) => demo::run(cli, args),
         Command::Serve(args) => serve::run(cli, args),
-        Command::Hub(args) => hub::run_hub(args),
+        #[cfg(feature = "hub")]
+        Command::Hub(args) => hub_server::run_hub(args),
         Command::Keys(cmd) => hub::run_keys(cmd),
         Command::Sign(args) => hub::run_sign(args),
         Command::Push(args) => hub::run_push(args),

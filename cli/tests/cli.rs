@@ -531,3 +531,103 @@ fn the_one_row_plan_is_the_builders_choice() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// `--reference-privacy` bounds what the manifest (which browsers download) reveals of the
+/// training data: fewer bins, edges and extremes that are not training values.
+#[test]
+fn reference_privacy_coarsens_what_the_manifest_reveals() -> anyhow::Result<()> {
+    use capsule_format::telemetry::Binning;
+    let dir = tempfile::tempdir()?;
+    let wine = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/wine-tabular");
+    let w = |f: &str| wine.join(f).to_string_lossy().into_owned();
+    let build = |name: &str,
+                 privacy: Option<&str>|
+     -> anyhow::Result<(String, capsule_format::telemetry::ReferenceStats)> {
+        let out = dir.path().join(format!("{name}.capsule.wasm"));
+        let mut args = vec![
+            "build".to_owned(),
+            w("model.onnx"),
+            "--name".into(),
+            "wine".into(),
+            "--pipeline".into(),
+            w("pipeline.json"),
+            "--labels".into(),
+            w("labels.txt"),
+            "--reference".into(),
+            w("train.csv"),
+            "-o".into(),
+            out.to_string_lossy().into_owned(),
+        ];
+        if let Some(p) = privacy {
+            args.extend(["--reference-privacy".into(), p.to_owned()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let printed = ok(&args);
+        let image = capsule_runtime::CapsuleImage::parse(std::fs::read(&out)?)?;
+        let reference = image
+            .manifest
+            .reference
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("no reference"))?;
+        Ok((printed, reference))
+    };
+    let (_, exact) = build("exact", None)?;
+    let (printed, private) = build("private", Some("bins=4,round=2"))?;
+    assert!(
+        printed.contains("privacy   reference statistics: 4 bins, edges and extremes rounded to 2 significant digits"),
+        "{printed}"
+    );
+    let training: Vec<f64> = std::fs::read_to_string(wine.join("train.csv"))?
+        .lines()
+        .skip(1)
+        .map(|l| {
+            l.split(',')
+                .next()
+                .unwrap_or_default()
+                .parse::<f64>()
+                .unwrap_or(f64::NAN)
+        })
+        .collect();
+    let alcohol = |r: &capsule_format::telemetry::ReferenceStats| {
+        let f = &r.features[0];
+        assert_eq!(f.name, "alcohol");
+        match &f.binning {
+            Binning::Numeric { edges } => (edges.clone(), f.moments.min, f.moments.max),
+            other => panic!("{other:?}"),
+        }
+    };
+    let (edges, min, max) = alcohol(&exact);
+    assert_eq!(edges.len(), 9);
+    assert!(
+        edges
+            .iter()
+            .chain([&min, &max])
+            .all(|e| training.contains(e))
+    );
+    let (edges, min, max) = alcohol(&private);
+    assert!(edges.len() <= 3, "{edges:?}");
+    for v in edges.iter().chain([&min, &max]) {
+        assert_eq!(
+            *v,
+            format!("{v:.1e}").parse::<f64>()?,
+            "{v} has more than 2 digits"
+        );
+    }
+    let out = capsule(&[
+        "build",
+        "m.onnx",
+        "--reference",
+        "r.csv",
+        "--reference-privacy",
+        "coarse",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(
+            "unknown option \"coarse\" (bins=N, round=DIGITS, min-count=K, no-categories)"
+        ),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}

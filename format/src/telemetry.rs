@@ -274,6 +274,12 @@ impl FeatureReference {
         values: &[Option<f64>],
         bins: usize,
     ) -> FeatureReference {
+        Self::numeric_with_edges(name, source, values, Self::quantile_edges(values, bins))
+    }
+
+    /// The inner edges of up to `bins` bins at the quantiles of `values` (each edge is a
+    /// training value; equal edges merged).
+    pub fn quantile_edges(values: &[Option<f64>], bins: usize) -> Vec<f64> {
         let mut present: Vec<f64> = values
             .iter()
             .flatten()
@@ -295,6 +301,16 @@ impl FeatureReference {
                 }
             }
         }
+        edges
+    }
+
+    /// Statistics of a numeric feature binned at `edges` (increasing inner edges).
+    pub fn numeric_with_edges(
+        name: &str,
+        source: FeatureSource,
+        values: &[Option<f64>],
+        edges: Vec<f64>,
+    ) -> FeatureReference {
         let binning = Binning::Numeric { edges };
         let mut counts = vec![0u64; binning.bins()];
         let mut moments = Moments::default();
@@ -325,12 +341,24 @@ impl FeatureReference {
         source: FeatureSource,
         values: &[Option<String>],
     ) -> FeatureReference {
+        Self::categorical_min_count(name, source, values, 1)
+    }
+
+    /// Like [`FeatureReference::categorical`], keeping only values seen at least
+    /// `min_count` times (the others fall in the "other" bin with every unlisted value).
+    pub fn categorical_min_count(
+        name: &str,
+        source: FeatureSource,
+        values: &[Option<String>],
+        min_count: u64,
+    ) -> FeatureReference {
         let mut freq: BTreeMap<&str, u64> = BTreeMap::new();
         for v in values.iter().flatten() {
             *freq.entry(v.as_str()).or_default() += 1;
         }
         let mut ranked: Vec<(&str, u64)> = freq.into_iter().collect();
         ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        ranked.retain(|(_, n)| *n >= min_count);
         ranked.truncate(MAX_CATEGORIES);
         let categories: Vec<String> = ranked.iter().map(|(c, _)| (*c).to_owned()).collect();
         let binning = Binning::Categorical { categories };

@@ -49,8 +49,9 @@ pub struct BuildOptions {
     pub limits: Limits,
     /// Preprocessing and postprocessing compiled into the capsule.
     pub pipeline: Option<Pipeline>,
-    /// Training data whose statistics the manifest carries, for drift detection.
-    pub reference: Option<crate::reference::ReferenceData>,
+    /// Training data whose statistics the manifest carries, for drift detection, and what
+    /// they may reveal of it.
+    pub reference: Option<crate::reference::Reference>,
     /// Whether the model gets a second plan for batches of one.
     pub one_row_plan: OneRowPlan,
 }
@@ -337,7 +338,10 @@ impl CapsuleBuilder {
         let reference = options
             .reference
             .as_ref()
-            .map(|data| data.statistics(&signature.inputs, pipeline.as_ref()))
+            .map(|r| {
+                r.data
+                    .statistics(&signature.inputs, pipeline.as_ref(), &r.privacy)
+            })
             .transpose()?;
         let load_time = started.elapsed();
 

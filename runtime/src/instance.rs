@@ -500,6 +500,7 @@ impl GuestInstance {
     }
 
     /// The store and instance, for the builder's snapshot.
+    #[cfg(feature = "builder")]
     pub(crate) fn parts(&mut self) -> (&mut Store<StoreData>, Instance) {
         (&mut self.store, self.instance)
     }

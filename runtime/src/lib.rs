@@ -20,6 +20,7 @@
 //! ```
 #![deny(missing_docs)]
 
+#[cfg(feature = "builder")]
 mod builder;
 pub mod capsule;
 #[cfg(target_os = "linux")]
@@ -33,6 +34,7 @@ pub mod reference;
 pub mod spec;
 mod validate;
 
+#[cfg(feature = "builder")]
 pub use builder::{BuildOptions, BuiltCapsule, CapsuleBuilder};
 pub use capsule::{CapsuleImage, GuestCode};
 pub use engine::{CapsuleEngine, EngineConfig, EngineStats, default_cache_dir};
@@ -41,9 +43,11 @@ pub use instance::{CapsuleStats, ColdStart, LoadedCapsule, RunConfig};
 pub use validate::{Declared, check_signature, validate_request};
 
 /// The guest build this runtime carries (built by `build.rs` for `wasm32-unknown-unknown`).
+#[cfg(feature = "builder")]
 pub const GUEST_WASM: &[u8] = include_bytes!(env!("CAPSULE_GUEST_WASM"));
 
-/// The cargo profile the carried guest was built with (`guest-dev` or `guest-release`).
+/// The cargo profile the carried guest was built with (`guest-dev` or `guest-release`;
+/// `none` without the `builder` feature, which carries no guest).
 pub const GUEST_PROFILE: &str = env!("CAPSULE_GUEST_PROFILE");
 
 /// The carried guest's SIMD: `deterministic` (simd128, the default) or `relaxed-simd`
