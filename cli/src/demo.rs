@@ -336,41 +336,36 @@ fn fleet(cli: &Cli, dir: &Path, keep: bool) -> Result<()> {
 
     let result = (|| -> Result<()> {
         println!("\n== 7. sign 1.0.0 into the targets metadata, push it as production");
-        let with_hub = |args: &[&str]| -> Vec<String> {
-            let mut v: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-            v.extend([
-                "--hub".into(),
-                hub_url.clone(),
-                "--token".into(),
-                admin.clone(),
-            ]);
-            v
+        // Signs FILE into the targets metadata and pushes it as production; returns when
+        // the push began.
+        let publish = |file: &str| -> Result<Instant> {
+            let sign = [
+                "sign",
+                "--targets",
+                "targets.json",
+                "--add",
+                file,
+                "--key",
+                "publisher.key",
+            ];
+            capsule(cli, &sign.join(" "), &sign)?;
+            let push = [
+                "push",
+                file,
+                "--targets",
+                "targets.json",
+                "--alias",
+                "production",
+                "--hub",
+                &hub_url,
+                "--token",
+                &admin,
+            ];
+            let pushed = Instant::now();
+            capsule(cli, &push[..6].join(" "), &push)?;
+            Ok(pushed)
         };
-        let sign = [
-            "sign",
-            "--targets",
-            "targets.json",
-            "--add",
-            "digits.capsule.wasm",
-            "--key",
-            "publisher.key",
-        ];
-        capsule(cli, &sign.join(" "), &sign)?;
-        let push = with_hub(&[
-            "push",
-            "digits.capsule.wasm",
-            "--targets",
-            "targets.json",
-            "--alias",
-            "production",
-        ]);
-        let push: Vec<&str> = push.iter().map(String::as_str).collect();
-        let pushed = Instant::now();
-        capsule(
-            cli,
-            "push digits.capsule.wasm --targets targets.json --alias production",
-            &push,
-        )?;
+        let pushed = publish("digits.capsule.wasm")?;
         let serving = |version: &'static str| {
             let http = http.clone();
             let url = format!("{node_url}/v2/models/digits");
@@ -450,31 +445,7 @@ fn fleet(cli: &Cli, dir: &Path, keep: bool) -> Result<()> {
             "digits-2.0.0.capsule.wasm",
         ];
         capsule(cli, &build2.join(" "), &build2)?;
-        let sign2 = [
-            "sign",
-            "--targets",
-            "targets.json",
-            "--add",
-            "digits-2.0.0.capsule.wasm",
-            "--key",
-            "publisher.key",
-        ];
-        capsule(cli, &sign2.join(" "), &sign2)?;
-        let push2 = with_hub(&[
-            "push",
-            "digits-2.0.0.capsule.wasm",
-            "--targets",
-            "targets.json",
-            "--alias",
-            "production",
-        ]);
-        let push2: Vec<&str> = push2.iter().map(String::as_str).collect();
-        let pushed = Instant::now();
-        capsule(
-            cli,
-            "push digits-2.0.0.capsule.wasm --targets targets.json --alias production",
-            &push2,
-        )?;
+        let pushed = publish("digits-2.0.0.capsule.wasm")?;
         wait_for(
             "the node to serve 2.0.0",
             Duration::from_secs(60),
