@@ -764,12 +764,17 @@ fn a_revoked_node_token_is_refused() -> Result<()> {
         serde_json::from_value(listed["tokens"].clone())?;
     let mut nodes: Vec<&str> = listed
         .iter()
-        .filter(|t| t.kind == "node")
+        .filter(|t| t.kind == capsule_format::hub::Role::Node)
         .map(|t| t.node_id.as_str())
         .collect();
     nodes.sort_unstable();
     assert_eq!(nodes, ["n1", "n2"], "{listed:?}");
-    assert!(listed.iter().any(|t| t.kind == "admin"), "{listed:?}");
+    assert!(
+        listed
+            .iter()
+            .any(|t| t.kind == capsule_format::hub::Role::Admin),
+        "{listed:?}"
+    );
     assert!(
         listed.iter().all(|t| t.hash_prefix.len() == 8),
         "{listed:?}"

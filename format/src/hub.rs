@@ -15,13 +15,206 @@ pub struct Registration {
     pub labels: BTreeMap<String, String>,
 }
 
+/// Defines a string-valued enum: serde's snake_case names, `as_str`, `Display`, `FromStr`
+/// (the database stores the same names) and `ALL`.
+macro_rules! named_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal,)+ }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        pub enum $name {
+            $($(#[$vmeta])* #[serde(rename = $text)] $variant,)+
+        }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// Its name on the wire and in the database.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = UnknownName;
+
+            fn from_str(s: &str) -> Result<$name, UnknownName> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    _ => Err(UnknownName {
+                        what: stringify!($name),
+                        name: s.chars().take(64).collect(),
+                        expected: &[$($text),+],
+                    }),
+                }
+            }
+        }
+    };
+}
+
+/// A name that is none of an enum's values.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {what} {name:?} (expected one of {expected:?})")]
+pub struct UnknownName {
+    /// The enum.
+    pub what: &'static str,
+    /// The name given (at most 64 characters of it).
+    pub name: String,
+    /// The names it knows.
+    pub expected: &'static [&'static str],
+}
+
+named_enum! {
+    /// What a token may do.
+    Role {
+        /// Everything: publish, roll out, read the fleet, issue and revoke tokens.
+        Admin = "admin",
+        /// One node's calls: register, long-poll, report, ship telemetry and feedback.
+        Node = "node",
+    }
+}
+
+named_enum! {
+    /// Where a rollout is.
+    RolloutState {
+        /// Its version reaches `percent` of the matching nodes.
+        Active = "active",
+        /// Its version is production.
+        Promoted = "promoted",
+        /// Stopped; its nodes went back to the production version.
+        Aborted = "aborted",
+        /// Production went back to the version before it.
+        RolledBack = "rolled_back",
+    }
+}
+
+named_enum! {
+    /// What an admin asks of a rollout (`POST /api/v1/rollouts/{id}/{action}`).
+    RolloutAction {
+        /// To the next percentage.
+        Step = "step",
+        /// Make its version production.
+        Promote = "promote",
+        /// Stop it; its nodes go back to the production version.
+        Abort = "abort",
+        /// Production back to the version before it.
+        Rollback = "rollback",
+    }
+}
+
+named_enum! {
+    /// How one model version fares on a node.
+    ModelState {
+        /// Installed, probed and answering.
+        Serving = "serving",
+        /// Being downloaded or installed.
+        Installing = "installing",
+        /// Its bytes or signatures did not verify.
+        VerifyFailed = "verify_failed",
+        /// It could not be downloaded.
+        DownloadFailed = "download_failed",
+        /// It could not be written to the node's disk.
+        InstallFailed = "install_failed",
+        /// The runtime refused to load it.
+        LoadFailed = "load_failed",
+        /// Its golden samples did not reproduce.
+        ProbeFailed = "probe_failed",
+        /// A state this release does not know (from a node of a newer release).
+        #[serde(other)]
+        Other = "other",
+    }
+}
+
+impl ModelState {
+    /// Whether the failure may pass by itself (the network, the hub's blob store, a full or
+    /// failing disk on the node), so the same state is worth applying again later. The others
+    /// are decided by the bytes and the signatures, and change only with a new state.
+    pub fn transient(self) -> bool {
+        matches!(self, ModelState::DownloadFailed | ModelState::InstallFailed)
+    }
+
+    /// Whether the state is a failure that counts against a rollout.
+    pub fn failed(self) -> bool {
+        matches!(
+            self,
+            ModelState::VerifyFailed
+                | ModelState::DownloadFailed
+                | ModelState::LoadFailed
+                | ModelState::ProbeFailed
+        )
+    }
+}
+
+named_enum! {
+    /// An alert rule of the hub's monitoring.
+    AlertRule {
+        /// A feature's live distribution moved away from training (PSI or KS).
+        Drift = "drift",
+        /// The error-rate SLO.
+        Errors = "errors",
+        /// The p99 latency SLO.
+        Latency = "latency",
+        /// Live accuracy from feedback labels.
+        Accuracy = "accuracy",
+    }
+}
+
+named_enum! {
+    /// Where an alert is.
+    AlertState {
+        /// Its rule is breached in the last window evaluated.
+        Firing = "firing",
+        /// It fired, and its rule holds again.
+        Resolved = "resolved",
+    }
+}
+
+/// An alert and its state (`GET /api/v1/alerts`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Alert {
+    /// `rule|model|version|group|feature`.
+    pub key: String,
+    /// Its rule.
+    pub rule: AlertRule,
+    /// Model.
+    pub model: String,
+    /// Version.
+    pub version: String,
+    /// Node group (`all` for accuracy).
+    pub group: String,
+    /// Feature (drift only).
+    pub feature: String,
+    /// Where it is.
+    pub state: AlertState,
+    /// The measured value (PSI, error rate, p99 ms, accuracy).
+    pub value: f64,
+    /// The threshold it was compared with.
+    pub threshold: f64,
+    /// The window evaluated (ms).
+    pub window_start_ms: i64,
+    /// Its end.
+    pub window_end_ms: i64,
+    /// When it started firing (ms).
+    pub started_at_ms: i64,
+    /// Last change (ms).
+    pub updated_at_ms: i64,
+}
+
 /// A token the hub accepts, as `GET /api/v1/tokens` lists it: never the token, nor its
 /// whole hash.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenInfo {
-    /// `admin` or `node`.
-    pub kind: String,
+    /// What it may do.
+    pub kind: Role,
     /// Its name (`node:ID` for node tokens).
     pub name: String,
     /// The node it belongs to (empty for admin tokens).
@@ -71,9 +264,8 @@ pub struct ReportedModel {
     pub model: String,
     /// Version.
     pub version: String,
-    /// `serving`, `installing`, `verify_failed`, `download_failed`, `install_failed`,
-    /// `load_failed`, `probe_failed`.
-    pub state: String,
+    /// How it fares.
+    pub state: ModelState,
     /// Why, when it failed.
     #[serde(default)]
     pub detail: String,
@@ -89,19 +281,14 @@ pub struct Report {
 }
 
 impl ReportedModel {
-    /// Whether the failure may pass by itself (the network, the hub's blob store, a full or
-    /// failing disk on the node), so the same state is worth applying again later. The others
-    /// are decided by the bytes and the signatures, and change only with a new state.
+    /// Whether the failure may pass by itself (see [`ModelState::transient`]).
     pub fn transient(&self) -> bool {
-        matches!(self.state.as_str(), "download_failed" | "install_failed")
+        self.state.transient()
     }
 
     /// Whether the state is a failure that counts against a rollout.
     pub fn failed(&self) -> bool {
-        matches!(
-            self.state.as_str(),
-            "verify_failed" | "download_failed" | "load_failed" | "probe_failed"
-        )
+        self.state.failed()
     }
 }
 
@@ -193,6 +380,85 @@ impl AutoPromote {
     }
 }
 
+/// What one model version has served, as the hub's telemetry and feedback count it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    /// Requests.
+    pub requests: u64,
+    /// Failed requests.
+    pub errors: u64,
+    /// Predictions with a feedback label.
+    pub labeled: u64,
+    /// Of which the model got right.
+    pub correct: u64,
+}
+
+impl Health {
+    /// What was served after `baseline` was taken (counts only grow; a smaller count, as
+    /// after a restored database, counts from zero).
+    pub fn since(&self, baseline: &Health) -> Health {
+        Health {
+            requests: self.requests.saturating_sub(baseline.requests),
+            errors: self.errors.saturating_sub(baseline.errors),
+            labeled: self.labeled.saturating_sub(baseline.labeled),
+            correct: self.correct.saturating_sub(baseline.correct),
+        }
+    }
+
+    /// Failed / all requests (0 without requests).
+    pub fn error_rate(&self) -> f64 {
+        if self.requests == 0 {
+            0.0
+        } else {
+            self.errors as f64 / self.requests as f64
+        }
+    }
+
+    /// Correct / labeled predictions, when any is labeled.
+    pub fn accuracy(&self) -> Option<f64> {
+        (self.labeled > 0).then(|| self.correct as f64 / self.labeled as f64)
+    }
+}
+
+/// A staged rollout, as the hub stores and answers it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rollout {
+    /// Id.
+    pub id: String,
+    /// Model.
+    pub model: String,
+    /// The version rolled out.
+    pub version: String,
+    /// The production version before it (what rollback restores; empty if none).
+    pub previous: String,
+    /// Node labels a node must all have.
+    pub selector: BTreeMap<String, String>,
+    /// Percentages of the matching nodes, step by step (the last is usually 100).
+    pub steps: Vec<u32>,
+    /// Index of the current step.
+    pub step: i64,
+    /// Current percentage.
+    pub percent: i64,
+    /// Where it is.
+    pub state: RolloutState,
+    /// Failure rate (failed / assigned nodes) above which the rollout aborts itself.
+    pub failure_threshold: f64,
+    /// Seconds between automatic steps (0: manual).
+    pub step_interval_s: i64,
+    /// Why it ended.
+    pub reason: String,
+    /// Created at (seconds since the epoch).
+    pub created_at: i64,
+    /// Last change (seconds since the epoch).
+    pub updated_at: i64,
+    /// Promote or abort by itself on the canary's health.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_promote: Option<AutoPromote>,
+    /// What the version had served when the rollout started.
+    #[serde(default)]
+    pub baseline: Health,
+}
+
 /// The canary bucket of a node in a rollout, 0..100: a stable hash of the rollout and the
 /// node id, so a rollout at P% reaches the nodes whose bucket is below P, and growing P only
 /// adds nodes.
@@ -217,6 +483,45 @@ mod tests {
         assert!(
             counts.iter().all(|&c| (60..=140).contains(&c)),
             "{counts:?}"
+        );
+    }
+
+    #[test]
+    fn names_round_trip_on_the_wire_and_in_text() {
+        for state in RolloutState::ALL {
+            let wire = serde_json::to_string(state).unwrap();
+            assert_eq!(wire, format!("\"{state}\""));
+            assert_eq!(serde_json::from_str::<RolloutState>(&wire).unwrap(), *state);
+            assert_eq!(state.as_str().parse::<RolloutState>().unwrap(), *state);
+        }
+        assert_eq!(RolloutState::RolledBack.as_str(), "rolled_back");
+        let e = "Active".parse::<RolloutState>().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "unknown RolloutState \"Active\" (expected one of [\"active\", \"promoted\", \"aborted\", \"rolled_back\"])"
+        );
+        assert!(serde_json::from_str::<Role>("\"root\"").is_err());
+        let long = "x".repeat(10_000);
+        assert_eq!(long.parse::<Role>().unwrap_err().name.len(), 64);
+    }
+
+    #[test]
+    fn a_newer_nodes_unknown_model_state_is_kept_as_other() {
+        let m: ReportedModel = serde_json::from_str(
+            r#"{"model":"m","version":"1","state":"defragmenting","detail":""}"#,
+        )
+        .unwrap();
+        assert_eq!(m.state, ModelState::Other);
+        assert!(!m.failed() && !m.transient());
+        let failed: Vec<_> = ModelState::ALL.iter().filter(|s| s.failed()).collect();
+        assert_eq!(
+            failed,
+            [
+                &ModelState::VerifyFailed,
+                &ModelState::DownloadFailed,
+                &ModelState::LoadFailed,
+                &ModelState::ProbeFailed
+            ]
         );
     }
 }

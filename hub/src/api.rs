@@ -14,15 +14,17 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use capsule_format::hub::{AutoPromote, DesiredState, NewRollout, Registration, Report};
+use capsule_format::hub::{
+    DesiredState, NewRollout, Registration, Report, Role, RolloutAction, RolloutState,
+};
 use capsule_format::split;
 use capsule_format::tuf::{self, Root, Targets};
 use capsule_format::{CapsuleManifest, MANIFEST_SECTION};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::db::{NodeRow, Rollout, SplitBlobs, VersionRow, assigned, new_id, now};
-use crate::rollout::{Health, Verdict, judge};
+use crate::db::{Rollout, SplitBlobs, VersionRow, new_id, now};
+use crate::rollout::{self, Event, Health};
 use crate::{Error, Result, Shared, monitor, token_hash};
 
 type AppState = Arc<Shared>;
@@ -175,7 +177,7 @@ fn beacon_token(parts: &Parts) -> Option<String> {
 /// Who is calling (any valid token), from `Authorization: Bearer ...` (or, for the
 /// dashboard, its session cookie; for beacons, `?access_token=`).
 pub(crate) struct Caller {
-    kind: String,
+    kind: Role,
     name: String,
     node: String,
     remote: String,
@@ -219,11 +221,11 @@ impl FromRequestParts<AppState> for Caller {
             .ok_or_else(|| {
                 Error::Unauthorized("missing bearer token (Authorization: Bearer ...)".into())
             })?;
-        let (kind, name, node) =
+        let crate::db::Token { role, name, node } =
             s.db.token(&token_hash(token.trim()))
                 .await?
                 .ok_or_else(|| Error::Unauthorized("unknown token".into()))?;
-        if kind == "node"
+        if role == Role::Node
             && !matches!(parts.method, Method::GET | Method::HEAD)
             && !s.limits.allow(&node, std::time::Instant::now())
         {
@@ -234,7 +236,7 @@ impl FromRequestParts<AppState> for Caller {
             )));
         }
         Ok(Caller {
-            kind,
+            kind: role,
             name,
             node,
             remote,
@@ -247,7 +249,7 @@ impl FromRequestParts<AppState> for Admin {
 
     async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Admin> {
         let c = Caller::from_request_parts(parts, s).await?;
-        if c.kind != "admin" {
+        if c.kind != Role::Admin {
             return Err(Error::Forbidden(format!(
                 "a {} token cannot make admin calls",
                 c.kind
@@ -260,7 +262,7 @@ impl FromRequestParts<AppState> for Admin {
 impl Caller {
     /// Refuses a node token of another node.
     fn for_node(self, id: &str) -> Result<Caller> {
-        if self.kind == "node" && self.node != id {
+        if self.kind == Role::Node && self.node != id {
             return Err(Error::Forbidden(format!(
                 "this node token belongs to node {:?}, not {id:?}",
                 self.node
@@ -796,7 +798,7 @@ async fn node_token(
         )));
     }
     let token = crate::new_token("hubnode");
-    s.db.add_token(&token_hash(&token), "node", &format!("node:{id}"), &id)
+    s.db.add_token(&token_hash(&token), Role::Node, &format!("node:{id}"), &id)
         .await?;
     audit(&s, &c, "node.token", json!({"node": id})).await?;
     Ok(axum::Json(json!({"node": id, "token": token})))
@@ -879,141 +881,76 @@ async fn report(
     Ok(axum::Json(json!({"ok": true})))
 }
 
+/// Applies `event` to rollout `r` (see [`rollout::apply`]) and stores what it changed, with
+/// the audit entry by `actor`; the rollout after it, or `None` when nothing changed or
+/// another hub (or admin) changed it first.
+async fn change_rollout(
+    s: &Shared,
+    r: &Rollout,
+    event: &Event,
+    actor: &str,
+    remote: &str,
+) -> Result<Option<Rollout>> {
+    let Some(change) = rollout::apply(r, event, now())? else {
+        return Ok(None);
+    };
+    let after = &change.rollout;
+    let mut detail = json!({
+        "rollout": after.id,
+        "state": after.state,
+        "percent": after.percent,
+        "reason": after.reason,
+    });
+    match event {
+        Event::Tick => detail["timer"] = json!(true),
+        Event::Health(served) => detail["served"] = json!(served),
+        _ => {}
+    }
+    if !s
+        .db
+        .save_rollout(r, &change, actor, remote, &detail.to_string())
+        .await?
+    {
+        return Ok(None);
+    }
+    tracing::info!(rollout = %after.id, state = %after.state, percent = after.percent,
+        reason = %after.reason, by = %actor, "{}", change.action);
+    s.changed().await?;
+    Ok(Some(change.rollout))
+}
+
 /// Aborts every active rollout whose failure rate (assigned nodes that report a failure of
 /// its version / assigned nodes) is above its threshold.
 async fn check_failures(s: &Shared) -> Result<()> {
     let nodes = s.db.nodes().await?;
-    for mut r in s.db.rollouts().await? {
-        if r.state != "active" {
-            continue;
-        }
-        let assigned_nodes: Vec<&NodeRow> = nodes.iter().filter(|n| assigned(&r, n)).collect();
-        if assigned_nodes.is_empty() {
-            continue;
-        }
-        let failed: Vec<String> = assigned_nodes
-            .iter()
-            .filter_map(|n| {
-                let rep = n.report.as_ref()?;
-                let m = rep
-                    .models
-                    .iter()
-                    .find(|m| m.model == r.model && m.version == r.version && m.failed())?;
-                Some(format!("{} {}", n.id, m.state))
-            })
-            .collect();
-        let rate = failed.len() as f64 / assigned_nodes.len() as f64;
-        if rate > r.failure_threshold {
-            r.state = "aborted".into();
-            r.reason = format!(
-                "failure rate {:.2} ({} of {} nodes: {}) over the threshold {:.2}",
-                rate,
-                failed.len(),
-                assigned_nodes.len(),
-                failed.join(", "),
-                r.failure_threshold
-            );
-            s.db.update_rollout(&r).await?;
-            s.db.audit(
-                "hub",
-                "rollout.abort",
-                &json!({"rollout": r.id, "reason": r.reason}).to_string(),
-                "hub",
-            )
-            .await?;
-            tracing::warn!(rollout = %r.id, reason = %r.reason, "rollout aborted");
-            s.changed().await?;
-        }
+    for r in s.db.active_rollouts().await? {
+        let event = Event::Reports(rollout::failures(&r, &nodes));
+        change_rollout(s, &r, &event, "hub", "hub").await?;
     }
     Ok(())
 }
 
 /// Advances the active rollouts whose step interval has passed.
 pub(crate) async fn timed_steps(s: &Shared) -> Result<()> {
-    for mut r in s.db.rollouts().await? {
-        let due = r.state == "active"
-            && r.step_interval_s > 0
-            && now() - r.updated_at >= r.step_interval_s;
-        let from = r.step;
-        // Conditional on the step it was at, so two hubs sharing a database advance it once.
-        if due && advance(&mut r) && s.db.advance_rollout(&r, from).await? {
-            s.db.audit(
-                "hub",
-                "rollout.step",
-                &json!({"rollout": r.id, "percent": r.percent, "timer": true}).to_string(),
-                "hub",
-            )
-            .await?;
-            s.changed().await?;
-        }
+    for r in s.db.active_rollouts().await? {
+        change_rollout(s, &r, &Event::Tick, "hub", "hub").await?;
     }
     Ok(())
-}
-
-/// Makes a rollout's version production.
-async fn promote(s: &Shared, r: &mut Rollout, reason: String) -> Result<()> {
-    r.state = "promoted".into();
-    r.percent = 100;
-    r.reason = reason;
-    s.db.set_alias(&r.model, "production", &r.version).await
 }
 
 /// Judges the active rollouts that promote themselves on their canary's health: promotes
-/// those that held, aborts those that did not (see [`crate::rollout::judge`]).
+/// those that held, aborts those that did not (see [`rollout::judge`]).
 pub(crate) async fn judge_canaries(s: &Shared) -> Result<()> {
-    for mut r in s.db.rollouts().await? {
-        let Some(policy) = r.auto_promote.filter(|_| r.state == "active") else {
+    for r in s.db.active_rollouts().await? {
+        if r.auto_promote.is_none() {
             continue;
-        };
+        }
         let served = monitor::version_health(&s.db, &r.model, &r.version)
             .await?
             .since(&r.baseline);
-        let action = match judge(&policy, &served, r.created_at, now()) {
-            Verdict::Wait => continue,
-            Verdict::Promote(reason) => {
-                r.state = "promoted".into();
-                r.percent = 100;
-                r.reason = reason;
-                "rollout.promote"
-            }
-            Verdict::Abort(reason) => {
-                r.state = "aborted".into();
-                r.reason = reason;
-                "rollout.abort"
-            }
-        };
-        // Conditional on it being active, so two hubs sharing a database end it once.
-        if !s.db.finish_rollout(&r).await? {
-            continue;
-        }
-        if r.state == "promoted" {
-            s.db.set_alias(&r.model, "production", &r.version).await?;
-        }
-        s.db.audit(
-            "hub",
-            action,
-            &json!({"rollout": r.id, "state": r.state, "reason": r.reason, "served": served})
-                .to_string(),
-            "hub",
-        )
-        .await?;
-        tracing::info!(rollout = %r.id, state = %r.state, reason = %r.reason, "canary judged");
-        s.changed().await?;
+        change_rollout(s, &r, &Event::Health(served), "hub", "hub").await?;
     }
     Ok(())
-}
-
-/// Moves to the next step; false at the last one.
-fn advance(r: &mut Rollout) -> bool {
-    let next = usize::try_from(r.step + 1).unwrap_or(usize::MAX);
-    match r.steps.get(next) {
-        Some(p) => {
-            r.step += 1;
-            r.percent = i64::from(*p);
-            true
-        }
-        None => false,
-    }
 }
 
 async fn create_rollout(
@@ -1022,36 +959,10 @@ async fn create_rollout(
     body: Bytes,
 ) -> Result<axum::Json<Rollout>> {
     let req: NewRollout = json_body(&body)?;
-    if req.steps.is_empty()
-        || req.steps.iter().any(|p| *p == 0 || *p > 100)
-        || req.steps.windows(2).any(|w| w[0] >= w[1])
-    {
-        return Err(Error::BadRequest(
-            "steps: increasing percentages in 1..=100".into(),
-        ));
-    }
-    if !(0.0..=1.0).contains(&req.failure_threshold) {
-        return Err(Error::BadRequest(
-            "failure_threshold: a rate in 0..=1".into(),
-        ));
-    }
-    if let Some(problem) = req.auto_promote.as_ref().and_then(AutoPromote::problem) {
-        return Err(Error::BadRequest(problem.into()));
-    }
     if s.db.version(&req.model, &req.version).await?.is_none() {
         return Err(Error::NotFound(format!(
             "no version {} of {:?}",
             req.version, req.model
-        )));
-    }
-    let rollouts = s.db.rollouts().await?;
-    if let Some(r) = rollouts
-        .iter()
-        .find(|r| r.model == req.model && r.state == "active")
-    {
-        return Err(Error::Conflict(format!(
-            "rollout {} of {} {} is active: promote, abort or roll it back first",
-            r.id, r.model, r.version
         )));
     }
     let previous =
@@ -1064,24 +975,8 @@ async fn create_rollout(
         Some(_) => monitor::version_health(&s.db, &req.model, &req.version).await?,
         None => Health::default(),
     };
-    let r = Rollout {
-        id: new_id(),
-        model: req.model,
-        version: req.version,
-        previous,
-        selector: req.selector,
-        percent: i64::from(req.steps[0]),
-        steps: req.steps,
-        step: 0,
-        state: "active".into(),
-        failure_threshold: req.failure_threshold,
-        step_interval_s: req.step_interval_s.max(0),
-        reason: String::new(),
-        created_at: now(),
-        updated_at: now(),
-        baseline,
-        auto_promote: req.auto_promote,
-    };
+    let active = s.db.active_rollouts().await?;
+    let r = rollout::start(req, &active, new_id(), previous, baseline, now())?;
     s.db.add_rollout(&r).await?;
     audit(
         &s,
@@ -1116,60 +1011,25 @@ async fn rollout_action(
     Admin(c): Admin,
     Path((id, action)): Path<(String, String)>,
 ) -> Result<axum::Json<Rollout>> {
-    let mut r =
+    let action: RolloutAction = action
+        .parse()
+        .map_err(|e: capsule_format::hub::UnknownName| {
+            Error::NotFound(format!("no rollout action: {e}"))
+        })?;
+    let r =
         s.db.rollout(&id)
             .await?
             .ok_or_else(|| Error::NotFound(format!("no rollout {id:?}")))?;
-    let active = r.state == "active";
-    match action.as_str() {
-        "step" if active => {
-            if !advance(&mut r) {
-                return Err(Error::Conflict(format!(
-                    "rollout {id} is at its last step ({}%): promote it",
-                    r.percent
-                )));
-            }
-        }
-        "promote" if active => {
-            promote(&s, &mut r, format!("promoted by {}", c.name)).await?;
-        }
-        "abort" if active => {
-            r.state = "aborted".into();
-            r.reason = format!("aborted by {}", c.name);
-        }
-        "rollback" if r.state != "rolled_back" => {
-            if r.previous.is_empty() {
-                return Err(Error::Conflict(format!(
-                    "{} had no production version before rollout {id}",
-                    r.model
-                )));
-            }
-            r.state = "rolled_back".into();
-            r.reason = format!("rolled back by {}", c.name);
-            s.db.set_alias(&r.model, "production", &r.previous).await?;
-        }
-        "step" | "promote" | "abort" | "rollback" => {
-            return Err(Error::Conflict(format!(
-                "rollout {id} is {}: cannot {action}",
-                r.state
-            )));
-        }
-        other => {
-            return Err(Error::NotFound(format!(
-                "no rollout action {other:?} (step, promote, abort, rollback)"
-            )));
-        }
+    let event = Event::Command {
+        action,
+        by: c.name.clone(),
+    };
+    match change_rollout(&s, &r, &event, &c.name, &c.remote).await? {
+        Some(after) => Ok(axum::Json(after)),
+        None => Err(Error::Conflict(format!(
+            "rollout {id} changed while this {action} was applied: read it and try again"
+        ))),
     }
-    s.db.update_rollout(&r).await?;
-    audit(
-        &s,
-        &c,
-        &format!("rollout.{action}"),
-        json!({"rollout": id, "percent": r.percent, "state": r.state}),
-    )
-    .await?;
-    s.changed().await?;
-    Ok(axum::Json(r))
 }
 
 async fn audit_log(State(s): State<AppState>, Admin(_): Admin) -> Result<axum::Json<Value>> {
@@ -1191,7 +1051,7 @@ async fn post_telemetry(
     caller: Caller,
     body: Bytes,
 ) -> Result<axum::Json<Value>> {
-    if caller.kind != "node" {
+    if caller.kind != Role::Node {
         return Err(Error::Forbidden(
             "telemetry is sent with a node token (the batches name their node)".into(),
         ));
@@ -1230,7 +1090,7 @@ async fn post_feedback(
         .into_iter()
         .map(|f| f.resolve().map_err(|e| Error::BadRequest(e.to_string())))
         .collect::<Result<Vec<_>>>()?;
-    let source = if caller.kind == "node" {
+    let source = if caller.kind == Role::Node {
         caller.node.clone()
     } else {
         caller.name.clone()
@@ -1306,16 +1166,16 @@ async fn metrics(State(s): State<AppState>) -> Result<Response> {
             let [model, version] =
                 crate::metrics::version_labels(&registered, &r.model, &r.version);
             m.node_models
-                .with_label_values(&[model, version, crate::metrics::state_label(&r.state)])
+                .with_label_values(&[model, version, r.state.as_str()])
                 .inc();
         }
     }
     m.rollouts.reset();
-    for state in ["active", "promoted", "aborted", "rolled_back"] {
-        m.rollouts.with_label_values(&[state]).set(0);
+    for state in RolloutState::ALL {
+        m.rollouts.with_label_values(&[state.as_str()]).set(0);
     }
     for r in s.db.rollouts().await? {
-        m.rollouts.with_label_values(&[&r.state]).inc();
+        m.rollouts.with_label_values(&[r.state.as_str()]).inc();
     }
     let summary = crate::monitor::summary(&s.db, None).await?;
     for v in &summary.versions {

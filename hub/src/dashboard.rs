@@ -16,6 +16,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::get;
+use capsule_format::hub::{AlertRule, AlertState, ModelState, RolloutState};
 use capsule_format::telemetry::{Binning, FeatureDrift, ReferenceStats};
 use serde::Deserialize;
 
@@ -158,8 +159,7 @@ async fn login(
     axum::Form(form): axum::Form<LoginForm>,
 ) -> Result<Response> {
     let token = form.token.trim().to_owned();
-    let admin =
-        matches!(s.db.token(&token_hash(&token)).await?, Some((kind, _, _)) if kind == "admin");
+    let admin = matches!(s.db.token(&token_hash(&token)).await?, Some(t) if t.role == capsule_format::hub::Role::Admin);
     if !admin || token.contains([';', ',', ' ']) {
         return Ok(Redirect::to("/dashboard/login?error=1").into_response());
     }
@@ -220,8 +220,14 @@ async fn overview(State(s): State<AppState>, admin: Result<Admin>) -> Result<Res
         .iter()
         .filter(|n| now - n.last_seen <= offline_after)
         .count();
-    let firing = alerts.iter().filter(|a| a.state == "firing").count();
-    let active = rollouts.iter().filter(|r| r.state == "active").count();
+    let firing = alerts
+        .iter()
+        .filter(|a| a.state == AlertState::Firing)
+        .count();
+    let active = rollouts
+        .iter()
+        .filter(|r| r.state == RolloutState::Active)
+        .count();
     let mut b = String::new();
     b.push_str("<h1>Fleet</h1><div class=\"cards\">");
     let _ = write!(
@@ -250,9 +256,9 @@ async fn overview(State(s): State<AppState>, admin: Result<Admin>) -> Result<Res
             .iter()
             .flat_map(|r| &r.models)
             .map(|m| {
-                let class = match m.state.as_str() {
-                    "serving" => "ok",
-                    "retired" | "installing" => "",
+                let class = match m.state {
+                    ModelState::Serving => "ok",
+                    ModelState::Installing | ModelState::Other => "",
                     _ => "bad",
                 };
                 format!(
@@ -260,7 +266,7 @@ async fn overview(State(s): State<AppState>, admin: Result<Admin>) -> Result<Res
                     esc(&m.detail),
                     esc(&m.model),
                     esc(&m.version),
-                    esc(&m.state)
+                    m.state
                 )
             })
             .collect();
@@ -327,10 +333,10 @@ async fn overview(State(s): State<AppState>, admin: Result<Admin>) -> Result<Res
 
     b.push_str("<h2>Rollouts</h2><table id=\"rollouts\"><thead><tr><th>Rollout</th><th>Model</th><th>Version</th><th>Nodes</th><th>State</th><th>Reason</th></tr></thead><tbody>");
     for r in rollouts.iter().take(20) {
-        let class = match r.state.as_str() {
-            "active" => "warn",
-            "promoted" => "ok",
-            _ => "bad",
+        let class = match r.state {
+            RolloutState::Active => "warn",
+            RolloutState::Promoted => "ok",
+            RolloutState::Aborted | RolloutState::RolledBack => "bad",
         };
         let _ = write!(
             b,
@@ -340,7 +346,7 @@ async fn overview(State(s): State<AppState>, admin: Result<Admin>) -> Result<Res
             esc(&r.version),
             esc(&r.previous),
             r.percent,
-            esc(&r.state),
+            r.state,
             esc(&r.reason)
         );
     }
@@ -360,9 +366,13 @@ fn alerts_table(alerts: &[monitor::Alert]) -> String {
         let _ = write!(
             b,
             "<tr><td><span class=\"pill {}\">{}</span></td><td>{}</td><td>{} {}</td><td>{}</td><td>{}</td><td>{:.3}</td><td>{:.3}</td><td>{}–{} UTC</td></tr>",
-            if a.state == "firing" { "bad" } else { "ok" },
-            esc(&a.state),
-            esc(&a.rule),
+            if a.state == AlertState::Firing {
+                "bad"
+            } else {
+                "ok"
+            },
+            a.state,
+            a.rule,
             esc(&a.model),
             esc(&a.version),
             esc(&a.group),
@@ -705,7 +715,7 @@ fn version_section(
 ) -> String {
     let firing: Vec<&monitor::Alert> = alerts
         .iter()
-        .filter(|a| a.version == version && a.state == "firing")
+        .filter(|a| a.version == version && a.state == AlertState::Firing)
         .collect();
     let mut b = format!(
         "<section class=\"version\" data-version=\"{}\"><h2>Version {}</h2><div class=\"cards\">",
@@ -803,7 +813,7 @@ fn version_section(
         .map(|(i, f)| {
             let drifting = firing
                 .iter()
-                .any(|a| a.rule == "drift" && a.feature == f.name);
+                .any(|a| a.rule == AlertRule::Drift && a.feature == f.name);
             (drifting, i)
         })
         .collect();

@@ -3,7 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use capsule_format::hub::{DesiredModel, Report, bucket};
+pub use capsule_format::hub::Rollout;
+use capsule_format::hub::{DesiredModel, Report, Role};
 use serde::{Deserialize, Serialize};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor, Row};
@@ -75,43 +76,15 @@ pub struct SplitBlobs {
     pub code_length: i64,
 }
 
-/// A rollout.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Rollout {
-    /// Id.
-    pub id: String,
-    /// Model.
-    pub model: String,
-    /// The version rolled out.
-    pub version: String,
-    /// The production version before it (what rollback restores).
-    pub previous: String,
-    /// Node labels a node must all have.
-    pub selector: BTreeMap<String, String>,
-    /// Percentages of the matching nodes, step by step (the last is usually 100).
-    pub steps: Vec<u32>,
-    /// Index of the current step.
-    pub step: i64,
-    /// Current percentage.
-    pub percent: i64,
-    /// `active`, `promoted`, `aborted`, `rolled_back`.
-    pub state: String,
-    /// Failure rate (failed / assigned nodes) above which the rollout aborts itself.
-    pub failure_threshold: f64,
-    /// Seconds between automatic steps (0: manual).
-    pub step_interval_s: i64,
-    /// Why it ended (abort reason).
-    pub reason: String,
-    /// Created at.
-    pub created_at: i64,
-    /// Last change.
-    pub updated_at: i64,
-    /// Promote or abort by itself on the canary's health.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub auto_promote: Option<capsule_format::hub::AutoPromote>,
-    /// What the version had served when the rollout started.
-    #[serde(default)]
-    pub baseline: crate::rollout::Health,
+/// Whom a token names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Token {
+    /// What it may do.
+    pub role: Role,
+    /// Its name (`node:ID` for node tokens), the actor in the audit log.
+    pub name: String,
+    /// The node it belongs to (empty for admin tokens).
+    pub node: String,
 }
 
 /// A node as the hub knows it.
@@ -178,6 +151,16 @@ fn version_row(r: &AnyRow) -> Result<VersionRow> {
     })
 }
 
+/// A column holding one of an enum's names.
+pub(crate) fn named<T: std::str::FromStr<Err = capsule_format::hub::UnknownName>>(
+    r: &AnyRow,
+    column: &str,
+) -> Result<T> {
+    r.try_get::<String, _>(column)?
+        .parse()
+        .map_err(|e| Error::Internal(format!("column {column}: {e}")))
+}
+
 fn rollout_row(r: &AnyRow) -> Result<Rollout> {
     Ok(Rollout {
         id: r.try_get("id")?,
@@ -188,7 +171,7 @@ fn rollout_row(r: &AnyRow) -> Result<Rollout> {
         steps: serde_json::from_str(&r.try_get::<String, _>("steps")?).unwrap_or_default(),
         step: r.try_get("step")?,
         percent: r.try_get("percent")?,
-        state: r.try_get("state")?,
+        state: named(r, "state")?,
         failure_threshold: r.try_get("failure_threshold")?,
         step_interval_s: r.try_get("step_interval_s")?,
         reason: r.try_get("reason")?,
@@ -272,12 +255,12 @@ impl Db {
              window_start = excluded.window_start, window_end = excluded.window_end, started_at = excluded.started_at, updated_at = excluded.updated_at",
         )
         .bind(&a.key)
-        .bind(&a.rule)
+        .bind(a.rule.as_str())
         .bind(&a.model)
         .bind(&a.version)
         .bind(&a.group)
         .bind(&a.feature)
-        .bind(&a.state)
+        .bind(a.state.as_str())
         .bind(a.value)
         .bind(a.threshold)
         .bind(a.window_start_ms)
@@ -385,7 +368,6 @@ impl Db {
             .collect()
     }
 
-    /// Stores a token's hash.
     /// Deletes every token of a node (they stop working at once: every request looks its
     /// token up). Returns how many there were.
     pub async fn revoke_node_tokens(&self, node_id: &str) -> Result<u64> {
@@ -396,10 +378,11 @@ impl Db {
         Ok(done.rows_affected())
     }
 
-    pub async fn add_token(&self, hash: &str, kind: &str, name: &str, node_id: &str) -> Result<()> {
+    /// Stores a token's hash.
+    pub async fn add_token(&self, hash: &str, role: Role, name: &str, node_id: &str) -> Result<()> {
         sqlx::query("INSERT INTO tokens (hash, kind, name, node_id, created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (hash) DO NOTHING")
             .bind(hash)
-            .bind(kind)
+            .bind(role.as_str())
             .bind(name)
             .bind(node_id)
             .bind(now())
@@ -419,7 +402,7 @@ impl Db {
             .map(|r| {
                 let hash: String = r.try_get("hash")?;
                 Ok(capsule_format::hub::TokenInfo {
-                    kind: r.try_get("kind")?,
+                    kind: named(r, "kind")?,
                     name: r.try_get("name")?,
                     node_id: r.try_get("node_id")?,
                     created_at: r.try_get("created_at")?,
@@ -429,18 +412,18 @@ impl Db {
             .collect()
     }
 
-    /// The token with this hash: (kind, name, node id).
-    pub async fn token(&self, hash: &str) -> Result<Option<(String, String, String)>> {
+    /// The token with this hash.
+    pub async fn token(&self, hash: &str) -> Result<Option<Token>> {
         let row = sqlx::query("SELECT kind, name, node_id FROM tokens WHERE hash = $1")
             .bind(hash)
             .fetch_optional(&self.pool)
             .await?;
         row.map(|r| {
-            Ok((
-                r.try_get("kind")?,
-                r.try_get("name")?,
-                r.try_get("node_id")?,
-            ))
+            Ok(Token {
+                role: named(&r, "kind")?,
+                name: r.try_get("name")?,
+                node: r.try_get("node_id")?,
+            })
         })
         .transpose()
     }
@@ -660,7 +643,7 @@ impl Db {
             .bind(serde_json::to_string(&r.steps).map_err(|e| Error::Internal(e.to_string()))?)
             .bind(r.step)
             .bind(r.percent)
-            .bind(&r.state)
+            .bind(r.state.as_str())
             .bind(r.failure_threshold)
             .bind(r.step_interval_s)
             .bind(&r.reason)
@@ -678,46 +661,64 @@ impl Db {
         Ok(())
     }
 
-    /// Updates a rollout's step, percentage, state and reason.
-    pub async fn update_rollout(&self, r: &Rollout) -> Result<()> {
-        sqlx::query("UPDATE rollouts SET step = $1, percent = $2, state = $3, reason = $4, updated_at = $5 WHERE id = $6")
+    /// Stores what an event did to a rollout (see [`crate::rollout::apply`]) in one
+    /// transaction: the rollout, the production alias when it moves, and the audit entry by
+    /// `actor`. Only if the rollout is still where `before` found it (same state and step):
+    /// several hubs sharing a database, or two admins, may race to change it, and only the
+    /// first one does. Returns whether this one did.
+    pub async fn save_rollout(
+        &self,
+        before: &Rollout,
+        change: &crate::rollout::Change,
+        actor: &str,
+        remote: &str,
+        detail: &str,
+    ) -> Result<bool> {
+        let r = &change.rollout;
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query("UPDATE rollouts SET step = $1, percent = $2, state = $3, reason = $4, updated_at = $5 WHERE id = $6 AND state = $7 AND step = $8")
             .bind(r.step)
             .bind(r.percent)
-            .bind(&r.state)
+            .bind(r.state.as_str())
             .bind(&r.reason)
-            .bind(now())
+            .bind(r.updated_at)
             .bind(&r.id)
-            .execute(&self.pool)
+            .bind(before.state.as_str())
+            .bind(before.step)
+            .execute(&mut *tx)
             .await?;
-        Ok(())
+        if done.rows_affected() != 1 {
+            return Ok(false);
+        }
+        if let Some(version) = &change.production {
+            sqlx::query("INSERT INTO aliases (model, alias, version, updated_at) VALUES ($1, 'production', $2, $3) ON CONFLICT (model, alias) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at")
+                .bind(&r.model)
+                .bind(version)
+                .bind(r.updated_at)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("INSERT INTO audit (id, at_us, actor, action, detail, remote) VALUES ($1, $2, $3, $4, $5, $6)")
+            .bind(new_id())
+            .bind(now_us())
+            .bind(actor)
+            .bind(change.action)
+            .bind(detail)
+            .bind(remote)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
-    /// Moves a rollout from step `from` to the rollout's current step and percentage, only if
-    /// it is still active at `from` (several hubs may race to advance it); false otherwise.
-    pub async fn advance_rollout(&self, r: &Rollout, from: i64) -> Result<bool> {
-        let done = sqlx::query("UPDATE rollouts SET step = $1, percent = $2, updated_at = $3 WHERE id = $4 AND step = $5 AND state = 'active'")
-            .bind(r.step)
-            .bind(r.percent)
-            .bind(now())
-            .bind(&r.id)
-            .bind(from)
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    /// Ends an active rollout with its state, percentage and reason, only if it is still
-    /// active (several hubs may judge it at once); false otherwise.
-    pub async fn finish_rollout(&self, r: &Rollout) -> Result<bool> {
-        let done = sqlx::query("UPDATE rollouts SET percent = $1, state = $2, reason = $3, updated_at = $4 WHERE id = $5 AND state = 'active'")
-            .bind(r.percent)
-            .bind(&r.state)
-            .bind(&r.reason)
-            .bind(now())
-            .bind(&r.id)
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() == 1)
+    /// The active rollouts (at most one per model), newest first.
+    pub async fn active_rollouts(&self) -> Result<Vec<Rollout>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE state = 'active' ORDER BY created_at DESC, id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(rollout_row).collect()
     }
 
     /// Every rollout, newest first.
@@ -779,14 +780,14 @@ impl Db {
     /// an active rollout when the node matches its selector and its canary bucket is below
     /// the rollout's percentage.
     pub async fn desired(&self, node: &NodeRow) -> Result<Vec<DesiredModel>> {
-        let rollouts = self.rollouts().await?;
+        let rollouts = self.active_rollouts().await?;
         let mut out = Vec::new();
         for model in self.models().await? {
             let aliases = self.aliases(&model).await?;
             let mut version = aliases.get("production").cloned();
             if let Some(r) = rollouts
                 .iter()
-                .find(|r| r.model == model && r.state == "active" && assigned(r, node))
+                .find(|r| r.model == model && crate::rollout::assigned(r, node))
             {
                 version = Some(r.version.clone());
             }
@@ -807,14 +808,6 @@ impl Db {
         }
         Ok(out)
     }
-}
-
-/// Whether a rollout assigns its version to this node.
-pub fn assigned(r: &Rollout, node: &NodeRow) -> bool {
-    r.selector
-        .iter()
-        .all(|(k, v)| node.labels.get(k) == Some(v))
-        && i64::from(bucket(&r.id, &node.id)) < r.percent
 }
 
 fn redact(url: &str) -> String {

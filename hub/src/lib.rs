@@ -10,6 +10,7 @@
 //! one PostgreSQL: every process polls the shared state generation, so a long-poll wakes
 //! within a poll interval of a change made by any of them.
 
+pub mod alert;
 mod api;
 mod blobs;
 mod dashboard;
@@ -203,11 +204,23 @@ impl Hub {
         let blobs = BlobStore::open(&config.blobs)?;
         let mut generated = None;
         if let Some(t) = &config.admin_token {
-            db.add_token(&token_hash(t), "admin", "admin", "").await?;
+            db.add_token(
+                &token_hash(t),
+                capsule_format::hub::Role::Admin,
+                "admin",
+                "",
+            )
+            .await?;
         } else if !db.has_admin().await? {
             let t = new_token("hubadm");
             write_secret(&config.admin_token_file, &t)?;
-            db.add_token(&token_hash(&t), "admin", "admin", "").await?;
+            db.add_token(
+                &token_hash(&t),
+                capsule_format::hub::Role::Admin,
+                "admin",
+                "",
+            )
+            .await?;
             tracing::warn!(file = %config.admin_token_file.display(), "no admin token existed: generated one");
             generated = Some(t);
         }

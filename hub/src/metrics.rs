@@ -166,8 +166,8 @@ impl HubMetrics {
         for o in ["delivered", "failed"] {
             let _ = self.webhook_deliveries.with_label_values(&[o]);
         }
-        for rule in ["drift", "errors", "latency", "accuracy"] {
-            let _ = self.alerts_firing.with_label_values(&[rule]);
+        for rule in capsule_format::hub::AlertRule::ALL {
+            let _ = self.alerts_firing.with_label_values(&[rule.as_str()]);
         }
         self
     }
@@ -194,14 +194,5 @@ pub(crate) fn version_labels<'a>(
         [model, version]
     } else {
         ["", ""]
-    }
-}
-
-/// A node's reported model state as a label: one of the states nodes report, else `other`.
-pub(crate) fn state_label(state: &str) -> &str {
-    match state {
-        "serving" | "installing" | "verify_failed" | "download_failed" | "load_failed"
-        | "probe_failed" | "install_failed" => state,
-        _ => "other",
     }
 }

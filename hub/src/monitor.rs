@@ -18,6 +18,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sqlx::Row;
 
+pub use capsule_format::hub::Alert;
+use capsule_format::hub::{AlertRule, AlertState};
+
+use crate::alert::{self, Finding, Measure};
+pub use crate::alert::{AccuracyRule, DriftRule, ErrorRule, LatencyRule};
 use crate::db::{Db, new_id};
 use crate::{Error, Result, Shared};
 
@@ -28,99 +33,12 @@ pub(crate) fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// The drift rule: a feature drifts in a window when its PSI or its KS statistic reaches
-/// the threshold, over at least `min_count` values.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DriftRule {
-    /// Evaluate drift.
-    pub enabled: bool,
-    /// PSI threshold (0.1: moderate shift, 0.2: significant, by the usual convention).
-    pub psi: f64,
-    /// KS statistic threshold (binned; numeric features).
-    pub ks: f64,
-    /// Fewest live values in a window for a verdict.
-    pub min_count: u64,
-}
-
-impl Default for DriftRule {
-    fn default() -> Self {
-        DriftRule {
-            enabled: true,
-            psi: 0.2,
-            ks: 0.3,
-            min_count: 100,
-        }
-    }
-}
-
-/// The error-rate SLO.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ErrorRule {
-    /// Evaluate it.
-    pub enabled: bool,
-    /// Failed / all requests in a window at or above which it fires.
-    pub rate: f64,
-    /// Fewest requests in a window for a verdict.
-    pub min_requests: u64,
-}
-
-impl Default for ErrorRule {
-    fn default() -> Self {
-        ErrorRule {
-            enabled: true,
-            rate: 0.05,
-            min_requests: 20,
-        }
-    }
-}
-
-/// The latency SLO (off unless `p99_ms` is set).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LatencyRule {
-    /// 99th percentile request latency (ms) at or above which it fires.
-    pub p99_ms: Option<f64>,
-    /// Fewest requests in a window for a verdict.
-    pub min_requests: u64,
-}
-
-impl Default for LatencyRule {
-    fn default() -> Self {
-        LatencyRule {
-            p99_ms: None,
-            min_requests: 20,
-        }
-    }
-}
-
-/// The accuracy rule (off unless `below` is set): live accuracy of a version from all its
-/// feedback labels so far.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AccuracyRule {
-    /// Accuracy below which it fires.
-    pub below: Option<f64>,
-    /// Fewest labeled predictions for a verdict.
-    pub min_labels: u64,
-}
-
-impl Default for AccuracyRule {
-    fn default() -> Self {
-        AccuracyRule {
-            below: None,
-            min_labels: 20,
-        }
-    }
-}
-
 /// What happens when drift or accuracy alerts fire for a model version.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetrainConfig {
-    /// Rules that trigger retraining (`drift`, `accuracy`, `errors`, `latency`).
-    pub on: Vec<String>,
+    /// Rules that trigger retraining.
+    pub on: Vec<AlertRule>,
     /// POST the drift report (JSON) here.
     pub webhook: Option<String>,
     /// Run this command with the report file's path as its last argument (also in
@@ -131,7 +49,7 @@ pub struct RetrainConfig {
 impl Default for RetrainConfig {
     fn default() -> Self {
         RetrainConfig {
-            on: vec!["drift".into(), "accuracy".into()],
+            on: vec![AlertRule::Drift, AlertRule::Accuracy],
             webhook: None,
             command: Vec::new(),
         }
@@ -202,13 +120,6 @@ impl MonitorConfig {
             return Err(Error::BadRequest(
                 "monitor window_ms must be at least 100".into(),
             ));
-        }
-        for rule in &self.retrain.on {
-            if !["drift", "accuracy", "errors", "latency"].contains(&rule.as_str()) {
-                return Err(Error::BadRequest(format!(
-                    "retrain.on: unknown rule {rule:?} (drift, accuracy, errors, latency)"
-                )));
-            }
         }
         Ok(())
     }
@@ -741,46 +652,15 @@ pub(crate) async fn windows(
 // ---------------------------------------------------------------------------------------
 // Alerts
 
-/// An alert and its state.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Alert {
-    /// `rule|model|version|group|feature`.
-    pub key: String,
-    /// `drift`, `errors`, `latency` or `accuracy`.
-    pub rule: String,
-    /// Model.
-    pub model: String,
-    /// Version.
-    pub version: String,
-    /// Node group (`all` for accuracy).
-    pub group: String,
-    /// Feature (drift only).
-    pub feature: String,
-    /// `firing` or `resolved`.
-    pub state: String,
-    /// The measured value (PSI, error rate, p99 ms, accuracy).
-    pub value: f64,
-    /// The threshold it was compared with.
-    pub threshold: f64,
-    /// The window evaluated (ms).
-    pub window_start_ms: i64,
-    /// Its end.
-    pub window_end_ms: i64,
-    /// When it started firing (ms).
-    pub started_at_ms: i64,
-    /// Last change (ms).
-    pub updated_at_ms: i64,
-}
-
 fn alert_row(r: &sqlx::any::AnyRow) -> Result<Alert> {
     Ok(Alert {
         key: r.try_get("key")?,
-        rule: r.try_get("rule")?,
+        rule: crate::db::named(r, "rule")?,
         model: r.try_get("model")?,
         version: r.try_get("version")?,
         group: r.try_get("grp")?,
         feature: r.try_get("feature")?,
-        state: r.try_get("state")?,
+        state: crate::db::named(r, "state")?,
         value: r.try_get("value")?,
         threshold: r.try_get("threshold")?,
         window_start_ms: r.try_get("window_start")?,
@@ -820,28 +700,6 @@ pub(crate) async fn events(db: &Db, limit: i64) -> Result<Vec<Value>> {
             }))
         })
         .collect()
-}
-
-/// One rule's verdict in one window.
-#[derive(Debug, Clone)]
-struct Finding {
-    rule: &'static str,
-    model: String,
-    version: String,
-    group: String,
-    feature: String,
-    value: f64,
-    threshold: f64,
-    breach: bool,
-}
-
-impl Finding {
-    fn key(&self) -> String {
-        format!(
-            "{}|{}|{}|{}|{}",
-            self.rule, self.model, self.version, self.group, self.feature
-        )
-    }
 }
 
 /// Evaluates every complete window not evaluated yet (at most the last ten), then again
@@ -918,31 +776,21 @@ async fn evaluate_window(s: &Shared, ws: i64, we: i64) -> Result<()> {
     let mut findings = Vec::new();
     let mut reports: BTreeMap<(String, String), Vec<(String, FeatureDrift)>> = BTreeMap::new();
     for ((model, version, group), m) in &agg {
-        let base =
-            |rule: &'static str, feature: &str, value: f64, threshold: f64, breach: bool| Finding {
-                rule,
-                model: model.clone(),
-                version: version.clone(),
-                group: group.clone(),
-                feature: feature.to_owned(),
-                value,
-                threshold,
-                breach,
-            };
-        if cfg.errors.enabled && m.requests >= cfg.errors.min_requests && m.requests > 0 {
-            let rate = m.error_count() as f64 / m.requests as f64;
-            findings.push(base(
-                "errors",
-                "",
-                rate,
-                cfg.errors.rate,
-                rate >= cfg.errors.rate,
-            ));
+        let base = |rule: AlertRule, feature: &str, (value, threshold, breach): Measure| Finding {
+            rule,
+            model: model.clone(),
+            version: version.clone(),
+            group: group.clone(),
+            feature: feature.to_owned(),
+            value,
+            threshold,
+            breach,
+        };
+        if let Some(m) = alert::errors(&cfg.errors, m.requests, m.error_count()) {
+            findings.push(base(AlertRule::Errors, "", m));
         }
-        if let (Some(limit), Some(p99)) = (cfg.latency.p99_ms, m.latency.quantile(0.99))
-            && m.requests >= cfg.latency.min_requests
-        {
-            findings.push(base("latency", "", p99, limit, p99 >= limit));
+        if let Some(m) = alert::latency(&cfg.latency, m.requests, m.latency.quantile(0.99)) {
+            findings.push(base(AlertRule::Latency, "", m));
         }
         if !cfg.drift.enabled || m.features.is_empty() {
             continue;
@@ -966,11 +814,10 @@ async fn evaluate_window(s: &Shared, ws: i64, we: i64) -> Result<()> {
                     .with_label_values(&[model, version, group, &d.feature])
                     .set(ks);
             }
-            if d.count < cfg.drift.min_count {
+            let Some(measure) = alert::drift(&cfg.drift, &d) else {
                 continue;
-            }
-            let breach = d.psi >= cfg.drift.psi || d.ks.is_some_and(|k| k >= cfg.drift.ks);
-            findings.push(base("drift", &d.feature, d.psi, cfg.drift.psi, breach));
+            };
+            findings.push(base(AlertRule::Drift, &d.feature, measure));
             reports
                 .entry(rkey.clone())
                 .or_default()
@@ -985,21 +832,20 @@ async fn evaluate_window(s: &Shared, ws: i64, we: i64) -> Result<()> {
                 .accuracy
                 .with_label_values(&[&model, &version])
                 .set(value);
-            let Some(below) = cfg.accuracy.below else {
+            let Some((value, threshold, breach)) =
+                alert::accuracy(&cfg.accuracy, a.labeled, a.correct)
+            else {
                 continue;
             };
-            if a.labeled < cfg.accuracy.min_labels {
-                continue;
-            }
             findings.push(Finding {
-                rule: "accuracy",
+                rule: AlertRule::Accuracy,
                 model: model.clone(),
                 version,
                 group: "all".into(),
                 feature: String::new(),
                 value,
-                threshold: below,
-                breach: value < below,
+                threshold,
+                breach,
             });
         }
     }
@@ -1023,7 +869,7 @@ async fn apply(
         .collect();
     let retrain_firing = |model: &str, version: &str| {
         existing.values().any(|a| {
-            a.state == "firing"
+            a.state == AlertState::Firing
                 && a.model == model
                 && a.version == version
                 && cfg.retrain.on.contains(&a.rule)
@@ -1032,69 +878,42 @@ async fn apply(
     let mut retrain: BTreeMap<(String, String), Vec<Alert>> = BTreeMap::new();
     let now = now_ms();
     for f in findings {
-        let key = f.key();
-        let before = existing.get(&key);
-        if before.is_some_and(|a| a.window_start_ms > ws) {
-            continue; // a later window already decided (this one was re-evaluated late)
-        }
-        let was_firing = before.is_some_and(|a| a.state == "firing");
-        // Neither firing nor breaching: nothing to record.
-        let state = match (was_firing, f.breach) {
-            (_, true) => "firing",
-            (true, false) => "resolved",
-            (false, false) => continue,
+        let Some(t) = alert::transition(existing.get(&f.key()), &f, ws, we, now) else {
+            continue;
         };
-        let started = match (was_firing, before) {
-            (true, Some(a)) => a.started_at_ms,
-            _ => now,
-        };
-        let alert = Alert {
-            key: key.clone(),
-            rule: f.rule.to_owned(),
-            model: f.model.clone(),
-            version: f.version.clone(),
-            group: f.group.clone(),
-            feature: f.feature.clone(),
-            state: state.to_owned(),
-            value: f.value,
-            threshold: f.threshold,
-            window_start_ms: ws,
-            window_end_ms: we,
-            started_at_ms: started,
-            updated_at_ms: now,
-        };
-        s.db.upsert_alert(&alert).await?;
-        if was_firing == f.breach {
+        s.db.upsert_alert(&t.alert).await?;
+        if !t.changed {
             continue; // no change: no notification (deduplicated)
         }
-        tracing::warn!(alert = %key, state, value = f.value, threshold = f.threshold, "alert {state}");
+        let (key, state) = (&t.alert.key, t.alert.state);
+        tracing::warn!(alert = %key, %state, value = f.value, threshold = f.threshold, "alert {state}");
         notify(
             s,
-            &key,
-            state,
-            serde_json::to_value(&alert).unwrap_or(Value::Null),
+            key,
+            state.as_str(),
+            serde_json::to_value(&t.alert).unwrap_or(Value::Null),
             &cfg.webhooks,
         )
         .await?;
-        if state == "firing"
-            && cfg.retrain.on.iter().any(|r| r == f.rule)
+        if state == AlertState::Firing
+            && cfg.retrain.on.contains(&f.rule)
             && !retrain_firing(&f.model, &f.version)
         {
             retrain
                 .entry((f.model.clone(), f.version.clone()))
                 .or_default()
-                .push(alert);
+                .push(t.alert);
         }
     }
     let all = alerts(&s.db).await?;
-    let mut firing: BTreeMap<&str, i64> = BTreeMap::new();
-    for a in all.iter().filter(|a| a.state == "firing") {
-        *firing.entry(a.rule.as_str()).or_default() += 1;
+    let mut firing: BTreeMap<AlertRule, i64> = BTreeMap::new();
+    for a in all.iter().filter(|a| a.state == AlertState::Firing) {
+        *firing.entry(a.rule).or_default() += 1;
     }
-    for rule in ["drift", "errors", "latency", "accuracy"] {
+    for rule in AlertRule::ALL {
         s.metrics
             .alerts_firing
-            .with_label_values(&[rule])
+            .with_label_values(&[rule.as_str()])
             .set(firing.get(rule).copied().unwrap_or(0));
     }
     for ((model, version), reasons) in retrain {
@@ -1283,7 +1102,7 @@ mod tests {
     fn settings_default_and_refuse_mistakes() {
         let c = parse("window_ms = 5000\n[drift]\npsi = 0.25\n").unwrap();
         assert_eq!((c.window_ms, c.drift.psi, c.drift.ks), (5000, 0.25, 0.3));
-        assert_eq!(c.retrain.on, ["drift", "accuracy"]);
+        assert_eq!(c.retrain.on, [AlertRule::Drift, AlertRule::Accuracy]);
         assert!(c.latency.p99_ms.is_none() && c.accuracy.below.is_none());
         let unknown = parse("[drift]\npsi_threshold = 0.2\n").unwrap_err();
         assert!(
@@ -1292,12 +1111,10 @@ mod tests {
                 .contains("unknown field `psi_threshold`"),
             "{unknown}"
         );
-        assert_eq!(
-            parse("[retrain]\non = [\"drfit\"]\n")
-                .unwrap_err()
-                .to_string(),
-            "retrain.on: unknown rule \"drfit\" (drift, accuracy, errors, latency)"
-        );
+        let typo = parse("[retrain]\non = [\"drfit\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(typo.contains("unknown variant `drfit`"), "{typo}");
         assert_eq!(
             parse("window_ms = 10\n").unwrap_err().to_string(),
             "monitor window_ms must be at least 100"
@@ -1305,7 +1122,7 @@ mod tests {
     }
 
     #[test]
-    fn accuracy_and_alert_keys() {
+    fn accuracy_values() {
         assert_eq!(Accuracy::default().value(), None);
         assert_eq!(
             Accuracy {
@@ -1315,16 +1132,5 @@ mod tests {
             .value(),
             Some(0.75)
         );
-        let f = Finding {
-            rule: "drift",
-            model: "wine".into(),
-            version: "1.0.0".into(),
-            group: "eu".into(),
-            feature: "alcohol".into(),
-            value: 1.0,
-            threshold: 0.2,
-            breach: true,
-        };
-        assert_eq!(f.key(), "drift|wine|1.0.0|eu|alcohol");
     }
 }

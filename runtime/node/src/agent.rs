@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use capsule_format::hub::{DesiredModel, DesiredState, Registration, Report, ReportedModel};
+use capsule_format::hub::{
+    DesiredModel, DesiredState, ModelState, Registration, Report, ReportedModel,
+};
 use capsule_format::split::IMAGE_SUFFIX;
 use capsule_format::tuf::{self, Root, Signed, Targets};
 use serde::{Deserialize, Serialize};
@@ -76,8 +78,13 @@ pub(crate) struct Agent {
 
 /// Writes a file the loader may read at any moment: under a hidden name in the same
 /// directory (the scan skips it), flushed to disk, then renamed into place.
-fn write_file(path: &Path, bytes: &[u8]) -> Result<(), (&'static str, String)> {
-    let io = |e: std::io::Error| ("install_failed", format!("writing {}: {e}", path.display()));
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), (ModelState, String)> {
+    let io = |e: std::io::Error| {
+        (
+            ModelState::InstallFailed,
+            format!("writing {}: {e}", path.display()),
+        )
+    };
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     std::fs::create_dir_all(dir).map_err(io)?;
     let name = path
@@ -583,10 +590,10 @@ impl Agent {
     }
 
     async fn apply(&mut self, state: &DesiredState) -> Report {
-        let failed = |d: &DesiredModel, state: &str, detail: String| ReportedModel {
+        let failed = |d: &DesiredModel, state: ModelState, detail: String| ReportedModel {
             model: d.model.clone(),
             version: d.version.clone(),
-            state: state.into(),
+            state,
             detail,
         };
         if state.targets.is_none() && state.models.is_empty() {
@@ -607,7 +614,7 @@ impl Agent {
                     models: state
                         .models
                         .iter()
-                        .map(|d| failed(d, "verify_failed", e.clone()))
+                        .map(|d| failed(d, ModelState::VerifyFailed, e.clone()))
                         .collect(),
                 };
             }
@@ -649,13 +656,13 @@ impl Agent {
                 .unwrap_or(false);
             if serving {
                 retired |= self.retire(&d.model, &d.version, |_| true);
-                results.push(failed(d, "serving", String::new()));
+                results.push(failed(d, ModelState::Serving, String::new()));
             } else {
                 let (kind, detail) = states
                     .iter()
                     .find(|(p, _, _)| p == path)
                     .map(|(_, k, m)| (*k, m.clone()))
-                    .unwrap_or(("installing", String::new()));
+                    .unwrap_or((ModelState::Installing, String::new()));
                 results.push(failed(d, kind, detail));
             }
         }
@@ -694,7 +701,7 @@ impl Agent {
         .await;
     }
 
-    async fn file_states(&self) -> Vec<(PathBuf, &'static str, String)> {
+    async fn file_states(&self) -> Vec<(PathBuf, ModelState, String)> {
         let loader = Arc::clone(&self.loader);
         tokio::task::spawn_blocking(move || {
             loader
@@ -712,8 +719,8 @@ impl Agent {
         &mut self,
         targets: &Targets,
         d: &DesiredModel,
-    ) -> Result<PathBuf, (&'static str, String)> {
-        let verify = |e: String| ("verify_failed", e);
+    ) -> Result<PathBuf, (ModelState, String)> {
+        let verify = |e: String| (ModelState::VerifyFailed, e);
         tuf::check_target_path(&d.path).map_err(|e| verify(e.to_string()))?;
         let Some(t) = targets.targets.get(&d.path) else {
             return Err(verify(format!(
@@ -815,8 +822,8 @@ impl Agent {
         targets: &Targets,
         d: &DesiredModel,
         image_path: &str,
-    ) -> Result<PathBuf, (&'static str, String)> {
-        let verify = |e: String| ("verify_failed", e);
+    ) -> Result<PathBuf, (ModelState, String)> {
+        let verify = |e: String| (ModelState::VerifyFailed, e);
         tuf::check_target_path(image_path).map_err(|e| verify(e.to_string()))?;
         let (image, code) =
             tuf::image_and_code(targets, image_path).map_err(|e| verify(e.to_string()))?;
@@ -863,8 +870,8 @@ impl Agent {
         &self,
         path: &str,
         t: &capsule_format::tuf::Target,
-    ) -> Result<Vec<u8>, (&'static str, String)> {
-        let fail = |e: String| ("download_failed", e);
+    ) -> Result<Vec<u8>, (ModelState, String)> {
+        let fail = |e: String| (ModelState::DownloadFailed, e);
         let part = state_dir(&self.models)
             .join("downloads")
             .join(format!("{}.part", t.sha256));
@@ -902,7 +909,7 @@ impl Agent {
             while let Some(chunk) = resp.chunk().await.map_err(|e| fail(e.to_string()))? {
                 if (bytes.len() + chunk.len()) as u64 > t.length {
                     return Err((
-                        "verify_failed",
+                        ModelState::VerifyFailed,
                         format!(
                             "{path}: the hub sent more than the signed length of {} bytes",
                             t.length
@@ -919,7 +926,7 @@ impl Agent {
         }
         tuf::verify_target(path, t, &bytes).map_err(|e| {
             let _ = std::fs::remove_file(&part);
-            ("verify_failed", e.to_string())
+            (ModelState::VerifyFailed, e.to_string())
         })?;
         Ok(bytes)
     }

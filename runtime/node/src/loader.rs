@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
+use capsule_format::hub::ModelState;
 use capsule_format::split::Code;
 use capsule_runtime::GuestCode;
 use capsule_runtime::{CapsuleEngine, CapsuleImage, LoadedCapsule, RunConfig, golden};
@@ -25,10 +26,10 @@ enum Refusal {
 }
 
 impl Refusal {
-    fn outcome(&self) -> &'static str {
+    fn outcome(&self) -> ModelState {
         match self {
-            Refusal::Load(_) => "load_failed",
-            Refusal::Probe(_) => "probe_failed",
+            Refusal::Load(_) => ModelState::LoadFailed,
+            Refusal::Probe(_) => ModelState::ProbeFailed,
         }
     }
 
@@ -196,7 +197,7 @@ impl Loader {
                 self.registry
                     .metrics
                     .swaps
-                    .with_label_values(&["", refusal.outcome()])
+                    .with_label_values(&["", refusal.outcome().as_str()])
                     .inc();
                 self.known.insert(
                     file.path.clone(),
@@ -281,13 +282,13 @@ impl Loader {
         }
     }
 
-    /// The state of every capsule file the loader knows: `loaded`, or the refusal's outcome
-    /// and message.
-    pub(crate) fn file_states(&self) -> Vec<(PathBuf, &'static str, String)> {
+    /// The state of every capsule file the loader knows: installing when it is loaded (it
+    /// serves once the registry has it), or the refusal's outcome and message.
+    pub(crate) fn file_states(&self) -> Vec<(PathBuf, ModelState, String)> {
         self.known
             .iter()
             .map(|(path, k)| match &k.state {
-                Known::Loaded(_) => (path.clone(), "loaded", String::new()),
+                Known::Loaded(_) => (path.clone(), ModelState::Installing, String::new()),
                 Known::Refused(r) => (path.clone(), r.outcome(), r.message()),
             })
             .collect()
@@ -383,7 +384,7 @@ impl Loader {
                             self.registry
                                 .metrics
                                 .swaps
-                                .with_label_values(&[name, refusal.outcome()])
+                                .with_label_values(&[name, refusal.outcome().as_str()])
                                 .inc();
                             Known::Refused(refusal)
                         }
