@@ -34,9 +34,14 @@ impl IntoResponse for Error {
         let status =
             StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         if status.is_server_error() {
-            tracing::error!(error = %self, "request failed");
+            tracing::error!(error = %self.chain(), "request failed");
         }
-        (status, axum::Json(json!({"error": self.to_string()}))).into_response()
+        let message = if status.is_server_error() {
+            self.chain()
+        } else {
+            self.to_string()
+        };
+        (status, axum::Json(json!({"error": message}))).into_response()
     }
 }
 
@@ -307,7 +312,7 @@ fn manifest_of(bytes: &[u8]) -> Result<CapsuleManifest> {
 /// header reads) or a guest code module (a core module without a manifest).
 fn blob_kind(bytes: &[u8]) -> Result<&'static str> {
     if split::is_image(bytes) {
-        split::image_header(bytes).map_err(|e| Error::BadRequest(e.to_string()))?;
+        split::image_header(bytes).map_err(Error::Invalid)?;
         return Ok("image");
     }
     if manifest_of(bytes).is_ok() {
@@ -328,9 +333,7 @@ async fn put_blob(
     let kind = blob_kind(&body)?;
     let store = s.blobs.clone();
     let bytes = body.clone();
-    let sha256 = tokio::task::spawn_blocking(move || store.put(&bytes))
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))??;
+    let sha256 = tokio::task::spawn_blocking(move || store.put(&bytes)).await??;
     audit(
         &s,
         &c,
@@ -359,10 +362,7 @@ async fn read_blob(s: &Shared, sha256: &str, what: &str) -> Result<Vec<u8>> {
 async fn join_version(s: &Shared, split: &SplitBlobs) -> Result<Vec<u8>> {
     let image = read_blob(s, &split.image_sha256, "model image").await?;
     let code = read_blob(s, &split.code_sha256, "code module").await?;
-    tokio::task::spawn_blocking(move || split::join(&code, &image))
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))?
-        .map_err(|e| Error::BadRequest(e.to_string()))
+    Ok(tokio::task::spawn_blocking(move || split::join(&code, &image)).await??)
 }
 
 /// A blob, with `Range: bytes=N-` for resumed downloads, streamed from its file. A single-file
@@ -397,9 +397,7 @@ async fn get_blob(
                 )));
             }
             let store = s.blobs.clone();
-            tokio::task::spawn_blocking(move || store.put(&joined))
-                .await
-                .map_err(|e| Error::Internal(e.to_string()))??;
+            tokio::task::spawn_blocking(move || store.put(&joined)).await??;
         }
     }
     let mut file = tokio::fs::File::open(&path)
@@ -408,7 +406,7 @@ async fn get_blob(
     let total = file
         .metadata()
         .await
-        .map_err(|e| Error::Io(e.to_string()))?
+        .map_err(Error::io(format!("reading blob {sha256}")))?
         .len();
     let start = headers
         .get(header::RANGE)
@@ -428,7 +426,7 @@ async fn get_blob(
         Some(start) if start <= total => {
             file.seek(std::io::SeekFrom::Start(start))
                 .await
-                .map_err(|e| Error::Io(e.to_string()))?;
+                .map_err(Error::io(format!("reading blob {sha256}")))?;
             Ok((
                 StatusCode::PARTIAL_CONTENT,
                 [
@@ -478,13 +476,13 @@ async fn post_metadata(
     let version = match role.as_str() {
         "root" => {
             tuf::parse::<Root>(&body, "root")
-                .map_err(|e| Error::BadRequest(e.to_string()))?
+                .map_err(Error::Invalid)?
                 .signed
                 .version
         }
         "targets" => {
             tuf::parse::<Targets>(&body, "targets")
-                .map_err(|e| Error::BadRequest(e.to_string()))?
+                .map_err(Error::Invalid)?
                 .signed
                 .version
         }
@@ -574,8 +572,7 @@ async fn add_version(
     // uploaded already) to read its manifest; a single file is split and its image and code
     // stored (once: blobs are content-addressed).
     let (bytes, split_blobs) = if split::is_image(&uploaded) {
-        let header =
-            split::image_header(&uploaded).map_err(|e| Error::BadRequest(e.to_string()))?;
+        let header = split::image_header(&uploaded).map_err(Error::Invalid)?;
         // The joined capsule is bounded like an uploaded one.
         if header.joined_len_bound() > s.config.max_blob_bytes {
             return Err(Error::TooLarge(format!(
@@ -595,7 +592,7 @@ async fn add_version(
         manifest_of(&uploaded)?;
         let store = s.blobs.clone();
         tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, SplitBlobs)> {
-            let parts = split::split(&uploaded).map_err(|e| Error::BadRequest(e.to_string()))?;
+            let parts = split::split(&uploaded).map_err(Error::Invalid)?;
             let blobs = SplitBlobs {
                 image_sha256: store.put(&parts.image)?,
                 image_length: parts.image.len() as i64,
@@ -604,8 +601,7 @@ async fn add_version(
             };
             Ok((uploaded, blobs))
         })
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))??
+        .await??
     };
     let m = manifest_of(&bytes)?;
     if m.name != model {
@@ -1088,7 +1084,7 @@ async fn post_feedback(
     let items = b
         .feedback
         .into_iter()
-        .map(|f| f.resolve().map_err(|e| Error::BadRequest(e.to_string())))
+        .map(|f| f.resolve().map_err(Error::Invalid))
         .collect::<Result<Vec<_>>>()?;
     let source = if caller.kind == Role::Node {
         caller.node.clone()

@@ -23,8 +23,7 @@ fn valid_hash(sha256: &str) -> bool {
 impl BlobStore {
     /// Opens (creating) the directory.
     pub fn open(dir: &Path) -> Result<BlobStore> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::Io(format!("creating {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
         Ok(BlobStore {
             dir: dir.to_path_buf(),
         })
@@ -48,7 +47,8 @@ impl BlobStore {
         if path.exists() {
             return Ok(sha256);
         }
-        let io = |e: std::io::Error| Error::Io(format!("writing {}: {e}", path.display()));
+        let what = format!("writing {}", path.display());
+        let io = |e| Error::io(what.clone())(e);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(io)?;
         }

@@ -22,7 +22,7 @@ use serde::Deserialize;
 
 use crate::api::Admin;
 use crate::monitor::{self, WindowPoint};
-use crate::{Error, Result, Shared, token_hash};
+use crate::{Result, Shared, token_hash};
 
 type AppState = Arc<Shared>;
 
@@ -170,10 +170,8 @@ async fn login(
     };
     let cookie = format!("{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/{secure}");
     let mut resp = Redirect::to("/dashboard").into_response();
-    resp.headers_mut().insert(
-        header::SET_COOKIE,
-        HeaderValue::from_str(&cookie).map_err(|e| Error::Internal(e.to_string()))?,
-    );
+    resp.headers_mut()
+        .insert(header::SET_COOKIE, HeaderValue::from_str(&cookie)?);
     Ok(resp)
 }
 

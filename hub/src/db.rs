@@ -154,11 +154,11 @@ fn version_row(r: &AnyRow) -> Result<VersionRow> {
 /// A column holding one of an enum's names.
 pub(crate) fn named<T: std::str::FromStr<Err = capsule_format::hub::UnknownName>>(
     r: &AnyRow,
-    column: &str,
+    column: &'static str,
 ) -> Result<T> {
     r.try_get::<String, _>(column)?
         .parse()
-        .map_err(|e| Error::Internal(format!("column {column}: {e}")))
+        .map_err(|source| Error::Stored { column, source })
 }
 
 fn rollout_row(r: &AnyRow) -> Result<Rollout> {
@@ -212,11 +212,11 @@ impl Db {
             })
             .connect(&url)
             .await
-            .map_err(|e| Error::Database(format!("connecting to {}: {e}", redact(&url))))?;
-        sqlx::migrate!("./migrations")
-            .run(&pool)
-            .await
-            .map_err(|e| Error::Database(format!("migrating: {e}")))?;
+            .map_err(|source| Error::Connect {
+                url: redact(&url),
+                source,
+            })?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
         Ok(Db { pool })
     }
 
@@ -564,7 +564,7 @@ impl Db {
     /// a new node, or new labels (labels decide rollout groups). A re-registration with the
     /// same labels only marks the node as seen.
     pub async fn register_node(&self, id: &str, labels: &BTreeMap<String, String>) -> Result<bool> {
-        let labels = serde_json::to_string(labels).map_err(|e| Error::Internal(e.to_string()))?;
+        let labels = serde_json::to_string(labels)?;
         let known: Option<String> = sqlx::query("SELECT labels FROM nodes WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
@@ -586,7 +586,7 @@ impl Db {
 
     /// Stores a node's report.
     pub async fn set_report(&self, id: &str, report: &Report) -> Result<()> {
-        let text = serde_json::to_string(report).map_err(|e| Error::Internal(e.to_string()))?;
+        let text = serde_json::to_string(report)?;
         sqlx::query("UPDATE nodes SET report = $1, last_seen = $2 WHERE id = $3")
             .bind(text)
             .bind(now())
@@ -639,8 +639,8 @@ impl Db {
             .bind(&r.model)
             .bind(&r.version)
             .bind(&r.previous)
-            .bind(serde_json::to_string(&r.selector).map_err(|e| Error::Internal(e.to_string()))?)
-            .bind(serde_json::to_string(&r.steps).map_err(|e| Error::Internal(e.to_string()))?)
+            .bind(serde_json::to_string(&r.selector)?)
+            .bind(serde_json::to_string(&r.steps)?)
             .bind(r.step)
             .bind(r.percent)
             .bind(r.state.as_str())
@@ -653,9 +653,9 @@ impl Db {
                 r.auto_promote
                     .map(|p| serde_json::to_string(&p))
                     .transpose()
-                    .map_err(|e| Error::Internal(e.to_string()))?,
+                    ?,
             )
-            .bind(serde_json::to_string(&r.baseline).map_err(|e| Error::Internal(e.to_string()))?)
+            .bind(serde_json::to_string(&r.baseline)?)
             .execute(&self.pool)
             .await?;
         Ok(())

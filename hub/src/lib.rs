@@ -33,7 +33,8 @@ use tokio::task::JoinHandle;
 pub use blobs::BlobStore;
 pub use db::Db;
 
-/// Errors of the hub; every API error is JSON `{"error": message}` with the status below.
+/// Errors of the hub; every API error is JSON `{"error": message}` with the status below
+/// (the message of a server error is its whole chain of causes, [`Error::chain`]).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -49,6 +50,9 @@ pub enum Error {
     /// A malformed request (400).
     #[error("{0}")]
     BadRequest(String),
+    /// A capsule, metadata or telemetry the format refuses (400).
+    #[error(transparent)]
+    Invalid(#[from] capsule_format::Error),
     /// A request that contradicts the state (409).
     #[error("{0}")]
     Conflict(String),
@@ -58,21 +62,78 @@ pub enum Error {
     /// Too many requests for this caller now (429).
     #[error("{0}")]
     TooManyRequests(String),
-    /// The database failed (500).
-    #[error("database: {0}")]
-    Database(String),
-    /// Blob storage failed (500).
-    #[error("blob storage: {0}")]
-    Io(String),
-    /// Anything else (500).
+    /// A setting the hub cannot start with (a start-up error).
+    #[error("{0}")]
+    Settings(String),
+    /// The monitoring settings file does not parse.
+    #[error("monitoring settings {}", path.display())]
+    SettingsFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// The database could not be reached.
+    #[error("connecting to the database {url}")]
+    Connect {
+        /// Its URL, password redacted.
+        url: String,
+        /// Why.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// The database's migrations failed.
+    #[error("migrating the database")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A query failed (500).
+    #[error("database")]
+    Database(#[from] sqlx::Error),
+    /// The database holds a name this release does not know (500).
+    #[error("stored {column}")]
+    Stored {
+        /// The column.
+        column: &'static str,
+        /// The name.
+        #[source]
+        source: capsule_format::hub::UnknownName,
+    },
+    /// A file or socket failed (500).
+    #[error("{what}")]
+    Io {
+        /// What the hub was doing (`writing PATH`).
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TLS certificate or key cannot be used.
+    #[error("TLS: {what}")]
+    Tls {
+        /// What failed.
+        what: String,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// JSON that the hub writes could not be encoded (500).
+    #[error("encoding JSON")]
+    Json(#[from] serde_json::Error),
+    /// The hub's metrics registry refused a metric (500).
+    #[error("metrics")]
+    Metrics(#[from] prometheus::Error),
+    /// The HTTP client for webhooks could not be built.
+    #[error("HTTP client")]
+    HttpClient(#[source] reqwest::Error),
+    /// A response header the hub made is not a valid header value (500).
+    #[error("response header")]
+    Header(#[from] axum::http::header::InvalidHeaderValue),
+    /// A blocking task panicked or was cancelled (500).
+    #[error("a blocking task failed")]
+    Task(#[from] tokio::task::JoinError),
+    /// A broken invariant of the hub's own (500).
     #[error("internal: {0}")]
     Internal(String),
-}
-
-impl From<sqlx::Error> for Error {
-    fn from(e: sqlx::Error) -> Error {
-        Error::Database(e.to_string())
-    }
 }
 
 impl Error {
@@ -82,12 +143,33 @@ impl Error {
             Error::Unauthorized(_) => 401,
             Error::Forbidden(_) => 403,
             Error::NotFound(_) => 404,
-            Error::BadRequest(_) => 400,
+            Error::BadRequest(_) | Error::Invalid(_) => 400,
             Error::Conflict(_) => 409,
             Error::TooLarge(_) => 413,
             Error::TooManyRequests(_) => 429,
-            Error::Database(_) | Error::Io(_) | Error::Internal(_) => 500,
+            _ => 500,
         }
+    }
+
+    /// The message and every cause under it, `: `-separated.
+    pub fn chain(&self) -> String {
+        let mut out = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            let text = c.to_string();
+            if !out.ends_with(&text) {
+                out.push_str(": ");
+                out.push_str(&text);
+            }
+            cause = c.source();
+        }
+        out
+    }
+
+    /// An I/O error while `what`.
+    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+        let what = what.into();
+        move |source| Error::Io { what, source }
     }
 }
 
@@ -228,15 +310,15 @@ impl Hub {
         let (notify, generation) = watch::channel(db.advance_generation(monitor::now_ms()).await?);
         let listener = tokio::net::TcpListener::bind(config.http)
             .await
-            .map_err(|e| Error::Io(format!("binding {}: {e}", config.http)))?;
+            .map_err(Error::io(format!("binding {}", config.http)))?;
         let addr = listener
             .local_addr()
-            .map_err(|e| Error::Io(e.to_string()))?;
+            .map_err(Error::io("reading the listening address"))?;
         let tls = match (&config.tls_cert, &config.tls_key) {
             (Some(cert), Some(key)) => Some(tls::server_config(cert, key)?),
             (None, None) => None,
             _ => {
-                return Err(Error::BadRequest(
+                return Err(Error::Settings(
                     "TLS needs both a certificate and a key".into(),
                 ));
             }
@@ -246,7 +328,7 @@ impl Hub {
             .use_rustls_tls()
             .connect_timeout(Duration::from_secs(5))
             .build()
-            .map_err(|e| Error::Internal(format!("HTTP client: {e}")))?;
+            .map_err(Error::HttpClient)?;
         let (shutdown, mut stop) = watch::channel(false);
         let shared = Arc::new(Shared {
             db,
@@ -288,10 +370,10 @@ impl Hub {
                     background.notify.send_replace(g);
                 }
                 if let Err(e) = api::timed_steps(&background).await {
-                    tracing::error!(error = %e, "rollout timer failed");
+                    tracing::error!(error = %e.chain(), "rollout timer failed");
                 }
                 if let Err(e) = api::judge_canaries(&background).await {
-                    tracing::error!(error = %e, "judging canaries failed");
+                    tracing::error!(error = %e.chain(), "judging canaries failed");
                 }
             }
         });
@@ -307,7 +389,7 @@ impl Hub {
                     _ = tick.tick() => {}
                 }
                 if let Err(e) = monitor::evaluate(&monitor).await {
-                    tracing::error!(error = %e, "telemetry evaluation failed");
+                    tracing::error!(error = %e.chain(), "telemetry evaluation failed");
                 }
             }
         });
@@ -361,8 +443,51 @@ fn write_secret(path: &std::path::Path, secret: &str) -> Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(0o600);
     }
-    let mut f = options
-        .open(path)
-        .map_err(|e| Error::Io(format!("writing {}: {e}", path.display())))?;
-    writeln!(f, "{secret}").map_err(|e| Error::Io(format!("writing {}: {e}", path.display())))
+    let what = format!("writing {}", path.display());
+    let mut f = options.open(path).map_err(Error::io(&what))?;
+    writeln!(f, "{secret}").map_err(Error::io(what))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_errors_keep_their_causes_and_requests_their_words() {
+        let io = Error::io("writing /blobs/ab/x")(std::io::Error::other("disk full"));
+        assert_eq!(io.status(), 500);
+        assert_eq!(io.to_string(), "writing /blobs/ab/x");
+        assert_eq!(io.chain(), "writing /blobs/ab/x: disk full");
+        let stored = Error::Stored {
+            column: "state",
+            source: "paused"
+                .parse::<capsule_format::hub::RolloutState>()
+                .unwrap_err(),
+        };
+        assert!(
+            stored
+                .chain()
+                .starts_with("stored state: unknown RolloutState \"paused\"")
+        );
+        let bad = Error::BadRequest("steps: increasing percentages in 1..=100".into());
+        assert_eq!((bad.status(), bad.chain()), (400, bad.to_string()));
+        let settings = toml::from_str::<monitor::MonitorConfig>("window_ms = \"x\"")
+            .map_err(|source| Error::SettingsFile {
+                path: "monitor.toml".into(),
+                source,
+            })
+            .unwrap_err();
+        assert_eq!(
+            settings.status(),
+            500,
+            "a start-up error, never a client's fault"
+        );
+        assert!(
+            settings
+                .chain()
+                .starts_with("monitoring settings monitor.toml: "),
+            "{}",
+            settings.chain()
+        );
+    }
 }

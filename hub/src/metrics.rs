@@ -5,7 +5,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::{Error, Result};
+use crate::Result;
 
 /// Every metric the hub exports.
 #[derive(Debug, Clone)]
@@ -30,12 +30,8 @@ pub(crate) struct HubMetrics {
     pub(crate) blob_downloads: IntCounterVec,
 }
 
-fn err(e: prometheus::Error) -> Error {
-    Error::Internal(format!("metrics: {e}"))
-}
-
 fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> Result<C> {
-    r.register(Box::new(c.clone())).map_err(err)?;
+    r.register(Box::new(c.clone()))?;
     Ok(c)
 }
 
@@ -45,25 +41,15 @@ impl HubMetrics {
         #[cfg(target_os = "linux")]
         r.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
-        ))
-        .map_err(err)?;
+        ))?;
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            reg(
-                &r,
-                IntCounterVec::new(Opts::new(name, help), labels).map_err(err)?,
-            )
+            reg(&r, IntCounterVec::new(Opts::new(name, help), labels)?)
         };
         let gauge = |name: &str, help: &str, labels: &[&str]| {
-            reg(
-                &r,
-                IntGaugeVec::new(Opts::new(name, help), labels).map_err(err)?,
-            )
+            reg(&r, IntGaugeVec::new(Opts::new(name, help), labels)?)
         };
         let fgauge = |name: &str, help: &str, labels: &[&str]| {
-            reg(
-                &r,
-                GaugeVec::new(Opts::new(name, help), labels).map_err(err)?,
-            )
+            reg(&r, GaugeVec::new(Opts::new(name, help), labels)?)
         };
         let drift_labels = &["model", "version", "group", "feature"];
         Ok(HubMetrics {
@@ -90,7 +76,7 @@ impl HubMetrics {
                     ]),
                     &["route"],
                 )
-                .map_err(err)?,
+                ?,
             )?,
             nodes: gauge("capsule_hub_nodes", "Registered nodes by state (online, offline).", &["state"])?,
             node_models: gauge(
@@ -100,7 +86,7 @@ impl HubMetrics {
             )?,
             long_polls: reg(
                 &r,
-                IntGauge::new("capsule_hub_long_polls", "Node long-polls waiting now.").map_err(err)?,
+                IntGauge::new("capsule_hub_long_polls", "Node long-polls waiting now.")?,
             )?,
             telemetry_batches: counter(
                 "capsule_hub_telemetry_batches_total",
@@ -113,7 +99,7 @@ impl HubMetrics {
                     "capsule_hub_telemetry_dropped_batches",
                     "Telemetry batches the nodes dropped from their full buffers (sum of their reports).",
                 )
-                .map_err(err)?,
+                ?,
             )?,
             fleet_requests: counter(
                 "capsule_hub_fleet_requests_total",
@@ -175,10 +161,9 @@ impl HubMetrics {
     /// The text exposition.
     pub(crate) fn encode(&self) -> Result<String> {
         let mut out = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
-            .map_err(err)?;
-        String::from_utf8(out).map_err(|e| Error::Internal(e.to_string()))
+        TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
+        // The text format is UTF-8 by construction.
+        Ok(String::from_utf8_lossy(&out).into_owned())
     }
 }
 

@@ -107,9 +107,11 @@ impl MonitorConfig {
     /// Reads a TOML file (unknown keys are errors).
     pub fn from_toml_file(path: &std::path::Path) -> Result<MonitorConfig> {
         let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Io(format!("reading {}: {e}", path.display())))?;
-        let c: MonitorConfig = toml::from_str(&text)
-            .map_err(|e| Error::BadRequest(format!("{}: {e}", path.display())))?;
+            .map_err(Error::io(format!("reading {}", path.display())))?;
+        let c: MonitorConfig = toml::from_str(&text).map_err(|source| Error::SettingsFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
         c.validate()?;
         Ok(c)
     }
@@ -117,7 +119,7 @@ impl MonitorConfig {
     /// Checks the values.
     pub fn validate(&self) -> Result<()> {
         if self.window_ms < 100 {
-            return Err(Error::BadRequest(
+            return Err(Error::Settings(
                 "monitor window_ms must be at least 100".into(),
             ));
         }
@@ -138,7 +140,7 @@ pub(crate) async fn ingest(
     let mut acked = Vec::with_capacity(batches.len());
     let registered = s.db.registered_versions().await?;
     for b in batches {
-        b.validate().map_err(|e| Error::BadRequest(e.to_string()))?;
+        b.validate()?;
         if b.node_id != node {
             return Err(Error::Forbidden(format!(
                 "batch {} is from node {:?}, not {node:?}",
@@ -232,7 +234,7 @@ async fn store_batch(db: &Db, b: &TelemetryBatch) -> Result<bool> {
         }
         tx.commit().await?;
     }
-    let body = serde_json::to_string(b).map_err(|e| Error::Internal(e.to_string()))?;
+    let body = serde_json::to_string(b)?;
     let mut tx = db.pool().begin().await?;
     let done = sqlx::query(
         "INSERT INTO telemetry_batches (node_id, seq, window_start, window_end, received_at, requests, dropped_batches, dropped_requests, body) \
@@ -999,7 +1001,7 @@ async fn notify(s: &Shared, key: &str, kind: &str, body: Value, hooks: &[String]
             });
         }
         if let Err(e) = db.set_alert_delivery(&id, &results.join("; ")).await {
-            tracing::error!(error = %e, "cannot record a webhook delivery");
+            tracing::error!(error = %e.chain(), "cannot record a webhook delivery");
         }
     });
     Ok(())
@@ -1037,13 +1039,13 @@ async fn trigger_retraining(s: &Shared, model: &str, version: &str, report: Valu
     let dir = &s.config.monitor.reports_dir;
     let id = new_id();
     let path = dir.join(format!("retrain-{model}-{version}-{id}.json").replace(['/', '\\'], "_"));
-    let text = serde_json::to_string_pretty(&report).map_err(|e| Error::Internal(e.to_string()))?;
+    let text = serde_json::to_string_pretty(&report)?;
     tokio::fs::create_dir_all(dir)
         .await
-        .map_err(|e| Error::Io(format!("creating {}: {e}", dir.display())))?;
+        .map_err(Error::io(format!("creating {}", dir.display())))?;
     tokio::fs::write(&path, &text)
         .await
-        .map_err(|e| Error::Io(format!("writing {}: {e}", path.display())))?;
+        .map_err(Error::io(format!("writing {}", path.display())))?;
     tracing::warn!(model, version, report = %path.display(), "retraining triggered");
     s.db.audit(
         "hub",

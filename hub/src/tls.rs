@@ -22,26 +22,39 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The server configuration from PEM files: a certificate chain and its private key.
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>> {
+    let tls = |what: String| {
+        move |e: rustls::pki_types::pem::Error| Error::Tls {
+            what,
+            source: Box::new(e),
+        }
+    };
+    let reading = format!("reading {}", cert.display());
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| Error::Io(format!("reading {}: {e}", cert.display())))?
+        .map_err(tls(reading.clone()))?
         .collect::<std::result::Result<_, _>>()
-        .map_err(|e| Error::Io(format!("reading {}: {e}", cert.display())))?;
+        .map_err(tls(reading))?;
     if certs.is_empty() {
-        return Err(Error::Io(format!(
-            "{} holds no certificate",
+        return Err(Error::Settings(format!(
+            "TLS: {} holds no certificate",
             cert.display()
         )));
     }
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| Error::Io(format!("reading {}: {e}", key.display())))?;
+    let key =
+        PrivateKeyDer::from_pem_file(key).map_err(tls(format!("reading {}", key.display())))?;
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
-    .map_err(|e| Error::Io(format!("TLS: {e}")))?
+    .map_err(|e| Error::Tls {
+        what: "protocol versions".into(),
+        source: Box::new(e),
+    })?
     .with_no_client_auth()
     .with_single_cert(certs, key)
-    .map_err(|e| Error::Io(format!("TLS certificate: {e}")))?;
+    .map_err(|e| Error::Tls {
+        what: "certificate and key".into(),
+        source: Box::new(e),
+    })?;
     Ok(Arc::new(config))
 }
 
@@ -56,7 +69,7 @@ impl TlsListener {
     pub fn new(listener: TcpListener, config: Arc<rustls::ServerConfig>) -> Result<TlsListener> {
         let local = listener
             .local_addr()
-            .map_err(|e| Error::Io(e.to_string()))?;
+            .map_err(Error::io("reading the listening address"))?;
         let acceptor = TlsAcceptor::from(config);
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
