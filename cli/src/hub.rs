@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use capsule_format::hub::{AutoPromote, NewRollout};
+use capsule_format::hub::{AutoPromote, NewRollout, NewToken, RolloutAction};
 use capsule_format::tuf::{self, PublicKey, Root, Signed, SigningKey, Targets};
 use serde_json::{Value, json};
 
@@ -516,41 +516,98 @@ pub fn run_rollout(args: &RolloutArgs) -> Result<()> {
                 )
                 .await?
             }
-            RolloutCommand::Step { id } => {
-                c.call(
-                    reqwest::Method::POST,
-                    &format!("/api/v1/rollouts/{id}/step"),
-                    None,
-                )
-                .await?
-            }
-            RolloutCommand::Promote { id } => {
-                c.call(
-                    reqwest::Method::POST,
-                    &format!("/api/v1/rollouts/{id}/promote"),
-                    None,
-                )
-                .await?
-            }
-            RolloutCommand::Abort { id } => {
-                c.call(
-                    reqwest::Method::POST,
-                    &format!("/api/v1/rollouts/{id}/abort"),
-                    None,
-                )
-                .await?
-            }
-            RolloutCommand::Rollback { id } => {
-                c.call(
-                    reqwest::Method::POST,
-                    &format!("/api/v1/rollouts/{id}/rollback"),
-                    None,
-                )
-                .await?
-            }
+            RolloutCommand::Step { id } => action(c, id, RolloutAction::Step).await?,
+            RolloutCommand::Promote { id } => action(c, id, RolloutAction::Promote).await?,
+            RolloutCommand::Abort { id } => action(c, id, RolloutAction::Abort).await?,
+            RolloutCommand::Rollback { id } => action(c, id, RolloutAction::Rollback).await?,
             RolloutCommand::List => {
                 c.call(reqwest::Method::GET, "/api/v1/rollouts", None)
                     .await?
+            }
+        };
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        Ok(())
+    })
+}
+
+async fn action(c: &HubClient, id: &str, action: RolloutAction) -> Result<Value> {
+    c.call(
+        reqwest::Method::POST,
+        &format!("/api/v1/rollouts/{id}/{action}"),
+        None,
+    )
+    .await
+}
+
+/// `capsule tokens`.
+#[derive(Debug, clap::Args)]
+pub struct TokensArgs {
+    #[command(flatten)]
+    client: HubClient,
+    #[command(subcommand)]
+    command: TokensCommand,
+}
+
+/// The hub's tokens (stored hashed; a token is shown once, when issued).
+#[derive(Debug, clap::Subcommand)]
+pub enum TokensCommand {
+    /// Every token: kind, name, node, issue time, the first 8 hex digits of its hash.
+    List,
+    /// Issue an admin token (print it once).
+    Admin {
+        /// Its name, the actor of its calls in the audit log.
+        name: String,
+    },
+    /// Issue a token for a node (print it once).
+    Node {
+        /// The node's id.
+        id: String,
+    },
+    /// Revoke one token, named by the first digits of its hash (from `list`).
+    Revoke {
+        /// At least 8 hex digits of its hash.
+        hash_prefix: String,
+    },
+    /// Revoke every token of a node (a lost or stolen device).
+    RevokeNode {
+        /// The node's id.
+        id: String,
+    },
+}
+
+pub fn run_tokens(args: &TokensArgs) -> Result<()> {
+    let c = &args.client;
+    runtime()?.block_on(async {
+        let value = match &args.command {
+            TokensCommand::List => c.call(reqwest::Method::GET, "/api/v1/tokens", None).await?,
+            TokensCommand::Admin { name } => {
+                let body = serde_json::to_vec(&NewToken { name: name.clone() })?;
+                c.call(reqwest::Method::POST, "/api/v1/tokens", Some(body))
+                    .await?
+            }
+            TokensCommand::Node { id } => {
+                c.call(
+                    reqwest::Method::POST,
+                    &format!("/api/v1/nodes/{id}/token"),
+                    None,
+                )
+                .await?
+            }
+            TokensCommand::Revoke { hash_prefix } => {
+                c.call(
+                    reqwest::Method::DELETE,
+                    &format!("/api/v1/tokens/{hash_prefix}"),
+                    None,
+                )
+                .await?
+            }
+            TokensCommand::RevokeNode { id } => {
+                c.call(
+                    reqwest::Method::DELETE,
+                    &format!("/api/v1/nodes/{id}/token"),
+                    None,
+                )
+                .await?
             }
         };
         println!("{}", serde_json::to_string_pretty(&value)?);

@@ -91,6 +91,8 @@ enum Command {
     Rollout(hub::RolloutArgs),
     /// The hub's registry: list, show, compare.
     Models(hub::ModelsArgs),
+    /// The hub's tokens: list, issue (admin, node), revoke.
+    Tokens(hub::TokensArgs),
 }
 
 impl Cli {
@@ -184,6 +186,7 @@ fn dispatch(cli: &Cli) -> Result<()> {
         Command::Push(args) => hub::run_push(args),
         Command::Rollout(args) => hub::run_rollout(args),
         Command::Models(args) => hub::run_models(args),
+        Command::Tokens(args) => hub::run_tokens(args),
     }
 }
 

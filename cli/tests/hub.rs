@@ -802,6 +802,115 @@ fn a_revoked_node_token_is_refused() -> Result<()> {
     Ok(())
 }
 
+/// Admin tokens rotate through the API and the CLI: issue a new one, move to it, revoke the
+/// old one by its hash prefix; the last admin token cannot be revoked; node tokens can be
+/// revoked one by one too.
+#[test]
+fn admin_tokens_rotate_through_the_api() -> Result<()> {
+    use capsule_format::hub::{IssuedToken, Role, TokenList, TokenRevoked};
+    let dir = tempfile::tempdir()?;
+    let (_hub, hub) = sqlite_hub(dir.path())?;
+    let cli = |token: &str, args: &[&str]| -> Result<String> {
+        let mut all = vec!["tokens", "--hub", &hub, "--token", token];
+        all.extend_from_slice(args);
+        run(&all)
+    };
+    let ops: IssuedToken = serde_json::from_str(&cli(ADMIN, &["admin", "ops@example"])?)?;
+    assert_eq!(
+        (ops.kind, ops.name.as_str(), ops.node.as_str()),
+        (Role::Admin, "ops@example", "")
+    );
+    assert!(
+        ops.token.starts_with("hubadmin_") && ops.hash_prefix.len() == 8,
+        "{ops:?}"
+    );
+    assert_eq!(api(&hub, "GET", "/api/v1/models", &ops.token, None)?.0, 200);
+    for bad in ["hub", "node:n1", "", "two words", &"x".repeat(65)] {
+        let (status, body) = api(
+            &hub,
+            "POST",
+            "/api/v1/tokens",
+            ADMIN,
+            Some(json!({"name": bad})),
+        )?;
+        assert_eq!(status, 400, "{bad:?}: {body}");
+    }
+    let (status, _) = api(
+        &hub,
+        "POST",
+        "/api/v1/tokens",
+        &node_token(&hub, "n0")?,
+        Some(json!({"name": "x"})),
+    )?;
+    assert_eq!(status, 403, "a node cannot issue tokens");
+
+    let listed: TokenList = serde_json::from_str(&cli(&ops.token, &["list"])?)?;
+    let first = listed
+        .tokens
+        .iter()
+        .find(|t| t.kind == Role::Admin && t.name == "admin")
+        .context("the start-up admin token is listed")?;
+    let revoked: TokenRevoked =
+        serde_json::from_str(&cli(&ops.token, &["revoke", &first.hash_prefix])?)?;
+    assert_eq!(&revoked.revoked, first);
+    assert_eq!(
+        api(&hub, "GET", "/api/v1/models", ADMIN, None)?.0,
+        401,
+        "revoked"
+    );
+
+    let last = cli(&ops.token, &["revoke", &ops.hash_prefix]).unwrap_err();
+    assert!(
+        format!("{last:#}").contains("409") && format!("{last:#}").contains("last admin token"),
+        "{last:#}"
+    );
+    for (prefix, want) in [("abc", 400), ("ABCDEF12", 400), ("00000000", 404)] {
+        let (status, body) = api(
+            &hub,
+            "DELETE",
+            &format!("/api/v1/tokens/{prefix}"),
+            &ops.token,
+            None,
+        )?;
+        assert_eq!(status, want, "{prefix}: {body}");
+    }
+
+    let n1: IssuedToken = serde_json::from_str(&cli(&ops.token, &["node", "n1"])?)?;
+    assert_eq!(
+        (n1.kind, n1.node.as_str(), n1.name.as_str()),
+        (Role::Node, "n1", "node:n1")
+    );
+    assert_eq!(register(&hub, "n1", &n1.token, json!({}))?, 200);
+    cli(&ops.token, &["revoke", &n1.hash_prefix])?;
+    assert_eq!(register(&hub, "n1", &n1.token, json!({}))?, 401);
+
+    let (_, audit) = api(&hub, "GET", "/api/v1/audit", &ops.token, None)?;
+    let actions: Vec<(String, String)> = audit["audit"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| {
+                    (
+                        e["actor"].as_str().unwrap_or("").to_owned(),
+                        e["action"].as_str().unwrap_or("").to_owned(),
+                    )
+                })
+                .filter(|(_, action)| action.starts_with("token."))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        actions,
+        [
+            ("admin".to_owned(), "token.issue".to_owned()),
+            ("ops@example".to_owned(), "token.revoke".to_owned()),
+            ("ops@example".to_owned(), "token.revoke".to_owned()),
+        ],
+        "{audit}"
+    );
+    Ok(())
+}
+
 #[test]
 fn every_attack_on_the_update_path_is_refused() -> Result<()> {
     use capsule_format::tuf::{Root, Signed, SigningKey, Target, Targets};

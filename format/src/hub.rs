@@ -225,6 +225,82 @@ pub struct TokenInfo {
     pub hash_prefix: String,
 }
 
+/// `GET /api/v1/tokens`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenList {
+    /// Every token, oldest first.
+    pub tokens: Vec<TokenInfo>,
+}
+
+/// `POST /api/v1/tokens`: a new admin token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewToken {
+    /// Its name, the actor of its calls in the audit log: 1 to 64 letters, digits, `-`, `_`,
+    /// `.`, `@`, `:`; not `hub`, not `node:...`.
+    pub name: String,
+}
+
+impl NewToken {
+    /// Why the name cannot be used, if it cannot.
+    pub fn problem(&self) -> Option<String> {
+        let n = &self.name;
+        if n.is_empty()
+            || n.len() > 64
+            || !n
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@' | ':'))
+        {
+            return Some(format!(
+                "token name {:?}: 1 to 64 letters, digits, - _ . @ :",
+                n.chars().take(64).collect::<String>()
+            ));
+        }
+        if n == "hub" || n.starts_with("node:") {
+            return Some(format!(
+                "token name {n:?}: `hub` and `node:...` name the hub's own actors"
+            ));
+        }
+        None
+    }
+}
+
+/// A token as issued (`POST /api/v1/tokens`, `POST /api/v1/nodes/{id}/token`): the only time
+/// the hub shows it; it keeps only its hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuedToken {
+    /// What it may do.
+    pub kind: Role,
+    /// Its name.
+    pub name: String,
+    /// The node it belongs to (empty for admin tokens).
+    pub node: String,
+    /// The token.
+    pub token: String,
+    /// The first 8 hex digits of its SHA-256, as the token list shows it.
+    pub hash_prefix: String,
+}
+
+/// `DELETE /api/v1/tokens/{hash_prefix}`: the token revoked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRevoked {
+    /// It, as the list showed it.
+    pub revoked: TokenInfo,
+}
+
+/// `DELETE /api/v1/nodes/{id}/token`: every token of a node revoked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeTokensRevoked {
+    /// The node.
+    pub node: String,
+    /// How many tokens it had.
+    pub revoked: u64,
+}
+
 /// One model version a node should run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DesiredModel {

@@ -13,9 +13,10 @@ use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, Path, Query
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use capsule_format::hub::{
-    DesiredState, NewRollout, Registration, Report, Role, RolloutAction, RolloutState,
+    DesiredState, IssuedToken, NewRollout, NewToken, NodeTokensRevoked, Registration, Report, Role,
+    RolloutAction, RolloutState, TokenList, TokenRevoked,
 };
 use capsule_format::split;
 use capsule_format::tuf::{self, Root, Targets};
@@ -68,7 +69,8 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/api/v1/models/{model}/compare", get(compare))
         .route("/api/v1/models/{model}/aliases/{alias}", put(set_alias))
         .route("/api/v1/nodes", get(list_nodes))
-        .route("/api/v1/tokens", get(list_tokens))
+        .route("/api/v1/tokens", get(list_tokens).post(admin_token))
+        .route("/api/v1/tokens/{hash_prefix}", delete(revoke_token))
         .route(
             "/api/v1/nodes/{id}/token",
             post(node_token).delete(revoke_node_tokens),
@@ -755,8 +757,73 @@ async fn list_nodes(State(s): State<AppState>, Admin(_): Admin) -> Result<axum::
 
 /// Every token the hub accepts (admin only): kind, name, node, issue time and the first 8
 /// hex digits of its hash; never a token.
-async fn list_tokens(State(s): State<AppState>, Admin(_): Admin) -> Result<axum::Json<Value>> {
-    Ok(axum::Json(json!({"tokens": s.db.tokens().await?})))
+async fn list_tokens(State(s): State<AppState>, Admin(_): Admin) -> Result<axum::Json<TokenList>> {
+    Ok(axum::Json(TokenList {
+        tokens: s.db.tokens().await?,
+    }))
+}
+
+/// Issues a token: stored hashed, shown once.
+async fn issue(
+    s: &Shared,
+    c: &Caller,
+    kind: Role,
+    name: String,
+    node: String,
+) -> Result<IssuedToken> {
+    let token = crate::new_token(match kind {
+        Role::Admin => "hubadmin",
+        Role::Node => "hubnode",
+    });
+    let hash = token_hash(&token);
+    s.db.add_token(&hash, kind, &name, &node).await?;
+    let hash_prefix: String = hash.chars().take(8).collect();
+    let action = match kind {
+        Role::Admin => "token.issue",
+        Role::Node => "node.token",
+    };
+    audit(
+        s,
+        c,
+        action,
+        json!({"kind": kind, "name": name, "node": node, "hash_prefix": hash_prefix}),
+    )
+    .await?;
+    tracing::info!(%kind, name = ?name, by = %c.name, "token issued");
+    Ok(IssuedToken {
+        kind,
+        name,
+        node,
+        token,
+        hash_prefix,
+    })
+}
+
+/// Issues an admin token (a rotation: issue the new one, move to it, revoke the old one).
+async fn admin_token(
+    State(s): State<AppState>,
+    Admin(c): Admin,
+    body: Bytes,
+) -> Result<axum::Json<IssuedToken>> {
+    let req: NewToken = json_body(&body)?;
+    if let Some(problem) = req.problem() {
+        return Err(Error::BadRequest(problem));
+    }
+    Ok(axum::Json(
+        issue(&s, &c, Role::Admin, req.name, String::new()).await?,
+    ))
+}
+
+/// Revokes one token, named by the first digits of its hash (`GET /api/v1/tokens`).
+async fn revoke_token(
+    State(s): State<AppState>,
+    Admin(c): Admin,
+    Path(prefix): Path<String>,
+) -> Result<axum::Json<TokenRevoked>> {
+    let revoked = s.db.revoke_token(&prefix).await?;
+    audit(&s, &c, "token.revoke", json!(revoked)).await?;
+    tracing::info!(kind = %revoked.kind, name = ?revoked.name, by = %c.name, "token revoked");
+    Ok(axum::Json(TokenRevoked { revoked }))
 }
 
 /// Revokes every token of one node (a lost or stolen device): its next request is 401.
@@ -764,7 +831,7 @@ async fn revoke_node_tokens(
     State(s): State<AppState>,
     Admin(c): Admin,
     Path(id): Path<String>,
-) -> Result<axum::Json<Value>> {
+) -> Result<axum::Json<NodeTokensRevoked>> {
     let revoked = s.db.revoke_node_tokens(&id).await?;
     audit(
         &s,
@@ -774,7 +841,7 @@ async fn revoke_node_tokens(
     )
     .await?;
     tracing::info!(node = ?id, revoked, by = %c.name, "node tokens revoked");
-    Ok(axum::Json(json!({"node": id, "revoked": revoked})))
+    Ok(axum::Json(NodeTokensRevoked { node: id, revoked }))
 }
 
 /// Issues a token for one node (shown once; stored hashed).
@@ -782,7 +849,7 @@ async fn node_token(
     State(s): State<AppState>,
     Admin(c): Admin,
     Path(id): Path<String>,
-) -> Result<axum::Json<Value>> {
+) -> Result<axum::Json<IssuedToken>> {
     if id.is_empty()
         || id.len() > 128
         || !id
@@ -793,11 +860,9 @@ async fn node_token(
             "node id {id:?}: 1 to 128 letters, digits, - _ ."
         )));
     }
-    let token = crate::new_token("hubnode");
-    s.db.add_token(&token_hash(&token), Role::Node, &format!("node:{id}"), &id)
-        .await?;
-    audit(&s, &c, "node.token", json!({"node": id})).await?;
-    Ok(axum::Json(json!({"node": id, "token": token})))
+    Ok(axum::Json(
+        issue(&s, &c, Role::Node, format!("node:{id}"), id).await?,
+    ))
 }
 
 async fn register(

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 pub use capsule_format::hub::Rollout;
-use capsule_format::hub::{DesiredModel, Report, Role};
+use capsule_format::hub::{DesiredModel, Report, Role, TokenInfo};
 use serde::{Deserialize, Serialize};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor, Row};
@@ -159,6 +159,17 @@ pub(crate) fn named<T: std::str::FromStr<Err = capsule_format::hub::UnknownName>
     r.try_get::<String, _>(column)?
         .parse()
         .map_err(|source| Error::Stored { column, source })
+}
+
+fn token_info(r: &AnyRow) -> Result<TokenInfo> {
+    let hash: String = r.try_get("hash")?;
+    Ok(TokenInfo {
+        kind: named(r, "kind")?,
+        name: r.try_get("name")?,
+        node_id: r.try_get("node_id")?,
+        created_at: r.try_get("created_at")?,
+        hash_prefix: hash.chars().take(8).collect(),
+    })
 }
 
 fn rollout_row(r: &AnyRow) -> Result<Rollout> {
@@ -392,24 +403,62 @@ impl Db {
     }
 
     /// Every token, oldest first (hashes cut to their first 8 hex digits).
-    pub async fn tokens(&self) -> Result<Vec<capsule_format::hub::TokenInfo>> {
+    pub async fn tokens(&self) -> Result<Vec<TokenInfo>> {
         let rows = sqlx::query(
             "SELECT kind, name, node_id, created_at, hash FROM tokens ORDER BY created_at, hash",
         )
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                let hash: String = r.try_get("hash")?;
-                Ok(capsule_format::hub::TokenInfo {
-                    kind: named(r, "kind")?,
-                    name: r.try_get("name")?,
-                    node_id: r.try_get("node_id")?,
-                    created_at: r.try_get("created_at")?,
-                    hash_prefix: hash.chars().take(8).collect(),
-                })
-            })
-            .collect()
+        rows.iter().map(token_info).collect()
+    }
+
+    /// Revokes the one token whose hash starts with `prefix` (at least 8 lowercase hex
+    /// digits, as the token list shows them): 404 when none does, 409 when several do (give
+    /// more digits) or when it is the last admin token (a hub without one generates a new one
+    /// at its next start, so even a race of two hubs does not lock the fleet out for good).
+    pub async fn revoke_token(&self, prefix: &str) -> Result<TokenInfo> {
+        if !(8..=64).contains(&prefix.len())
+            || !prefix
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(Error::BadRequest(
+                "a token is named by 8 to 64 lowercase hex digits of its hash".into(),
+            ));
+        }
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "SELECT kind, name, node_id, created_at, hash FROM tokens WHERE hash LIKE $1 LIMIT 2",
+        )
+        .bind(format!("{prefix}%"))
+        .fetch_all(&mut *tx)
+        .await?;
+        let (info, hash) = match rows.as_slice() {
+            [] => return Err(Error::NotFound(format!("no token {prefix}"))),
+            [one] => (token_info(one)?, one.try_get::<String, _>("hash")?),
+            _ => {
+                return Err(Error::Conflict(format!(
+                    "several tokens start with {prefix}: give more digits of the hash"
+                )));
+            }
+        };
+        if info.kind == Role::Admin {
+            let admins: i64 = sqlx::query("SELECT COUNT(*) AS n FROM tokens WHERE kind = 'admin'")
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get("n")?;
+            if admins <= 1 {
+                return Err(Error::Conflict(
+                    "this is the last admin token: issue another one first".into(),
+                ));
+            }
+        }
+        sqlx::query("DELETE FROM tokens WHERE hash = $1")
+            .bind(&hash)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(info)
     }
 
     /// The token with this hash.
