@@ -37,6 +37,16 @@ pub struct HubArgs {
     /// error-rate alerts over 60 s windows, no webhook]
     #[arg(long, env = "CAPSULE_HUB_MONITOR")]
     monitor: Option<PathBuf>,
+    /// Days raw telemetry (batches, predictions, feedback labels) and notification records
+    /// are kept; 0 keeps them forever. Running totals, alerts, rollouts and the audit log
+    /// are always kept.
+    #[arg(
+        long,
+        value_name = "DAYS",
+        env = "CAPSULE_HUB_RETENTION",
+        default_value_t = 30
+    )]
+    retention: u32,
 }
 
 impl HubArgs {
@@ -55,6 +65,8 @@ impl HubArgs {
                 Some(path) => capsule_hub::monitor::MonitorConfig::from_toml_file(path)?,
                 None => capsule_hub::monitor::MonitorConfig::default(),
             },
+            retention: (args.retention > 0)
+                .then(|| std::time::Duration::from_secs(u64::from(args.retention) * 24 * 3600)),
             ..HubConfig::default()
         })
     }

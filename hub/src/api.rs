@@ -1231,12 +1231,11 @@ async fn metrics(State(s): State<AppState>) -> Result<Response> {
                 .inc();
         }
     }
-    m.rollouts.reset();
+    let counts = s.db.rollout_counts().await?;
     for state in RolloutState::ALL {
-        m.rollouts.with_label_values(&[state.as_str()]).set(0);
-    }
-    for r in s.db.rollouts().await? {
-        m.rollouts.with_label_values(&[r.state.as_str()]).inc();
+        m.rollouts
+            .with_label_values(&[state.as_str()])
+            .set(counts.get(state).copied().unwrap_or(0));
     }
     let summary = crate::monitor::summary(&s.db, None).await?;
     for v in &summary.versions {

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 pub use capsule_format::hub::Rollout;
-use capsule_format::hub::{DesiredModel, Report, Role, TokenInfo};
+use capsule_format::hub::{DesiredModel, Report, Role, RolloutState, TokenInfo};
 use serde::{Deserialize, Serialize};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor, Row};
@@ -758,6 +758,16 @@ impl Db {
             .await?;
         tx.commit().await?;
         Ok(true)
+    }
+
+    /// How many rollouts are in each state.
+    pub async fn rollout_counts(&self) -> Result<BTreeMap<RolloutState, i64>> {
+        let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM rollouts GROUP BY state")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((named(r, "state")?, r.try_get("n")?)))
+            .collect()
     }
 
     /// The active rollouts (at most one per model), newest first.

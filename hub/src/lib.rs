@@ -202,6 +202,9 @@ pub struct HubConfig {
     pub tls_key: Option<PathBuf>,
     /// Monitoring: windows, alert rules, webhooks, retraining.
     pub monitor: monitor::MonitorConfig,
+    /// How long raw telemetry (batches, predictions, labels) and notification records are
+    /// kept; none: forever. Running totals, alerts, rollouts and the audit log are kept.
+    pub retention: Option<Duration>,
 }
 
 impl Default for HubConfig {
@@ -218,6 +221,7 @@ impl Default for HubConfig {
             tls_cert: None,
             tls_key: None,
             monitor: monitor::MonitorConfig::default(),
+            retention: Some(monitor::DEFAULT_RETENTION),
         }
     }
 }
@@ -383,6 +387,7 @@ impl Hub {
             let every =
                 Duration::from_millis((monitor.config.monitor.window_ms / 4).clamp(100, 5_000));
             let mut tick = tokio::time::interval(every);
+            let mut swept: Option<tokio::time::Instant> = None;
             loop {
                 tokio::select! {
                     _ = stop_monitor.wait_for(|s| *s) => break,
@@ -390,6 +395,15 @@ impl Hub {
                 }
                 if let Err(e) = monitor::evaluate(&monitor).await {
                     tracing::error!(error = %e.chain(), "telemetry evaluation failed");
+                }
+                let due = swept.is_none_or(|at| at.elapsed() >= monitor::SWEEP_EVERY);
+                if let (Some(keep), true) = (monitor.config.retention, due) {
+                    swept = Some(tokio::time::Instant::now());
+                    match monitor::sweep(&monitor.db, keep, monitor::now_ms()).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(rows = n, "retention: old telemetry deleted"),
+                        Err(e) => tracing::error!(error = %e.chain(), "retention sweep failed"),
+                    }
                 }
             }
         });

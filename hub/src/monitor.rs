@@ -215,7 +215,7 @@ async fn store_batch(db: &Db, b: &TelemetryBatch) -> Result<bool> {
         for row in chunk {
             match row {
                 Row::Prediction(model, version, p) => {
-                    sqlx::query(
+                    let added = sqlx::query(
                         "INSERT INTO predictions (model, id, version, class, node_id, at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (model, id) DO NOTHING",
                     )
                     .bind(*model)
@@ -225,7 +225,24 @@ async fn store_batch(db: &Db, b: &TelemetryBatch) -> Result<bool> {
                     .bind(&b.node_id)
                     .bind(now)
                     .execute(&mut *tx)
-                    .await?;
+                    .await?
+                    .rows_affected();
+                    if added == 0 {
+                        continue;
+                    }
+                    // A label that came before its prediction counts now.
+                    let label: Option<String> =
+                        sqlx::query("SELECT label FROM feedback WHERE model = $1 AND id = $2")
+                            .bind(*model)
+                            .bind(&p.id)
+                            .fetch_optional(&mut *tx)
+                            .await?
+                            .map(|r| r.try_get("label"))
+                            .transpose()?;
+                    if let Some(label) = label {
+                        let right = i64::from(label == p.class);
+                        add_accuracy(&mut tx, model, version, 1, right).await?;
+                    }
                 }
                 Row::Feedback(f) => {
                     insert_feedback(&mut tx, &f.model, &f.id, &f.label, &b.node_id, now).await?;
@@ -255,6 +272,17 @@ async fn store_batch(db: &Db, b: &TelemetryBatch) -> Result<bool> {
         tx.rollback().await?;
         return Ok(false);
     }
+    sqlx::query(
+        "INSERT INTO telemetry_node_totals (node_id, batches, dropped_batches, dropped_requests) VALUES ($1, 1, $2, $3) \
+         ON CONFLICT (node_id) DO UPDATE SET batches = telemetry_node_totals.batches + 1, \
+         dropped_batches = CASE WHEN excluded.dropped_batches > telemetry_node_totals.dropped_batches THEN excluded.dropped_batches ELSE telemetry_node_totals.dropped_batches END, \
+         dropped_requests = CASE WHEN excluded.dropped_requests > telemetry_node_totals.dropped_requests THEN excluded.dropped_requests ELSE telemetry_node_totals.dropped_requests END",
+    )
+    .bind(&b.node_id)
+    .bind(to_i64(b.dropped_batches))
+    .bind(to_i64(b.dropped_requests))
+    .execute(&mut *tx)
+    .await?;
     for m in &b.models {
         sqlx::query(
             "INSERT INTO telemetry_totals (node_id, model, version, requests, errors, rows_seen) VALUES ($1, $2, $3, $4, $5, $6) \
@@ -274,6 +302,14 @@ async fn store_batch(db: &Db, b: &TelemetryBatch) -> Result<bool> {
     Ok(true)
 }
 
+/// Stores a label (a later label of the same prediction replaces it) and keeps its model
+/// version's accuracy totals: a label of a prediction the hub has counts once, a changed label
+/// moves `correct` by what changed; a label that comes first counts when its prediction does.
+///
+/// The first statement locks an existing label's row (PostgreSQL) or the database (SQLite)
+/// for the transaction, so two changes of one label are counted one after the other. On
+/// PostgreSQL, two *first* labels of one prediction committed at the same instant by two
+/// hubs may both count it (`labeled` one too high); SQLite serializes them.
 async fn insert_feedback(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     model: &str,
@@ -282,6 +318,19 @@ async fn insert_feedback(
     source: &str,
     now: i64,
 ) -> Result<()> {
+    sqlx::query("UPDATE feedback SET at = at WHERE model = $1 AND id = $2")
+        .bind(model)
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
+    let before: Option<String> =
+        sqlx::query("SELECT label FROM feedback WHERE model = $1 AND id = $2")
+            .bind(model)
+            .bind(id)
+            .fetch_optional(&mut **tx)
+            .await?
+            .map(|r| r.try_get("label"))
+            .transpose()?;
     sqlx::query(
         "INSERT INTO feedback (model, id, label, source, at) VALUES ($1, $2, $3, $4, $5) \
          ON CONFLICT (model, id) DO UPDATE SET label = excluded.label, source = excluded.source, at = excluded.at",
@@ -291,6 +340,45 @@ async fn insert_feedback(
     .bind(label)
     .bind(source)
     .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    let prediction =
+        sqlx::query("SELECT version, class FROM predictions WHERE model = $1 AND id = $2")
+            .bind(model)
+            .bind(id)
+            .fetch_optional(&mut **tx)
+            .await?;
+    let Some(p) = prediction else {
+        return Ok(());
+    };
+    let (version, class): (String, String) = (p.try_get("version")?, p.try_get("class")?);
+    let right = |l: &str| i64::from(l == class);
+    let (labeled, correct) = match &before {
+        None => (1, right(label)),
+        Some(old) => (0, right(label) - right(old)),
+    };
+    if (labeled, correct) != (0, 0) {
+        add_accuracy(tx, model, &version, labeled, correct).await?;
+    }
+    Ok(())
+}
+
+async fn add_accuracy(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    model: &str,
+    version: &str,
+    labeled: i64,
+    correct: i64,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO accuracy_totals (model, version, labeled, correct) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (model, version) DO UPDATE SET labeled = accuracy_totals.labeled + excluded.labeled, \
+         correct = accuracy_totals.correct + excluded.correct",
+    )
+    .bind(model)
+    .bind(version)
+    .bind(labeled)
+    .bind(correct)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -321,6 +409,61 @@ pub(crate) async fn store_feedback(
 }
 
 // ---------------------------------------------------------------------------------------
+// Retention
+
+/// How long raw telemetry is kept unless `--retention` says otherwise.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// How often the hub sweeps expired rows.
+pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(600);
+
+/// Rows one delete statement removes at most (each statement is its own transaction).
+const SWEEP_CHUNK: i64 = 5_000;
+
+/// Deletes the raw history received more than `keep` before `now_ms`: telemetry batches,
+/// predictions and labels, notification records. What the hub reports from stays: the
+/// running totals (requests, errors, accuracy), alerts, rollouts, the audit log. Each
+/// statement deletes at most [`SWEEP_CHUNK`] rows, so the first sweep of a long history does
+/// not hold SQLite's write lock for long. Returns the rows deleted.
+pub(crate) async fn sweep(db: &Db, keep: Duration, now_ms: i64) -> Result<u64> {
+    let cutoff_ms = now_ms.saturating_sub(i64::try_from(keep.as_millis()).unwrap_or(i64::MAX));
+    let statements = [
+        (
+            "DELETE FROM telemetry_batches WHERE (node_id, seq) IN (SELECT node_id, seq FROM telemetry_batches WHERE received_at < $1 LIMIT $2)",
+            cutoff_ms,
+        ),
+        (
+            "DELETE FROM predictions WHERE (model, id) IN (SELECT model, id FROM predictions WHERE at < $1 LIMIT $2)",
+            cutoff_ms,
+        ),
+        (
+            "DELETE FROM feedback WHERE (model, id) IN (SELECT model, id FROM feedback WHERE at < $1 LIMIT $2)",
+            cutoff_ms,
+        ),
+        (
+            "DELETE FROM alert_events WHERE id IN (SELECT id FROM alert_events WHERE at_us < $1 LIMIT $2)",
+            cutoff_ms.saturating_mul(1000),
+        ),
+    ];
+    let mut deleted = 0;
+    for (sql, cutoff) in statements {
+        loop {
+            let n = sqlx::query(sql)
+                .bind(cutoff)
+                .bind(SWEEP_CHUNK)
+                .execute(db.pool())
+                .await?
+                .rows_affected();
+            deleted += n;
+            if n < SWEEP_CHUNK as u64 {
+                break;
+            }
+        }
+    }
+    Ok(deleted)
+}
+
+// ---------------------------------------------------------------------------------------
 // Queries
 
 /// Live accuracy of one model version from its labeled predictions.
@@ -339,26 +482,20 @@ impl Accuracy {
     }
 }
 
-/// Accuracy per version of `model`.
+/// Accuracy per version of `model` (running totals kept as labels and predictions arrive).
 pub(crate) async fn accuracy(db: &Db, model: &str) -> Result<BTreeMap<String, Accuracy>> {
-    let rows = sqlx::query(
-        "SELECT p.version AS version, COUNT(*) AS labeled, \
-         SUM(CASE WHEN p.class = f.label THEN 1 ELSE 0 END) AS correct \
-         FROM predictions p JOIN feedback f ON p.model = f.model AND p.id = f.id \
-         WHERE p.model = $1 GROUP BY p.version",
-    )
-    .bind(model)
-    .fetch_all(db.pool())
-    .await?;
+    let rows =
+        sqlx::query("SELECT version, labeled, correct FROM accuracy_totals WHERE model = $1")
+            .bind(model)
+            .fetch_all(db.pool())
+            .await?;
     let mut out = BTreeMap::new();
     for r in rows {
-        let labeled: i64 = r.try_get("labeled")?;
-        let correct: i64 = r.try_get("correct")?;
         out.insert(
             r.try_get::<String, _>("version")?,
             Accuracy {
-                labeled: u64::try_from(labeled).unwrap_or(0),
-                correct: u64::try_from(correct).unwrap_or(0),
+                labeled: u(r.try_get("labeled")?),
+                correct: u(r.try_get("correct")?),
             },
         );
     }
@@ -466,15 +603,15 @@ pub(crate) async fn summary(db: &Db, model: Option<&str>) -> Result<Summary> {
         t.rows += u(r.try_get("rows_seen")?);
     }
     let rows = sqlx::query(
-        "SELECT node_id, COUNT(*) AS batches, MAX(dropped_batches) AS db, MAX(dropped_requests) AS dr FROM telemetry_batches GROUP BY node_id",
+        "SELECT node_id, batches, dropped_batches, dropped_requests FROM telemetry_node_totals",
     )
     .fetch_all(db.pool())
     .await?;
     for r in rows {
         let n = nodes.entry(r.try_get("node_id")?).or_default();
         n.batches = u(r.try_get("batches")?);
-        n.dropped_batches = u(r.try_get("db")?);
-        n.dropped_requests = u(r.try_get("dr")?);
+        n.dropped_batches = u(r.try_get("dropped_batches")?);
+        n.dropped_requests = u(r.try_get("dropped_requests")?);
     }
     let models: BTreeSet<String> = versions.keys().map(|(m, _)| m.clone()).collect();
     for m in models {
@@ -1134,5 +1271,149 @@ mod tests {
             .value(),
             Some(0.75)
         );
+    }
+
+    fn batch(seq: u64, predictions: &[(&str, &str)], dropped: u64) -> TelemetryBatch {
+        TelemetryBatch {
+            node_id: "n1".into(),
+            seq,
+            window_start_ms: 0,
+            window_end_ms: 1_000,
+            dropped_batches: dropped,
+            dropped_requests: dropped * 10,
+            models: vec![ModelWindow {
+                model: "m".into(),
+                version: "1".into(),
+                requests: predictions.len() as u64,
+                predictions: predictions
+                    .iter()
+                    .map(|(id, class)| telemetry::Prediction {
+                        id: (*id).into(),
+                        class: (*class).into(),
+                    })
+                    .collect(),
+                ..ModelWindow::default()
+            }],
+            feedback: Vec::new(),
+        }
+    }
+
+    async fn count(db: &Db, table: &str) -> i64 {
+        sqlx::query(&format!("SELECT COUNT(*) AS n FROM {table}"))
+            .fetch_one(db.pool())
+            .await
+            .and_then(|r| r.try_get("n"))
+            .unwrap_or(-1)
+    }
+
+    /// The totals as a recount from the stored rows gives them.
+    async fn recount(db: &Db) -> Accuracy {
+        let r = sqlx::query(
+            "SELECT COUNT(*) AS labeled, CAST(COALESCE(SUM(CASE WHEN p.class = f.label THEN 1 ELSE 0 END), 0) AS BIGINT) AS correct \
+             FROM predictions p JOIN feedback f ON p.model = f.model AND p.id = f.id",
+        )
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+        Accuracy {
+            labeled: u(r.try_get("labeled").unwrap()),
+            correct: u(r.try_get("correct").unwrap()),
+        }
+    }
+
+    #[tokio::test]
+    async fn running_totals_match_a_recount_and_retention_keeps_them() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(Error::io("temp dir"))?;
+        let db = Db::connect(&format!("sqlite://{}", dir.path().join("hub.db").display())).await?;
+        let labels = |items: &[(&str, &str)]| -> Vec<(String, String)> {
+            items
+                .iter()
+                .map(|(i, l)| ((*i).into(), (*l).into()))
+                .collect()
+        };
+        let now = || async {
+            accuracy(&db, "m")
+                .await
+                .map(|a| a.get("1").copied().unwrap_or_default())
+        };
+        // (step, accuracy after it) — each checked against a recount of the rows
+        assert!(store_batch(&db, &batch(1, &[("p1", "a"), ("p2", "b")], 0)).await?);
+        assert_eq!(
+            now().await?,
+            Accuracy {
+                labeled: 0,
+                correct: 0
+            }
+        );
+        store_feedback(&db, "x", "m", &labels(&[("p1", "a"), ("p3", "a")])).await?;
+        assert_eq!(
+            now().await?,
+            Accuracy {
+                labeled: 1,
+                correct: 1
+            },
+            "p3 has no prediction yet"
+        );
+        assert!(store_batch(&db, &batch(2, &[("p3", "b")], 4)).await?);
+        assert_eq!(
+            now().await?,
+            Accuracy {
+                labeled: 2,
+                correct: 1
+            },
+            "p3's label counts when it comes"
+        );
+        store_feedback(&db, "x", "m", &labels(&[("p1", "b")])).await?;
+        assert_eq!(
+            now().await?,
+            Accuracy {
+                labeled: 2,
+                correct: 0
+            },
+            "a changed label moves correct"
+        );
+        store_feedback(&db, "x", "m", &labels(&[("p1", "b"), ("p3", "b")])).await?;
+        assert_eq!(
+            now().await?,
+            Accuracy {
+                labeled: 2,
+                correct: 1
+            }
+        );
+        assert!(
+            !store_batch(&db, &batch(1, &[("p1", "a"), ("p2", "b")], 0)).await?,
+            "a retry"
+        );
+        assert_eq!(now().await?, recount(&db).await);
+        let s = summary(&db, None).await?;
+        let n = &s.nodes["n1"];
+        assert_eq!(
+            (n.batches, n.dropped_batches, n.dropped_requests, n.requests),
+            (2, 4, 40, 3)
+        );
+
+        assert_eq!(
+            sweep(&db, Duration::from_secs(3600), now_ms()).await?,
+            0,
+            "nothing expired"
+        );
+        let later = now_ms() + 2 * 3600 * 1000;
+        assert_eq!(
+            sweep(&db, Duration::from_secs(3600), later).await?,
+            2 + 3 + 2
+        );
+        for table in ["telemetry_batches", "predictions", "feedback"] {
+            assert_eq!(count(&db, table).await, 0, "{table}");
+        }
+        assert_eq!(
+            now().await?,
+            Accuracy {
+                labeled: 2,
+                correct: 1
+            },
+            "totals stay"
+        );
+        assert_eq!(summary(&db, None).await?.nodes["n1"], *n);
+        Ok(())
     }
 }
