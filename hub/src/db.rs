@@ -35,6 +35,7 @@ pub fn new_id() -> String {
 #[derive(Debug, Clone)]
 pub struct Db {
     pool: AnyPool,
+    sqlite: bool,
 }
 
 /// A registered model version.
@@ -228,7 +229,18 @@ impl Db {
                 source,
             })?;
         sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Db { pool })
+        Ok(Db { pool, sqlite })
+    }
+
+    /// The database's size in bytes (SQLite: its pages, the write-ahead log not included;
+    /// PostgreSQL: `pg_database_size`).
+    pub async fn size_bytes(&self) -> Result<i64> {
+        let sql = if self.sqlite {
+            "SELECT CAST(page_count * page_size AS BIGINT) AS n FROM pragma_page_count(), pragma_page_size()"
+        } else {
+            "SELECT CAST(pg_database_size(current_database()) AS BIGINT) AS n"
+        };
+        Ok(sqlx::query(sql).fetch_one(&self.pool).await?.try_get("n")?)
     }
 
     /// The pool (for the monitoring queries).
