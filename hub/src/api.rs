@@ -917,15 +917,23 @@ async fn desired(
         s.metrics.long_polls.dec();
     }
     let generation = *s.generation.borrow();
-    let node =
-        s.db.node(&id)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("node {id:?} is not registered")))?;
-    s.db.touch(&id).await?;
+    let snapshot = s.snapshots.get(&s.db, generation).await?;
+    let labels = match snapshot.labels(&id) {
+        Some(labels) => labels.clone(),
+        // Registered after the snapshot was read (its registration's generation is not
+        // this process's yet: another replica's, within a poll interval).
+        None => {
+            s.db.node(&id)
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("node {id:?} is not registered")))?
+                .labels
+        }
+    };
+    s.seen.note(&id, now());
     Ok(axum::Json(DesiredState {
         generation,
-        targets: s.db.metadata("targets").await?.map(|(_, body)| body),
-        models: s.db.desired(&node).await?,
+        targets: snapshot.targets.clone(),
+        models: snapshot.desired(&id, &labels),
     }))
 }
 
@@ -938,7 +946,10 @@ async fn report(
     caller.for_node(&id)?;
     let report: Report = json_body(&body)?;
     s.db.set_report(&id, &report).await?;
-    check_failures(&s).await?;
+    // Only a failure can push a rollout's failure rate up.
+    if report.models.iter().any(|m| m.failed()) {
+        check_failures(&s).await?;
+    }
     Ok(axum::Json(json!({"ok": true})))
 }
 

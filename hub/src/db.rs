@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 pub use capsule_format::hub::Rollout;
-use capsule_format::hub::{DesiredModel, Report, Role, RolloutState, TokenInfo};
+use capsule_format::hub::{Report, Role, RolloutState, TokenInfo};
 use serde::{Deserialize, Serialize};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor, Row};
@@ -847,37 +847,28 @@ impl Db {
         row.as_ref().map(rollout_row).transpose()
     }
 
-    /// What a node should run: each model's `production` version, replaced by the version of
-    /// an active rollout when the node matches its selector and its canary bucket is below
-    /// the rollout's percentage.
-    pub async fn desired(&self, node: &NodeRow) -> Result<Vec<DesiredModel>> {
-        let rollouts = self.active_rollouts().await?;
-        let mut out = Vec::new();
-        for model in self.models().await? {
-            let aliases = self.aliases(&model).await?;
-            let mut version = aliases.get("production").cloned();
-            if let Some(r) = rollouts
-                .iter()
-                .find(|r| r.model == model && crate::rollout::assigned(r, node))
-            {
-                version = Some(r.version.clone());
-            }
-            let Some(version) = version else { continue };
-            if let Some(v) = self.version(&model, &version).await? {
-                out.push(DesiredModel {
-                    path: capsule_format::tuf::target_path(&model, &version),
-                    image_path: v
-                        .split
-                        .is_some()
-                        .then(|| capsule_format::tuf::image_target_path(&model, &version)),
-                    model,
-                    version,
-                    sha256: v.sha256,
-                    length: v.length.max(0) as u64,
-                });
-            }
+    /// Every model's `production` version (models without one are left out).
+    pub async fn production_versions(&self) -> Result<BTreeMap<String, String>> {
+        let rows = sqlx::query("SELECT model, version FROM aliases WHERE alias = 'production'")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("model")?, r.try_get("version")?)))
+            .collect()
+    }
+
+    /// Marks nodes as seen at the given times (seconds), in one transaction.
+    pub async fn touch_all(&self, seen: &[(String, i64)]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for (id, at) in seen {
+            sqlx::query("UPDATE nodes SET last_seen = $1 WHERE id = $2 AND last_seen < $1")
+                .bind(at)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
         }
-        Ok(out)
+        tx.commit().await?;
+        Ok(())
     }
 }
 

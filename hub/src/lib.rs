@@ -15,6 +15,7 @@ mod api;
 mod blobs;
 mod dashboard;
 pub mod db;
+mod fleet;
 mod limits;
 mod metrics;
 pub mod monitor;
@@ -258,6 +259,10 @@ pub(crate) struct Shared {
     /// True once the hub is stopping: long-polls answer at once instead of holding the
     /// graceful shutdown for their whole wait.
     pub(crate) stopping: watch::Receiver<bool>,
+    /// What desired states are computed from, per generation.
+    pub(crate) snapshots: fleet::Snapshots,
+    /// Nodes' last calls, written once per tick.
+    pub(crate) seen: fleet::Seen,
 }
 
 impl Shared {
@@ -345,6 +350,8 @@ impl Hub {
             joins: tokio::sync::Mutex::new(()),
             limits: limits::RateLimits::default(),
             stopping: shutdown.subscribe(),
+            snapshots: fleet::Snapshots::default(),
+            seen: fleet::Seen::default(),
         });
         let app = api::router(Arc::clone(&shared));
         let mut stop_server = stop.clone();
@@ -373,12 +380,19 @@ impl Hub {
                 {
                     background.notify.send_replace(g);
                 }
+                if let Err(e) = background.seen.flush(&background.db).await {
+                    tracing::error!(error = %e.chain(), "recording nodes' last calls failed");
+                }
                 if let Err(e) = api::timed_steps(&background).await {
                     tracing::error!(error = %e.chain(), "rollout timer failed");
                 }
                 if let Err(e) = api::judge_canaries(&background).await {
                     tracing::error!(error = %e.chain(), "judging canaries failed");
                 }
+            }
+            // Nothing noted is lost on a clean stop.
+            if let Err(e) = background.seen.flush(&background.db).await {
+                tracing::error!(error = %e.chain(), "recording nodes' last calls failed");
             }
         });
         let monitor = Arc::clone(&shared);
