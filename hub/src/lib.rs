@@ -400,6 +400,14 @@ impl Hub {
         let evaluator = tokio::spawn(async move {
             let every =
                 Duration::from_millis((monitor.config.monitor.window_ms / 4).clamp(100, 5_000));
+            // Batches an earlier release stored whole become window rows.
+            match monitor::fold_stored_batches(&monitor.db, &monitor.config.monitor.group_label)
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(batches = n, "stored telemetry folded into windows"),
+                Err(e) => tracing::error!(error = %e.chain(), "folding stored telemetry failed"),
+            }
             let mut tick = tokio::time::interval(every);
             let mut swept: Option<tokio::time::Instant> = None;
             loop {

@@ -139,6 +139,7 @@ pub(crate) async fn ingest(
 ) -> Result<Vec<u64>> {
     let mut acked = Vec::with_capacity(batches.len());
     let registered = s.db.registered_versions().await?;
+    let group = node_group(&s.db, &s.config.monitor.group_label, node).await?;
     for b in batches {
         b.validate()?;
         if b.node_id != node {
@@ -147,7 +148,7 @@ pub(crate) async fn ingest(
                 b.seq, b.node_id
             )));
         }
-        let stored = store_batch(&s.db, &b).await?;
+        let stored = store_batch(&s.db, &b, &group).await?;
         s.metrics
             .telemetry_batches
             .with_label_values(&[if stored { "stored" } else { "duplicate" }])
@@ -179,13 +180,151 @@ fn to_i64(v: u64) -> i64 {
 /// database's write lock (SQLite has one) long enough to stall every report and register.
 const ROWS_PER_TRANSACTION: usize = 1000;
 
+/// The node group a node's telemetry counts in: the value of its `group_label` label, else
+/// `default`.
+async fn node_group(db: &Db, group_label: &str, node: &str) -> Result<String> {
+    Ok(db
+        .node(node)
+        .await?
+        .and_then(|n| n.labels.get(group_label).cloned())
+        .unwrap_or_else(|| "default".into()))
+}
+
+/// Adds one batch's window of a model version to its aggregate row (model, version, group,
+/// window start), creating it when it is the first. The first statement either creates the
+/// row or, when it exists, does nothing; an existing row is then locked (PostgreSQL: the
+/// no-op update; SQLite: the transaction's write lock), read, merged and written, so two
+/// hubs folding into one row at once add up instead of overwriting each other.
+async fn fold_window(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    group: &str,
+    window_start: i64,
+    window_end: i64,
+    m: &ModelWindow,
+    now: i64,
+) -> Result<()> {
+    let mut mine = m.clone();
+    mine.predictions.clear();
+    let created = sqlx::query(
+        "INSERT INTO telemetry_windows (model, version, grp, window_start, window_end, updated_at, body) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (model, version, grp, window_start) DO NOTHING",
+    )
+    .bind(&m.model)
+    .bind(&m.version)
+    .bind(group)
+    .bind(window_start)
+    .bind(window_end)
+    .bind(now)
+    .bind(serde_json::to_string(&mine)?)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    if created == 1 {
+        return Ok(());
+    }
+    let key = "model = $1 AND version = $2 AND grp = $3 AND window_start = $4";
+    sqlx::query(&format!(
+        "UPDATE telemetry_windows SET updated_at = $5 WHERE {key}"
+    ))
+    .bind(&m.model)
+    .bind(&m.version)
+    .bind(group)
+    .bind(window_start)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    let body: String = sqlx::query(&format!("SELECT body FROM telemetry_windows WHERE {key}"))
+        .bind(&m.model)
+        .bind(&m.version)
+        .bind(group)
+        .bind(window_start)
+        .fetch_one(&mut **tx)
+        .await?
+        .try_get("body")?;
+    let merged = match serde_json::from_str::<ModelWindow>(&body) {
+        Ok(stored) => {
+            let mut merged = stored.clone();
+            if merged.merge(&mine).is_ok() {
+                merged
+            } else {
+                tracing::warn!(model = %m.model, version = %m.version, "telemetry with mismatched features: counted without its features");
+                let mut merged = stored;
+                mine.features.clear();
+                let _ = merged.merge(&mine);
+                merged
+            }
+        }
+        // Not this release's shape: the window starts again from this batch.
+        Err(_) => mine,
+    };
+    sqlx::query(&format!(
+        "UPDATE telemetry_windows SET body = $5, window_end = CASE WHEN window_end > $6 THEN window_end ELSE $6 END WHERE {key}"
+    ))
+    .bind(&m.model)
+    .bind(&m.version)
+    .bind(group)
+    .bind(window_start)
+    .bind(serde_json::to_string(&merged)?)
+    .bind(window_end)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Folds batches stored whole by earlier releases into the window rows, 500 at a time
+/// (each chunk one transaction, its batches' bodies emptied in it), with each node's current
+/// group. Returns how many it folded.
+pub(crate) async fn fold_stored_batches(db: &Db, group_label: &str) -> Result<u64> {
+    let groups: BTreeMap<String, String> = db
+        .nodes()
+        .await?
+        .into_iter()
+        .map(|n| {
+            let g = n.labels.get(group_label).cloned();
+            (n.id, g.unwrap_or_else(|| "default".into()))
+        })
+        .collect();
+    let mut folded = 0;
+    loop {
+        let rows = sqlx::query(
+            "SELECT node_id, seq, body FROM telemetry_batches WHERE body <> '' ORDER BY node_id, seq LIMIT 500",
+        )
+        .fetch_all(db.pool())
+        .await?;
+        if rows.is_empty() {
+            return Ok(folded);
+        }
+        let now = now_ms();
+        let mut tx = db.pool().begin().await?;
+        for r in &rows {
+            let node: String = r.try_get("node_id")?;
+            let seq: i64 = r.try_get("seq")?;
+            let body: String = r.try_get("body")?;
+            if let Ok(b) = serde_json::from_str::<TelemetryBatch>(&body) {
+                let group = groups.get(&node).map_or("default", String::as_str);
+                for m in &b.models {
+                    let (ws, we) = (to_i64(b.window_start_ms), to_i64(b.window_end_ms));
+                    fold_window(&mut tx, group, ws, we, m, now).await?;
+                }
+            }
+            sqlx::query("UPDATE telemetry_batches SET body = '' WHERE node_id = $1 AND seq = $2")
+                .bind(&node)
+                .bind(seq)
+                .execute(&mut *tx)
+                .await?;
+            folded += 1;
+        }
+        tx.commit().await?;
+    }
+}
+
 /// Stores a batch once: `false` when it was stored already (a retry).
 ///
 /// Its predictions and feedback go first, in transactions of [`ROWS_PER_TRANSACTION`]: their
 /// inserts are idempotent, so a crash between two of them only means a retry writes the same
 /// rows again. The batch row and the totals it adds go last, in one transaction: the row is
 /// what makes the totals count exactly once.
-async fn store_batch(db: &Db, b: &TelemetryBatch) -> Result<bool> {
+async fn store_batch(db: &Db, b: &TelemetryBatch, group: &str) -> Result<bool> {
     let known =
         sqlx::query("SELECT 1 AS one FROM telemetry_batches WHERE node_id = $1 AND seq = $2")
             .bind(&b.node_id)
@@ -251,7 +390,6 @@ async fn store_batch(db: &Db, b: &TelemetryBatch) -> Result<bool> {
         }
         tx.commit().await?;
     }
-    let body = serde_json::to_string(b)?;
     let mut tx = db.pool().begin().await?;
     let done = sqlx::query(
         "INSERT INTO telemetry_batches (node_id, seq, window_start, window_end, received_at, requests, dropped_batches, dropped_requests, body) \
@@ -265,7 +403,7 @@ async fn store_batch(db: &Db, b: &TelemetryBatch) -> Result<bool> {
     .bind(to_i64(b.requests()))
     .bind(to_i64(b.dropped_batches))
     .bind(to_i64(b.dropped_requests))
-    .bind(&body)
+    .bind("")
     .execute(&mut *tx)
     .await?;
     if done.rows_affected() == 0 {
@@ -284,6 +422,8 @@ async fn store_batch(db: &Db, b: &TelemetryBatch) -> Result<bool> {
     .execute(&mut *tx)
     .await?;
     for m in &b.models {
+        let (ws, we) = (to_i64(b.window_start_ms), to_i64(b.window_end_ms));
+        fold_window(&mut tx, group, ws, we, m, now).await?;
         sqlx::query(
             "INSERT INTO telemetry_totals (node_id, model, version, requests, errors, rows_seen) VALUES ($1, $2, $3, $4, $5, $6) \
              ON CONFLICT (node_id, model, version) DO UPDATE SET requests = telemetry_totals.requests + excluded.requests, \
@@ -652,28 +792,11 @@ pub struct WindowPoint {
     pub classes: BTreeMap<String, u64>,
 }
 
-/// Batches whose window starts in `[from, to)`, with their node's group.
-async fn load_batches(
-    db: &Db,
-    group_label: &str,
-    from: i64,
-    to: i64,
-) -> Result<Vec<(String, TelemetryBatch)>> {
-    let groups: BTreeMap<String, String> = db
-        .nodes()
-        .await?
-        .into_iter()
-        .map(|n| {
-            let g = n
-                .labels
-                .get(group_label)
-                .cloned()
-                .unwrap_or_else(|| "default".into());
-            (n.id, g)
-        })
-        .collect();
+/// The aggregate rows whose window starts in `[from, to)`: (group, window start, what the
+/// group's nodes saw of one model version in it).
+async fn load_windows(db: &Db, from: i64, to: i64) -> Result<Vec<(String, i64, ModelWindow)>> {
     let rows = sqlx::query(
-        "SELECT node_id, body FROM telemetry_batches WHERE window_start >= $1 AND window_start < $2 ORDER BY window_start LIMIT 100000",
+        "SELECT grp, window_start, body FROM telemetry_windows WHERE window_start >= $1 AND window_start < $2 ORDER BY window_start",
     )
     .bind(from)
     .bind(to)
@@ -681,16 +804,11 @@ async fn load_batches(
     .await?;
     let mut out = Vec::with_capacity(rows.len());
     for r in rows {
-        let node: String = r.try_get("node_id")?;
         let body: String = r.try_get("body")?;
-        let Ok(batch) = serde_json::from_str::<TelemetryBatch>(&body) else {
+        let Ok(m) = serde_json::from_str::<ModelWindow>(&body) else {
             continue;
         };
-        let g = groups
-            .get(&node)
-            .cloned()
-            .unwrap_or_else(|| "default".into());
-        out.push((g, batch));
+        out.push((r.try_get("grp")?, r.try_get("window_start")?, m));
     }
     Ok(out)
 }
@@ -740,24 +858,17 @@ pub(crate) async fn windows(
     let w = i64::try_from(cfg.window_ms).unwrap_or(60_000);
     let end = (now_ms() / w + 1) * w;
     let start = end - w * i64::from(count.clamp(1, 500));
-    let batches = load_batches(&s.db, &cfg.group_label, start, end).await?;
     let mut per: BTreeMap<(String, i64), ModelWindow> = BTreeMap::new();
-    for (g, b) in &batches {
-        if group.is_some_and(|want| want != g) {
+    for (g, start, m) in load_windows(&s.db, start, end).await? {
+        if group.is_some_and(|want| want != g) || m.model != model {
             continue;
         }
-        let ws = to_i64(b.window_start_ms) / w * w;
-        for m in b.models.iter().filter(|m| m.model == model) {
-            let key = (m.version.clone(), ws);
-            match per.get_mut(&key) {
-                Some(acc) => {
-                    let _ = acc.merge(m);
-                }
-                None => {
-                    let mut acc = m.clone();
-                    acc.predictions.clear();
-                    per.insert(key, acc);
-                }
+        match per.entry((m.version.clone(), start / w * w)) {
+            std::collections::btree_map::Entry::Occupied(mut acc) => {
+                let _ = acc.get_mut().merge(&m);
+            }
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(m);
             }
         }
     }
@@ -904,12 +1015,9 @@ pub(crate) async fn evaluate(s: &Shared) -> Result<()> {
 
 async fn evaluate_window(s: &Shared, ws: i64, we: i64) -> Result<()> {
     let cfg = &s.config.monitor;
-    let batches = load_batches(&s.db, &cfg.group_label, ws, we).await?;
     let mut agg: BTreeMap<(String, String, String), ModelWindow> = BTreeMap::new();
-    for (g, b) in &batches {
-        for m in &b.models {
-            merge_into(&mut agg, g, m);
-        }
+    for (g, _, m) in &load_windows(&s.db, ws, we).await? {
+        merge_into(&mut agg, g, m);
     }
     let mut references: BTreeMap<(String, String), Option<ReferenceStats>> = BTreeMap::new();
     let mut findings = Vec::new();
@@ -1337,7 +1445,7 @@ mod tests {
                 .map(|a| a.get("1").copied().unwrap_or_default())
         };
         // (step, accuracy after it) — each checked against a recount of the rows
-        assert!(store_batch(&db, &batch(1, &[("p1", "a"), ("p2", "b")], 0)).await?);
+        assert!(store_batch(&db, &batch(1, &[("p1", "a"), ("p2", "b")], 0), "g").await?);
         assert_eq!(
             now().await?,
             Accuracy {
@@ -1354,7 +1462,7 @@ mod tests {
             },
             "p3 has no prediction yet"
         );
-        assert!(store_batch(&db, &batch(2, &[("p3", "b")], 4)).await?);
+        assert!(store_batch(&db, &batch(2, &[("p3", "b")], 4), "g").await?);
         assert_eq!(
             now().await?,
             Accuracy {
@@ -1381,7 +1489,7 @@ mod tests {
             }
         );
         assert!(
-            !store_batch(&db, &batch(1, &[("p1", "a"), ("p2", "b")], 0)).await?,
+            !store_batch(&db, &batch(1, &[("p1", "a"), ("p2", "b")], 0), "g").await?,
             "a retry"
         );
         assert_eq!(now().await?, recount(&db).await);
@@ -1414,6 +1522,51 @@ mod tests {
             "totals stay"
         );
         assert_eq!(summary(&db, None).await?.nodes["n1"], *n);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn windows_are_aggregated_at_ingest_and_old_batches_folded_in() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(Error::io("temp dir"))?;
+        let db = Db::connect(&format!("sqlite://{}", dir.path().join("hub.db").display())).await?;
+        let mut other_node = batch(1, &[("q1", "a")], 0);
+        other_node.node_id = "n2".into();
+        store_batch(&db, &batch(1, &[("p1", "a"), ("p2", "b")], 0), "eu").await?;
+        store_batch(&db, &other_node, "eu").await?;
+        store_batch(&db, &batch(2, &[("p3", "a")], 0), "us").await?;
+        // A batch stored whole by an earlier release, in the same window and group.
+        let mut old = batch(1, &[("r1", "a"), ("r2", "a"), ("r3", "a")], 0);
+        old.node_id = "n3".into();
+        sqlx::query(
+            "INSERT INTO telemetry_batches (node_id, seq, window_start, window_end, received_at, requests, dropped_batches, dropped_requests, body) \
+             VALUES ('n3', 1, 0, 1000, 0, 3, 0, 0, $1)",
+        )
+        .bind(serde_json::to_string(&old)?)
+        .execute(db.pool())
+        .await?;
+        assert_eq!(fold_stored_batches(&db, "group").await?, 1);
+        assert_eq!(fold_stored_batches(&db, "group").await?, 0, "folded once");
+        let mut rows: Vec<(String, i64, u64, usize)> = load_windows(&db, 0, 1)
+            .await?
+            .into_iter()
+            .map(|(g, ws, m)| (g, ws, m.requests, m.predictions.len()))
+            .collect();
+        rows.sort();
+        assert_eq!(
+            rows,
+            [
+                ("default".into(), 0, 3, 0),
+                ("eu".into(), 0, 3, 0),
+                ("us".into(), 0, 1, 0),
+            ],
+            "one row per group and window; predictions are not kept in windows"
+        );
+        let bodies: i64 =
+            sqlx::query("SELECT COUNT(*) AS n FROM telemetry_batches WHERE body <> ''")
+                .fetch_one(db.pool())
+                .await?
+                .try_get("n")?;
+        assert_eq!(bodies, 0, "batch rows keep no body");
         Ok(())
     }
 }

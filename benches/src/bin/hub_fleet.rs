@@ -434,6 +434,10 @@ async fn run(a: Args) -> Result<()> {
     flip(&hub, "1.0.0").await?;
 
     // Tokens and registrations.
+    eprintln!(
+        "hub_fleet: issuing tokens to and registering {} nodes",
+        a.nodes
+    );
     let t = Instant::now();
     let gate = Arc::new(Semaphore::new(a.concurrency));
     let mut setup = tokio::task::JoinSet::new();
@@ -483,6 +487,10 @@ async fn run(a: Args) -> Result<()> {
         ));
     }
     // Until every node serves 1.0.0.
+    eprintln!(
+        "hub_fleet: {} long-polls; waiting for every node to serve 1.0.0",
+        a.nodes
+    );
     let t = Instant::now();
     loop {
         let mut all = true;
@@ -500,6 +508,7 @@ async fn run(a: Args) -> Result<()> {
     let first_sync_s = t.elapsed().as_secs_f64();
 
     // Idle fleet: flips with nothing else going on.
+    eprintln!("hub_fleet: three updates of the idle fleet");
     let probes = Arc::new(Mutex::new(Probes::default()));
     let mut idle_flips = Vec::new();
     for version in ["2.0.0", "1.0.0", "2.0.0"] {
@@ -551,6 +560,10 @@ async fn run(a: Args) -> Result<()> {
     let sim_start = now_ms - a.batches * 10_000;
     let mut post_times = Vec::new();
     for seq in 1..=a.batches {
+        eprintln!(
+            "hub_fleet: telemetry round {seq} of {} ({} batches)",
+            a.batches, a.nodes
+        );
         if seq > a.batches / 2 {
             half.store(true, Ordering::Relaxed);
         }
