@@ -1130,9 +1130,7 @@ async fn post_telemetry(
     }
     let shipment: Shipment = json_body(&body)?;
     let acked = crate::monitor::ingest(&s, &caller.node, shipment.batches).await?;
-    if s.db.node(&caller.node).await?.is_some() {
-        s.db.touch(&caller.node).await?;
-    }
+    s.seen.note(&caller.node, now());
     Ok(axum::Json(json!({ "acked": acked })))
 }
 

@@ -162,6 +162,16 @@ pub(crate) fn named<T: std::str::FromStr<Err = capsule_format::hub::UnknownName>
         .map_err(|source| Error::Stored { column, source })
 }
 
+fn node_row(r: &AnyRow) -> Result<NodeRow> {
+    Ok(NodeRow {
+        id: r.try_get("id")?,
+        labels: serde_json::from_str(&r.try_get::<String, _>("labels")?).unwrap_or_default(),
+        registered_at: r.try_get("registered_at")?,
+        last_seen: r.try_get("last_seen")?,
+        report: serde_json::from_str(&r.try_get::<String, _>("report")?).ok(),
+    })
+}
+
 fn token_info(r: &AnyRow) -> Result<TokenInfo> {
     let hash: String = r.try_get("hash")?;
     Ok(TokenInfo {
@@ -674,23 +684,18 @@ impl Db {
         )
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(NodeRow {
-                    id: r.try_get("id")?,
-                    labels: serde_json::from_str(&r.try_get::<String, _>("labels")?)
-                        .unwrap_or_default(),
-                    registered_at: r.try_get("registered_at")?,
-                    last_seen: r.try_get("last_seen")?,
-                    report: serde_json::from_str(&r.try_get::<String, _>("report")?).ok(),
-                })
-            })
-            .collect()
+        rows.iter().map(node_row).collect()
     }
 
     /// One node.
     pub async fn node(&self, id: &str) -> Result<Option<NodeRow>> {
-        Ok(self.nodes().await?.into_iter().find(|n| n.id == id))
+        let row = sqlx::query(
+            "SELECT id, labels, registered_at, last_seen, report FROM nodes WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(node_row).transpose()
     }
 
     /// Creates a rollout.

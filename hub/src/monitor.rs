@@ -180,6 +180,84 @@ fn to_i64(v: u64) -> i64 {
 /// database's write lock (SQLite has one) long enough to stall every report and register.
 const ROWS_PER_TRANSACTION: usize = 1000;
 
+/// Predictions one statement inserts (6 parameters each).
+const PREDICTIONS_PER_STATEMENT: usize = 100;
+
+/// Inserts predictions (one statement; a prediction the hub has is left as it is) and counts
+/// those whose label came first into their version's accuracy (one more statement).
+async fn insert_predictions(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    node: &str,
+    now: i64,
+    part: &[(&str, &str, &telemetry::Prediction)],
+) -> Result<()> {
+    use std::fmt::Write as _;
+    if part.is_empty() {
+        return Ok(());
+    }
+    let mut sql =
+        String::from("INSERT INTO predictions (model, id, version, class, node_id, at) VALUES ");
+    for i in 0..part.len() {
+        let n = i * 6;
+        let sep = if i == 0 { "" } else { ", " };
+        let _ = write!(
+            sql,
+            "{sep}(${}, ${}, ${}, ${}, ${}, ${})",
+            n + 1,
+            n + 2,
+            n + 3,
+            n + 4,
+            n + 5,
+            n + 6
+        );
+    }
+    sql.push_str(" ON CONFLICT (model, id) DO NOTHING RETURNING model, id");
+    let mut q = sqlx::query(&sql);
+    for (model, version, p) in part {
+        q = q
+            .bind(*model)
+            .bind(&p.id)
+            .bind(*version)
+            .bind(&p.class)
+            .bind(node)
+            .bind(now);
+    }
+    let mut added: BTreeSet<(String, String)> = BTreeSet::new();
+    for r in q.fetch_all(&mut **tx).await? {
+        added.insert((r.try_get("model")?, r.try_get("id")?));
+    }
+    if added.is_empty() {
+        return Ok(());
+    }
+    // Labels that came before their predictions count now.
+    let mut sql = String::from("SELECT model, id, label FROM feedback WHERE ");
+    for i in 0..added.len() {
+        let sep = if i == 0 { "" } else { " OR " };
+        let _ = write!(sql, "{sep}(model = ${} AND id = ${})", 2 * i + 1, 2 * i + 2);
+    }
+    let mut q = sqlx::query(&sql);
+    for (model, id) in &added {
+        q = q.bind(model).bind(id);
+    }
+    let mut labels: BTreeMap<(String, String), String> = BTreeMap::new();
+    for r in q.fetch_all(&mut **tx).await? {
+        labels.insert((r.try_get("model")?, r.try_get("id")?), r.try_get("label")?);
+    }
+    let mut deltas: BTreeMap<(&str, &str), (i64, i64)> = BTreeMap::new();
+    for (model, version, p) in part {
+        // Once per stored prediction (a part may name one id twice; only one was stored).
+        if let Some(label) = labels.remove(&((*model).to_owned(), p.id.clone())) {
+            let d = deltas.entry((model, version)).or_default();
+            d.0 += 1;
+            d.1 += i64::from(label == p.class);
+        }
+    }
+    for ((model, version), (labeled, correct)) in deltas {
+        add_accuracy(tx, model, version, labeled, correct).await?;
+    }
+    Ok(())
+}
+
 /// The node group a node's telemetry counts in: the value of its `group_label` label, else
 /// `default`.
 async fn node_group(db: &Db, group_label: &str, node: &str) -> Result<String> {
@@ -335,56 +413,38 @@ async fn store_batch(db: &Db, b: &TelemetryBatch, group: &str) -> Result<bool> {
         return Ok(false);
     }
     let now = now_ms();
-    enum Row<'a> {
-        Prediction(&'a str, &'a str, &'a telemetry::Prediction),
+    enum Unit<'a> {
+        Predictions(&'a [(&'a str, &'a str, &'a telemetry::Prediction)]),
         Feedback(&'a telemetry::Feedback),
     }
-    let rows: Vec<Row<'_>> = b
+    let predictions: Vec<(&str, &str, &telemetry::Prediction)> = b
         .models
         .iter()
         .flat_map(|m| {
             m.predictions
                 .iter()
-                .map(move |p| Row::Prediction(&m.model, &m.version, p))
+                .map(move |p| (m.model.as_str(), m.version.as_str(), p))
         })
-        .chain(b.feedback.iter().map(Row::Feedback))
         .collect();
-    for chunk in rows.chunks(ROWS_PER_TRANSACTION) {
+    let units: Vec<Unit<'_>> = predictions
+        .chunks(PREDICTIONS_PER_STATEMENT)
+        .map(Unit::Predictions)
+        .chain(b.feedback.iter().map(Unit::Feedback))
+        .collect();
+    let mut units = units.iter().peekable();
+    while units.peek().is_some() {
         let mut tx = db.pool().begin().await?;
-        for row in chunk {
-            match row {
-                Row::Prediction(model, version, p) => {
-                    let added = sqlx::query(
-                        "INSERT INTO predictions (model, id, version, class, node_id, at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (model, id) DO NOTHING",
-                    )
-                    .bind(*model)
-                    .bind(&p.id)
-                    .bind(*version)
-                    .bind(&p.class)
-                    .bind(&b.node_id)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                    if added == 0 {
-                        continue;
-                    }
-                    // A label that came before its prediction counts now.
-                    let label: Option<String> =
-                        sqlx::query("SELECT label FROM feedback WHERE model = $1 AND id = $2")
-                            .bind(*model)
-                            .bind(&p.id)
-                            .fetch_optional(&mut *tx)
-                            .await?
-                            .map(|r| r.try_get("label"))
-                            .transpose()?;
-                    if let Some(label) = label {
-                        let right = i64::from(label == p.class);
-                        add_accuracy(&mut tx, model, version, 1, right).await?;
-                    }
+        let mut rows = 0;
+        while rows < ROWS_PER_TRANSACTION {
+            let Some(unit) = units.next() else { break };
+            match unit {
+                Unit::Predictions(part) => {
+                    insert_predictions(&mut tx, &b.node_id, now, part).await?;
+                    rows += part.len();
                 }
-                Row::Feedback(f) => {
+                Unit::Feedback(f) => {
                     insert_feedback(&mut tx, &f.model, &f.id, &f.label, &b.node_id, now).await?;
+                    rows += 1;
                 }
             }
         }
