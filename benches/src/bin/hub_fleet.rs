@@ -533,9 +533,10 @@ async fn run(a: Args) -> Result<()> {
         let flip_every = a.flip_every;
         tokio::spawn(async move {
             let mut flips = Vec::new();
-            let mut next_flip = Instant::now() + flip_every;
+            // The first flip at once, so even a short load has one.
+            let mut next_flip = Instant::now();
             let mut version = "1.0.0";
-            while loading.load(Ordering::Relaxed) {
+            loop {
                 let phase = if half.load(Ordering::Relaxed) {
                     "load, 2nd half"
                 } else {
@@ -546,6 +547,9 @@ async fn run(a: Args) -> Result<()> {
                     flips.push((version.to_owned(), flip(&hub, version).await?));
                     version = if version == "1.0.0" { "2.0.0" } else { "1.0.0" };
                     next_flip += flip_every;
+                }
+                if !loading.load(Ordering::Relaxed) {
+                    break;
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
