@@ -22,7 +22,7 @@ use std::time::Duration;
 use capsule_model::LoadedModel;
 use capsule_runtime::{CapsuleEngine, CapsuleImage, EngineConfig, LoadedCapsule, RunConfig};
 use capsule_tests::{FIXTURE_MODELS, builder, fixture_capsule, model_bytes};
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_main};
 
 fn or_die<T, E: std::fmt::Display>(r: Result<T, E>, what: &str) -> T {
     match r {
@@ -347,12 +347,19 @@ fn telemetry(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(
-    benches,
-    infer,
-    cold_start,
-    engine_costs,
-    preprocess,
-    telemetry
-);
-criterion_main!(benches);
+/// The groups (criterion's macro makes an undocumented `pub fn`).
+mod groups {
+    #![allow(missing_docs)]
+    use super::{cold_start, engine_costs, infer, preprocess, telemetry};
+    use criterion::criterion_group;
+
+    criterion_group!(
+        benches,
+        infer,
+        cold_start,
+        engine_costs,
+        preprocess,
+        telemetry
+    );
+}
+criterion_main!(groups::benches);
