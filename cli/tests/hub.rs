@@ -802,6 +802,58 @@ fn a_revoked_node_token_is_refused() -> Result<()> {
     Ok(())
 }
 
+/// Every refusal is the hub's JSON error, axum's own rejections included (a body over the
+/// route's limit, a query that does not parse, a method the route does not take, a path no
+/// route has), typed by the hub's extractors rather than read back from their bodies.
+#[test]
+fn every_refusal_is_a_json_error() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (_hub, hub) = sqlite_hub(dir.path())?;
+    let c = http();
+    let cases: Vec<(&str, reqwest::blocking::RequestBuilder, u16)> = vec![
+        (
+            "a body over the 4 MiB default limit",
+            c.post(format!("{hub}/api/v1/rollouts"))
+                .body(vec![b' '; 5 << 20]),
+            413,
+        ),
+        (
+            "a generation that is not a number",
+            c.get(format!("{hub}/api/v1/nodes/n1/desired?after=soon")),
+            400,
+        ),
+        (
+            "a method the route does not take",
+            c.delete(format!("{hub}/api/v1/models")),
+            405,
+        ),
+        ("no such route", c.get(format!("{hub}/api/v2/models")), 404),
+        (
+            "a comparison without versions",
+            c.get(format!("{hub}/api/v1/models/m/compare")),
+            400,
+        ),
+    ];
+    for (what, req, want) in cases {
+        let resp = req.bearer_auth(ADMIN).send()?;
+        let status = resp.status().as_u16();
+        let kind = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let body: Value = resp.json().unwrap_or(Value::Null);
+        assert_eq!(status, want, "{what}: {body}");
+        assert!(kind.starts_with("application/json"), "{what}: {kind}");
+        assert!(
+            body["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{what}: {body}"
+        );
+    }
+    Ok(())
+}
+
 /// Admin tokens rotate through the API and the CLI: issue a new one, move to it, revoke the
 /// old one by its hash prefix; the last admin token cannot be revoked; node tokens can be
 /// revoked one by one too.

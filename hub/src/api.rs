@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, Path, Query, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -25,6 +25,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::db::{Rollout, SplitBlobs, VersionRow, new_id, now};
+use crate::extract::{Path, Query, RawBody};
 use crate::rollout::{self, Event, Health};
 use crate::{Error, Result, Shared, monitor, token_hash};
 
@@ -93,8 +94,10 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .merge(crate::dashboard::router())
         .fallback(|| async { Error::NotFound("no such endpoint".into()) })
+        .method_not_allowed_fallback(|| async {
+            Error::MethodNotAllowed("this endpoint does not take that method".into())
+        })
         .layer(DefaultBodyLimit::max(4 << 20))
-        .layer(axum::middleware::map_response(json_errors))
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
             count_requests,
@@ -116,31 +119,6 @@ pub(crate) fn router(state: AppState) -> Router {
                 .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, header::RANGE]),
         )
         .with_state(state)
-}
-
-/// Every error as JSON `{"error": ...}`, axum's own rejections (bad query string, body over
-/// its limit, wrong method) included.
-async fn json_errors(resp: Response) -> Response {
-    let status = resp.status();
-    let is_json = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
-    if !(status.is_client_error() || status.is_server_error()) || is_json {
-        return resp;
-    }
-    let (parts, body) = resp.into_parts();
-    let text = axum::body::to_bytes(body, 64 << 10)
-        .await
-        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
-        .unwrap_or_default();
-    let message = if text.is_empty() {
-        status.canonical_reason().unwrap_or("error").to_lowercase()
-    } else {
-        text
-    };
-    (parts.status, axum::Json(json!({"error": message}))).into_response()
 }
 
 /// Counts every request by route template, method and status.
@@ -330,7 +308,7 @@ fn blob_kind(bytes: &[u8]) -> Result<&'static str> {
 async fn put_blob(
     State(s): State<AppState>,
     Admin(c): Admin,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> Result<axum::Json<Value>> {
     let kind = blob_kind(&body)?;
     let store = s.blobs.clone();
@@ -473,7 +451,7 @@ async fn post_metadata(
     State(s): State<AppState>,
     Admin(c): Admin,
     Path(role): Path<String>,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> Result<axum::Json<Value>> {
     let version = match role.as_str() {
         "root" => {
@@ -566,7 +544,7 @@ async fn add_version(
     State(s): State<AppState>,
     Admin(c): Admin,
     Path(model): Path<String>,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> Result<axum::Json<VersionRow>> {
     let req: NewVersion = json_body(&body)?;
     let uploaded = read_blob(&s, &req.sha256, "blob").await?;
@@ -719,7 +697,7 @@ async fn set_alias(
     State(s): State<AppState>,
     Admin(c): Admin,
     Path((model, alias)): Path<(String, String)>,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> Result<axum::Json<Value>> {
     let req: AliasBody = json_body(&body)?;
     if s.db.version(&model, &req.version).await?.is_none() {
@@ -803,7 +781,7 @@ async fn issue(
 async fn admin_token(
     State(s): State<AppState>,
     Admin(c): Admin,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> Result<axum::Json<IssuedToken>> {
     let req: NewToken = json_body(&body)?;
     if let Some(problem) = req.problem() {
@@ -869,7 +847,7 @@ async fn register(
     State(s): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> Result<axum::Json<Value>> {
     let c = caller.for_node(&id)?;
     let reg: Registration = json_body(&body)?;
@@ -941,7 +919,7 @@ async fn report(
     State(s): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> Result<axum::Json<Value>> {
     caller.for_node(&id)?;
     let report: Report = json_body(&body)?;
@@ -1028,7 +1006,7 @@ pub(crate) async fn judge_canaries(s: &Shared) -> Result<()> {
 async fn create_rollout(
     State(s): State<AppState>,
     Admin(c): Admin,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> Result<axum::Json<Rollout>> {
     let req: NewRollout = json_body(&body)?;
     if s.db.version(&req.model, &req.version).await?.is_none() {
@@ -1121,7 +1099,7 @@ struct Shipment {
 async fn post_telemetry(
     State(s): State<AppState>,
     caller: Caller,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> Result<axum::Json<Value>> {
     if caller.kind != Role::Node {
         return Err(Error::Forbidden(
@@ -1145,7 +1123,7 @@ struct FeedbackBody {
 async fn post_feedback(
     State(s): State<AppState>,
     caller: Caller,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> Result<axum::Json<Value>> {
     let b: FeedbackBody = json_body(&body)?;
     if b.feedback.len() > capsule_format::telemetry::MAX_FEEDBACK {

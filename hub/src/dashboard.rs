@@ -12,7 +12,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::get;
@@ -21,6 +21,7 @@ use capsule_format::telemetry::{Binning, FeatureDrift, ReferenceStats};
 use serde::Deserialize;
 
 use crate::api::Admin;
+use crate::extract::{Form, Path, Query};
 use crate::monitor::{self, WindowPoint};
 use crate::{Result, Shared, token_hash};
 
@@ -154,10 +155,7 @@ struct LoginForm {
     token: String,
 }
 
-async fn login(
-    State(s): State<AppState>,
-    axum::Form(form): axum::Form<LoginForm>,
-) -> Result<Response> {
+async fn login(State(s): State<AppState>, Form(form): Form<LoginForm>) -> Result<Response> {
     let token = form.token.trim().to_owned();
     let admin = matches!(s.db.token(&token_hash(&token)).await?, Some(t) if t.role == capsule_format::hub::Role::Admin);
     if !admin || token.contains([';', ',', ' ']) {

@@ -15,6 +15,7 @@ mod api;
 mod blobs;
 mod dashboard;
 pub mod db;
+mod extract;
 mod fleet;
 mod limits;
 mod metrics;
@@ -54,6 +55,9 @@ pub enum Error {
     /// A capsule, metadata or telemetry the format refuses (400).
     #[error(transparent)]
     Invalid(#[from] capsule_format::Error),
+    /// A method the endpoint does not take (405).
+    #[error("{0}")]
+    MethodNotAllowed(String),
     /// A request that contradicts the state (409).
     #[error("{0}")]
     Conflict(String),
@@ -144,6 +148,7 @@ impl Error {
             Error::Unauthorized(_) => 401,
             Error::Forbidden(_) => 403,
             Error::NotFound(_) => 404,
+            Error::MethodNotAllowed(_) => 405,
             Error::BadRequest(_) | Error::Invalid(_) => 400,
             Error::Conflict(_) => 409,
             Error::TooLarge(_) => 413,
