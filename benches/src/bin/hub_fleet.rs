@@ -264,6 +264,15 @@ fn batch(node: &str, seq: u64, start_ms: u64, version: &str) -> TelemetryBatch {
     }
 }
 
+/// The admin calls the prober times.
+const PROBED: [&str; 5] = [
+    "/api/v1/nodes",
+    "/api/v1/rollouts",
+    "/api/v1/telemetry/summary",
+    "/metrics",
+    "/dashboard",
+];
+
 #[derive(Default)]
 struct Probes {
     /// (endpoint, phase) -> seconds.
@@ -271,13 +280,7 @@ struct Probes {
 }
 
 async fn probe(hub: &Hub, phase: &'static str, probes: &Mutex<Probes>) -> Result<()> {
-    for path in [
-        "/api/v1/nodes",
-        "/api/v1/rollouts",
-        "/api/v1/telemetry/summary",
-        "/metrics",
-        "/dashboard",
-    ] {
+    for path in PROBED {
         let t = Instant::now();
         hub.call(reqwest::Method::GET, path, ADMIN, None)
             .await?
@@ -674,13 +677,7 @@ async fn run(a: Args) -> Result<()> {
     println!("| admin call | idle p99 | load, 1st half p99 | load, 2nd half p99 |");
     println!("|---|---|---|---|");
     let probes = probes.lock().await;
-    for path in [
-        "/api/v1/nodes",
-        "/api/v1/rollouts",
-        "/api/v1/telemetry/summary",
-        "/metrics",
-        "/dashboard",
-    ] {
+    for path in PROBED {
         let mut cells = Vec::new();
         for phase in ["idle", "load, 1st half", "load, 2nd half"] {
             let mut v = probes
