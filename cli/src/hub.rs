@@ -4,9 +4,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use capsule_format::hub::{AutoPromote, NewRollout, NewToken, RolloutAction};
 use capsule_format::tuf::{self, PublicKey, Root, Signed, SigningKey, Targets};
+use capsule_node::{HubClient, HubError};
 use serde_json::{Value, json};
 
 use crate::read_limited;
@@ -225,7 +226,7 @@ pub fn run_sign(args: &SignArgs) -> Result<()> {
 
 /// Where and as whom admin commands talk to the hub.
 #[derive(Debug, clap::Args)]
-pub struct HubClient {
+pub struct HubOptions {
     /// The hub's URL.
     #[arg(long, env = "CAPSULE_HUB", default_value = "http://127.0.0.1:8400")]
     hub: String,
@@ -237,61 +238,38 @@ pub struct HubClient {
     ca: Option<PathBuf>,
 }
 
-impl HubClient {
-    fn client(&self) -> Result<reqwest::Client> {
-        let mut builder = reqwest::Client::builder().use_rustls_tls();
-        if let Some(ca) = &self.ca {
-            let pem = read_limited(ca, 1 << 20, "CA certificate")?;
-            builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
-        }
-        Ok(builder.build()?)
+/// Largest answer of the hub an admin command reads.
+const MAX_ANSWER_BYTES: usize = 64 << 20;
+
+impl HubOptions {
+    /// The hub's client (the node's sync agent uses the same one).
+    fn client(&self) -> Result<HubClient> {
+        Ok(HubClient::new(&self.hub, &self.token, self.ca.as_deref())?)
     }
 
     /// Whether the hub has this resource (`HEAD`: 200 or 404).
     async fn has(&self, path: &str) -> Result<bool> {
-        let resp = self
-            .client()?
-            .head(format!("{}{path}", self.hub.trim_end_matches('/')))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the hub at {}", self.hub))?;
-        match resp.status().as_u16() {
-            200 => Ok(true),
-            404 => Ok(false),
-            other => bail!("hub answered {other} to HEAD {path}"),
+        let c = self.client()?;
+        match c.send(c.request(reqwest::Method::HEAD, path)).await {
+            Ok(_) => Ok(true),
+            Err(HubError::Status { status: 404, .. }) => Ok(false),
+            Err(e) => Err(e).with_context(|| format!("HEAD {path}")),
         }
     }
 
+    /// A call whose answer is printed or read as JSON.
     async fn call(
         &self,
         method: reqwest::Method,
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Value> {
-        let mut req = self
-            .client()?
-            .request(method, format!("{}{path}", self.hub.trim_end_matches('/')))
-            .bearer_auth(&self.token);
+        let c = self.client()?;
+        let mut req = c.request(method, path);
         if let Some(b) = body {
             req = req.body(b);
         }
-        let resp = req
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the hub at {}", self.hub))?;
-        let status = resp.status();
-        let text = resp.text().await?;
-        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        if !status.is_success() {
-            let message = value
-                .get("error")
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-                .unwrap_or(value.to_string());
-            bail!("hub answered {}: {message}", status.as_u16());
-        }
-        Ok(value)
+        Ok(c.json(req, MAX_ANSWER_BYTES).await?)
     }
 }
 
@@ -301,7 +279,7 @@ pub struct PushArgs {
     /// The capsule.
     capsule: PathBuf,
     #[command(flatten)]
-    client: HubClient,
+    client: HubOptions,
     /// Signed targets metadata to publish with it (from `capsule sign`).
     #[arg(long)]
     targets: Option<PathBuf>,
@@ -396,7 +374,7 @@ pub fn run_push(args: &PushArgs) -> Result<()> {
 #[derive(Debug, clap::Args)]
 pub struct RolloutArgs {
     #[command(flatten)]
-    client: HubClient,
+    client: HubOptions,
     #[command(subcommand)]
     command: RolloutCommand,
 }
@@ -530,7 +508,7 @@ pub fn run_rollout(args: &RolloutArgs) -> Result<()> {
     })
 }
 
-async fn action(c: &HubClient, id: &str, action: RolloutAction) -> Result<Value> {
+async fn action(c: &HubOptions, id: &str, action: RolloutAction) -> Result<Value> {
     c.call(
         reqwest::Method::POST,
         &format!("/api/v1/rollouts/{id}/{action}"),
@@ -543,7 +521,7 @@ async fn action(c: &HubClient, id: &str, action: RolloutAction) -> Result<Value>
 #[derive(Debug, clap::Args)]
 pub struct TokensArgs {
     #[command(flatten)]
-    client: HubClient,
+    client: HubOptions,
     #[command(subcommand)]
     command: TokensCommand,
 }
@@ -619,7 +597,7 @@ pub fn run_tokens(args: &TokensArgs) -> Result<()> {
 #[derive(Debug, clap::Args)]
 pub struct ModelsArgs {
     #[command(flatten)]
-    client: HubClient,
+    client: HubOptions,
     #[command(subcommand)]
     command: ModelsCommand,
 }

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::durable::{move_aside, now_ms, read_json, write_durably};
+use crate::hub_client::{HubClient, chain, read_bounded};
 use crate::loader::Loader;
 use crate::models::ModelRegistry;
 use crate::repository::{CAPSULE_SUFFIX, compare_versions};
@@ -92,55 +93,6 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), (ModelState, String)> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     write_durably(&dir.join(format!(".incoming.{name}")), path, bytes).map_err(io)
-}
-
-/// A body cut off at its limit (or by an error): what was read, and why it stopped.
-pub(crate) struct Cut {
-    /// The bytes read before it stopped.
-    pub(crate) partial: Vec<u8>,
-    /// Why it stopped.
-    pub(crate) message: String,
-}
-
-/// Reads at most `limit` bytes of a hub response: a declared length over it is refused
-/// before reading, and a body that goes on past it (a hub that never stops sending) is cut
-/// there. Nothing is buffered past `limit`.
-pub(crate) async fn read_bounded(
-    mut resp: reqwest::Response,
-    limit: usize,
-    what: &str,
-) -> Result<Vec<u8>, Cut> {
-    if let Some(len) = resp.content_length()
-        && len > limit as u64
-    {
-        return Err(Cut {
-            partial: Vec::new(),
-            message: format!("{what} is {len} bytes, over {limit}"),
-        });
-    }
-    let mut out = Vec::new();
-    loop {
-        match resp.chunk().await {
-            Ok(Some(chunk)) => {
-                if out.len() + chunk.len() > limit {
-                    let room = limit - out.len();
-                    out.extend_from_slice(&chunk[..room]);
-                    return Err(Cut {
-                        partial: out,
-                        message: format!("{what} is over {limit} bytes"),
-                    });
-                }
-                out.extend_from_slice(&chunk);
-            }
-            Ok(None) => return Ok(out),
-            Err(e) => {
-                return Err(Cut {
-                    partial: out,
-                    message: format!("reading {what}: {}", chain(&e)),
-                });
-            }
-        }
-    }
 }
 
 /// The agent's state file and the copy of it written after every save: a state file that
@@ -219,18 +171,6 @@ fn reverify(
     removed
 }
 
-/// An error with its causes, one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
 fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -240,103 +180,6 @@ fn now() -> u64 {
 
 fn state_dir(models: &Path) -> PathBuf {
     models.join(".capsule-agent")
-}
-
-/// An HTTP client of the hub, with the node's token.
-#[derive(Debug, Clone)]
-pub(crate) struct HubClient {
-    base: String,
-    token: String,
-    pub(crate) http: reqwest::Client,
-}
-
-impl HubClient {
-    pub(crate) fn new(sync: &HubSync) -> Result<HubClient> {
-        let mut builder = reqwest::Client::builder()
-            .use_rustls_tls()
-            .connect_timeout(Duration::from_secs(5));
-        if let Some(ca) = &sync.ca {
-            let pem =
-                std::fs::read(ca).map_err(Error::io(format!("cannot read {}", ca.display())))?;
-            let cert = reqwest::Certificate::from_pem(&pem)
-                .map_err(|e| Error::Config(format!("{}: {e}", ca.display())))?;
-            builder = builder.add_root_certificate(cert);
-        }
-        let http = builder
-            .build()
-            .map_err(|e| Error::Config(format!("HTTP client: {e}")))?;
-        Ok(HubClient {
-            base: sync.url.trim_end_matches('/').to_owned(),
-            token: sync.token.clone(),
-            http,
-        })
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    /// A POST to `path` on the hub.
-    pub(crate) fn post(&self, path: &str) -> reqwest::RequestBuilder {
-        self.http
-            .post(self.url(path))
-            .timeout(Duration::from_secs(30))
-    }
-
-    /// Sends with the node's token; a non-success status is an error with the hub's answer.
-    pub(crate) async fn send(
-        &self,
-        req: reqwest::RequestBuilder,
-    ) -> Result<reqwest::Response, HubError> {
-        let resp = req
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .map_err(|e| HubError::Unreachable(chain(&e)))?;
-        if resp.status().is_success() {
-            return Ok(resp);
-        }
-        let status = resp.status().as_u16();
-        // The start of the hub's answer is enough to say what went wrong; the rest is not read.
-        let text = match read_bounded(resp, 1 << 10, "the hub's error").await {
-            Ok(bytes) | Err(Cut { partial: bytes, .. }) => {
-                String::from_utf8_lossy(&bytes).into_owned()
-            }
-        };
-        Err(HubError::Status {
-            status,
-            text: text.chars().take(300).collect(),
-        })
-    }
-}
-
-/// Why a call to the hub failed.
-#[derive(Debug)]
-pub(crate) enum HubError {
-    /// No answer (connection, TLS, timeout).
-    Unreachable(String),
-    /// An answer with a status other than success, and the start of its body.
-    Status {
-        /// The HTTP status.
-        status: u16,
-        /// Its first characters.
-        text: String,
-    },
-}
-
-impl std::fmt::Display for HubError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            HubError::Unreachable(e) => write!(f, "hub unreachable: {e}"),
-            HubError::Status { status, text } => write!(f, "hub answered {status}: {text}"),
-        }
-    }
-}
-
-impl From<HubError> for String {
-    fn from(e: HubError) -> String {
-        e.to_string()
-    }
 }
 
 /// Largest response the agent reads besides blobs (desired state, metadata inside it).
@@ -376,7 +219,7 @@ impl Agent {
             .map_err(Error::io(format!("cannot create {}", dir.display())))?;
         let mut state = load_state(&dir);
         reverify(&models, &mut state.managed);
-        let hub = HubClient::new(&sync)?;
+        let hub = HubClient::new(&sync.url, &sync.token, sync.ca.as_deref())?;
         Ok(Agent {
             sync,
             models,

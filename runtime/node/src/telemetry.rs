@@ -473,7 +473,7 @@ impl Telemetry {
 
     /// Ships buffered batches until the buffer is empty or the hub fails. Returns whether
     /// everything buffered was acknowledged.
-    async fn ship(&self, hub: &crate::agent::HubClient) -> std::result::Result<(), String> {
+    async fn ship(&self, hub: &crate::hub_client::HubClient) -> std::result::Result<(), String> {
         // After the hub refuses a shipment as malformed, batches go one at a time to find the
         // one it refuses.
         let mut one_at_a_time = false;
@@ -506,7 +506,7 @@ impl Telemetry {
             let resp = match sent {
                 Ok(resp) => resp,
                 // Refused for what it holds (malformed, too large): never better on a retry.
-                Err(crate::agent::HubError::Status {
+                Err(crate::hub_client::HubError::Status {
                     status: status @ (400 | 413 | 422),
                     text,
                 }) => {
@@ -561,7 +561,7 @@ impl Telemetry {
     /// flushed (and shipped, when the hub answers) on the way out.
     pub(crate) async fn run(
         self: Arc<Self>,
-        hub: crate::agent::HubClient,
+        hub: crate::hub_client::HubClient,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let flusher = {
@@ -663,16 +663,7 @@ mod tests {
             }),
         );
         tokio::spawn(async move { axum::serve(listener, app).await });
-        let hub = crate::agent::HubClient::new(&crate::agent::HubSync {
-            url,
-            token: "t".into(),
-            node_id: "n".into(),
-            labels: BTreeMap::new(),
-            trusted_root: PathBuf::new(),
-            wait_ms: 0,
-            ca: None,
-        })
-        .unwrap();
+        let hub = crate::hub_client::HubClient::new(&url, "t", None).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let metrics = Metrics::new().unwrap();
         let t = Telemetry::open(dir.path(), "n", 60_000, 1 << 20, metrics.clone()).unwrap();
