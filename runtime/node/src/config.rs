@@ -1,9 +1,9 @@
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::{Error, Result};
 
@@ -65,6 +65,12 @@ impl std::fmt::Display for VersionPolicy {
     }
 }
 
+impl Serialize for VersionPolicy {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl<'de> Deserialize<'de> for VersionPolicy {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         let s = String::deserialize(d)?;
@@ -72,10 +78,10 @@ impl<'de> Deserialize<'de> for VersionPolicy {
     }
 }
 
-/// Settings of an edge node. Every field has a default; the CLI fills them from flags,
-/// environment variables and an optional TOML file (in that order of precedence).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+/// Settings of an edge node, resolved: what an operator gives is a
+/// [`NodeSettings`](crate::NodeSettings) (flags, environment, TOML file), laid over these
+/// defaults.
+#[derive(Debug, Clone)]
 pub struct NodeConfig {
     /// The model repository: `DIR/NAME/VERSION/*.capsule.wasm`, or flat `*.capsule.wasm`
     /// files named from their manifest.
@@ -155,13 +161,6 @@ impl Default for NodeConfig {
 }
 
 impl NodeConfig {
-    /// Reads a TOML file of these settings (unknown keys are errors).
-    pub fn from_toml_file(path: &Path) -> Result<NodeConfig> {
-        let text = std::fs::read_to_string(path)
-            .map_err(Error::io(format!("cannot read {}", path.display())))?;
-        toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
-    }
-
     /// Checks that the settings make sense.
     pub fn validate(&self) -> Result<()> {
         if self.instances == 0 {
@@ -210,25 +209,5 @@ mod tests {
                 )
             );
         }
-    }
-
-    #[test]
-    fn toml_settings_and_unknown_keys() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("node.toml");
-        std::fs::write(
-            &path,
-            "models = \"/srv/models\"\nqueue = 3\nversion_policy = \"latest:2\"\ngrpc = \"127.0.0.1:9001\"\n",
-        )
-        .unwrap();
-        let c = NodeConfig::from_toml_file(&path).unwrap();
-        assert_eq!(c.models, PathBuf::from("/srv/models"));
-        assert_eq!(c.queue, 3);
-        assert_eq!(c.version_policy, VersionPolicy::Latest(2));
-        assert_eq!(c.grpc, Some(SocketAddr::from(([127, 0, 0, 1], 9001))));
-        assert_eq!(c.deadline_ms, 10_000);
-        std::fs::write(&path, "queue_size = 3\n").unwrap();
-        let e = NodeConfig::from_toml_file(&path).unwrap_err().to_string();
-        assert!(e.contains("unknown field `queue_size`"), "{e}");
     }
 }

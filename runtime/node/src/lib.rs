@@ -28,6 +28,7 @@ mod metrics;
 mod models;
 mod node;
 mod repository;
+mod settings;
 mod telemetry;
 
 pub use agent::HubSync;
@@ -37,6 +38,7 @@ pub use hub_client::{HubClient, HubError};
 pub use models::{InferOutcome, ModelRegistry, ServedModel};
 pub use node::Node;
 pub use repository::{CODE_DIR, CapsuleFile, Scan, code_path, scan};
+pub use settings::NodeSettings;
 
 /// The generated gRPC types and client/server of `inference.GRPCInferenceService`.
 #[allow(
