@@ -56,7 +56,7 @@ RULE = HERE / "monitoring" / "prometheusrule.yaml"
 ROOTS = ["overlays/sqlite", "overlays/postgres", "monitoring", "kserve"]
 STAND_INS = {"admin-token": "stand-in-admin-token", "database-url": "postgres://capsule@db/capsule"}
 CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule", "ServingRuntime", "InferenceService"}
-# The HTTP routes a probe may ask, per subcommand (runtime/node/src/http.rs, hub/src/api.rs).
+# The HTTP routes a probe may ask, per subcommand (node/src/http.rs, hub/src/api.rs).
 PROBE_ROUTES = {
     "serve": {"/v2/health/live", "/v2/health/ready"},
     "hub": {"/api/v1/health"},

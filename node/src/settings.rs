@@ -301,10 +301,9 @@ mod tests {
     /// docs/node.md names every key, and no key that does not exist.
     #[test]
     fn the_operators_guide_lists_every_key() {
-        let guide = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/node.md"),
-        )
-        .unwrap();
+        let guide =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/node.md"))
+                .unwrap();
         let start = guide
             .find("TOML keys:")
             .expect("docs/node.md lists the TOML keys");
