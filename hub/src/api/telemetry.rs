@@ -1,0 +1,164 @@
+//! Telemetry, feedback, alerts and `/metrics`.
+
+use super::*;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Shipment {
+    batches: Vec<capsule_format::telemetry::TelemetryBatch>,
+}
+
+/// Telemetry batches from a node (its own token): stored once each, acknowledged always.
+pub(super) async fn post_telemetry(
+    State(s): State<AppState>,
+    caller: Caller,
+    RawBody(body): RawBody,
+) -> Result<axum::Json<Value>> {
+    if caller.kind != Role::Node {
+        return Err(Error::Forbidden(
+            "telemetry is sent with a node token (the batches name their node)".into(),
+        ));
+    }
+    let shipment: Shipment = json_body(&body)?;
+    let acked = crate::monitor::ingest(&s, &caller.node, shipment.batches).await?;
+    s.seen.note(&caller.node, now());
+    Ok(axum::Json(json!({ "acked": acked })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FeedbackBody {
+    model: String,
+    feedback: Vec<capsule_format::telemetry::FeedbackItem>,
+}
+
+/// Ground-truth labels sent straight to the hub (browsers; nodes send theirs in telemetry).
+pub(super) async fn post_feedback(
+    State(s): State<AppState>,
+    caller: Caller,
+    RawBody(body): RawBody,
+) -> Result<axum::Json<Value>> {
+    let b: FeedbackBody = json_body(&body)?;
+    if b.feedback.len() > capsule_format::telemetry::MAX_FEEDBACK {
+        return Err(Error::TooLarge(format!(
+            "{} labels in one request (at most {})",
+            b.feedback.len(),
+            capsule_format::telemetry::MAX_FEEDBACK
+        )));
+    }
+    let items = b
+        .feedback
+        .into_iter()
+        .map(|f| f.resolve().map_err(Error::Invalid))
+        .collect::<Result<Vec<_>>>()?;
+    let source = if caller.kind == Role::Node {
+        caller.node.clone()
+    } else {
+        caller.name.clone()
+    };
+    crate::monitor::store_feedback(&s.db, &source, &b.model, &items).await?;
+    Ok(axum::Json(json!({ "accepted": items.len() })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct TelemetryQuery {
+    model: Option<String>,
+    group: Option<String>,
+    count: Option<u32>,
+}
+
+pub(super) async fn telemetry_summary(
+    State(s): State<AppState>,
+    _admin: Admin,
+    Query(q): Query<TelemetryQuery>,
+) -> Result<axum::Json<crate::monitor::Summary>> {
+    Ok(axum::Json(
+        crate::monitor::summary(&s.db, q.model.as_deref()).await?,
+    ))
+}
+
+pub(super) async fn telemetry_windows(
+    State(s): State<AppState>,
+    _admin: Admin,
+    Query(q): Query<TelemetryQuery>,
+) -> Result<axum::Json<Value>> {
+    let model = q
+        .model
+        .ok_or_else(|| Error::BadRequest("model=NAME is required".into()))?;
+    let windows =
+        crate::monitor::windows(&s, &model, q.group.as_deref(), q.count.unwrap_or(60)).await?;
+    Ok(axum::Json(json!({
+        "model": model,
+        "window_ms": s.config.monitor.window_ms,
+        "versions": windows,
+    })))
+}
+
+pub(super) async fn list_alerts(
+    State(s): State<AppState>,
+    _admin: Admin,
+) -> Result<axum::Json<Value>> {
+    Ok(axum::Json(json!({
+        "alerts": crate::monitor::alerts(&s.db).await?,
+        "events": crate::monitor::events(&s.db, 200).await?,
+        "evaluated_until_ms": s.db.state("telemetry_evaluated_until").await?,
+    })))
+}
+
+/// Refreshes the gauges read from the database (nodes, their models, rollouts, dropped
+/// telemetry) and answers the text exposition.
+pub(super) async fn metrics(State(s): State<AppState>) -> Result<Response> {
+    let nodes = s.db.nodes().await?;
+    let offline_after = i64::try_from(s.config.monitor.offline_after_s).unwrap_or(i64::MAX);
+    let now = crate::db::now();
+    let online = nodes
+        .iter()
+        .filter(|n| now - n.last_seen <= offline_after)
+        .count();
+    let m = &s.metrics;
+    m.nodes
+        .with_label_values(&["online"])
+        .set(i64::try_from(online).unwrap_or(i64::MAX));
+    m.nodes
+        .with_label_values(&["offline"])
+        .set(i64::try_from(nodes.len() - online).unwrap_or(i64::MAX));
+    m.node_models.reset();
+    let registered = s.db.registered_versions().await?;
+    for n in &nodes {
+        for r in n.report.iter().flat_map(|r| &r.models) {
+            let [model, version] =
+                crate::metrics::version_labels(&registered, &r.model, &r.version);
+            m.node_models
+                .with_label_values(&[model, version, r.state.as_str()])
+                .inc();
+        }
+    }
+    let counts = s.db.rollout_counts().await?;
+    for state in RolloutState::ALL {
+        m.rollouts
+            .with_label_values(&[state.as_str()])
+            .set(counts.get(state).copied().unwrap_or(0));
+    }
+    let summary = crate::monitor::summary(&s.db, None).await?;
+    for v in &summary.versions {
+        if let Some(a) = v.accuracy.value() {
+            m.accuracy.with_label_values(&[&v.model, &v.version]).set(a);
+        }
+    }
+    m.telemetry_dropped.set(
+        i64::try_from(
+            summary
+                .nodes
+                .values()
+                .map(|n| n.dropped_batches)
+                .sum::<u64>(),
+        )
+        .unwrap_or(i64::MAX),
+    );
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        m.encode()?,
+    )
+        .into_response())
+}
