@@ -41,6 +41,9 @@ pub enum Error {
         /// What is inconsistent.
         reason: String,
     },
+    /// A request's inputs that do not fit the capsule's signature (`request`).
+    #[error("{0}")]
+    Signature(String),
     /// A V2 JSON request or response that does not follow the protocol.
     #[error("invalid inference request: {0}")]
     InvalidRequest(String),

@@ -22,6 +22,7 @@ mod error;
 pub mod hub;
 pub mod manifest;
 pub mod pipeline;
+pub mod request;
 pub mod split;
 pub mod telemetry;
 mod tensor;

@@ -1,9 +1,7 @@
 //! Checks a request against the manifest signature before the guest runs (design section 3:
 //! the host validates every request; the guest then only sees well-formed tensors).
 
-use std::collections::HashMap;
-
-use capsule_format::{CapsuleManifest, DType, Dim, NamedTensor};
+use capsule_format::{CapsuleManifest, NamedTensor};
 
 use crate::{Error, Result};
 
@@ -40,88 +38,11 @@ pub fn validate_request(
     Ok(())
 }
 
-/// What a request says of one input before its elements are decoded.
-#[derive(Debug, Clone, Copy)]
-pub struct Declared<'a> {
-    /// The input's name.
-    pub name: &'a str,
-    /// Its datatype.
-    pub dtype: DType,
-    /// Its shape.
-    pub shape: &'a [u64],
-}
+pub use capsule_format::request::Declared;
 
-/// The part of [`validate_request`] that needs no element: names, datatypes, ranks, fixed
-/// dims, consistent and non-zero symbolic dims. A server runs it on what a request declares
-/// before decoding its elements, so a request for the wrong shape costs no tensor.
+/// The signature check of [`capsule_format::request::check_signature`], as this crate's
+/// `BadRequest`.
 pub fn check_signature(manifest: &CapsuleManifest, inputs: &[Declared<'_>]) -> Result<()> {
-    let declared: Vec<&str> = manifest.inputs.iter().map(|i| i.name.as_str()).collect();
-    for (i, t) in inputs.iter().enumerate() {
-        if manifest.input(t.name).is_none() {
-            return Err(Error::BadRequest(format!(
-                "unknown input {:?}; the capsule's inputs are {declared:?}",
-                t.name
-            )));
-        }
-        if inputs[..i].iter().any(|o| o.name == t.name) {
-            return Err(Error::BadRequest(format!(
-                "input {:?} is given twice",
-                t.name
-            )));
-        }
-    }
-    let mut symbols: HashMap<&str, u64> = HashMap::new();
-    for spec in &manifest.inputs {
-        let t = inputs
-            .iter()
-            .find(|t| t.name == spec.name)
-            .ok_or_else(|| Error::BadRequest(format!("missing input {:?}", spec.name)))?;
-        if t.dtype != spec.dtype {
-            return Err(Error::BadRequest(format!(
-                "input {:?} has datatype {}, the capsule expects {}",
-                spec.name, t.dtype, spec.dtype
-            )));
-        }
-        let expected: Vec<String> = spec.shape.iter().map(ToString::to_string).collect();
-        let mismatch = || {
-            Error::BadRequest(format!(
-                "input {:?} has shape {:?}, the capsule expects [{}]",
-                spec.name,
-                t.shape,
-                expected.join(", ")
-            ))
-        };
-        if t.shape.len() != spec.shape.len() {
-            return Err(mismatch());
-        }
-        for (dim, &actual) in spec.shape.iter().zip(t.shape) {
-            match dim {
-                Dim::Fixed(n) if *n != actual => return Err(mismatch()),
-                Dim::Fixed(_) => {}
-                // A zero-sized tensor reaches tract's kernels with empty arrays, which some of
-                // them do not survive (a broadcast of [1, 0] panicked the guest). Only a
-                // signature that fixes a dimension to 0 allows it.
-                Dim::Symbolic(s) if actual == 0 => {
-                    return Err(Error::BadRequest(format!(
-                        "input {:?}: dimension {s} is 0; a symbolic dimension must be at least 1",
-                        spec.name
-                    )));
-                }
-                Dim::Symbolic(s) if s.chars().all(|c| c.is_alphanumeric() || c == '_') => {
-                    if let Some(&bound) = symbols.get(s.as_str()) {
-                        if bound != actual {
-                            return Err(Error::BadRequest(format!(
-                                "input {:?}: dimension {s} is {actual} here but {bound} in another input",
-                                spec.name
-                            )));
-                        }
-                    } else {
-                        symbols.insert(s, actual);
-                    }
-                }
-                Dim::Symbolic(_) => {}
-            }
-        }
-    }
-    Ok(())
+    capsule_format::request::check_signature(manifest, inputs)
+        .map_err(|e| Error::BadRequest(e.to_string()))
 }

@@ -472,66 +472,21 @@ impl Request {
     }
 }
 
-/// Checks a request against the capsule's signature (names, datatypes, ranks, fixed
-/// dimensions) before it enters the guest, as the edge node does.
+/// Checks a request against the capsule's signature before it enters the guest, with the
+/// edge node's own check (`capsule_format::request`): names (each once, none unknown, none
+/// missing), datatypes, ranks, fixed dimensions, symbolic dimensions at least 1 and equal
+/// wherever one symbol appears.
 pub fn check_request(m: &CapsuleManifest, inputs: &[NamedTensor]) -> Result<()> {
-    for t in inputs {
-        let Some(spec) = m.input(&t.name) else {
-            let names: Vec<&str> = m.inputs.iter().map(|i| i.name.as_str()).collect();
-            return Err(SdkError::Request(format!(
-                "unknown input {:?}; the capsule's inputs are {names:?}",
-                t.name
-            )));
-        };
-        if spec.dtype != t.tensor.dtype {
-            return Err(SdkError::Request(format!(
-                "input {:?} is {}, the capsule expects {}",
-                t.name,
-                t.tensor.dtype.v2_name(),
-                spec.dtype.v2_name()
-            )));
-        }
-        if spec.shape.len() != t.tensor.shape.len() {
-            return Err(SdkError::Request(format!(
-                "input {:?} has rank {}, the capsule expects {}",
-                t.name,
-                t.tensor.shape.len(),
-                spec.shape.len()
-            )));
-        }
-        check_dims(&t.name, &spec.shape, &t.tensor.shape)?;
-    }
-    for spec in &m.inputs {
-        if !inputs.iter().any(|t| t.name == spec.name) {
-            return Err(SdkError::Request(format!(
-                "input {:?} is missing",
-                spec.name
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// Checks an input's dimensions against its declared shape (same rank): fixed dimensions
-/// must match, and a symbolic one must be at least 1, as the edge node checks (a zero-sized
-/// dimension reached tract and panicked the guest).
-fn check_dims(name: &str, declared: &[capsule_format::Dim], shape: &[u64]) -> Result<()> {
-    for (i, (want, got)) in declared.iter().zip(shape).enumerate() {
-        match want {
-            capsule_format::Dim::Fixed(n) if n != got => {
-                return Err(SdkError::Request(format!(
-                    "input {name:?} dimension {i} is {got}, the capsule expects {n}"
-                )));
-            }
-            capsule_format::Dim::Symbolic(s) if *got == 0 => {
-                return Err(SdkError::Request(format!(
-                    "input {name:?}: dimension {s} is 0; a symbolic dimension must be at least 1"
-                )));
-            }
-            _ => {}
-        }
-    }
-    Ok(())
+    let declared: Vec<capsule_format::request::Declared<'_>> = inputs
+        .iter()
+        .map(|t| capsule_format::request::Declared {
+            name: &t.name,
+            dtype: t.tensor.dtype,
+            shape: &t.tensor.shape,
+        })
+        .collect();
+    capsule_format::request::check_signature(m, &declared)
+        .map_err(|e| SdkError::Request(e.to_string()))
 }
 
 /// A capsule's decoded manifest.
@@ -791,34 +746,6 @@ mod tests {
         let bytes = wire::encode_request(r.inputs()).unwrap();
         let back: wire::InferRequest = wire::decode(&bytes, "request").unwrap();
         assert_eq!(back.inputs, r.inputs());
-    }
-
-    /// The node's dimension rules: fixed dimensions match, symbolic ones are at least 1.
-    #[test]
-    fn dimensions_are_checked_as_the_node_checks_them() {
-        use capsule_format::Dim;
-        let declared = [Dim::Symbolic("N".into()), Dim::Fixed(64)];
-        assert!(check_dims("x", &declared, &[3, 64]).is_ok());
-        assert_eq!(
-            check_dims("x", &declared, &[3, 63])
-                .unwrap_err()
-                .to_string(),
-            SdkError::Request("input \"x\" dimension 1 is 63, the capsule expects 64".into())
-                .to_string()
-        );
-        assert_eq!(
-            check_dims("x", &declared, &[0, 64])
-                .unwrap_err()
-                .to_string(),
-            SdkError::Request(
-                "input \"x\": dimension N is 0; a symbolic dimension must be at least 1".into()
-            )
-            .to_string()
-        );
-        assert!(
-            check_dims("x", &[Dim::Fixed(0)], &[0]).is_ok(),
-            "a fixed 0 is declared"
-        );
     }
 
     #[test]
