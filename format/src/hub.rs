@@ -535,6 +535,97 @@ pub struct Rollout {
     pub baseline: Health,
 }
 
+/// A node as the hub knows it (`GET /api/v1/nodes`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Id.
+    pub id: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Registered at (seconds since the epoch).
+    pub registered_at: i64,
+    /// Its last call (seconds since the epoch).
+    pub last_seen: i64,
+    /// Its last report.
+    pub report: Option<Report>,
+}
+
+/// `GET /api/v1/nodes`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeList {
+    /// Every node, by id.
+    pub nodes: Vec<NodeInfo>,
+}
+
+/// `POST /api/v1/nodes/{id}/register`: the node as registered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registered {
+    /// Its id.
+    pub node: String,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// `POST /api/v1/nodes/{id}/report`: stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportStored {
+    /// Always true.
+    pub ok: bool,
+}
+
+/// `POST /api/v1/telemetry`: the sequence numbers stored now or before (a retried batch is
+/// acknowledged without being counted twice).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TelemetryAck {
+    /// The batches' `seq`.
+    pub acked: Vec<u64>,
+}
+
+/// `POST /api/v1/feedback`: how many labels were stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeedbackAccepted {
+    /// Labels stored.
+    pub accepted: usize,
+}
+
+/// `POST /api/v1/metadata/{role}`: what was stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetadataStored {
+    /// `root` or `targets`.
+    pub role: String,
+    /// Its version.
+    pub version: i64,
+}
+
+/// `GET /api/v1/rollouts`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutList {
+    /// Every rollout, newest first.
+    pub rollouts: Vec<Rollout>,
+}
+
+/// An audit log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// When, microseconds since the Unix epoch.
+    pub at_us: i64,
+    /// Who (the token's name, or `hub`).
+    pub actor: String,
+    /// What (`rollout.promote`, `token.revoke`, ...).
+    pub action: String,
+    /// Details (JSON text).
+    pub detail: String,
+    /// From where (remote address).
+    pub remote: String,
+}
+
+/// `GET /api/v1/audit`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditLog {
+    /// Oldest first.
+    pub audit: Vec<AuditEntry>,
+}
+
 /// The canary bucket of a node in a rollout, 0..100: a stable hash of the rollout and the
 /// node id, so a rollout at P% reaches the nodes whose bucket is below P, and growing P only
 /// adds nodes.

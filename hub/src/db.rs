@@ -89,34 +89,9 @@ pub struct Token {
 }
 
 /// A node as the hub knows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct NodeRow {
-    /// Id.
-    pub id: String,
-    /// Labels.
-    pub labels: BTreeMap<String, String>,
-    /// Registered at.
-    pub registered_at: i64,
-    /// Last request.
-    pub last_seen: i64,
-    /// Its last report.
-    pub report: Option<Report>,
-}
+pub type NodeRow = capsule_format::hub::NodeInfo;
 
-/// An audit log entry.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AuditEntry {
-    /// When, microseconds since the Unix epoch.
-    pub at_us: i64,
-    /// Who (the admin token's name).
-    pub actor: String,
-    /// What.
-    pub action: String,
-    /// Details (JSON text).
-    pub detail: String,
-    /// From where (remote address).
-    pub remote: String,
-}
+pub use capsule_format::hub::AuditEntry;
 
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or(serde_json::Value::Null)

@@ -525,11 +525,7 @@ impl Telemetry {
                 }
                 Err(e) => return Err(e.into()),
             };
-            #[derive(Deserialize)]
-            struct Acked {
-                acked: Vec<u64>,
-            }
-            let acked: Acked = resp
+            let acked: capsule_format::hub::TelemetryAck = resp
                 .json()
                 .await
                 .map_err(|e| format!("hub answered an unreadable acknowledgement: {e}"))?;

@@ -5,8 +5,10 @@ use super::*;
 pub(super) async fn list_nodes(
     State(s): State<AppState>,
     Admin(_): Admin,
-) -> Result<axum::Json<Value>> {
-    Ok(axum::Json(json!({"nodes": s.db.nodes().await?})))
+) -> Result<axum::Json<NodeList>> {
+    Ok(axum::Json(NodeList {
+        nodes: s.db.nodes().await?,
+    }))
 }
 
 /// Every token the hub accepts (admin only): kind, name, node, issue time and the first 8
@@ -127,7 +129,7 @@ pub(super) async fn register(
     caller: Caller,
     Path(id): Path<String>,
     RawBody(body): RawBody,
-) -> Result<axum::Json<Value>> {
+) -> Result<axum::Json<Registered>> {
     let c = caller.for_node(&id)?;
     let reg: Registration = json_body(&body)?;
     let changed = s.db.register_node(&id, &reg.labels).await?;
@@ -137,7 +139,10 @@ pub(super) async fn register(
     if changed {
         s.changed().await?;
     }
-    Ok(axum::Json(json!({"node": id, "labels": reg.labels})))
+    Ok(axum::Json(Registered {
+        node: id,
+        labels: reg.labels,
+    }))
 }
 
 #[derive(Deserialize)]
@@ -199,7 +204,7 @@ pub(super) async fn report(
     caller: Caller,
     Path(id): Path<String>,
     RawBody(body): RawBody,
-) -> Result<axum::Json<Value>> {
+) -> Result<axum::Json<ReportStored>> {
     caller.for_node(&id)?;
     let report: Report = json_body(&body)?;
     s.db.set_report(&id, &report).await?;
@@ -207,5 +212,5 @@ pub(super) async fn report(
     if report.models.iter().any(|m| m.failed()) {
         check_failures(&s).await?;
     }
-    Ok(axum::Json(json!({"ok": true})))
+    Ok(axum::Json(ReportStored { ok: true }))
 }

@@ -15,8 +15,9 @@ use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use capsule_format::hub::{
-    DesiredState, IssuedToken, NewRollout, NewToken, NodeTokensRevoked, Registration, Report, Role,
-    RolloutAction, RolloutState, TokenList, TokenRevoked,
+    AuditLog, DesiredState, FeedbackAccepted, IssuedToken, MetadataStored, NewRollout, NewToken,
+    NodeList, NodeTokensRevoked, Registered, Registration, Report, ReportStored, Role,
+    RolloutAction, RolloutList, RolloutState, TelemetryAck, TokenList, TokenRevoked,
 };
 use capsule_format::split;
 use capsule_format::tuf::{self, Root, Targets};

@@ -188,7 +188,7 @@ pub(super) async fn post_metadata(
     Admin(c): Admin,
     Path(role): Path<String>,
     RawBody(body): RawBody,
-) -> Result<axum::Json<Value>> {
+) -> Result<axum::Json<MetadataStored>> {
     let version = match role.as_str() {
         "root" => {
             tuf::parse::<Root>(&body, "root")
@@ -233,7 +233,7 @@ pub(super) async fn post_metadata(
     )
     .await?;
     s.changed().await?;
-    Ok(axum::Json(json!({"role": role, "version": version})))
+    Ok(axum::Json(MetadataStored { role, version }))
 }
 
 pub(super) async fn list_models(

@@ -113,8 +113,10 @@ pub(super) async fn create_rollout(
 pub(super) async fn list_rollouts(
     State(s): State<AppState>,
     Admin(_): Admin,
-) -> Result<axum::Json<Value>> {
-    Ok(axum::Json(json!({"rollouts": s.db.rollouts().await?})))
+) -> Result<axum::Json<RolloutList>> {
+    Ok(axum::Json(RolloutList {
+        rollouts: s.db.rollouts().await?,
+    }))
 }
 
 pub(super) async fn show_rollout(
@@ -159,6 +161,8 @@ pub(super) async fn rollout_action(
 pub(super) async fn audit_log(
     State(s): State<AppState>,
     Admin(_): Admin,
-) -> Result<axum::Json<Value>> {
-    Ok(axum::Json(json!({"audit": s.db.audit_log().await?})))
+) -> Result<axum::Json<AuditLog>> {
+    Ok(axum::Json(AuditLog {
+        audit: s.db.audit_log().await?,
+    }))
 }

@@ -13,7 +13,7 @@ pub(super) async fn post_telemetry(
     State(s): State<AppState>,
     caller: Caller,
     RawBody(body): RawBody,
-) -> Result<axum::Json<Value>> {
+) -> Result<axum::Json<TelemetryAck>> {
     if caller.kind != Role::Node {
         return Err(Error::Forbidden(
             "telemetry is sent with a node token (the batches name their node)".into(),
@@ -22,7 +22,7 @@ pub(super) async fn post_telemetry(
     let shipment: Shipment = json_body(&body)?;
     let acked = crate::monitor::ingest(&s, &caller.node, shipment.batches).await?;
     s.seen.note(&caller.node, now());
-    Ok(axum::Json(json!({ "acked": acked })))
+    Ok(axum::Json(TelemetryAck { acked }))
 }
 
 #[derive(Deserialize)]
@@ -37,7 +37,7 @@ pub(super) async fn post_feedback(
     State(s): State<AppState>,
     caller: Caller,
     RawBody(body): RawBody,
-) -> Result<axum::Json<Value>> {
+) -> Result<axum::Json<FeedbackAccepted>> {
     let b: FeedbackBody = json_body(&body)?;
     if b.feedback.len() > capsule_format::telemetry::MAX_FEEDBACK {
         return Err(Error::TooLarge(format!(
@@ -57,7 +57,9 @@ pub(super) async fn post_feedback(
         caller.name.clone()
     };
     crate::monitor::store_feedback(&s.db, &source, &b.model, &items).await?;
-    Ok(axum::Json(json!({ "accepted": items.len() })))
+    Ok(axum::Json(FeedbackAccepted {
+        accepted: items.len(),
+    }))
 }
 
 #[derive(Deserialize)]
