@@ -208,6 +208,52 @@ pub struct Alert {
     pub updated_at_ms: i64,
 }
 
+named_enum! {
+    /// What a blob of the hub is.
+    BlobKind {
+        /// A single-file capsule.
+        Capsule = "capsule",
+        /// A model image of the split form.
+        Image = "image",
+        /// A guest code module of the split form.
+        Code = "code",
+    }
+}
+
+/// `POST /api/v1/blobs`: the blob stored (content-addressed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobStored {
+    /// Its SHA-256 (hex), its address.
+    pub sha256: String,
+    /// Its length.
+    pub length: u64,
+    /// What it is.
+    pub kind: BlobKind,
+}
+
+/// `POST /api/v1/models/{model}/versions`: a version from an uploaded capsule or model image
+/// (the version is its manifest's).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewVersion {
+    /// The uploaded blob.
+    pub sha256: String,
+    /// Where it came from (dataset hash, parameters, code revision, ...): the publisher's JSON.
+    #[serde(default)]
+    pub provenance: serde_json::Value,
+    /// Its metrics (name to value): the publisher's JSON.
+    #[serde(default)]
+    pub metrics: serde_json::Value,
+}
+
+/// `PUT /api/v1/models/{model}/aliases/{alias}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetAlias {
+    /// The version the alias points at.
+    pub version: String,
+}
+
 /// A token the hub accepts, as `GET /api/v1/tokens` lists it: never the token, nor its
 /// whole hash.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

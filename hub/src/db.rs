@@ -784,7 +784,7 @@ impl Db {
 
     /// What kind of blob a hash names, for the download counters: a code module or a model
     /// image of some version, else a single-file capsule.
-    pub async fn blob_kind(&self, sha256: &str) -> Result<&'static str> {
+    pub async fn blob_kind(&self, sha256: &str) -> Result<capsule_format::hub::BlobKind> {
         let row = sqlx::query(
             "SELECT CASE WHEN code_sha256 = $1 THEN 'code' ELSE 'image' END AS kind FROM versions WHERE code_sha256 = $1 OR image_sha256 = $1 LIMIT 1",
         )
@@ -797,9 +797,9 @@ impl Db {
                 .transpose()?
                 .as_deref()
             {
-                Some("code") => "code",
-                Some(_) => "image",
-                None => "capsule",
+                Some("code") => capsule_format::hub::BlobKind::Code,
+                Some(_) => capsule_format::hub::BlobKind::Image,
+                None => capsule_format::hub::BlobKind::Capsule,
             },
         )
     }

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use capsule_format::hub::{AutoPromote, NewRollout, NewToken, RolloutAction};
 use capsule_format::tuf::{self, PublicKey, Root, Signed, SigningKey, Targets};
 use capsule_node::{HubClient, HubError};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::read_limited;
 
@@ -60,13 +60,23 @@ impl HubOptions {
         }
     }
 
-    /// A call whose answer is printed or read as JSON.
+    /// A call whose answer is printed as JSON.
     async fn call(
         &self,
         method: reqwest::Method,
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Value> {
+        self.call_as(method, path, body).await
+    }
+
+    /// A call whose answer is read as `T`.
+    async fn call_as<T: serde::de::DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T> {
         let c = self.client()?;
         let mut req = c.request(method, path);
         if let Some(b) = body {

@@ -1,6 +1,8 @@
 //! `capsule push`: a capsule (both forms), its version with provenance and metrics, signed
 //! metadata and an alias, uploaded to the hub.
 
+use capsule_format::hub::{BlobStored, MetadataStored, NewVersion, SetAlias};
+
 use super::*;
 
 /// `capsule push`.
@@ -55,16 +57,20 @@ pub fn run_push(args: &PushArgs) -> Result<()> {
                 forms.code.len()
             );
         }
-        let blob = c
-            .call(
+        let blob: BlobStored = c
+            .call_as(
                 reqwest::Method::POST,
                 "/api/v1/blobs",
                 Some(forms.image.clone()),
             )
             .await?;
         println!("uploaded model image ({} bytes)", forms.image.len());
-        let sha = blob["sha256"].as_str().unwrap_or_default().to_owned();
-        let body = json!({"sha256": sha, "provenance": provenance, "metrics": metrics});
+        let sha = blob.sha256;
+        let body = NewVersion {
+            sha256: sha.clone(),
+            provenance,
+            metrics,
+        };
         c.call(
             reqwest::Method::POST,
             &format!("/api/v1/models/{}/versions", m.name),
@@ -77,17 +83,19 @@ pub fn run_push(args: &PushArgs) -> Result<()> {
         );
         if let Some(t) = &args.targets {
             let text = read_limited(t, 1 << 20, "targets")?;
-            let r = c
-                .call(
+            let r: MetadataStored = c
+                .call_as(
                     reqwest::Method::POST,
                     "/api/v1/metadata/targets",
                     Some(text),
                 )
                 .await?;
-            println!("published targets version {}", r["version"]);
+            println!("published targets version {}", r.version);
         }
         if let Some(alias) = &args.alias {
-            let body = json!({"version": m.version.to_string()});
+            let body = SetAlias {
+                version: m.version.to_string(),
+            };
             c.call(
                 reqwest::Method::PUT,
                 &format!("/api/v1/models/{}/aliases/{alias}", m.name),

@@ -15,9 +15,10 @@ use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use capsule_format::hub::{
-    AuditLog, DesiredState, FeedbackAccepted, IssuedToken, MetadataStored, NewRollout, NewToken,
-    NodeList, NodeTokensRevoked, Registered, Registration, Report, ReportStored, Role,
-    RolloutAction, RolloutList, RolloutState, TelemetryAck, TokenList, TokenRevoked,
+    AuditLog, BlobKind, BlobStored, DesiredState, FeedbackAccepted, IssuedToken, MetadataStored,
+    NewRollout, NewToken, NewVersion, NodeList, NodeTokensRevoked, Registered, Registration,
+    Report, ReportStored, Role, RolloutAction, RolloutList, RolloutState, SetAlias, TelemetryAck,
+    TokenList, TokenRevoked,
 };
 use capsule_format::split;
 use capsule_format::tuf::{self, Root, Targets};

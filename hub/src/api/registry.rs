@@ -26,26 +26,26 @@ pub(super) fn manifest_of(bytes: &[u8]) -> Result<CapsuleManifest> {
 
 /// What an uploaded blob is: a single-file capsule (it has a manifest), a model image (its
 /// header reads) or a guest code module (a core module without a manifest).
-pub(super) fn blob_kind(bytes: &[u8]) -> Result<&'static str> {
+pub(super) fn blob_kind(bytes: &[u8]) -> Result<BlobKind> {
     if split::is_image(bytes) {
         split::image_header(bytes).map_err(Error::Invalid)?;
-        return Ok("image");
+        return Ok(BlobKind::Image);
     }
     if manifest_of(bytes).is_ok() {
-        return Ok("capsule");
+        return Ok(BlobKind::Capsule);
     }
     // No manifest: a code module is still a well-framed core module.
     split::code_module(bytes).map_err(|e| {
         Error::BadRequest(format!("not a capsule, model image or code module: {e}"))
     })?;
-    Ok("code")
+    Ok(BlobKind::Code)
 }
 
 pub(super) async fn put_blob(
     State(s): State<AppState>,
     Admin(c): Admin,
     RawBody(body): RawBody,
-) -> Result<axum::Json<Value>> {
+) -> Result<axum::Json<BlobStored>> {
     let kind = blob_kind(&body)?;
     let store = s.blobs.clone();
     let bytes = body.clone();
@@ -57,9 +57,11 @@ pub(super) async fn put_blob(
         json!({"sha256": sha256, "length": body.len(), "kind": kind}),
     )
     .await?;
-    Ok(axum::Json(
-        json!({"sha256": sha256, "length": body.len(), "kind": kind}),
-    ))
+    Ok(axum::Json(BlobStored {
+        sha256,
+        length: body.len() as u64,
+        kind,
+    }))
 }
 
 /// Reads a stored blob; 404 naming it when it is not there.
@@ -133,7 +135,7 @@ pub(super) async fn get_blob(
     if method == axum::http::Method::GET {
         s.metrics
             .blob_downloads
-            .with_label_values(&[s.db.blob_kind(&sha256).await?])
+            .with_label_values(&[s.db.blob_kind(&sha256).await?.as_str()])
             .inc();
     }
     // Streamed from the file: a large capsule never sits whole in the hub's memory.
@@ -265,16 +267,6 @@ pub(super) async fn show_model(
     Ok(axum::Json(
         json!({"name": model, "versions": versions, "aliases": s.db.aliases(&model).await?}),
     ))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct NewVersion {
-    sha256: String,
-    #[serde(default)]
-    provenance: Value,
-    #[serde(default)]
-    metrics: Value,
 }
 
 /// Registers a version from an uploaded blob; its manifest must name this model, and the
@@ -426,19 +418,13 @@ pub(super) async fn compare(
     Ok(axum::Json(json!({"a": a, "b": b, "metrics_diff": diff})))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct AliasBody {
-    version: String,
-}
-
 pub(super) async fn set_alias(
     State(s): State<AppState>,
     Admin(c): Admin,
     Path((model, alias)): Path<(String, String)>,
     RawBody(body): RawBody,
 ) -> Result<axum::Json<Value>> {
-    let req: AliasBody = json_body(&body)?;
+    let req: SetAlias = json_body(&body)?;
     if s.db.version(&model, &req.version).await?.is_none() {
         return Err(Error::NotFound(format!(
             "no version {} of {model:?}",
