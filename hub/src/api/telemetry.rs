@@ -142,22 +142,13 @@ pub(super) async fn metrics(State(s): State<AppState>) -> Result<Response> {
             .with_label_values(&[state.as_str()])
             .set(counts.get(state).copied().unwrap_or(0));
     }
-    let summary = crate::monitor::summary(&s.db, None).await?;
-    for v in &summary.versions {
-        if let Some(a) = v.accuracy.value() {
-            m.accuracy.with_label_values(&[&v.model, &v.version]).set(a);
+    for (model, version, a) in crate::monitor::accuracies(&s.db).await? {
+        if let Some(value) = a.value() {
+            m.accuracy.with_label_values(&[&model, &version]).set(value);
         }
     }
-    m.telemetry_dropped.set(
-        i64::try_from(
-            summary
-                .nodes
-                .values()
-                .map(|n| n.dropped_batches)
-                .sum::<u64>(),
-        )
-        .unwrap_or(i64::MAX),
-    );
+    m.telemetry_dropped
+        .set(i64::try_from(crate::monitor::dropped_batches(&s.db).await?).unwrap_or(i64::MAX));
     Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         m.encode()?,

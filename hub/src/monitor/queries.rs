@@ -38,6 +38,35 @@ pub(crate) async fn accuracy(db: &Db, model: &str) -> Result<BTreeMap<String, Ac
     Ok(out)
 }
 
+/// Accuracy of every model version that has labels, from the running totals.
+pub(crate) async fn accuracies(db: &Db) -> Result<Vec<(String, String, Accuracy)>> {
+    let rows = sqlx::query("SELECT model, version, labeled, correct FROM accuracy_totals")
+        .fetch_all(db.pool())
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                r.try_get("model")?,
+                r.try_get("version")?,
+                Accuracy {
+                    labeled: u(r.try_get("labeled")?),
+                    correct: u(r.try_get("correct")?),
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Batches the nodes report they dropped from their full buffers, all nodes together.
+pub(crate) async fn dropped_batches(db: &Db) -> Result<u64> {
+    let row = sqlx::query(
+        "SELECT CAST(COALESCE(SUM(dropped_batches), 0) AS BIGINT) AS n FROM telemetry_node_totals",
+    )
+    .fetch_one(db.pool())
+    .await?;
+    Ok(u(row.try_get("n")?))
+}
+
 /// What one model version has served on every node, with its feedback accuracy: a
 /// self-promoting rollout's evidence.
 pub(crate) async fn version_health(
