@@ -9,7 +9,7 @@ use std::sync::Arc;
 use capsule_format::hub::{DesiredModel, Rollout};
 
 use crate::Result;
-use crate::db::{Db, NodeRow};
+use crate::db::Db;
 
 /// A model version a node may be told to run.
 #[derive(Debug, Clone, PartialEq)]
@@ -98,19 +98,12 @@ impl Snapshot {
         node: &str,
         labels: &BTreeMap<String, String>,
     ) -> Vec<DesiredModel> {
-        let row = NodeRow {
-            id: node.to_owned(),
-            labels: labels.clone(),
-            registered_at: 0,
-            last_seen: 0,
-            report: None,
-        };
         let mut out = Vec::new();
         for (model, production) in &self.models {
             let version = self
                 .rollouts
                 .iter()
-                .find(|r| &r.model == model && crate::rollout::assigned(r, &row))
+                .find(|r| &r.model == model && crate::rollout::assigned(r, node, labels))
                 .map(|r| &r.version)
                 .or(production.as_ref());
             let Some(version) = version else { continue };

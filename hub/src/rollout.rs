@@ -14,6 +14,8 @@
 //!              +-------------------------------------------------------------+
 //! ```
 
+use std::collections::BTreeMap;
+
 use capsule_format::hub::{
     AutoPromote, NewRollout, ReportedModel, Rollout, RolloutAction, RolloutState, bucket,
 };
@@ -296,17 +298,15 @@ fn advance(r: &mut Rollout) -> bool {
 
 /// Whether a rollout assigns its version to this node: the node has every label of the
 /// selector and its canary bucket is under the rollout's percentage.
-pub fn assigned(r: &Rollout, node: &NodeRow) -> bool {
-    r.selector
-        .iter()
-        .all(|(k, v)| node.labels.get(k) == Some(v))
-        && i64::from(bucket(&r.id, &node.id)) < r.percent
+pub fn assigned(r: &Rollout, node: &str, labels: &BTreeMap<String, String>) -> bool {
+    r.selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+        && i64::from(bucket(&r.id, node)) < r.percent
 }
 
 /// How the nodes `r` assigns its version to fare with it, from their last reports.
 pub fn failures(r: &Rollout, nodes: &[NodeRow]) -> Failures {
     let mut out = Failures::default();
-    for n in nodes.iter().filter(|n| assigned(r, n)) {
+    for n in nodes.iter().filter(|n| assigned(r, &n.id, &n.labels)) {
         out.assigned += 1;
         let failed = n
             .report
