@@ -13,4 +13,4 @@ CREATE TABLE telemetry_windows (
     PRIMARY KEY (model, version, grp, window_start)
 );
 CREATE INDEX telemetry_windows_start ON telemetry_windows (window_start);
-CREATE INDEX telemetry_windows_end ON telemetry_windows (window_end);
+CREATE INDEX telemetry_windows_updated ON telemetry_windows (updated_at);

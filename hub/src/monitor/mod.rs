@@ -308,12 +308,22 @@ mod tests {
             0,
             "nothing expired"
         );
+        // A hostile node's window dated in the year 3000 is swept like any other.
+        let mut future = batch(3, &[], 0);
+        (future.window_start_ms, future.window_end_ms) = (32_503_680_000_000, 32_503_680_010_000);
+        assert!(store_batch(&db, &future, "g").await?);
         let later = now_ms() + 2 * 3600 * 1000;
+        // 3 batch rows, 3 predictions, 2 labels, 2 window rows
         assert_eq!(
             sweep(&db, Duration::from_secs(3600), later).await?,
-            2 + 3 + 2
+            3 + 3 + 2 + 2
         );
-        for table in ["telemetry_batches", "predictions", "feedback"] {
+        for table in [
+            "telemetry_batches",
+            "predictions",
+            "feedback",
+            "telemetry_windows",
+        ] {
             assert_eq!(count(&db, table).await, 0, "{table}");
         }
         assert_eq!(
@@ -324,7 +334,12 @@ mod tests {
             },
             "totals stay"
         );
-        assert_eq!(summary(&db, None).await?.nodes["n1"], *n);
+        let after = &summary(&db, None).await?.nodes["n1"];
+        assert_eq!(
+            (after.batches, after.dropped_batches, after.requests),
+            (n.batches + 1, n.dropped_batches, n.requests),
+            "the node's totals stay (and count the year-3000 batch)"
+        );
         Ok(())
     }
 

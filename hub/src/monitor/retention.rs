@@ -12,7 +12,7 @@ pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(600);
 pub(super) const SWEEP_CHUNK: i64 = 5_000;
 
 /// Deletes the raw history received more than `keep` before `now_ms`: telemetry batches,
-/// predictions and labels, notification records. What the hub reports from stays: the
+/// predictions and labels, window aggregates, notification records. What the hub reports from stays: the
 /// running totals (requests, errors, accuracy), alerts, rollouts, the audit log. Each
 /// statement deletes at most [`SWEEP_CHUNK`] rows, so the first sweep of a long history does
 /// not hold SQLite's write lock for long. Returns the rows deleted.
@@ -29,6 +29,13 @@ pub(crate) async fn sweep(db: &Db, keep: Duration, now_ms: i64) -> Result<u64> {
         ),
         (
             "DELETE FROM feedback WHERE (model, id) IN (SELECT model, id FROM feedback WHERE at < $1 LIMIT $2)",
+            cutoff_ms,
+        ),
+        // By when the hub last folded a batch into the row, never by the window's end: a
+        // node names its windows, and a window dated in the future must not outlive the
+        // retention.
+        (
+            "DELETE FROM telemetry_windows WHERE (model, version, grp, window_start) IN (SELECT model, version, grp, window_start FROM telemetry_windows WHERE updated_at < $1 LIMIT $2)",
             cutoff_ms,
         ),
         (
