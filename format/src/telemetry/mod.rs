@@ -31,6 +31,11 @@ pub const MAX_CATEGORIES: usize = 64;
 pub const MAX_FEATURES: usize = 4096;
 /// Most distinct classes a window counts per model version (others go to `"(other)"`).
 pub const MAX_CLASSES: usize = 256;
+/// Most model versions in one batch: each is a row the hub updates in the batch's
+/// transaction, so the count bounds how long one batch holds the hub's database. (A node
+/// serving more model versions with traffic in one window has that window's batch refused
+/// and quarantined.)
+pub const MAX_MODELS: usize = 1024;
 /// Most predictions (request id and class) a window keeps per model version, for feedback.
 pub const MAX_PREDICTIONS: usize = 20_000;
 /// Most feedback labels one window keeps.
@@ -315,5 +320,29 @@ mod tests {
             "feedback for \"r\": the label must be a string or a number, not [\"a\"]"
         );
         assert_eq!(prediction_id("r", 2, 3), "r/2");
+    }
+
+    /// A batch naming more model versions than [`MAX_MODELS`] is refused before the hub
+    /// folds any of them (each is a row it would update in one transaction).
+    #[test]
+    fn a_batch_of_too_many_model_versions_is_refused() {
+        let window = |i: usize| ModelWindow {
+            model: format!("m{i}"),
+            version: "1".into(),
+            ..ModelWindow::default()
+        };
+        let batch = |n: usize| TelemetryBatch {
+            node_id: "n".into(),
+            seq: 1,
+            window_start_ms: 0,
+            window_end_ms: 1,
+            dropped_batches: 0,
+            dropped_requests: 0,
+            models: (0..n).map(window).collect(),
+            feedback: vec![],
+        };
+        assert!(batch(MAX_MODELS).validate().is_ok());
+        let e = batch(MAX_MODELS + 1).validate().unwrap_err().to_string();
+        assert!(e.contains("model versions"), "{e}");
     }
 }

@@ -435,6 +435,13 @@ impl TelemetryBatch {
         {
             return Err(invalid(format!("batch {}: too much feedback", self.seq)));
         }
+        if self.models.len() > MAX_MODELS {
+            return Err(invalid(format!(
+                "batch {}: {} model versions, over {MAX_MODELS}",
+                self.seq,
+                self.models.len()
+            )));
+        }
         for m in &self.models {
             if m.predictions.len() > MAX_PREDICTIONS
                 || m.classes.len() > MAX_CLASSES + 1
