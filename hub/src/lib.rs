@@ -388,11 +388,8 @@ impl Hub {
                 if let Err(e) = background.seen.flush(&background.db).await {
                     tracing::error!(error = %e.chain(), "recording nodes' last calls failed");
                 }
-                if let Err(e) = api::timed_steps(&background).await {
-                    tracing::error!(error = %e.chain(), "rollout timer failed");
-                }
-                if let Err(e) = api::judge_canaries(&background).await {
-                    tracing::error!(error = %e.chain(), "judging canaries failed");
+                if let Err(e) = api::tick_rollouts(&background).await {
+                    tracing::error!(error = %e.chain(), "rollout timer or canary judging failed");
                 }
             }
             // Nothing noted is lost on a clean stop.

@@ -41,8 +41,8 @@ use auth::*;
 pub(crate) use auth::{Admin, Caller};
 use fleet::*;
 use registry::*;
+pub(crate) use rollouts::tick_rollouts;
 use rollouts::*;
-pub(crate) use rollouts::{judge_canaries, timed_steps};
 use telemetry::*;
 
 type AppState = Arc<Shared>;

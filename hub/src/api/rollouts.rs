@@ -43,26 +43,26 @@ pub(super) async fn change_rollout(
 /// Aborts every active rollout whose failure rate (assigned nodes that report a failure of
 /// its version / assigned nodes) is above its threshold.
 pub(super) async fn check_failures(s: &Shared) -> Result<()> {
+    let active = s.db.active_rollouts().await?;
+    if active.is_empty() {
+        return Ok(());
+    }
     let nodes = s.db.nodes().await?;
-    for r in s.db.active_rollouts().await? {
+    for r in active {
         let event = Event::Reports(rollout::failures(&r, &nodes));
         change_rollout(s, &r, &event, "hub", "hub").await?;
     }
     Ok(())
 }
 
-/// Advances the active rollouts whose step interval has passed.
-pub(crate) async fn timed_steps(s: &Shared) -> Result<()> {
+/// The ticker's work on the active rollouts, read once per tick: a timed rollout steps when
+/// its interval has passed, and a rollout that promotes itself is judged on its canary's
+/// health (promoted when it held, aborted when it did not; see [`rollout::judge`]).
+pub(crate) async fn tick_rollouts(s: &Shared) -> Result<()> {
     for r in s.db.active_rollouts().await? {
-        change_rollout(s, &r, &Event::Tick, "hub", "hub").await?;
-    }
-    Ok(())
-}
-
-/// Judges the active rollouts that promote themselves on their canary's health: promotes
-/// those that held, aborts those that did not (see [`rollout::judge`]).
-pub(crate) async fn judge_canaries(s: &Shared) -> Result<()> {
-    for r in s.db.active_rollouts().await? {
+        let r = change_rollout(s, &r, &Event::Tick, "hub", "hub")
+            .await?
+            .unwrap_or(r);
         if r.auto_promote.is_none() {
             continue;
         }
