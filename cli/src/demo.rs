@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use capsule_format::hub::Summary;
 use capsule_format::manifest::{Limits, ModelCard};
 use capsule_format::v2::{InferenceRequest, InferenceResponse};
 use capsule_runtime::{BuildOptions, CapsuleImage, LoadedCapsule, RunConfig};
@@ -467,7 +468,7 @@ fn fleet(cli: &Cli, dir: &Path, keep: bool) -> Result<()> {
             "the hub's telemetry totals",
             Duration::from_secs(30),
             || {
-                let summary: serde_json::Value = rt.block_on(async {
+                let summary: Summary = rt.block_on(async {
                     http.get(format!("{hub_url}/api/v1/telemetry/summary?model=digits"))
                         .bearer_auth(&admin)
                         .send()
@@ -476,19 +477,11 @@ fn fleet(cli: &Cli, dir: &Path, keep: bool) -> Result<()> {
                         .json()
                         .await
                 })?;
-                totals = summary["versions"]
-                    .as_array()
-                    .map(|vs| {
-                        vs.iter()
-                            .map(|v| {
-                                (
-                                    v["version"].as_str().unwrap_or_default().to_owned(),
-                                    v["requests"].as_u64().unwrap_or(0),
-                                )
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                totals = summary
+                    .versions
+                    .into_iter()
+                    .map(|v| (v.version, v.requests))
+                    .collect();
                 // The 20 requests to 1.0.0, the 10 to 2.0.0 (the golden probes are not traffic).
                 let sum: u64 = totals.iter().map(|(_, n)| n).sum();
                 Ok(sum >= 30)

@@ -770,7 +770,10 @@ command = ["sh", "-c", "cp \"$1\" \"{out}/retrain-$CAPSULE_MODEL-$CAPSULE_VERSIO
         acc = s["versions"][0]["accuracy"].clone();
         Ok(acc["labeled"].as_u64() == Some(labeled))
     })?;
-    assert_eq!(acc, json!({"labeled": labeled, "correct": correct}));
+    assert_eq!(
+        acc,
+        json!({"labeled": labeled, "correct": correct, "value": correct as f64 / labeled as f64})
+    );
 
     // 5. The hub's request totals equal what each node served.
     let s = summary(&hub)?;

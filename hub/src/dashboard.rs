@@ -312,7 +312,7 @@ async fn overview(State(s): State<AppState>, admin: Result<Admin>) -> Result<Res
             } else {
                 "–".into()
             };
-            let acc = t.accuracy.value().map_or("–".into(), |a| {
+            let acc = t.accuracy.value.map_or("–".into(), |a| {
                 format!("{} ({})", pct(a), t.accuracy.labeled)
             });
             let _ = write!(
@@ -742,7 +742,7 @@ fn version_section(
             .map_or("–".into(), |v| format!("{} ms", fmt_num(v))),
         accuracy.labeled,
         accuracy.correct,
-        accuracy.value().map_or("–".into(), pct),
+        accuracy.value.map_or("–".into(), pct),
         accuracy.labeled,
         if firing.is_empty() { "good" } else { "bad" },
         firing.len()

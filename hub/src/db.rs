@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 
 pub use capsule_format::hub::Rollout;
 use capsule_format::hub::{Report, Role, RolloutState, TokenInfo};
-use serde::{Deserialize, Serialize};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor, Row};
 
@@ -38,44 +37,7 @@ pub struct Db {
     sqlite: bool,
 }
 
-/// A registered model version.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct VersionRow {
-    /// Model.
-    pub model: String,
-    /// Version.
-    pub version: String,
-    /// Capsule SHA-256.
-    pub sha256: String,
-    /// Capsule size.
-    pub length: i64,
-    /// The capsule's manifest summary (name, version, signature, card, limits).
-    pub manifest: serde_json::Value,
-    /// Provenance: source model hash, dataset hash, training params, code revision.
-    pub provenance: serde_json::Value,
-    /// Metrics (experiment tracking).
-    pub metrics: serde_json::Value,
-    /// Registered at (Unix seconds).
-    pub created_at: i64,
-    /// Who registered it.
-    pub created_by: String,
-    /// The split form: the model image and the code module it needs (versions registered
-    /// before the split form have none).
-    pub split: Option<SplitBlobs>,
-}
-
-/// The blobs of a version's split form (`capsule_format::split`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SplitBlobs {
-    /// SHA-256 of the model image.
-    pub image_sha256: String,
-    /// Its size.
-    pub image_length: i64,
-    /// SHA-256 of the code module.
-    pub code_sha256: String,
-    /// Its size.
-    pub code_length: i64,
-}
+pub use capsule_format::hub::{SplitBlobs, VersionInfo};
 
 /// Whom a token names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,13 +59,15 @@ fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or(serde_json::Value::Null)
 }
 
-fn version_row(r: &AnyRow) -> Result<VersionRow> {
-    Ok(VersionRow {
+fn version_row(r: &AnyRow) -> Result<VersionInfo> {
+    Ok(VersionInfo {
         model: r.try_get("model")?,
         version: r.try_get("version")?,
         sha256: r.try_get("sha256")?,
         length: r.try_get("length")?,
-        manifest: json(&r.try_get::<String, _>("manifest")?),
+        // A summary an older hub wrote in another shape reads as empty, not as an error
+        // that would hide the version.
+        manifest: serde_json::from_str(&r.try_get::<String, _>("manifest")?).unwrap_or_default(),
         provenance: json(&r.try_get::<String, _>("provenance")?),
         metrics: json(&r.try_get::<String, _>("metrics")?),
         created_at: r.try_get("created_at")?,
@@ -285,7 +249,7 @@ impl Db {
         &self,
         id: &str,
         key: &str,
-        kind: &str,
+        kind: capsule_format::hub::EventKind,
         body: &str,
         delivery: &str,
     ) -> Result<()> {
@@ -293,7 +257,7 @@ impl Db {
             .bind(id)
             .bind(now_us())
             .bind(key)
-            .bind(kind)
+            .bind(kind.as_str())
             .bind(body)
             .bind(delivery)
             .execute(&self.pool)
@@ -483,7 +447,7 @@ impl Db {
     }
 
     /// Registers a model version (and its model).
-    pub async fn add_version(&self, v: &VersionRow) -> Result<()> {
+    pub async fn add_version(&self, v: &VersionInfo) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO models (name, created_at) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
@@ -498,7 +462,7 @@ impl Db {
             .bind(&v.version)
             .bind(&v.sha256)
             .bind(v.length)
-            .bind(v.manifest.to_string())
+            .bind(serde_json::to_string(&v.manifest)?)
             .bind(v.provenance.to_string())
             .bind(v.metrics.to_string())
             .bind(v.created_at)
@@ -542,7 +506,7 @@ impl Db {
     }
 
     /// A model's versions, oldest first.
-    pub async fn versions(&self, model: &str) -> Result<Vec<VersionRow>> {
+    pub async fn versions(&self, model: &str) -> Result<Vec<VersionInfo>> {
         let rows =
             sqlx::query("SELECT * FROM versions WHERE model = $1 ORDER BY created_at, version")
                 .bind(model)
@@ -552,7 +516,7 @@ impl Db {
     }
 
     /// One version.
-    pub async fn version(&self, model: &str, version: &str) -> Result<Option<VersionRow>> {
+    pub async fn version(&self, model: &str, version: &str) -> Result<Option<VersionInfo>> {
         let row = sqlx::query("SELECT * FROM versions WHERE model = $1 AND version = $2")
             .bind(model)
             .bind(version)
@@ -806,7 +770,7 @@ impl Db {
 
     /// The version whose single-file capsule has this hash and that has a split form (the
     /// hub stores the split form and joins the single file on demand).
-    pub async fn version_by_capsule(&self, sha256: &str) -> Result<Option<VersionRow>> {
+    pub async fn version_by_capsule(&self, sha256: &str) -> Result<Option<VersionInfo>> {
         let row = sqlx::query(
             "SELECT * FROM versions WHERE sha256 = $1 AND image_sha256 IS NOT NULL LIMIT 1",
         )

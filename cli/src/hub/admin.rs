@@ -82,7 +82,7 @@ pub enum RolloutCommand {
 pub fn run_rollout(args: &RolloutArgs) -> Result<()> {
     let c = &args.client;
     runtime()?.block_on(async {
-        let value = match &args.command {
+        match &args.command {
             RolloutCommand::Start {
                 model,
                 version,
@@ -119,7 +119,7 @@ pub fn run_rollout(args: &RolloutArgs) -> Result<()> {
                         hold_s: *promote_hold_s,
                     }),
                 };
-                c.call(
+                c.print::<Rollout>(
                     reqwest::Method::POST,
                     "/api/v1/rollouts",
                     Some(serde_json::to_vec(&body)?),
@@ -131,17 +131,16 @@ pub fn run_rollout(args: &RolloutArgs) -> Result<()> {
             RolloutCommand::Abort { id } => action(c, id, RolloutAction::Abort).await?,
             RolloutCommand::Rollback { id } => action(c, id, RolloutAction::Rollback).await?,
             RolloutCommand::List => {
-                c.call(reqwest::Method::GET, "/api/v1/rollouts", None)
+                c.print::<RolloutList>(reqwest::Method::GET, "/api/v1/rollouts", None)
                     .await?
             }
-        };
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        }
         Ok(())
     })
 }
 
-pub(super) async fn action(c: &HubOptions, id: &str, action: RolloutAction) -> Result<Value> {
-    c.call(
+pub(super) async fn action(c: &HubOptions, id: &str, action: RolloutAction) -> Result<()> {
+    c.print::<Rollout>(
         reqwest::Method::POST,
         &format!("/api/v1/rollouts/{id}/{action}"),
         None,
@@ -188,15 +187,18 @@ pub enum TokensCommand {
 pub fn run_tokens(args: &TokensArgs) -> Result<()> {
     let c = &args.client;
     runtime()?.block_on(async {
-        let value = match &args.command {
-            TokensCommand::List => c.call(reqwest::Method::GET, "/api/v1/tokens", None).await?,
+        match &args.command {
+            TokensCommand::List => {
+                c.print::<TokenList>(reqwest::Method::GET, "/api/v1/tokens", None)
+                    .await?
+            }
             TokensCommand::Admin { name } => {
                 let body = serde_json::to_vec(&NewToken { name: name.clone() })?;
-                c.call(reqwest::Method::POST, "/api/v1/tokens", Some(body))
+                c.print::<IssuedToken>(reqwest::Method::POST, "/api/v1/tokens", Some(body))
                     .await?
             }
             TokensCommand::Node { id } => {
-                c.call(
+                c.print::<IssuedToken>(
                     reqwest::Method::POST,
                     &format!("/api/v1/nodes/{id}/token"),
                     None,
@@ -204,7 +206,7 @@ pub fn run_tokens(args: &TokensArgs) -> Result<()> {
                 .await?
             }
             TokensCommand::Revoke { hash_prefix } => {
-                c.call(
+                c.print::<TokenRevoked>(
                     reqwest::Method::DELETE,
                     &format!("/api/v1/tokens/{hash_prefix}"),
                     None,
@@ -212,15 +214,14 @@ pub fn run_tokens(args: &TokensArgs) -> Result<()> {
                 .await?
             }
             TokensCommand::RevokeNode { id } => {
-                c.call(
+                c.print::<NodeTokensRevoked>(
                     reqwest::Method::DELETE,
                     &format!("/api/v1/nodes/{id}/token"),
                     None,
                 )
                 .await?
             }
-        };
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        }
         Ok(())
     })
 }
@@ -258,10 +259,13 @@ pub enum ModelsCommand {
 pub fn run_models(args: &ModelsArgs) -> Result<()> {
     let c = &args.client;
     runtime()?.block_on(async {
-        let value = match &args.command {
-            ModelsCommand::List => c.call(reqwest::Method::GET, "/api/v1/models", None).await?,
+        match &args.command {
+            ModelsCommand::List => {
+                c.print::<ModelList>(reqwest::Method::GET, "/api/v1/models", None)
+                    .await?
+            }
             ModelsCommand::Show { model } => {
-                c.call(
+                c.print::<ModelDetail>(
                     reqwest::Method::GET,
                     &format!("/api/v1/models/{model}"),
                     None,
@@ -269,15 +273,14 @@ pub fn run_models(args: &ModelsArgs) -> Result<()> {
                 .await?
             }
             ModelsCommand::Compare { model, a, b } => {
-                c.call(
+                c.print::<Comparison>(
                     reqwest::Method::GET,
                     &format!("/api/v1/models/{model}/compare?a={a}&b={b}"),
                     None,
                 )
                 .await?
             }
-        };
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        }
         Ok(())
     })
 }

@@ -5,7 +5,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use capsule_format::hub::{AutoPromote, NewRollout, NewToken, RolloutAction};
+use capsule_format::hub::{
+    AliasSet, AutoPromote, Comparison, IssuedToken, ModelDetail, ModelList, NewRollout, NewToken,
+    NodeTokensRevoked, Rollout, RolloutAction, RolloutList, TokenList, TokenRevoked, VersionInfo,
+};
 use capsule_format::tuf::{self, PublicKey, Root, Signed, SigningKey, Targets};
 use capsule_node::{HubClient, HubError};
 use serde_json::Value;
@@ -60,14 +63,16 @@ impl HubOptions {
         }
     }
 
-    /// A call whose answer is printed as JSON.
-    async fn call(
+    /// A call whose answer, read as `T`, is printed as JSON.
+    async fn print<T: serde::de::DeserializeOwned + serde::Serialize>(
         &self,
         method: reqwest::Method,
         path: &str,
         body: Option<Vec<u8>>,
-    ) -> Result<Value> {
-        self.call_as(method, path, body).await
+    ) -> Result<()> {
+        let answer: T = self.call_as(method, path, body).await?;
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+        Ok(())
     }
 
     /// A call whose answer is read as `T`.

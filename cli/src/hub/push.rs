@@ -45,12 +45,13 @@ pub fn run_push(args: &PushArgs) -> Result<()> {
         if c.has(&code_path).await? {
             println!("code {} already on the hub", forms.code_sha256);
         } else {
-            c.call(
-                reqwest::Method::POST,
-                "/api/v1/blobs",
-                Some(forms.code.clone()),
-            )
-            .await?;
+            let _: BlobStored = c
+                .call_as(
+                    reqwest::Method::POST,
+                    "/api/v1/blobs",
+                    Some(forms.code.clone()),
+                )
+                .await?;
             println!(
                 "uploaded code {} ({} bytes)",
                 forms.code_sha256,
@@ -71,12 +72,13 @@ pub fn run_push(args: &PushArgs) -> Result<()> {
             provenance,
             metrics,
         };
-        c.call(
-            reqwest::Method::POST,
-            &format!("/api/v1/models/{}/versions", m.name),
-            Some(serde_json::to_vec(&body)?),
-        )
-        .await?;
+        let _: VersionInfo = c
+            .call_as(
+                reqwest::Method::POST,
+                &format!("/api/v1/models/{}/versions", m.name),
+                Some(serde_json::to_vec(&body)?),
+            )
+            .await?;
         println!(
             "pushed {} {} (sha256 {}, image {sha})",
             m.name, m.version, forms.capsule.sha256
@@ -96,12 +98,13 @@ pub fn run_push(args: &PushArgs) -> Result<()> {
             let body = SetAlias {
                 version: m.version.to_string(),
             };
-            c.call(
-                reqwest::Method::PUT,
-                &format!("/api/v1/models/{}/aliases/{alias}", m.name),
-                Some(serde_json::to_vec(&body)?),
-            )
-            .await?;
+            let _: AliasSet = c
+                .call_as(
+                    reqwest::Method::PUT,
+                    &format!("/api/v1/models/{}/aliases/{alias}", m.name),
+                    Some(serde_json::to_vec(&body)?),
+                )
+                .await?;
             println!("{alias} -> {} {}", m.name, m.version);
         }
         Ok(())

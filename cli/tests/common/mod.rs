@@ -366,3 +366,70 @@ pub fn script_result(script: &str, out: &Output) -> Result<Value> {
             )
         })
 }
+
+/// The `y` a node answers for model `wat`, or None when it does not serve it.
+pub fn served_y(node: &str) -> Option<f64> {
+    let body = serde_json::json!({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [0.0]}]});
+    let resp = http()
+        .post(format!("{node}/v2/models/wat/infer"))
+        .json(&body)
+        .send()
+        .ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    resp.json::<Value>().ok()?["outputs"][0]["data"][0].as_f64()
+}
+
+/// The report `node` sent for a generation at or after `after`.
+pub fn wait_report(hub: &str, node: &str, after: i64) -> Result<Value> {
+    let mut last = Value::Null;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(30) {
+        let (_, v) = api(hub, "GET", "/api/v1/nodes", ADMIN, None)?;
+        if let Some(n) = v["nodes"]
+            .as_array()
+            .and_then(|ns| ns.iter().find(|n| n["id"] == node))
+        {
+            last = n["report"].clone();
+            if last["generation"].as_i64().is_some_and(|g| g >= after) {
+                return Ok(last);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("no report of {node} for generation {after}; last: {last}")
+}
+
+/// The hub's generation.
+pub fn generation(hub: &str) -> Result<i64> {
+    let (_, v) = api(hub, "GET", "/api/v1/health", ADMIN, None)?;
+    v["generation"].as_i64().context("generation")
+}
+
+/// The capsules installed under `dir` (relative paths, sorted; hidden directories skipped).
+pub fn capsule_files(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            if p.is_dir() {
+                stack.push(p);
+            } else if name.ends_with(".capsule.wasm") {
+                out.push(
+                    p.strip_prefix(dir)
+                        .unwrap_or(&p)
+                        .to_string_lossy()
+                        .into_owned(),
+                );
+            }
+        }
+    }
+    out.sort();
+    out
+}

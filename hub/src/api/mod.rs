@@ -3,7 +3,6 @@
 //! Admin endpoints take an admin token, node endpoints a node token scoped to one node id;
 //! a node token is refused for admin calls (403) and for other nodes' ids (403).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,10 +14,11 @@ use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use capsule_format::hub::{
-    AuditLog, BlobKind, BlobStored, DesiredState, FeedbackAccepted, IssuedToken, MetadataStored,
-    NewRollout, NewToken, NewVersion, NodeList, NodeTokensRevoked, Registered, Registration,
-    Report, ReportStored, Role, RolloutAction, RolloutList, RolloutState, SetAlias, TelemetryAck,
-    TokenList, TokenRevoked,
+    AlertList, AliasSet, AuditLog, BlobKind, BlobStored, Comparison, DesiredState,
+    FeedbackAccepted, HealthStatus, HubHealth, IssuedToken, ManifestSummary, MetadataStored,
+    ModelDetail, ModelList, ModelSummary, NewRollout, NewToken, NewVersion, NodeList,
+    NodeTokensRevoked, Registered, Registration, Report, ReportStored, Role, RolloutAction,
+    RolloutList, RolloutState, SetAlias, Summary, TelemetryAck, TokenList, TokenRevoked, Windows,
 };
 use capsule_format::split;
 use capsule_format::tuf::{self, Root, Targets};
@@ -26,7 +26,7 @@ use capsule_format::{CapsuleManifest, MANIFEST_SECTION};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::db::{Rollout, SplitBlobs, VersionRow, new_id, now};
+use crate::db::{Rollout, SplitBlobs, VersionInfo, new_id, now};
 use crate::extract::{Path, Query, RawBody};
 use crate::rollout::{self, Event, Health};
 use crate::{Error, Result, Shared, monitor, token_hash};

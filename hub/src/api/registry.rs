@@ -2,10 +2,11 @@
 
 use super::*;
 
-pub(super) async fn health(State(s): State<AppState>) -> Result<axum::Json<Value>> {
-    Ok(axum::Json(
-        json!({"status": "ok", "generation": s.db.generation().await?}),
-    ))
+pub(super) async fn health(State(s): State<AppState>) -> Result<axum::Json<HubHealth>> {
+    Ok(axum::Json(HubHealth {
+        status: HealthStatus::Ok,
+        generation: s.db.generation().await?,
+    }))
 }
 
 /// The manifest of a capsule, read from its custom section (the hub never runs capsules).
@@ -241,32 +242,33 @@ pub(super) async fn post_metadata(
 pub(super) async fn list_models(
     State(s): State<AppState>,
     Admin(_): Admin,
-) -> Result<axum::Json<Value>> {
-    let mut out = Vec::new();
-    for m in s.db.models().await? {
-        let versions: Vec<String> =
-            s.db.versions(&m)
-                .await?
-                .into_iter()
-                .map(|v| v.version)
-                .collect();
-        out.push(json!({"name": m, "versions": versions, "aliases": s.db.aliases(&m).await?}));
+) -> Result<axum::Json<ModelList>> {
+    let mut models = Vec::new();
+    for name in s.db.models().await? {
+        let versions = s.db.versions(&name).await?;
+        models.push(ModelSummary {
+            aliases: s.db.aliases(&name).await?,
+            versions: versions.into_iter().map(|v| v.version).collect(),
+            name,
+        });
     }
-    Ok(axum::Json(json!({"models": out})))
+    Ok(axum::Json(ModelList { models }))
 }
 
 pub(super) async fn show_model(
     State(s): State<AppState>,
     Admin(_): Admin,
     Path(model): Path<String>,
-) -> Result<axum::Json<Value>> {
+) -> Result<axum::Json<ModelDetail>> {
     let versions = s.db.versions(&model).await?;
     if versions.is_empty() {
         return Err(Error::NotFound(format!("no model {model:?}")));
     }
-    Ok(axum::Json(
-        json!({"name": model, "versions": versions, "aliases": s.db.aliases(&model).await?}),
-    ))
+    Ok(axum::Json(ModelDetail {
+        aliases: s.db.aliases(&model).await?,
+        versions,
+        name: model,
+    }))
 }
 
 /// Registers a version from an uploaded blob; its manifest must name this model, and the
@@ -276,7 +278,7 @@ pub(super) async fn add_version(
     Admin(c): Admin,
     Path(model): Path<String>,
     RawBody(body): RawBody,
-) -> Result<axum::Json<VersionRow>> {
+) -> Result<axum::Json<VersionInfo>> {
     let req: NewVersion = json_body(&body)?;
     let uploaded = read_blob(&s, &req.sha256, "blob").await?;
     // Either form registers both: a model image is joined with its code (which must be
@@ -342,21 +344,21 @@ pub(super) async fn add_version(
     } else {
         req.metrics
     };
-    let row = VersionRow {
+    let row = VersionInfo {
         model: model.clone(),
         version: m.version.to_string(),
         sha256: split::sha256_hex(&bytes),
         length: bytes.len() as i64,
         split: Some(split_blobs),
-        manifest: json!({
-            "inputs": m.inputs.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            "outputs": m.outputs.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            "labels": m.labels,
-            "description": m.card.description,
-            "golden_samples": m.golden.len(),
-            "reference": m.reference,
-            "created_at_unix": m.created_at_unix,
-        }),
+        manifest: ManifestSummary {
+            inputs: m.inputs.iter().map(ToString::to_string).collect(),
+            outputs: m.outputs.iter().map(ToString::to_string).collect(),
+            labels: m.labels.clone(),
+            description: m.card.description.clone(),
+            golden_samples: m.golden.len(),
+            reference: m.reference.clone(),
+            created_at_unix: m.created_at_unix,
+        },
         provenance,
         metrics,
         created_at: now(),
@@ -377,7 +379,7 @@ pub(super) async fn show_version(
     State(s): State<AppState>,
     Admin(_): Admin,
     Path((model, version)): Path<(String, String)>,
-) -> Result<axum::Json<VersionRow>> {
+) -> Result<axum::Json<VersionInfo>> {
     s.db.version(&model, &version)
         .await?
         .map(axum::Json)
@@ -396,7 +398,7 @@ pub(super) async fn compare(
     Admin(_): Admin,
     Path(model): Path<String>,
     Query(q): Query<CompareQuery>,
-) -> Result<axum::Json<Value>> {
+) -> Result<axum::Json<Comparison>> {
     let get = |v: String| {
         let s = Arc::clone(&s);
         let model = model.clone();
@@ -407,15 +409,7 @@ pub(super) async fn compare(
         }
     };
     let (a, b) = (get(q.a).await?, get(q.b).await?);
-    let mut diff = BTreeMap::new();
-    if let (Some(ma), Some(mb)) = (a.metrics.as_object(), b.metrics.as_object()) {
-        for (k, vb) in mb {
-            if let (Some(x), Some(y)) = (ma.get(k).and_then(Value::as_f64), vb.as_f64()) {
-                diff.insert(k.clone(), y - x);
-            }
-        }
-    }
-    Ok(axum::Json(json!({"a": a, "b": b, "metrics_diff": diff})))
+    Ok(axum::Json(Comparison::new(a, b)))
 }
 
 pub(super) async fn set_alias(
@@ -423,7 +417,7 @@ pub(super) async fn set_alias(
     Admin(c): Admin,
     Path((model, alias)): Path<(String, String)>,
     RawBody(body): RawBody,
-) -> Result<axum::Json<Value>> {
+) -> Result<axum::Json<AliasSet>> {
     let req: SetAlias = json_body(&body)?;
     if s.db.version(&model, &req.version).await?.is_none() {
         return Err(Error::NotFound(format!(
@@ -449,7 +443,9 @@ pub(super) async fn set_alias(
     )
     .await?;
     s.changed().await?;
-    Ok(axum::Json(
-        json!({"model": model, "alias": alias, "version": req.version}),
-    ))
+    Ok(axum::Json(AliasSet {
+        model,
+        alias,
+        version: req.version,
+    }))
 }

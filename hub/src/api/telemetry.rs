@@ -74,7 +74,7 @@ pub(super) async fn telemetry_summary(
     State(s): State<AppState>,
     _admin: Admin,
     Query(q): Query<TelemetryQuery>,
-) -> Result<axum::Json<crate::monitor::Summary>> {
+) -> Result<axum::Json<Summary>> {
     Ok(axum::Json(
         crate::monitor::summary(&s.db, q.model.as_deref()).await?,
     ))
@@ -84,28 +84,28 @@ pub(super) async fn telemetry_windows(
     State(s): State<AppState>,
     _admin: Admin,
     Query(q): Query<TelemetryQuery>,
-) -> Result<axum::Json<Value>> {
+) -> Result<axum::Json<Windows>> {
     let model = q
         .model
         .ok_or_else(|| Error::BadRequest("model=NAME is required".into()))?;
     let windows =
         crate::monitor::windows(&s, &model, q.group.as_deref(), q.count.unwrap_or(60)).await?;
-    Ok(axum::Json(json!({
-        "model": model,
-        "window_ms": s.config.monitor.window_ms,
-        "versions": windows,
-    })))
+    Ok(axum::Json(Windows {
+        model,
+        window_ms: s.config.monitor.window_ms,
+        versions: windows,
+    }))
 }
 
 pub(super) async fn list_alerts(
     State(s): State<AppState>,
     _admin: Admin,
-) -> Result<axum::Json<Value>> {
-    Ok(axum::Json(json!({
-        "alerts": crate::monitor::alerts(&s.db).await?,
-        "events": crate::monitor::events(&s.db, 200).await?,
-        "evaluated_until_ms": s.db.state("telemetry_evaluated_until").await?,
-    })))
+) -> Result<axum::Json<AlertList>> {
+    Ok(axum::Json(AlertList {
+        alerts: crate::monitor::alerts(&s.db).await?,
+        events: crate::monitor::events(&s.db, 200).await?,
+        evaluated_until_ms: s.db.state("telemetry_evaluated_until").await?,
+    }))
 }
 
 /// Refreshes the gauges read from the database (nodes, their models, rollouts, dropped
@@ -143,7 +143,7 @@ pub(super) async fn metrics(State(s): State<AppState>) -> Result<Response> {
             .set(counts.get(state).copied().unwrap_or(0));
     }
     for (model, version, a) in crate::monitor::accuracies(&s.db).await? {
-        if let Some(value) = a.value() {
+        if let Some(value) = a.value {
             m.accuracy.with_label_values(&[&model, &version]).set(value);
         }
     }

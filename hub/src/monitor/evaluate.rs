@@ -33,7 +33,7 @@ pub(crate) async fn alerts(db: &Db) -> Result<Vec<Alert>> {
 }
 
 /// Notifications sent (alerts and retraining), newest first.
-pub(crate) async fn events(db: &Db, limit: i64) -> Result<Vec<Value>> {
+pub(crate) async fn events(db: &Db, limit: i64) -> Result<Vec<AlertEvent>> {
     let rows = sqlx::query(
         "SELECT at_us, alert_key, kind, body, delivery FROM alert_events ORDER BY at_us DESC, id LIMIT $1",
     )
@@ -42,13 +42,13 @@ pub(crate) async fn events(db: &Db, limit: i64) -> Result<Vec<Value>> {
     .await?;
     rows.iter()
         .map(|r| {
-            Ok(json!({
-                "at_us": r.try_get::<i64, _>("at_us")?,
-                "alert": r.try_get::<String, _>("alert_key")?,
-                "kind": r.try_get::<String, _>("kind")?,
-                "body": serde_json::from_str::<Value>(&r.try_get::<String, _>("body")?).unwrap_or(Value::Null),
-                "delivery": r.try_get::<String, _>("delivery")?,
-            }))
+            Ok(AlertEvent {
+                at_us: r.try_get("at_us")?,
+                alert: r.try_get("alert_key")?,
+                kind: crate::db::named(r, "kind")?,
+                body: serde_json::from_str(&r.try_get::<String, _>("body")?).ok(),
+                delivery: r.try_get("delivery")?,
+            })
         })
         .collect()
 }
@@ -175,7 +175,7 @@ pub(super) async fn evaluate_window(s: &Shared, ws: i64, we: i64) -> Result<()> 
     let models: BTreeSet<String> = agg.keys().map(|(m, _, _)| m.clone()).collect();
     for model in models {
         for (version, a) in accuracy(&s.db, &model).await? {
-            let Some(value) = a.value() else { continue };
+            let Some(value) = a.value else { continue };
             s.metrics
                 .accuracy
                 .with_label_values(&[&model, &version])
@@ -235,14 +235,12 @@ pub(super) async fn apply(
         }
         let (key, state) = (&t.alert.key, t.alert.state);
         tracing::warn!(alert = %key, %state, value = f.value, threshold = f.threshold, "alert {state}");
-        notify(
-            s,
-            key,
-            state.as_str(),
-            serde_json::to_value(&t.alert).unwrap_or(Value::Null),
-            &cfg.webhooks,
-        )
-        .await?;
+        let status = match state {
+            AlertState::Firing => EventKind::Firing,
+            AlertState::Resolved => EventKind::Resolved,
+        };
+        let body = NotificationBody::Alert(t.alert.clone());
+        notify(s, key, Notification { status, body }, &cfg.webhooks).await?;
         if state == AlertState::Firing
             && cfg.retrain.on.contains(&f.rule)
             && !retrain_firing(&f.model, &f.version)
@@ -265,16 +263,13 @@ pub(super) async fn apply(
             .set(firing.get(rule).copied().unwrap_or(0));
     }
     for ((model, version), reasons) in retrain {
-        let drift: Vec<Value> = reports
+        let drift: Vec<GroupDrift> = reports
             .get(&(model.clone(), version.clone()))
             .map(|v| {
                 v.iter()
-                    .map(|(g, d)| {
-                        let mut d = serde_json::to_value(d).unwrap_or(Value::Null);
-                        if let Some(o) = d.as_object_mut() {
-                            o.insert("group".into(), json!(g));
-                        }
-                        d
+                    .map(|(group, drift)| GroupDrift {
+                        group: group.clone(),
+                        drift: drift.clone(),
                     })
                     .collect()
             })
@@ -284,39 +279,34 @@ pub(super) async fn apply(
             .get(&version)
             .copied()
             .unwrap_or_default();
-        let report = json!({
-            "model": model,
-            "version": version,
-            "window_start_ms": ws,
-            "window_end_ms": we,
-            "reasons": reasons,
-            "drift": drift,
-            "accuracy": {"labeled": accuracy.labeled, "correct": accuracy.correct, "value": accuracy.value()},
-        });
-        trigger_retraining(s, &model, &version, report).await?;
+        let report = RetrainReport {
+            model,
+            version,
+            window_start_ms: ws,
+            window_end_ms: we,
+            reasons,
+            drift,
+            accuracy,
+        };
+        trigger_retraining(s, report).await?;
     }
     Ok(())
 }
 
-/// POSTs `body` (with `"status"`) to every webhook (three attempts each) in the background,
-/// and records the notification and how its delivery went.
+/// POSTs the notification to every webhook (three attempts each) in the background, and
+/// records it and how its delivery went.
 pub(super) async fn notify(
     s: &Shared,
     key: &str,
-    kind: &str,
-    body: Value,
+    notification: Notification,
     hooks: &[String],
 ) -> Result<()> {
     let id = new_id();
-    let mut body = body;
-    if let Some(o) = body.as_object_mut() {
-        o.insert("status".into(), json!(kind));
-    }
-    let text = body.to_string();
+    let text = serde_json::to_string(&notification)?;
     s.db.add_alert_event(
         &id,
         key,
-        kind,
+        notification.status,
         &text,
         if hooks.is_empty() {
             "no webhook"
@@ -389,13 +379,10 @@ pub(super) async fn deliver(
 }
 
 /// Writes the report, POSTs it to the retraining webhook and runs the retraining command.
-pub(super) async fn trigger_retraining(
-    s: &Shared,
-    model: &str,
-    version: &str,
-    report: Value,
-) -> Result<()> {
+pub(super) async fn trigger_retraining(s: &Shared, report: RetrainReport) -> Result<()> {
     let cfg = &s.config.monitor.retrain;
+    let (model, version) = (report.model.clone(), report.version.clone());
+    let (model, version) = (model.as_str(), version.as_str());
     s.metrics.retrain_triggers.with_label_values(&[model]).inc();
     let dir = &s.config.monitor.reports_dir;
     let id = new_id();
@@ -418,7 +405,11 @@ pub(super) async fn trigger_retraining(
     .await?;
     let key = format!("retrain|{model}|{version}");
     let hooks: Vec<String> = cfg.webhook.iter().cloned().collect();
-    notify(s, &key, "retrain", report, &hooks).await?;
+    let notification = Notification {
+        status: EventKind::Retrain,
+        body: NotificationBody::Retrain(report),
+    };
+    notify(s, &key, notification, &hooks).await?;
     if let Some((program, args)) = cfg.command.split_first() {
         let mut command = tokio::process::Command::new(program);
         command
@@ -440,8 +431,12 @@ pub(super) async fn trigger_retraining(
                 .add_alert_event(
                     &new_id(),
                     &key,
-                    "retrain.command",
-                    &json!({"command": program}).to_string(),
+                    EventKind::RetrainCommand,
+                    &serde_json::to_string(&Notification {
+                        status: EventKind::RetrainCommand,
+                        body: NotificationBody::Command(RetrainCommand { command: program }),
+                    })
+                    .unwrap_or_default(),
                     &status,
                 )
                 .await;

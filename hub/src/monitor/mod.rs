@@ -11,15 +11,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use capsule_format::telemetry::{
-    self, FeatureDrift, FeatureHistogram, ModelWindow, ReferenceStats, TelemetryBatch,
-};
+use capsule_format::telemetry::{self, FeatureDrift, ModelWindow, ReferenceStats, TelemetryBatch};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::json;
 use sqlx::Row;
 
-pub use capsule_format::hub::Alert;
-use capsule_format::hub::{AlertRule, AlertState};
+pub use capsule_format::hub::{Accuracy, Alert, NodeTotals, Summary, VersionTotals, WindowPoint};
+use capsule_format::hub::{
+    AlertEvent, AlertRule, AlertState, EventKind, GroupDrift, Notification, NotificationBody,
+    RetrainCommand, RetrainReport,
+};
 
 use crate::alert::{self, Finding, Measure};
 pub use crate::alert::{AccuracyRule, DriftRule, ErrorRule, LatencyRule};
@@ -134,7 +135,7 @@ mod retention;
 
 pub(crate) use evaluate::*;
 pub(crate) use ingest::*;
-pub use queries::*;
+pub(crate) use queries::*;
 pub(crate) use retention::*;
 
 #[cfg(test)]
@@ -168,19 +169,6 @@ mod tests {
         assert_eq!(
             parse("window_ms = 10\n").unwrap_err().to_string(),
             "monitor window_ms must be at least 100"
-        );
-    }
-
-    #[test]
-    fn accuracy_values() {
-        assert_eq!(Accuracy::default().value(), None);
-        assert_eq!(
-            Accuracy {
-                labeled: 8,
-                correct: 6
-            }
-            .value(),
-            Some(0.75)
         );
     }
 
@@ -226,10 +214,10 @@ mod tests {
         .fetch_one(db.pool())
         .await
         .unwrap();
-        Accuracy {
-            labeled: u(r.try_get("labeled").unwrap()),
-            correct: u(r.try_get("correct").unwrap()),
-        }
+        Accuracy::new(
+            u(r.try_get("labeled").unwrap()),
+            u(r.try_get("correct").unwrap()),
+        )
     }
 
     #[tokio::test]
@@ -249,48 +237,27 @@ mod tests {
         };
         // (step, accuracy after it) — each checked against a recount of the rows
         assert!(store_batch(&db, &batch(1, &[("p1", "a"), ("p2", "b")], 0), "g").await?);
-        assert_eq!(
-            now().await?,
-            Accuracy {
-                labeled: 0,
-                correct: 0
-            }
-        );
+        assert_eq!(now().await?, Accuracy::new(0, 0));
         store_feedback(&db, "x", "m", &labels(&[("p1", "a"), ("p3", "a")])).await?;
         assert_eq!(
             now().await?,
-            Accuracy {
-                labeled: 1,
-                correct: 1
-            },
+            Accuracy::new(1, 1),
             "p3 has no prediction yet"
         );
         assert!(store_batch(&db, &batch(2, &[("p3", "b")], 4), "g").await?);
         assert_eq!(
             now().await?,
-            Accuracy {
-                labeled: 2,
-                correct: 1
-            },
+            Accuracy::new(2, 1),
             "p3's label counts when it comes"
         );
         store_feedback(&db, "x", "m", &labels(&[("p1", "b")])).await?;
         assert_eq!(
             now().await?,
-            Accuracy {
-                labeled: 2,
-                correct: 0
-            },
+            Accuracy::new(2, 0),
             "a changed label moves correct"
         );
         store_feedback(&db, "x", "m", &labels(&[("p1", "b"), ("p3", "b")])).await?;
-        assert_eq!(
-            now().await?,
-            Accuracy {
-                labeled: 2,
-                correct: 1
-            }
-        );
+        assert_eq!(now().await?, Accuracy::new(2, 1));
         assert!(
             !store_batch(&db, &batch(1, &[("p1", "a"), ("p2", "b")], 0), "g").await?,
             "a retry"
@@ -326,14 +293,7 @@ mod tests {
         ] {
             assert_eq!(count(&db, table).await, 0, "{table}");
         }
-        assert_eq!(
-            now().await?,
-            Accuracy {
-                labeled: 2,
-                correct: 1
-            },
-            "totals stay"
-        );
+        assert_eq!(now().await?, Accuracy::new(2, 1), "totals stay");
         let after = &summary(&db, None).await?.nodes["n1"];
         assert_eq!(
             (after.batches, after.dropped_batches, after.requests),

@@ -2,22 +2,6 @@
 
 use super::*;
 
-/// Live accuracy of one model version from its labeled predictions.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-pub struct Accuracy {
-    /// Predictions with a label.
-    pub labeled: u64,
-    /// Of which the model got right.
-    pub correct: u64,
-}
-
-impl Accuracy {
-    /// `correct / labeled`.
-    pub fn value(&self) -> Option<f64> {
-        (self.labeled > 0).then(|| self.correct as f64 / self.labeled as f64)
-    }
-}
-
 /// Accuracy per version of `model` (running totals kept as labels and predictions arrive).
 pub(crate) async fn accuracy(db: &Db, model: &str) -> Result<BTreeMap<String, Accuracy>> {
     let rows =
@@ -29,10 +13,7 @@ pub(crate) async fn accuracy(db: &Db, model: &str) -> Result<BTreeMap<String, Ac
     for r in rows {
         out.insert(
             r.try_get::<String, _>("version")?,
-            Accuracy {
-                labeled: u(r.try_get("labeled")?),
-                correct: u(r.try_get("correct")?),
-            },
+            Accuracy::new(u(r.try_get("labeled")?), u(r.try_get("correct")?)),
         );
     }
     Ok(out)
@@ -48,10 +29,7 @@ pub(crate) async fn accuracies(db: &Db) -> Result<Vec<(String, String, Accuracy)
             Ok((
                 r.try_get("model")?,
                 r.try_get("version")?,
-                Accuracy {
-                    labeled: u(r.try_get("labeled")?),
-                    correct: u(r.try_get("correct")?),
-                },
+                Accuracy::new(u(r.try_get("labeled")?), u(r.try_get("correct")?)),
             ))
         })
         .collect()
@@ -93,45 +71,6 @@ pub(crate) async fn version_health(
         labeled: accuracy.labeled,
         correct: accuracy.correct,
     })
-}
-
-/// Totals of one model version.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct VersionTotals {
-    /// Model.
-    pub model: String,
-    /// Version.
-    pub version: String,
-    /// Requests.
-    pub requests: u64,
-    /// Failed requests.
-    pub errors: u64,
-    /// Rows.
-    pub rows: u64,
-    /// Feedback accuracy.
-    pub accuracy: Accuracy,
-}
-
-/// What the hub has received from one node.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct NodeTotals {
-    /// Requests.
-    pub requests: u64,
-    /// Batches stored.
-    pub batches: u64,
-    /// Batches the node reported dropped from its full buffer.
-    pub dropped_batches: u64,
-    /// Requests in them.
-    pub dropped_requests: u64,
-}
-
-/// Totals per model version and per node.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Summary {
-    /// Per model version.
-    pub versions: Vec<VersionTotals>,
-    /// Per node.
-    pub nodes: BTreeMap<String, NodeTotals>,
 }
 
 pub(super) fn u(v: i64) -> u64 {
@@ -192,31 +131,6 @@ pub(crate) async fn summary(db: &Db, model: Option<&str>) -> Result<Summary> {
     })
 }
 
-/// One model version in one window (all groups, or one).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct WindowPoint {
-    /// Window start (ms).
-    pub start_ms: i64,
-    /// Window end (ms).
-    pub end_ms: i64,
-    /// Requests.
-    pub requests: u64,
-    /// Failed requests.
-    pub errors: u64,
-    /// Rows.
-    pub rows: u64,
-    /// Median latency (ms).
-    pub p50_ms: Option<f64>,
-    /// 99th percentile latency (ms).
-    pub p99_ms: Option<f64>,
-    /// Drift per feature.
-    pub drift: Vec<FeatureDrift>,
-    /// Live histograms per feature.
-    pub features: Vec<FeatureHistogram>,
-    /// Predicted classes.
-    pub classes: BTreeMap<String, u64>,
-}
-
 /// The aggregate rows whose window starts in `[from, to)`: (group, window start, what the
 /// group's nodes saw of one model version in it).
 pub(super) async fn load_windows(
@@ -251,8 +165,7 @@ pub(crate) async fn reference(
     Ok(db
         .version(model, version)
         .await?
-        .and_then(|v| v.manifest.get("reference").cloned())
-        .and_then(|r| serde_json::from_value::<ReferenceStats>(r).ok()))
+        .and_then(|v| v.manifest.reference))
 }
 
 pub(super) fn merge_into(

@@ -60,6 +60,12 @@ macro_rules! named_enum {
     };
 }
 
+mod monitoring;
+mod registry;
+
+pub use monitoring::*;
+pub use registry::*;
+
 /// A name that is none of an enum's values.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("unknown {what} {name:?} (expected one of {expected:?})")]
@@ -151,107 +157,6 @@ impl ModelState {
                 | ModelState::ProbeFailed
         )
     }
-}
-
-named_enum! {
-    /// An alert rule of the hub's monitoring.
-    AlertRule {
-        /// A feature's live distribution moved away from training (PSI or KS).
-        Drift = "drift",
-        /// The error-rate SLO.
-        Errors = "errors",
-        /// The p99 latency SLO.
-        Latency = "latency",
-        /// Live accuracy from feedback labels.
-        Accuracy = "accuracy",
-    }
-}
-
-named_enum! {
-    /// Where an alert is.
-    AlertState {
-        /// Its rule is breached in the last window evaluated.
-        Firing = "firing",
-        /// It fired, and its rule holds again.
-        Resolved = "resolved",
-    }
-}
-
-/// An alert and its state (`GET /api/v1/alerts`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Alert {
-    /// `rule|model|version|group|feature`.
-    pub key: String,
-    /// Its rule.
-    pub rule: AlertRule,
-    /// Model.
-    pub model: String,
-    /// Version.
-    pub version: String,
-    /// Node group (`all` for accuracy).
-    pub group: String,
-    /// Feature (drift only).
-    pub feature: String,
-    /// Where it is.
-    pub state: AlertState,
-    /// The measured value (PSI, error rate, p99 ms, accuracy).
-    pub value: f64,
-    /// The threshold it was compared with.
-    pub threshold: f64,
-    /// The window evaluated (ms).
-    pub window_start_ms: i64,
-    /// Its end.
-    pub window_end_ms: i64,
-    /// When it started firing (ms).
-    pub started_at_ms: i64,
-    /// Last change (ms).
-    pub updated_at_ms: i64,
-}
-
-named_enum! {
-    /// What a blob of the hub is.
-    BlobKind {
-        /// A single-file capsule.
-        Capsule = "capsule",
-        /// A model image of the split form.
-        Image = "image",
-        /// A guest code module of the split form.
-        Code = "code",
-    }
-}
-
-/// `POST /api/v1/blobs`: the blob stored (content-addressed).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BlobStored {
-    /// Its SHA-256 (hex), its address.
-    pub sha256: String,
-    /// Its length.
-    pub length: u64,
-    /// What it is.
-    pub kind: BlobKind,
-}
-
-/// `POST /api/v1/models/{model}/versions`: a version from an uploaded capsule or model image
-/// (the version is its manifest's).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NewVersion {
-    /// The uploaded blob.
-    pub sha256: String,
-    /// Where it came from (dataset hash, parameters, code revision, ...): the publisher's JSON.
-    #[serde(default)]
-    pub provenance: serde_json::Value,
-    /// Its metrics (name to value): the publisher's JSON.
-    #[serde(default)]
-    pub metrics: serde_json::Value,
-}
-
-/// `PUT /api/v1/models/{model}/aliases/{alias}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SetAlias {
-    /// The version the alias points at.
-    pub version: String,
 }
 
 /// A token the hub accepts, as `GET /api/v1/tokens` lists it: never the token, nor its
@@ -634,13 +539,21 @@ pub struct FeedbackAccepted {
     pub accepted: usize,
 }
 
-/// `POST /api/v1/metadata/{role}`: what was stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MetadataStored {
-    /// `root` or `targets`.
-    pub role: String,
-    /// Its version.
-    pub version: i64,
+named_enum! {
+    /// Whether the hub answers.
+    HealthStatus {
+        /// It does, and its database too.
+        Ok = "ok",
+    }
+}
+
+/// `GET /api/v1/health`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HubHealth {
+    /// `ok`.
+    pub status: HealthStatus,
+    /// The generation of the desired state (it grows with every change nodes see).
+    pub generation: i64,
 }
 
 /// `GET /api/v1/rollouts`.
