@@ -333,13 +333,14 @@ fn older_metadata_served_again_is_a_rollback() -> Result<()> {
 fn a_version_pointing_at_another_versions_blob_is_refused() -> Result<()> {
     let s = Setup::start()?;
     s.good()?;
+    // The entry first, then production (the node would install a genuine 2.0.0 between).
     s.sql(
-        "UPDATE aliases SET version = '2.0.0' WHERE model = 'wat' AND alias = 'production'",
-        &[],
-    )?;
-    let g = s.sql(
         "UPDATE versions SET sha256 = $1 WHERE model = 'wat' AND version = '2.0.0'",
         &[&sha(&s.blobs[2])],
+    )?;
+    let g = s.sql(
+        "UPDATE aliases SET version = '2.0.0' WHERE model = 'wat' AND alias = 'production'",
+        &[],
     )?;
     s.refused(g, "does not match the signed target")?;
     s.expect_v1("mix and match");

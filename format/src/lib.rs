@@ -17,6 +17,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod clock;
 mod dtype;
 mod error;
 pub mod hub;

@@ -205,7 +205,7 @@ async fn overview(State(s): State<AppState>, admin: Result<Admin>) -> Result<Res
     if admin.is_err() {
         return Ok(Redirect::to("/dashboard/login").into_response());
     }
-    let now = crate::db::now();
+    let now = s.db.now();
     let offline_after = i64::try_from(s.config.monitor.offline_after_s).unwrap_or(i64::MAX);
     let nodes = s.db.nodes().await?;
     let rollouts = s.db.rollouts().await?;

@@ -3,27 +3,13 @@
 
 use std::collections::BTreeMap;
 
+use capsule_format::clock::SharedClock;
 pub use capsule_format::hub::Rollout;
 use capsule_format::hub::{Report, Role, RolloutState, TokenInfo};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor, Row};
 
 use crate::{Error, Result};
-
-/// Seconds since the Unix epoch.
-pub fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
-fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
-}
 
 /// A fresh random id.
 pub fn new_id() -> String {
@@ -35,6 +21,7 @@ pub fn new_id() -> String {
 pub struct Db {
     pool: AnyPool,
     sqlite: bool,
+    clock: SharedClock,
 }
 
 pub use capsule_format::hub::{SplitBlobs, VersionInfo};
@@ -178,7 +165,26 @@ impl Db {
                 source,
             })?;
         sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Db { pool, sqlite })
+        Ok(Db {
+            pool,
+            sqlite,
+            clock: capsule_format::clock::system(),
+        })
+    }
+
+    /// The same database, its rows stamped by `clock`.
+    pub fn with_clock(self, clock: SharedClock) -> Db {
+        Db { clock, ..self }
+    }
+
+    /// The clock rows are stamped with.
+    pub fn clock(&self) -> &SharedClock {
+        &self.clock
+    }
+
+    /// Seconds since the Unix epoch, by the database's clock.
+    pub fn now(&self) -> i64 {
+        self.clock.now_s()
     }
 
     /// The database's size in bytes (SQLite: its pages, the write-ahead log not included;
@@ -255,7 +261,7 @@ impl Db {
     ) -> Result<()> {
         sqlx::query("INSERT INTO alert_events (id, at_us, alert_key, kind, body, delivery) VALUES ($1, $2, $3, $4, $5, $6)")
             .bind(id)
-            .bind(now_us())
+            .bind(self.clock.now_us())
             .bind(key)
             .bind(kind.as_str())
             .bind(body)
@@ -310,7 +316,7 @@ impl Db {
     pub async fn audit(&self, actor: &str, action: &str, detail: &str, remote: &str) -> Result<()> {
         sqlx::query("INSERT INTO audit (id, at_us, actor, action, detail, remote) VALUES ($1, $2, $3, $4, $5, $6)")
             .bind(new_id())
-            .bind(now_us())
+            .bind(self.clock.now_us())
             .bind(actor)
             .bind(action)
             .bind(detail)
@@ -357,7 +363,7 @@ impl Db {
             .bind(role.as_str())
             .bind(name)
             .bind(node_id)
-            .bind(now())
+            .bind(self.now())
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -453,7 +459,7 @@ impl Db {
             "INSERT INTO models (name, created_at) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
         )
         .bind(&v.model)
-        .bind(now())
+        .bind(self.now())
         .execute(&mut *tx)
         .await?;
         let split = v.split.as_ref();
@@ -542,7 +548,7 @@ impl Db {
             .bind(model)
             .bind(alias)
             .bind(version)
-            .bind(now())
+            .bind(self.now())
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -554,7 +560,7 @@ impl Db {
             .bind(role)
             .bind(version)
             .bind(body)
-            .bind(now())
+            .bind(self.now())
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -588,7 +594,7 @@ impl Db {
         sqlx::query("INSERT INTO nodes (id, labels, registered_at, last_seen, report) VALUES ($1, $2, $3, $3, '') ON CONFLICT (id) DO UPDATE SET labels = excluded.labels, last_seen = excluded.last_seen")
             .bind(id)
             .bind(labels)
-            .bind(now())
+            .bind(self.now())
             .execute(&self.pool)
             .await?;
         Ok(true)
@@ -599,7 +605,7 @@ impl Db {
         let text = serde_json::to_string(report)?;
         sqlx::query("UPDATE nodes SET report = $1, last_seen = $2 WHERE id = $3")
             .bind(text)
-            .bind(now())
+            .bind(self.now())
             .bind(id)
             .execute(&self.pool)
             .await?;
@@ -609,7 +615,7 @@ impl Db {
     /// Marks a node as seen.
     pub async fn touch(&self, id: &str) -> Result<()> {
         sqlx::query("UPDATE nodes SET last_seen = $1 WHERE id = $2")
-            .bind(now())
+            .bind(self.now())
             .bind(id)
             .execute(&self.pool)
             .await?;
@@ -705,7 +711,7 @@ impl Db {
         }
         sqlx::query("INSERT INTO audit (id, at_us, actor, action, detail, remote) VALUES ($1, $2, $3, $4, $5, $6)")
             .bind(new_id())
-            .bind(now_us())
+            .bind(self.clock.now_us())
             .bind(actor)
             .bind(change.action)
             .bind(detail)

@@ -211,6 +211,9 @@ pub struct HubConfig {
     /// How long raw telemetry (batches, predictions, labels) and notification records are
     /// kept; none: forever. Running totals, alerts, rollouts and the audit log are kept.
     pub retention: Option<Duration>,
+    /// The wall clock: windows, timers, retention and every stored time read it (tests
+    /// set and advance one).
+    pub clock: capsule_format::clock::SharedClock,
 }
 
 impl Default for HubConfig {
@@ -228,6 +231,7 @@ impl Default for HubConfig {
             tls_key: None,
             monitor: monitor::MonitorConfig::default(),
             retention: Some(monitor::DEFAULT_RETENTION),
+            clock: capsule_format::clock::system(),
         }
     }
 }
@@ -296,7 +300,9 @@ impl std::fmt::Debug for Hub {
 impl Hub {
     /// Connects the database (migrating it), binds the listener and starts serving.
     pub async fn start(config: HubConfig) -> Result<Hub> {
-        let db = Db::connect(&config.database).await?;
+        let db = Db::connect(&config.database)
+            .await?
+            .with_clock(config.clock.clone());
         let blobs = BlobStore::open(&config.blobs)?;
         let mut generated = None;
         if let Some(t) = &config.admin_token {
@@ -321,7 +327,8 @@ impl Hub {
             generated = Some(t);
         }
         // Past any generation an earlier life of this database handed out (a restored backup).
-        let (notify, generation) = watch::channel(db.advance_generation(monitor::now_ms()).await?);
+        let (notify, generation) =
+            watch::channel(db.advance_generation(db.clock().now_ms()).await?);
         let listener = tokio::net::TcpListener::bind(config.http)
             .await
             .map_err(Error::io(format!("binding {}", config.http)))?;
@@ -423,7 +430,7 @@ impl Hub {
                 let due = swept.is_none_or(|at| at.elapsed() >= monitor::SWEEP_EVERY);
                 if let (Some(keep), true) = (monitor.config.retention, due) {
                     swept = Some(tokio::time::Instant::now());
-                    match monitor::sweep(&monitor.db, keep, monitor::now_ms()).await {
+                    match monitor::sweep(&monitor.db, keep, monitor.db.clock().now_ms()).await {
                         Ok(0) => {}
                         Ok(n) => tracing::info!(rows = n, "retention: old telemetry deleted"),
                         Err(e) => tracing::error!(error = %e.chain(), "retention sweep failed"),

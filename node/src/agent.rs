@@ -28,6 +28,7 @@ use crate::loader::Loader;
 use crate::models::ModelRegistry;
 use crate::repository::{CAPSULE_SUFFIX, compare_versions};
 use crate::{Error, Result};
+use capsule_format::clock::SharedClock;
 
 /// How the node syncs with a hub.
 #[derive(Debug, Clone, Deserialize)]
@@ -75,6 +76,8 @@ pub(crate) struct Agent {
     state: AgentState,
     /// Code modules in the code store whose hash this process checked.
     verified_code: std::collections::HashSet<String>,
+    /// What signed metadata's expiry is checked against.
+    clock: SharedClock,
 }
 
 /// Writes a file the loader may read at any moment: under a hidden name in the same
@@ -171,11 +174,9 @@ fn reverify(
     removed
 }
 
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+/// Seconds since the epoch by `clock` (0 before 1970).
+fn unix_s(clock: &SharedClock) -> u64 {
+    u64::try_from(clock.now_s()).unwrap_or(0)
 }
 
 fn state_dir(models: &Path) -> PathBuf {
@@ -196,6 +197,7 @@ impl Agent {
         models: PathBuf,
         loader: Arc<Mutex<Loader>>,
         registry: Arc<ModelRegistry>,
+        clock: SharedClock,
     ) -> Result<Agent> {
         let bytes = std::fs::read(&sync.trusted_root).map_err(Error::io(format!(
             "cannot read {}",
@@ -203,7 +205,8 @@ impl Agent {
         )))?;
         let pinned: Signed<Root> = tuf::parse(&bytes, "root")
             .map_err(|e| Error::Config(format!("{}: {e}", sync.trusted_root.display())))?;
-        let mut root = tuf::trust_root(&pinned, now())
+        let now = unix_s(&clock);
+        let mut root = tuf::trust_root(&pinned, now)
             .map_err(|e| Error::Config(format!("{}: {e}", sync.trusted_root.display())))?;
         let dir = state_dir(&models);
         // A root rotated since (accepted through the chain, kept in the agent's state).
@@ -211,7 +214,7 @@ impl Agent {
             .ok()
             .and_then(|b| tuf::parse::<Root>(&b, "root").ok())
             .filter(|r| r.signed.version > root.version)
-            .and_then(|r| tuf::trust_root(&r, now()).ok())
+            .and_then(|r| tuf::trust_root(&r, now).ok())
         {
             root = rotated;
         }
@@ -229,6 +232,7 @@ impl Agent {
             registry,
             state,
             verified_code: Default::default(),
+            clock,
         })
     }
 
@@ -415,15 +419,20 @@ impl Agent {
             .ok_or("the hub has no targets metadata")?;
         let signed: Signed<Targets> =
             tuf::parse(text.as_bytes(), "targets").map_err(|e| e.to_string())?;
-        tuf::verify_targets(&self.root, self.state.targets_version, &signed, now())
-            .map_err(|e| e.to_string())
+        tuf::verify_targets(
+            &self.root,
+            self.state.targets_version,
+            &signed,
+            unix_s(&self.clock),
+        )
+        .map_err(|e| e.to_string())
     }
 
     /// The hub's targets, once the root is up to date (5.3), unexpired (5.3.10) and the
     /// targets verify against it (5.6).
     async fn trusted_targets(&mut self, state: &DesiredState) -> Result<Targets, String> {
         self.update_root().await?;
-        if self.root.expires <= now() {
+        if self.root.expires <= unix_s(&self.clock) {
             return Err(format!(
                 "refused (5.3.10): root version {} expired",
                 self.root.version

@@ -131,6 +131,9 @@ pub struct NodeConfig {
     /// 403). Labels drive the hub's accuracy alerts and its retraining trigger, so whoever can
     /// reach the node must not be able to send them.
     pub feedback_token: Option<String>,
+    /// The wall clock: telemetry windows and the expiry of signed metadata read it (tests
+    /// set and advance one).
+    pub clock: capsule_format::clock::SharedClock,
 }
 
 impl Default for NodeConfig {
@@ -156,6 +159,7 @@ impl Default for NodeConfig {
             telemetry_buffer_bytes: 64 << 20,
             static_dir: None,
             feedback_token: None,
+            clock: capsule_format::clock::system(),
         }
     }
 }

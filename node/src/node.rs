@@ -87,6 +87,7 @@ impl Node {
                 config.telemetry_window_ms,
                 config.telemetry_buffer_bytes,
                 metrics.clone(),
+                config.clock.clone(),
             )?),
             None => None,
         };
@@ -198,6 +199,7 @@ impl Node {
                     config.models.clone(),
                     Arc::clone(&loader),
                     Arc::clone(&registry),
+                    config.clock.clone(),
                 )?;
                 if let Some(t) = telemetry {
                     let hub = agent.hub_client();

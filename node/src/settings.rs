@@ -218,6 +218,7 @@ impl NodeSettings {
             telemetry_buffer_bytes: s.telemetry_buffer_bytes.unwrap_or(d.telemetry_buffer_bytes),
             static_dir: s.static_dir.or(d.static_dir),
             feedback_token: s.feedback_token.or(d.feedback_token),
+            clock: d.clock,
         };
         c.validate()?;
         Ok(c)

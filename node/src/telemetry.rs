@@ -27,6 +27,7 @@ use tokio::sync::{Notify, watch};
 use crate::durable::{move_aside, now_ms, read_json, write_durably};
 use crate::metrics::Metrics;
 use crate::{Error, Result};
+use capsule_format::clock::SharedClock;
 
 /// Most batches one shipment carries.
 const SHIP_BATCHES: usize = 64;
@@ -292,6 +293,12 @@ pub(crate) struct Telemetry {
     buffer: Mutex<Buffer>,
     metrics: Metrics,
     wake: Notify,
+    clock: SharedClock,
+}
+
+/// Milliseconds since the epoch by `clock` (0 before 1970).
+fn clock_ms(clock: &SharedClock) -> u64 {
+    u64::try_from(clock.now_ms()).unwrap_or(0)
 }
 
 fn window_start(now: u64, window_ms: u64) -> u64 {
@@ -306,6 +313,7 @@ impl Telemetry {
         window_ms: u64,
         max_bytes: u64,
         metrics: Metrics,
+        clock: SharedClock,
     ) -> Result<Arc<Telemetry>> {
         let buffer = Buffer::open(dir, max_bytes)?;
         metrics
@@ -318,13 +326,14 @@ impl Telemetry {
             node_id: node_id.to_owned(),
             window_ms: window_ms.max(1),
             current: Mutex::new(Window {
-                start_ms: window_start(now_ms(), window_ms),
+                start_ms: window_start(clock_ms(&clock), window_ms),
                 models: BTreeMap::new(),
                 feedback: Vec::new(),
             }),
             buffer: Mutex::new(buffer),
             metrics,
             wake: Notify::new(),
+            clock,
         };
         telemetry.refresh_gauges();
         Ok(Arc::new(telemetry))
@@ -425,7 +434,7 @@ impl Telemetry {
 
     /// Closes the current window and writes it to the buffer (nothing when it saw nothing).
     pub(crate) fn flush(&self) -> Result<()> {
-        let now = now_ms();
+        let now = clock_ms(&self.clock);
         let window = {
             let mut w = self.current.lock().unwrap_or_else(|p| p.into_inner());
             let next = Window {
@@ -565,7 +574,7 @@ impl Telemetry {
             let mut shutdown = shutdown.clone();
             tokio::spawn(async move {
                 loop {
-                    let now = now_ms();
+                    let now = clock_ms(&me.clock);
                     let next = window_start(now, me.window_ms) + me.window_ms;
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(next.saturating_sub(now))) => {}
@@ -662,7 +671,15 @@ mod tests {
         let hub = crate::hub_client::HubClient::new(&url, "t", None).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let metrics = Metrics::new().unwrap();
-        let t = Telemetry::open(dir.path(), "n", 60_000, 1 << 20, metrics.clone()).unwrap();
+        let t = Telemetry::open(
+            dir.path(),
+            "n",
+            60_000,
+            1 << 20,
+            metrics.clone(),
+            capsule_format::clock::system(),
+        )
+        .unwrap();
         {
             let mut buffer = t.buffer.lock().unwrap();
             buffer.push(batch(1)).unwrap();
@@ -684,6 +701,63 @@ mod tests {
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(quarantined, ["00000000000000000002-2.batch"]);
+    }
+
+    /// Windows are aligned on the node's clock: a request recorded at 10.25 s with 1 s
+    /// windows lands in the window starting at 10 s, which the flush at 11.5 s closes at
+    /// 11.5 s; the next window starts at 11 s; a window that saw nothing writes nothing.
+    #[test]
+    fn windows_follow_the_clock() {
+        use capsule_format::clock::ManualClock;
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::at_ms(10_250);
+        let t = Telemetry::open(
+            dir.path(),
+            "n",
+            1_000,
+            1 << 20,
+            Metrics::new().unwrap(),
+            clock.clone(),
+        )
+        .unwrap();
+        let ok: &[NamedTensor] = &[];
+        t.record(
+            "m",
+            "1",
+            &[],
+            Observed::default(),
+            Ok(ok),
+            Duration::from_millis(3),
+            "r1",
+        );
+        clock.set_ms(11_500);
+        t.flush().unwrap();
+        t.flush().unwrap(); // nothing recorded since: no batch
+        clock.set_ms(12_100);
+        t.record(
+            "m",
+            "1",
+            &[],
+            Observed::default(),
+            Err("guest_trap"),
+            Duration::from_millis(3),
+            "r2",
+        );
+        t.flush().unwrap();
+        let batches: Vec<TelemetryBatch> = t
+            .buffer
+            .lock()
+            .unwrap()
+            .pending(10)
+            .iter()
+            .map(|(_, b)| serde_json::from_slice(b).unwrap())
+            .collect();
+        let spans: Vec<_> = batches
+            .iter()
+            .map(|b| (b.window_start_ms, b.window_end_ms, b.models[0].requests))
+            .collect();
+        assert_eq!(spans, [(10_000, 11_500, 1), (11_000, 12_100, 1)]);
+        assert_eq!(batches[1].models[0].error_count(), 1);
     }
 
     /// Issue 16: a corrupt `state.json` stopped the node from starting. It is moved aside,

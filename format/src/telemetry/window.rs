@@ -222,6 +222,26 @@ impl FeedbackItem {
     }
 }
 
+/// `POST /api/v1/feedback`: labels for predictions of one model (browsers; nodes send theirs
+/// in telemetry).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedbackRequest {
+    /// The model.
+    pub model: String,
+    /// The labels (at most [`MAX_FEEDBACK`]).
+    pub feedback: Vec<FeedbackItem>,
+}
+
+/// `POST /api/v1/telemetry`: batches from one node (the node writes this shape around the
+/// batch files of its buffer, as they are, without decoding them).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shipment {
+    /// The batches, oldest first.
+    pub batches: Vec<TelemetryBatch>,
+}
+
 /// What one model version saw in one window.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ModelWindow {

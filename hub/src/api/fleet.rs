@@ -191,7 +191,7 @@ pub(super) async fn desired(
                 .labels
         }
     };
-    s.seen.note(&id, now());
+    s.seen.note(&id, s.db.now());
     Ok(axum::Json(DesiredState {
         generation,
         targets: snapshot.targets.clone(),

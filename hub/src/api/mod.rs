@@ -26,7 +26,7 @@ use capsule_format::{CapsuleManifest, MANIFEST_SECTION};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::db::{Rollout, SplitBlobs, VersionInfo, new_id, now};
+use crate::db::{Rollout, SplitBlobs, VersionInfo, new_id};
 use crate::extract::{Path, Query, RawBody};
 use crate::rollout::{self, Event, Health};
 use crate::{Error, Result, Shared, monitor, token_hash};

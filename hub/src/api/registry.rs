@@ -361,7 +361,7 @@ pub(super) async fn add_version(
         },
         provenance,
         metrics,
-        created_at: now(),
+        created_at: s.db.now(),
         created_by: c.name.clone(),
     };
     s.db.add_version(&row).await?;

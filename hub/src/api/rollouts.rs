@@ -12,7 +12,7 @@ pub(super) async fn change_rollout(
     actor: &str,
     remote: &str,
 ) -> Result<Option<Rollout>> {
-    let Some(change) = rollout::apply(r, event, now())? else {
+    let Some(change) = rollout::apply(r, event, s.db.now())? else {
         return Ok(None);
     };
     let after = &change.rollout;
@@ -97,7 +97,7 @@ pub(super) async fn create_rollout(
         None => Health::default(),
     };
     let active = s.db.active_rollouts().await?;
-    let r = rollout::start(req, &active, new_id(), previous, baseline, now())?;
+    let r = rollout::start(req, &active, new_id(), previous, baseline, s.db.now())?;
     s.db.add_rollout(&r).await?;
     audit(
         &s,

@@ -1,12 +1,8 @@
 //! Telemetry, feedback, alerts and `/metrics`.
 
-use super::*;
+use capsule_format::telemetry::{FeedbackRequest, Shipment};
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct Shipment {
-    batches: Vec<capsule_format::telemetry::TelemetryBatch>,
-}
+use super::*;
 
 /// Telemetry batches from a node (its own token): stored once each, acknowledged always.
 pub(super) async fn post_telemetry(
@@ -21,15 +17,8 @@ pub(super) async fn post_telemetry(
     }
     let shipment: Shipment = json_body(&body)?;
     let acked = crate::monitor::ingest(&s, &caller.node, shipment.batches).await?;
-    s.seen.note(&caller.node, now());
+    s.seen.note(&caller.node, s.db.now());
     Ok(axum::Json(TelemetryAck { acked }))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct FeedbackBody {
-    model: String,
-    feedback: Vec<capsule_format::telemetry::FeedbackItem>,
 }
 
 /// Ground-truth labels sent straight to the hub (browsers; nodes send theirs in telemetry).
@@ -38,7 +27,7 @@ pub(super) async fn post_feedback(
     caller: Caller,
     RawBody(body): RawBody,
 ) -> Result<axum::Json<FeedbackAccepted>> {
-    let b: FeedbackBody = json_body(&body)?;
+    let b: FeedbackRequest = json_body(&body)?;
     if b.feedback.len() > capsule_format::telemetry::MAX_FEEDBACK {
         return Err(Error::TooLarge(format!(
             "{} labels in one request (at most {})",
@@ -113,7 +102,7 @@ pub(super) async fn list_alerts(
 pub(super) async fn metrics(State(s): State<AppState>) -> Result<Response> {
     let nodes = s.db.nodes().await?;
     let offline_after = i64::try_from(s.config.monitor.offline_after_s).unwrap_or(i64::MAX);
-    let now = crate::db::now();
+    let now = s.db.now();
     let online = nodes
         .iter()
         .filter(|n| now - n.last_seen <= offline_after)

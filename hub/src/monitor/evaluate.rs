@@ -60,7 +60,7 @@ pub(crate) async fn evaluate(s: &Shared) -> Result<()> {
     let cfg = &s.config.monitor;
     let w = i64::try_from(cfg.window_ms).unwrap_or(60_000);
     let grace = i64::try_from(cfg.grace_ms).unwrap_or(0);
-    let now = now_ms();
+    let now = s.db.clock().now_ms();
     let until = (now - grace) / w * w;
     let done = s.db.state("telemetry_evaluated_until").await?;
     if until > done
@@ -224,7 +224,7 @@ pub(super) async fn apply(
         })
     };
     let mut retrain: BTreeMap<(String, String), Vec<Alert>> = BTreeMap::new();
-    let now = now_ms();
+    let now = s.db.clock().now_ms();
     for f in findings {
         let Some(t) = alert::transition(existing.get(&f.key()), &f, ws, we, now) else {
             continue;

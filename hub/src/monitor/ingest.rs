@@ -245,7 +245,7 @@ pub(crate) async fn fold_stored_batches(db: &Db, group_label: &str) -> Result<u6
         if rows.is_empty() {
             return Ok(folded);
         }
-        let now = now_ms();
+        let now = db.clock().now_ms();
         let mut tx = db.pool().begin().await?;
         for r in &rows {
             let node: String = r.try_get("node_id")?;
@@ -285,7 +285,7 @@ pub(super) async fn store_batch(db: &Db, b: &TelemetryBatch, group: &str) -> Res
     if known.is_some() {
         return Ok(false);
     }
-    let now = now_ms();
+    let now = db.clock().now_ms();
     enum Unit<'a> {
         Predictions(&'a [(&'a str, &'a str, &'a telemetry::Prediction)]),
         Feedback(&'a telemetry::Feedback),
@@ -464,7 +464,7 @@ pub(crate) async fn store_feedback(
     model: &str,
     items: &[(String, String)],
 ) -> Result<()> {
-    let now = now_ms();
+    let now = db.clock().now_ms();
     let mut tx = db.pool().begin().await?;
     for (id, label) in items {
         insert_feedback(

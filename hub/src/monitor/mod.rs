@@ -27,13 +27,6 @@ pub use crate::alert::{AccuracyRule, DriftRule, ErrorRule, LatencyRule};
 use crate::db::{Db, new_id};
 use crate::{Error, Result, Shared};
 
-/// Milliseconds since the Unix epoch.
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 /// What happens when drift or accuracy alerts fire for a model version.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -271,7 +264,7 @@ mod tests {
         );
 
         assert_eq!(
-            sweep(&db, Duration::from_secs(3600), now_ms()).await?,
+            sweep(&db, Duration::from_secs(3600), db.clock().now_ms()).await?,
             0,
             "nothing expired"
         );
@@ -279,7 +272,7 @@ mod tests {
         let mut future = batch(3, &[], 0);
         (future.window_start_ms, future.window_end_ms) = (32_503_680_000_000, 32_503_680_010_000);
         assert!(store_batch(&db, &future, "g").await?);
-        let later = now_ms() + 2 * 3600 * 1000;
+        let later = db.clock().now_ms() + 2 * 3600 * 1000;
         // 3 batch rows, 3 predictions, 2 labels, 2 window rows
         assert_eq!(
             sweep(&db, Duration::from_secs(3600), later).await?,

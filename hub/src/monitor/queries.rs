@@ -198,7 +198,7 @@ pub(crate) async fn windows(
 ) -> Result<BTreeMap<String, Vec<WindowPoint>>> {
     let cfg = &s.config.monitor;
     let w = i64::try_from(cfg.window_ms).unwrap_or(60_000);
-    let end = (now_ms() / w + 1) * w;
+    let end = (s.db.clock().now_ms() / w + 1) * w;
     let start = end - w * i64::from(count.clamp(1, 500));
     let mut per: BTreeMap<(String, i64), ModelWindow> = BTreeMap::new();
     for (g, start, m) in load_windows(&s.db, start, end).await? {
