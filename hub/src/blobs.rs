@@ -52,7 +52,7 @@ impl BlobStore {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(io)?;
         }
-        let tmp = path.with_extension(format!("{}.part", crate::db::new_id()));
+        let tmp = path.with_extension(format!("{}.part", crate::store::new_id()));
         std::fs::write(&tmp, bytes).map_err(io)?;
         std::fs::File::open(&tmp)
             .and_then(|f| f.sync_all())

@@ -210,8 +210,8 @@ async fn overview(State(s): State<AppState>, admin: Result<Admin>) -> Result<Res
     let nodes = s.db.nodes().await?;
     let rollouts = s.db.rollouts().await?;
     let models = s.db.models().await?;
-    let alerts = monitor::alerts(&s.db).await?;
-    let summary = monitor::summary(&s.db, None).await?;
+    let alerts = s.db.alerts().await?;
+    let summary = s.db.summary(None).await?;
     let online = nodes
         .iter()
         .filter(|n| now - n.last_seen <= offline_after)
@@ -622,13 +622,14 @@ async fn model_page(
     let cfg = &s.config.monitor;
     let group = q.group.filter(|g| !g.is_empty());
     let windows = monitor::windows(&s, &model, group.as_deref(), 60).await?;
-    let alerts: Vec<monitor::Alert> = monitor::alerts(&s.db)
-        .await?
-        .into_iter()
-        .filter(|a| a.model == model)
-        .collect();
-    let accuracy = monitor::accuracy(&s.db, &model).await?;
-    let summary = monitor::summary(&s.db, Some(&model)).await?;
+    let alerts: Vec<monitor::Alert> =
+        s.db.alerts()
+            .await?
+            .into_iter()
+            .filter(|a| a.model == model)
+            .collect();
+    let accuracy = s.db.accuracy(&model).await?;
+    let summary = s.db.summary(Some(&model)).await?;
     let mut groups: Vec<String> =
         s.db.nodes()
             .await?

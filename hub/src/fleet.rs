@@ -9,7 +9,7 @@ use std::sync::Arc;
 use capsule_format::hub::{DesiredModel, Rollout};
 
 use crate::Result;
-use crate::db::Db;
+use crate::store::Store;
 
 /// A model version a node may be told to run.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,7 +38,7 @@ pub(crate) struct Snapshot {
 
 impl Snapshot {
     /// Reads it.
-    pub(crate) async fn read(db: &Db, generation: i64) -> Result<Snapshot> {
+    pub(crate) async fn read(db: &Store, generation: i64) -> Result<Snapshot> {
         let production = db.production_versions().await?;
         let models: Vec<(String, Option<String>)> = db
             .models()
@@ -133,7 +133,7 @@ pub(crate) struct Snapshots {
 
 impl Snapshots {
     /// The snapshot of `generation` (read now unless it is the one held).
-    pub(crate) async fn get(&self, db: &Db, generation: i64) -> Result<Arc<Snapshot>> {
+    pub(crate) async fn get(&self, db: &Store, generation: i64) -> Result<Arc<Snapshot>> {
         let mut current = self.current.lock().await;
         if let Some(s) = current.as_ref().filter(|s| s.generation == generation) {
             return Ok(Arc::clone(s));
@@ -160,7 +160,7 @@ impl Seen {
     }
 
     /// Writes what was noted since the last flush.
-    pub(crate) async fn flush(&self, db: &Db) -> Result<()> {
+    pub(crate) async fn flush(&self, db: &Store) -> Result<()> {
         let pending: Vec<(String, i64)> =
             std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()))
                 .into_iter()

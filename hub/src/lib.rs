@@ -5,22 +5,23 @@
 //! (`capsule sign`), and nodes verify it against their pinned root keys, so a compromised hub
 //! cannot make a node run a capsule no publisher approved (`capsule_format::tuf`).
 //!
-//! Storage is `sqlx` over SQLite (the embedded default) or PostgreSQL with one set of
-//! migrations; capsule blobs are files named by their SHA-256. Several hub processes can share
-//! one PostgreSQL: every process polls the shared state generation, so a long-poll wakes
-//! within a poll interval of a change made by any of them.
+//! Storage is one [`Store`], which holds every query of the hub, over SQLite (the embedded
+//! default) or PostgreSQL with one set of migrations; capsule blobs are files named by their
+//! SHA-256. Several hub processes can share one PostgreSQL: every process polls the shared
+//! state generation, so a long-poll wakes within a poll interval of a change made by any of
+//! them.
 
 pub mod alert;
 mod api;
 mod blobs;
 mod dashboard;
-pub mod db;
 mod extract;
 mod fleet;
 mod limits;
 mod metrics;
 pub mod monitor;
 pub mod rollout;
+pub mod store;
 mod tls;
 
 use std::net::SocketAddr;
@@ -33,7 +34,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use blobs::BlobStore;
-pub use db::Db;
+pub use store::Store;
 
 /// Errors of the hub; every API error is JSON `{"error": message}` with the status below
 /// (the message of a server error is its whole chain of causes, [`Error::chain`]).
@@ -86,14 +87,14 @@ pub enum Error {
         url: String,
         /// Why.
         #[source]
-        source: sqlx::Error,
+        source: store::QueryError,
     },
     /// The database's migrations failed.
     #[error("migrating the database")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    Migrate(#[from] store::MigrateError),
     /// A query failed (500).
     #[error("database")]
-    Database(#[from] sqlx::Error),
+    Database(#[from] store::QueryError),
     /// The database holds a name this release does not know (500).
     #[error("stored {column}")]
     Stored {
@@ -251,7 +252,7 @@ pub fn new_token(prefix: &str) -> String {
 }
 
 pub(crate) struct Shared {
-    pub(crate) db: Db,
+    pub(crate) db: Store,
     pub(crate) blobs: BlobStore,
     pub(crate) config: HubConfig,
     pub(crate) generation: watch::Receiver<i64>,
@@ -300,7 +301,7 @@ impl std::fmt::Debug for Hub {
 impl Hub {
     /// Connects the database (migrating it), binds the listener and starts serving.
     pub async fn start(config: HubConfig) -> Result<Hub> {
-        let db = Db::connect(&config.database)
+        let db = Store::connect(&config.database)
             .await?
             .with_clock(config.clock.clone());
         let blobs = BlobStore::open(&config.blobs)?;
@@ -430,7 +431,7 @@ impl Hub {
                 let due = swept.is_none_or(|at| at.elapsed() >= monitor::SWEEP_EVERY);
                 if let (Some(keep), true) = (monitor.config.retention, due) {
                     swept = Some(tokio::time::Instant::now());
-                    match monitor::sweep(&monitor.db, keep, monitor.db.clock().now_ms()).await {
+                    match monitor.db.sweep(keep, monitor.db.clock().now_ms()).await {
                         Ok(0) => {}
                         Ok(n) => tracing::info!(rows = n, "retention: old telemetry deleted"),
                         Err(e) => tracing::error!(error = %e.chain(), "retention sweep failed"),

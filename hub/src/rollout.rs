@@ -1,6 +1,6 @@
 //! The rollout state machine: pure rules over a rollout, what happened to it and the time,
 //! passed in. The HTTP handlers and the hub's ticker load a rollout, ask [`apply`] what the
-//! event does to it, and store the [`Change`] (`Db::save_rollout`); nothing here reads a
+//! event does to it, and store the [`Change`] (`Store::save_rollout`); nothing here reads a
 //! clock or a database.
 //!
 //! ```text
@@ -22,7 +22,7 @@ use capsule_format::hub::{
 
 pub use capsule_format::hub::Health;
 
-use crate::db::NodeRow;
+use crate::store::NodeRow;
 use crate::{Error, Result};
 
 /// What the hub does with a self-promoting rollout now.

@@ -407,7 +407,7 @@ async fn run(a: Args) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let db = capsule_hub::Db::connect(&database).await?;
+    let db = capsule_hub::Store::connect(&database).await?;
 
     // Two versions of a small capsule: the fleet's update is the hub's work, not the bytes.
     for (version, y) in [("1.0.0", 1.0), ("2.0.0", 2.0)] {

@@ -64,7 +64,7 @@ impl FromRequestParts<AppState> for Caller {
             .ok_or_else(|| {
                 Error::Unauthorized("missing bearer token (Authorization: Bearer ...)".into())
             })?;
-        let crate::db::Token { role, name, node } =
+        let crate::store::Token { role, name, node } =
             s.db.token(&token_hash(token.trim()))
                 .await?
                 .ok_or_else(|| Error::Unauthorized("unknown token".into()))?;

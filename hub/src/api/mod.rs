@@ -26,10 +26,10 @@ use capsule_format::{CapsuleManifest, MANIFEST_SECTION};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::db::{Rollout, SplitBlobs, VersionInfo, new_id};
 use crate::extract::{Path, Query, RawBody};
 use crate::rollout::{self, Event, Health};
-use crate::{Error, Result, Shared, monitor, token_hash};
+use crate::store::{Rollout, SplitBlobs, VersionInfo, new_id};
+use crate::{Error, Result, Shared, token_hash};
 
 mod auth;
 mod fleet;

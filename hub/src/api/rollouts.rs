@@ -66,9 +66,10 @@ pub(crate) async fn tick_rollouts(s: &Shared) -> Result<()> {
         if r.auto_promote.is_none() {
             continue;
         }
-        let served = monitor::version_health(&s.db, &r.model, &r.version)
-            .await?
-            .since(&r.baseline);
+        let served =
+            s.db.version_health(&r.model, &r.version)
+                .await?
+                .since(&r.baseline);
         change_rollout(s, &r, &Event::Health(served), "hub", "hub").await?;
     }
     Ok(())
@@ -93,7 +94,7 @@ pub(super) async fn create_rollout(
             .cloned()
             .unwrap_or_default();
     let baseline = match req.auto_promote {
-        Some(_) => monitor::version_health(&s.db, &req.model, &req.version).await?,
+        Some(_) => s.db.version_health(&req.model, &req.version).await?,
         None => Health::default(),
     };
     let active = s.db.active_rollouts().await?;

@@ -64,9 +64,7 @@ pub(super) async fn telemetry_summary(
     _admin: Admin,
     Query(q): Query<TelemetryQuery>,
 ) -> Result<axum::Json<Summary>> {
-    Ok(axum::Json(
-        crate::monitor::summary(&s.db, q.model.as_deref()).await?,
-    ))
+    Ok(axum::Json(s.db.summary(q.model.as_deref()).await?))
 }
 
 pub(super) async fn telemetry_windows(
@@ -91,8 +89,8 @@ pub(super) async fn list_alerts(
     _admin: Admin,
 ) -> Result<axum::Json<AlertList>> {
     Ok(axum::Json(AlertList {
-        alerts: crate::monitor::alerts(&s.db).await?,
-        events: crate::monitor::events(&s.db, 200).await?,
+        alerts: s.db.alerts().await?,
+        events: s.db.events(200).await?,
         evaluated_until_ms: s.db.state("telemetry_evaluated_until").await?,
     }))
 }
@@ -131,13 +129,13 @@ pub(super) async fn metrics(State(s): State<AppState>) -> Result<Response> {
             .with_label_values(&[state.as_str()])
             .set(counts.get(state).copied().unwrap_or(0));
     }
-    for (model, version, a) in crate::monitor::accuracies(&s.db).await? {
+    for (model, version, a) in s.db.accuracies().await? {
         if let Some(value) = a.value {
             m.accuracy.with_label_values(&[&model, &version]).set(value);
         }
     }
     m.telemetry_dropped
-        .set(i64::try_from(crate::monitor::dropped_batches(&s.db).await?).unwrap_or(i64::MAX));
+        .set(i64::try_from(s.db.dropped_batches().await?).unwrap_or(i64::MAX));
     Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         m.encode()?,

@@ -3,56 +3,6 @@
 
 use super::*;
 
-pub(super) fn alert_row(r: &sqlx::any::AnyRow) -> Result<Alert> {
-    Ok(Alert {
-        key: r.try_get("key")?,
-        rule: crate::db::named(r, "rule")?,
-        model: r.try_get("model")?,
-        version: r.try_get("version")?,
-        group: r.try_get("grp")?,
-        feature: r.try_get("feature")?,
-        state: crate::db::named(r, "state")?,
-        value: r.try_get("value")?,
-        threshold: r.try_get("threshold")?,
-        window_start_ms: r.try_get("window_start")?,
-        window_end_ms: r.try_get("window_end")?,
-        started_at_ms: r.try_get("started_at")?,
-        updated_at_ms: r.try_get("updated_at")?,
-    })
-}
-
-/// Every alert, firing first, newest first.
-pub(crate) async fn alerts(db: &Db) -> Result<Vec<Alert>> {
-    let rows = sqlx::query(
-        "SELECT key, rule, model, version, grp, feature, state, value, threshold, window_start, window_end, started_at, updated_at \
-         FROM alerts ORDER BY CASE WHEN state = 'firing' THEN 0 ELSE 1 END, updated_at DESC, key",
-    )
-    .fetch_all(db.pool())
-    .await?;
-    rows.iter().map(alert_row).collect()
-}
-
-/// Notifications sent (alerts and retraining), newest first.
-pub(crate) async fn events(db: &Db, limit: i64) -> Result<Vec<AlertEvent>> {
-    let rows = sqlx::query(
-        "SELECT at_us, alert_key, kind, body, delivery FROM alert_events ORDER BY at_us DESC, id LIMIT $1",
-    )
-    .bind(limit)
-    .fetch_all(db.pool())
-    .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(AlertEvent {
-                at_us: r.try_get("at_us")?,
-                alert: r.try_get("alert_key")?,
-                kind: crate::db::named(r, "kind")?,
-                body: serde_json::from_str(&r.try_get::<String, _>("body")?).ok(),
-                delivery: r.try_get("delivery")?,
-            })
-        })
-        .collect()
-}
-
 /// Evaluates every complete window not evaluated yet (at most the last ten), then again
 /// any of the last ten that received batches after it was evaluated (a node that was
 /// offline, a slow network).
@@ -91,19 +41,12 @@ pub(crate) async fn evaluate(s: &Shared) -> Result<()> {
     if !s.db.claim_state("telemetry_late_mark", mark, upto).await? {
         return Ok(());
     }
-    let rows = sqlx::query(
-        "SELECT DISTINCT window_start FROM telemetry_batches WHERE received_at > $1 AND received_at <= $2 AND window_start < $3 AND window_start >= $4",
-    )
-    .bind(mark)
-    .bind(upto)
-    .bind(done)
-    .bind(done - 10 * w)
-    .fetch_all(s.db.pool())
-    .await?;
-    let mut late = BTreeSet::new();
-    for r in rows {
-        late.insert(r.try_get::<i64, _>("window_start")? / w * w);
-    }
+    let late: BTreeSet<i64> =
+        s.db.late_windows(mark, upto, done - 10 * w, done)
+            .await?
+            .into_iter()
+            .map(|ws| ws / w * w)
+            .collect();
     for ws in late {
         tracing::info!(
             window_start_ms = ws,
@@ -117,7 +60,7 @@ pub(crate) async fn evaluate(s: &Shared) -> Result<()> {
 pub(super) async fn evaluate_window(s: &Shared, ws: i64, we: i64) -> Result<()> {
     let cfg = &s.config.monitor;
     let mut agg: BTreeMap<(String, String, String), ModelWindow> = BTreeMap::new();
-    for (g, _, m) in &load_windows(&s.db, ws, we).await? {
+    for (g, _, m) in &s.db.load_windows(ws, we).await? {
         merge_into(&mut agg, g, m);
     }
     let mut references: BTreeMap<(String, String), Option<ReferenceStats>> = BTreeMap::new();
@@ -174,7 +117,7 @@ pub(super) async fn evaluate_window(s: &Shared, ws: i64, we: i64) -> Result<()> 
     }
     let models: BTreeSet<String> = agg.keys().map(|(m, _, _)| m.clone()).collect();
     for model in models {
-        for (version, a) in accuracy(&s.db, &model).await? {
+        for (version, a) in s.db.accuracy(&model).await? {
             let Some(value) = a.value else { continue };
             s.metrics
                 .accuracy
@@ -210,11 +153,12 @@ pub(super) async fn apply(
     reports: &BTreeMap<(String, String), Vec<(String, FeatureDrift)>>,
 ) -> Result<()> {
     let cfg = &s.config.monitor;
-    let existing: BTreeMap<String, Alert> = alerts(&s.db)
-        .await?
-        .into_iter()
-        .map(|a| (a.key.clone(), a))
-        .collect();
+    let existing: BTreeMap<String, Alert> =
+        s.db.alerts()
+            .await?
+            .into_iter()
+            .map(|a| (a.key.clone(), a))
+            .collect();
     let retrain_firing = |model: &str, version: &str| {
         existing.values().any(|a| {
             a.state == AlertState::Firing
@@ -251,7 +195,7 @@ pub(super) async fn apply(
                 .push(t.alert);
         }
     }
-    let all = alerts(&s.db).await?;
+    let all = s.db.alerts().await?;
     let mut firing: BTreeMap<AlertRule, i64> = BTreeMap::new();
     for a in all.iter().filter(|a| a.state == AlertState::Firing) {
         *firing.entry(a.rule).or_default() += 1;
@@ -274,11 +218,12 @@ pub(super) async fn apply(
                     .collect()
             })
             .unwrap_or_default();
-        let accuracy = accuracy(&s.db, &model)
-            .await?
-            .get(&version)
-            .copied()
-            .unwrap_or_default();
+        let accuracy =
+            s.db.accuracy(&model)
+                .await?
+                .get(&version)
+                .copied()
+                .unwrap_or_default();
         let report = RetrainReport {
             model,
             version,

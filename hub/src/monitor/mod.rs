@@ -6,6 +6,9 @@
 //! The hub evaluates each window once it is complete (its end plus a grace period for
 //! late batches). With several replicas on one database, a conditional update of the
 //! evaluated-until mark lets exactly one of them evaluate a window.
+//!
+//! Every row monitoring reads or writes goes through the [`Store`]
+//! (`store::telemetry`, `store::monitoring`); nothing here runs SQL.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -14,17 +17,16 @@ use std::time::Duration;
 use capsule_format::telemetry::{self, FeatureDrift, ModelWindow, ReferenceStats, TelemetryBatch};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use sqlx::Row;
 
 pub use capsule_format::hub::{Accuracy, Alert, NodeTotals, Summary, VersionTotals, WindowPoint};
 use capsule_format::hub::{
-    AlertEvent, AlertRule, AlertState, EventKind, GroupDrift, Notification, NotificationBody,
-    RetrainCommand, RetrainReport,
+    AlertRule, AlertState, EventKind, GroupDrift, Notification, NotificationBody, RetrainCommand,
+    RetrainReport,
 };
 
 use crate::alert::{self, Finding, Measure};
 pub use crate::alert::{AccuracyRule, DriftRule, ErrorRule, LatencyRule};
-use crate::db::{Db, new_id};
+use crate::store::{Store, new_id};
 use crate::{Error, Result, Shared};
 
 /// What happens when drift or accuracy alerts fire for a model version.
@@ -121,15 +123,19 @@ impl MonitorConfig {
     }
 }
 
+/// How long raw telemetry is kept unless `--retention` says otherwise.
+pub(crate) const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// How often the hub sweeps expired rows (`Store::sweep`).
+pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(600);
+
 mod evaluate;
 mod ingest;
 mod queries;
-mod retention;
 
 pub(crate) use evaluate::*;
 pub(crate) use ingest::*;
 pub(crate) use queries::*;
-pub(crate) use retention::*;
 
 #[cfg(test)]
 mod tests {
@@ -163,181 +169,5 @@ mod tests {
             parse("window_ms = 10\n").unwrap_err().to_string(),
             "monitor window_ms must be at least 100"
         );
-    }
-
-    fn batch(seq: u64, predictions: &[(&str, &str)], dropped: u64) -> TelemetryBatch {
-        TelemetryBatch {
-            node_id: "n1".into(),
-            seq,
-            window_start_ms: 0,
-            window_end_ms: 1_000,
-            dropped_batches: dropped,
-            dropped_requests: dropped * 10,
-            models: vec![ModelWindow {
-                model: "m".into(),
-                version: "1".into(),
-                requests: predictions.len() as u64,
-                predictions: predictions
-                    .iter()
-                    .map(|(id, class)| telemetry::Prediction {
-                        id: (*id).into(),
-                        class: (*class).into(),
-                    })
-                    .collect(),
-                ..ModelWindow::default()
-            }],
-            feedback: Vec::new(),
-        }
-    }
-
-    async fn count(db: &Db, table: &str) -> i64 {
-        sqlx::query(&format!("SELECT COUNT(*) AS n FROM {table}"))
-            .fetch_one(db.pool())
-            .await
-            .and_then(|r| r.try_get("n"))
-            .unwrap_or(-1)
-    }
-
-    /// The totals as a recount from the stored rows gives them.
-    async fn recount(db: &Db) -> Accuracy {
-        let r = sqlx::query(
-            "SELECT COUNT(*) AS labeled, CAST(COALESCE(SUM(CASE WHEN p.class = f.label THEN 1 ELSE 0 END), 0) AS BIGINT) AS correct \
-             FROM predictions p JOIN feedback f ON p.model = f.model AND p.id = f.id",
-        )
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
-        Accuracy::new(
-            u(r.try_get("labeled").unwrap()),
-            u(r.try_get("correct").unwrap()),
-        )
-    }
-
-    #[tokio::test]
-    async fn running_totals_match_a_recount_and_retention_keeps_them() -> Result<()> {
-        let dir = tempfile::tempdir().map_err(Error::io("temp dir"))?;
-        let db = Db::connect(&format!("sqlite://{}", dir.path().join("hub.db").display())).await?;
-        let labels = |items: &[(&str, &str)]| -> Vec<(String, String)> {
-            items
-                .iter()
-                .map(|(i, l)| ((*i).into(), (*l).into()))
-                .collect()
-        };
-        let now = || async {
-            accuracy(&db, "m")
-                .await
-                .map(|a| a.get("1").copied().unwrap_or_default())
-        };
-        // (step, accuracy after it) — each checked against a recount of the rows
-        assert!(store_batch(&db, &batch(1, &[("p1", "a"), ("p2", "b")], 0), "g").await?);
-        assert_eq!(now().await?, Accuracy::new(0, 0));
-        store_feedback(&db, "x", "m", &labels(&[("p1", "a"), ("p3", "a")])).await?;
-        assert_eq!(
-            now().await?,
-            Accuracy::new(1, 1),
-            "p3 has no prediction yet"
-        );
-        assert!(store_batch(&db, &batch(2, &[("p3", "b")], 4), "g").await?);
-        assert_eq!(
-            now().await?,
-            Accuracy::new(2, 1),
-            "p3's label counts when it comes"
-        );
-        store_feedback(&db, "x", "m", &labels(&[("p1", "b")])).await?;
-        assert_eq!(
-            now().await?,
-            Accuracy::new(2, 0),
-            "a changed label moves correct"
-        );
-        store_feedback(&db, "x", "m", &labels(&[("p1", "b"), ("p3", "b")])).await?;
-        assert_eq!(now().await?, Accuracy::new(2, 1));
-        assert!(
-            !store_batch(&db, &batch(1, &[("p1", "a"), ("p2", "b")], 0), "g").await?,
-            "a retry"
-        );
-        assert_eq!(now().await?, recount(&db).await);
-        let s = summary(&db, None).await?;
-        let n = &s.nodes["n1"];
-        assert_eq!(
-            (n.batches, n.dropped_batches, n.dropped_requests, n.requests),
-            (2, 4, 40, 3)
-        );
-
-        assert_eq!(
-            sweep(&db, Duration::from_secs(3600), db.clock().now_ms()).await?,
-            0,
-            "nothing expired"
-        );
-        // A hostile node's window dated in the year 3000 is swept like any other.
-        let mut future = batch(3, &[], 0);
-        (future.window_start_ms, future.window_end_ms) = (32_503_680_000_000, 32_503_680_010_000);
-        assert!(store_batch(&db, &future, "g").await?);
-        let later = db.clock().now_ms() + 2 * 3600 * 1000;
-        // 3 batch rows, 3 predictions, 2 labels, 2 window rows
-        assert_eq!(
-            sweep(&db, Duration::from_secs(3600), later).await?,
-            3 + 3 + 2 + 2
-        );
-        for table in [
-            "telemetry_batches",
-            "predictions",
-            "feedback",
-            "telemetry_windows",
-        ] {
-            assert_eq!(count(&db, table).await, 0, "{table}");
-        }
-        assert_eq!(now().await?, Accuracy::new(2, 1), "totals stay");
-        let after = &summary(&db, None).await?.nodes["n1"];
-        assert_eq!(
-            (after.batches, after.dropped_batches, after.requests),
-            (n.batches + 1, n.dropped_batches, n.requests),
-            "the node's totals stay (and count the year-3000 batch)"
-        );
-        Ok(())
-    }
-
-    #[tokio::test]
-    async fn windows_are_aggregated_at_ingest_and_old_batches_folded_in() -> Result<()> {
-        let dir = tempfile::tempdir().map_err(Error::io("temp dir"))?;
-        let db = Db::connect(&format!("sqlite://{}", dir.path().join("hub.db").display())).await?;
-        let mut other_node = batch(1, &[("q1", "a")], 0);
-        other_node.node_id = "n2".into();
-        store_batch(&db, &batch(1, &[("p1", "a"), ("p2", "b")], 0), "eu").await?;
-        store_batch(&db, &other_node, "eu").await?;
-        store_batch(&db, &batch(2, &[("p3", "a")], 0), "us").await?;
-        // A batch stored whole by an earlier release, in the same window and group.
-        let mut old = batch(1, &[("r1", "a"), ("r2", "a"), ("r3", "a")], 0);
-        old.node_id = "n3".into();
-        sqlx::query(
-            "INSERT INTO telemetry_batches (node_id, seq, window_start, window_end, received_at, requests, dropped_batches, dropped_requests, body) \
-             VALUES ('n3', 1, 0, 1000, 0, 3, 0, 0, $1)",
-        )
-        .bind(serde_json::to_string(&old)?)
-        .execute(db.pool())
-        .await?;
-        assert_eq!(fold_stored_batches(&db, "group").await?, 1);
-        assert_eq!(fold_stored_batches(&db, "group").await?, 0, "folded once");
-        let mut rows: Vec<(String, i64, u64, usize)> = load_windows(&db, 0, 1)
-            .await?
-            .into_iter()
-            .map(|(g, ws, m)| (g, ws, m.requests, m.predictions.len()))
-            .collect();
-        rows.sort();
-        assert_eq!(
-            rows,
-            [
-                ("default".into(), 0, 3, 0),
-                ("eu".into(), 0, 3, 0),
-                ("us".into(), 0, 1, 0),
-            ],
-            "one row per group and window; predictions are not kept in windows"
-        );
-        let bodies: i64 =
-            sqlx::query("SELECT COUNT(*) AS n FROM telemetry_batches WHERE body <> ''")
-                .fetch_one(db.pool())
-                .await?
-                .try_get("n")?;
-        assert_eq!(bodies, 0, "batch rows keep no body");
-        Ok(())
     }
 }

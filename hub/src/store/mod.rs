@@ -1,5 +1,9 @@
 //! Storage: one `sqlx` Any pool over SQLite (embedded default, WAL) or PostgreSQL, the same
-//! migrations and queries for both.
+//! migrations and queries for both. The [`Store`] holds every SQL statement of the hub and
+//! maps its rows to the hub's types; it is the one place that knows which database it is
+//! talking to. The registry, tokens, nodes, rollouts and the audit log are here; telemetry
+//! ingestion and retention in `telemetry`, what monitoring reads and the alerts it writes in
+//! `monitoring`.
 
 use std::collections::BTreeMap;
 
@@ -11,14 +15,22 @@ use sqlx::{AnyPool, Executor, Row};
 
 use crate::{Error, Result};
 
+mod monitoring;
+mod telemetry;
+
+/// The error a query returns ([`Error::Database`]).
+pub(crate) use sqlx::Error as QueryError;
+/// The error failed migrations return ([`Error::Migrate`]).
+pub(crate) use sqlx::migrate::MigrateError;
+
 /// A fresh random id.
 pub fn new_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
-/// The database.
+/// The database: every query of the hub.
 #[derive(Debug, Clone)]
-pub struct Db {
+pub struct Store {
     pool: AnyPool,
     sqlite: bool,
     clock: SharedClock,
@@ -79,7 +91,7 @@ fn version_row(r: &AnyRow) -> Result<VersionInfo> {
 }
 
 /// A column holding one of an enum's names.
-pub(crate) fn named<T: std::str::FromStr<Err = capsule_format::hub::UnknownName>>(
+fn named<T: std::str::FromStr<Err = capsule_format::hub::UnknownName>>(
     r: &AnyRow,
     column: &'static str,
 ) -> Result<T> {
@@ -137,9 +149,9 @@ fn rollout_row(r: &AnyRow) -> Result<Rollout> {
 
 const ROLLOUT_COLUMNS: &str = "id, model, version, previous, selector, steps, step, percent, state, failure_threshold, step_interval_s, reason, created_at, updated_at, auto_promote, baseline";
 
-impl Db {
+impl Store {
     /// Connects (creating a SQLite file when missing) and runs the migrations.
-    pub async fn connect(url: &str) -> Result<Db> {
+    pub async fn connect(url: &str) -> Result<Store> {
         sqlx::any::install_default_drivers();
         let sqlite = url.starts_with("sqlite:");
         let url = if sqlite && !url.contains("mode=") {
@@ -165,7 +177,7 @@ impl Db {
                 source,
             })?;
         sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Db {
+        Ok(Store {
             pool,
             sqlite,
             clock: capsule_format::clock::system(),
@@ -173,8 +185,8 @@ impl Db {
     }
 
     /// The same database, its rows stamped by `clock`.
-    pub fn with_clock(self, clock: SharedClock) -> Db {
-        Db { clock, ..self }
+    pub fn with_clock(self, clock: SharedClock) -> Store {
+        Store { clock, ..self }
     }
 
     /// The clock rows are stamped with.
@@ -198,11 +210,6 @@ impl Db {
         Ok(sqlx::query(sql).fetch_one(&self.pool).await?.try_get("n")?)
     }
 
-    /// The pool (for the monitoring queries).
-    pub(crate) fn pool(&self) -> &AnyPool {
-        &self.pool
-    }
-
     /// A counter of `hub_state`.
     pub async fn state(&self, key: &str) -> Result<i64> {
         let row = sqlx::query("SELECT value FROM hub_state WHERE key = $1")
@@ -222,63 +229,6 @@ impl Db {
             .execute(&self.pool)
             .await?;
         Ok(done.rows_affected() == 1)
-    }
-
-    /// Creates or updates an alert.
-    pub(crate) async fn upsert_alert(&self, a: &crate::monitor::Alert) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO alerts (key, rule, model, version, grp, feature, state, value, threshold, window_start, window_end, started_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
-             ON CONFLICT (key) DO UPDATE SET state = excluded.state, value = excluded.value, threshold = excluded.threshold, \
-             window_start = excluded.window_start, window_end = excluded.window_end, started_at = excluded.started_at, updated_at = excluded.updated_at",
-        )
-        .bind(&a.key)
-        .bind(a.rule.as_str())
-        .bind(&a.model)
-        .bind(&a.version)
-        .bind(&a.group)
-        .bind(&a.feature)
-        .bind(a.state.as_str())
-        .bind(a.value)
-        .bind(a.threshold)
-        .bind(a.window_start_ms)
-        .bind(a.window_end_ms)
-        .bind(a.started_at_ms)
-        .bind(a.updated_at_ms)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    /// Records a notification.
-    pub(crate) async fn add_alert_event(
-        &self,
-        id: &str,
-        key: &str,
-        kind: capsule_format::hub::EventKind,
-        body: &str,
-        delivery: &str,
-    ) -> Result<()> {
-        sqlx::query("INSERT INTO alert_events (id, at_us, alert_key, kind, body, delivery) VALUES ($1, $2, $3, $4, $5, $6)")
-            .bind(id)
-            .bind(self.clock.now_us())
-            .bind(key)
-            .bind(kind.as_str())
-            .bind(body)
-            .bind(delivery)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    /// Records how a notification's delivery went.
-    pub(crate) async fn set_alert_delivery(&self, id: &str, delivery: &str) -> Result<()> {
-        sqlx::query("UPDATE alert_events SET delivery = $1 WHERE id = $2")
-            .bind(delivery)
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
     }
 
     /// The state generation (bumped by every change nodes must see).
@@ -820,6 +770,16 @@ impl Db {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// A count or time as the database stores it (saturating).
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// A stored count (a negative one, which the hub never writes, reads as 0).
+fn u(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
 }
 
 fn redact(url: &str) -> String {
