@@ -582,6 +582,35 @@ fn made_up_model_names_add_no_hub_series() -> Result<()> {
         metrics.contains("capsule_hub_node_models{model=\"\",state=\"other\",version=\"\"} 50"),
         "{metrics}"
     );
+    // A report naming more model versions than a node serves is refused whole: the hub keeps
+    // a row per node and version.
+    let (status, body) = api(
+        &hub,
+        "POST",
+        "/api/v1/nodes/n1/report",
+        &token,
+        Some(
+            json!({ "generation": 0, "models": (0..=capsule_format::hub::MAX_REPORTED_MODELS).map(|i| json!({
+            "model": format!("many-{i}"), "version": "1", "state": "serving"
+        })).collect::<Vec<_>>() }),
+        ),
+    )?;
+    assert_eq!(
+        (status, body),
+        (
+            413,
+            json!({"error": "a report of 1025 model versions (at most 1024)"})
+        )
+    );
+    let metrics = http()
+        .get(format!("{hub}/metrics"))
+        .bearer_auth(ADMIN)
+        .send()?
+        .text()?;
+    assert!(
+        metrics.contains("capsule_hub_node_models{model=\"\",state=\"other\",version=\"\"} 50"),
+        "the refused report changed nothing: {metrics}"
+    );
     Ok(())
 }
 

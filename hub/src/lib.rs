@@ -327,6 +327,11 @@ impl Hub {
             tracing::warn!(file = %config.admin_token_file.display(), "no admin token existed: generated one");
             generated = Some(t);
         }
+        // The per-node model states of reports stored before they were kept apart.
+        let nodes = db.build_model_states().await?;
+        if nodes > 0 {
+            tracing::info!(nodes, "node model states built from stored reports");
+        }
         // Past any generation an earlier life of this database handed out (a restored backup).
         let (notify, generation) =
             watch::channel(db.advance_generation(db.clock().now_ms()).await?);

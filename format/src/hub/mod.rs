@@ -298,6 +298,10 @@ pub struct ReportedModel {
     pub detail: String,
 }
 
+/// Most model versions one report may name: the hub keeps a row per node and version, so
+/// the count bounds what one report makes it write (a node serves a handful).
+pub const MAX_REPORTED_MODELS: usize = 1024;
+
 /// A node's report after it applied a desired state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Report {

@@ -207,6 +207,13 @@ pub(super) async fn report(
 ) -> Result<axum::Json<ReportStored>> {
     caller.for_node(&id)?;
     let report: Report = json_body(&body)?;
+    if report.models.len() > capsule_format::hub::MAX_REPORTED_MODELS {
+        return Err(Error::TooLarge(format!(
+            "a report of {} model versions (at most {})",
+            report.models.len(),
+            capsule_format::hub::MAX_REPORTED_MODELS
+        )));
+    }
     s.db.set_report(&id, &report).await?;
     // Only a failure can push a rollout's failure rate up.
     if report.models.iter().any(|m| m.failed()) {

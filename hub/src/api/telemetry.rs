@@ -98,30 +98,20 @@ pub(super) async fn list_alerts(
 /// Refreshes the gauges read from the database (nodes, their models, rollouts, dropped
 /// telemetry) and answers the text exposition.
 pub(super) async fn metrics(State(s): State<AppState>) -> Result<Response> {
-    let nodes = s.db.nodes().await?;
     let offline_after = i64::try_from(s.config.monitor.offline_after_s).unwrap_or(i64::MAX);
-    let now = s.db.now();
-    let online = nodes
-        .iter()
-        .filter(|n| now - n.last_seen <= offline_after)
-        .count();
+    let (total, online) =
+        s.db.node_counts(s.db.now().saturating_sub(offline_after))
+            .await?;
     let m = &s.metrics;
-    m.nodes
-        .with_label_values(&["online"])
-        .set(i64::try_from(online).unwrap_or(i64::MAX));
-    m.nodes
-        .with_label_values(&["offline"])
-        .set(i64::try_from(nodes.len() - online).unwrap_or(i64::MAX));
+    m.nodes.with_label_values(&["online"]).set(online);
+    m.nodes.with_label_values(&["offline"]).set(total - online);
     m.node_models.reset();
     let registered = s.db.registered_versions().await?;
-    for n in &nodes {
-        for r in n.report.iter().flat_map(|r| &r.models) {
-            let [model, version] =
-                crate::metrics::version_labels(&registered, &r.model, &r.version);
-            m.node_models
-                .with_label_values(&[model, version, r.state.as_str()])
-                .inc();
-        }
+    for (model, version, state, n) in s.db.model_state_counts().await? {
+        let [model, version] = crate::metrics::version_labels(&registered, &model, &version);
+        m.node_models
+            .with_label_values(&[model, version, state.as_str()])
+            .add(n);
     }
     let counts = s.db.rollout_counts().await?;
     for state in RolloutState::ALL {

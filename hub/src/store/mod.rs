@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use capsule_format::clock::SharedClock;
 pub use capsule_format::hub::Rollout;
-use capsule_format::hub::{Report, Role, RolloutState, TokenInfo};
+use capsule_format::hub::{ModelState, Report, Role, RolloutState, TokenInfo};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor, Row};
 
@@ -98,6 +98,35 @@ fn named<T: std::str::FromStr<Err = capsule_format::hub::UnknownName>>(
     r.try_get::<String, _>(column)?
         .parse()
         .map_err(|source| Error::Stored { column, source })
+}
+
+/// Replaces a node's rows of `node_model_states` with what `report` says (in `tx`).
+async fn replace_model_states(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    node: &str,
+    report: &Report,
+) -> Result<()> {
+    sqlx::query("DELETE FROM node_model_states WHERE node_id = $1")
+        .bind(node)
+        .execute(&mut **tx)
+        .await?;
+    // A report names each model version once; a repeated one keeps its last state.
+    let mut states = BTreeMap::new();
+    for m in &report.models {
+        states.insert((m.model.as_str(), m.version.as_str()), m.state);
+    }
+    for ((model, version), state) in states {
+        sqlx::query(
+            "INSERT INTO node_model_states (node_id, model, version, state) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(node)
+        .bind(model)
+        .bind(version)
+        .bind(state.as_str())
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
 }
 
 fn node_row(r: &AnyRow) -> Result<NodeRow> {
@@ -553,13 +582,64 @@ impl Store {
     /// Stores a node's report.
     pub async fn set_report(&self, id: &str, report: &Report) -> Result<()> {
         let text = serde_json::to_string(report)?;
+        let mut tx = self.pool.begin().await?;
         sqlx::query("UPDATE nodes SET report = $1, last_seen = $2 WHERE id = $3")
             .bind(text)
             .bind(self.now())
             .bind(id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        replace_model_states(&mut tx, id, report).await?;
+        tx.commit().await?;
         Ok(())
+    }
+
+    /// Fills `node_model_states` from the reports stored before it existed (once; several
+    /// hubs starting together may each do it: it replaces rows, so the result is the same).
+    pub async fn build_model_states(&self) -> Result<usize> {
+        if self.state("node_model_states_built").await? != 0 {
+            return Ok(0);
+        }
+        let nodes = self.nodes().await?;
+        for n in &nodes {
+            if let Some(report) = &n.report {
+                let mut tx = self.pool.begin().await?;
+                replace_model_states(&mut tx, &n.id, report).await?;
+                tx.commit().await?;
+            }
+        }
+        self.claim_state("node_model_states_built", 0, 1).await?;
+        Ok(nodes.len())
+    }
+
+    /// How many nodes report each (model, version, state), from the maintained rows.
+    pub async fn model_state_counts(&self) -> Result<Vec<(String, String, ModelState, i64)>> {
+        let rows = sqlx::query(
+            "SELECT model, version, state, COUNT(*) AS n FROM node_model_states GROUP BY model, version, state",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("model")?,
+                    r.try_get("version")?,
+                    named(r, "state")?,
+                    r.try_get("n")?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Registered nodes, and how many of them called at or after `since` (Unix seconds).
+    pub async fn node_counts(&self, since: i64) -> Result<(i64, i64)> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS total, CAST(COALESCE(SUM(CASE WHEN last_seen >= $1 THEN 1 ELSE 0 END), 0) AS BIGINT) AS online FROM nodes",
+        )
+        .bind(since)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((row.try_get("total")?, row.try_get("online")?))
     }
 
     /// Marks a node as seen.
@@ -788,5 +868,62 @@ fn redact(url: &str) -> String {
             format!("{}://***{}", &url[..scheme], &url[at..])
         }
         _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use capsule_format::hub::{ModelState, Report, ReportedModel};
+
+    use super::Store;
+    use crate::{Error, Result};
+
+    fn report(models: &[(&str, ModelState)]) -> Report {
+        Report {
+            generation: 1,
+            models: models
+                .iter()
+                .map(|(m, state)| ReportedModel {
+                    model: (*m).into(),
+                    version: "1".into(),
+                    state: *state,
+                    detail: String::new(),
+                })
+                .collect(),
+        }
+    }
+
+    /// `/metrics` counts the maintained rows: a report replaces its node's rows, and the
+    /// rows of reports stored before the table existed are built once at start.
+    #[tokio::test]
+    async fn node_model_states_follow_the_reports() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(Error::io("temp dir"))?;
+        let db =
+            Store::connect(&format!("sqlite://{}", dir.path().join("hub.db").display())).await?;
+        for n in ["a", "b"] {
+            db.register_node(n, &Default::default()).await?;
+        }
+        db.set_report(
+            "a",
+            &report(&[("m", ModelState::Serving), ("k", ModelState::LoadFailed)]),
+        )
+        .await?;
+        db.set_report("b", &report(&[("m", ModelState::Serving)]))
+            .await?;
+        db.set_report("a", &report(&[("m", ModelState::Serving)]))
+            .await?;
+        let counts = db.model_state_counts().await?;
+        assert_eq!(counts, [("m".into(), "1".into(), ModelState::Serving, 2)]);
+        // A report an earlier release stored, without rows: built at start, once.
+        sqlx::query("DELETE FROM node_model_states")
+            .execute(&db.pool)
+            .await?;
+        sqlx::query("UPDATE hub_state SET value = 0 WHERE key = 'node_model_states_built'")
+            .execute(&db.pool)
+            .await?;
+        assert_eq!(db.build_model_states().await?, 2);
+        assert_eq!(db.build_model_states().await?, 0);
+        assert_eq!(db.model_state_counts().await?, counts);
+        Ok(())
     }
 }
