@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::durable::{move_aside, now_ms, read_json, write_durably};
-use crate::hub_client::{HubClient, chain, read_bounded};
+use crate::hub_client::{HubClient, HubError, chain, read_bounded};
 use crate::loader::Loader;
 use crate::models::ModelRegistry;
 use crate::repository::{CAPSULE_SUFFIX, compare_versions};
@@ -245,11 +245,11 @@ impl Agent {
         self.hub.url(path)
     }
 
-    async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, String> {
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response> {
         Ok(self.hub.send(req).await?)
     }
 
-    async fn register(&self) -> Result<(), String> {
+    async fn register(&self) -> Result<()> {
         let body = Registration {
             labels: self.sync.labels.clone(),
         };
@@ -265,11 +265,7 @@ impl Agent {
 
     /// The desired state; with `after`, long-polls for a change up to `wait_ms`, or up to
     /// `retry` when a retry is due sooner.
-    async fn desired(
-        &self,
-        after: Option<i64>,
-        retry: Option<Duration>,
-    ) -> Result<DesiredState, String> {
+    async fn desired(&self, after: Option<i64>, retry: Option<Duration>) -> Result<DesiredState> {
         let mut url = self.url(&format!("/api/v1/nodes/{}/desired", self.sync.node_id));
         if let Some(g) = after {
             let wait = retry.map_or(self.sync.wait_ms, |r| {
@@ -289,8 +285,8 @@ impl Agent {
             .await?;
         let bytes = read_bounded(resp, MAX_STATE_BYTES, "the desired state")
             .await
-            .map_err(|e| e.message)?;
-        serde_json::from_slice(&bytes).map_err(|e| format!("malformed desired state: {e}"))
+            .map_err(|c| HubError::TooLarge(c.message))?;
+        serde_json::from_slice(&bytes).map_err(Error::DesiredState)
     }
 
     /// Runs until shutdown: register, then long-poll and apply, forever; on hub errors keep
@@ -340,7 +336,7 @@ impl Agent {
                     .await?;
                 }
                 generation = Some(state.generation);
-                Ok::<(), String>(())
+                Ok::<(), Error>(())
             };
             let outcome = tokio::select! {
                 r = step => r,
@@ -349,8 +345,10 @@ impl Agent {
             match outcome {
                 Ok(()) => backoff = Duration::from_millis(200),
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_ms = backoff.as_millis() as u64, "hub sync failed; serving the last good state");
-                    if e.contains("is not registered") {
+                    tracing::warn!(error = %chain(&e), retry_ms = backoff.as_millis() as u64, "hub sync failed; serving the last good state");
+                    // The hub does not know this node (a restored backup, a new database):
+                    // register again.
+                    if matches!(e, Error::Hub(HubError::Status { status: 404, .. })) {
                         registered = false;
                     }
                     tokio::select! {
@@ -380,31 +378,30 @@ impl Agent {
 
     /// TUF 5.3: walks the hub's root chain from the trusted version (N+1, N+2, ...), each
     /// signed by a threshold of the previous root's keys and of its own; keeps the last.
-    async fn update_root(&mut self) -> Result<(), String> {
+    async fn update_root(&mut self) -> Result<()> {
         for _ in 0..64 {
             let next = self.root.version + 1;
-            let resp = self
-                .hub
-                .http
-                .get(self.url(&format!("/api/v1/metadata/root.{next}")))
-                .bearer_auth(&self.sync.token)
-                .send()
+            let resp = match self
+                .send(
+                    self.hub
+                        .http
+                        .get(self.url(&format!("/api/v1/metadata/root.{next}"))),
+                )
                 .await
-                .map_err(|e| format!("hub unreachable: {}", chain(&e)))?;
-            if resp.status().as_u16() == 404 {
-                return Ok(());
-            }
-            if !resp.status().is_success() {
-                return Err(format!("fetching root version {next}: {}", resp.status()));
-            }
+            {
+                Ok(resp) => resp,
+                // No newer root.
+                Err(Error::Hub(HubError::Status { status: 404, .. })) => return Ok(()),
+                Err(e) => return Err(e),
+            };
             let bytes = read_bounded(resp, tuf::MAX_METADATA_BYTES, "root metadata")
                 .await
-                .map_err(|e| e.message)?;
-            let signed: Signed<Root> = tuf::parse(&bytes, "root").map_err(|e| e.to_string())?;
-            let rotated = tuf::rotate_root(&self.root, &signed).map_err(|e| e.to_string())?;
+                .map_err(|c| HubError::TooLarge(c.message))?;
+            let signed: Signed<Root> = tuf::parse(&bytes, "root").map_err(Error::Metadata)?;
+            let rotated = tuf::rotate_root(&self.root, &signed).map_err(Error::Metadata)?;
             let dir = state_dir(&self.models);
             write_state_file(&dir, "root.json", &bytes)
-                .map_err(|e| format!("saving the rotated root: {e}"))?;
+                .map_err(Error::io("saving the rotated root"))?;
             tracing::info!(version = rotated.version, "root metadata rotated");
             self.root = rotated;
         }
@@ -412,31 +409,27 @@ impl Agent {
     }
 
     /// Verifies the targets metadata (TUF 5.6) and returns it, or why not.
-    fn verify(&self, state: &DesiredState) -> Result<Targets, String> {
-        let text = state
-            .targets
-            .as_deref()
-            .ok_or("the hub has no targets metadata")?;
+    fn verify(&self, state: &DesiredState) -> Result<Targets> {
+        let text = state.targets.as_deref().ok_or(Error::NoTargets)?;
         let signed: Signed<Targets> =
-            tuf::parse(text.as_bytes(), "targets").map_err(|e| e.to_string())?;
+            tuf::parse(text.as_bytes(), "targets").map_err(Error::Metadata)?;
         tuf::verify_targets(
             &self.root,
             self.state.targets_version,
             &signed,
             unix_s(&self.clock),
         )
-        .map_err(|e| e.to_string())
+        .map_err(Error::Metadata)
     }
 
     /// The hub's targets, once the root is up to date (5.3), unexpired (5.3.10) and the
     /// targets verify against it (5.6).
-    async fn trusted_targets(&mut self, state: &DesiredState) -> Result<Targets, String> {
+    async fn trusted_targets(&mut self, state: &DesiredState) -> Result<Targets> {
         self.update_root().await?;
         if self.root.expires <= unix_s(&self.clock) {
-            return Err(format!(
-                "refused (5.3.10): root version {} expired",
-                self.root.version
-            ));
+            return Err(Error::RootExpired {
+                version: self.root.version,
+            });
         }
         self.verify(state)
     }
@@ -460,13 +453,14 @@ impl Agent {
         let targets = match self.trusted_targets(state).await {
             Ok(t) => t,
             Err(e) => {
-                tracing::error!(error = %e, "refusing the hub's state: nothing installed");
+                let why = chain(&e);
+                tracing::error!(error = %why, "refusing the hub's state: nothing installed");
                 return Report {
                     generation: state.generation,
                     models: state
                         .models
                         .iter()
-                        .map(|d| failed(d, ModelState::VerifyFailed, e.clone()))
+                        .map(|d| failed(d, ModelState::VerifyFailed, why.clone()))
                         .collect(),
                 };
             }
@@ -740,7 +734,7 @@ impl Agent {
             req = req.header("range", format!("bytes={}-", bytes.len()));
         }
         if (bytes.len() as u64) < t.length {
-            let mut resp = self.send(req).await.map_err(fail)?;
+            let mut resp = self.send(req).await.map_err(|e| fail(chain(&e)))?;
             if resp.status().as_u16() != 206 {
                 bytes.clear();
             }

@@ -111,6 +111,34 @@ pub enum Error {
     /// The engine could not be created.
     #[error("engine: {0}")]
     Engine(capsule_runtime::Error),
+    /// The hub could not be reached, or answered with an error (hub sync).
+    #[error(transparent)]
+    Hub(#[from] crate::hub_client::HubError),
+    /// The hub's desired state does not parse.
+    #[error("malformed desired state: {0}")]
+    DesiredState(#[source] serde_json::Error),
+    /// The hub's signed metadata is refused (TUF: signatures, thresholds, versions, expiry,
+    /// target paths), or does not parse.
+    #[error(transparent)]
+    Metadata(capsule_format::Error),
+    /// The hub published models but no targets metadata signs them.
+    #[error("the hub has no targets metadata")]
+    NoTargets,
+    /// The hub acknowledged fewer telemetry batches than it was sent (the rest stay
+    /// buffered and are sent again).
+    #[error("hub acknowledged {acked} of {sent} batches")]
+    Unacknowledged {
+        /// Acknowledged.
+        acked: usize,
+        /// Sent.
+        sent: usize,
+    },
+    /// The trusted root expired (TUF 5.3.10): nothing is installed until a new root comes.
+    #[error("refused (5.3.10): root version {version} expired")]
+    RootExpired {
+        /// The root's version.
+        version: u64,
+    },
 }
 
 /// Result with this crate's [`Error`].

@@ -131,9 +131,8 @@ impl HubClient {
         let resp = self.send(req).await?;
         let bytes = read_bounded(resp, limit, "the hub's answer")
             .await
-            .map_err(|c| HubError::Invalid(c.message))?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| HubError::Invalid(format!("the hub's answer: {e}")))
+            .map_err(|c| HubError::TooLarge(c.message))?;
+        serde_json::from_slice(&bytes).map_err(HubError::Json)
     }
 
     pub(crate) fn url(&self, path: &str) -> String {
@@ -154,7 +153,7 @@ impl HubClient {
             .bearer_auth(&self.token)
             .send()
             .await
-            .map_err(|e| HubError::Unreachable(chain(&e)))?;
+            .map_err(HubError::Unreachable)?;
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -183,35 +182,23 @@ struct HubErrorBody {
 }
 
 /// Why a call to the hub failed.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum HubError {
     /// No answer (connection, TLS, timeout).
-    Unreachable(String),
-    /// An answer that is not what the call expects (too large, not its JSON).
-    Invalid(String),
+    #[error("hub unreachable")]
+    Unreachable(#[source] reqwest::Error),
+    /// An answer over the call's size limit.
+    #[error("{0}")]
+    TooLarge(String),
+    /// An answer that is not the call's JSON.
+    #[error("the hub's answer is not the expected JSON")]
+    Json(#[source] serde_json::Error),
     /// An answer with a status other than success, and the start of its body.
+    #[error("hub answered {status}: {text}")]
     Status {
         /// The HTTP status.
         status: u16,
         /// Its first characters.
         text: String,
     },
-}
-
-impl std::fmt::Display for HubError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            HubError::Unreachable(e) => write!(f, "hub unreachable: {e}"),
-            HubError::Invalid(e) => write!(f, "{e}"),
-            HubError::Status { status, text } => write!(f, "hub answered {status}: {text}"),
-        }
-    }
-}
-
-impl std::error::Error for HubError {}
-
-impl From<HubError> for String {
-    fn from(e: HubError) -> String {
-        e.to_string()
-    }
 }

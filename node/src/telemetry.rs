@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 
 use crate::durable::{move_aside, now_ms, read_json, write_durably};
+use crate::hub_client::HubError;
 use crate::metrics::Metrics;
 use crate::{Error, Result};
 use capsule_format::clock::SharedClock;
@@ -482,7 +483,7 @@ impl Telemetry {
 
     /// Ships buffered batches until the buffer is empty or the hub fails. Returns whether
     /// everything buffered was acknowledged.
-    async fn ship(&self, hub: &crate::hub_client::HubClient) -> std::result::Result<(), String> {
+    async fn ship(&self, hub: &crate::hub_client::HubClient) -> Result<()> {
         // After the hub refuses a shipment as malformed, batches go one at a time to find the
         // one it refuses.
         let mut one_at_a_time = false;
@@ -534,10 +535,12 @@ impl Telemetry {
                 }
                 Err(e) => return Err(e.into()),
             };
-            let acked: capsule_format::hub::TelemetryAck = resp
-                .json()
+            // The acknowledgement lists at most the sequence numbers sent.
+            let bytes = crate::hub_client::read_bounded(resp, 1 << 20, "the acknowledgement")
                 .await
-                .map_err(|e| format!("hub answered an unreadable acknowledgement: {e}"))?;
+                .map_err(|c| HubError::TooLarge(c.message))?;
+            let acked: capsule_format::hub::TelemetryAck =
+                serde_json::from_slice(&bytes).map_err(HubError::Json)?;
             let sent: Vec<u64> = pending.iter().map(|(s, _)| *s).collect();
             let acked: Vec<u64> = acked
                 .acked
@@ -553,11 +556,10 @@ impl Telemetry {
                 .inc_by(acked.len() as u64);
             self.refresh_gauges();
             if acked.len() < sent.len() {
-                return Err(format!(
-                    "hub acknowledged {} of {} batches",
-                    acked.len(),
-                    sent.len()
-                ));
+                return Err(Error::Unacknowledged {
+                    acked: acked.len(),
+                    sent: sent.len(),
+                });
             }
         }
     }
@@ -597,7 +599,7 @@ impl Telemetry {
                 Ok(()) => backoff = Duration::from_millis(500),
                 Err(e) => {
                     self.metrics.telemetry_ship_failures.inc();
-                    tracing::warn!(error = %e, retry_ms = backoff.as_millis() as u64, "telemetry: shipping failed; batches stay buffered");
+                    tracing::warn!(error = %crate::hub_client::chain(&e), retry_ms = backoff.as_millis() as u64, "telemetry: shipping failed; batches stay buffered");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = shutdown.wait_for(|s| *s) => break,

@@ -2,6 +2,7 @@
 //! beacon's `access_token`, and what each may do.
 
 use super::*;
+use crate::store::Token;
 
 /// `?access_token=` on the two endpoints browsers reach with `navigator.sendBeacon`, which
 /// cannot set headers (telemetry and feedback).
@@ -20,9 +21,9 @@ pub(super) fn beacon_token(parts: &Parts) -> Option<String> {
 /// Who is calling (any valid token), from `Authorization: Bearer ...` (or, for the
 /// dashboard, its session cookie; for beacons, `?access_token=`).
 pub(crate) struct Caller {
-    pub(crate) kind: Role,
-    pub(crate) name: String,
-    pub(crate) node: String,
+    /// Whom the token names.
+    pub(crate) token: Token,
+    /// From where (remote address), for the audit log.
     pub(crate) remote: String,
 }
 
@@ -64,26 +65,22 @@ impl FromRequestParts<AppState> for Caller {
             .ok_or_else(|| {
                 Error::Unauthorized("missing bearer token (Authorization: Bearer ...)".into())
             })?;
-        let crate::store::Token { role, name, node } =
+        let token =
             s.db.token(&token_hash(token.trim()))
                 .await?
                 .ok_or_else(|| Error::Unauthorized("unknown token".into()))?;
-        if role == Role::Node
+        if token.role == Role::Node
             && !matches!(parts.method, Method::GET | Method::HEAD)
-            && !s.limits.allow(&node, std::time::Instant::now())
+            && !s.limits.allow(&token.node, std::time::Instant::now())
         {
             return Err(Error::TooManyRequests(format!(
-                "node {node:?} writes faster than {} per second (bursts of {})",
+                "node {:?} writes faster than {} per second (bursts of {})",
+                token.node,
                 crate::limits::PER_SECOND,
                 crate::limits::BURST
             )));
         }
-        Ok(Caller {
-            kind: role,
-            name,
-            node,
-            remote,
-        })
+        Ok(Caller { token, remote })
     }
 }
 
@@ -92,10 +89,10 @@ impl FromRequestParts<AppState> for Admin {
 
     async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Admin> {
         let c = Caller::from_request_parts(parts, s).await?;
-        if c.kind != Role::Admin {
+        if c.token.role != Role::Admin {
             return Err(Error::Forbidden(format!(
                 "a {} token cannot make admin calls",
-                c.kind
+                c.token.role
             )));
         }
         Ok(Admin(c))
@@ -105,10 +102,10 @@ impl FromRequestParts<AppState> for Admin {
 impl Caller {
     /// Refuses a node token of another node.
     pub(super) fn for_node(self, id: &str) -> Result<Caller> {
-        if self.kind == Role::Node && self.node != id {
+        if self.token.role == Role::Node && self.token.node != id {
             return Err(Error::Forbidden(format!(
                 "this node token belongs to node {:?}, not {id:?}",
-                self.node
+                self.token.node
             )));
         }
         Ok(self)
@@ -116,7 +113,7 @@ impl Caller {
 }
 
 pub(super) async fn audit(s: &Shared, c: &Caller, action: &str, detail: Value) -> Result<()> {
-    s.db.audit(&c.name, action, &detail.to_string(), &c.remote)
+    s.db.audit(&c.token.name, action, &detail.to_string(), &c.remote)
         .await
 }
 

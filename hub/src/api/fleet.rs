@@ -48,7 +48,7 @@ pub(super) async fn issue(
         json!({"kind": kind, "name": name, "node": node, "hash_prefix": hash_prefix}),
     )
     .await?;
-    tracing::info!(%kind, name = ?name, by = %c.name, "token issued");
+    tracing::info!(%kind, name = ?name, by = %c.token.name, "token issued");
     Ok(IssuedToken {
         kind,
         name,
@@ -81,7 +81,7 @@ pub(super) async fn revoke_token(
 ) -> Result<axum::Json<TokenRevoked>> {
     let revoked = s.db.revoke_token(&prefix).await?;
     audit(&s, &c, "token.revoke", json!(revoked)).await?;
-    tracing::info!(kind = %revoked.kind, name = ?revoked.name, by = %c.name, "token revoked");
+    tracing::info!(kind = %revoked.kind, name = ?revoked.name, by = %c.token.name, "token revoked");
     Ok(axum::Json(TokenRevoked { revoked }))
 }
 
@@ -99,7 +99,7 @@ pub(super) async fn revoke_node_tokens(
         json!({"node": id, "revoked": revoked}),
     )
     .await?;
-    tracing::info!(node = ?id, revoked, by = %c.name, "node tokens revoked");
+    tracing::info!(node = ?id, revoked, by = %c.token.name, "node tokens revoked");
     Ok(axum::Json(NodeTokensRevoked { node: id, revoked }))
 }
 
@@ -133,7 +133,7 @@ pub(super) async fn register(
     let c = caller.for_node(&id)?;
     let reg: Registration = json_body(&body)?;
     let changed = s.db.register_node(&id, &reg.labels).await?;
-    tracing::info!(node = %id, by = %c.name, changed, "node registered");
+    tracing::info!(node = %id, by = %c.token.name, changed, "node registered");
     // Labels decide rollouts: wake long-polls so the node gets its state at once. The same
     // labels again change nothing, and wake no one (every long-poll of the fleet would).
     if changed {

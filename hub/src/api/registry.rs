@@ -362,7 +362,7 @@ pub(super) async fn add_version(
         provenance,
         metrics,
         created_at: s.db.now(),
-        created_by: c.name.clone(),
+        created_by: c.token.name.clone(),
     };
     s.db.add_version(&row).await?;
     audit(

@@ -149,9 +149,9 @@ pub(super) async fn rollout_action(
             .ok_or_else(|| Error::NotFound(format!("no rollout {id:?}")))?;
     let event = Event::Command {
         action,
-        by: c.name.clone(),
+        by: c.token.name.clone(),
     };
-    match change_rollout(&s, &r, &event, &c.name, &c.remote).await? {
+    match change_rollout(&s, &r, &event, &c.token.name, &c.remote).await? {
         Some(after) => Ok(axum::Json(after)),
         None => Err(Error::Conflict(format!(
             "rollout {id} changed while this {action} was applied: read it and try again"

@@ -10,14 +10,14 @@ pub(super) async fn post_telemetry(
     caller: Caller,
     RawBody(body): RawBody,
 ) -> Result<axum::Json<TelemetryAck>> {
-    if caller.kind != Role::Node {
+    if caller.token.role != Role::Node {
         return Err(Error::Forbidden(
             "telemetry is sent with a node token (the batches name their node)".into(),
         ));
     }
     let shipment: Shipment = json_body(&body)?;
-    let acked = crate::monitor::ingest(&s, &caller.node, shipment.batches).await?;
-    s.seen.note(&caller.node, s.db.now());
+    let acked = crate::monitor::ingest(&s, &caller.token.node, shipment.batches).await?;
+    s.seen.note(&caller.token.node, s.db.now());
     Ok(axum::Json(TelemetryAck { acked }))
 }
 
@@ -40,10 +40,10 @@ pub(super) async fn post_feedback(
         .into_iter()
         .map(|f| f.resolve().map_err(Error::Invalid))
         .collect::<Result<Vec<_>>>()?;
-    let source = if caller.kind == Role::Node {
-        caller.node.clone()
+    let source = if caller.token.role == Role::Node {
+        caller.token.node.clone()
     } else {
-        caller.name.clone()
+        caller.token.name.clone()
     };
     crate::monitor::store_feedback(&s.db, &source, &b.model, &items).await?;
     Ok(axum::Json(FeedbackAccepted {

@@ -31,7 +31,10 @@ pub fn new_id() -> String {
 /// The database: every query of the hub.
 #[derive(Debug, Clone)]
 pub struct Store {
+    /// Writes, and reads inside a write's transaction.
     pool: AnyPool,
+    /// Reads (SQLite: connections of their own, read-only; PostgreSQL: the same pool).
+    reads: AnyPool,
     sqlite: bool,
     clock: SharedClock,
 }
@@ -206,8 +209,33 @@ impl Store {
                 source,
             })?;
         sqlx::migrate!("./migrations").run(&pool).await?;
+        // SQLite has one writer: a connection waiting for the write lock (up to its busy
+        // timeout) is held from the pool meanwhile, so under a burst of telemetry every
+        // connection of one shared pool waited on writes and reads (the dashboard,
+        // `/metrics`, admin calls) queued behind them. Reads take their own connections;
+        // WAL lets them read the last commit while a write runs.
+        let reads = if sqlite {
+            AnyPoolOptions::new()
+                .max_connections(4)
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        conn.execute("PRAGMA busy_timeout = 10000").await?;
+                        conn.execute("PRAGMA query_only = ON").await?;
+                        Ok(())
+                    })
+                })
+                .connect(&url)
+                .await
+                .map_err(|source| Error::Connect {
+                    url: redact(&url),
+                    source,
+                })?
+        } else {
+            pool.clone()
+        };
         Ok(Store {
             pool,
+            reads,
             sqlite,
             clock: capsule_format::clock::system(),
         })
@@ -236,14 +264,17 @@ impl Store {
         } else {
             "SELECT CAST(pg_database_size(current_database()) AS BIGINT) AS n"
         };
-        Ok(sqlx::query(sql).fetch_one(&self.pool).await?.try_get("n")?)
+        Ok(sqlx::query(sql)
+            .fetch_one(&self.reads)
+            .await?
+            .try_get("n")?)
     }
 
     /// A counter of `hub_state`.
     pub async fn state(&self, key: &str) -> Result<i64> {
         let row = sqlx::query("SELECT value FROM hub_state WHERE key = $1")
             .bind(key)
-            .fetch_one(&self.pool)
+            .fetch_one(&self.reads)
             .await?;
         Ok(row.try_get("value")?)
     }
@@ -263,7 +294,7 @@ impl Store {
     /// The state generation (bumped by every change nodes must see).
     pub async fn generation(&self) -> Result<i64> {
         let row = sqlx::query("SELECT value FROM hub_state WHERE key = 'generation'")
-            .fetch_one(&self.pool)
+            .fetch_one(&self.reads)
             .await?;
         Ok(row.try_get("value")?)
     }
@@ -310,7 +341,7 @@ impl Store {
         let rows = sqlx::query(
             "SELECT at_us, actor, action, detail, remote FROM audit ORDER BY at_us, id",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?;
         rows.iter()
             .map(|r| {
@@ -353,7 +384,7 @@ impl Store {
         let rows = sqlx::query(
             "SELECT kind, name, node_id, created_at, hash FROM tokens ORDER BY created_at, hash",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?;
         rows.iter().map(token_info).collect()
     }
@@ -411,7 +442,7 @@ impl Store {
     pub async fn token(&self, hash: &str) -> Result<Option<Token>> {
         let row = sqlx::query("SELECT kind, name, node_id FROM tokens WHERE hash = $1")
             .bind(hash)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.reads)
             .await?;
         row.map(|r| {
             Ok(Token {
@@ -426,7 +457,7 @@ impl Store {
     /// Whether any admin token exists.
     pub async fn has_admin(&self) -> Result<bool> {
         let row = sqlx::query("SELECT COUNT(*) AS n FROM tokens WHERE kind = 'admin'")
-            .fetch_one(&self.pool)
+            .fetch_one(&self.reads)
             .await?;
         Ok(row.try_get::<i64, _>("n")? > 0)
     }
@@ -475,7 +506,7 @@ impl Store {
     /// Model names.
     pub async fn models(&self) -> Result<Vec<String>> {
         let rows = sqlx::query("SELECT name FROM models ORDER BY name")
-            .fetch_all(&self.pool)
+            .fetch_all(&self.reads)
             .await?;
         rows.iter().map(|r| Ok(r.try_get("name")?)).collect()
     }
@@ -483,7 +514,7 @@ impl Store {
     /// Every registered (model, version): the only names the hub's metrics label series with.
     pub async fn registered_versions(&self) -> Result<std::collections::HashSet<(String, String)>> {
         let rows = sqlx::query("SELECT model, version FROM versions")
-            .fetch_all(&self.pool)
+            .fetch_all(&self.reads)
             .await?;
         rows.iter()
             .map(|r| Ok((r.try_get("model")?, r.try_get("version")?)))
@@ -495,7 +526,7 @@ impl Store {
         let rows =
             sqlx::query("SELECT * FROM versions WHERE model = $1 ORDER BY created_at, version")
                 .bind(model)
-                .fetch_all(&self.pool)
+                .fetch_all(&self.reads)
                 .await?;
         rows.iter().map(version_row).collect()
     }
@@ -505,7 +536,7 @@ impl Store {
         let row = sqlx::query("SELECT * FROM versions WHERE model = $1 AND version = $2")
             .bind(model)
             .bind(version)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.reads)
             .await?;
         row.as_ref().map(version_row).transpose()
     }
@@ -514,7 +545,7 @@ impl Store {
     pub async fn aliases(&self, model: &str) -> Result<BTreeMap<String, String>> {
         let rows = sqlx::query("SELECT alias, version FROM aliases WHERE model = $1")
             .bind(model)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.reads)
             .await?;
         rows.iter()
             .map(|r| Ok((r.try_get("alias")?, r.try_get("version")?)))
@@ -549,7 +580,7 @@ impl Store {
     pub async fn metadata(&self, role: &str) -> Result<Option<(i64, String)>> {
         let row = sqlx::query("SELECT version, body FROM metadata WHERE role = $1")
             .bind(role)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.reads)
             .await?;
         row.map(|r| Ok((r.try_get("version")?, r.try_get("body")?)))
             .transpose()
@@ -562,7 +593,7 @@ impl Store {
         let labels = serde_json::to_string(labels)?;
         let known: Option<String> = sqlx::query("SELECT labels FROM nodes WHERE id = $1")
             .bind(id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.reads)
             .await?
             .map(|r| r.try_get("labels"))
             .transpose()?;
@@ -617,7 +648,7 @@ impl Store {
         let rows = sqlx::query(
             "SELECT model, version, state, COUNT(*) AS n FROM node_model_states GROUP BY model, version, state",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?;
         rows.iter()
             .map(|r| {
@@ -637,7 +668,7 @@ impl Store {
             "SELECT COUNT(*) AS total, CAST(COALESCE(SUM(CASE WHEN last_seen >= $1 THEN 1 ELSE 0 END), 0) AS BIGINT) AS online FROM nodes",
         )
         .bind(since)
-        .fetch_one(&self.pool)
+        .fetch_one(&self.reads)
         .await?;
         Ok((row.try_get("total")?, row.try_get("online")?))
     }
@@ -657,7 +688,7 @@ impl Store {
         let rows = sqlx::query(
             "SELECT id, labels, registered_at, last_seen, report FROM nodes ORDER BY id",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?;
         rows.iter().map(node_row).collect()
     }
@@ -668,7 +699,7 @@ impl Store {
             "SELECT id, labels, registered_at, last_seen, report FROM nodes WHERE id = $1",
         )
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reads)
         .await?;
         row.as_ref().map(node_row).transpose()
     }
@@ -755,7 +786,7 @@ impl Store {
     /// How many rollouts are in each state.
     pub async fn rollout_counts(&self) -> Result<BTreeMap<RolloutState, i64>> {
         let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM rollouts GROUP BY state")
-            .fetch_all(&self.pool)
+            .fetch_all(&self.reads)
             .await?;
         rows.iter()
             .map(|r| Ok((named(r, "state")?, r.try_get("n")?)))
@@ -767,7 +798,7 @@ impl Store {
         let rows = sqlx::query(&format!(
             "SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE state = 'active' ORDER BY created_at DESC, id"
         ))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?;
         rows.iter().map(rollout_row).collect()
     }
@@ -777,7 +808,7 @@ impl Store {
         let rows = sqlx::query(&format!(
             "SELECT {ROLLOUT_COLUMNS} FROM rollouts ORDER BY created_at DESC, id"
         ))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?;
         rows.iter().map(rollout_row).collect()
     }
@@ -789,7 +820,7 @@ impl Store {
             "SELECT CASE WHEN code_sha256 = $1 THEN 'code' ELSE 'image' END AS kind FROM versions WHERE code_sha256 = $1 OR image_sha256 = $1 LIMIT 1",
         )
         .bind(sha256)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reads)
         .await?;
         Ok(
             match row
@@ -811,7 +842,7 @@ impl Store {
             "SELECT * FROM versions WHERE sha256 = $1 AND image_sha256 IS NOT NULL LIMIT 1",
         )
         .bind(sha256)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reads)
         .await?;
         row.as_ref().map(version_row).transpose()
     }
@@ -822,7 +853,7 @@ impl Store {
             "SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE id = $1"
         ))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reads)
         .await?;
         row.as_ref().map(rollout_row).transpose()
     }
@@ -830,7 +861,7 @@ impl Store {
     /// Every model's `production` version (models without one are left out).
     pub async fn production_versions(&self) -> Result<BTreeMap<String, String>> {
         let rows = sqlx::query("SELECT model, version FROM aliases WHERE alias = 'production'")
-            .fetch_all(&self.pool)
+            .fetch_all(&self.reads)
             .await?;
         rows.iter()
             .map(|r| Ok((r.try_get("model")?, r.try_get("version")?)))

@@ -103,7 +103,7 @@ impl Store {
             "SELECT key, rule, model, version, grp, feature, state, value, threshold, window_start, window_end, started_at, updated_at \
              FROM alerts ORDER BY CASE WHEN state = 'firing' THEN 0 ELSE 1 END, updated_at DESC, key",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?;
         rows.iter().map(alert_row).collect()
     }
@@ -114,7 +114,7 @@ impl Store {
             "SELECT at_us, alert_key, kind, body, delivery FROM alert_events ORDER BY at_us DESC, id LIMIT $1",
         )
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?;
         rows.iter()
             .map(|r| {
@@ -134,7 +134,7 @@ impl Store {
         let rows =
             sqlx::query("SELECT version, labeled, correct FROM accuracy_totals WHERE model = $1")
                 .bind(model)
-                .fetch_all(&self.pool)
+                .fetch_all(&self.reads)
                 .await?;
         rows.iter()
             .map(|r| Ok((r.try_get("version")?, accuracy_row(r)?)))
@@ -144,7 +144,7 @@ impl Store {
     /// Accuracy of every model version that has labels, from the running totals.
     pub(crate) async fn accuracies(&self) -> Result<Vec<(String, String, Accuracy)>> {
         let rows = sqlx::query("SELECT model, version, labeled, correct FROM accuracy_totals")
-            .fetch_all(&self.pool)
+            .fetch_all(&self.reads)
             .await?;
         rows.iter()
             .map(|r| Ok((r.try_get("model")?, r.try_get("version")?, accuracy_row(r)?)))
@@ -156,7 +156,7 @@ impl Store {
         let row = sqlx::query(
             "SELECT CAST(COALESCE(SUM(dropped_batches), 0) AS BIGINT) AS n FROM telemetry_node_totals",
         )
-        .fetch_one(&self.pool)
+        .fetch_one(&self.reads)
         .await?;
         Ok(u(row.try_get("n")?))
     }
@@ -171,7 +171,7 @@ impl Store {
         )
         .bind(model)
         .bind(version)
-        .fetch_one(&self.pool)
+        .fetch_one(&self.reads)
         .await?;
         let accuracy = self
             .accuracy(model)
@@ -192,7 +192,7 @@ impl Store {
         let rows = sqlx::query(
             "SELECT node_id, model, version, requests, errors, rows_seen FROM telemetry_totals ORDER BY model, version, node_id",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?;
         let mut versions: BTreeMap<(String, String), VersionTotals> = BTreeMap::new();
         let mut nodes: BTreeMap<String, NodeTotals> = BTreeMap::new();
@@ -219,7 +219,7 @@ impl Store {
         let rows = sqlx::query(
             "SELECT node_id, batches, dropped_batches, dropped_requests FROM telemetry_node_totals",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?;
         for r in rows {
             let n = nodes.entry(r.try_get("node_id")?).or_default();
@@ -254,7 +254,7 @@ impl Store {
         )
         .bind(from)
         .bind(to)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
@@ -283,7 +283,7 @@ impl Store {
         .bind(until)
         .bind(to)
         .bind(from)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?;
         rows.iter()
             .map(|r| Ok(r.try_get("window_start")?))

@@ -38,7 +38,7 @@ impl Store {
             sqlx::query("SELECT 1 AS one FROM telemetry_batches WHERE node_id = $1 AND seq = $2")
                 .bind(&b.node_id)
                 .bind(to_i64(b.seq))
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.reads)
                 .await?;
         if known.is_some() {
             return Ok(false);
@@ -163,7 +163,7 @@ impl Store {
             let rows = sqlx::query(
                 "SELECT node_id, seq, body FROM telemetry_batches WHERE body <> '' ORDER BY node_id, seq LIMIT 500",
             )
-            .fetch_all(&self.pool)
+            .fetch_all(&self.reads)
             .await?;
             if rows.is_empty() {
                 return Ok(folded);
