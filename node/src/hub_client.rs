@@ -12,17 +12,7 @@ use crate::{Error, Result};
 /// Largest CA certificate file read.
 const MAX_CA_BYTES: u64 = 1 << 20;
 
-/// An error with its causes, one line.
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
+pub(crate) use crate::error::chain;
 
 /// A body cut off at its limit (or by an error): what was read, and why it stopped.
 pub(crate) struct Cut {

@@ -115,7 +115,7 @@ fn read_capsule(
 ) -> Result<CapsuleImage, String> {
     let bytes = read_bounded(path, limit)?;
     if !capsule_format::split::is_image(&bytes) {
-        return CapsuleImage::parse(bytes).map_err(|e| e.to_string());
+        return CapsuleImage::parse(bytes).map_err(|e| crate::error::chain(&e));
     }
     let header = capsule_format::split::image_header(&bytes).map_err(|e| e.to_string())?;
     let code_path = crate::repository::code_path(repo, &header.code_sha256)
@@ -128,7 +128,7 @@ fn read_capsule(
         ));
     }
     let code = codes.get(&code_path, header.code_len.min(limit))?;
-    CapsuleImage::parse_image(&code, &bytes).map_err(|e| e.to_string())
+    CapsuleImage::parse_image(&code, &bytes).map_err(|e| crate::error::chain(&e))
 }
 
 fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, String> {

@@ -374,7 +374,7 @@ fn profiler_from_env() -> Option<wasmtime::ProfilingStrategy> {
 }
 
 fn poisoned() -> Error {
-    Error::Wasmtime("module cache lock poisoned by a panic".into())
+    Error::Poisoned("module cache")
 }
 
 /// Writes a compiled module atomically (temporary file, then rename), so a crash never

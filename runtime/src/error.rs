@@ -51,9 +51,16 @@ pub enum Error {
     /// The guest broke the ABI (bad pointer, undecodable response).
     #[error("guest broke the ABI: {0}")]
     Abi(String),
-    /// Compiling or instantiating code failed.
+    /// Compiling or instantiating code failed (wasmtime's error, its causes as sources).
     #[error("wasmtime: {0}")]
-    Wasmtime(String),
+    Wasmtime(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The engine's memory creator did not map a capsule's memory image (without it the
+    /// instance would start from zeros).
+    #[error("the engine's memory creator did not map the capsule's memory image")]
+    ImageNotMapped,
+    /// A lock of the engine was poisoned by a panic.
+    #[error("{0} lock poisoned by a panic")]
+    Poisoned(&'static str),
     /// The model cannot be built into a capsule.
     #[error("cannot build capsule: {0}")]
     Build(String),
@@ -85,7 +92,7 @@ impl Error {
     }
 
     pub(crate) fn wasmtime(e: wasmtime::Error) -> Error {
-        Error::Wasmtime(format!("{e:#}"))
+        Error::Wasmtime(e.into())
     }
 
     /// Classifies an error from a guest call: traps become [`Error::Trap`].

@@ -256,9 +256,7 @@ impl LoadedCapsule {
                 if !taken {
                     // The segments were shed at install: without the mapping the instance
                     // would start from zeros.
-                    return Err(Error::Wasmtime(
-                        "the engine's memory creator did not map the capsule's memory image".into(),
-                    ));
+                    return Err(Error::ImageNotMapped);
                 }
                 (instance, true)
             }

@@ -33,7 +33,7 @@ pub fn new_id() -> String {
 pub struct Store {
     /// Writes, and reads inside a write's transaction.
     pool: AnyPool,
-    /// Reads (SQLite: connections of their own, read-only; PostgreSQL: the same pool).
+    /// Reads: connections of their own, read-only.
     reads: AnyPool,
     sqlite: bool,
     clock: SharedClock,
@@ -209,30 +209,33 @@ impl Store {
                 source,
             })?;
         sqlx::migrate!("./migrations").run(&pool).await?;
-        // SQLite has one writer: a connection waiting for the write lock (up to its busy
-        // timeout) is held from the pool meanwhile, so under a burst of telemetry every
-        // connection of one shared pool waited on writes and reads (the dashboard,
-        // `/metrics`, admin calls) queued behind them. Reads take their own connections;
-        // WAL lets them read the last commit while a write runs.
-        let reads = if sqlite {
-            AnyPoolOptions::new()
-                .max_connections(4)
-                .after_connect(|conn, _| {
-                    Box::pin(async move {
+        // Reads take connections of their own. SQLite has one writer: a connection waiting
+        // for the write lock (up to its busy timeout) is held from the pool meanwhile, so
+        // under a burst of telemetry every connection of one shared pool waited on writes,
+        // and reads (the dashboard, `/metrics`, admin calls) queued behind them; WAL lets
+        // readers see the last commit while a write runs. On PostgreSQL the writes' pool is
+        // as busy under load (each batch's transaction holds a connection), so reads get a
+        // pool there too.
+        let reads = AnyPoolOptions::new()
+            .max_connections(if sqlite { 4 } else { 8 })
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if sqlite {
                         conn.execute("PRAGMA busy_timeout = 10000").await?;
                         conn.execute("PRAGMA query_only = ON").await?;
-                        Ok(())
-                    })
+                    } else {
+                        conn.execute("SET default_transaction_read_only = on")
+                            .await?;
+                    }
+                    Ok(())
                 })
-                .connect(&url)
-                .await
-                .map_err(|source| Error::Connect {
-                    url: redact(&url),
-                    source,
-                })?
-        } else {
-            pool.clone()
-        };
+            })
+            .connect(&url)
+            .await
+            .map_err(|source| Error::Connect {
+                url: redact(&url),
+                source,
+            })?;
         Ok(Store {
             pool,
             reads,
