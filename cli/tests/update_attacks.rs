@@ -238,6 +238,15 @@ impl Setup {
         })
     }
 
+    /// Points production at `version` in the database, as a compromised hub would (the
+    /// registry's API checks nothing here that matters to the attacks); the new generation.
+    fn production_by_sql(&self, version: &str) -> Result<i64> {
+        self.sql(
+            "UPDATE aliases SET version = $1 WHERE model = 'wat' AND alias = 'production'",
+            &[version],
+        )
+    }
+
     /// Where the hub keeps a blob.
     fn blob_path(&self, sha: &str) -> PathBuf {
         self.dir
@@ -338,10 +347,7 @@ fn a_version_pointing_at_another_versions_blob_is_refused() -> Result<()> {
         "UPDATE versions SET sha256 = $1 WHERE model = 'wat' AND version = '2.0.0'",
         &[&sha(&s.blobs[2])],
     )?;
-    let g = s.sql(
-        "UPDATE aliases SET version = '2.0.0' WHERE model = 'wat' AND alias = 'production'",
-        &[],
-    )?;
+    let g = s.production_by_sql("2.0.0")?;
     s.refused(g, "does not match the signed target")?;
     s.expect_v1("mix and match");
     Ok(())
@@ -356,10 +362,7 @@ fn a_tampered_blob_is_refused() -> Result<()> {
     let last = bytes.len() - 1;
     bytes[last] ^= 0xff;
     std::fs::write(&blob, &bytes)?;
-    let g = s.sql(
-        "UPDATE aliases SET version = '2.0.0' WHERE model = 'wat' AND alias = 'production'",
-        &[],
-    )?;
+    let g = s.production_by_sql("2.0.0")?;
     s.refused(g, "refused (5.7.3): wat/2.0.0.capsule.wasm: sha256")?;
     s.expect_v1("tampered blob");
     Ok(())
