@@ -247,6 +247,23 @@ impl Setup {
         )
     }
 
+    /// Uploads a root version 2 signed by key `root_key`, trusting `targets_key` alone for
+    /// targets (the hub stores root metadata as given; nodes verify it).
+    fn post_root(&self, root_key: &str, targets_key: &str) -> Result<()> {
+        let root = root_v2(&self.key(root_key)?, &self.key(targets_key)?)?;
+        let (status, v) = api(
+            &self.hub,
+            "POST",
+            "/api/v1/metadata/root",
+            ADMIN,
+            Some(root),
+        )?;
+        if status != 200 {
+            bail!("root upload: {status} {v}");
+        }
+        Ok(())
+    }
+
     /// Where the hub keeps a blob.
     fn blob_path(&self, sha: &str) -> PathBuf {
         self.dir
@@ -446,14 +463,7 @@ fn root_v2(root_key: &SigningKey, targets_key: &SigningKey) -> Result<Value> {
 fn a_forged_root_is_refused() -> Result<()> {
     let s = Setup::start()?;
     s.good()?;
-    let (status, v) = api(
-        &s.hub,
-        "POST",
-        "/api/v1/metadata/root",
-        ADMIN,
-        Some(root_v2(&s.key("evil")?, &s.key("evil")?)?),
-    )?;
-    assert_eq!(status, 200, "{v}");
+    s.post_root("evil", "evil")?;
     s.refused(
         generation(&s.hub)?,
         "refused (5.3.4): new root (old keys) has 0 valid signature(s)",
@@ -468,14 +478,7 @@ fn a_forged_root_is_refused() -> Result<()> {
 fn after_a_root_rotation_the_old_publisher_keys_do_not_count() -> Result<()> {
     let s = Setup::start()?;
     s.good()?;
-    let (status, v) = api(
-        &s.hub,
-        "POST",
-        "/api/v1/metadata/root",
-        ADMIN,
-        Some(root_v2(&s.key("root")?, &s.key("pub3")?)?),
-    )?;
-    assert_eq!(status, 200, "{v}");
+    s.post_root("root", "pub3")?;
     let rotated = s.signed(20, 3600, &[(V1, 0)], &["pub3"])?;
     s.serving(s.upload(&rotated)?, "1.0.0")?;
     let stale = s.signed(21, 3600, &[(V1, 0)], &["pub1", "pub2"])?;
