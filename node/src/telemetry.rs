@@ -25,7 +25,6 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 
 use crate::durable::{move_aside, now_ms, read_json, write_durably};
-use crate::hub_client::HubError;
 use crate::metrics::Metrics;
 use crate::{Error, Result};
 use capsule_format::clock::SharedClock;
@@ -506,15 +505,17 @@ impl Telemetry {
                 body.extend_from_slice(bytes);
             }
             body.extend_from_slice(b"]}");
-            let sent = hub
-                .send(
+            // The acknowledgement lists at most the sequence numbers sent.
+            let answer = hub
+                .json::<capsule_format::hub::TelemetryAck>(
                     hub.post("/api/v1/telemetry")
                         .header("content-type", "application/json")
                         .body(body),
+                    1 << 20,
                 )
                 .await;
-            let resp = match sent {
-                Ok(resp) => resp,
+            let acked = match answer {
+                Ok(acked) => acked,
                 // Refused for what it holds (malformed, too large): never better on a retry.
                 Err(crate::hub_client::HubError::Status {
                     status: status @ (400 | 413 | 422),
@@ -535,12 +536,6 @@ impl Telemetry {
                 }
                 Err(e) => return Err(e.into()),
             };
-            // The acknowledgement lists at most the sequence numbers sent.
-            let bytes = crate::hub_client::read_bounded(resp, 1 << 20, "the acknowledgement")
-                .await
-                .map_err(|c| HubError::TooLarge(c.message))?;
-            let acked: capsule_format::hub::TelemetryAck =
-                serde_json::from_slice(&bytes).map_err(HubError::Json)?;
             let sent: Vec<u64> = pending.iter().map(|(s, _)| *s).collect();
             let acked: Vec<u64> = acked
                 .acked
