@@ -771,7 +771,11 @@ fn a_revoked_node_token_is_refused() -> Result<()> {
 fn every_refusal_is_a_json_error() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (_hub, hub) = sqlite_hub(dir.path())?;
-    let c = http();
+    // Each case on its own connection: the hub closes one whose body it refused unread
+    // (413), and a pooled client could write the next request into it (broken pipe).
+    let c = reqwest::blocking::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()?;
     let cases: Vec<(&str, reqwest::blocking::RequestBuilder, u16)> = vec![
         (
             "a body over the 4 MiB default limit",
