@@ -10,7 +10,7 @@
 #
 #   deploy/container/rootfs.sh target/release/capsule OUT
 #
-# The Dockerfile runs it in its build stage; cli/tests/container.rs runs it on the binary
+# The Dockerfile runs it in its build stage; cli/tests/all/container.rs runs it on the binary
 # under test and builds deploy/container/Containerfile.prebuilt with podman, offline.
 set -euo pipefail
 binary="$1"

@@ -2,7 +2,7 @@
 //
 //   node tests/browser/sdk.mjs <plan.json>
 //
-// The plan (written by cli/tests/browser.rs) names a page that imports the SDK, a static
+// The plan (written by cli/tests/all/browser.rs) names a page that imports the SDK, a static
 // repository of signed capsules, the publisher key, the fixture cases and the negative
 // cases. The script runs every case through `Capsule.fromUrl(...).load(...).infer(...)`,
 // checks that a tampered capsule and a wrongly signed repository are refused, reloads the

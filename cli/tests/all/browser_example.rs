@@ -8,8 +8,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-mod common;
-use common::*;
+use crate::common::*;
 
 #[test]
 fn the_browser_example_answers_like_the_edge() -> Result<()> {

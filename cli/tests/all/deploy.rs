@@ -8,10 +8,9 @@
 //! its probes answer; deploy/compose.yaml's capsule services get the same checks and runs,
 //! and its Prometheus config passes promtool.
 
-mod common;
-
 use std::process::Command;
 
+use crate::common;
 use anyhow::{Result, bail};
 
 /// What the check needs, by name, or None when all is here.

@@ -18,8 +18,7 @@ use capsule_format::{DType, NamedTensor};
 use capsule_tests::{WatCapsule, wat_capsule};
 use serde_json::{Value, json};
 
-mod common;
-use common::*;
+use crate::common::*;
 
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)

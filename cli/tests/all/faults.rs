@@ -5,15 +5,13 @@
 //! install failed, recovers when space comes back, and accounts for the telemetry it could
 //! not buffer.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use anyhow::{Context, Result, bail};
 use capsule_tests::{builder, options};
-use common::*;
 use serde_json::Value;
 
 /// The kill moments: a fixed sequence, spread over the node's first 300 ms (start-up,

@@ -1,12 +1,11 @@
 //! What one hostile request can make `capsule serve` allocate, measured on a real process:
 //! its peak resident set (`VmHWM`) before and after the request.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
+use crate::common;
+use crate::common::{Proc, serve_empty};
 use anyhow::{Context, Result, bail};
-use common::{Proc, serve_empty};
 
 /// The node's peak resident set so far, in bytes (Linux).
 fn peak_rss(node: &Proc) -> Result<u64> {

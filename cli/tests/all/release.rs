@@ -4,10 +4,9 @@
 //! the full and the node build) is measured in docs/benchmarks.md, not run here: it takes
 //! about 25 minutes.
 
-mod common;
-
 use std::process::Command;
 
+use crate::common;
 use anyhow::{Context, Result, bail};
 
 fn tool(name: &str, args: &[&str]) -> Result<String> {

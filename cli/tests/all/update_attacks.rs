@@ -11,8 +11,7 @@ use capsule_format::tuf::{Root, Signed, SigningKey, Target, Targets};
 use capsule_tests::{WatCapsule, wat_capsule};
 use serde_json::{Value, json};
 
-mod common;
-use common::*;
+use crate::common::*;
 
 const V1: &str = "wat/1.0.0.capsule.wasm";
 const V2: &str = "wat/2.0.0.capsule.wasm";

@@ -25,8 +25,7 @@ use anyhow::{Context, Result, bail};
 use capsule_tests::{WatCapsule, wat_capsule};
 use serde_json::{Value, json};
 
-mod common;
-use common::*;
+use crate::common::*;
 
 /// The nodes' `--feedback-token`.
 const FEEDBACK_TOKEN: &str = "test-feedback-token";

@@ -1,12 +1,10 @@
 //! What a client can make `capsule serve` write into its log: a model name is data, never a
 //! line of its own, and a log that is not a terminal gets no colour codes.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
+use crate::common::{http, serve_empty};
 use anyhow::{Result, bail};
-use common::{http, serve_empty};
 
 /// Issue 16's probe: a model name with a newline and a fake timestamp used to start a forged
 /// `ERROR` line of the node's log.

@@ -12,8 +12,7 @@ use anyhow::{Context, Result, bail};
 use capsule_tests::{WatCapsule, wat_capsule};
 use serde_json::{Value, json};
 
-mod common;
-use common::*;
+use crate::common::*;
 
 /// What each node serves in a rollout at `percent`: `new` where its bucket is below it.
 fn canary(nodes: &[(String, String)], rollout: &str, percent: u32, new: f64, old: f64) -> Vec<f64> {

@@ -8,13 +8,14 @@
 //! podman runs here as this sandbox allows (runc, host network, cgroupfs, no default
 //! ulimits, vfs storage under the test's temporary directory).
 
-mod common;
-
 use std::path::Path;
 use std::process::{Command, Output};
 
+use crate::common;
+use crate::common::{
+    ADMIN, free_port, http, node_token, publisher_keys, run, sign_and_push, wait_until,
+};
 use anyhow::{Context, Result, bail};
-use common::{ADMIN, free_port, http, node_token, publisher_keys, run, sign_and_push, wait_until};
 
 /// podman with its storage, run directory and configuration under `dir`.
 struct Podman {

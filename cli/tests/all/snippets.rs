@@ -9,13 +9,12 @@
 //! synopsis or a template (placeholders, hosts, a long benchmark) is written as ```text.
 //! `every_sh_block_is_run` fails when a Markdown file with `sh` blocks is not in [`DOCS`].
 
-mod common;
-
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::common;
 use anyhow::{Context, Result, bail};
 
 /// Every Markdown file with `sh` blocks, run whole, in this order.
