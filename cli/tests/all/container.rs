@@ -10,10 +10,12 @@
 
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use crate::common;
 use crate::common::{
     ADMIN, free_port, http, node_token, publisher_keys, run, sign_and_push, wait_until,
+    wait_until_within,
 };
 use anyhow::{Context, Result, bail};
 
@@ -275,12 +277,18 @@ fn hub_and_node_containers_serve_a_signed_capsule() -> Result<()> {
             "/keys/root.json",
         ],
     )?;
-    wait_until("the node container to serve digits", || {
-        http()
-            .get(format!("{node}/v2/models/digits/ready"))
-            .send()
-            .is_ok_and(|r| r.status().is_success())
-    })
+    // The node compiles the capsule's guest code in the container, with no cache: about
+    // 10 s alone, several times that beside other tests.
+    wait_until_within(
+        "the node container to serve digits",
+        Duration::from_secs(180),
+        || {
+            http()
+                .get(format!("{node}/v2/models/digits/ready"))
+                .send()
+                .is_ok_and(|r| r.status().is_success())
+        },
+    )
     .with_context(|| podman.logs("capsule-test-node"))?;
     let request = std::fs::read(fixture.join("sample_request.json"))?;
     let resp = http()

@@ -162,9 +162,16 @@ pub fn api(
     Ok((status, resp.json().unwrap_or(Value::Null)))
 }
 
-pub fn wait_until(what: &str, mut ok: impl FnMut() -> bool) -> Result<()> {
+pub fn wait_until(what: &str, ok: impl FnMut() -> bool) -> Result<()> {
+    wait_until_within(what, Duration::from_secs(30), ok)
+}
+
+/// [`wait_until`] with its own limit, for waits that include work such as compiling a
+/// capsule's code from scratch, which the other tests of this binary running beside it on
+/// the same cores can slow several-fold.
+pub fn wait_until_within(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> Result<()> {
     let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(30) {
+    while started.elapsed() < limit {
         if ok() {
             return Ok(());
         }
