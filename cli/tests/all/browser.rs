@@ -7,9 +7,8 @@
 //! Storage (no download in the network log); a browser connected to a hub follows a new
 //! version published there, and its telemetry reaches the hub.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -22,32 +21,6 @@ use crate::common::*;
 
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
-/// Builds the SDK (`sdk-js/build.sh`: the Rust core with wasm-bindgen, esbuild, tsc) once per
-/// test process.
-fn sdk_dist() -> Result<PathBuf> {
-    static BUILT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let sdk = repo().join("sdk-js");
-            if !sdk.join("node_modules/esbuild").exists() {
-                return Err("sdk-js/node_modules is missing: run `npm ci --prefix sdk-js`".into());
-            }
-            let out = Command::new("bash")
-                .arg(sdk.join("build.sh"))
-                .output()
-                .map_err(|e| e.to_string())?;
-            if !out.status.success() {
-                return Err(format!(
-                    "sdk-js/build.sh failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                ));
-            }
-            Ok(sdk.join("dist"))
-        })
-        .clone()
-        .map_err(anyhow::Error::msg)
 }
 
 fn copy_dir(from: &Path, to: &Path) -> Result<()> {

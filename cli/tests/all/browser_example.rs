@@ -15,6 +15,9 @@ fn the_browser_example_answers_like_the_edge() -> Result<()> {
     if !browser_available()? {
         return Ok(());
     }
+    // The SDK as the other browser tests of this process build it (run.sh builds it when
+    // `sdk-js/dist` is missing; two builds at once would break each other's).
+    sdk_dist()?;
     let dir = tempfile::tempdir()?;
     let work = dir.path().join("example");
 

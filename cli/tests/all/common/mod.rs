@@ -5,7 +5,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -439,4 +439,31 @@ pub fn capsule_files(dir: &Path) -> Vec<String> {
     }
     out.sort();
     out
+}
+
+/// Builds the SDK (`sdk-js/build.sh`: the Rust core with wasm-bindgen, esbuild, tsc) once per
+/// test process: every test that needs `sdk-js/dist` calls this first (`build.sh` starts with
+/// `rm -rf dist`, so two builds at once break each other's output).
+pub fn sdk_dist() -> Result<PathBuf> {
+    static BUILT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let sdk = repo().join("sdk-js");
+            if !sdk.join("node_modules/esbuild").exists() {
+                return Err("sdk-js/node_modules is missing: run `npm ci --prefix sdk-js`".into());
+            }
+            let out = Command::new("bash")
+                .arg(sdk.join("build.sh"))
+                .output()
+                .map_err(|e| e.to_string())?;
+            if !out.status.success() {
+                return Err(format!(
+                    "sdk-js/build.sh failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            Ok(sdk.join("dist"))
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
 }
