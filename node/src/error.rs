@@ -85,7 +85,7 @@ pub enum Error {
     },
     /// The capsule failed while running the request (trap, guest error).
     #[error("inference failed: {0}")]
-    Inference(capsule_runtime::Error),
+    Inference(#[source] capsule_runtime::Error),
     /// A capsule could not be loaded.
     #[error("cannot load {path}: {reason}")]
     Load {
@@ -110,7 +110,7 @@ pub enum Error {
     Internal(String),
     /// The engine could not be created.
     #[error("engine: {0}")]
-    Engine(capsule_runtime::Error),
+    Engine(#[source] capsule_runtime::Error),
     /// The hub could not be reached, or answered with an error (hub sync).
     #[error(transparent)]
     Hub(#[from] crate::hub_client::HubError),
