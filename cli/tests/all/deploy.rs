@@ -10,8 +10,9 @@
 
 use std::process::Command;
 
-use crate::common;
 use anyhow::{Result, bail};
+
+use crate::common;
 
 /// What the check needs, by name, or None when all is here.
 fn missing_tools() -> Option<String> {

@@ -3,9 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common;
-use crate::common::{Proc, serve_empty};
 use anyhow::{Context, Result, bail};
+
+use crate::common::{self, Proc, serve_empty};
 
 /// The node's peak resident set so far, in bytes (Linux).
 fn peak_rss(node: &Proc) -> Result<u64> {

@@ -6,8 +6,9 @@
 
 use std::process::Command;
 
-use crate::common;
 use anyhow::{Context, Result, bail};
+
+use crate::common;
 
 fn tool(name: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(name)

@@ -14,8 +14,9 @@ use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common;
 use anyhow::{Context, Result, bail};
+
+use crate::common;
 
 /// Every Markdown file with `sh` blocks, run whole, in this order.
 const DOCS: &[&str] = &[
