@@ -29,9 +29,11 @@ pub struct Args {
     /// (checked against the manifest's source hash).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// The native baseline's plan for batches of one: give what the capsule was built with
-    /// (`capsule build --one-row-plan`), so both run the same plan.
-    #[arg(long, value_name = "WHEN", default_value = "auto")]
+    /// The native baseline's plan for batches of one. `always` (the default) gives native
+    /// tract its fastest plan for a batch of one, whatever the capsule was built with; give
+    /// `auto` or `never` to compare on the general plan. The native side cannot follow the
+    /// capsule's `auto`: it packs weights for other kernels, so its choice can differ.
+    #[arg(long, value_name = "WHEN", default_value = "always")]
     one_row_plan: OneRowPlan,
     /// Timed iterations.
     #[arg(long, default_value_t = 200)]
@@ -59,7 +61,7 @@ impl Args {
             capsule: PathBuf::new(),
             code: None,
             model: None,
-            one_row_plan: OneRowPlan::Auto,
+            one_row_plan: OneRowPlan::Always,
             iterations: 200,
             warmup: 20,
             cold_starts: 20,
@@ -113,6 +115,8 @@ pub struct BenchReport {
     pub batch: u64,
     pub capsule_latency: Percentiles,
     pub native_latency: Option<Percentiles>,
+    /// Whether native tract ran a one-row plan (`--one-row-plan`; `None` without `--model`).
+    pub native_one_row_plan: Option<bool>,
     pub ratio_p50: Option<f64>,
     pub cold_start_instantiate: Percentiles,
     pub cold_start_first_output: Percentiles,
@@ -258,6 +262,7 @@ pub fn measure(
         / (stats.inferences.load(Ordering::Relaxed).max(1)) as f64;
     let capsule_latency = Percentiles::of(caps);
     let native_latency = native.is_some().then(|| Percentiles::of(nat));
+    let native_one_row_plan = native.map(|n| n.one_row_shapes().is_some());
     Ok(BenchReport {
         capsule: m.name.clone(),
         version: m.version.to_string(),
@@ -267,6 +272,7 @@ pub fn measure(
         ratio_p50: native_latency.as_ref().map(|n| capsule_latency.p50 / n.p50),
         capsule_latency,
         native_latency,
+        native_one_row_plan,
         cold_start_instantiate: Percentiles::of(inst),
         cold_start_first_output: Percentiles::of(first),
         host_kernel_tiles_per_inference: tiles,
@@ -298,7 +304,14 @@ pub fn print(r: &BenchReport) {
     };
     row("capsule (warm instance)", &r.capsule_latency);
     if let Some(n) = &r.native_latency {
-        row("native tract (same run)", n);
+        row(
+            if r.native_one_row_plan == Some(true) {
+                "native tract (same run, one-row)"
+            } else {
+                "native tract (same run)"
+            },
+            n,
+        );
     }
     row("cold start: fresh instance", &r.cold_start_instantiate);
     row("cold start: first output", &r.cold_start_first_output);

@@ -157,8 +157,9 @@ pub enum InferResponse {
 /// faster for a batch of one, at the cost of the plan's own geometry in the memory image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum OneRowPlan {
-    /// When the model's weights are at most 4 MiB (the plan's geometry grows with the input
-    /// size, not with the weights, but small models are where it is cheap).
+    /// When what the plan holds on its own (the constants and packed weights it does not
+    /// share with the general plan) is at most a quarter of the model's weights, or 1 MiB,
+    /// and the weights are at most 256 MiB.
     #[default]
     Auto,
     /// Whenever the model allows it (one symbolic leading dimension shared by its inputs).
@@ -216,6 +217,11 @@ pub struct BuildReport {
     pub node_count: u32,
     /// Whether a second plan serves batches of one ([`OneRowPlan`]).
     pub one_row_plan: bool,
+    /// When a one-row plan was made: the bytes of constants and packed weights it holds that
+    /// the general plan does not share (kept or not).
+    pub one_row_plan_own_bytes: Option<u64>,
+    /// `auto`'s limit on those bytes, when the plan was made under `auto`.
+    pub one_row_plan_budget: Option<u64>,
 }
 
 /// What `capsule_build` returns.

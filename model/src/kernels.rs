@@ -18,7 +18,10 @@
 //!   Everything else (bias, activations, the store) stays in wasm.
 //!
 //! The packing is the one both sides read: 8 f32 per k step, A aligned to 256 bytes (what
-//! tract's x86-64 FMA 8x8 kernel requires and loads with aligned moves), B to 8 bytes.
+//! tract's x86-64 FMA 8x8 kernel requires and loads with aligned moves). B is packed the same
+//! way: a one-row plan sometimes swaps a convolution's operands (the weights become B), and
+//! with one packing for both the weights pack to the same bytes either way, so the general
+//! plan and the one-row plan hold them once (`share_constants`).
 //!
 //! tract reaches a kernel two ways. Where the product's column count is known when the model
 //! is optimized (convolutions), it asks the tiers, and ours names this kernel. Where it is
@@ -175,8 +178,8 @@ mod wasm {
         }
         let mut tile = Tile([f32x4_splat(0.0); 16]);
         // SAFETY: `pa` and `pb` are packed panels of `k` steps of 8 f32 (the caller's
-        // contract: this kernel's packings), 16-byte aligned (A to 256, B to 8 bytes: B is
-        // read with unaligned loads).
+        // contract: this kernel's packings), A 16-byte aligned (to 256 bytes; B too, but B is
+        // read with unaligned loads, so its alignment is not relied on).
         unsafe { product_8x8(k, pa.cast(), pb.cast(), &mut tile) };
         let mut ops = [FusedKerSpec::Done; MAX_OPS];
         ops[0] = FusedKerSpec::LoadTile(std::ptr::null(), tile.0.as_ptr().cast());
@@ -300,7 +303,7 @@ mod wasm {
         k.name = NAME.to_owned();
         k.kernel = kernel;
         k.packings.clear();
-        k.with_packing(f32::packing(8).align(256), f32::packing(8).align(8))
+        k.with_packing(f32::packing(8).align(256), f32::packing(8).align(256))
             .with_boost(boost)
     }
 

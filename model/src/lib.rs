@@ -17,6 +17,8 @@ use capsule_format::manifest::{Dim, TensorSpec};
 use capsule_format::wire::{BuildReport, InputShape, NamedTensorView, OneRowPlan};
 use capsule_format::{DType, NamedTensor, Tensor};
 use tract_onnx::prelude::*;
+use tract_onnx::tract_core::ops::matmul::optimized::{MatMulOperand, OptMatMul, ProtoFusedSpec};
+use tract_onnx::tract_core::tract_linalg::mmm::EagerPackedInput;
 
 pub mod kernels;
 mod pool;
@@ -67,12 +69,17 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 type Plan = TypedSimplePlan;
 
-/// Weights (constants of the decluttered model) above which no one-row plan is made. The
-/// plan shares the weights it packs like the general plan with it ([`share_constants`]),
-/// but its concrete geometry (lazy im2col offsets per output position) grows with the
-/// input's size: measured, SqueezeNet at 224x224 (4.9 MB of weights) would add 2.95 MiB to
-/// its image for a 1.4-1.9x faster batch of one, ResNet-50 about 60 MB.
-pub const ONE_ROW_PLAN_MAX_WEIGHT_BYTES: usize = 4 << 20;
+/// Weights (constants of the decluttered model) above which `auto` makes no one-row plan:
+/// building it holds both plans' packed weights at once in the guest's 4 GiB of memory.
+pub const ONE_ROW_PLAN_MAX_WEIGHT_BYTES: usize = 256 << 20;
+
+/// What `auto` lets the one-row plan hold on its own, after [`share_constants`]: a quarter of
+/// the weights, or 1 MiB for small models. Measured (guest-dev build, one-row plan against
+/// none): SqueezeNet at 224x224 holds 0.6 MB of packed weights on its own and its image grows
+/// 5.78 -> 6.74 MiB; ResNet-50 98.8 -> 114.1 MiB; each runs a batch of one about 1.5x faster.
+fn one_row_plan_budget(weights: usize) -> usize {
+    (weights / 4).max(1 << 20)
+}
 
 /// An optimized plan and the state it runs with.
 struct Runner {
@@ -87,13 +94,25 @@ impl Runner {
     fn new(mut typed: TypedModel) -> TractResult<Runner> {
         pool::substitute(&mut typed)?;
         let plan: Arc<Plan> = typed.into_runnable()?;
-        let state = TypedSimpleState::new(&plan)?;
+        Self::from_plan(&plan)
+    }
+
+    fn from_plan(plan: &Arc<Plan>) -> TractResult<Runner> {
+        let state = TypedSimpleState::new(plan)?;
         let pristine = if state.op_states.iter().any(Option::is_some) {
             state.op_states.clone()
         } else {
             Vec::new()
         };
         Ok(Runner { state, pristine })
+    }
+
+    /// A fresh state for the same plan: drops what earlier runs left in the ops' session
+    /// caches and scratch buffers (see [`rows_apart`]).
+    fn reset(&mut self) -> TractResult<()> {
+        let plan = Arc::clone(self.state.plan());
+        *self = Runner::from_plan(&plan)?;
+        Ok(())
     }
 
     fn run(&mut self, values: TVec<TValue>) -> TractResult<TVec<TValue>> {
@@ -116,6 +135,8 @@ pub struct LoadedModel {
     /// what browsers and most edge callers send. Which plan runs depends only on the
     /// request's shapes, so a given request always gets the same outputs.
     one_row: Option<(Vec<Vec<usize>>, Runner)>,
+    /// What the one-row plan held on its own and `auto`'s limit (see [`BuildReport`]).
+    one_row_cost: (Option<usize>, Option<usize>),
     /// Run a batch of several rows as that many batches of one on the one-row plan (see
     /// [`rows_apart`]): set for convolutional models whose rows are independent.
     split_rows: bool,
@@ -261,8 +282,10 @@ impl LoadedModel {
             .and_then(TypedModel::into_decluttered)
             .map_err(load)?;
         let one_row = match one_row_plan {
-            OneRowPlan::Auto => make_one_row_plan(&decluttered, ONE_ROW_PLAN_MAX_WEIGHT_BYTES),
-            OneRowPlan::Always => make_one_row_plan(&decluttered, usize::MAX),
+            OneRowPlan::Auto => make_one_row_plan(&decluttered, ONE_ROW_PLAN_MAX_WEIGHT_BYTES)
+                .map(|(shapes, weights, plan)| (shapes, Some(one_row_plan_budget(weights)), plan)),
+            OneRowPlan::Always => make_one_row_plan(&decluttered, usize::MAX)
+                .map(|(shapes, _, plan)| (shapes, None, plan)),
             OneRowPlan::Never => None,
         };
         let convolutional = decluttered
@@ -270,13 +293,23 @@ impl LoadedModel {
             .iter()
             .any(|n| n.op_is::<tract_onnx::tract_core::ops::cnn::Conv>());
         let typed = decluttered.into_optimized().map_err(load)?;
-        let one_row = one_row.and_then(|(shapes, mut optimized)| {
-            share_constants(&typed, &mut optimized).ok()?;
+        let mut one_row_cost = (None, None);
+        let one_row = one_row.and_then(|(shapes, budget, mut optimized)| {
+            let shared = share_constants(&typed, &mut optimized).ok()?;
+            one_row_cost = (Some(shared.unshared_bytes), budget);
+            if budget.is_some_and(|budget| shared.unshared_bytes > budget) {
+                return None;
+            }
             Some((shapes, Runner::new(optimized).ok()?))
         });
         let mut loaded = Self::from_typed(typed)?;
         loaded.one_row = one_row;
+        loaded.one_row_cost = one_row_cost;
         loaded.split_rows = convolutional && rows_apart(&mut loaded);
+        loaded.runner.reset().map_err(load)?;
+        if let Some((_, r)) = &mut loaded.one_row {
+            r.reset().map_err(load)?;
+        }
         Ok(loaded)
     }
 
@@ -312,6 +345,7 @@ impl LoadedModel {
         Ok(LoadedModel {
             runner: Runner::new(typed).map_err(load)?,
             one_row: None,
+            one_row_cost: (None, None),
             split_rows: false,
             inputs,
             input_types,
@@ -337,6 +371,8 @@ impl LoadedModel {
             outputs: self.outputs.clone(),
             node_count: self.node_count,
             one_row_plan: self.one_row.is_some(),
+            one_row_plan_own_bytes: self.one_row_cost.0.map(|b| b as u64),
+            one_row_plan_budget: self.one_row_cost.1.map(|b| b as u64),
         }
     }
 
@@ -492,14 +528,14 @@ fn rows_apart(m: &mut LoadedModel) -> bool {
         })
 }
 
-/// The one-row plan of a decluttered model (see [`LoadedModel`]), when its inputs share one
-/// symbolic leading dimension, nothing else is symbolic and its weights are at most
-/// [`ONE_ROW_PLAN_MAX_WEIGHT_BYTES`]. It is an optimization: when tract cannot make it, the
-/// model runs on its general plan alone.
+/// The one-row plan of a decluttered model (see [`LoadedModel`]), its input shapes and the
+/// model's weight bytes, when its inputs share one symbolic leading dimension, nothing else is
+/// symbolic and its weights are at most `max_weight_bytes`. It is an optimization: when
+/// tract cannot make it, the model runs on its general plan alone.
 fn make_one_row_plan(
     decluttered: &TypedModel,
     max_weight_bytes: usize,
-) -> Option<(Vec<Vec<usize>>, TypedModel)> {
+) -> Option<(Vec<Vec<usize>>, usize, TypedModel)> {
     let mut batch: Option<Symbol> = None;
     for ix in 0..decluttered.inputs.len() {
         let fact = decluttered.input_fact(ix).ok()?;
@@ -530,14 +566,23 @@ fn make_one_row_plan(
         let fact = optimized.input_fact(ix).ok()?;
         shapes.push(fact.shape.as_concrete()?.to_vec());
     }
-    Some((shapes, optimized))
+    Some((shapes, weights, optimized))
 }
 
-/// Makes every constant of `other` that equals one of `first`'s (same type, shape and bytes,
-/// packed weights included) hold `first`'s tensor, in its op and in its output fact, so that
-/// what both plans hold the same (most packed weights: both plans pack them for the same
-/// kernel) is in memory, and in the capsule's snapshot, once. Returns the constants shared.
-fn share_constants(first: &TypedModel, other: &mut TypedModel) -> TractResult<usize> {
+/// Makes every constant of `other` that equals one of `first`'s hold `first`'s bytes, so
+/// that what both plans hold the same (most packed weights: both plans pack them for the
+/// same kernel; the biases) is in memory, and in the capsule's snapshot, once. Two places
+/// hold constants in an optimized plan:
+///
+/// - `Const` nodes: an equal constant (same type, shape and bytes) becomes `first`'s tensor,
+///   in its op and in its output fact;
+/// - the packed operands that tract bakes into its matrix products (`OptMatMul`'s
+///   `MatMulOperand::Const`, made when the model is optimized, so each plan holds its own
+///   copy): an equal packed operand (same packing, geometry and bytes) takes `first`'s
+///   packed buffer.
+///
+/// Returns what was shared.
+fn share_constants(first: &TypedModel, other: &mut TypedModel) -> TractResult<Shared> {
     use tract_onnx::tract_core::ops::konst::Const;
     type Constant = Arc<tract_onnx::prelude::Tensor>;
     let mut by_shape: std::collections::HashMap<(DatumType, &[usize]), Vec<&Constant>> =
@@ -550,37 +595,187 @@ fn share_constants(first: &TypedModel, other: &mut TypedModel) -> TractResult<us
                 .push(c.val());
         }
     }
-    let mut shared = 0;
+    let mut packed_by_len: std::collections::HashMap<usize, Vec<&EagerPackedInput>> =
+        std::collections::HashMap::new();
+    for node in first.nodes() {
+        for operand in packed_operands(node) {
+            packed_by_len
+                .entry(operand.packed.len())
+                .or_default()
+                .push(operand);
+        }
+    }
+    let mut shared = Shared::default();
     for id in 0..other.nodes().len() {
-        let Some(c) = other.node(id).op_as::<Const>() else {
-            continue;
-        };
-        let Some(same) = by_shape
-            .get(&(c.val().datum_type(), c.val().shape()))
-            .and_then(|candidates| candidates.iter().find(|t| ****t == **c.val()))
-            .copied()
-        else {
-            continue;
-        };
-        if Arc::ptr_eq(same, c.val()) {
+        if let Some(c) = other.node(id).op_as::<Const>() {
+            let Some(same) = by_shape
+                .get(&(c.val().datum_type(), c.val().shape()))
+                .and_then(|candidates| candidates.iter().find(|t| same_constant(t, c.val())))
+                .copied()
+            else {
+                shared.unshared_bytes = shared.unshared_bytes.saturating_add(tensor_bytes(c.val()));
+                continue;
+            };
+            if Arc::ptr_eq(same, c.val()) {
+                continue;
+            }
+            let op = Const::new_with_opt_exotic_fact(
+                Arc::clone(same),
+                c.exotic_fact()
+                    .map(tract_onnx::tract_core::dyn_clone::clone_box),
+            )?;
+            let node = other.node_mut(id);
+            node.op = Box::new(op);
+            // The output fact carries the value too; the old tensor must go from both.
+            for output in node.outputs.iter_mut() {
+                if output.fact.konst.is_some() {
+                    output.fact.konst = Some(Arc::clone(same));
+                }
+            }
+            shared.constants += 1;
             continue;
         }
-        let op = Const::new_with_opt_exotic_fact(
-            Arc::clone(same),
-            c.exotic_fact()
-                .map(tract_onnx::tract_core::dyn_clone::clone_box),
-        )?;
-        let node = other.node_mut(id);
-        node.op = Box::new(op);
-        // The output fact carries the value too; the old tensor must go from both.
-        for output in node.outputs.iter_mut() {
-            if output.fact.konst.is_some() {
-                output.fact.konst = Some(Arc::clone(same));
+        let Some(op) = other.node_mut(id).op_as_mut::<OptMatMul>() else {
+            continue;
+        };
+        for spec in op.micro_ops.iter_mut() {
+            let ProtoFusedSpec::AddMatMul { a, b, .. } = spec else {
+                continue;
+            };
+            for operand in [a, b] {
+                let MatMulOperand::Const(value) = operand else {
+                    continue;
+                };
+                let Some(mine) = value.downcast_ref::<EagerPackedInput>() else {
+                    continue;
+                };
+                let Some(same) = packed_by_len
+                    .get(&mine.packed.len())
+                    .and_then(|candidates| candidates.iter().find(|p| same_packed(p, mine)))
+                else {
+                    shared.unshared_bytes = shared.unshared_bytes.saturating_add(mine.packed.len());
+                    continue;
+                };
+                if Arc::ptr_eq(&same.packed, &mine.packed) {
+                    continue;
+                }
+                let one = EagerPackedInput {
+                    packed: Arc::clone(&same.packed),
+                    ..mine.clone()
+                };
+                *value = Box::new(one);
+                shared.packed_operands += 1;
             }
         }
-        shared += 1;
     }
     Ok(shared)
+}
+
+/// What [`share_constants`] shared, and what it found nothing equal for.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Shared {
+    /// `Const` nodes made the first plan's tensor.
+    constants: usize,
+    /// Baked packed operands made the first plan's buffer.
+    packed_operands: usize,
+    /// Bytes of the constants and packed operands the second plan keeps to itself.
+    unshared_bytes: usize,
+}
+
+/// Whether two packed operands hold the same values in the same layout: the same packing,
+/// geometry and panel size, and the same bytes in each panel's `k` records. Not compared:
+/// the padding after them (the end record and the alignment), which no kernel computes
+/// with, and which holds whatever the allocator left there (dlmalloc writes its free-list
+/// links into freed blocks, so two packings of the same weights differ in a few padding
+/// bytes).
+fn same_packed(a: &EagerPackedInput, b: &EagerPackedInput) -> bool {
+    use tract_onnx::tract_core::tract_linalg::pack::PackedFormat;
+    if a.fact != b.fact || a.panel_bytes != b.panel_bytes || a.mn != b.mn {
+        return false;
+    }
+    let Some(format) = b.fact.format.downcast_ref::<PackedFormat>() else {
+        return a == b;
+    };
+    let used = b
+        .fact
+        .k
+        .checked_mul(format.r)
+        .and_then(|n| n.checked_mul(format.dt.size_of()));
+    let (x, y): (&[u8], &[u8]) = (&a.packed, &b.packed);
+    match used {
+        Some(used) if used <= b.panel_bytes && b.panel_bytes > 0 && x.len() == y.len() => x
+            .chunks(b.panel_bytes)
+            .zip(y.chunks(b.panel_bytes))
+            .all(|(p, q)| p.get(..used) == q.get(..used)),
+        _ => a == b,
+    }
+}
+
+/// Whether two constants hold the same values: packed weights compared by
+/// [`same_packed`], other tensors byte for byte.
+fn same_constant(a: &tract_onnx::prelude::Tensor, b: &tract_onnx::prelude::Tensor) -> bool {
+    use tract_onnx::tract_core::tract_linalg::mmm::PackedMatrixStorage;
+    match (
+        a.try_storage_as::<PackedMatrixStorage>(),
+        b.try_storage_as::<PackedMatrixStorage>(),
+    ) {
+        (Ok(x), Ok(y)) => {
+            a.datum_type() == b.datum_type()
+                && a.shape() == b.shape()
+                && x.batch_shape() == y.batch_shape()
+                && x.values().len() == y.values().len()
+                && x.values().iter().zip(y.values()).all(|(p, q)| {
+                    match (
+                        p.downcast_ref::<EagerPackedInput>(),
+                        q.downcast_ref::<EagerPackedInput>(),
+                    ) {
+                        (Some(p), Some(q)) => same_packed(p, q),
+                        _ => p == q,
+                    }
+                })
+        }
+        _ => a == b,
+    }
+}
+
+/// Bytes a constant holds: its packed buffers for packed weights, its elements otherwise.
+fn tensor_bytes(t: &tract_onnx::prelude::Tensor) -> usize {
+    use tract_onnx::tract_core::tract_linalg::mmm::PackedMatrixStorage;
+    match t.try_storage_as::<PackedMatrixStorage>() {
+        Ok(storage) => storage
+            .values()
+            .iter()
+            .filter_map(|value| value.downcast_ref::<EagerPackedInput>())
+            .fold(0usize, |sum, p| sum.saturating_add(p.packed.len())),
+        Err(_) => t.len().saturating_mul(t.datum_type().size_of()),
+    }
+}
+
+/// The packed operands a node holds: those tract baked into its matrix products, or the
+/// packed value of a `Const` (none for other ops).
+fn packed_operands(node: &TypedNode) -> impl Iterator<Item = &EagerPackedInput> {
+    use tract_onnx::tract_core::ops::konst::Const;
+    use tract_onnx::tract_core::tract_linalg::mmm::PackedMatrixStorage;
+    let konst = node
+        .op_as::<Const>()
+        .and_then(|c| c.val().try_storage_as::<PackedMatrixStorage>().ok())
+        .into_iter()
+        .flat_map(|storage| storage.values())
+        .filter_map(|value| value.downcast_ref::<EagerPackedInput>());
+    let baked = node
+        .op_as::<OptMatMul>()
+        .into_iter()
+        .flat_map(|op| &op.micro_ops)
+        .flat_map(|spec| match spec {
+            ProtoFusedSpec::AddMatMul { a, b, .. } => [Some(a), Some(b)],
+            _ => [None, None],
+        })
+        .flatten()
+        .filter_map(|operand| match operand {
+            MatMulOperand::Const(value) => value.downcast_ref::<EagerPackedInput>(),
+            MatMulOperand::Input(_) => None,
+        });
+    konst.chain(baked)
 }
 
 fn to_tract_checked(
@@ -738,6 +933,46 @@ mod tests {
         assert!(!m.splits_rows());
     }
 
+    /// Packed operands are the same when their panels' `k` records are, whatever their
+    /// padding holds.
+    #[test]
+    fn packed_operands_compare_by_their_records_not_their_padding() {
+        use tract_onnx::tract_core::tract_linalg::pack::PackedFormat;
+        let weights: Vec<f32> = (0..5 * 12).map(|i| i as f32).collect();
+        let t = tract_onnx::prelude::Tensor::from_shape(&[5, 12], &weights).unwrap();
+        let format = PackedFormat::new(DatumType::F32, 8, 256);
+        let packed = format.pack_tensor(&t, 0, 1).unwrap();
+        let packed = packed.downcast_ref::<EagerPackedInput>().unwrap();
+        // Two panels of 8 columns, 5 records of 8 f32 used in each, the rest padding.
+        let used = 5 * 8 * 4;
+        assert_eq!(packed.packed.len(), 2 * packed.panel_bytes);
+        assert!(packed.panel_bytes > used);
+        let with = |offset: usize| {
+            let mut other = packed.clone();
+            Arc::make_mut(&mut other.packed)[offset] ^= 0xff;
+            other
+        };
+        assert!(same_packed(packed, &packed.clone()));
+        assert!(same_packed(packed, &with(used)));
+        assert!(same_packed(packed, &with(packed.panel_bytes + used + 7)));
+        assert!(!same_packed(packed, &with(0)));
+        assert!(!same_packed(packed, &with(packed.panel_bytes + used - 1)));
+        let other = PackedFormat::new(DatumType::F32, 8, 8)
+            .pack_tensor(&t, 0, 1)
+            .unwrap();
+        let other = other.downcast_ref::<EagerPackedInput>().unwrap();
+        assert!(!same_packed(packed, other));
+    }
+
+    /// What `auto` lets the one-row plan keep to itself: a quarter of the weights, at least
+    /// 1 MiB.
+    #[test]
+    fn the_one_row_plan_budget_is_a_quarter_of_the_weights() {
+        assert_eq!(one_row_plan_budget(0), 1 << 20);
+        assert_eq!(one_row_plan_budget(2 << 20), 1 << 20);
+        assert_eq!(one_row_plan_budget(100 << 20), 25 << 20);
+    }
+
     #[test]
     fn no_one_row_plan_over_the_weight_limit_or_for_fixed_shapes() {
         let decluttered = decluttered("mnist_cnn");
@@ -759,10 +994,16 @@ mod tests {
     fn the_plans_share_equal_constants() {
         use tract_onnx::tract_core::ops::konst::Const;
         let decluttered = decluttered("mnist_cnn");
-        let (_, mut one_row) = make_one_row_plan(&decluttered, 64 << 10).unwrap();
+        let (_, _, mut one_row) = make_one_row_plan(&decluttered, 64 << 10).unwrap();
         let general = decluttered.into_optimized().unwrap();
-        assert!(share_constants(&general, &mut one_row).unwrap() > 0);
-        assert_eq!(share_constants(&general, &mut one_row).unwrap(), 0);
+        let first = share_constants(&general, &mut one_row).unwrap();
+        assert!(first.constants + first.packed_operands > 0, "{first:?}");
+        let again = share_constants(&general, &mut one_row).unwrap();
+        assert_eq!(
+            (again.constants, again.packed_operands),
+            (0, 0),
+            "{again:?}"
+        );
         let consts: Vec<_> = general
             .nodes()
             .iter()
@@ -772,11 +1013,24 @@ mod tests {
             let Some(c) = node.op_as::<Const>() else {
                 continue;
             };
-            if let Some(same) = consts.iter().find(|u| **u == *c.val()) {
+            if let Some(same) = consts.iter().find(|u| same_constant(u, c.val())) {
                 assert!(Arc::ptr_eq(same, c.val()), "{}", node.name);
                 let fact = node.outputs[0].fact.konst.as_ref().unwrap();
                 assert!(Arc::ptr_eq(same, fact), "{}", node.name);
             }
         }
+        // The packed weights tract baked into its products, likewise.
+        let packed: Vec<&EagerPackedInput> =
+            general.nodes().iter().flat_map(packed_operands).collect();
+        let mut baked = 0;
+        for node in one_row.nodes() {
+            for p in packed_operands(node) {
+                baked += 1;
+                if let Some(same) = packed.iter().find(|q| same_packed(q, p)) {
+                    assert!(Arc::ptr_eq(&same.packed, &p.packed), "{}", node.name);
+                }
+            }
+        }
+        assert!(baked > 0, "the CNN's plan packs no weights");
     }
 }

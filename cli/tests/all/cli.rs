@@ -135,6 +135,8 @@ fn build_inspect_run_bench() -> anyhow::Result<()> {
     ]))?;
     assert_eq!(bench["capsule_latency"]["samples"], 20);
     assert_eq!(bench["native_latency"]["samples"], 20);
+    // The MLP's batch is symbolic: native tract, like the capsule, has a plan for one row.
+    assert_eq!(bench["native_one_row_plan"], true);
     assert!(bench["ratio_p50"].as_f64().is_some_and(|r| r > 0.0));
     Ok(())
 }
@@ -506,7 +508,7 @@ fn the_one_row_plan_is_the_builders_choice() -> anyhow::Result<()> {
         let size = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
         (printed, size)
     };
-    let one_row = "(and a one-row plan for batches of one)";
+    let one_row = "(and a one-row plan for batches of one, with ";
     let (auto, auto_size) = build("auto");
     let (never, never_size) = build("never");
     let (always, _) = build("always");
