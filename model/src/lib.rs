@@ -74,9 +74,9 @@ type Plan = TypedSimplePlan;
 pub const ONE_ROW_PLAN_MAX_WEIGHT_BYTES: usize = 256 << 20;
 
 /// What `auto` lets the one-row plan hold on its own, after [`share_constants`]: a quarter of
-/// the weights, or 1 MiB for small models. Measured (guest-dev build, one-row plan against
-/// none): SqueezeNet at 224x224 holds 0.6 MB of packed weights on its own and its image grows
-/// 5.78 -> 6.74 MiB; ResNet-50 98.8 -> 114.1 MiB; each runs a batch of one about 1.5x faster.
+/// the weights, or 1 MiB for small models. Measured (guest-release, one-row plan against
+/// none): SqueezeNet at 224x224 holds 325 KiB on its own and its image grows 5.63 -> 6.28
+/// MiB; ResNet-50 10.3 MiB, 98.6 -> 109.5 MiB; each runs a batch of one 1.5-1.9x faster.
 fn one_row_plan_budget(weights: usize) -> usize {
     (weights / 4).max(1 << 20)
 }
@@ -107,8 +107,9 @@ impl Runner {
         Ok(Runner { state, pristine })
     }
 
-    /// A fresh state for the same plan: drops what earlier runs left in the ops' session
-    /// caches and scratch buffers (see [`rows_apart`]).
+    /// A fresh state for the same plan: drops what earlier runs (the check of
+    /// [`rows_apart`], on the builder) left in the ops' session caches and scratch buffers,
+    /// so that none of it lands in the snapshot.
     fn reset(&mut self) -> TractResult<()> {
         let plan = Arc::clone(self.state.plan());
         *self = Runner::from_plan(&plan)?;
