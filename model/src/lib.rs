@@ -81,6 +81,14 @@ fn one_row_plan_budget(weights: usize) -> usize {
     (weights / 4).max(1 << 20)
 }
 
+/// What a one-row plan holds on its own after [`share_constants`], and the limit `auto` put
+/// on it (none under `always`).
+#[derive(Debug, Clone, Copy)]
+struct OneRowCost {
+    own_bytes: usize,
+    budget: Option<usize>,
+}
+
 /// An optimized plan and the state it runs with.
 struct Runner {
     state: TypedSimpleState,
@@ -136,8 +144,8 @@ pub struct LoadedModel {
     /// what browsers and most edge callers send. Which plan runs depends only on the
     /// request's shapes, so a given request always gets the same outputs.
     one_row: Option<(Vec<Vec<usize>>, Runner)>,
-    /// What the one-row plan held on its own and `auto`'s limit (see [`BuildReport`]).
-    one_row_cost: (Option<usize>, Option<usize>),
+    /// What the one-row plan held on its own, when one was made (see [`BuildReport`]).
+    one_row_cost: Option<OneRowCost>,
     /// Run a batch of several rows as that many batches of one on the one-row plan (see
     /// [`rows_apart`]): set for convolutional models whose rows are independent.
     split_rows: bool,
@@ -294,10 +302,13 @@ impl LoadedModel {
             .iter()
             .any(|n| n.op_is::<tract_onnx::tract_core::ops::cnn::Conv>());
         let typed = decluttered.into_optimized().map_err(load)?;
-        let mut one_row_cost = (None, None);
+        let mut one_row_cost = None;
         let one_row = one_row.and_then(|(shapes, budget, mut optimized)| {
             let shared = share_constants(&typed, &mut optimized).ok()?;
-            one_row_cost = (Some(shared.unshared_bytes), budget);
+            one_row_cost = Some(OneRowCost {
+                own_bytes: shared.unshared_bytes,
+                budget,
+            });
             if budget.is_some_and(|budget| shared.unshared_bytes > budget) {
                 return None;
             }
@@ -346,7 +357,7 @@ impl LoadedModel {
         Ok(LoadedModel {
             runner: Runner::new(typed).map_err(load)?,
             one_row: None,
-            one_row_cost: (None, None),
+            one_row_cost: None,
             split_rows: false,
             inputs,
             input_types,
@@ -372,8 +383,8 @@ impl LoadedModel {
             outputs: self.outputs.clone(),
             node_count: self.node_count,
             one_row_plan: self.one_row.is_some(),
-            one_row_plan_own_bytes: self.one_row_cost.0.map(|b| b as u64),
-            one_row_plan_budget: self.one_row_cost.1.map(|b| b as u64),
+            one_row_plan_own_bytes: self.one_row_cost.map(|c| c.own_bytes as u64),
+            one_row_plan_budget: self.one_row_cost.and_then(|c| c.budget).map(|b| b as u64),
         }
     }
 
