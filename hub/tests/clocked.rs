@@ -241,7 +241,10 @@ async fn alerts_fire_once_resolve_and_follow_late_telemetry_on_a_moved_clock() -
     s.ship("n1", T0 + WINDOW_MS, 40, 0).await?;
     let a = s
         .at(T0 + 2 * WINDOW_MS + 250, T0 + 2 * WINDOW_MS, |a| {
+            // An evaluation stores the alert before it records the notification: wait
+            // for both, so the counts below are not read between the two.
             errors_alert(a).is_some_and(|a| a.state == AlertState::Resolved)
+                && notifications(a, EventKind::Resolved) >= 1
         })
         .await?;
     assert_eq!(notifications(&a, EventKind::Firing), 1, "deduplicated");
@@ -261,6 +264,8 @@ async fn alerts_fire_once_resolve_and_follow_late_telemetry_on_a_moved_clock() -
     let a = s
         .at(T0 + 3 * WINDOW_MS + 900, T0 + 3 * WINDOW_MS, |a| {
             errors_alert(a).is_some_and(|a| a.state == AlertState::Firing)
+                && notifications(a, EventKind::Firing) >= 2
+                && notifications(a, EventKind::Retrain) >= 2
         })
         .await?;
     let alert = errors_alert(&a).context("errors alert")?;
