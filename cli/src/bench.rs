@@ -297,6 +297,10 @@ pub fn print(r: &BenchReport) {
         "", "p50 ms", "p90 ms", "p99 ms", "mean ms"
     );
     let row = |label: &str, p: &Percentiles| {
+        if p.samples == 0 {
+            println!("  {label:<34} not measured (no samples)");
+            return;
+        }
         println!(
             "  {label:<34} {:>9.4} {:>9.4} {:>9.4} {:>9.4}",
             p.p50, p.p90, p.p99, p.mean

@@ -119,6 +119,46 @@ mod wasm {
             // SAFETY: the caller's contract, and the same geometry and packings.
             return unsafe { portable(program) };
         }
+        if program
+            .iter()
+            .all(|op| matches!(op, FusedKerSpec::AddMatMul { .. }) || in_epilogue(op))
+        {
+            // Each product from the host into `product`, added to the accumulators as
+            // tract adds a tile (`AddUnicast`); every other op on [`epilogue`].
+            let mut acc = Tile([f32x4_splat(0.0); 16]);
+            let mut product = Tile([f32x4_splat(0.0); 16]);
+            for (i, op) in program.iter().enumerate() {
+                match *op {
+                    FusedKerSpec::Done => break,
+                    FusedKerSpec::AddMatMul { k, pa, pb, .. } => {
+                        // SAFETY: `pa` and `pb` are packed panels of `k` steps (the caller's
+                        // contract) and `product` holds 64 f32, row-major (row r's columns
+                        // 0-3, then 4-7: the accumulators' layout); the host bounds-checks
+                        // them anyway.
+                        unsafe { host_f32_mmm_8x8(k, pa, pb, product.0.as_mut_ptr().cast()) };
+                        for (a, p) in acc.0.iter_mut().zip(&product.0) {
+                            *a = f32x4_add(*a, *p);
+                        }
+                        // After the last product, the rest in one call (where the usual
+                        // epilogues take their one-pass form).
+                        let rest = &program[i + 1..];
+                        if !rest
+                            .iter()
+                            .any(|op| matches!(op, FusedKerSpec::AddMatMul { .. }))
+                        {
+                            // SAFETY: the caller's contract; `in_epilogue` holds for them.
+                            unsafe { epilogue(rest, &mut acc) };
+                            return 0;
+                        }
+                    }
+                    // SAFETY: the caller's contract; `in_epilogue` holds for the op.
+                    _ => unsafe {
+                        epilogue(std::slice::from_ref(op), &mut acc);
+                    },
+                }
+            }
+            return 0;
+        }
         let mut tiles = [[0f32; 64]; MAX_PRODUCTS];
         let mut ops = [FusedKerSpec::Done; MAX_OPS];
         let mut tile = tiles.iter_mut();
@@ -181,13 +221,405 @@ mod wasm {
         // contract: this kernel's packings), A 16-byte aligned (to 256 bytes; B too, but B is
         // read with unaligned loads, so its alignment is not relied on).
         unsafe { product_8x8(k, pa.cast(), pb.cast(), &mut tile) };
+        let rest = &program[2..];
+        // SAFETY: the caller's contract covers the rest of the program.
+        if unsafe { epilogue(rest, &mut tile) } {
+            return 0;
+        }
         let mut ops = [FusedKerSpec::Done; MAX_OPS];
         ops[0] = FusedKerSpec::LoadTile(std::ptr::null(), tile.0.as_ptr().cast());
-        let rest = &program[2..];
         ops[1..=rest.len()].copy_from_slice(rest);
         // SAFETY: the program with its first two ops replaced by loading the tile they
         // compute, which lives until the call returns.
         unsafe { wasm(&ops[..=rest.len()]) }
+    }
+
+    /// Runs `ops` on the accumulators `tile` (row r's columns 0-3 in `tile.0[2 * r]`, 4-7 in
+    /// `tile.0[2 * r + 1]`) as tract's `wasm_f32_8x8` runs them: op by op, with the same
+    /// SIMD operation in the same operand order, so the results are the same bits. Rows laid
+    /// out contiguously (a column stride of 4 bytes, which is how a plan's outputs and our
+    /// own tiles are) are loaded and stored as two vectors, where tract moves the 64 values
+    /// one by one: with the product on our loop or on the host, tract's stores and its
+    /// spilled accumulators were most of what was left of a tile's cost (docs/benchmarks.md).
+    ///
+    /// Returns false, having done nothing, when `ops` holds an op it does not run (a
+    /// product, integer requantization): the caller then runs tract's kernel.
+    ///
+    /// # Safety
+    /// As [`kernel`]: every pointer in `ops` covers what its op reads or writes.
+    unsafe fn epilogue(ops: &[FusedKerSpec<f32>], tile: &mut Tile) -> bool {
+        use FusedKerSpec as F;
+        if !ops.iter().all(in_epilogue) {
+            return false;
+        }
+        // SAFETY: the caller's contract.
+        if unsafe { usual_epilogue(ops, tile) } {
+            return true;
+        }
+        let t = &mut tile.0;
+        // SAFETY (of every block below): the caller's contract; each op reads or writes the
+        // 8 rows, 8 columns or 8x8 values its pointer covers.
+        unsafe {
+            for op in ops {
+                match *op {
+                    F::Done => break,
+                    F::Clear => *t = [f32x4_splat(0.0); 16],
+                    F::LoadTile(_, rows) => {
+                        for (i, v) in t.iter_mut().enumerate() {
+                            *v = v128_load(rows.cast::<v128>().add(i));
+                        }
+                    }
+                    F::ScalarMin(a) => each(t, |v| f32x4_min(f32x4_splat(a), v)),
+                    F::ScalarMax(a) => each(t, |v| f32x4_max(f32x4_splat(a), v)),
+                    F::ScalarAdd(a) => each(t, |v| f32x4_add(f32x4_splat(a), v)),
+                    F::ScalarMul(a) => each(t, |v| f32x4_mul(f32x4_splat(a), v)),
+                    F::ScalarSub(a) => each(t, |v| f32x4_sub(f32x4_splat(a), v)),
+                    F::ScalarSubF(a) => each(t, |v| f32x4_sub(v, f32x4_splat(a))),
+                    F::LeakyRelu(a) => each(t, |v| {
+                        let positive = f32x4_gt(v, f32x4_splat(0.0));
+                        v128_bitselect(v, f32x4_mul(f32x4_splat(a), v), positive)
+                    }),
+                    F::PerRowMin(row) => per_row(t, row, |s, v| f32x4_min(s, v)),
+                    F::PerRowMax(row) => per_row(t, row, |s, v| f32x4_max(s, v)),
+                    F::PerRowAdd(row) => per_row(t, row, |s, v| f32x4_add(s, v)),
+                    F::PerRowMul(row) => per_row(t, row, |s, v| f32x4_mul(s, v)),
+                    F::PerRowSub(row) => per_row(t, row, |s, v| f32x4_sub(s, v)),
+                    F::PerRowSubF(row) => per_row(t, row, |s, v| f32x4_sub(v, s)),
+                    F::PerColMin(cols) => per_col(t, cols, |c, v| f32x4_min(c, v)),
+                    F::PerColMax(cols) => per_col(t, cols, |c, v| f32x4_max(c, v)),
+                    F::PerColAdd(cols) => per_col(t, cols, |c, v| f32x4_add(c, v)),
+                    F::PerColMul(cols) => per_col(t, cols, |c, v| f32x4_mul(c, v)),
+                    F::PerColSub(cols) => per_col(t, cols, |c, v| f32x4_sub(c, v)),
+                    F::PerColSubF(cols) => per_col(t, cols, |c, v| f32x4_sub(v, c)),
+                    F::AddUnicast(tile) => {
+                        for (r, pair) in t.chunks_exact_mut(2).enumerate() {
+                            let row = tile.ptr.offset(r as isize * tile.row_byte_stride);
+                            let (lo, hi) = load_row(row, tile.col_byte_stride);
+                            pair[0] = f32x4_add(pair[0], lo);
+                            pair[1] = f32x4_add(pair[1], hi);
+                        }
+                    }
+                    F::Store(tile) => {
+                        for (r, pair) in t.chunks_exact(2).enumerate() {
+                            let row = tile.ptr.offset(r as isize * tile.row_byte_stride);
+                            store_row(row, tile.col_byte_stride, pair[0], pair[1]);
+                        }
+                    }
+                    // Not reached: checked above.
+                    _ => return false,
+                }
+            }
+        }
+        true
+    }
+
+    /// The epilogue of most products, `[PerRowAdd]? [ScalarMax]? [ScalarMin]? Store Done?`
+    /// (a convolution's or a dense layer's bias, a ReLU or a clip, the store of rows of
+    /// contiguous columns), in one pass over the rows with each row's two vectors in
+    /// registers. [`epilogue`]'s loop over ops keeps the sixteen accumulators in memory
+    /// (the epoch check at its loop header clobbers the vector registers), so it loads and
+    /// stores the tile once per op. Same operations in the same order on each value, so the
+    /// same bits. Returns false, having done nothing, for any other program.
+    ///
+    /// # Safety
+    /// As [`epilogue`].
+    unsafe fn usual_epilogue(ops: &[FusedKerSpec<f32>], tile: &Tile) -> bool {
+        use FusedKerSpec as F;
+        let mut ops = ops.iter().peekable();
+        let bias = ops.next_if(|op| matches!(op, F::PerRowAdd(_)));
+        let max = ops.next_if(|op| matches!(op, F::ScalarMax(_)));
+        let min = ops.next_if(|op| matches!(op, F::ScalarMin(_)));
+        let Some(F::Store(store)) = ops.next() else {
+            return false;
+        };
+        if store.col_byte_stride != 4 || !matches!(ops.next(), None | Some(F::Done)) {
+            return false;
+        }
+        let bias = match bias {
+            Some(F::PerRowAdd(row)) => Some(*row),
+            _ => None,
+        };
+        let max = match max {
+            Some(F::ScalarMax(a)) => Some(f32x4_splat(*a)),
+            _ => None,
+        };
+        let min = match min {
+            Some(F::ScalarMin(a)) => Some(f32x4_splat(*a)),
+            _ => None,
+        };
+        for (r, pair) in tile.0.chunks_exact(2).enumerate() {
+            let (mut lo, mut hi) = (pair[0], pair[1]);
+            if let Some(row) = bias {
+                // SAFETY: the bias holds 8 values (the caller's contract), `r < 8`.
+                let s = f32x4_splat(unsafe { *row.add(r) });
+                (lo, hi) = (f32x4_add(s, lo), f32x4_add(s, hi));
+            }
+            if let Some(s) = max {
+                (lo, hi) = (f32x4_max(s, lo), f32x4_max(s, hi));
+            }
+            if let Some(s) = min {
+                (lo, hi) = (f32x4_min(s, lo), f32x4_min(s, hi));
+            }
+            // SAFETY: the store covers 8 rows of 8 contiguous values (the caller's
+            // contract).
+            unsafe {
+                let row = store.ptr.offset(r as isize * store.row_byte_stride);
+                store_row(row, 4, lo, hi);
+            }
+        }
+        true
+    }
+
+    /// Whether [`epilogue`] runs `op`.
+    fn in_epilogue(op: &FusedKerSpec<f32>) -> bool {
+        use FusedKerSpec as F;
+        matches!(
+            op,
+            F::Done
+                | F::Clear
+                | F::LoadTile(..)
+                | F::ScalarMin(_)
+                | F::ScalarMax(_)
+                | F::ScalarAdd(_)
+                | F::ScalarMul(_)
+                | F::ScalarSub(_)
+                | F::ScalarSubF(_)
+                | F::LeakyRelu(_)
+                | F::PerRowMin(_)
+                | F::PerRowMax(_)
+                | F::PerRowAdd(_)
+                | F::PerRowMul(_)
+                | F::PerRowSub(_)
+                | F::PerRowSubF(_)
+                | F::PerColMin(_)
+                | F::PerColMax(_)
+                | F::PerColAdd(_)
+                | F::PerColMul(_)
+                | F::PerColSub(_)
+                | F::PerColSubF(_)
+                | F::AddUnicast(_)
+                | F::Store(_)
+        )
+    }
+
+    /// `acc = f(acc)` for each accumulator of a tile.
+    #[inline(always)]
+    fn each(t: &mut [v128; 16], f: impl Fn(v128) -> v128) {
+        t.iter_mut().for_each(|v| *v = f(*v));
+    }
+
+    /// `acc = f(splat(row[r]), acc)` for both halves of each row r of a tile.
+    ///
+    /// # Safety
+    /// `row` points to 8 readable f32.
+    #[inline(always)]
+    unsafe fn per_row(t: &mut [v128; 16], row: *const f32, f: impl Fn(v128, v128) -> v128) {
+        for (r, pair) in t.chunks_exact_mut(2).enumerate() {
+            // SAFETY: the caller's contract, `r < 8`.
+            let s = f32x4_splat(unsafe { *row.add(r) });
+            pair[0] = f(s, pair[0]);
+            pair[1] = f(s, pair[1]);
+        }
+    }
+
+    /// `acc = f(cols[0..4], acc)` for the low half of each row of a tile, `f(cols[4..8],
+    /// acc)` for the high half.
+    ///
+    /// # Safety
+    /// `cols` points to 8 readable f32.
+    #[inline(always)]
+    unsafe fn per_col(t: &mut [v128; 16], cols: *const f32, f: impl Fn(v128, v128) -> v128) {
+        // SAFETY: the caller's contract.
+        let (lo, hi) = unsafe { (v128_load(cols.cast()), v128_load(cols.add(4).cast())) };
+        for pair in t.chunks_exact_mut(2) {
+            pair[0] = f(lo, pair[0]);
+            pair[1] = f(hi, pair[1]);
+        }
+    }
+
+    /// Eight f32 of a row whose columns are `stride` bytes apart, as two vectors.
+    ///
+    /// # Safety
+    /// The eight values are readable.
+    #[inline(always)]
+    unsafe fn load_row(row: *const u8, stride: isize) -> (v128, v128) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            if stride == 4 {
+                return (v128_load(row.cast()), v128_load(row.add(16).cast()));
+            }
+            let at = |c: isize| *row.offset(c * stride).cast::<f32>();
+            (
+                f32x4(at(0), at(1), at(2), at(3)),
+                f32x4(at(4), at(5), at(6), at(7)),
+            )
+        }
+    }
+
+    /// Stores `lo` and `hi` as eight f32 of a row whose columns are `stride` bytes apart.
+    ///
+    /// # Safety
+    /// The eight values are writable.
+    #[inline(always)]
+    unsafe fn store_row(row: *mut u8, stride: isize, lo: v128, hi: v128) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            if stride == 4 {
+                v128_store(row.cast(), lo);
+                v128_store(row.add(16).cast(), hi);
+                return;
+            }
+            let at = |c: isize| row.offset(c * stride).cast::<f32>();
+            *at(0) = f32x4_extract_lane::<0>(lo);
+            *at(1) = f32x4_extract_lane::<1>(lo);
+            *at(2) = f32x4_extract_lane::<2>(lo);
+            *at(3) = f32x4_extract_lane::<3>(lo);
+            *at(4) = f32x4_extract_lane::<0>(hi);
+            *at(5) = f32x4_extract_lane::<1>(hi);
+            *at(6) = f32x4_extract_lane::<2>(hi);
+            *at(7) = f32x4_extract_lane::<3>(hi);
+        }
+    }
+
+    /// Runs programs of every op [`portable`] and [`epilogue`] run through them and through
+    /// tract's `wasm_f32_8x8`, and compares the outputs bit for bit (NaN against NaN). The
+    /// values tell orders and operand orders apart: signed zeros, NaN and infinities among
+    /// the inputs, ties. An error names the first program and value that differ.
+    pub fn check() -> Result<(), String> {
+        use FusedKerSpec as F;
+        let mut seed = 0x9e37_79b9u32;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            match seed % 23 {
+                0 => -0.0,
+                1 => 0.0,
+                2 => f32::NAN,
+                3 => f32::INFINITY,
+                4 => 1.0,
+                v => (v as f32 - 12.0) / 8.0,
+            }
+        };
+        let fill =
+            |n: usize, next: &mut dyn FnMut() -> f32| (0..n).map(|_| next()).collect::<Vec<f32>>();
+        // (row stride, column stride) in bytes: contiguous, padded, transposed, every other.
+        let layouts: [(isize, isize); 4] = [(32, 4), (48, 4), (4, 32), (64, 8)];
+        for k in [8, 9, 27, 64] {
+            let (pa, pb) = (fill(8 * k, &mut next), fill(8 * k, &mut next));
+            let (rows, cols) = (fill(8, &mut next), fill(8, &mut next));
+            let addend = fill(128, &mut next);
+            for (case, &(rs, cs)) in layouts.iter().enumerate() {
+                let unicast = F::AddUnicast(OutputStoreKer {
+                    ptr: addend.as_ptr() as *mut u8,
+                    row_byte_stride: layouts[(case + 1) % 4].0,
+                    col_byte_stride: layouts[(case + 1) % 4].1,
+                    item_size: 4,
+                });
+                let epilogues: [&[F<f32>]; 7] = [
+                    &[F::PerRowAdd(rows.as_ptr()), F::ScalarMax(0.0)],
+                    &[
+                        F::PerColMul(cols.as_ptr()),
+                        F::ScalarMin(0.5),
+                        F::ScalarAdd(-0.0),
+                        F::ScalarMul(-1.5),
+                        F::ScalarSub(0.25),
+                        F::ScalarSubF(0.0),
+                    ],
+                    &[
+                        F::LeakyRelu(0.125),
+                        F::PerRowMin(rows.as_ptr()),
+                        F::PerRowMax(cols.as_ptr()),
+                        F::PerRowMul(rows.as_ptr()),
+                        F::PerRowSub(cols.as_ptr()),
+                        F::PerRowSubF(rows.as_ptr()),
+                    ],
+                    &[
+                        F::PerColMin(rows.as_ptr()),
+                        F::PerColMax(cols.as_ptr()),
+                        F::PerColAdd(rows.as_ptr()),
+                        F::PerColSub(cols.as_ptr()),
+                        F::PerColSubF(rows.as_ptr()),
+                        unicast,
+                    ],
+                    &[unicast, F::ScalarAdd(0.0)],
+                    // The one-pass forms: a clip, and the store alone.
+                    &[
+                        F::PerRowAdd(cols.as_ptr()),
+                        F::ScalarMax(0.0),
+                        F::ScalarMin(0.5),
+                    ],
+                    &[],
+                ];
+                for (e, epilogue_ops) in epilogues.iter().enumerate() {
+                    let run = |ours: bool| {
+                        let mut out = vec![f32::NAN; 128];
+                        let mut program = vec![
+                            F::Clear,
+                            F::AddMatMul {
+                                k,
+                                pa: pa.as_ptr().cast(),
+                                pb: pb.as_ptr().cast(),
+                                packing: 0,
+                            },
+                        ];
+                        program.extend_from_slice(epilogue_ops);
+                        program.push(F::Store(OutputStoreKer {
+                            ptr: out.as_mut_ptr().cast(),
+                            row_byte_stride: rs,
+                            col_byte_stride: cs,
+                            item_size: 4,
+                        }));
+                        program.push(F::Done);
+                        // The epilogue alone, on a tile the host computed: the product
+                        // replaced by adding `addend` (as `kernel` does).
+                        let mut alone = program.clone();
+                        alone[1] = unicast;
+                        // SAFETY: every pointer covers its op: `pa` and `pb` hold `k`
+                        // steps of 8, `rows`, `cols` 8 values, `addend` and `out` 128
+                        // values, which every layout's 8x8 tile fits in.
+                        unsafe {
+                            if ours {
+                                let _ = portable(&program);
+                                let mut out2 = out.clone();
+                                if let Some(F::Store(s)) = alone.iter_mut().rev().nth(1) {
+                                    s.ptr = out2.as_mut_ptr().cast();
+                                }
+                                let mut tile = Tile([f32x4_splat(0.0); 16]);
+                                if !epilogue(&alone, &mut tile) {
+                                    return None;
+                                }
+                                out.extend(out2);
+                            } else {
+                                let wasm = tract_linalg::wasm::wasm_f32_8x8.kernel;
+                                let _ = wasm(&program);
+                                let mut out2 = out.clone();
+                                if let Some(F::Store(s)) = alone.iter_mut().rev().nth(1) {
+                                    s.ptr = out2.as_mut_ptr().cast();
+                                }
+                                let _ = wasm(&alone);
+                                out.extend(out2);
+                            }
+                        }
+                        Some(out)
+                    };
+                    let (Some(ours), Some(tracts)) = (run(true), run(false)) else {
+                        return Err(format!(
+                            "k {k}, layout {case}, epilogue {e}: not run by ours"
+                        ));
+                    };
+                    let same =
+                        |a: f32, b: f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+                    if let Some(i) = (0..ours.len()).find(|&i| !same(ours[i], tracts[i])) {
+                        return Err(format!(
+                            "k {k}, layout {case}, epilogue {e}, value {i}: {} where tract computes {}",
+                            ours[i], tracts[i]
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Shallowest product the portable path computes with [`product_8x8`]; shallower ones
@@ -365,6 +797,16 @@ mod wasm {
 pub fn refresh() {
     #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
     wasm::refresh();
+}
+
+/// Checks that the guest's f32 kernel computes what tract's wasm kernel computes, bit for
+/// bit, on programs of every op it runs itself (`Ok` outside the wasm guest). The builder
+/// runs it before it loads a model.
+pub fn check() -> Result<(), String> {
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    return wasm::check();
+    #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+    Ok(())
 }
 
 /// Makes sure the kernel's registrations are linked in (called when a model loads; a no-op

@@ -40,6 +40,10 @@ pub enum Error {
     /// Tract failed while running the plan.
     #[error("inference failed: {0}")]
     Run(String),
+    /// The guest's f32 kernel computed other bits than tract's wasm kernel on the builder's
+    /// check (`kernels::check`): the guest is broken, so it builds no capsule.
+    #[error("the guest's f32 kernel disagrees with tract's: {0}")]
+    Kernel(String),
 }
 
 /// Clears the upper halves of the AVX registers; [`LoadedModel::run`] calls it after every
@@ -242,6 +246,7 @@ impl LoadedModel {
         one_row_plan: OneRowPlan,
     ) -> Result<LoadedModel> {
         kernels::keep();
+        kernels::check().map_err(Error::Kernel)?;
         let mut model = tract_onnx::onnx()
             .model_for_read(&mut &*onnx)
             .map_err(|e| Error::Load(chain(&e)))?;

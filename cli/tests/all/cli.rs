@@ -138,6 +138,25 @@ fn build_inspect_run_bench() -> anyhow::Result<()> {
     // The MLP's batch is symbolic: native tract, like the capsule, has a plan for one row.
     assert_eq!(bench["native_one_row_plan"], true);
     assert!(bench["ratio_p50"].as_f64().is_some_and(|r| r > 0.0));
+    // Without cold starts the table says so rather than printing NaN.
+    let table = ok(&[
+        "bench",
+        &s(&out),
+        "--iterations",
+        "2",
+        "--warmup",
+        "0",
+        "--cold-starts",
+        "0",
+    ]);
+    assert!(!table.contains("NaN"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("cold start: first output")
+                && l.ends_with("not measured (no samples)")),
+        "{table}"
+    );
     Ok(())
 }
 
