@@ -102,10 +102,22 @@ fn pool(input: &[f32], output: &mut [f32], h: usize, w: usize) {
         for (oy, out_row) in out.chunks_exact_mut(ow).enumerate() {
             let r0 = &plane[2 * oy * w..][..2 * ow];
             let r1 = &plane[(2 * oy + 1) * w..][..2 * ow];
-            for ((o, a), b) in out_row
+            // Four outputs at a time, one per lane, each folding its taps in row-major
+            // order (as `MaxPoolNchw`'s inner columns); `x + 8 <= 2 * ow` holds.
+            let quads = ow / 4 * 4;
+            for ox in (0..quads).step_by(4) {
+                let x = 2 * ox;
+                let mut m = F4::splat(f32::MIN);
+                m = m.pmax(F4::load_even(&r0[x..x + 7]));
+                m = m.pmax(F4::load_even(&r0[x + 1..x + 8]));
+                m = m.pmax(F4::load_even(&r1[x..x + 7]));
+                m = m.pmax(F4::load_even(&r1[x + 1..x + 8]));
+                m.store(&mut out_row[ox..ox + 4]);
+            }
+            for ((o, a), b) in out_row[quads..]
                 .iter_mut()
-                .zip(r0.chunks_exact(2))
-                .zip(r1.chunks_exact(2))
+                .zip(r0[2 * quads..].chunks_exact(2))
+                .zip(r1[2 * quads..].chunks_exact(2))
             {
                 *o = fold_max([a[0], a[1], b[0], b[1]]);
             }
@@ -527,7 +539,18 @@ mod tests {
 
     #[test]
     fn pools_like_tract_odd_sizes_and_nan_included() {
-        for (planes, h, w) in [(3, 4, 4), (2, 5, 7), (1, 2, 2), (4, 11, 11), (1, 3, 2)] {
+        for (planes, h, w) in [
+            (3, 4, 4),
+            (2, 5, 7),
+            (1, 2, 2),
+            (4, 11, 11),
+            (1, 3, 2),
+            // Groups of four outputs and a remainder (the MNIST CNN's 28 and 14 too).
+            (2, 6, 21),
+            (1, 4, 16),
+            (2, 28, 28),
+            (2, 14, 14),
+        ] {
             let mut x: Vec<f32> = (0..planes * h * w)
                 .map(|i| ((i * 7919) % 23) as f32 - 11.5)
                 .collect();
@@ -651,6 +674,11 @@ mod tests {
             ([5, 22], [3, 2], [1, 1], [0, 0, 0, 0], false),
             ([6, 31], [3, 3], [2, 2], [1, 1, 1, 1], true),
             ([6, 30], [2, 4], [2, 2], [0, 3, 0, 2], false),
+            // 2x2 stride 2 (MaxPool2x2), with ties and NaN among the taps; odd in ceil mode
+            // (MaxPoolNchw).
+            ([28, 28], [2, 2], [2, 2], [0, 0, 0, 0], false),
+            ([14, 21], [2, 2], [2, 2], [0, 0, 0, 0], false),
+            ([9, 19], [2, 2], [2, 2], [0, 0, 0, 0], true),
         ] {
             same_as_tract(3, hw, k, st, pads, ceil);
         }
