@@ -319,8 +319,9 @@ mod wasm {
     /// [`epilogue`]'s loop over ops keeps the sixteen accumulators in memory (the epoch
     /// check at its loop header clobbers the vector registers), so it loads and stores the
     /// tile once per op. (A version that took any four such ops, each a tagged value
-    /// matched per row, measured 15-25% slower on SqueezeNet than this fixed form.) Same operations in the same order on each value, so the
-    /// same bits. Returns false, having done nothing, for any other program.
+    /// matched per row, measured 15-25% slower on SqueezeNet than this fixed form.) Same
+    /// operations in the same order on each value, so the same bits. Returns false, having
+    /// done nothing, for any other program.
     ///
     /// # Safety
     /// As [`epilogue`].
@@ -582,59 +583,52 @@ mod wasm {
                         F::ScalarMin(1.0),
                     ],
                 ];
+                let product = F::AddMatMul {
+                    k,
+                    pa: pa.as_ptr().cast(),
+                    pb: pb.as_ptr().cast(),
+                    packing: 0,
+                };
                 for (e, epilogue_ops) in epilogues.iter().enumerate() {
-                    let run = |ours: bool| {
-                        let mut out = vec![f32::NAN; 128];
-                        let mut program = vec![
-                            F::Clear,
-                            F::AddMatMul {
-                                k,
-                                pa: pa.as_ptr().cast(),
-                                pb: pb.as_ptr().cast(),
-                                packing: 0,
-                            },
-                        ];
-                        program.extend_from_slice(epilogue_ops);
-                        program.push(F::Store(OutputStoreKer {
-                            ptr: out.as_mut_ptr().cast(),
-                            row_byte_stride: rs,
-                            col_byte_stride: cs,
-                            item_size: 4,
-                        }));
-                        program.push(F::Done);
-                        // The epilogue alone, on a tile the host computed: the product
-                        // replaced by adding `addend` (as `kernel` does).
-                        let mut alone = program.clone();
-                        alone[1] = unicast;
-                        // SAFETY: every pointer covers its op: `pa` and `pb` hold `k`
-                        // steps of 8, `rows`, `cols` 8 values, `addend` and `out` 128
-                        // values, which every layout's 8x8 tile fits in.
-                        unsafe {
-                            if ours {
-                                let _ = portable(&program);
-                                let mut out2 = out.clone();
-                                if let Some(F::Store(s)) = alone.iter_mut().rev().nth(1) {
-                                    s.ptr = out2.as_mut_ptr().cast();
-                                }
-                                let mut tile = Tile([f32x4_splat(0.0); 16]);
-                                if !epilogue(&alone, &mut tile) {
-                                    return None;
-                                }
-                                out.extend(out2);
-                            } else {
-                                let wasm = tract_linalg::wasm::wasm_f32_8x8.kernel;
-                                let _ = wasm(&program);
-                                let mut out2 = out.clone();
-                                if let Some(F::Store(s)) = alone.iter_mut().rev().nth(1) {
-                                    s.ptr = out2.as_mut_ptr().cast();
-                                }
-                                let _ = wasm(&alone);
-                                out.extend(out2);
+                    // The product then the epilogue; then the epilogue alone, on a tile the
+                    // host computed (the product replaced by adding `addend`, as `kernel`
+                    // does). `run_one` says whether the kernel ran the program.
+                    let run = |run_one: &dyn Fn(&[F<f32>]) -> bool| {
+                        let mut outputs = Vec::new();
+                        for first in [product, unicast] {
+                            let mut out = vec![f32::NAN; 128];
+                            let mut program = vec![F::Clear, first];
+                            program.extend_from_slice(epilogue_ops);
+                            program.push(F::Store(OutputStoreKer {
+                                ptr: out.as_mut_ptr().cast(),
+                                row_byte_stride: rs,
+                                col_byte_stride: cs,
+                                item_size: 4,
+                            }));
+                            program.push(F::Done);
+                            if !run_one(&program) {
+                                return None;
                             }
+                            outputs.extend(out);
                         }
-                        Some(out)
+                        Some(outputs)
                     };
-                    let (Some(ours), Some(tracts)) = (run(true), run(false)) else {
+                    // SAFETY (both closures): every pointer covers its op: `pa` and `pb`
+                    // hold `k` steps of 8, `rows` and `cols` 8 values, `addend` and `out`
+                    // 128, which every layout's 8x8 tile fits in.
+                    let ours = run(&|program| unsafe {
+                        if matches!(program[1], F::AddMatMul { .. }) {
+                            portable(program);
+                            true
+                        } else {
+                            epilogue(program, &mut Tile([f32x4_splat(0.0); 16]))
+                        }
+                    });
+                    let tracts = run(&|program| unsafe {
+                        (tract_linalg::wasm::wasm_f32_8x8.kernel)(program);
+                        true
+                    });
+                    let (Some(ours), Some(tracts)) = (ours, tracts) else {
                         return Err(format!(
                             "k {k}, layout {case}, epilogue {e}: not run by ours"
                         ));
