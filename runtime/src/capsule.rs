@@ -193,9 +193,14 @@ fn walk(bytes: &[u8]) -> Result<Walked> {
                             ));
                         }
                     };
+                    // Exactly `i32.const <offset>; end`, as the split form's reader
+                    // (`capsule_format::split`) requires: a longer expression is refused by
+                    // both.
                     let mut ops = offset_expr.get_operators_reader();
-                    let offset = match ops.read().map_err(|e| invalid(e.to_string()))? {
-                        Operator::I32Const { value } => value as u32,
+                    let first = ops.read().map_err(|e| invalid(e.to_string()))?;
+                    let second = ops.read().map_err(|e| invalid(e.to_string()))?;
+                    let offset = match (first, second) {
+                        (Operator::I32Const { value }, Operator::End) if ops.eof() => value as u32,
                         _ => return Err(invalid("data segment offsets must be constants")),
                     };
                     w.segments
