@@ -9,13 +9,14 @@
 //!
 //! - host kernels off or unavailable (browsers, nodes that disable them, the builder): the
 //!   product is computed by our own wasm loop (`product_8x8`), then the rest of the
-//!   program (bias, activations, the store) runs on tract's `wasm_f32_8x8`; outputs are bit
-//!   for bit those of tract's wasm kernel (same sums in the same order), faster where
-//!   products are deep (see `portable`);
+//!   program (bias, activations, the store) runs on our `epilogue`, which computes what
+//!   tract's `wasm_f32_8x8` does with vector loads and stores; outputs are bit for bit
+//!   those of tract's wasm kernel (same sums in the same order; `check` tests it at every
+//!   build), faster where products are deep (see `portable`);
 //! - host kernels on: each `AddMatMul` of the program (the dense product of one packed 8-row
 //!   panel of A by one packed 8-column panel of B) is computed by the host into an 8x8 tile,
-//!   and the program runs on tract's wasm kernel with that step replaced by adding the tile.
-//!   Everything else (bias, activations, the store) stays in wasm.
+//!   which is added to the accumulators as tract adds a tile; everything else (bias,
+//!   activations, the store) runs on the same `epilogue`, in wasm.
 //!
 //! The packing is the one both sides read: 8 f32 per k step, A aligned to 256 bytes (what
 //! tract's x86-64 FMA 8x8 kernel requires and loads with aligned moves). B is packed the same
@@ -187,11 +188,12 @@ mod wasm {
         unsafe { (tract_linalg::wasm::wasm_f32_8x8.kernel)(&ops[..program.len()]) }
     }
 
-    /// The portable path: tract's wasm 8x8 kernel, but with the first product of a program
-    /// (the one right after `Clear`, which every product of a plan is) computed by
-    /// [`product_8x8`] into a row-major tile that the program then loads (`LoadTile`)
-    /// instead of accumulating it. Bit for bit tract's result: each of the 64 sums is
-    /// accumulated from zero in the same order, with the same multiply and add.
+    /// The portable path: the first product of a program (the one right after `Clear`,
+    /// which every product of a plan is) computed by [`product_8x8`] into a row-major tile,
+    /// then the rest of the program on [`epilogue`] (or, for ops it does not run, on tract's
+    /// wasm 8x8 kernel, which loads the tile with `LoadTile`). Bit for bit tract's result:
+    /// each of the 64 sums is accumulated from zero in the same order, with the same
+    /// multiply and add.
     ///
     /// Why: tract's kernel keeps sixteen `v128` accumulators live across its product loop,
     /// more than the sixteen vector registers of x86-64 leave once the operands are loaded,
