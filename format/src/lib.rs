@@ -21,6 +21,7 @@ pub mod clock;
 mod dtype;
 mod error;
 pub mod hub;
+pub mod kernels;
 pub mod manifest;
 pub mod pipeline;
 pub mod request;
@@ -41,21 +42,27 @@ pub use tensor::{NamedTensor, Tensor, TensorView, byte_elements};
 /// `capsule_abi_version()` returns anything else is refused.
 pub const ABI_VERSION: u32 = 1;
 
-/// Version of the `capsule_kernels` import (manifest [`manifest::HostKernels::V1`]): the node
-/// answers the guest's `abi_version()` with it to compute dense products natively, with 0 to
-/// leave them in wasm.
-pub const HOST_KERNELS_ABI: i32 = 1;
+/// Newest version of the `capsule_kernels` import ([`manifest::HostKernels`]). The node
+/// answers a guest's `abi_version()` with the version the capsule's manifest declares (so a
+/// capsule built for version 1 keeps its host kernels on a newer node), or 0 to leave every
+/// product in wasm.
+pub const HOST_KERNELS_ABI: i32 = 2;
 
 /// The wasm import module of the host kernels, and the functions a capsule may import from it
 /// (a capsule imports nothing else).
 pub const HOST_KERNELS_MODULE: &str = "capsule_kernels";
 /// See [`HOST_KERNELS_MODULE`].
-pub const HOST_KERNELS_IMPORTS: [&str; 2] = ["abi_version", "f32_mmm_8x8"];
+pub const HOST_KERNELS_IMPORTS: [&str; 3] = ["abi_version", "f32_mmm_8x8", "f32_mmm_block"];
 
 /// Deepest product (`k`) the host computes in one call: 32 MiB per panel, 5-6 ms of native
 /// work here (2.6 GHz Xeon). A host call cannot be interrupted by the epoch deadline, so this bounds how
 /// far one call can overrun it. Deeper products stay in the guest's wasm kernel.
 pub const HOST_KERNELS_MAX_K: u32 = 1 << 20;
+
+/// Most work one `f32_mmm_block` call may ask for, in tile steps (8x8 tiles times `k`): the
+/// work of one tile at [`HOST_KERNELS_MAX_K`], and for the same reason. The guest splits
+/// bigger blocks into several calls.
+pub const HOST_KERNELS_MAX_STEPS: u64 = HOST_KERNELS_MAX_K as u64;
 
 /// Name of the wasm custom section that holds the encoded manifest.
 pub const MANIFEST_SECTION: &str = "capsule.manifest";

@@ -180,6 +180,30 @@ pub enum HostKernels {
     /// Version 1 of the import: `abi_version() -> i32` and
     /// `f32_mmm_8x8(k, a, b, out)`.
     V1,
+    /// Version 2: version 1's functions and `f32_mmm_block(call)`, a block of tiles with its
+    /// epilogue in one call ([`crate::kernels::BlockCall`]).
+    V2,
+}
+
+impl HostKernels {
+    /// The version the node answers the guest's `abi_version()` with (0: none).
+    pub fn abi(self) -> i32 {
+        match self {
+            HostKernels::None => 0,
+            HostKernels::V1 => 1,
+            HostKernels::V2 => 2,
+        }
+    }
+
+    /// The functions of [`crate::HOST_KERNELS_MODULE`] a capsule of this version may import.
+    pub fn imports(self) -> &'static [&'static str] {
+        let all = &crate::HOST_KERNELS_IMPORTS;
+        match self {
+            HostKernels::None => &[],
+            HostKernels::V1 => &all[..2],
+            HostKernels::V2 => all,
+        }
+    }
 }
 
 impl std::fmt::Display for HostKernels {
@@ -187,6 +211,7 @@ impl std::fmt::Display for HostKernels {
         f.write_str(match self {
             HostKernels::None => "none",
             HostKernels::V1 => "capsule_kernels v1",
+            HostKernels::V2 => "capsule_kernels v2",
         })
     }
 }
@@ -392,7 +417,7 @@ pub(crate) mod tests {
     #[test]
     fn section_round_trip() {
         for numerics in [Numerics::Deterministic, Numerics::RelaxedSimd] {
-            for host_kernels in [HostKernels::None, HostKernels::V1] {
+            for host_kernels in [HostKernels::None, HostKernels::V1, HostKernels::V2] {
                 let m = CapsuleManifest {
                     numerics,
                     host_kernels,

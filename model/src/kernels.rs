@@ -40,9 +40,12 @@
 //! On other targets this module registers nothing.
 
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+mod blocks;
+
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 mod wasm {
     use std::arch::wasm32::*;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicI32, Ordering};
 
     use tract_linalg::isa::{Arch, IsaSet};
     use tract_linalg::mmm::{DynKernel, FusedKerSpec, OutputStoreKer, Query, Suitable};
@@ -73,7 +76,8 @@ mod wasm {
 
     #[link(wasm_import_module = "capsule_kernels")]
     unsafe extern "C" {
-        /// [`capsule_format::HOST_KERNELS_ABI`] when the host computes products, 0 otherwise.
+        /// The version of the import the host serves this capsule (1: tiles, 2: tiles and
+        /// blocks, [`super::blocks`]), 0 when it computes no products.
         #[link_name = "abi_version"]
         safe fn host_abi_version() -> i32;
         /// `out[8x8, row-major] = A[k x 8 packed] * B[k x 8 packed]` (A's 8 values of one k
@@ -83,13 +87,15 @@ mod wasm {
         fn host_f32_mmm_8x8(k: usize, pa: *const u8, pb: *const u8, out: *mut f32);
     }
 
-    static HOST: AtomicBool = AtomicBool::new(false);
+    static HOST: AtomicI32 = AtomicI32::new(0);
 
     pub fn refresh() {
-        HOST.store(
-            host_abi_version() == capsule_format::HOST_KERNELS_ABI,
-            Ordering::Relaxed,
-        );
+        HOST.store(host_abi_version(), Ordering::Relaxed);
+    }
+
+    /// The version of the host kernels for this inference (0: none).
+    pub(super) fn host_abi() -> i32 {
+        HOST.load(Ordering::Relaxed)
     }
 
     /// tract's calling convention.
@@ -110,7 +116,7 @@ mod wasm {
                 misaligned |= !(*pa as usize).is_multiple_of(32);
             }
         }
-        if !HOST.load(Ordering::Relaxed)
+        if host_abi() < 1
             || products == 0
             || misaligned
             || shallow
@@ -778,7 +784,7 @@ mod wasm {
     }
 
     inventory::submit! {
-        MmmRoutine { make: || make().mmm() }
+        MmmRoutine { make: || Box::new(super::blocks::Blocks(make().mmm())) }
     }
 
     inventory::submit! {

@@ -120,7 +120,7 @@ fn numerics_of(guest: &[u8]) -> Result<Numerics> {
 /// Whether a guest build imports the host kernels (and nothing else, which `CapsuleImage`
 /// checks again on every capsule). Read from the code, as [`numerics_of`] is.
 fn host_kernels_of(guest: &[u8]) -> Result<HostKernels> {
-    let mut imports = 0usize;
+    let mut imported = Vec::new();
     for payload in wasmparser::Parser::new(0).parse_all(guest) {
         let payload = payload
             .map_err(|e| Error::Build(format!("the guest is not valid WebAssembly: {e}")))?;
@@ -135,15 +135,19 @@ fn host_kernels_of(guest: &[u8]) -> Result<HostKernels> {
                         import.module, import.name
                     )));
                 }
-                imports += 1;
+                imported.push(import.name.to_owned());
             }
         }
     }
-    Ok(if imports == 0 {
-        HostKernels::None
-    } else {
-        HostKernels::V1
-    })
+    // The newest version whose functions cover the imports.
+    Ok([HostKernels::None, HostKernels::V1, HostKernels::V2]
+        .into_iter()
+        .find(|v| {
+            imported
+                .iter()
+                .all(|name| v.imports().contains(&name.as_str()))
+        })
+        .unwrap_or(HostKernels::V2))
 }
 
 struct SnapshotSource<'a> {
@@ -239,7 +243,7 @@ impl CapsuleBuilder {
             &self.engine,
             self.engine.config().max_memory_bytes,
             deadline,
-            false,
+            HostKernels::None,
         );
         let instance = self
             .engine

@@ -239,15 +239,25 @@ fn checked_manifest(section: &[u8], imports: &[String]) -> Result<CapsuleManifes
             capsule_format::ABI_VERSION
         )));
     }
-    match (manifest.host_kernels, imports.is_empty()) {
-        (capsule_format::HostKernels::None, false) => Err(invalid(format!(
-            "it imports {imports:?} but its manifest declares no host kernels"
-        ))),
-        (capsule_format::HostKernels::V1, true) => Err(invalid(
-            "its manifest declares host kernels but the code imports none",
-        )),
-        _ => Ok(manifest),
+    let declared = manifest.host_kernels;
+    let module = capsule_format::HOST_KERNELS_MODULE;
+    if let Some(beyond) = imports.iter().find(|i| {
+        !i.strip_prefix(module)
+            .and_then(|name| name.strip_prefix("::"))
+            .is_some_and(|name| declared.imports().contains(&name))
+    }) {
+        return Err(invalid(if declared == capsule_format::HostKernels::None {
+            format!("it imports {beyond:?} but its manifest declares no host kernels")
+        } else {
+            format!("it imports {beyond:?}, which its manifest's host kernels ({declared}) lack")
+        }));
     }
+    if declared != capsule_format::HostKernels::None && imports.is_empty() {
+        return Err(invalid(
+            "its manifest declares host kernels but the code imports none",
+        ));
+    }
+    Ok(manifest)
 }
 
 /// A guest code module checked once: what [`CapsuleImage::parse_image`] needs of it (its

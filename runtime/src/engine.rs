@@ -38,7 +38,7 @@ pub struct EngineConfig {
     pub pool_slots: u32,
     /// Largest linear memory any guest may have (also the `StoreLimits` cap ceiling).
     pub max_memory_bytes: u64,
-    /// Let capsules that can ([`capsule_format::HostKernels::V1`]) hand dense matrix products
+    /// Let capsules that can ([`capsule_format::HostKernels`] other than `None`) hand dense matrix products
     /// to this machine's native kernels ([`crate::host_kernels`]); in effect only where the
     /// machine has them (x86-64 with AVX2 and FMA).
     pub host_kernels: bool,

@@ -1,25 +1,36 @@
 //! Host kernels: the node's side of the `capsule_kernels` import (ARCHITECTURE.md, "Host
 //! kernels"; docs/security.md states the trust boundary).
 //!
-//! A capsule's graph, preprocessing and bookkeeping stay in the sandbox. Only one thing
-//! crosses: the dense product of a packed 8-row panel of A by a packed 8-column panel of B,
-//! `k` steps deep, which the guest's matrix kernel asks for once per 8x8 output tile. The host
-//! reads both panels straight from the instance's linear memory, runs tract's native x86-64
-//! FMA kernel on them and writes the 8x8 tile back. Every range is checked against the
-//! memory's current size with checked arithmetic before anything is read, and the panel of A
-//! must be 32-byte aligned (the native kernel loads it with aligned moves): a capsule that
-//! passes anything else traps, which discards its instance and nothing more.
+//! A capsule's graph, preprocessing and bookkeeping stay in the sandbox. Only dense products
+//! cross, in two forms:
 //!
-//! The guest asks `abi_version()` at every inference; the answer is 0 (stay in wasm) unless
-//! the store was made with host kernels on and this machine can run the native kernel.
+//! - `f32_mmm_8x8(k, a, b, out)` (version 1): the product of a packed 8-row panel of A by a
+//!   packed 8-column panel of B, `k` steps deep, written as an 8x8 tile;
+//! - `f32_mmm_block(call)` (version 2): a block of such tiles with the usual epilogue of a
+//!   convolution or a dense layer (a bias, a residual, a clamp) fused in and the outputs
+//!   stored where the guest's plan keeps them ([`capsule_format::kernels::BlockCall`]).
+//!
+//! The host reads the panels straight from the instance's linear memory, runs tract's native
+//! x86-64 FMA kernel on them and writes the results back. Every range is checked against the
+//! memory's current size with checked arithmetic before anything is read, panels of A must be
+//! 32-byte aligned (the native kernel loads them with aligned moves), and one call's work is
+//! bounded ([`capsule_format::HOST_KERNELS_MAX_STEPS`]): a capsule that passes anything else
+//! traps, which discards its instance and nothing more.
+//!
+//! The guest asks `abi_version()` at every inference; the answer is the version its manifest
+//! declares, or 0 (stay in wasm) unless the store was made with host kernels on and this
+//! machine can run the native kernel.
 
 use wasmtime::{Caller, Linker};
+
+use capsule_format::HostKernels;
+use capsule_format::kernels::{BLOCK_CALL_BYTES, BlockCall, BlockOps, PANEL_STEP_BYTES};
 
 use crate::instance::StoreData;
 use crate::{Error, Result};
 
 /// Bytes of one k step of a packed 8-wide f32 panel.
-const STEP_BYTES: usize = 8 * 4;
+const STEP_BYTES: usize = PANEL_STEP_BYTES;
 /// Bytes of the 8x8 f32 output tile.
 const TILE_BYTES: usize = 64 * 4;
 /// Alignment the native kernel needs for A's panel.
@@ -41,8 +52,11 @@ pub(crate) fn importable(module: &str, name: &str, ty: &wasmparser::TypeRef) -> 
 /// Why the host refused a guest's call: the instance traps with
 /// [`crate::TrapKind::HostKernel`] and is discarded.
 #[derive(Debug, thiserror::Error)]
-#[error("capsule_kernels.f32_mmm_8x8: {0}")]
-pub struct Refused(String);
+#[error("capsule_kernels.{function}: {why}")]
+pub struct Refused {
+    function: &'static str,
+    why: String,
+}
 
 /// Byte ranges of one product's operands, checked against a memory of `memory_len` bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,6 +108,33 @@ pub(crate) fn operands(
     })
 }
 
+/// The instance's memory, if the call may be served: host kernels on for this store, at
+/// `version` or above.
+fn served_memory(
+    caller: &Caller<'_, StoreData>,
+    function: &'static str,
+    version: HostKernels,
+) -> wasmtime::Result<wasmtime::Memory> {
+    let refused = |why: &str| {
+        wasmtime::Error::new(Refused {
+            function,
+            why: why.to_owned(),
+        })
+    };
+    if caller.data().host_kernels.abi() < version.abi() {
+        // The guest was told a lower version (0: none) and must not call: a capsule that does
+        // anyway gets no service.
+        return Err(refused(&format!(
+            "host kernels {} are off for this instance",
+            version
+        )));
+    }
+    caller
+        .data()
+        .memory
+        .ok_or_else(|| refused("called before the instance exported its memory"))
+}
+
 /// `f32_mmm_8x8(k, a, b, out)`: the checked product, written to `out` row-major.
 fn f32_mmm_8x8(
     mut caller: Caller<'_, StoreData>,
@@ -102,23 +143,154 @@ fn f32_mmm_8x8(
     b: u32,
     out: u32,
 ) -> wasmtime::Result<()> {
-    let refused = |why: String| wasmtime::Error::new(Refused(why));
-    if !caller.data().host_kernels {
-        // The guest was told 0 and must not call: a capsule that does anyway gets no service.
-        return Err(refused("host kernels are off for this instance".into()));
-    }
-    let memory = caller
-        .data()
-        .memory
-        .ok_or_else(|| refused("called before the instance exported its memory".into()))?;
+    const NAME: &str = "f32_mmm_8x8";
+    let memory = served_memory(&caller, NAME, HostKernels::V1)?;
     let data = memory.data(&caller);
-    let ops = operands(data.len(), k, a, b, out).map_err(refused)?;
+    let ops = operands(data.len(), k, a, b, out).map_err(|why| {
+        wasmtime::Error::new(Refused {
+            function: NAME,
+            why,
+        })
+    })?;
     let tile = native::product(&data[ops.a.clone()], &data[ops.b.clone()], ops.k);
     let dst = &mut memory.data_mut(&mut caller)[ops.out];
     for (dst, v) in dst.chunks_exact_mut(4).zip(tile) {
         dst.copy_from_slice(&v.to_le_bytes());
     }
     caller.data_mut().host_kernel_calls += 1;
+    Ok(())
+}
+
+/// Checks a block call against a memory of `memory_len` bytes: known epilogue steps, the work
+/// bounded, every panel, the bias, the residual and the output inside memory, A aligned.
+pub(crate) fn block(memory_len: usize, call: &BlockCall) -> std::result::Result<BlockOps, String> {
+    let ops = BlockOps(call.ops);
+    if !ops.valid() {
+        return Err(format!("unknown epilogue steps {:#x}", call.ops));
+    }
+    if call.rows == 0 || call.cols == 0 {
+        return Err(format!("an empty block ({} x {})", call.rows, call.cols));
+    }
+    if call.k > capsule_format::HOST_KERNELS_MAX_K {
+        return Err(format!(
+            "k = {} is over the limit of {}",
+            call.k,
+            capsule_format::HOST_KERNELS_MAX_K
+        ));
+    }
+    match call.steps() {
+        Some(steps) if steps <= capsule_format::HOST_KERNELS_MAX_STEPS => {}
+        _ => {
+            return Err(format!(
+                "{} x {} outputs {} deep is over the limit of {} tile steps per call",
+                call.rows,
+                call.cols,
+                call.k,
+                capsule_format::HOST_KERNELS_MAX_STEPS
+            ));
+        }
+    }
+    let len = memory_len as u128;
+    let inside = |what: &str, start: u128, end: u128| {
+        if end <= len {
+            Ok(())
+        } else {
+            Err(format!(
+                "{what} at {start}..{end} is outside the {memory_len}-byte memory"
+            ))
+        }
+    };
+    let panel = u128::from(call.k) * STEP_BYTES as u128;
+    let panels = |what: &str, start: u32, stride: u32, count: u32| {
+        let last = u128::from(start) + u128::from(stride) * u128::from(count - 1);
+        inside(what, u128::from(start), last + panel)
+    };
+    panels("A's panels", call.a, call.a_stride, call.row_tiles())?;
+    if !(call.a as usize).is_multiple_of(A_ALIGN)
+        || !(call.a_stride as usize).is_multiple_of(A_ALIGN)
+    {
+        return Err(format!(
+            "A's panels at {} + i * {} are not {A_ALIGN}-byte aligned",
+            call.a, call.a_stride
+        ));
+    }
+    panels("B's panels", call.b, call.b_stride, call.col_tiles())?;
+    let floats = |n: u32| u128::from(n) * 4;
+    if ops.has(BlockOps::ROW_BIAS) {
+        inside(
+            "the bias",
+            call.bias.into(),
+            u128::from(call.bias) + floats(call.rows),
+        )?;
+    }
+    if ops.has(BlockOps::COL_BIAS) {
+        inside(
+            "the bias",
+            call.bias.into(),
+            u128::from(call.bias) + floats(call.cols),
+        )?;
+    }
+    // The extreme corners of a grid of `rows x cols` f32 at `base` with byte strides.
+    let grid = |what: &str, base: u32, row_stride: i32, col_stride: i32| {
+        let down = i128::from(call.rows - 1) * i128::from(row_stride);
+        let right = i128::from(call.cols - 1) * i128::from(col_stride);
+        let base = i128::from(base);
+        let low = base + down.min(0) + right.min(0);
+        let high = base + down.max(0) + right.max(0) + 4;
+        if low < 0 || high > len as i128 {
+            return Err(format!(
+                "{what} at {base} with strides {row_stride}, {col_stride} spans {low}..{high}, \
+                 outside the {memory_len}-byte memory"
+            ));
+        }
+        Ok(())
+    };
+    if ops.has(BlockOps::RESIDUAL) {
+        grid(
+            "the residual",
+            call.residual,
+            call.residual_row_stride,
+            call.residual_col_stride,
+        )?;
+    }
+    grid(
+        "the output",
+        call.store,
+        call.store_row_stride,
+        call.store_col_stride,
+    )?;
+    Ok(ops)
+}
+
+/// `f32_mmm_block(call)`: the checked block, computed and stored in place.
+fn f32_mmm_block(mut caller: Caller<'_, StoreData>, call: u32) -> wasmtime::Result<()> {
+    const NAME: &str = "f32_mmm_block";
+    let refused = |why: String| {
+        wasmtime::Error::new(Refused {
+            function: NAME,
+            why,
+        })
+    };
+    let memory = served_memory(&caller, NAME, HostKernels::V2)?;
+    let data = memory.data_mut(&mut caller);
+    let at = call as usize;
+    let bytes = at
+        .checked_add(BLOCK_CALL_BYTES)
+        .and_then(|end| data.get(at..end))
+        .ok_or_else(|| {
+            refused(format!(
+                "the call at {at} is outside the {}-byte memory",
+                data.len()
+            ))
+        })?;
+    let mut encoded = [0u8; BLOCK_CALL_BYTES];
+    encoded.copy_from_slice(bytes);
+    let call = BlockCall::from_bytes(&encoded);
+    let ops = block(data.len(), &call).map_err(refused)?;
+    // SAFETY: `block` checked every range the call reads or writes against this memory, and
+    // no other reference to it is alive while the block runs.
+    unsafe { native::block(data.as_mut_ptr(), &call, ops) };
+    caller.data_mut().host_kernel_calls += u64::from(call.tiles().unwrap_or(0));
     Ok(())
 }
 
@@ -129,15 +301,14 @@ pub(crate) fn linker(engine: &wasmtime::Engine) -> Result<Linker<StoreData>> {
     let mut linker = Linker::new(engine);
     linker
         .func_wrap(module, "abi_version", |caller: Caller<'_, StoreData>| {
-            if caller.data().host_kernels {
-                capsule_format::HOST_KERNELS_ABI
-            } else {
-                0
-            }
+            caller.data().host_kernels.abi()
         })
         .map_err(Error::wasmtime)?;
     linker
         .func_wrap(module, "f32_mmm_8x8", f32_mmm_8x8)
+        .map_err(Error::wasmtime)?;
+    linker
+        .func_wrap(module, "f32_mmm_block", f32_mmm_block)
         .map_err(Error::wasmtime)?;
     Ok(linker)
 }
@@ -188,6 +359,80 @@ mod native {
         tile.0
     }
 
+    /// Runs a block [`super::block`] accepted: whole tiles as one native program each (the
+    /// product, the epilogue and the store, as tract's own plan would run them), tiles cut by
+    /// the block's edge through [`super::edge_tile`].
+    ///
+    /// # Safety
+    /// `base` is the start of the memory `super::block` checked `call` against.
+    pub unsafe fn block(base: *mut u8, call: &super::BlockCall, ops: super::BlockOps) {
+        use super::BlockOps as O;
+        if !supported() {
+            // Never reached (see `product`).
+            // SAFETY: the caller's contract.
+            return unsafe { super::portable_block(base, call, ops) };
+        }
+        let k = call.k as usize;
+        // SAFETY: every tile's pointers lie inside the checked ranges (the caller's contract).
+        unsafe {
+            super::each_tile(base, call, ops, |t| {
+                if t.rows < 8 || t.cols < 8 {
+                    let a = std::slice::from_raw_parts(t.pa, k * super::STEP_BYTES);
+                    let b = std::slice::from_raw_parts(t.pb, k * super::STEP_BYTES);
+                    super::edge_tile(&product(a, b, k), &t, call, ops);
+                    return;
+                }
+                let mut program = [FusedKerSpec::Done; 8];
+                let mut n = 0;
+                let mut push = |op| {
+                    program[n] = op;
+                    n += 1;
+                };
+                push(FusedKerSpec::Clear);
+                push(FusedKerSpec::AddMatMul {
+                    k,
+                    pa: t.pa,
+                    pb: t.pb,
+                    packing: 0,
+                });
+                let residual = FusedKerSpec::AddUnicast(OutputStoreKer {
+                    ptr: t.residual.cast_mut(),
+                    row_byte_stride: call.residual_row_stride as isize,
+                    col_byte_stride: call.residual_col_stride as isize,
+                    item_size: 4,
+                });
+                if ops.has(O::RESIDUAL_FIRST) {
+                    push(residual);
+                }
+                if ops.has(O::ROW_BIAS) {
+                    push(FusedKerSpec::PerRowAdd(t.bias));
+                } else if ops.has(O::COL_BIAS) {
+                    push(FusedKerSpec::PerColAdd(t.bias));
+                }
+                if ops.has(O::RESIDUAL) && !ops.has(O::RESIDUAL_FIRST) {
+                    push(residual);
+                }
+                if ops.has(O::MAX) {
+                    push(FusedKerSpec::ScalarMax(call.max));
+                }
+                if ops.has(O::MIN) {
+                    push(FusedKerSpec::ScalarMin(call.min));
+                }
+                push(FusedKerSpec::Store(OutputStoreKer {
+                    ptr: t.store,
+                    row_byte_stride: call.store_row_stride as isize,
+                    col_byte_stride: call.store_col_stride as isize,
+                    item_size: 4,
+                }));
+                fma_mmm_f32_8x8.kernel(&program);
+                // Before the next tile's Rust (SSE) code: measured, without it every
+                // instruction after the kernel paid the transition (the loop took a fifth
+                // of a SqueezeNet's inference).
+                clear_upper();
+            });
+        }
+    }
+
     /// The kernel returns with dirty upper halves of the AVX registers; back in Cranelift's
     /// SSE code every SIMD instruction would then pay the AVX-SSE transition penalty (measured:
     /// a capsule 20x slower). `vzeroupper` clears them.
@@ -205,6 +450,138 @@ mod native {
 
     pub fn product(a: &[u8], b: &[u8], k: usize) -> [f32; 64] {
         super::portable_product(a, b, k)
+    }
+
+    /// # Safety
+    /// As [`super::portable_block`].
+    pub unsafe fn block(base: *mut u8, call: &super::BlockCall, ops: super::BlockOps) {
+        // SAFETY: the caller's contract.
+        unsafe { super::portable_block(base, call, ops) }
+    }
+}
+
+/// One tile of a checked block: where its operands are and how much of it is inside the
+/// block.
+struct TileAt {
+    pa: *const u8,
+    pb: *const u8,
+    /// The bias of the tile's first row or column (dangling without a bias).
+    bias: *const f32,
+    /// The residual's and the output's value at the tile's first row and column.
+    residual: *const u8,
+    store: *mut u8,
+    /// Rows and columns inside the block (8 but at its last row or column group).
+    rows: usize,
+    cols: usize,
+}
+
+/// Calls `f` on every tile of `call`, column group by column group.
+///
+/// # Safety
+/// `block` accepted `call` for the memory at `base`; then every pointer of every tile, and
+/// everything its tile reads or writes, lies inside that memory.
+unsafe fn each_tile(base: *mut u8, call: &BlockCall, ops: BlockOps, mut f: impl FnMut(TileAt)) {
+    let grid = |at: u32, row_stride: i32, col_stride: i32, i: usize, j: usize| {
+        at as isize
+            + (8 * i) as isize * row_stride as isize
+            + (8 * j) as isize * col_stride as isize
+    };
+    for j in 0..call.col_tiles() as usize {
+        for i in 0..call.row_tiles() as usize {
+            let bias = if ops.has(BlockOps::COL_BIAS) {
+                8 * j
+            } else {
+                8 * i
+            };
+            // SAFETY (of the offsets): inside the checked ranges (the caller's contract); a
+            // residual or bias the ops do not name is never dereferenced, so its wrapping
+            // offset is harmless.
+            unsafe {
+                f(TileAt {
+                    pa: base.add(call.a as usize + i * call.a_stride as usize),
+                    pb: base.add(call.b as usize + j * call.b_stride as usize),
+                    bias: base
+                        .wrapping_add(call.bias as usize)
+                        .cast::<f32>()
+                        .wrapping_add(bias),
+                    residual: base.wrapping_offset(grid(
+                        call.residual,
+                        call.residual_row_stride,
+                        call.residual_col_stride,
+                        i,
+                        j,
+                    )),
+                    store: base.offset(grid(
+                        call.store,
+                        call.store_row_stride,
+                        call.store_col_stride,
+                        i,
+                        j,
+                    )),
+                    rows: (call.rows as usize - 8 * i).min(8),
+                    cols: (call.cols as usize - 8 * j).min(8),
+                })
+            }
+        }
+    }
+}
+
+/// The epilogue and the store of a tile, in plain Rust, on its outputs inside the block
+/// only: for tiles cut by the block's edge, whose bias, residual and output end mid-tile.
+///
+/// # Safety
+/// As [`each_tile`], for `t`.
+unsafe fn edge_tile(product: &[f32; 64], t: &TileAt, call: &BlockCall, ops: BlockOps) {
+    for r in 0..t.rows {
+        for c in 0..t.cols {
+            let at = |row_stride: i32, col_stride: i32| {
+                r as isize * row_stride as isize + c as isize * col_stride as isize
+            };
+            let mut v = product[r * 8 + c];
+            // SAFETY: row r and column c are inside the block (the caller's contract).
+            unsafe {
+                let residual = || {
+                    let at = at(call.residual_row_stride, call.residual_col_stride);
+                    t.residual.offset(at).cast::<f32>().read_unaligned()
+                };
+                if ops.has(BlockOps::RESIDUAL_FIRST) {
+                    v += residual();
+                }
+                if ops.has(BlockOps::ROW_BIAS) {
+                    v += t.bias.add(r).read_unaligned();
+                } else if ops.has(BlockOps::COL_BIAS) {
+                    v += t.bias.add(c).read_unaligned();
+                }
+                if ops.has(BlockOps::RESIDUAL) && !ops.has(BlockOps::RESIDUAL_FIRST) {
+                    v += residual();
+                }
+                if ops.has(BlockOps::MAX) {
+                    v = v.max(call.max);
+                }
+                if ops.has(BlockOps::MIN) {
+                    v = v.min(call.min);
+                }
+                let at = at(call.store_row_stride, call.store_col_stride);
+                t.store.offset(at).cast::<f32>().write_unaligned(v);
+            }
+        }
+    }
+}
+
+/// A block in plain Rust: the reference of the tests, and what a machine without the native
+/// kernel would compute if a guest called anyway.
+///
+/// # Safety
+/// As [`each_tile`].
+unsafe fn portable_block(base: *mut u8, call: &BlockCall, ops: BlockOps) {
+    let k = call.k as usize;
+    // SAFETY: the caller's contract.
+    unsafe {
+        each_tile(base, call, ops, |t| {
+            let a = std::slice::from_raw_parts(t.pa, k * STEP_BYTES);
+            let b = std::slice::from_raw_parts(t.pb, k * STEP_BYTES);
+            edge_tile(&portable_product(a, b, k), &t, call, ops);
+        })
     }
 }
 
@@ -338,5 +715,447 @@ mod tests {
                 "k = {k}"
             );
         }
+    }
+
+    /// A memory of `len` bytes holding small integers (every sum of products exact in f32,
+    /// so FMA and two roundings agree), aligned for A.
+    fn integer_memory(len: usize) -> Vec<Aligned32> {
+        let mut memory = vec![Aligned32([0; 32]); len / 32];
+        for (i, chunk) in bytes_of(&mut memory).chunks_exact_mut(4).enumerate() {
+            let v = ((i * 7 + 3) % 11) as f32 - 5.0;
+            chunk.copy_from_slice(&v.to_le_bytes());
+        }
+        memory
+    }
+
+    #[derive(Clone, Copy)]
+    #[repr(C, align(32))]
+    struct Aligned32([u8; 32]);
+
+    fn bytes_of(memory: &mut [Aligned32]) -> &mut [u8] {
+        // SAFETY: plain bytes, the same length.
+        unsafe { std::slice::from_raw_parts_mut(memory.as_mut_ptr().cast(), memory.len() * 32) }
+    }
+
+    fn f32_at(memory: &[u8], at: isize) -> f32 {
+        let at = at as usize;
+        f32::from_le_bytes(memory[at..at + 4].try_into().unwrap())
+    }
+
+    /// A block call over a 64 KiB memory: A's panels at 0, B's at 16384, the bias at 32768,
+    /// the residual at 36864, the output at 49152 (row-major, 64 floats a row).
+    fn block_call(k: u32, rows: u32, cols: u32, ops: BlockOps) -> BlockCall {
+        BlockCall {
+            k,
+            rows,
+            cols,
+            a: 0,
+            a_stride: k * 32,
+            b: 16384,
+            b_stride: k * 32,
+            ops: ops.0,
+            bias: 32768,
+            residual: 36864,
+            residual_row_stride: 4 * 24,
+            residual_col_stride: 4,
+            store: 49152,
+            store_row_stride: 4 * 64,
+            store_col_stride: 4,
+            max: -3.0,
+            min: 40.0,
+        }
+    }
+
+    /// The block's outputs as the definition says, from the packed panels.
+    fn expected(memory: &[u8], call: &BlockCall, ops: BlockOps) -> Vec<f32> {
+        let mut out = Vec::new();
+        for r in 0..call.rows as isize {
+            for c in 0..call.cols as isize {
+                let mut v = 0f32;
+                for step in 0..call.k as isize {
+                    let a = call.a as isize
+                        + (r / 8) * call.a_stride as isize
+                        + step * 32
+                        + (r % 8) * 4;
+                    let b = call.b as isize
+                        + (c / 8) * call.b_stride as isize
+                        + step * 32
+                        + (c % 8) * 4;
+                    v += f32_at(memory, a) * f32_at(memory, b);
+                }
+                let residual = f32_at(
+                    memory,
+                    call.residual as isize
+                        + r * call.residual_row_stride as isize
+                        + c * call.residual_col_stride as isize,
+                );
+                if ops.has(BlockOps::RESIDUAL_FIRST) {
+                    v += residual;
+                }
+                if ops.has(BlockOps::ROW_BIAS) {
+                    v += f32_at(memory, call.bias as isize + 4 * r);
+                }
+                if ops.has(BlockOps::COL_BIAS) {
+                    v += f32_at(memory, call.bias as isize + 4 * c);
+                }
+                if ops.has(BlockOps::RESIDUAL) && !ops.has(BlockOps::RESIDUAL_FIRST) {
+                    v += residual;
+                }
+                if ops.has(BlockOps::MAX) {
+                    v = v.max(call.max);
+                }
+                if ops.has(BlockOps::MIN) {
+                    v = v.min(call.min);
+                }
+                out.push(v);
+            }
+        }
+        out
+    }
+
+    fn stored(memory: &[u8], call: &BlockCall) -> Vec<f32> {
+        let mut out = Vec::new();
+        for r in 0..call.rows as isize {
+            for c in 0..call.cols as isize {
+                let at = call.store as isize
+                    + r * call.store_row_stride as isize
+                    + c * call.store_col_stride as isize;
+                out.push(f32_at(memory, at));
+            }
+        }
+        out
+    }
+
+    /// Blocks of whole and cut tiles, with each epilogue, stored row-major and transposed:
+    /// the plain-Rust block and (where the machine has it) the native one store exactly the
+    /// definition's values, and nothing outside the output changes.
+    #[test]
+    fn blocks_compute_the_product_and_its_epilogue() {
+        use BlockOps as O;
+        let native = supported_here();
+        if !native {
+            eprintln!(
+                "SKIP the native half of blocks_compute_the_product_and_its_epilogue: no AVX2+FMA here"
+            );
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI machines must run the native kernel"
+            );
+        }
+        let epilogues = [
+            O(0),
+            O::ROW_BIAS,
+            O::COL_BIAS | O::MAX,
+            O::ROW_BIAS | O::RESIDUAL | O::MAX,
+            O::ROW_BIAS | O::RESIDUAL | O::MAX | O::MIN,
+            O::RESIDUAL | O::MIN,
+            O::RESIDUAL_FIRST | O::RESIDUAL | O::COL_BIAS | O::MAX,
+        ];
+        for (rows, cols) in [(8, 8), (24, 8), (21, 8), (8, 5), (19, 16), (3, 20), (1, 1)] {
+            for k in [1, 9, 64] {
+                for ops in epilogues {
+                    for transposed in [false, true] {
+                        let mut call = block_call(k, rows, cols, ops);
+                        if transposed {
+                            (call.store_row_stride, call.store_col_stride) = (4, 4 * 64);
+                        }
+                        let mut memory = integer_memory(1 << 16);
+                        let bytes = bytes_of(&mut memory);
+                        assert_eq!(block(bytes.len(), &call), Ok(ops), "{call:?}");
+                        let want = expected(bytes, &call, ops);
+                        let before = bytes.to_vec();
+                        let runs: &[unsafe fn(*mut u8, &BlockCall, BlockOps)] = if native {
+                            &[portable_block, native::block]
+                        } else {
+                            &[portable_block]
+                        };
+                        for run in runs {
+                            bytes.copy_from_slice(&before);
+                            // SAFETY: `block` accepted the call for this memory.
+                            unsafe { run(bytes.as_mut_ptr(), &call, ops) };
+                            assert_eq!(stored(bytes, &call), want, "{call:?}");
+                            // Only the outputs changed.
+                            let mut outputs = std::collections::HashSet::new();
+                            for r in 0..rows as isize {
+                                for c in 0..cols as isize {
+                                    let at = call.store as isize
+                                        + r * call.store_row_stride as isize
+                                        + c * call.store_col_stride as isize;
+                                    outputs.extend(at as usize..at as usize + 4);
+                                }
+                            }
+                            for (i, (now, then)) in bytes.iter().zip(&before).enumerate() {
+                                assert!(
+                                    now == then || outputs.contains(&i),
+                                    "byte {i} changed: {call:?}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn hostile_blocks_are_refused() {
+        use BlockOps as O;
+        let len = 1 << 16;
+        let good = block_call(4, 16, 8, O::ROW_BIAS | O::RESIDUAL | O::MAX | O::MIN);
+        assert!(block(len, &good).is_ok());
+        let max_k = capsule_format::HOST_KERNELS_MAX_K;
+        for (what, call) in [
+            ("unknown step", BlockCall { ops: 64, ..good }),
+            (
+                "an order without a residual",
+                BlockCall {
+                    ops: O::RESIDUAL_FIRST.0,
+                    ..good
+                },
+            ),
+            (
+                "two biases",
+                BlockCall {
+                    ops: (O::ROW_BIAS | O::COL_BIAS).0,
+                    ..good
+                },
+            ),
+            ("no rows", BlockCall { rows: 0, ..good }),
+            ("no columns", BlockCall { cols: 0, ..good }),
+            (
+                "huge k",
+                BlockCall {
+                    k: max_k + 1,
+                    ..good
+                },
+            ),
+            (
+                "too much work",
+                BlockCall {
+                    k: max_k,
+                    a_stride: 0,
+                    ..good
+                },
+            ),
+            (
+                "tiles without end",
+                BlockCall {
+                    k: 0,
+                    rows: u32::MAX,
+                    cols: u32::MAX,
+                    ..good
+                },
+            ),
+            (
+                "A off the end",
+                BlockCall {
+                    a: len as u32 - 64,
+                    ..good
+                },
+            ),
+            (
+                "A's stride off the end",
+                BlockCall {
+                    a_stride: 1 << 16,
+                    ..good
+                },
+            ),
+            (
+                "A's stride past 4 GiB",
+                BlockCall {
+                    a_stride: u32::MAX - 31,
+                    ..good
+                },
+            ),
+            ("A misaligned", BlockCall { a: 16, ..good }),
+            (
+                "A's stride misaligned",
+                BlockCall {
+                    a_stride: 4 * 32 + 4,
+                    ..good
+                },
+            ),
+            (
+                "B off the end",
+                BlockCall {
+                    b: len as u32 - 64,
+                    ..good
+                },
+            ),
+            (
+                "B's stride",
+                BlockCall {
+                    cols: 9,
+                    b_stride: u32::MAX,
+                    ..good
+                },
+            ),
+            (
+                "bias off the end",
+                BlockCall {
+                    bias: len as u32 - 60,
+                    ..good
+                },
+            ),
+            (
+                "column bias off the end",
+                BlockCall {
+                    ops: O::COL_BIAS.0,
+                    bias: len as u32 - 28,
+                    ..good
+                },
+            ),
+            (
+                "residual below 0",
+                BlockCall {
+                    residual: 64,
+                    residual_row_stride: -8,
+                    ..good
+                },
+            ),
+            (
+                "residual's column stride",
+                BlockCall {
+                    residual_col_stride: i32::MIN,
+                    ..good
+                },
+            ),
+            (
+                "residual off the end",
+                BlockCall {
+                    residual: len as u32 - 4,
+                    ..good
+                },
+            ),
+            (
+                "output off the end",
+                BlockCall {
+                    store: len as u32 - 4,
+                    ..good
+                },
+            ),
+            (
+                "output past 4 GiB",
+                BlockCall {
+                    store: u32::MAX,
+                    ..good
+                },
+            ),
+            (
+                "output's stride",
+                BlockCall {
+                    store_row_stride: i32::MAX,
+                    ..good
+                },
+            ),
+        ] {
+            assert!(block(len, &call).is_err(), "accepted {what}: {call:?}");
+        }
+        // Steps the call does not name are not checked: their addresses are never read.
+        let plain = BlockCall {
+            ops: 0,
+            bias: u32::MAX,
+            residual: u32::MAX,
+            ..good
+        };
+        assert!(block(len, &plain).is_ok());
+    }
+
+    /// Random calls, biased toward the edges: whatever `block` accepts reads and writes only
+    /// inside memory, A aligned, the work bounded.
+    #[test]
+    fn accepted_blocks_always_lie_inside_memory() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut accepted = 0;
+        for _ in 0..100_000 {
+            let len = [0usize, 4096, 65_536][(next() % 3) as usize];
+            // Mostly small values (a call must get every field right to be accepted), one in
+            // six at an edge or random.
+            let mut arg = |scale: u32| match next() % 36 {
+                0 => 0,
+                1 => u32::MAX - (next() % 64) as u32,
+                2 => (len as u32).wrapping_sub((next() % 512) as u32),
+                3..=5 => next() as u32,
+                _ => (next() % u64::from(scale)) as u32,
+            };
+            let l = len.max(1) as u32;
+            let call = BlockCall {
+                k: arg(8),
+                rows: arg(24),
+                cols: arg(24),
+                a: arg(l) & !31,
+                a_stride: arg(2048) & !31,
+                b: arg(l),
+                b_stride: arg(2048),
+                ops: arg(64),
+                bias: arg(l),
+                residual: arg(l),
+                residual_row_stride: arg(512) as i32 - 64,
+                residual_col_stride: arg(64) as i32 - 8,
+                store: arg(l),
+                store_row_stride: arg(512) as i32 - 64,
+                store_col_stride: arg(64) as i32 - 8,
+                max: 0.0,
+                min: 0.0,
+            };
+            let Ok(ops) = block(len, &call) else { continue };
+            accepted += 1;
+            assert!(call.steps().unwrap() <= capsule_format::HOST_KERNELS_MAX_STEPS);
+            let inside = |start: i128, bytes: i128| {
+                assert!(
+                    start >= 0 && start + bytes <= len as i128,
+                    "{call:?}: {start} + {bytes}"
+                )
+            };
+            let panel = i128::from(call.k) * 32;
+            for i in 0..call.row_tiles() {
+                let at = i128::from(call.a) + i128::from(i) * i128::from(call.a_stride);
+                inside(at, panel);
+                assert_eq!(at % 32, 0);
+            }
+            for j in 0..call.col_tiles() {
+                inside(
+                    i128::from(call.b) + i128::from(j) * i128::from(call.b_stride),
+                    panel,
+                );
+            }
+            if ops.has(BlockOps::ROW_BIAS) {
+                inside(call.bias.into(), 4 * i128::from(call.rows));
+            }
+            if ops.has(BlockOps::COL_BIAS) {
+                inside(call.bias.into(), 4 * i128::from(call.cols));
+            }
+            for r in 0..i128::from(call.rows) {
+                for c in 0..i128::from(call.cols) {
+                    let at = |base: u32, rs: i32, cs: i32| {
+                        i128::from(base) + r * i128::from(rs) + c * i128::from(cs)
+                    };
+                    inside(
+                        at(call.store, call.store_row_stride, call.store_col_stride),
+                        4,
+                    );
+                    if ops.has(BlockOps::RESIDUAL) {
+                        inside(
+                            at(
+                                call.residual,
+                                call.residual_row_stride,
+                                call.residual_col_stride,
+                            ),
+                            4,
+                        );
+                    }
+                }
+            }
+        }
+        assert!(
+            accepted > 1000,
+            "the generator reaches valid calls too ({accepted})"
+        );
     }
 }

@@ -50,19 +50,21 @@ pub(crate) struct StoreData {
     limits: StoreLimits,
     /// The instance's memory, for the host kernels (set once the instance exists).
     pub(crate) memory: Option<Memory>,
-    /// Whether this instance may hand products to the host ([`crate::host_kernels`]).
-    pub(crate) host_kernels: bool,
+    /// The host kernels this instance may call ([`crate::host_kernels`]): the capsule's
+    /// version when the engine and the run allow them, `None` otherwise.
+    pub(crate) host_kernels: capsule_format::HostKernels,
     /// Products the host computed for this instance since the last look.
     pub(crate) host_kernel_calls: u64,
 }
 
-/// A store with a memory cap and an armed epoch deadline; its instance uses host kernels
-/// when the engine does and `host_kernels` allows it (the builder's snapshot runs never do).
+/// A store with a memory cap and an armed epoch deadline; its instance uses the host kernels
+/// `host_kernels` names (the capsule's version, or `None`) when the engine has them (the
+/// builder's snapshot runs never do).
 pub(crate) fn new_store(
     engine: &CapsuleEngine,
     memory_cap: u64,
     deadline_ticks: u64,
-    host_kernels: bool,
+    host_kernels: capsule_format::HostKernels,
 ) -> Store<StoreData> {
     let limits = StoreLimitsBuilder::new()
         .memory_size(usize::try_from(memory_cap).unwrap_or(usize::MAX))
@@ -71,7 +73,11 @@ pub(crate) fn new_store(
     let data = StoreData {
         limits,
         memory: None,
-        host_kernels: host_kernels && engine.host_kernels(),
+        host_kernels: if engine.host_kernels() {
+            host_kernels
+        } else {
+            capsule_format::HostKernels::None
+        },
         host_kernel_calls: 0,
     };
     let mut store = Store::new(engine.engine(), data);
@@ -244,7 +250,11 @@ impl LoadedCapsule {
             &self.engine,
             self.memory_cap,
             self.deadline_ticks,
-            self.config.host_kernels,
+            if self.config.host_kernels {
+                self.image.manifest.host_kernels
+            } else {
+                capsule_format::HostKernels::None
+            },
         );
         let linker = self.engine.linker();
         #[cfg(target_os = "linux")]

@@ -475,13 +475,16 @@ async function load(model: string, version?: string): Promise<Loaded> {
 
 /** The host kernels a capsule may import (`capsule_kernels`): a browser has no native
  * kernels, so `abi_version` answers 0 and the capsule computes every product with its own wasm
- * kernels, bit for bit as a node that runs without host kernels. A capsule that calls the
+ * kernels, bit for bit as a node that runs without host kernels. A capsule that calls a
  * product anyway traps. */
 const HOST_KERNELS: WebAssembly.Imports = {
   capsule_kernels: {
     abi_version: (): number => 0,
     f32_mmm_8x8: (): never => {
       throw new WebAssembly.RuntimeError("capsule_kernels.f32_mmm_8x8: no host kernels in a browser");
+    },
+    f32_mmm_block: (): never => {
+      throw new WebAssembly.RuntimeError("capsule_kernels.f32_mmm_block: no host kernels in a browser");
     },
   },
 };

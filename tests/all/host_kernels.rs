@@ -43,7 +43,7 @@ fn native_products_stay_within_the_golden_tolerance() -> anyhow::Result<()> {
     );
     for name in FIXTURE_MODELS {
         let built = fixture_capsule(name)?;
-        assert_eq!(built.manifest.host_kernels, HostKernels::V1, "{name}");
+        assert_eq!(built.manifest.host_kernels, HostKernels::V2, "{name}");
         let on = LoadedCapsule::install(
             &host,
             CapsuleImage::parse(built.bytes.clone())?,
@@ -266,5 +266,265 @@ fn hostile_operands_trap_only_their_instance() -> anyhow::Result<()> {
     // response: what matters is that the host computed the tile and the node stays up).
     let _ = capsule.infer(&x(cases.len() - 1));
     assert_eq!(capsule.stats().host_kernel_calls.load(Ordering::Relaxed), 1);
+    Ok(())
+}
+
+/// A hand-written capsule of version 2 that asks for blocks (`f32_mmm_block`) described by
+/// hostile calls: unknown epilogue steps, too much work, every operand, bias, residual and
+/// output range outside memory or misaligned, and the call itself outside memory. Each traps
+/// its instance only; an in-bounds block is computed and stored; and an engine without host
+/// kernels answers 0 and refuses the call.
+#[test]
+fn hostile_block_calls_trap_only_their_instance() -> anyhow::Result<()> {
+    use capsule_format::kernels::{BLOCK_CALL_BYTES, BlockCall, BlockOps};
+    let host = host_engine()?;
+    if !host.host_kernels() {
+        return Ok(());
+    }
+    const TABLE: u32 = 8192;
+    // Two panels of A (k = 2) at 16384, one of B after them, the output at 32768.
+    let good = BlockCall {
+        k: 2,
+        rows: 8,
+        cols: 8,
+        a: 16384,
+        a_stride: 64,
+        b: 16384 + 128,
+        b_stride: 0,
+        ops: (BlockOps::ROW_BIAS | BlockOps::RESIDUAL | BlockOps::MAX).0,
+        bias: 20480,
+        residual: 24576,
+        residual_row_stride: 32,
+        residual_col_stride: 4,
+        store: 32768,
+        store_row_stride: 32,
+        store_col_stride: 4,
+        max: 0.0,
+        min: 0.0,
+    };
+    let max_k = capsule_format::HOST_KERNELS_MAX_K;
+    let cases: Vec<(&str, BlockCall)> = vec![
+        ("an unknown step", BlockCall { ops: 32, ..good }),
+        (
+            "two biases",
+            BlockCall {
+                ops: (BlockOps::ROW_BIAS | BlockOps::COL_BIAS).0,
+                ..good
+            },
+        ),
+        ("an empty block", BlockCall { rows: 0, ..good }),
+        (
+            "a huge k",
+            BlockCall {
+                k: max_k + 1,
+                ..good
+            },
+        ),
+        (
+            "too many tiles",
+            BlockCall {
+                k: 1,
+                rows: u32::MAX,
+                a_stride: 0,
+                ..good
+            },
+        ),
+        (
+            "too much work",
+            BlockCall {
+                k: max_k,
+                rows: 16,
+                a_stride: 0,
+                ..good
+            },
+        ),
+        (
+            "A off the end",
+            BlockCall {
+                a: 65536 - 32,
+                ..good
+            },
+        ),
+        (
+            "A misaligned",
+            BlockCall {
+                a: 16384 + 16,
+                ..good
+            },
+        ),
+        (
+            "A's stride misaligned",
+            BlockCall {
+                rows: 16,
+                a_stride: 48,
+                ..good
+            },
+        ),
+        (
+            "A's stride past 4 GiB",
+            BlockCall {
+                rows: 16,
+                a_stride: u32::MAX - 31,
+                ..good
+            },
+        ),
+        (
+            "B off the end",
+            BlockCall {
+                b: 65536 - 32,
+                ..good
+            },
+        ),
+        (
+            "B's stride off the end",
+            BlockCall {
+                cols: 16,
+                b_stride: 65536,
+                store_row_stride: 64,
+                residual_row_stride: 64,
+                ..good
+            },
+        ),
+        (
+            "the bias off the end",
+            BlockCall {
+                bias: 65536 - 16,
+                ..good
+            },
+        ),
+        (
+            "the column bias off the end",
+            BlockCall {
+                ops: BlockOps::COL_BIAS.0,
+                bias: 65536 - 4,
+                ..good
+            },
+        ),
+        (
+            "the residual below 0",
+            BlockCall {
+                residual: 1024,
+                residual_row_stride: -4096,
+                ..good
+            },
+        ),
+        (
+            "the residual past 4 GiB",
+            BlockCall {
+                residual: u32::MAX - 3,
+                ..good
+            },
+        ),
+        (
+            "the output off the end",
+            BlockCall {
+                store: 65536 - 4,
+                ..good
+            },
+        ),
+        (
+            "the output's stride",
+            BlockCall {
+                store_row_stride: i32::MAX,
+                ..good
+            },
+        ),
+        (
+            "the output's negative stride",
+            BlockCall {
+                store_col_stride: i32::MIN,
+                ..good
+            },
+        ),
+    ];
+    let table: String = cases
+        .iter()
+        .map(|(_, call)| call)
+        .chain([&good])
+        .flat_map(|call| call.to_bytes())
+        .map(|b| format!("\\{b:02x}"))
+        .collect();
+    // x = case number; x = -1: the call itself at the end of memory; x = -2: the version.
+    let wat = format!(
+        r#"(module
+          (import "capsule_kernels" "f32_mmm_block" (func $block (param i32)))
+          (import "capsule_kernels" "abi_version" (func $abi (result i32)))
+          (memory (export "memory") 1)
+          (data (i32.const {TABLE}) "{table}")
+          (func (export "capsule_abi_version") (result i32) i32.const 1)
+          (func (export "capsule_init") (result i32) i32.const 0)
+          (func (export "capsule_alloc") (param i32 i32) (result i32) i32.const 1024)
+          (func (export "capsule_free") (param i32 i32 i32))
+          (func (export "capsule_infer") (param $p i32) (param $n i32) (result i64)
+            (local $x f32)
+            (local.set $x (f32.load (i32.add (local.get $p) (i32.const 7))))
+            ;; x = -2: only ask for the version (2, or a trap)
+            (if (f32.eq (local.get $x) (f32.const -2))
+              (then (if (i32.ne (call $abi) (i32.const 2)) (then unreachable))
+                    (return (i64.const 0))))
+            (if (f32.lt (local.get $x) (f32.const 0))
+              (then (call $block (i32.const {end})))
+              (else (call $block (i32.add (i32.const {TABLE})
+                (i32.mul (i32.trunc_f32_u (local.get $x)) (i32.const {BLOCK_CALL_BYTES}))))))
+            (i64.const 0)))"#,
+        end = 65536 - BLOCK_CALL_BYTES + 4,
+    );
+    let mut wasm = wat::parse_str(&wat)?;
+    let base = CapsuleImage::parse(wat_capsule(&WatCapsule::default())?)?;
+    let mut manifest = base.manifest.clone();
+    manifest.host_kernels = HostKernels::V2;
+    wasm_encoder::Section::append_to(
+        &wasm_encoder::CustomSection {
+            name: capsule_format::MANIFEST_SECTION.into(),
+            data: manifest.to_section_bytes()?.into(),
+        },
+        &mut wasm,
+    );
+    let capsule = LoadedCapsule::install(
+        &host,
+        CapsuleImage::parse(wasm.clone())?,
+        RunConfig::default(),
+    )?;
+    let x = |case: f32| {
+        vec![NamedTensor {
+            name: "x".into(),
+            tensor: Tensor::from_f32(vec![1], &[case]).unwrap(),
+        }]
+    };
+    let expect_trap = |capsule: &LoadedCapsule, case: f32, what: &str, says: &str| match capsule
+        .infer(&x(case))
+    {
+        Err(Error::Trap { message, .. }) => assert!(
+            message.contains("capsule_kernels.f32_mmm_block") && message.contains(says),
+            "{what}: {message}"
+        ),
+        other => panic!("{what}: expected a trap, got {other:?}"),
+    };
+    for (case, (what, _)) in cases.iter().enumerate() {
+        expect_trap(&capsule, case as f32, what, "");
+    }
+    expect_trap(&capsule, -1.0, "the call at the end of memory", "outside");
+    assert_eq!(
+        capsule.stats().traps.load(Ordering::Relaxed),
+        cases.len() as u64 + 1
+    );
+    // The in-bounds block ran: 1 tile (its response, a null pointer, is then refused as a
+    // bad response: what matters is that the host computed it and the node stays up).
+    let _ = capsule.infer(&x(cases.len() as f32));
+    assert_eq!(capsule.stats().host_kernel_calls.load(Ordering::Relaxed), 1);
+    // The node answers version 2 (the null response is refused, but it is not a trap).
+    assert!(!matches!(capsule.infer(&x(-2.0)), Err(Error::Trap { .. })));
+    // Without host kernels the guest is told 0, and a call anyway is refused.
+    let off = LoadedCapsule::install(&engine(), CapsuleImage::parse(wasm)?, RunConfig::default())?;
+    assert!(
+        matches!(off.infer(&x(-2.0)), Err(Error::Trap { .. })),
+        "told 0"
+    );
+    expect_trap(
+        &off,
+        cases.len() as f32,
+        "host kernels off",
+        "off for this instance",
+    );
     Ok(())
 }

@@ -247,19 +247,25 @@ fn a_module_with_imports_is_refused() -> anyhow::Result<()> {
     assert_eq!(
         message(load(wasm).unwrap_err()),
         "invalid capsule: it imports \"env\"::\"clock\"; a capsule imports nothing but the host \
-         kernels (capsule_kernels::[\"abi_version\", \"f32_mmm_8x8\"])"
+         kernels (capsule_kernels::[\"abi_version\", \"f32_mmm_8x8\", \"f32_mmm_block\"])"
     );
     Ok(())
 }
 
-/// The host kernels are the only import, and the manifest must say whether the code uses
-/// them: a capsule whose code imports them under a manifest that declares none (or the
-/// reverse) is refused, and so is any other function of that module.
+/// The host kernels are the only import, and the manifest must say which version the code
+/// uses: a capsule whose code imports them under a manifest that declares none (or the
+/// reverse), or imports a function its version lacks, is refused, and so is any other
+/// function of that module.
 #[test]
 fn host_kernel_imports_must_match_the_manifest() -> anyhow::Result<()> {
     let module = |import: &str| {
+        let signature = if import == "f32_mmm_block" {
+            "(param i32)"
+        } else {
+            "(result i32)"
+        };
         wat::parse_str(format!(
-            r#"(module (import "capsule_kernels" "{import}" (func (result i32)))
+            r#"(module (import "capsule_kernels" "{import}" (func {signature}))
                 (memory (export "memory") 1)
                 (func (export "capsule_abi_version") (result i32) i32.const 1)
                 (func (export "capsule_init") (result i32) i32.const 0)
@@ -284,8 +290,15 @@ fn host_kernel_imports_must_match_the_manifest() -> anyhow::Result<()> {
     assert!(load(with_manifest(module("abi_version")?, HostKernels::V1)?).is_ok());
     assert_eq!(
         message(load(with_manifest(module("abi_version")?, HostKernels::None)?).unwrap_err()),
-        "invalid capsule: it imports [\"capsule_kernels::abi_version\"] but its manifest declares \
+        "invalid capsule: it imports \"capsule_kernels::abi_version\" but its manifest declares \
          no host kernels"
+    );
+    // Version 2's block product under a manifest of version 1, which lacks it.
+    assert!(load(with_manifest(module("f32_mmm_block")?, HostKernels::V2)?).is_ok());
+    assert_eq!(
+        message(load(with_manifest(module("f32_mmm_block")?, HostKernels::V1)?).unwrap_err()),
+        "invalid capsule: it imports \"capsule_kernels::f32_mmm_block\", which its manifest's \
+         host kernels (capsule_kernels v1) lack"
     );
     let no_imports = wat::parse_str(
         r#"(module (memory (export "memory") 1)

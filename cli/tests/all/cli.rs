@@ -58,25 +58,31 @@ fn build_inspect_run_bench() -> anyhow::Result<()> {
 
     let inspect: serde_json::Value = serde_json::from_str(&ok(&["inspect", &s(&out), "--json"]))?;
     // The host kernels, and nothing else.
+    let mut imports: Vec<String> = serde_json::from_value(inspect["imports"].clone())?;
+    imports.sort();
     assert_eq!(
-        inspect["imports"],
-        serde_json::json!([
+        imports,
+        [
+            "capsule_kernels::abi_version",
             "capsule_kernels::f32_mmm_8x8",
-            "capsule_kernels::abi_version"
-        ])
+            "capsule_kernels::f32_mmm_block"
+        ]
     );
-    assert_eq!(inspect["host_kernels"], "V1");
+    assert_eq!(inspect["host_kernels"], "V2");
     assert_eq!(inspect["name"], "digits");
     assert_eq!(inspect["version"], "1.2.3");
     assert_eq!(inspect["card"]["metrics"][0]["name"], "accuracy");
     let printed = ok(&["inspect", &s(&out)]);
+    // The same three, in the code's order.
+    let line = printed
+        .lines()
+        .find(|l| l.starts_with("  imports "))
+        .unwrap_or_default();
+    for import in &imports {
+        assert!(line.contains(import.as_str()), "{printed}");
+    }
     assert!(
-        printed
-            .contains("imports       capsule_kernels::f32_mmm_8x8, capsule_kernels::abi_version"),
-        "{printed}"
-    );
-    assert!(
-        printed.contains("host kernels capsule_kernels v1"),
+        printed.contains("host kernels capsule_kernels v2"),
         "{printed}"
     );
 
@@ -200,13 +206,20 @@ fn demo_runs() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let printed = ok(&["demo", "--dir", &dir.path().to_string_lossy()]);
     assert!(printed.contains("predicted digit: "), "{printed}");
+    let line = printed
+        .lines()
+        .find(|l| l.contains("imports: "))
+        .unwrap_or_default();
     assert!(
-        printed.contains(
-            "imports: capsule_kernels::f32_mmm_8x8, capsule_kernels::abi_version (the host's \
-             matrix kernel, on its own memory only; nothing else)"
-        ),
+        line.ends_with("(the host's matrix kernel, on its own memory only; nothing else)"),
         "{printed}"
     );
+    for import in capsule_format::HOST_KERNELS_IMPORTS {
+        assert!(
+            line.contains(&format!("capsule_kernels::{import}")),
+            "{printed}"
+        );
+    }
     assert!(
         printed.contains("capsule / native tract (p50):"),
         "{printed}"

@@ -1,0 +1,499 @@
+//! Whole products on the host (`capsule_kernels.f32_mmm_block`, version 2 of the import).
+//!
+//! tract runs a product tile by tile: for each 8x8 tile it translates the plan's ops into a
+//! program and calls the kernel, which for host kernels of version 1 meant one host call per
+//! tile for the product alone, then the bias, activation and store in wasm. Those per-tile
+//! steps were half of what a convolution cost with host kernels on (docs/benchmarks.md).
+//!
+//! [`Blocks`] is the 8x8 kernel as tract's plans hold it. It runs a product of the usual
+//! form (`A·B [+ bias per row or column] [+ residual] [max] [min]`, stored f32) as a few
+//! block calls: the operand tract packs lazily (a convolution's im2col) is packed here one
+//! panel at a time, in wasm, and each panel goes to the host with every panel of the other
+//! operand, as many tiles as one call may take. The host fuses the epilogue into its native
+//! kernel and stores straight into the plan's output. Any other product, or any product
+//! when the host offers no blocks, runs as before ([`super::wasm`]'s per-tile kernel).
+
+use std::alloc::Layout;
+use std::borrow::Cow;
+use std::sync::OnceLock;
+
+use capsule_format::kernels::{BlockCall, BlockOps};
+use tract_linalg::BinOp;
+use tract_linalg::mmm::{
+    EagerPackedInput, FusedSpec, MMMInputFormat, MMMInputValue, MatMatMul, OutputStore,
+    OutputStoreSpec, ScratchSpace,
+};
+use tract_linalg::pack::PackedFormat;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::TensorView;
+use tract_onnx::tract_core::tract_linalg;
+
+#[link(wasm_import_module = "capsule_kernels")]
+unsafe extern "C" {
+    /// Computes and stores the block `call` describes ([`BlockCall`]); the host traps on any
+    /// range outside memory, an A not aligned to 32 bytes or more work than one call may do.
+    #[link_name = "f32_mmm_block"]
+    fn host_f32_mmm_block(call: *const BlockCall);
+}
+
+/// The 8x8 kernel as plans hold it: blocks on the host where it can, tract's tile loop
+/// (with [`super::wasm`]'s kernel) everywhere else.
+#[derive(Clone, Debug)]
+pub(super) struct Blocks(pub(super) Box<dyn MatMatMul>);
+
+impl MatMatMul for Blocks {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    fn mr(&self) -> usize {
+        self.0.mr()
+    }
+    fn nr(&self) -> usize {
+        self.0.nr()
+    }
+    fn arch(&self) -> Option<tract_linalg::isa::Arch> {
+        self.0.arch()
+    }
+    fn emulated(&self) -> bool {
+        self.0.emulated()
+    }
+    fn boost(&self) -> isize {
+        self.0.boost()
+    }
+    fn preference(&self) -> isize {
+        self.0.preference()
+    }
+    fn runnable_on(&self, isa: &tract_linalg::isa::IsaSet) -> bool {
+        self.0.runnable_on(isa)
+    }
+    fn runnable(&self) -> bool {
+        self.0.runnable()
+    }
+    fn built(&self) -> bool {
+        self.0.built()
+    }
+    fn isa(&self) -> tract_linalg::isa::IsaReq {
+        self.0.isa()
+    }
+    fn packings(&self) -> &[(Box<dyn MMMInputFormat>, Box<dyn MMMInputFormat>)] {
+        self.0.packings()
+    }
+    fn internal_type(&self) -> DatumType {
+        self.0.internal_type()
+    }
+    unsafe fn c_view(
+        &self,
+        m_axis: Option<usize>,
+        n_axis: Option<usize>,
+    ) -> tract_linalg::mmm::OutputStoreSpec {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { self.0.c_view(m_axis, n_axis) }
+    }
+    unsafe fn c_from_data_and_strides(
+        &self,
+        item_size: usize,
+        row_stride: isize,
+        col_stride: isize,
+    ) -> tract_linalg::mmm::OutputStoreSpec {
+        // SAFETY: the caller's contract, passed on.
+        unsafe {
+            self.0
+                .c_from_data_and_strides(item_size, row_stride, col_stride)
+        }
+    }
+    fn can_fuse(&self, spec: &FusedSpec) -> bool {
+        self.0.can_fuse(spec)
+    }
+    fn stores(&self) -> Cow<'_, [DatumType]> {
+        self.0.stores()
+    }
+    unsafe fn allocate_scratch_space(&self) -> Box<dyn ScratchSpace> {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { self.0.allocate_scratch_space() }
+    }
+    unsafe fn can_use_scratch_space(&self, scratch: &dyn ScratchSpace) -> bool {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { self.0.can_use_scratch_space(scratch) }
+    }
+    unsafe fn run_with_scratch_space(
+        &self,
+        m: usize,
+        n: usize,
+        scratch: &mut dyn ScratchSpace,
+        non_linear: &[FusedSpec],
+    ) -> TractResult<()> {
+        if super::wasm::host_abi() >= 2
+            && let Some(plan) = Plan::of(m, n, non_linear)
+        {
+            // SAFETY: the specs are tract's for this product (the caller's contract).
+            return unsafe { plan.run() };
+        }
+        // SAFETY: the caller's contract, passed on.
+        unsafe { self.0.run_with_scratch_space(m, n, scratch, non_linear) }
+    }
+}
+
+/// A product of the form the host runs as blocks, read off tract's specs.
+struct Plan<'s> {
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &'s dyn MMMInputValue,
+    b: &'s dyn MMMInputValue,
+    ops: BlockOps,
+    bias: *const f32,
+    residual: Option<Store>,
+    max: f32,
+    min: f32,
+    store: Store,
+}
+
+impl<'s> Plan<'s> {
+    fn of(m: usize, n: usize, specs: &'s [FusedSpec<'s>]) -> Option<Plan<'s>> {
+        let mut specs = specs.iter().peekable();
+        let Some(FusedSpec::AddMatMul { a, b, packing: 0 }) = specs.next() else {
+            return None;
+        };
+        let (a, b): (&dyn MMMInputValue, &dyn MMMInputValue) = (&**a, &**b);
+        // An eager operand is packed as this kernel's packing 0 (f32, 8 a step); a lazy one
+        // (a convolution's im2col) packs its panels for the packing the plan chose, the
+        // same, and says only its width.
+        let packed = |v: &dyn MMMInputValue| match v.format().downcast_ref::<PackedFormat>() {
+            Some(f) => f.r == 8 && f.dt == DatumType::F32,
+            None => !v.is::<EagerPackedInput>() && v.format().r() == 8,
+        };
+        let k = a.k();
+        if !packed(a)
+            || !packed(b)
+            || b.k() != k
+            || a.mn() < m
+            || b.mn() < n
+            // Any depth: a block call's cost is shared by its tiles (a tile call's was not,
+            // hence `MIN_HOST_K` for those).
+            || !(1..=capsule_format::HOST_KERNELS_MAX_K as usize).contains(&k)
+            || u32::try_from(m.max(n)).is_err()
+            // One operand is read panel by panel from where tract keeps it: it must be eager.
+            || !(a.is::<EagerPackedInput>() || b.is::<EagerPackedInput>())
+        {
+            return None;
+        }
+        let mut ops = BlockOps::default();
+        let mut residual = None;
+        // A residual before the bias (the order of products whose operands the one-row plan
+        // swapped).
+        if let Some(FusedSpec::AddUnicast(store)) = specs.peek() {
+            residual = Some(Store::of(store)?);
+            ops = BlockOps::RESIDUAL | BlockOps::RESIDUAL_FIRST;
+            specs.next();
+        }
+        let mut bias = std::ptr::null();
+        let f32s = |v: &TensorView, len: usize| {
+            (v.datum_type() == DatumType::F32 && v.len() >= len)
+                .then(|| v.as_ptr::<f32>().ok())
+                .flatten()
+        };
+        match specs.peek() {
+            Some(FusedSpec::BinPerRow(v, BinOp::Add)) => {
+                (bias, ops) = (f32s(v, m)?, ops | BlockOps::ROW_BIAS);
+                specs.next();
+            }
+            Some(FusedSpec::BinPerCol(v, BinOp::Add)) => {
+                (bias, ops) = (f32s(v, n)?, ops | BlockOps::COL_BIAS);
+                specs.next();
+            }
+            _ => {}
+        }
+        if residual.is_none()
+            && let Some(FusedSpec::AddUnicast(store)) = specs.peek()
+        {
+            residual = Some(Store::of(store)?);
+            ops = ops | BlockOps::RESIDUAL;
+            specs.next();
+        }
+        if ops.has(BlockOps::RESIDUAL_FIRST)
+            && !ops.has(BlockOps::ROW_BIAS)
+            && !ops.has(BlockOps::COL_BIAS)
+        {
+            // Without a bias the order says nothing.
+            ops = BlockOps(ops.0 & !BlockOps::RESIDUAL_FIRST.0);
+        }
+        let scalar = |t: &Tensor| {
+            (t.datum_type() == DatumType::F32)
+                .then(|| t.as_plain_ram()?.to_scalar::<f32>().ok().copied())
+                .flatten()
+        };
+        let (mut max, mut min) = (0.0, 0.0);
+        if let Some(FusedSpec::BinScalar(t, BinOp::Max)) = specs.peek() {
+            (max, ops) = (scalar(t)?, ops | BlockOps::MAX);
+            specs.next();
+        }
+        if let Some(FusedSpec::BinScalar(t, BinOp::Min)) = specs.peek() {
+            (min, ops) = (scalar(t)?, ops | BlockOps::MIN);
+            specs.next();
+        }
+        let Some(FusedSpec::Store(store)) = specs.next() else {
+            return None;
+        };
+        let store = Store::of(store)?;
+        if specs.next().is_some() {
+            return None;
+        }
+        Some(Plan {
+            m,
+            n,
+            k,
+            a,
+            b,
+            ops,
+            bias,
+            residual,
+            max,
+            min,
+            store,
+        })
+    }
+
+    /// Sends the product to the host: the lazy operand (or B, when both are eager) panel by
+    /// panel, each with as many panels of the other as one call may take.
+    ///
+    /// # Safety
+    /// The plan's operands, bias, residual and store are tract's for an `m x n` product.
+    unsafe fn run(&self) -> TractResult<()> {
+        // Column strips (one panel of B against A's) unless A is the lazy operand.
+        let by_columns = self.a.is::<EagerPackedInput>();
+        let (outer, inner) = if by_columns {
+            (self.b, self.a)
+        } else {
+            (self.a, self.b)
+        };
+        let (outer_len, inner_len) = if by_columns {
+            (self.n, self.m)
+        } else {
+            (self.m, self.n)
+        };
+        let panel_bytes = self.k * capsule_format::kernels::PANEL_STEP_BYTES;
+        let mut buffer = Buffer::new(outer.scratch_panel_buffer_layout(), panel_bytes)?;
+        let inner0 = inner.panel_bytes(0, None)? as usize;
+        let inner_stride = if inner_len > 8 {
+            inner.panel_bytes(1, None)? as usize - inner0
+        } else {
+            0
+        };
+        // Tiles of the inner operand per call: the most the host takes, and at least one.
+        let per_call = 8 * (capsule_format::HOST_KERNELS_MAX_STEPS as usize / self.k.max(1)).max(1);
+        let f = |v: usize| v as u32;
+        for o in 0..outer_len.div_ceil(8) {
+            let mut panel = outer.panel_bytes(o, buffer.scratch())?;
+            if !by_columns && !(panel as usize).is_multiple_of(32) {
+                // The host loads A with aligned moves.
+                panel = buffer.aligned_copy(panel);
+            }
+            let outer_count = (outer_len - 8 * o).min(8);
+            for first in (0..inner_len).step_by(per_call) {
+                let inner_count = (inner_len - first).min(per_call);
+                let (row, col, rows, cols) = if by_columns {
+                    (first, 8 * o, inner_count, outer_count)
+                } else {
+                    (8 * o, first, outer_count, inner_count)
+                };
+                let inner_at = inner0 + first / 8 * inner_stride;
+                let (a, a_stride, b, b_stride) = if by_columns {
+                    (inner_at, inner_stride, panel as usize, 0)
+                } else {
+                    (panel as usize, 0, inner_at, inner_stride)
+                };
+                let bias = if self.ops.has(BlockOps::ROW_BIAS) {
+                    self.bias.wrapping_add(row)
+                } else {
+                    self.bias.wrapping_add(col)
+                };
+                let residual = self.residual.unwrap_or(self.store);
+                let call = BlockCall {
+                    k: f(self.k),
+                    rows: f(rows),
+                    cols: f(cols),
+                    a: f(a),
+                    a_stride: f(a_stride),
+                    b: f(b),
+                    b_stride: f(b_stride),
+                    ops: self.ops.0,
+                    bias: bias as usize as u32,
+                    residual: f(residual.at(row, col)),
+                    residual_row_stride: residual.row_stride,
+                    residual_col_stride: residual.col_stride,
+                    store: f(self.store.at(row, col)),
+                    store_row_stride: self.store.row_stride,
+                    store_col_stride: self.store.col_stride,
+                    max: self.max,
+                    min: self.min,
+                };
+                // SAFETY: every address names what tract gave this product (the caller's
+                // contract) or this function's own buffers; the host checks them anyway.
+                unsafe { host_f32_mmm_block(&call) };
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An f32 output (or residual) of a product: its first value and its byte strides.
+#[derive(Debug, Clone, Copy)]
+struct Store {
+    ptr: usize,
+    row_stride: i32,
+    col_stride: i32,
+}
+
+impl Store {
+    fn of(store: &OutputStore) -> Option<Store> {
+        let fields = StoreLayout::get()?.read(store);
+        (fields.item_size == 4).then_some(())?;
+        Some(Store {
+            ptr: fields.ptr,
+            row_stride: i32::try_from(fields.row_stride).ok()?,
+            col_stride: i32::try_from(fields.col_stride).ok()?,
+        })
+    }
+
+    /// Where value `(row, col)` is.
+    fn at(&self, row: usize, col: usize) -> usize {
+        (self.ptr as isize
+            + row as isize * self.row_stride as isize
+            + col as isize * self.col_stride as isize) as usize
+    }
+}
+
+/// What [`StoreLayout::read`] reads of tract's `OutputStore`.
+struct StoreFields {
+    ptr: usize,
+    row_stride: isize,
+    col_stride: isize,
+    item_size: usize,
+}
+
+/// Where the fields of tract's `OutputStore` are. They are private to tract-linalg and the
+/// struct is not `repr(C)`, but it is seven pointer-sized integers: [`StoreLayout::get`]
+/// builds one through tract's public constructor with seven distinct values and finds each
+/// field's word. If that fails (another tract, another layout), no product goes to the host
+/// as a block.
+#[derive(Debug, Clone, Copy)]
+struct StoreLayout {
+    ptr: usize,
+    row_stride: usize,
+    col_stride: usize,
+    item_size: usize,
+}
+
+const STORE_WORDS: usize = 7;
+
+impl StoreLayout {
+    fn get() -> Option<StoreLayout> {
+        static LAYOUT: OnceLock<Option<StoreLayout>> = OnceLock::new();
+        *LAYOUT.get_or_init(StoreLayout::probe)
+    }
+
+    fn words(store: &OutputStore) -> Option<[usize; STORE_WORDS]> {
+        if std::mem::size_of::<OutputStore>() != std::mem::size_of::<[usize; STORE_WORDS]>() {
+            return None;
+        }
+        // SAFETY: same size (checked), and every field of `OutputStore` is a pointer-sized
+        // integer or pointer, so every word is initialized and any bits are a valid usize.
+        Some(unsafe { std::mem::transmute_copy::<OutputStore, [usize; STORE_WORDS]>(store) })
+    }
+
+    fn probe() -> Option<StoreLayout> {
+        let tensor = Tensor::zero::<f32>(&[3]).ok()?;
+        let spec = OutputStoreSpec::Strides {
+            row_byte_stride: 36,
+            col_byte_stride: 52,
+            mr: 5,
+            nr: 7,
+        };
+        // SAFETY: the store is only read, never written through.
+        let store = unsafe { spec.wrap(&tensor.view()) };
+        let words = Self::words(&store)?;
+        let ptr = tensor.as_ptr::<f32>().ok()? as usize;
+        // ptr, row and column strides, panel strides (36 * 5, 52 * 7), item size, count.
+        let find = |value: usize| {
+            let mut at = words.iter().enumerate().filter(|(_, w)| **w == value);
+            match (at.next(), at.next()) {
+                (Some((i, _)), None) => Some(i),
+                _ => None,
+            }
+        };
+        for other in [180, 364, 3] {
+            find(other)?;
+        }
+        Some(StoreLayout {
+            ptr: find(ptr)?,
+            row_stride: find(36)?,
+            col_stride: find(52)?,
+            item_size: find(4)?,
+        })
+    }
+
+    fn read(&self, store: &OutputStore) -> StoreFields {
+        let words = Self::words(store).unwrap_or([0; STORE_WORDS]);
+        StoreFields {
+            ptr: words[self.ptr],
+            row_stride: words[self.row_stride] as isize,
+            col_stride: words[self.col_stride] as isize,
+            item_size: words[self.item_size],
+        }
+    }
+}
+
+/// The buffers of one product: the lazy operand's panel (where tract's packer writes it)
+/// and, for an A whose panel is not 32-byte aligned, an aligned copy.
+struct Buffer {
+    scratch: Option<(*mut u8, Layout)>,
+    aligned: Vec<Aligned>,
+}
+
+/// 32 bytes, aligned as the host's loads of A need.
+#[derive(Clone, Copy)]
+#[repr(C, align(32))]
+struct Aligned([u8; 32]);
+
+impl Buffer {
+    fn new(layout: Option<Layout>, panel_bytes: usize) -> TractResult<Buffer> {
+        let scratch = match layout {
+            Some(layout) if layout.size() > 0 => {
+                let layout = layout.align_to(32)?;
+                // SAFETY: a layout of non-zero size.
+                let ptr = unsafe { std::alloc::alloc(layout) };
+                if ptr.is_null() {
+                    std::alloc::handle_alloc_error(layout);
+                }
+                Some((ptr, layout))
+            }
+            _ => None,
+        };
+        Ok(Buffer {
+            scratch,
+            aligned: vec![Aligned([0; 32]); panel_bytes.div_ceil(32)],
+        })
+    }
+
+    fn scratch(&self) -> Option<*mut u8> {
+        self.scratch.map(|(ptr, _)| ptr)
+    }
+
+    /// Copies a panel into the aligned buffer.
+    fn aligned_copy(&mut self, panel: *const u8) -> *const u8 {
+        let dst = self.aligned.as_mut_ptr().cast::<u8>();
+        // SAFETY: the panel holds `panel_bytes` (tract's packer wrote them), the buffer at
+        // least as many, and they do not overlap (the buffer is ours).
+        unsafe { std::ptr::copy_nonoverlapping(panel, dst, self.aligned.len() * 32) };
+        dst
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        if let Some((ptr, layout)) = self.scratch {
+            // SAFETY: allocated in `new` with this layout.
+            unsafe { std::alloc::dealloc(ptr, layout) };
+        }
+    }
+}
