@@ -21,6 +21,12 @@ pub const BLOCK_CALL_BYTES: usize = 17 * 4;
 /// Bytes of one k step of a packed panel: 8 f32, one per row of A or column of B.
 pub const PANEL_STEP_BYTES: usize = 8 * 4;
 
+/// What a tile costs beyond its product, in product steps (8 multiply-adds of a row of 8):
+/// the kernel's entry, the epilogue's loads and the 64 stores. Without it a call of
+/// `k = 0` or `1` could ask for 2^20 tiles, about a thousand times the work
+/// [`crate::HOST_KERNELS_MAX_STEPS`] is meant to bound.
+pub const TILE_OVERHEAD_STEPS: u64 = 64;
+
 /// Which optional steps of the epilogue a [`BlockCall`] runs, in this order after the
 /// product: a bias per row or per column, a residual (or the residual, then the bias), a
 /// lower then an upper clamp.
@@ -200,10 +206,17 @@ impl BlockCall {
         self.row_tiles().checked_mul(self.col_tiles())
     }
 
-    /// The call's work in tile steps (`tiles * k`, a tile counting at least one step for its
-    /// epilogue), which [`crate::HOST_KERNELS_MAX_STEPS`] bounds per call; `None` past `u64`.
+    /// The call's work in tile steps (`tiles * (k + TILE_OVERHEAD_STEPS)`: a tile's entry,
+    /// epilogue and 64 stores count as that many steps of its product), which
+    /// [`crate::HOST_KERNELS_MAX_STEPS`] bounds per call; `None` past `u64`.
     pub fn steps(&self) -> Option<u64> {
-        u64::from(self.tiles()?).checked_mul(u64::from(self.k.max(1)))
+        u64::from(self.tiles()?).checked_mul(u64::from(self.k) + TILE_OVERHEAD_STEPS)
+    }
+
+    /// The most tiles one call `k` deep may hold: at least one up to the deepest `k` the
+    /// host takes ([`crate::HOST_KERNELS_MAX_K`]).
+    pub fn max_tiles(k: u32) -> u64 {
+        crate::HOST_KERNELS_MAX_STEPS / (u64::from(k) + TILE_OVERHEAD_STEPS)
     }
 }
 
@@ -264,7 +277,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!((call.row_tiles(), call.col_tiles()), (3, 1));
-        assert_eq!(call.steps(), Some(9));
+        assert_eq!(call.steps(), Some(3 * (3 + TILE_OVERHEAD_STEPS)));
         let huge = BlockCall {
             k: u32::MAX,
             rows: u32::MAX,
@@ -273,14 +286,14 @@ mod tests {
         };
         assert_eq!(huge.tiles(), None);
         assert_eq!(huge.steps(), None);
-        // An epilogue-only block still costs a step per tile.
+        // An epilogue-only block still costs its tiles' overhead.
         let shallow = BlockCall {
             k: 0,
             rows: 64,
             cols: 64,
             ..Default::default()
         };
-        assert_eq!(shallow.steps(), Some(64));
+        assert_eq!(shallow.steps(), Some(64 * TILE_OVERHEAD_STEPS));
         let wide = BlockCall {
             k: u32::MAX,
             rows: u32::MAX,
@@ -289,7 +302,21 @@ mod tests {
         };
         assert_eq!(
             wide.steps(),
-            Some(u64::from(u32::MAX.div_ceil(8)) * u64::from(u32::MAX))
+            Some(u64::from(u32::MAX.div_ceil(8)) * (u64::from(u32::MAX) + TILE_OVERHEAD_STEPS))
         );
+        // A call of `max_tiles(k)` row tiles is within the bound, one more tile is not; one
+        // tile of the deepest k fits.
+        for k in [0, 1, 27, 576, 1 << 14, crate::HOST_KERNELS_MAX_K] {
+            let tiles = BlockCall::max_tiles(k);
+            let call = |tiles: u64| BlockCall {
+                k,
+                rows: (8 * tiles) as u32,
+                cols: 8,
+                ..Default::default()
+            };
+            let max = crate::HOST_KERNELS_MAX_STEPS;
+            assert!(tiles >= 1 && call(tiles).steps().unwrap() <= max, "k = {k}");
+            assert!(call(tiles + 1).steps().unwrap() > max, "k = {k}");
+        }
     }
 }

@@ -59,10 +59,11 @@ pub const HOST_KERNELS_IMPORTS: [&str; 3] = ["abi_version", "f32_mmm_8x8", "f32_
 /// far one call can overrun it. Deeper products stay in the guest's wasm kernel.
 pub const HOST_KERNELS_MAX_K: u32 = 1 << 20;
 
-/// Most work one `f32_mmm_block` call may ask for, in tile steps (8x8 tiles times `k`): the
-/// work of one tile at [`HOST_KERNELS_MAX_K`], and for the same reason. The guest splits
-/// bigger blocks into several calls.
-pub const HOST_KERNELS_MAX_STEPS: u64 = HOST_KERNELS_MAX_K as u64;
+/// Most work one `f32_mmm_block` call may ask for, in tile steps (8x8 tiles times `k` plus a
+/// tile's fixed cost, [`kernels::BlockCall::steps`]): the work of one tile at
+/// [`HOST_KERNELS_MAX_K`], and for the same reason. The guest splits bigger blocks into
+/// several calls.
+pub const HOST_KERNELS_MAX_STEPS: u64 = HOST_KERNELS_MAX_K as u64 + kernels::TILE_OVERHEAD_STEPS;
 
 /// Name of the wasm custom section that holds the encoded manifest.
 pub const MANIFEST_SECTION: &str = "capsule.manifest";

@@ -375,8 +375,9 @@ mod native {
         let k = call.k as usize;
         // SAFETY: every tile's pointers lie inside the checked ranges (the caller's contract).
         unsafe {
+            let residual_fits = !ops.has(O::RESIDUAL) || super::gather_fits(call);
             super::each_tile(base, call, ops, |t| {
-                if t.rows < 8 || t.cols < 8 {
+                if t.rows < 8 || t.cols < 8 || !residual_fits {
                     let a = std::slice::from_raw_parts(t.pa, k * super::STEP_BYTES);
                     let b = std::slice::from_raw_parts(t.pb, k * super::STEP_BYTES);
                     super::edge_tile(&product(a, b, k), &t, call, ops);
@@ -460,6 +461,15 @@ mod native {
     }
 }
 
+/// Whether the native kernel can add the call's residual: it gathers each column of the
+/// tile with 32-bit signed offsets `row * residual_row_stride`, which `block` does not
+/// limit (it checks the exact 64-bit range). A capsule with a memory over 2 GiB could
+/// otherwise make the offsets of rows 1-7 wrap and read up to 4 GiB outside its memory;
+/// such tiles take the plain-Rust epilogue, which computes every address in 64 bits.
+fn gather_fits(call: &BlockCall) -> bool {
+    i64::from(call.residual_row_stride).abs() * 7 <= i64::from(i32::MAX)
+}
+
 /// One tile of a checked block: where its operands are and how much of it is inside the
 /// block.
 struct TileAt {
@@ -528,6 +538,8 @@ unsafe fn each_tile(base: *mut u8, call: &BlockCall, ops: BlockOps, mut f: impl 
 
 /// The epilogue and the store of a tile, in plain Rust, on its outputs inside the block
 /// only: for tiles cut by the block's edge, whose bias, residual and output end mid-tile.
+/// The clamps keep a NaN as the native kernel's `max`/`min` and wasm's do (`f32::max` would
+/// not).
 ///
 /// # Safety
 /// As [`each_tile`], for `t`.
@@ -555,11 +567,11 @@ unsafe fn edge_tile(product: &[f32; 64], t: &TileAt, call: &BlockCall, ops: Bloc
                 if ops.has(BlockOps::RESIDUAL) && !ops.has(BlockOps::RESIDUAL_FIRST) {
                     v += residual();
                 }
-                if ops.has(BlockOps::MAX) {
-                    v = v.max(call.max);
+                if ops.has(BlockOps::MAX) && call.max > v {
+                    v = call.max;
                 }
-                if ops.has(BlockOps::MIN) {
-                    v = v.min(call.min);
+                if ops.has(BlockOps::MIN) && call.min < v {
+                    v = call.min;
                 }
                 let at = at(call.store_row_stride, call.store_col_stride);
                 t.store.offset(at).cast::<f32>().write_unaligned(v);
@@ -645,17 +657,21 @@ mod tests {
         }
     }
 
-    /// Random arguments, biased toward the edges (0, the end of memory, 4 GiB, overflowing
-    /// k): whatever `operands` accepts lies inside memory with A aligned.
-    #[test]
-    fn accepted_operands_always_lie_inside_memory() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
+    /// A fixed-seed xorshift generator: the fuzz tests' arguments, the same on every run.
+    fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+        move || {
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
             seed
-        };
+        }
+    }
+
+    /// Random arguments, biased toward the edges (0, the end of memory, 4 GiB, overflowing
+    /// k): whatever `operands` accepts lies inside memory with A aligned.
+    #[test]
+    fn accepted_operands_always_lie_inside_memory() {
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
         let mut accepted = 0;
         for _ in 0..200_000 {
             let len = [0, 256, 65_536, 1 << 20][(next() % 4) as usize];
@@ -826,9 +842,10 @@ mod tests {
         out
     }
 
-    /// Blocks of whole and cut tiles, with each epilogue, stored row-major and transposed:
-    /// the plain-Rust block and (where the machine has it) the native one store exactly the
-    /// definition's values, and nothing outside the output changes.
+    /// Blocks of whole and cut tiles, with each epilogue, stored row-major, transposed,
+    /// backwards and with rows far apart: the plain-Rust block and (where the machine has
+    /// it) the native one store exactly the definition's values, and nothing outside the
+    /// output changes.
     #[test]
     fn blocks_compute_the_product_and_its_epilogue() {
         use BlockOps as O;
@@ -854,12 +871,28 @@ mod tests {
         for (rows, cols) in [(8, 8), (24, 8), (21, 8), (8, 5), (19, 16), (3, 20), (1, 1)] {
             for k in [1, 9, 64] {
                 for ops in epilogues {
-                    for transposed in [false, true] {
+                    for layout in 0..4 {
                         let mut call = block_call(k, rows, cols, ops);
-                        if transposed {
-                            (call.store_row_stride, call.store_col_stride) = (4, 4 * 64);
+                        let mut len = 1 << 16;
+                        match layout {
+                            // The output transposed.
+                            1 => (call.store_row_stride, call.store_col_stride) = (4, 4 * 64),
+                            // Both strides negative (the output read backwards from its
+                            // last value), the residual transposed.
+                            2 => {
+                                (call.store_row_stride, call.store_col_stride) = (-256, -4);
+                                call.store += 23 * 256 + 63 * 4;
+                                (call.residual_row_stride, call.residual_col_stride) = (4, 96);
+                            }
+                            // Rows far apart, the residual's backwards.
+                            3 => {
+                                len = 1 << 18;
+                                (call.store, call.store_row_stride) = (1 << 16, 4096);
+                                (call.residual, call.residual_row_stride) = (0x3f000, -4096);
+                            }
+                            _ => {}
                         }
-                        let mut memory = integer_memory(1 << 16);
+                        let mut memory = integer_memory(len);
                         let bytes = bytes_of(&mut memory);
                         assert_eq!(block(bytes.len(), &call), Ok(ops), "{call:?}");
                         let want = expected(bytes, &call, ops);
@@ -1051,6 +1084,66 @@ mod tests {
         ] {
             assert!(block(len, &call).is_err(), "accepted {what}: {call:?}");
         }
+        // The depth and work limits on their own, in a memory that holds everything (1 TiB):
+        // the deepest product in one tile passes, deeper or more tiles do not.
+        let huge = 1 << 40;
+        let deep = BlockCall {
+            k: max_k,
+            rows: 8,
+            cols: 8,
+            a_stride: 0,
+            ..good
+        };
+        assert!(block(huge, &deep).is_ok());
+        assert!(
+            block(
+                huge,
+                &BlockCall {
+                    k: max_k + 1,
+                    ..deep
+                }
+            )
+            .unwrap_err()
+            .contains("over the limit")
+        );
+        assert!(
+            block(huge, &BlockCall { rows: 16, ..deep })
+                .unwrap_err()
+                .contains("tile steps")
+        );
+        let shallow = BlockCall {
+            k: 0,
+            rows: 8 * BlockCall::max_tiles(0) as u32,
+            a_stride: 0,
+            ..deep
+        };
+        assert!(block(huge, &shallow).is_ok());
+        let more = BlockCall {
+            rows: shallow.rows + 8,
+            ..shallow
+        };
+        assert!(block(huge, &more).unwrap_err().contains("tile steps"));
+        // A residual row stride the native gather cannot take is accepted (the range is
+        // checked exactly) and left to the plain-Rust epilogue.
+        let far = BlockCall {
+            residual: 0,
+            residual_row_stride: i32::MAX / 7 + 1,
+            ..good
+        };
+        assert!(block(huge, &far).is_ok());
+        assert!(!gather_fits(&far));
+        assert!(gather_fits(&BlockCall {
+            residual_row_stride: i32::MAX / 7,
+            ..good
+        }));
+        assert!(gather_fits(&BlockCall {
+            residual_row_stride: -(i32::MAX / 7),
+            ..good
+        }));
+        assert!(!gather_fits(&BlockCall {
+            residual_row_stride: i32::MIN,
+            ..good
+        }));
         // Steps the call does not name are not checked: their addresses are never read.
         let plain = BlockCall {
             ops: 0,
@@ -1065,13 +1158,7 @@ mod tests {
     /// inside memory, A aligned, the work bounded.
     #[test]
     fn accepted_blocks_always_lie_inside_memory() {
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d);
         let mut accepted = 0;
         for _ in 0..100_000 {
             let len = [0usize, 4096, 65_536][(next() % 3) as usize];
@@ -1106,7 +1193,6 @@ mod tests {
             };
             let Ok(ops) = block(len, &call) else { continue };
             accepted += 1;
-            assert!(call.steps().unwrap() <= capsule_format::HOST_KERNELS_MAX_STEPS);
             let inside = |start: i128, bytes: i128| {
                 assert!(
                     start >= 0 && start + bytes <= len as i128,

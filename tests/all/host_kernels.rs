@@ -304,7 +304,7 @@ fn hostile_block_calls_trap_only_their_instance() -> anyhow::Result<()> {
     };
     let max_k = capsule_format::HOST_KERNELS_MAX_K;
     let cases: Vec<(&str, BlockCall)> = vec![
-        ("an unknown step", BlockCall { ops: 32, ..good }),
+        ("an unknown step", BlockCall { ops: 64, ..good }),
         (
             "two biases",
             BlockCall {
@@ -500,8 +500,21 @@ fn hostile_block_calls_trap_only_their_instance() -> anyhow::Result<()> {
         ),
         other => panic!("{what}: expected a trap, got {other:?}"),
     };
+    // What the node says for each (its check runs in this order, so each case meets its own).
+    let reason = |what: &str| match what {
+        "an unknown step" | "two biases" => "unknown epilogue steps",
+        "an empty block" => "an empty block",
+        "a huge k" => "k = ",
+        "too many tiles" | "too much work" => "tile steps per call",
+        "A misaligned" | "A's stride misaligned" => "aligned",
+        w if w.starts_with("A's") || w.starts_with("A ") => "A's panels",
+        w if w.starts_with("B") => "B's panels",
+        w if w.contains("bias") => "the bias",
+        w if w.contains("residual") => "the residual",
+        _ => "the output",
+    };
     for (case, (what, _)) in cases.iter().enumerate() {
-        expect_trap(&capsule, case as f32, what, "");
+        expect_trap(&capsule, case as f32, what, reason(what));
     }
     expect_trap(&capsule, -1.0, "the call at the end of memory", "outside");
     assert_eq!(

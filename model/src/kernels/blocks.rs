@@ -18,12 +18,12 @@ use std::borrow::Cow;
 use std::sync::OnceLock;
 
 use capsule_format::kernels::{BlockCall, BlockOps};
-use tract_linalg::BinOp;
 use tract_linalg::mmm::{
     EagerPackedInput, FusedSpec, MMMInputFormat, MMMInputValue, MatMatMul, OutputStore,
     OutputStoreSpec, ScratchSpace,
 };
 use tract_linalg::pack::PackedFormat;
+use tract_linalg::{BinOp, WeightType};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::TensorView;
 use tract_onnx::tract_core::tract_linalg;
@@ -140,6 +140,11 @@ struct Plan<'s> {
     k: usize,
     a: &'s dyn MMMInputValue,
     b: &'s dyn MMMInputValue,
+    /// Column strips (one panel of B against all of A's) unless A is the lazy operand.
+    by_columns: bool,
+    /// The eager operand's first panel and the bytes from one to the next.
+    inner0: usize,
+    inner_stride: usize,
     ops: BlockOps,
     bias: *const f32,
     residual: Option<Store>,
@@ -160,7 +165,11 @@ impl<'s> Plan<'s> {
         // same, and says only its width.
         let packed = |v: &dyn MMMInputValue| match v.format().downcast_ref::<PackedFormat>() {
             Some(f) => f.r == 8 && f.dt == DatumType::F32,
-            None => !v.is::<EagerPackedInput>() && v.format().r() == 8,
+            None => {
+                !v.is::<EagerPackedInput>()
+                    && v.format().r() == 8
+                    && matches!(v.format().precursor(), WeightType::Plain(DatumType::F32))
+            }
         };
         let k = a.k();
         if !packed(a)
@@ -238,12 +247,28 @@ impl<'s> Plan<'s> {
         if specs.next().is_some() {
             return None;
         }
+        let by_columns = a.is::<EagerPackedInput>();
+        let (inner, inner_len) = if by_columns { (a, m) } else { (b, n) };
+        let inner0 = inner.panel_bytes(0, None).ok()? as usize;
+        let inner_stride = if inner_len > 8 {
+            (inner.panel_bytes(1, None).ok()? as usize).checked_sub(inner0)?
+        } else {
+            0
+        };
+        if by_columns && !(inner0.is_multiple_of(32) && inner_stride.is_multiple_of(32)) {
+            // The host loads A with aligned moves and traps on anything else: leave such a
+            // packing (never seen; ours aligns to 256) to the tile loop, as tile calls do.
+            return None;
+        }
         Some(Plan {
             m,
             n,
             k,
             a,
             b,
+            by_columns,
+            inner0,
+            inner_stride,
             ops,
             bias,
             residual,
@@ -259,13 +284,8 @@ impl<'s> Plan<'s> {
     /// # Safety
     /// The plan's operands, bias, residual and store are tract's for an `m x n` product.
     unsafe fn run(&self) -> TractResult<()> {
-        // Column strips (one panel of B against A's) unless A is the lazy operand.
-        let by_columns = self.a.is::<EagerPackedInput>();
-        let (outer, inner) = if by_columns {
-            (self.b, self.a)
-        } else {
-            (self.a, self.b)
-        };
+        let (by_columns, inner0, inner_stride) = (self.by_columns, self.inner0, self.inner_stride);
+        let outer = if by_columns { self.b } else { self.a };
         let (outer_len, inner_len) = if by_columns {
             (self.n, self.m)
         } else {
@@ -273,14 +293,8 @@ impl<'s> Plan<'s> {
         };
         let panel_bytes = self.k * capsule_format::kernels::PANEL_STEP_BYTES;
         let mut buffer = Buffer::new(outer.scratch_panel_buffer_layout(), panel_bytes)?;
-        let inner0 = inner.panel_bytes(0, None)? as usize;
-        let inner_stride = if inner_len > 8 {
-            inner.panel_bytes(1, None)? as usize - inner0
-        } else {
-            0
-        };
-        // Tiles of the inner operand per call: the most the host takes, and at least one.
-        let per_call = 8 * (capsule_format::HOST_KERNELS_MAX_STEPS as usize / self.k.max(1)).max(1);
+        // Rows (or columns) of the inner operand per call: the most tiles the host takes.
+        let per_call = 8 * BlockCall::max_tiles(self.k as u32).max(1) as usize;
         let f = |v: usize| v as u32;
         for o in 0..outer_len.div_ceil(8) {
             let mut panel = outer.panel_bytes(o, buffer.scratch())?;
