@@ -215,20 +215,17 @@ pub(crate) fn block(memory_len: usize, call: &BlockCall) -> std::result::Result<
         ));
     }
     panels("B's panels", call.b, call.b_stride, call.col_tiles())?;
-    let floats = |n: u32| u128::from(n) * 4;
-    if ops.has(BlockOps::ROW_BIAS) {
-        inside(
-            "the bias",
-            call.bias.into(),
-            u128::from(call.bias) + floats(call.rows),
-        )?;
-    }
-    if ops.has(BlockOps::COL_BIAS) {
-        inside(
-            "the bias",
-            call.bias.into(),
-            u128::from(call.bias) + floats(call.cols),
-        )?;
+    // A bias holds a value per row, or per column.
+    let biases = if ops.has(BlockOps::ROW_BIAS) {
+        Some(call.rows)
+    } else if ops.has(BlockOps::COL_BIAS) {
+        Some(call.cols)
+    } else {
+        None
+    };
+    if let Some(n) = biases {
+        let start = u128::from(call.bias);
+        inside("the bias", start, start + u128::from(n) * 4)?;
     }
     // The extreme corners of a grid of `rows x cols` f32 at `base` with byte strides.
     let grid = |what: &str, base: u32, row_stride: i32, col_stride: i32| {

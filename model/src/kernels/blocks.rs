@@ -458,9 +458,11 @@ impl StoreLayout {
 }
 
 /// The buffers of one product: the lazy operand's panel (where tract's packer writes it)
-/// and, for an A whose panel is not 32-byte aligned, an aligned copy.
+/// and, for an A whose panel is not 32-byte aligned, an aligned copy (made on first use:
+/// tract's packer aligns its panels, so it is not expected).
 struct Buffer {
     scratch: Option<(*mut u8, Layout)>,
+    panel_bytes: usize,
     aligned: Vec<Aligned>,
 }
 
@@ -485,7 +487,8 @@ impl Buffer {
         };
         Ok(Buffer {
             scratch,
-            aligned: vec![Aligned([0; 32]); panel_bytes.div_ceil(32)],
+            panel_bytes,
+            aligned: Vec::new(),
         })
     }
 
@@ -495,10 +498,14 @@ impl Buffer {
 
     /// Copies a panel into the aligned buffer.
     fn aligned_copy(&mut self, panel: *const u8) -> *const u8 {
+        if self.aligned.is_empty() {
+            self.aligned = vec![Aligned([0; 32]); self.panel_bytes.div_ceil(32)];
+        }
         let dst = self.aligned.as_mut_ptr().cast::<u8>();
         // SAFETY: the panel holds `panel_bytes` (tract's packer wrote them), the buffer at
-        // least as many, and they do not overlap (the buffer is ours).
-        unsafe { std::ptr::copy_nonoverlapping(panel, dst, self.aligned.len() * 32) };
+        // least as many (a panel is `k` steps of 32 bytes), and they do not overlap (the
+        // buffer is ours).
+        unsafe { std::ptr::copy_nonoverlapping(panel, dst, self.panel_bytes) };
         dst
     }
 }
