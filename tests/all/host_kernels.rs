@@ -179,6 +179,49 @@ fn a_convolutional_batch_runs_row_by_row() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A hand-written capsule of host kernels `version`: `imports`, then one page of memory with
+/// `data`, the guest ABI's exports, and `capsule_infer(p, n)` whose body is `infer` (the
+/// request's one f32 is at `p + 7`). Its manifest is `wat_capsule`'s with `version`.
+fn kernel_capsule(
+    version: HostKernels,
+    imports: &str,
+    data: &str,
+    infer: &str,
+) -> anyhow::Result<Vec<u8>> {
+    let mut wasm = wat::parse_str(format!(
+        r#"(module
+          {imports}
+          (memory (export "memory") 1)
+          {data}
+          (func (export "capsule_abi_version") (result i32) i32.const 1)
+          (func (export "capsule_init") (result i32) i32.const 0)
+          (func (export "capsule_alloc") (param i32 i32) (result i32) i32.const 1024)
+          (func (export "capsule_free") (param i32 i32 i32))
+          (func (export "capsule_infer") (param $p i32) (param $n i32) (result i64)
+            {infer}))"#
+    ))?;
+    let mut manifest = CapsuleImage::parse(wat_capsule(&WatCapsule::default())?)?
+        .manifest
+        .clone();
+    manifest.host_kernels = version;
+    wasm_encoder::Section::append_to(
+        &wasm_encoder::CustomSection {
+            name: capsule_format::MANIFEST_SECTION.into(),
+            data: manifest.to_section_bytes()?.into(),
+        },
+        &mut wasm,
+    );
+    Ok(wasm)
+}
+
+/// The request `x = case` of a `kernel_capsule`.
+fn x(case: f32) -> anyhow::Result<Vec<NamedTensor>> {
+    Ok(vec![NamedTensor {
+        name: "x".into(),
+        tensor: Tensor::from_f32(vec![1], &[case])?,
+    }])
+}
+
 /// A hand-written capsule that imports the host kernels and asks for products with hostile
 /// operands: every call outside memory, misaligned or overflowing traps its instance (the
 /// node stays up and the capsule keeps serving), and an in-bounds call computes the product.
@@ -188,9 +231,6 @@ fn hostile_operands_trap_only_their_instance() -> anyhow::Result<()> {
     if !host.host_kernels() {
         return Ok(());
     }
-    let base = CapsuleImage::parse(wat_capsule(&WatCapsule::default())?)?;
-    let mut manifest = base.manifest.clone();
-    manifest.host_kernels = HostKernels::V1;
     // x is the case number: the arguments of `f32_mmm_8x8(k, a, b, out)` are read from a
     // table at 8192 + 16 * x.
     let cases: [(u32, u32, u32, u32); 9] = [
@@ -210,18 +250,12 @@ fn hostile_operands_trap_only_their_instance() -> anyhow::Result<()> {
         .flat_map(|v| v.to_le_bytes())
         .map(|b| format!("\\{b:02x}"))
         .collect();
-    let wat = format!(
-        r#"(module
-          (import "capsule_kernels" "f32_mmm_8x8" (func $mmm (param i32 i32 i32 i32)))
-          (import "capsule_kernels" "abi_version" (func $abi (result i32)))
-          (memory (export "memory") 1)
-          (data (i32.const 8192) "{table}")
-          (func (export "capsule_abi_version") (result i32) i32.const 1)
-          (func (export "capsule_init") (result i32) i32.const 0)
-          (func (export "capsule_alloc") (param i32 i32) (result i32) i32.const 1024)
-          (func (export "capsule_free") (param i32 i32 i32))
-          (func (export "capsule_infer") (param $p i32) (param $n i32) (result i64)
-            (local $row i32)
+    let wasm = kernel_capsule(
+        HostKernels::V1,
+        r#"(import "capsule_kernels" "f32_mmm_8x8" (func $mmm (param i32 i32 i32 i32)))
+          (import "capsule_kernels" "abi_version" (func $abi (result i32)))"#,
+        &format!(r#"(data (i32.const 8192) "{table}")"#),
+        r#"(local $row i32)
             (if (i32.ne (call $abi) (i32.const 1)) (then unreachable))
             (local.set $row (i32.add (i32.const 8192)
               (i32.mul (i32.trunc_f32_u (f32.load (i32.add (local.get $p) (i32.const 7))))
@@ -232,25 +266,11 @@ fn hostile_operands_trap_only_their_instance() -> anyhow::Result<()> {
               (i32.load (i32.add (local.get $row) (i32.const 8)))
               (i32.load (i32.add (local.get $row) (i32.const 12))))
             ;; no response (a null pointer): only the product matters here
-            (i64.const 0)))"#
-    );
-    let mut wasm = wat::parse_str(&wat)?;
-    wasm_encoder::Section::append_to(
-        &wasm_encoder::CustomSection {
-            name: capsule_format::MANIFEST_SECTION.into(),
-            data: manifest.to_section_bytes()?.into(),
-        },
-        &mut wasm,
-    );
+            (i64.const 0)"#,
+    )?;
     let capsule = LoadedCapsule::install(&host, CapsuleImage::parse(wasm)?, RunConfig::default())?;
-    let x = |case: usize| {
-        vec![capsule_format::NamedTensor {
-            name: "x".into(),
-            tensor: capsule_format::Tensor::from_f32(vec![1], &[case as f32]).unwrap(),
-        }]
-    };
     for (case, args) in cases.iter().enumerate().take(cases.len() - 1) {
-        match capsule.infer(&x(case)) {
+        match capsule.infer(&x(case as f32)?) {
             Err(Error::Trap { message, .. }) => assert!(
                 message.contains("capsule_kernels.f32_mmm_8x8"),
                 "case {case} {args:?}: {message}"
@@ -264,7 +284,7 @@ fn hostile_operands_trap_only_their_instance() -> anyhow::Result<()> {
     );
     // The in-bounds product ran (its response, a null pointer, is then refused as a bad
     // response: what matters is that the host computed the tile and the node stays up).
-    let _ = capsule.infer(&x(cases.len() - 1));
+    let _ = capsule.infer(&x((cases.len() - 1) as f32)?);
     assert_eq!(capsule.stats().host_kernel_calls.load(Ordering::Relaxed), 1);
     Ok(())
 }
@@ -445,18 +465,13 @@ fn hostile_block_calls_trap_only_their_instance() -> anyhow::Result<()> {
         .map(|b| format!("\\{b:02x}"))
         .collect();
     // x = case number; x = -1: the call itself at the end of memory; x = -2: the version.
-    let wat = format!(
-        r#"(module
-          (import "capsule_kernels" "f32_mmm_block" (func $block (param i32)))
-          (import "capsule_kernels" "abi_version" (func $abi (result i32)))
-          (memory (export "memory") 1)
-          (data (i32.const {TABLE}) "{table}")
-          (func (export "capsule_abi_version") (result i32) i32.const 1)
-          (func (export "capsule_init") (result i32) i32.const 0)
-          (func (export "capsule_alloc") (param i32 i32) (result i32) i32.const 1024)
-          (func (export "capsule_free") (param i32 i32 i32))
-          (func (export "capsule_infer") (param $p i32) (param $n i32) (result i64)
-            (local $x f32)
+    let wasm = kernel_capsule(
+        HostKernels::V2,
+        r#"(import "capsule_kernels" "f32_mmm_block" (func $block (param i32)))
+          (import "capsule_kernels" "abi_version" (func $abi (result i32)))"#,
+        &format!(r#"(data (i32.const {TABLE}) "{table}")"#),
+        &format!(
+            r#"(local $x f32)
             (local.set $x (f32.load (i32.add (local.get $p) (i32.const 7))))
             ;; x = -2: only ask for the version (2, or a trap)
             (if (f32.eq (local.get $x) (f32.const -2))
@@ -466,39 +481,24 @@ fn hostile_block_calls_trap_only_their_instance() -> anyhow::Result<()> {
               (then (call $block (i32.const {end})))
               (else (call $block (i32.add (i32.const {TABLE})
                 (i32.mul (i32.trunc_f32_u (local.get $x)) (i32.const {BLOCK_CALL_BYTES}))))))
-            (i64.const 0)))"#,
-        end = 65536 - BLOCK_CALL_BYTES + 4,
-    );
-    let mut wasm = wat::parse_str(&wat)?;
-    let base = CapsuleImage::parse(wat_capsule(&WatCapsule::default())?)?;
-    let mut manifest = base.manifest.clone();
-    manifest.host_kernels = HostKernels::V2;
-    wasm_encoder::Section::append_to(
-        &wasm_encoder::CustomSection {
-            name: capsule_format::MANIFEST_SECTION.into(),
-            data: manifest.to_section_bytes()?.into(),
-        },
-        &mut wasm,
-    );
+            (i64.const 0)"#,
+            end = 65536 - BLOCK_CALL_BYTES + 4,
+        ),
+    )?;
     let capsule = LoadedCapsule::install(
         &host,
         CapsuleImage::parse(wasm.clone())?,
         RunConfig::default(),
     )?;
-    let x = |case: f32| {
-        vec![NamedTensor {
-            name: "x".into(),
-            tensor: Tensor::from_f32(vec![1], &[case]).unwrap(),
-        }]
-    };
-    let expect_trap = |capsule: &LoadedCapsule, case: f32, what: &str, says: &str| match capsule
-        .infer(&x(case))
-    {
-        Err(Error::Trap { message, .. }) => assert!(
-            message.contains("capsule_kernels.f32_mmm_block") && message.contains(says),
-            "{what}: {message}"
-        ),
-        other => panic!("{what}: expected a trap, got {other:?}"),
+    let expect_trap = |capsule: &LoadedCapsule, case: f32, what: &str, says: &str| {
+        match capsule.infer(&x(case)?) {
+            Err(Error::Trap { message, .. }) => assert!(
+                message.contains("capsule_kernels.f32_mmm_block") && message.contains(says),
+                "{what}: {message}"
+            ),
+            other => panic!("{what}: expected a trap, got {other:?}"),
+        }
+        anyhow::Ok(())
     };
     // What the node says for each (its check runs in this order, so each case meets its own).
     let reason = |what: &str| match what {
@@ -514,23 +514,23 @@ fn hostile_block_calls_trap_only_their_instance() -> anyhow::Result<()> {
         _ => "the output",
     };
     for (case, (what, _)) in cases.iter().enumerate() {
-        expect_trap(&capsule, case as f32, what, reason(what));
+        expect_trap(&capsule, case as f32, what, reason(what))?;
     }
-    expect_trap(&capsule, -1.0, "the call at the end of memory", "outside");
+    expect_trap(&capsule, -1.0, "the call at the end of memory", "outside")?;
     assert_eq!(
         capsule.stats().traps.load(Ordering::Relaxed),
         cases.len() as u64 + 1
     );
     // The in-bounds block ran: 1 tile (its response, a null pointer, is then refused as a
     // bad response: what matters is that the host computed it and the node stays up).
-    let _ = capsule.infer(&x(cases.len() as f32));
+    let _ = capsule.infer(&x(cases.len() as f32)?);
     assert_eq!(capsule.stats().host_kernel_calls.load(Ordering::Relaxed), 1);
     // The node answers version 2 (the null response is refused, but it is not a trap).
-    assert!(!matches!(capsule.infer(&x(-2.0)), Err(Error::Trap { .. })));
+    assert!(!matches!(capsule.infer(&x(-2.0)?), Err(Error::Trap { .. })));
     // Without host kernels the guest is told 0, and a call anyway is refused.
     let off = LoadedCapsule::install(&engine(), CapsuleImage::parse(wasm)?, RunConfig::default())?;
     assert!(
-        matches!(off.infer(&x(-2.0)), Err(Error::Trap { .. })),
+        matches!(off.infer(&x(-2.0)?), Err(Error::Trap { .. })),
         "told 0"
     );
     expect_trap(
@@ -538,6 +538,6 @@ fn hostile_block_calls_trap_only_their_instance() -> anyhow::Result<()> {
         cases.len() as f32,
         "host kernels off",
         "off for this instance",
-    );
+    )?;
     Ok(())
 }
