@@ -20,6 +20,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::matmul::optimized::{MatMulOperand, OptMatMul, ProtoFusedSpec};
 use tract_onnx::tract_core::tract_linalg::mmm::EagerPackedInput;
 
+mod im2col;
 pub mod kernels;
 mod pool;
 
@@ -105,6 +106,11 @@ struct Runner {
 impl Runner {
     fn new(mut typed: TypedModel) -> TractResult<Runner> {
         pool::substitute(&mut typed)?;
+        // The guest packs convolutions' panels with vector copies (im2col.rs); native tract,
+        // the baseline a capsule is measured against, keeps tract's own packing.
+        if cfg!(target_arch = "wasm32") {
+            im2col::substitute(&mut typed)?;
+        }
         let plan: Arc<Plan> = typed.into_runnable()?;
         Self::from_plan(&plan)
     }
