@@ -161,14 +161,10 @@ impl fmt::Display for Panels {
 
 impl Panels {
     /// Packs panel `i` into `out` (`k` rows of `r` values; lanes past the last pixel 0).
-    fn pack(&self, i: usize, out: &mut [f32]) {
+    fn pack(&self, i: usize, out: &mut [f32]) -> TractResult<()> {
         let g = &*self.geometry;
-        let Ok(view) = self.tensor.try_as_plain_ram() else {
-            return;
-        };
-        let Ok(input) = view.as_slice::<f32>() else {
-            return;
-        };
+        let view = self.tensor.try_as_plain_ram()?;
+        let input = view.as_slice::<f32>()?;
         let r = g.r;
         let base = g.group_offsets[self.group] as usize;
         let n = g.n_offsets.len();
@@ -208,7 +204,7 @@ impl Panels {
                     gather!(0 1 2 3 4 5 6 7);
                 }
             }
-            return;
+            return Ok(());
         }
         for (row, &k) in out.chunks_exact_mut(r).zip(&g.k_offsets) {
             let at = base + k as usize;
@@ -216,6 +212,7 @@ impl Panels {
                 *v = pixels.get(j).map_or(0.0, |&n| input[at + n as usize]);
             }
         }
+        Ok(())
     }
 }
 
@@ -241,7 +238,7 @@ impl MMMInputValue for Panels {
         // rows of `r` f32, checked against the layout when the geometry was made), aligned for
         // f32, which nothing else reads or writes during this call.
         let out = unsafe { std::slice::from_raw_parts_mut(buffer.cast::<f32>(), len) };
-        self.pack(i, out);
+        self.pack(i, out)?;
         Ok(buffer)
     }
 
