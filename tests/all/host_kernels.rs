@@ -9,7 +9,8 @@ use capsule_runtime::{
     CapsuleEngine, CapsuleImage, EngineConfig, Error, LoadedCapsule, RunConfig, golden as compare,
 };
 use capsule_tests::{
-    FIXTURE_MODELS, WatCapsule, engine, fixture_capsule, golden, test_cache_dir, wat_capsule,
+    FIXTURE_MODELS, WatCapsule, append_manifest, engine, fixture_capsule, golden, test_cache_dir,
+    wat_capsule,
 };
 
 fn host_engine() -> anyhow::Result<std::sync::Arc<CapsuleEngine>> {
@@ -204,13 +205,7 @@ fn kernel_capsule(
         .manifest
         .clone();
     manifest.host_kernels = version;
-    wasm_encoder::Section::append_to(
-        &wasm_encoder::CustomSection {
-            name: capsule_format::MANIFEST_SECTION.into(),
-            data: manifest.to_section_bytes()?.into(),
-        },
-        &mut wasm,
-    );
+    append_manifest(&mut wasm, &manifest)?;
     Ok(wasm)
 }
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{Context, Result};
-use capsule_format::manifest::{GoldenSample, Limits, ModelCard};
+use capsule_format::manifest::{CapsuleManifest, GoldenSample, Limits, ModelCard};
 use capsule_format::v2::RequestInput;
 use capsule_runtime::{BuildOptions, BuiltCapsule, CapsuleBuilder, CapsuleEngine, EngineConfig};
 
@@ -314,14 +314,20 @@ pub fn wat_capsule(settings: &WatCapsule) -> Result<Vec<u8>> {
             tolerance: 0.0,
         });
     }
+    append_manifest(&mut wasm, &manifest)?;
+    Ok(wasm)
+}
+
+/// Appends `manifest` to the module `wasm` as its manifest section.
+pub fn append_manifest(wasm: &mut Vec<u8>, manifest: &CapsuleManifest) -> Result<()> {
     wasm_encoder::Section::append_to(
         &wasm_encoder::CustomSection {
             name: capsule_format::MANIFEST_SECTION.into(),
             data: manifest.to_section_bytes()?.into(),
         },
-        &mut wasm,
+        wasm,
     );
-    Ok(wasm)
+    Ok(())
 }
 
 /// The hub's blob download counters in its `/metrics` text: (capsule, image, code).
