@@ -702,22 +702,22 @@ mod wasm {
                 let (a, bl, bh) = unsafe {
                     (
                         v128_load(pa.add(2 * i)),
-                        v128_load(pb.add(2 * i)),
-                        v128_load(pb.add(2 * i + 1)),
+                        BVec::at(pb.add(2 * i)),
+                        BVec::at(pb.add(2 * i + 1)),
                     )
                 };
                 let s = i32x4_shuffle::<0, 0, 0, 0>(a, a);
-                c0l = madd(c0l, s, bl);
-                c0h = madd(c0h, s, bh);
+                c0l = madd(c0l, s, bl.get());
+                c0h = madd(c0h, s, bh.get());
                 let s = i32x4_shuffle::<1, 1, 1, 1>(a, a);
-                c1l = madd(c1l, s, bl);
-                c1h = madd(c1h, s, bh);
+                c1l = madd(c1l, s, bl.get());
+                c1h = madd(c1h, s, bh.get());
                 let s = i32x4_shuffle::<2, 2, 2, 2>(a, a);
-                c2l = madd(c2l, s, bl);
-                c2h = madd(c2h, s, bh);
+                c2l = madd(c2l, s, bl.get());
+                c2h = madd(c2h, s, bh.get());
                 let s = i32x4_shuffle::<3, 3, 3, 3>(a, a);
-                c3l = madd(c3l, s, bl);
-                c3h = madd(c3h, s, bh);
+                c3l = madd(c3l, s, bl.get());
+                c3h = madd(c3h, s, bh.get());
             }};
         }
         // Eight steps per iteration, each followed by its own exit test: the exits are
@@ -750,6 +750,54 @@ mod wasm {
         }
         for (slot, v) in out.iter_mut().zip([c0l, c0h, c1l, c1h, c2l, c2h, c3l, c3h]) {
             *slot = v;
+        }
+    }
+
+    /// One of B's two vectors of a k step in [`half`]'s loop.
+    ///
+    /// A deterministic guest loads it once per step and keeps it in a register for its four
+    /// multiplies. A relaxed-simd guest reads it again at each use, with a volatile read so
+    /// that LLVM does not merge the reads: Cranelift lowers `relaxed_madd` to
+    /// `vfmadd213ps` or `vfmadd132ps`, which overwrite a multiplicand, never to
+    /// `vfmadd231ps`, which would overwrite the accumulator. So each multiply-add copies
+    /// its broadcast A first, and with B in two registers as well the loop ran out of the
+    /// 16 vector registers and kept an accumulator on the stack, a store and a reload in
+    /// its chain at every step (40% slower than the deterministic loop on an AMD EPYC).
+    /// A read used once folds into the fused multiply-add as its memory operand instead.
+    #[derive(Clone, Copy)]
+    enum BVec {
+        /// Loaded once (a deterministic guest).
+        Loaded(v128),
+        /// Read at each use (a relaxed-simd guest).
+        At(*const v128),
+    }
+
+    /// A `v128` at any address (`v128_load` needs no alignment; `read_volatile` needs its
+    /// type's).
+    #[repr(C, packed)]
+    #[derive(Clone, Copy)]
+    struct Unaligned(v128);
+
+    impl BVec {
+        /// # Safety
+        /// `p` is readable for one `v128` until the last [`BVec::get`].
+        #[inline(always)]
+        unsafe fn at(p: *const v128) -> Self {
+            if cfg!(target_feature = "relaxed-simd") {
+                Self::At(p)
+            } else {
+                // SAFETY: the caller's contract.
+                Self::Loaded(unsafe { v128_load(p) })
+            }
+        }
+
+        #[inline(always)]
+        fn get(self) -> v128 {
+            match self {
+                Self::Loaded(v) => v,
+                // SAFETY: `at`'s contract: the pointer stays readable while the loop uses it.
+                Self::At(p) => unsafe { std::ptr::read_volatile(p.cast::<Unaligned>()).0 },
+            }
         }
     }
 
