@@ -755,15 +755,19 @@ mod wasm {
 
     /// One of B's two vectors of a k step in [`half`]'s loop.
     ///
-    /// A deterministic guest loads it once per step and keeps it in a register for its four
-    /// multiplies. A relaxed-simd guest reads it again at each use, with a volatile read so
-    /// that LLVM does not merge the reads: Cranelift lowers `relaxed_madd` to
-    /// `vfmadd213ps` or `vfmadd132ps`, which overwrite a multiplicand, never to
-    /// `vfmadd231ps`, which would overwrite the accumulator. So each multiply-add copies
-    /// its broadcast A first, and with B in two registers as well the loop ran out of the
-    /// 16 vector registers and kept an accumulator on the stack, a store and a reload in
-    /// its chain at every step (40% slower than the deterministic loop on an AMD EPYC).
-    /// A read used once folds into the fused multiply-add as its memory operand instead.
+    /// A deterministic guest loads it once, at the top of the step. A relaxed-simd guest
+    /// reads it at each use, with a volatile read so that LLVM keeps the reads where they
+    /// are (wasm has no volatile: wasmtime's Cranelift then merges the repeated reads into
+    /// one, at the first use). Why it matters: Cranelift lowers `relaxed_madd` to
+    /// `vfmadd213ps`, which overwrites a multiplicand, never to `vfmadd231ps`, which would
+    /// overwrite the accumulator, so each multiply-add first copies its broadcast A. With
+    /// both B vectors live from the top of the step, that copy was one register too many:
+    /// the register allocator kept an accumulator on the stack, a store and a reload in its
+    /// chain at every step, and the loop ran 40% slower than the deterministic one on an AMD
+    /// EPYC. With the reads at their uses it keeps all eight accumulators in registers
+    /// (`perf annotate` of the loop; docs/benchmarks.md, "The relaxed guest's product
+    /// loop"). That is a register allocator's outcome, not a guarantee: the benchmark there
+    /// is the check.
     #[derive(Clone, Copy)]
     enum BVec {
         /// Loaded once (a deterministic guest).
