@@ -277,8 +277,8 @@ mod wasm {
                             *v = v128_load(rows.cast::<v128>().add(i));
                         }
                     }
-                    F::ScalarMin(a) => each(t, |v| f32x4_min(f32x4_splat(a), v)),
-                    F::ScalarMax(a) => each(t, |v| f32x4_max(f32x4_splat(a), v)),
+                    F::ScalarMin(a) => each(t, scalar_min(a)),
+                    F::ScalarMax(a) => each(t, scalar_max(a)),
                     F::ScalarAdd(a) => each(t, |v| f32x4_add(f32x4_splat(a), v)),
                     F::ScalarMul(a) => each(t, |v| f32x4_mul(f32x4_splat(a), v)),
                     F::ScalarSub(a) => each(t, |v| f32x4_sub(f32x4_splat(a), v)),
@@ -355,11 +355,11 @@ mod wasm {
             _ => None,
         };
         let max = match max {
-            Some(F::ScalarMax(a)) => Some(f32x4_splat(*a)),
+            Some(F::ScalarMax(a)) => Some(scalar_max(*a)),
             _ => None,
         };
         let min = match min {
-            Some(F::ScalarMin(a)) => Some(f32x4_splat(*a)),
+            Some(F::ScalarMin(a)) => Some(scalar_min(*a)),
             _ => None,
         };
         for (r, pair) in tile.0.chunks_exact(2).enumerate() {
@@ -379,11 +379,11 @@ mod wasm {
                 };
                 (lo, hi) = (f32x4_add(lo, ulo), f32x4_add(hi, uhi));
             }
-            if let Some(s) = max {
-                (lo, hi) = (f32x4_max(s, lo), f32x4_max(s, hi));
+            if let Some(max) = &max {
+                (lo, hi) = (max(lo), max(hi));
             }
-            if let Some(s) = min {
-                (lo, hi) = (f32x4_min(s, lo), f32x4_min(s, hi));
+            if let Some(min) = &min {
+                (lo, hi) = (min(lo), min(hi));
             }
             // SAFETY: the store covers 8 rows of 8 values (the caller's contract).
             unsafe {
@@ -424,6 +424,39 @@ mod wasm {
                 | F::AddUnicast(_)
                 | F::Store(_)
         )
+    }
+
+    /// `v -> f32x4.max(splat(a), v)`, with the bits wasm defines: a NaN where either side is
+    /// NaN, and +0 above -0. Cranelift lowers `f32x4.max` to about ten instructions to get
+    /// those cases right, and a ReLU runs it on every value a convolution stores. Where `a`
+    /// is neither NaN nor -0 (a ReLU's 0, a clip's bound), `pmax` (`a < v ? v : a`, one
+    /// `maxps`) already agrees for every `v` but a NaN, and a select gives those back.
+    #[inline(always)]
+    fn scalar_max(a: f32) -> impl Fn(v128) -> v128 {
+        let s = f32x4_splat(a);
+        let exact = a.is_nan() || a.to_bits() == (-0.0f32).to_bits();
+        move |v| {
+            if exact {
+                f32x4_max(s, v)
+            } else {
+                v128_bitselect(v, f32x4_pmax(s, v), f32x4_ne(v, v))
+            }
+        }
+    }
+
+    /// `v -> f32x4.min(splat(a), v)`, as [`scalar_max`] (`pmin` is `v < a ? v : a`, right
+    /// for every `v` but a NaN where `a` is neither NaN nor +0).
+    #[inline(always)]
+    fn scalar_min(a: f32) -> impl Fn(v128) -> v128 {
+        let s = f32x4_splat(a);
+        let exact = a.is_nan() || a.to_bits() == 0.0f32.to_bits();
+        move |v| {
+            if exact {
+                f32x4_min(s, v)
+            } else {
+                v128_bitselect(v, f32x4_pmin(s, v), f32x4_ne(v, v))
+            }
+        }
     }
 
     /// `acc = f(acc)` for each accumulator of a tile.
@@ -541,7 +574,7 @@ mod wasm {
                     col_byte_stride: layouts[(case + 1) % 4].1,
                     item_size: 4,
                 });
-                let epilogues: [&[F<f32>]; 10] = [
+                let epilogues: [&[F<f32>]; 14] = [
                     &[F::PerRowAdd(rows.as_ptr()), F::ScalarMax(0.0)],
                     &[
                         F::PerColMul(cols.as_ptr()),
@@ -589,6 +622,20 @@ mod wasm {
                         F::PerRowAdd(rows.as_ptr()),
                         F::ScalarMax(-0.0),
                         F::ScalarMin(1.0),
+                    ],
+                    // Bounds where `pmax`/`pmin` would differ (NaN, the signed zeros) and
+                    // where they do not, in one pass and in the loop over ops.
+                    &[F::ScalarMax(f32::NAN), F::ScalarMin(-0.0)],
+                    &[
+                        F::PerRowAdd(rows.as_ptr()),
+                        F::ScalarMax(-1.0),
+                        F::ScalarMin(0.0),
+                    ],
+                    &[F::ScalarMin(0.0), F::ScalarMax(f32::NAN)],
+                    &[
+                        F::ScalarMin(-0.0),
+                        F::ScalarMax(0.25),
+                        F::ScalarMin(f32::NAN),
                     ],
                 ];
                 let product = F::AddMatMul {
