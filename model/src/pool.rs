@@ -104,8 +104,7 @@ fn pool(input: &[f32], output: &mut [f32], h: usize, w: usize) {
             let r1 = &plane[(2 * oy + 1) * w..][..2 * ow];
             // Four outputs at a time, one per lane, each folding its taps in row-major
             // order (as `MaxPoolNchw`'s inner columns); `x + 8 <= 2 * ow` holds.
-            let quads = ow / 4 * 4;
-            for ox in (0..quads).step_by(4) {
+            let quad = |ox: usize, out_row: &mut [f32]| {
                 let x = 2 * ox;
                 let mut m = F4::splat(f32::MIN);
                 m = m.pmax(F4::load_even(&r0[x..x + 7]));
@@ -113,13 +112,28 @@ fn pool(input: &[f32], output: &mut [f32], h: usize, w: usize) {
                 m = m.pmax(F4::load_even(&r1[x..x + 7]));
                 m = m.pmax(F4::load_even(&r1[x + 1..x + 8]));
                 m.store(&mut out_row[ox..ox + 4]);
+            };
+            let quads = ow / 4 * 4;
+            for ox in (0..quads).step_by(4) {
+                quad(ox, out_row);
+            }
+            if quads == ow {
+                continue;
+            }
+            if ow >= 4 {
+                // The last four outputs, overlapping the quads before: those it computes
+                // again come out the same (MNIST's 14- and 7-wide pools have 2 and 3 left).
+                quad(ow - 4, out_row);
+                continue;
             }
             for ((o, a), b) in out_row[quads..]
                 .iter_mut()
                 .zip(r0[2 * quads..].chunks_exact(2))
                 .zip(r1[2 * quads..].chunks_exact(2))
             {
-                *o = fold_max([a[0], a[1], b[0], b[1]]);
+                // `fold_max` written out: as a loop it keeps the running maximum in memory.
+                let max = |m: f32, v: f32| if m < v { v } else { m };
+                *o = max(max(max(max(f32::MIN, a[0]), a[1]), b[0]), b[1]);
             }
         }
     }
@@ -678,6 +692,11 @@ mod tests {
             // (MaxPoolNchw).
             ([28, 28], [2, 2], [2, 2], [0, 0, 0, 0], false),
             ([14, 21], [2, 2], [2, 2], [0, 0, 0, 0], false),
+            // Rows of 3 (no group of four), 4 (one, nothing left) and 7 outputs (one group
+            // and the last four overlapping it).
+            ([6, 6], [2, 2], [2, 2], [0, 0, 0, 0], false),
+            ([8, 8], [2, 2], [2, 2], [0, 0, 0, 0], false),
+            ([4, 14], [2, 2], [2, 2], [0, 0, 0, 0], false),
             ([9, 19], [2, 2], [2, 2], [0, 0, 0, 0], true),
         ] {
             same_as_tract(3, hw, k, st, pads, ceil);
