@@ -362,35 +362,49 @@ mod wasm {
             Some(F::ScalarMin(a)) => Some(scalar_min(*a)),
             _ => None,
         };
-        for (r, pair) in tile.0.chunks_exact(2).enumerate() {
-            let (mut lo, mut hi) = (pair[0], pair[1]);
-            if let Some(row) = bias {
-                // SAFETY: the bias holds 8 values (the caller's contract), `r < 8`.
-                let s = f32x4_splat(unsafe { *row.add(r) });
-                (lo, hi) = (f32x4_add(s, lo), f32x4_add(s, hi));
-            }
-            if let Some(tile) = residual {
-                // SAFETY: the tile covers 8 rows of 8 values (the caller's contract).
-                let (ulo, uhi) = unsafe {
-                    load_row(
-                        tile.ptr.offset(r as isize * tile.row_byte_stride),
-                        tile.col_byte_stride,
-                    )
-                };
-                (lo, hi) = (f32x4_add(lo, ulo), f32x4_add(hi, uhi));
-            }
-            if let Some(max) = &max {
-                (lo, hi) = (max(lo), max(hi));
-            }
-            if let Some(min) = &min {
-                (lo, hi) = (min(lo), min(hi));
-            }
-            // SAFETY: the store covers 8 rows of 8 values (the caller's contract).
-            unsafe {
-                let row = store.ptr.offset(r as isize * store.row_byte_stride);
-                store_row(row, store.col_byte_stride, lo, hi);
-            }
+        // Row by row, written out: as a loop (which LLVM does not unroll at the guest's
+        // size-optimized level) the loop header's epoch check moves every live vector
+        // through the stack at each row.
+        macro_rules! row {
+            ($r:expr) => {{
+                let r: usize = $r;
+                let (mut lo, mut hi) = (tile.0[2 * r], tile.0[2 * r + 1]);
+                if let Some(row) = bias {
+                    // SAFETY: the bias holds 8 values (the caller's contract), `r < 8`.
+                    let s = f32x4_splat(unsafe { *row.add(r) });
+                    (lo, hi) = (f32x4_add(s, lo), f32x4_add(s, hi));
+                }
+                if let Some(tile) = residual {
+                    // SAFETY: the tile covers 8 rows of 8 values (the caller's contract).
+                    let (ulo, uhi) = unsafe {
+                        load_row(
+                            tile.ptr.offset(r as isize * tile.row_byte_stride),
+                            tile.col_byte_stride,
+                        )
+                    };
+                    (lo, hi) = (f32x4_add(lo, ulo), f32x4_add(hi, uhi));
+                }
+                if let Some(max) = &max {
+                    (lo, hi) = (max(lo), max(hi));
+                }
+                if let Some(min) = &min {
+                    (lo, hi) = (min(lo), min(hi));
+                }
+                // SAFETY: the store covers 8 rows of 8 values (the caller's contract).
+                unsafe {
+                    let row = store.ptr.offset(r as isize * store.row_byte_stride);
+                    store_row(row, store.col_byte_stride, lo, hi);
+                }
+            }};
         }
+        row!(0);
+        row!(1);
+        row!(2);
+        row!(3);
+        row!(4);
+        row!(5);
+        row!(6);
+        row!(7);
         true
     }
 
