@@ -438,7 +438,22 @@ fn eval_planes(
     if [ic, ih, iw] != chw {
         bail!("{name} expects [n, {c}, {h}, {w}], got {:?}", input.shape());
     }
-    let mut output = Tensor::zero::<f32>(&[n, c, oh, ow])?;
+    // Zeroed as bytes (one `memory.fill` in the guest): tract's `Tensor::zero` stores one
+    // f32 at a time, which in the size-optimized guest cost as much as a third of MNIST's
+    // 2x2 pools. `pool` writes every output anyway; the zeros only make sure nothing
+    // unset can be read.
+    let len = n
+        .checked_mul(c)
+        .and_then(|v| v.checked_mul(oh))
+        .and_then(|v| v.checked_mul(ow))
+        .with_context(|| format!("{name}: output [{n}, {c}, {oh}, {ow}] is too large"))?;
+    // SAFETY: `uninitialized` allocates `len` f32 and sets none; `write_bytes` sets all of
+    // their bytes (all-zero bytes are 0.0) before anything reads them.
+    let mut output = unsafe {
+        let mut t = Tensor::uninitialized::<f32>(&[n, c, oh, ow])?;
+        std::ptr::write_bytes(t.as_ptr_mut::<f32>()?, 0, len);
+        t
+    };
     {
         let input = input.try_as_plain_ram()?;
         let mut plain = output.try_as_plain_ram_mut()?;
