@@ -104,6 +104,10 @@ mod wasm {
     /// `program` is one tract built for this kernel's geometry and packings: every pointer in
     /// it covers the bytes its op reads or writes.
     unsafe fn kernel(program: &[FusedKerSpec<f32>]) -> isize {
+        if host_abi() < 1 {
+            // SAFETY: the caller's contract, and the same geometry and packings.
+            return unsafe { portable(program) };
+        }
         let (mut products, mut shallow, mut misaligned) = (0, false, false);
         for op in program {
             if let FusedKerSpec::AddMatMul { k, pa, .. } = op {
@@ -116,8 +120,7 @@ mod wasm {
                 misaligned |= !(*pa as usize).is_multiple_of(32);
             }
         }
-        if host_abi() < 1
-            || products == 0
+        if products == 0
             || misaligned
             || shallow
             || products > MAX_PRODUCTS
