@@ -447,11 +447,15 @@ fn eval_planes(
         .and_then(|v| v.checked_mul(oh))
         .and_then(|v| v.checked_mul(ow))
         .with_context(|| format!("{name}: output [{n}, {c}, {oh}, {ow}] is too large"))?;
-    // SAFETY: `uninitialized` allocates `len` f32 and sets none; `write_bytes` sets all of
-    // their bytes (all-zero bytes are 0.0) before anything reads them.
+    // SAFETY: `uninitialized` allocates `len` f32 in plain memory and sets none;
+    // `write_bytes` sets all of their bytes (all-zero bytes are 0.0) before anything reads
+    // them, through the storage's own mutable pointer. An empty tensor has no storage (its
+    // pointer would not be an f32's), and nothing to set.
     let mut output = unsafe {
         let mut t = Tensor::uninitialized::<f32>(&[n, c, oh, ow])?;
-        std::ptr::write_bytes(t.as_ptr_mut::<f32>()?, 0, len);
+        if len > 0 {
+            std::ptr::write_bytes(t.as_ptr_mut_unchecked::<f32>(), 0, len);
+        }
         t
     };
     {
@@ -679,6 +683,16 @@ mod tests {
             bits(want),
             "optimized {hw:?} k{k:?} s{st:?}"
         );
+    }
+
+    #[test]
+    fn an_empty_batch_pools_to_an_empty_output() {
+        let input = Tensor::zero::<f32>(&[0, 2, 4, 4]).unwrap().into_tvalue();
+        let out = eval_planes("MaxPool2x2", [2, 4, 4], [2, 2], tvec![input], |i, o| {
+            pool(i, o, 4, 4)
+        })
+        .unwrap();
+        assert_eq!(out[0].shape(), &[0, 2, 2, 2]);
     }
 
     #[test]
