@@ -770,18 +770,25 @@ mod wasm {
                         BVec::at(pb.add(2 * i + 1)),
                     )
                 };
+                // B's vector where a multiply-add uses it ([`BVec`]).
+                macro_rules! b {
+                    ($v:ident) => {
+                        // SAFETY: made from this step's B, readable (the caller's contract).
+                        unsafe { $v.get() }
+                    };
+                }
                 let s = i32x4_shuffle::<0, 0, 0, 0>(a, a);
-                c0l = madd(c0l, s, bl.get());
-                c0h = madd(c0h, s, bh.get());
+                c0l = madd(c0l, s, b!(bl));
+                c0h = madd(c0h, s, b!(bh));
                 let s = i32x4_shuffle::<1, 1, 1, 1>(a, a);
-                c1l = madd(c1l, s, bl.get());
-                c1h = madd(c1h, s, bh.get());
+                c1l = madd(c1l, s, b!(bl));
+                c1h = madd(c1h, s, b!(bh));
                 let s = i32x4_shuffle::<2, 2, 2, 2>(a, a);
-                c2l = madd(c2l, s, bl.get());
-                c2h = madd(c2h, s, bh.get());
+                c2l = madd(c2l, s, b!(bl));
+                c2h = madd(c2h, s, b!(bh));
                 let s = i32x4_shuffle::<3, 3, 3, 3>(a, a);
-                c3l = madd(c3l, s, bl.get());
-                c3h = madd(c3h, s, bh.get());
+                c3l = madd(c3l, s, b!(bl));
+                c3h = madd(c3h, s, b!(bh));
             }};
         }
         // Eight steps per iteration, each followed by its own exit test: the exits are
@@ -848,7 +855,7 @@ mod wasm {
 
     impl BVec {
         /// # Safety
-        /// `p` is readable for one `v128` until the last [`BVec::get`].
+        /// `p` is readable for one `v128` (and stays so for [`BVec::get`]).
         #[inline(always)]
         unsafe fn at(p: *const v128) -> Self {
             if cfg!(target_feature = "relaxed-simd") {
@@ -859,11 +866,13 @@ mod wasm {
             }
         }
 
+        /// # Safety
+        /// The pointer given to [`BVec::at`] is still readable.
         #[inline(always)]
-        fn get(self) -> v128 {
+        unsafe fn get(self) -> v128 {
             match self {
                 Self::Loaded(v) => v,
-                // SAFETY: `at`'s contract: the pointer stays readable while the loop uses it.
+                // SAFETY: the caller's contract.
                 Self::At(p) => unsafe { std::ptr::read_volatile(p.cast::<Unaligned>()).0 },
             }
         }
