@@ -43,6 +43,9 @@
 mod blocks;
 
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+mod gemv;
+
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 mod wasm {
     use std::arch::wasm32::*;
     use std::sync::atomic::{AtomicI32, Ordering};
@@ -897,11 +900,12 @@ mod wasm {
             .with_boost(boost)
     }
 
-    /// tract's 8x1 GEMV, unchanged but for its name, its boost and an A packed as
-    /// [`make`]'s, so that one packed weight serves both kernels.
+    /// tract's 8x1 GEMV with the guest's product loop ([`super::gemv`]), its boost and an A
+    /// packed as [`make`]'s, so that one packed weight serves both kernels.
     fn make_gemv() -> DynKernel<8, 1, f32> {
         let mut k = tract_linalg::wasm::wasm_f32_8x1.clone();
         k.name = GEMV_NAME.to_owned();
+        k.kernel = super::gemv::kernel_8;
         let b = k.packings.drain(..).next().map(|(_, b)| b);
         let b = b.unwrap_or_else(|| Box::new(f32::packing(1)));
         k.packings.push((Box::new(f32::packing(8).align(256)), b));
@@ -917,8 +921,9 @@ mod wasm {
     }
 
     /// Every f32 product with more than one column (GEMM) runs on this kernel, as tract's
-    /// wasm tier sends all of them to its 8x8; matrix-vector products stay with tract's GEMV
-    /// kernels.
+    /// wasm tier sends all of them to its 8x8. Matrix-vector products go by rows as tract's
+    /// tier sends them (its bands, `tract-linalg/src/wasm/mod.rs`), to the guest's GEMV
+    /// kernels of 8, 16 and 32 rows ([`super::gemv`]); four rows or fewer stay with tract's.
     fn preferred(
         _isa: &IsaSet,
         dt: DatumType,
@@ -926,7 +931,12 @@ mod wasm {
         _suitable: &[Suitable],
     ) -> Option<&'static str> {
         match (dt, query.n) {
-            (DatumType::F32, Some(1)) => None,
+            (DatumType::F32, Some(1)) => match query.m.unwrap_or(0) {
+                0..=4 => None,
+                5..=8 => Some(GEMV_NAME),
+                9..=16 => Some(super::gemv::NAME_16),
+                _ => Some(super::gemv::NAME_32),
+            },
             (DatumType::F32, _) => Some(NAME),
             _ => None,
         }
@@ -946,7 +956,7 @@ mod wasm {
     /// Keeps this object (and its registrations) in the link: wasm-ld drops objects nothing
     /// references, inventory entries included.
     pub fn keep() {
-        std::hint::black_box(kernel as *const ());
+        std::hint::black_box((kernel as *const (), super::gemv::kernel_8 as *const ()));
     }
 }
 
@@ -957,12 +967,12 @@ pub fn refresh() {
     wasm::refresh();
 }
 
-/// Checks that the guest's f32 kernel computes what tract's wasm kernel computes, bit for
+/// Checks that the guest's f32 kernels compute what tract's wasm kernels compute, bit for
 /// bit, on programs of every op it runs itself (`Ok` outside the wasm guest). The builder
 /// runs it before it loads a model.
 pub fn check() -> Result<(), String> {
     #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-    return wasm::check();
+    return wasm::check().and_then(|()| gemv::check());
     #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
     Ok(())
 }
