@@ -564,21 +564,7 @@ mod wasm {
     /// the inputs, ties. An error names the first program and value that differ.
     pub fn check() -> Result<(), String> {
         use FusedKerSpec as F;
-        let mut seed = 0x9e37_79b9u32;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 17;
-            seed ^= seed << 5;
-            match seed % 23 {
-                0 => -0.0,
-                1 => 0.0,
-                2 => f32::NAN,
-                3 => f32::INFINITY,
-                4 => 1.0,
-                // Not dyadic: sums in another order round differently.
-                v => (v as f32 - 12.0) * 0.137,
-            }
-        };
+        let mut next = check_values(0x9e37_79b9);
         let fill =
             |n: usize, next: &mut dyn FnMut() -> f32| (0..n).map(|_| next()).collect::<Vec<f32>>();
         // (row stride, column stride) in bytes: contiguous, padded, transposed, every other.
@@ -708,9 +694,7 @@ mod wasm {
                             "k {k}, layout {case}, epilogue {e}: not run by ours"
                         ));
                     };
-                    let same =
-                        |a: f32, b: f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
-                    if let Some(i) = (0..ours.len()).find(|&i| !same(ours[i], tracts[i])) {
+                    if let Some(i) = (0..ours.len()).find(|&i| !same_bits(ours[i], tracts[i])) {
                         return Err(format!(
                             "k {k}, layout {case}, epilogue {e}, value {i}: {} where tract computes {}",
                             ours[i], tracts[i]
@@ -720,6 +704,30 @@ mod wasm {
             }
         }
         Ok(())
+    }
+
+    /// The kernel checks' inputs, from `seed`: signed zeros, NaN, infinities, ones and
+    /// values whose sums round differently in another order.
+    pub(super) fn check_values(mut seed: u32) -> impl FnMut() -> f32 {
+        move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            match seed % 23 {
+                0 => -0.0,
+                1 => 0.0,
+                2 => f32::NAN,
+                3 => f32::INFINITY,
+                4 => 1.0,
+                // Not dyadic: sums in another order round differently.
+                v => (v as f32 - 12.0) * 0.137,
+            }
+        }
+    }
+
+    /// The kernel checks' equality: the same bits, or both NaN.
+    pub(super) fn same_bits(a: f32, b: f32) -> bool {
+        a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
     }
 
     /// Shallowest product the portable path computes with [`product_8x8`]; shallower ones

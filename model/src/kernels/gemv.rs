@@ -242,19 +242,7 @@ inventory::submit! {
 pub fn check() -> Result<(), String> {
     use FusedKerSpec as F;
     use tract_linalg::mmm::OutputStoreKer;
-    let mut seed = 0x2545_f491u32;
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 17;
-        seed ^= seed << 5;
-        match seed % 19 {
-            0 => -0.0,
-            1 => f32::NAN,
-            2 => f32::INFINITY,
-            // Not dyadic: sums in another order round differently.
-            v => (v as f32 - 9.0) * 0.137,
-        }
-    };
+    let mut next = super::wasm::check_values(0x2545_f491);
     type Kernel = unsafe fn(&[FusedKerSpec<f32>]) -> isize;
     let kernels: [(&str, usize, Kernel, Kernel); 3] = [
         ("8x1", 8, kernel_8, tract_linalg::wasm::wasm_f32_8x1.kernel),
@@ -302,8 +290,8 @@ pub fn check() -> Result<(), String> {
                 out
             };
             let (ours, tracts) = (run(ours), run(tracts));
-            let same = |a: f32, b: f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
-            if let Some(i) = (0..ours.len()).find(|&i| !same(ours[i], tracts[i])) {
+            if let Some(i) = (0..ours.len()).find(|&i| !super::wasm::same_bits(ours[i], tracts[i]))
+            {
                 return Err(format!(
                     "GEMV {name}, k {k}, value {i}: {} where tract computes {}",
                     ours[i], tracts[i]
