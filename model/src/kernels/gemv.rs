@@ -138,8 +138,8 @@ unsafe fn kernel<const Q: usize>(
     }
     let mut tile = Tile([f32x4_splat(0.0); Q]);
     let pa = pa.cast::<v128>();
-    // SAFETY: `pa` is a packed panel of `k` steps of `Q` vectors, 16-byte aligned (the
-    // packing's alignment), `pb` one of `k` f32 (the caller's contract). Each pass covers
+    // SAFETY: `pa` is a packed panel of `k` steps of `Q` vectors (read with `v128_load`,
+    // which takes any alignment), `pb` one of `k` f32 (the caller's contract). Each pass covers
     // `Q / passes.len()` of a step's vectors, from its offset in `passes`.
     unsafe {
         let per_pass = Q / passes.len();
@@ -156,6 +156,7 @@ unsafe fn kernel<const Q: usize>(
     unsafe { tract(&ops[..=rest.len()]) }
 }
 
+/// The product's sums, aligned for tract's `LoadTile`, which dereferences `*const v128`.
 #[repr(C, align(16))]
 struct Tile<const Q: usize>([v128; Q]);
 
