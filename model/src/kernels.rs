@@ -29,10 +29,12 @@
 //! symbolic (the batch: 1x1 convolutions and dense layers become products of
 //! `n = pixels * batch` or `n = batch` columns), it keeps the suitable kernels of the highest
 //! preference and picks by shape among them: a GEMV for one column, the widest tile for more.
-//! So this kernel has a companion, `capsule_f32_8x1` (tract's `wasm_f32_8x1` with this
+//! So this kernel has a companion, `capsule_f32_8x1` (the 8-row GEMV of `gemv`, with this
 //! kernel's A packing, the matrix-vector products of a batch of one), and both are boosted
 //! above tract's wasm kernels. Without the boost tract's own 8x8 won those products by name
 //! order, and a ResNet-50's 1x1 convolutions (80% of its products) never reached the host.
+//! Products known to have one column when the model is optimized go to the GEMV kernels by
+//! row count (`preferred`).
 //!
 //! [`refresh`] asks the host at every inference whether it serves the kernel: a snapshot
 //! taken on the builder must not carry the builder's answer to a node.
