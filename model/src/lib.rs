@@ -41,9 +41,9 @@ pub enum Error {
     /// Tract failed while running the plan.
     #[error("inference failed: {0}")]
     Run(String),
-    /// The guest's f32 kernel computed other bits than tract's wasm kernel on the builder's
-    /// check (`kernels::check`): the guest is broken, so it builds no capsule.
-    #[error("the guest's f32 kernel disagrees with tract's: {0}")]
+    /// The guest's f32 kernels or max pools computed other bits than tract's on the builder's
+    /// checks (`kernels::check`, `pool::check`): the guest is broken, so it builds no capsule.
+    #[error("the guest's kernels disagree with tract's: {0}")]
     Kernel(String),
 }
 
@@ -252,7 +252,9 @@ impl LoadedModel {
         one_row_plan: OneRowPlan,
     ) -> Result<LoadedModel> {
         kernels::keep();
-        kernels::check().map_err(Error::Kernel)?;
+        kernels::check()
+            .and_then(|()| pool::check())
+            .map_err(Error::Kernel)?;
         let mut model = tract_onnx::onnx()
             .model_for_read(&mut &*onnx)
             .map_err(|e| Error::Load(chain(&e)))?;

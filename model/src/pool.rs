@@ -276,29 +276,49 @@ impl MaxPoolNchw {
     ///
     /// Each output folds its taps in row-major order ([`fold_max`]). For the inner columns
     /// that fold runs on four outputs at once, one per lane ([`F4`]): every lane still sees
-    /// its own window's taps in row-major order, so the results are the same bits.
+    /// its own window's taps in row-major order, so the results are the same bits. When the
+    /// inner columns are not a multiple of four, the last group of four overlaps the one
+    /// before it: the outputs it computes again come out the same.
+    ///
+    /// 3-wide windows at strides 1 and 2 (SqueezeNet's and ResNet's pools) take their taps
+    /// from whole vectors ([`F4::taps3_stride1`], [`F4::taps3_stride2`]), and a row of
+    /// outputs whose windows have all three rows folds each group in straight-line code. As
+    /// a loop over the window's rows and columns, every tap was a wasm loop iteration whose
+    /// epoch check sent the running maximum through the stack, and the pools took 12-15% of
+    /// SqueezeNet's inference with host kernels (docs/benchmarks.md, "Max pools in
+    /// straight-line code").
     fn pool(&self, input: &[f32], output: &mut [f32]) {
         let [_, h, w] = self.chw;
         let [oh, ow] = self.out;
         let ([_, kw], [_, sx], [_, px]) = (self.kernel, self.strides, self.pad);
         let cols: Vec<std::ops::Range<usize>> = (0..ow).map(|ox| self.window(1, ox)).collect();
         let inner = self.inner_columns();
-        // Four outputs at a time, as long as all four are inner columns.
-        let quads = inner.start..inner.start + (inner.len() / 4) * 4;
+        // The first output of each group of four inner columns, and the columns left to the
+        // scalar fold.
+        let (starts, scalar): (Vec<usize>, Vec<usize>) = if inner.len() >= 4 {
+            let mut starts: Vec<usize> = (inner.start..inner.end - 3).step_by(4).collect();
+            if !inner.len().is_multiple_of(4) {
+                starts.push(inner.end - 4);
+            }
+            (starts, (0..inner.start).chain(inner.end..ow).collect())
+        } else {
+            (Vec::new(), (0..ow).collect())
+        };
         for (plane, out) in input
             .chunks_exact(h * w)
             .zip(output.chunks_exact_mut(oh * ow))
         {
             for (oy, out_row) in out.chunks_exact_mut(ow).enumerate() {
                 let rows = self.window(0, oy);
-                for ox in (0..quads.start).chain(quads.end..ow) {
+                for &ox in &scalar {
                     out_row[ox] = fold_max(
                         rows.clone()
                             .flat_map(|y| plane[y * w..][cols[ox].clone()].iter().copied()),
                     );
                 }
-                for ox in quads.clone().step_by(4) {
-                    // The first tap of lane 0; quads are inner columns, so ox * sx >= px.
+                // A group's fold over the window's rows and columns, for any kernel.
+                let group = |ox: usize| {
+                    // The first tap of lane 0; groups are inner columns, so ox * sx >= px.
                     let x0 = ox * sx - px;
                     let mut m = F4::splat(f32::MIN);
                     for y in rows.clone() {
@@ -313,10 +333,71 @@ impl MaxPoolNchw {
                             m = m.pmax(taps);
                         }
                     }
-                    m.store(&mut out_row[ox..ox + 4]);
+                    m
+                };
+                let three = (rows.len() == 3).then(|| {
+                    let row = |y: usize| &plane[y * w..(y + 1) * w];
+                    [row(rows.start), row(rows.start + 1), row(rows.start + 2)]
+                });
+                match (kw, sx, three) {
+                    (3, 2, Some(rows)) => groups_3x3(
+                        rows,
+                        out_row,
+                        &starts,
+                        |ox| 2 * ox - px,
+                        F4::taps3_stride2,
+                        group,
+                    ),
+                    (3, 1, Some(rows)) => groups_3x3(
+                        rows,
+                        out_row,
+                        &starts,
+                        |ox| ox - px,
+                        F4::taps3_stride1,
+                        group,
+                    ),
+                    _ => {
+                        for &ox in &starts {
+                            group(ox).store(&mut out_row[ox..ox + 4]);
+                        }
+                    }
                 }
             }
         }
+    }
+}
+
+/// The groups of four outputs at `starts` in a row of outputs of a 3x3 window with all three
+/// rows in the image: lane 0 of the group at `ox` takes its taps from `first(ox)` in each of
+/// `rows`, and `taps` makes the three tap vectors of a row from the `N` values there.
+/// `general` is the fold of any window, for a group whose values would not lie in its rows
+/// (groups are inner columns, so none does).
+#[inline(always)]
+fn groups_3x3<const N: usize>(
+    rows: [&[f32]; 3],
+    out_row: &mut [f32],
+    starts: &[usize],
+    first: impl Fn(usize) -> usize,
+    taps: impl Fn(&[f32; N]) -> [F4; 3],
+    general: impl Fn(usize) -> F4,
+) {
+    let values =
+        |row: &[f32], x0: usize| row.get(x0..).and_then(|s| s.first_chunk::<N>()).map(&taps);
+    for &ox in starts {
+        let x0 = first(ox);
+        let (Some([a0, b0, c0]), Some([a1, b1, c1]), Some([a2, b2, c2])) = (
+            values(rows[0], x0),
+            values(rows[1], x0),
+            values(rows[2], x0),
+        ) else {
+            general(ox).store(&mut out_row[ox..ox + 4]);
+            continue;
+        };
+        let m = F4::splat(f32::MIN);
+        let m = m.pmax(a0).pmax(b0).pmax(c0);
+        let m = m.pmax(a1).pmax(b1).pmax(c1);
+        let m = m.pmax(a2).pmax(b2).pmax(c2);
+        m.store(&mut out_row[ox..ox + 4]);
     }
 }
 
@@ -351,6 +432,27 @@ impl F4 {
         F4(i32x4_shuffle::<0, 2, 5, 7>(a.0, b.0))
     }
 
+    /// The taps of a 3-wide window at stride 2 for four outputs, by column of the window:
+    /// `s[0, 2, 4, 6]`, `s[1, 3, 5, 7]`, `s[2, 4, 6, 8]` (four loads, three shuffles).
+    #[inline(always)]
+    fn taps3_stride2(s: &[f32; 9]) -> [F4; 3] {
+        use std::arch::wasm32::i32x4_shuffle;
+        let (a, b) = (F4::load(&s[0..4]), F4::load(&s[4..8]));
+        let (c, d) = (F4::load(&s[2..6]), F4::load(&s[5..9]));
+        [
+            F4(i32x4_shuffle::<0, 2, 4, 6>(a.0, b.0)),
+            F4(i32x4_shuffle::<1, 3, 5, 7>(a.0, b.0)),
+            F4(i32x4_shuffle::<0, 2, 5, 7>(c.0, d.0)),
+        ]
+    }
+
+    /// The taps of a 3-wide window at stride 1 for four outputs: `s[0..4]`, `s[1..5]`,
+    /// `s[2..6]`.
+    #[inline(always)]
+    fn taps3_stride1(s: &[f32; 6]) -> [F4; 3] {
+        [F4::load(&s[0..4]), F4::load(&s[1..5]), F4::load(&s[2..6])]
+    }
+
     /// Lane-wise `if self < v { v } else { self }` ([`fold_max`]'s step): `f32x4.pmax`.
     #[inline(always)]
     fn pmax(self, v: F4) -> F4 {
@@ -378,6 +480,14 @@ impl F4 {
 
     fn load_even(s: &[f32]) -> F4 {
         F4([s[0], s[2], s[4], s[6]])
+    }
+
+    fn taps3_stride2(s: &[f32; 9]) -> [F4; 3] {
+        std::array::from_fn(|kx| F4(std::array::from_fn(|lane| s[2 * lane + kx])))
+    }
+
+    fn taps3_stride1(s: &[f32; 6]) -> [F4; 3] {
+        std::array::from_fn(|kx| F4(std::array::from_fn(|lane| s[lane + kx])))
     }
 
     fn pmax(self, v: F4) -> F4 {
@@ -517,6 +627,73 @@ pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
         replaced += 1;
     }
     Ok(replaced)
+}
+
+/// Checks that the max pools compute tract's fold, bit for bit, in whatever build this is:
+/// the guest's SIMD lanes included, which the native tests do not run. The builder runs it
+/// with the kernel check, before it loads a model.
+///
+/// The geometries are SqueezeNet's and ResNet's 3x3 stride-2 pools, a 3x3 stride-1 pool and
+/// the 2x2 stride-2 one, at widths with groups of four, an overlapping last group and
+/// padding columns. Most windows' maximum is a zero of either sign, some taps are NaN and
+/// some windows have no zero: there a fold in another order keeps the other zero, and one
+/// with another comparison keeps NaN. The reference is [`fold_max`] over each window's taps
+/// in the image.
+pub fn check() -> Result<(), String> {
+    let pool_of = |chw, kernel, strides, pad, out| MaxPoolNchw {
+        chw,
+        out,
+        kernel,
+        strides,
+        pad,
+    };
+    let cases = [
+        pool_of([2, 11, 23], [3, 3], [2, 2], [0, 0], [5, 11]),
+        pool_of([2, 9, 22], [3, 3], [2, 2], [0, 0], [4, 11]),
+        pool_of([2, 10, 22], [3, 3], [2, 2], [1, 1], [5, 11]),
+        pool_of([2, 7, 13], [3, 3], [1, 1], [1, 1], [7, 13]),
+        pool_of([2, 6, 18], [2, 2], [2, 2], [0, 0], [3, 9]),
+    ];
+    for op in cases {
+        let ([planes, h, w], [oh, ow]) = (op.chw, op.out);
+        let (kernel, strides, pad) = (op.kernel, op.strides, op.pad);
+        let input: Vec<f32> = (0..planes * h * w)
+            .map(|i| match (i * 7919) % 11 {
+                0 => f32::NAN,
+                1..=3 => -0.0,
+                4..=6 => 0.0,
+                v => 7.0 - v as f32,
+            })
+            .collect();
+        let mut got = vec![0.0; planes * oh * ow];
+        op.pool(&input, &mut got);
+        if kernel == [2, 2] && strides == [2, 2] {
+            let mut two = vec![0.0; planes * oh * ow];
+            pool(&input, &mut two, h, w);
+            if let Some(i) = (0..two.len()).find(|&i| two[i].to_bits() != got[i].to_bits()) {
+                return Err(format!(
+                    "2x2 max pool of {h}x{w}: output {i} is {}, the general pool's {}",
+                    two[i], got[i]
+                ));
+            }
+        }
+        for (i, &value) in got.iter().enumerate() {
+            let (plane, oy, ox) = (i / (oh * ow), i / ow % oh, i % ow);
+            let at = &input[plane * h * w..][..h * w];
+            let want = fold_max(
+                op.window(0, oy)
+                    .flat_map(|y| at[y * w..][op.window(1, ox)].iter().copied()),
+            );
+            if want.to_bits() != value.to_bits() {
+                return Err(format!(
+                    "max pool {:?} stride {:?} padding {:?} of {h}x{w}: output {i} is {value}, \
+                     tract's fold gives {want}",
+                    kernel, strides, pad
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -683,6 +860,11 @@ mod tests {
             bits(want),
             "optimized {hw:?} k{k:?} s{st:?}"
         );
+    }
+
+    #[test]
+    fn the_builders_check_passes() {
+        assert_eq!(check(), Ok(()));
     }
 
     #[test]
