@@ -9,8 +9,16 @@ export async function direct(modelName, inputName, shape) {
   const bytes = await (await fetch(`/repo/${modelName}/1.0.0.capsule.wasm`)).arrayBuffer();
   const module = await WebAssembly.compile(bytes);
   const manifest = new core.Manifest(new Uint8Array(WebAssembly.Module.customSections(module, 'capsule.manifest')[0]));
-  // The host kernels answer "unavailable", as the SDK's worker does.
-  const hostKernels = { capsule_kernels: { abi_version: () => 0, f32_mmm_8x8: () => { throw new Error('no host kernels'); } } };
+  // The host kernels answer "unavailable", as the SDK's worker does: every product function
+  // the guest imports traps (the guest never calls one after abi_version answers 0).
+  const hostKernels = { capsule_kernels: { abi_version: () => 0 } };
+  for (const i of WebAssembly.Module.imports(module)) {
+    if (i.module === 'capsule_kernels' && i.kind === 'function' && !(i.name in hostKernels.capsule_kernels)) {
+      hostKernels.capsule_kernels[i.name] = () => {
+        throw new WebAssembly.RuntimeError(`capsule_kernels.${i.name}: no host kernels in a browser`);
+      };
+    }
+  }
   const ex = (await WebAssembly.instantiate(module, hostKernels)).exports;
   if (ex.capsule_abi_version() !== 1 || ex.capsule_init() !== 0) throw new Error('capsule init failed');
   const call = (request) => {

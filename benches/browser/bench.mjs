@@ -4,7 +4,7 @@
 //
 //   node benches/browser/bench.mjs --base http://127.0.0.1:PORT/ --key HEX --site DIR \
 //        --models mnist_cnn,digits_mlp [--first-reps 3] [--warmup 200] [--runs 200] [--batch dynamic|1]
-//        [--guest "capsule 0.1.0 (guest guest-release)"]
+//        [--guest "capsule 0.1.0 (guest guest-release)"] [--profile 0|1]
 //
 // For each model:
 //   - first result, capsule: a fresh browser context (empty HTTP cache and Cache Storage)
@@ -20,6 +20,12 @@
 //     `guest` (the bare capsule_infer call; bench-direct.mjs) and `echo` (a worker round trip
 //     that does nothing). A second page (proxy=1) runs `sdk` against ORT in its own worker
 //     (`env.wasm.proxy`): both runtimes off the page's thread.
+//   - with --profile 1 (PROFILE=1 in run.sh): V8's sampling profiler (Chrome DevTools
+//     Protocol, 100 us) records the steady-state page, whose thread runs the `sdk_page`,
+//     `guest` and `ort` arms, and `v8_profile` lists the top frames by self time with the
+//     module each belongs to. The guest's function names are there only when the CLI carries
+//     a guest with its name section (CAPSULE_GUEST_PROFILE=guest-profile); the shipped guest
+//     shows wasm function indices.
 // Prints one JSON line with every number (RAW=1 adds every steady-state sample); exits 1 with
 // {"ok":false,...} on failure.
 //
@@ -62,7 +68,7 @@ const WATCHDOG_MS = 15 * 60_000;
 
 function args() {
   const a = process.argv.slice(2);
-  const o = { firstReps: 3, warmup: 200, runs: 200, batch: 'dynamic', guest: null };
+  const o = { firstReps: 3, warmup: 200, runs: 200, batch: 'dynamic', guest: null, profile: '0' };
   for (let i = 0; i < a.length; i += 2) {
     const k = a[i].replace(/^--/, '').replace(/-([a-z])/g, (_, c) => c.toUpperCase());
     o[k] = a[i + 1];
@@ -71,6 +77,7 @@ function args() {
     if (!o[k]) throw new Error(`missing --${k}`);
   }
   o.firstReps = Number(o.firstReps);
+  o.profile = o.profile === '1';
   o.models = o.models.split(',');
   return o;
 }
@@ -106,11 +113,94 @@ function gzipSize(path, file) {
   return gzipSizes.get(path);
 }
 
-/** One page load in a fresh context; returns the page's result and what it downloaded. */
-async function measure(browser, url, site) {
+/** A legacy-mangled Rust symbol (`_ZN13capsule_model7kernels4wasm4half17h...E`) as a path
+ * without its hash (`capsule_model::kernels::wasm::half`); other names as they are. */
+function demangle(name) {
+  const m = /^\$?_ZN(.*)E$/.exec(name);
+  if (!m) return name;
+  const parts = [];
+  let rest = m[1];
+  while (rest.length > 0) {
+    const len = /^(\d+)/.exec(rest);
+    if (!len) return name;
+    const n = Number(len[1]);
+    parts.push(rest.slice(len[1].length, len[1].length + n));
+    rest = rest.slice(len[1].length + n);
+  }
+  if (parts.length > 1 && /^h[0-9a-f]{16}$/.test(parts[parts.length - 1])) parts.pop();
+  const escapes = { SP: '@', BP: '*', RF: '&', LT: '<', GT: '>', LP: '(', RP: ')', C: ',' };
+  return parts
+    .join('::')
+    .replace(/\$([A-Z]{1,2})\$/g, (e, k) => escapes[k] ?? e)
+    .replace(/\$u([0-9a-f]{2})\$/g, (_, h) => String.fromCharCode(parseInt(h, 16)))
+    .replace(/\.\./g, '::')
+    .replace(/^_/, '');
+}
+
+/** Which module a profiled frame belongs to: the capsule's guest, the SDK's core,
+ * onnxruntime-web's wasm (the page's other wasm module), or the script's file name. */
+function moduleOf(url, names) {
+  if (!url.startsWith('wasm://')) return url ? url.split('/').pop().split('?')[0] : '(V8)';
+  if (names.some((n) => n.includes('tract_') || n.includes('capsule_model'))) return 'capsule guest (wasm)';
+  if (names.some((n) => n.includes('capsule_sdk_core'))) return 'capsule SDK core (wasm)';
+  return `other wasm (onnxruntime-web) ${url.slice(-8)}`;
+}
+
+/** Self time per function and per module of a V8 CPU profile (`Profiler.stop`), in percent
+ * of the thread's busy samples (idle ones left out), the top `top` functions first. */
+function summarizeProfile(profile, top = 25) {
+  const interval = (profile.endTime - profile.startTime) / Math.max(1, profile.samples?.length ?? 1);
+  const namesByUrl = new Map();
+  for (const n of profile.nodes) {
+    const { url } = n.callFrame;
+    if (!namesByUrl.has(url)) namesByUrl.set(url, []);
+    namesByUrl.get(url).push(n.callFrame.functionName);
+  }
+  const hits = new Map();
+  for (const id of profile.samples ?? []) hits.set(id, (hits.get(id) ?? 0) + 1);
+  const byFunction = new Map();
+  const byModule = new Map();
+  let total = 0;
+  for (const n of profile.nodes) {
+    const count = hits.get(n.id) ?? 0;
+    const { url, functionName } = n.callFrame;
+    // Time the thread waited (between iterations, for the worker's answers) is no one's.
+    if (count === 0 || (!url && functionName === '(idle)')) continue;
+    const module = moduleOf(url, namesByUrl.get(url));
+    const name = demangle(functionName) || '(anonymous)';
+    const key = `${module}\u0000${name}`;
+    byFunction.set(key, (byFunction.get(key) ?? 0) + count);
+    byModule.set(module, (byModule.get(module) ?? 0) + count);
+    total += count;
+  }
+  const share = (c) => Number(((100 * c) / Math.max(1, total)).toFixed(2));
+  return {
+    busy_samples: total,
+    sample_interval_us: Number(interval.toFixed(1)),
+    modules: [...byModule].sort((a, b) => b[1] - a[1]).map(([module, c]) => ({ module, percent: share(c) })),
+    top: [...byFunction]
+      .sort((a, b) => b[1] - a[1])
+      .slice(0, top)
+      .map(([key, c]) => {
+        const [module, name] = key.split('\u0000');
+        return { percent: share(c), function: name, module };
+      }),
+  };
+}
+
+/** One page load in a fresh context; returns the page's result and what it downloaded (and,
+ * with `profile`, the page's V8 CPU profile summarized). */
+async function measure(browser, url, site, profile = false) {
   const context = await browser.newContext();
   context.setDefaultTimeout(PAGE_TIMEOUT_MS);
   const page = await context.newPage();
+  let cdp = null;
+  if (profile) {
+    cdp = await context.newCDPSession(page);
+    await cdp.send('Profiler.enable');
+    await cdp.send('Profiler.setSamplingInterval', { interval: 100 });
+    await cdp.send('Profiler.start');
+  }
   const finished = [];
   const failed = [];
   const errors = [];
@@ -131,6 +221,7 @@ async function measure(browser, url, site) {
     const error = await page.evaluate(() => window.__benchError);
     if (error) throw new Error(`${url}: ${error} ${errors.join('; ')}`);
     const result = await page.evaluate(() => window.__bench);
+    const v8Profile = cdp ? summarizeProfile((await cdp.send('Profiler.stop')).profile) : undefined;
     // The page's own resource timing (its worker's fetches are not in it).
     const pageResources = await page.evaluate(() =>
       performance.getEntriesByType('resource').reduce((n, e) => n + e.transferSize, 0),
@@ -172,7 +263,7 @@ async function measure(browser, url, site) {
       c.gzip += (r.gzip ?? r.body) + r.headers;
       c.files.push(`${r.path} ${r.status} ${r.body}${r.body_from_file ? ' (file size)' : ''}${r.encoding ? ` ${r.encoding}` : ''}`);
     }
-    return { result, bytes, page_resource_timing_bytes: pageResources, workers, failed, console_errors: errors };
+    return { result, bytes, page_resource_timing_bytes: pageResources, workers, failed, console_errors: errors, v8Profile };
   } finally {
     await context.close();
   }
@@ -238,7 +329,7 @@ async function main() {
           into.push(await measure(browser, url, o.site));
         }
       }
-      const steady = await measure(browser, steadyUrl(0), o.site);
+      const steady = await measure(browser, steadyUrl(0), o.site, o.profile);
       const steadyProxy = await measure(browser, steadyUrl(1), o.site);
 
       // The first results of the two runtimes must agree.
@@ -285,6 +376,7 @@ async function main() {
           workers: steady.workers,
           console_errors: steady.console_errors,
         },
+        ...(steady.v8Profile ? { v8_profile: steady.v8Profile } : {}),
         steady_proxy: {
           ...steadyProxy.result,
           workers: steadyProxy.workers,

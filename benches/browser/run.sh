@@ -12,7 +12,10 @@
 # CAPSULE_GUEST_PROFILE=guest-release carries the guest that ships), CHROMIUM
 # (/usr/bin/chromium), BATCH (dynamic: the models' batch dimension N stays symbolic in both
 # runtimes; 1: both are told it is 1, the capsules with `capsule build --input-shape` and
-# onnxruntime-web with the session option freeDimensionOverrides {N: 1}).
+# onnxruntime-web with the session option freeDimensionOverrides {N: 1}), PROFILE=1 (V8's
+# sampling profiler records the steady-state page; the JSON gets its top frames as
+# `v8_profile`: build the CLI with CAPSULE_GUEST_PROFILE=guest-profile for the guest's
+# function names).
 #
 # In a temporary directory: builds a capsule of each fixture model with the CLI
 # ($CAPSULE, default target/debug/capsule), signs them into a static repository
@@ -125,5 +128,5 @@ for run in $(seq 1 "$RUNS"); do
   echo "run $run of $RUNS" >&2
   node "$HERE/bench.mjs" --base "$BASE/" --key "$KEY" --site "$SITE" --commit "$COMMIT" \
     --models "$(echo $MODELS | tr ' ' ',')" --first-reps "$FIRST_REPS" --warmup "$WARMUP" --runs "$ITERATIONS" \
-    --batch "$BATCH" --guest "$("$CAPSULE" --version 2>/dev/null | head -1 || echo unknown)"
+    --batch "$BATCH" --profile "${PROFILE:-0}" --guest "$("$CAPSULE" --version 2>/dev/null | head -1 || echo unknown)"
 done
