@@ -117,14 +117,16 @@ function gzipSize(path, file) {
  * without its hash (`capsule_model::kernels::wasm::half`); other names as they are. */
 function demangle(name) {
   const m = /^\$?_ZN(.*)E$/.exec(name);
-  if (!m) return name;
+  // Names a module's name section already demangled keep their hash: dropped too.
+  if (!m) return name.replace(/::h[0-9a-f]{16}$/, '');
   const parts = [];
   let rest = m[1];
   while (rest.length > 0) {
     const len = /^(\d+)/.exec(rest);
     if (!len) return name;
     const n = Number(len[1]);
-    parts.push(rest.slice(len[1].length, len[1].length + n));
+    // A `_` before a `$` escape only keeps the identifier from starting with `$`.
+    parts.push(rest.slice(len[1].length, len[1].length + n).replace(/^_\$/, '$'));
     rest = rest.slice(len[1].length + n);
   }
   if (parts.length > 1 && /^h[0-9a-f]{16}$/.test(parts[parts.length - 1])) parts.pop();
