@@ -6,9 +6,9 @@
 //! slow path is a call that clobbers every vector register, so Cranelift keeps the loop's
 //! accumulators in stack slots: every step loads and stores each of them, which is most of
 //! what the loop costs (`perf annotate` of the 32-row kernel in a dense layer;
-//! docs/benchmarks.md, "Matrix-vector products"). `product!` runs eight steps per
+//! docs/benchmarks.md, "Matrix-vector products"). `product!` runs 32 steps per
 //! iteration, each followed by its exit test, as [`super::wasm`]'s 8x8 loop does, so the
-//! accumulators go through the stack once per eight steps.
+//! accumulators go through the stack once per 32 steps.
 //!
 //! Each sum is accumulated from zero in tract's order with tract's operation (a multiply
 //! then an add, or `relaxed_madd` where tract's kernel uses it), then the rest of the
@@ -84,14 +84,23 @@ macro_rules! product {
             let mut i = 0;
             if k > 0 {
                 'steps: loop {
-                    step!($how, $n, i, k, pa, pb, 'steps, [$($acc $q),+]);
-                    step!($how, $n, i, k, pa, pb, 'steps, [$($acc $q),+]);
-                    step!($how, $n, i, k, pa, pb, 'steps, [$($acc $q),+]);
-                    step!($how, $n, i, k, pa, pb, 'steps, [$($acc $q),+]);
-                    step!($how, $n, i, k, pa, pb, 'steps, [$($acc $q),+]);
-                    step!($how, $n, i, k, pa, pb, 'steps, [$($acc $q),+]);
-                    step!($how, $n, i, k, pa, pb, 'steps, [$($acc $q),+]);
-                    step!($how, $n, i, k, pa, pb, 'steps, [$($acc $q),+]);
+                    macro_rules! for_eight {
+                        () => {
+                            step!($how, $n, i, k, pa, pb, 'steps, [$($acc $q),+]);
+                            step!($how, $n, i, k, pa, pb, 'steps, [$($acc $q),+]);
+                            step!($how, $n, i, k, pa, pb, 'steps, [$($acc $q),+]);
+                            step!($how, $n, i, k, pa, pb, 'steps, [$($acc $q),+]);
+                            step!($how, $n, i, k, pa, pb, 'steps, [$($acc $q),+]);
+                            step!($how, $n, i, k, pa, pb, 'steps, [$($acc $q),+]);
+                            step!($how, $n, i, k, pa, pb, 'steps, [$($acc $q),+]);
+                            step!($how, $n, i, k, pa, pb, 'steps, [$($acc $q),+]);
+                        };
+                    }
+                    // 32 steps per iteration, as eight steps four times.
+                    for_eight!();
+                    for_eight!();
+                    for_eight!();
+                    for_eight!();
                 }
             }
             for (slot, v) in out.iter_mut().zip([$($acc),+]) {
@@ -261,7 +270,7 @@ pub fn check() -> Result<(), String> {
         ),
     ];
     for (name, mr, ours, tracts) in kernels {
-        for k in [1, 7, 8, 9, 27, 64] {
+        for k in [1, 7, 8, 9, 27, 31, 32, 33, 64, 75] {
             let pa: Vec<f32> = (0..mr * k).map(|_| next()).collect();
             let pb: Vec<f32> = (0..k).map(|_| next()).collect();
             let bias: Vec<f32> = (0..mr).map(|_| next()).collect();
