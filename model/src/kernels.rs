@@ -220,6 +220,16 @@ mod wasm {
     ///
     /// # Safety
     /// As [`kernel`].
+    /// One tile's program on the guest's own kernel, as tract's tile loop would run it when
+    /// the node has no host kernels ([`super::blocks`]'s portable loop builds the programs).
+    ///
+    /// # Safety
+    /// As [`kernel`].
+    pub(super) unsafe fn portable_tile(program: &[FusedKerSpec<f32>]) -> isize {
+        // SAFETY: the caller's contract.
+        unsafe { portable(program) }
+    }
+
     unsafe fn portable(program: &[FusedKerSpec<f32>]) -> isize {
         let wasm = tract_linalg::wasm::wasm_f32_8x8.kernel;
         let (Some(FusedKerSpec::Clear), Some(&FusedKerSpec::AddMatMul { k, pa, pb, .. })) =

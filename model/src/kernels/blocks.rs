@@ -10,8 +10,11 @@
 //! block calls: the operand tract packs lazily (a convolution's im2col) is packed here one
 //! panel at a time, in wasm, and each panel goes to the host with every panel of the other
 //! operand, as many tiles as one call may take. The host fuses the epilogue into its native
-//! kernel and stores straight into the plan's output. Any other product, or any product
-//! when the host offers no blocks, runs as before ([`super::wasm`]'s per-tile kernel).
+//! kernel and stores straight into the plan's output. Without host kernels, the same
+//! products run tile by tile in the guest from one loop of ours ([`Plan::run_portable`]),
+//! each tile on the program tract's loop would build, without tract's per-tile machinery.
+//! Any other product, or any product when the host offers only tile calls (version 1),
+//! runs on tract's tile loop ([`super::wasm`]'s per-tile kernel).
 
 use std::alloc::Layout;
 use std::borrow::Cow;
@@ -122,11 +125,19 @@ impl MatMatMul for Blocks {
         scratch: &mut dyn ScratchSpace,
         non_linear: &[FusedSpec],
     ) -> TractResult<()> {
-        if super::wasm::host_abi() >= 2
+        let host = super::wasm::host_abi();
+        // Version 1 (tile calls) keeps tract's loop, whose kernel calls the host per tile.
+        if host != 1
             && let Some(plan) = Plan::of(m, n, non_linear)
         {
             // SAFETY: the specs are tract's for this product (the caller's contract).
-            return unsafe { plan.run() };
+            return unsafe {
+                if host >= 2 {
+                    plan.run()
+                } else {
+                    plan.run_portable()
+                }
+            };
         }
         // SAFETY: the caller's contract, passed on.
         unsafe { self.0.run_with_scratch_space(m, n, scratch, non_linear) }
@@ -344,6 +355,153 @@ impl<'s> Plan<'s> {
                 // SAFETY: every address names what tract gave this product (the caller's
                 // contract) or this function's own buffers; the host checks them anyway.
                 unsafe { host_f32_mmm_block(&call) };
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Plan<'_> {
+    /// Runs the product in the guest, without host kernels: the same tile programs tract's
+    /// tile loop builds (`Clear`, the product, the plan's ops in its order, `Store`), each on
+    /// the guest's kernel ([`super::wasm::portable_tile`]), but from one loop over the
+    /// lazy operand's panels and the eager one's, without tract's per-tile machinery (its
+    /// loop, program building and panel reads were 11% of SqueezeNet's portable inference,
+    /// each function entry and loop header with its epoch check). A border tile computes
+    /// into an 8x8 scratch tile, with its bias and residual copied into zero-padded
+    /// scratch, and only its valid values are copied out, as tract's border tiles do. So
+    /// every tile runs the program tract's loop would give the kernel: the same bits.
+    ///
+    /// # Safety
+    /// As [`Plan::run`].
+    unsafe fn run_portable(&self) -> TractResult<()> {
+        use tract_linalg::mmm::{FusedKerSpec as K, OutputStoreKer};
+        let (by_columns, inner0, inner_stride) = (self.by_columns, self.inner0, self.inner_stride);
+        let outer = if by_columns { self.b } else { self.a };
+        let (outer_len, inner_len) = if by_columns {
+            (self.n, self.m)
+        } else {
+            (self.m, self.n)
+        };
+        let panel_bytes = self.k * capsule_format::kernels::PANEL_STEP_BYTES;
+        let buffer = Buffer::new(outer.scratch_panel_buffer_layout(), panel_bytes)?;
+        let kernel_store = |ptr: usize, row_stride: isize, col_stride: isize| OutputStoreKer {
+            ptr: ptr as *mut u8,
+            row_byte_stride: row_stride,
+            col_byte_stride: col_stride,
+            item_size: 4,
+        };
+        let of_store = |s: &Store, row: usize, col: usize| {
+            kernel_store(s.at(row, col), s.row_stride as isize, s.col_stride as isize)
+        };
+        // A border tile's bias, residual and output, 8 rows of 8 contiguous values.
+        let mut bias_tile = [0f32; 8];
+        let mut residual_tile = [0f32; 64];
+        let mut out_tile = [0f32; 64];
+        let row_bias = self.ops.has(BlockOps::ROW_BIAS);
+        let col_bias = self.ops.has(BlockOps::COL_BIAS);
+        let residual = self
+            .ops
+            .has(BlockOps::RESIDUAL)
+            .then_some(self.residual)
+            .flatten();
+        let residual_first = self.ops.has(BlockOps::RESIDUAL_FIRST);
+        for o in 0..outer_len.div_ceil(8) {
+            let panel = outer.panel_bytes(o, buffer.scratch())? as usize;
+            for i in 0..inner_len.div_ceil(8) {
+                let inner_panel = inner0 + i * inner_stride;
+                let ((down, right), (pa, pb)) = if by_columns {
+                    ((i, o), (inner_panel, panel))
+                } else {
+                    ((o, i), (panel, inner_panel))
+                };
+                let (row, col) = (8 * down, 8 * right);
+                let (rows, cols) = ((self.m - row).min(8), (self.n - col).min(8));
+                let border = rows < 8 || cols < 8;
+                let bias = if row_bias || col_bias {
+                    let (first, len) = if row_bias { (row, rows) } else { (col, cols) };
+                    let at = self.bias.wrapping_add(first);
+                    if len < 8 {
+                        bias_tile.fill(0.0);
+                        // SAFETY: the bias holds a value per row (or column) of the product
+                        // (the caller's contract); `first + len` is within it.
+                        unsafe { std::ptr::copy_nonoverlapping(at, bias_tile.as_mut_ptr(), len) };
+                        bias_tile.as_ptr()
+                    } else {
+                        at
+                    }
+                } else {
+                    std::ptr::null()
+                };
+                let unicast = residual.map(|r| {
+                    if border {
+                        residual_tile.fill(0.0);
+                        for (y, out) in residual_tile.chunks_exact_mut(8).take(rows).enumerate() {
+                            for (x, v) in out.iter_mut().take(cols).enumerate() {
+                                // SAFETY: `(row + y, col + x)` is an output of the product,
+                                // and the residual covers every output (the caller's contract).
+                                *v = unsafe { *(r.at(row + y, col + x) as *const f32) };
+                            }
+                        }
+                        kernel_store(residual_tile.as_ptr() as usize, 32, 4)
+                    } else {
+                        of_store(&r, row, col)
+                    }
+                });
+                let store = if border {
+                    kernel_store(out_tile.as_mut_ptr() as usize, 32, 4)
+                } else {
+                    of_store(&self.store, row, col)
+                };
+                let mut program = [K::Done; 8];
+                let mut len = 0;
+                let mut push = |op: K<f32>| {
+                    program[len] = op;
+                    len += 1;
+                };
+                push(K::Clear);
+                push(K::AddMatMul {
+                    k: self.k,
+                    pa: pa as *const u8,
+                    pb: pb as *const u8,
+                    packing: 0,
+                });
+                if residual_first && let Some(u) = unicast {
+                    push(K::AddUnicast(u));
+                }
+                if row_bias {
+                    push(K::PerRowAdd(bias));
+                } else if col_bias {
+                    push(K::PerColAdd(bias));
+                }
+                if !residual_first && let Some(u) = unicast {
+                    push(K::AddUnicast(u));
+                }
+                if self.ops.has(BlockOps::MAX) {
+                    push(K::ScalarMax(self.max));
+                }
+                if self.ops.has(BlockOps::MIN) {
+                    push(K::ScalarMin(self.min));
+                }
+                push(K::Store(store));
+                push(K::Done);
+                // SAFETY: the panels are the plan's operands' (the caller's contract; the
+                // lazy one packed into this function's buffer), the bias, residual and store
+                // cover the tile or are this function's scratch tiles.
+                let err = unsafe { super::wasm::portable_tile(&program[..len]) };
+                if err != 0 {
+                    return Err(TractError::msg(format!(
+                        "the guest's 8x8 kernel returned error {err}"
+                    )));
+                }
+                if border {
+                    for (y, values) in out_tile.chunks_exact(8).take(rows).enumerate() {
+                        for (x, v) in values.iter().take(cols).enumerate() {
+                            // SAFETY: `(row + y, col + x)` is an output of the product.
+                            unsafe { *(self.store.at(row + y, col + x) as *mut f32) = *v };
+                        }
+                    }
+                }
             }
         }
         Ok(())
