@@ -296,14 +296,8 @@ impl<'s> Plan<'s> {
     /// The plan's operands, bias, residual and store are tract's for an `m x n` product.
     unsafe fn run(&self) -> TractResult<()> {
         let (by_columns, inner0, inner_stride) = (self.by_columns, self.inner0, self.inner_stride);
-        let outer = if by_columns { self.b } else { self.a };
-        let (outer_len, inner_len) = if by_columns {
-            (self.n, self.m)
-        } else {
-            (self.m, self.n)
-        };
-        let panel_bytes = self.k * capsule_format::kernels::PANEL_STEP_BYTES;
-        let mut buffer = Buffer::new(outer.scratch_panel_buffer_layout(), panel_bytes)?;
+        let (outer, outer_len, inner_len) = self.outer();
+        let mut buffer = self.buffer(outer)?;
         // Rows (or columns) of the inner operand per call: the most tiles the host takes.
         let per_call = 8 * BlockCall::max_tiles(self.k as u32).max(1) as usize;
         let f = |v: usize| v as u32;
@@ -362,6 +356,22 @@ impl<'s> Plan<'s> {
 }
 
 impl Plan<'_> {
+    /// The operand packed panel by panel (the lazy one, or B when both are eager), its
+    /// length (rows of A or columns of B) and the other operand's.
+    fn outer(&self) -> (&dyn MMMInputValue, usize, usize) {
+        if self.by_columns {
+            (self.b, self.n, self.m)
+        } else {
+            (self.a, self.m, self.n)
+        }
+    }
+
+    /// A buffer for one panel of `outer` (see [`Plan::outer`]).
+    fn buffer(&self, outer: &dyn MMMInputValue) -> TractResult<Buffer> {
+        let panel_bytes = self.k * capsule_format::kernels::PANEL_STEP_BYTES;
+        Buffer::new(outer.scratch_panel_buffer_layout(), panel_bytes)
+    }
+
     /// Runs the product in the guest, without host kernels: the same tile programs tract's
     /// tile loop builds (`Clear`, the product, the plan's ops in its order, `Store`), each on
     /// the guest's kernel ([`super::wasm::portable_tile`]), but from one loop over the
@@ -377,14 +387,8 @@ impl Plan<'_> {
     unsafe fn run_portable(&self) -> TractResult<()> {
         use tract_linalg::mmm::{FusedKerSpec as K, OutputStoreKer};
         let (by_columns, inner0, inner_stride) = (self.by_columns, self.inner0, self.inner_stride);
-        let outer = if by_columns { self.b } else { self.a };
-        let (outer_len, inner_len) = if by_columns {
-            (self.n, self.m)
-        } else {
-            (self.m, self.n)
-        };
-        let panel_bytes = self.k * capsule_format::kernels::PANEL_STEP_BYTES;
-        let buffer = Buffer::new(outer.scratch_panel_buffer_layout(), panel_bytes)?;
+        let (outer, outer_len, inner_len) = self.outer();
+        let buffer = self.buffer(outer)?;
         let kernel_store = |ptr: usize, row_stride: isize, col_stride: isize| OutputStoreKer {
             ptr: ptr as *mut u8,
             row_byte_stride: row_stride,
