@@ -404,11 +404,8 @@ impl Plan<'_> {
         let mut out_tile = [0f32; 64];
         let row_bias = self.ops.has(BlockOps::ROW_BIAS);
         let col_bias = self.ops.has(BlockOps::COL_BIAS);
-        let residual = self
-            .ops
-            .has(BlockOps::RESIDUAL)
-            .then_some(self.residual)
-            .flatten();
+        // `Plan::of` sets a residual with its `RESIDUAL` step.
+        let residual = self.residual;
         let residual_first = self.ops.has(BlockOps::RESIDUAL_FIRST);
         for o in 0..outer_len.div_ceil(8) {
             let panel = outer.panel_bytes(o, buffer.scratch())? as usize;
