@@ -158,6 +158,8 @@ function summarizeProfile(profile, top = 25) {
     if (!namesByUrl.has(url)) namesByUrl.set(url, []);
     namesByUrl.get(url).push(n.callFrame.functionName);
   }
+  // Each script's module once, not once per node: a ResNet-50 profile has thousands of nodes.
+  const moduleByUrl = new Map([...namesByUrl].map(([url, names]) => [url, moduleOf(url, names)]));
   const hits = new Map();
   for (const id of profile.samples ?? []) hits.set(id, (hits.get(id) ?? 0) + 1);
   const byFunction = new Map();
@@ -168,7 +170,7 @@ function summarizeProfile(profile, top = 25) {
     const { url, functionName } = n.callFrame;
     // Time the thread waited (between iterations, for the worker's answers) is no one's.
     if (count === 0 || (!url && functionName === '(idle)')) continue;
-    const module = moduleOf(url, namesByUrl.get(url));
+    const module = moduleByUrl.get(url);
     const name = demangle(functionName) || '(anonymous)';
     const key = `${module}\u0000${name}`;
     byFunction.set(key, (byFunction.get(key) ?? 0) + count);
