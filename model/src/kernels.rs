@@ -8,11 +8,12 @@
 //! implementations is made per call:
 //!
 //! - host kernels off or unavailable (browsers, nodes that disable them, the builder): the
-//!   product is computed by our own wasm loop (`product_8x8`), then the rest of the
-//!   program (bias, activations, the store) runs on our `epilogue`, which computes what
-//!   tract's `wasm_f32_8x8` does with vector loads and stores; outputs are bit for bit
-//!   those of tract's wasm kernel (same sums in the same order; `check` tests it at every
-//!   build), faster where products are deep (see `portable`);
+//!   product is computed by our own wasm loop (`usual_tile`), which runs the usual rest of
+//!   the program (a bias, a residual, a ReLU or a clip, the store: `Usual`) on its
+//!   accumulators as it ends; any other rest runs on our `epilogue`. Both compute what
+//!   tract's `wasm_f32_8x8` does, with vector loads and stores; outputs are bit for bit
+//!   those of tract's wasm kernel (same sums in the same order, the same operations after;
+//!   `check` tests it at every build), faster where products are deep (see `portable`);
 //! - host kernels on: each `AddMatMul` of the program (the dense product of one packed 8-row
 //!   panel of A by one packed 8-column panel of B) is computed by the host into an 8x8 tile,
 //!   which is added to the accumulators as tract adds a tile; everything else (bias,
@@ -203,11 +204,13 @@ mod wasm {
     }
 
     /// The portable path: the first product of a program (the one right after `Clear`,
-    /// which every product of a plan is) computed by [`product_8x8`] into a row-major tile,
-    /// then the rest of the program on [`epilogue`] (or, for ops it does not run, on tract's
-    /// wasm 8x8 kernel, which loads the tile with `LoadTile`). Bit for bit tract's result:
-    /// each of the 64 sums is accumulated from zero in the same order, with the same
-    /// multiply and add.
+    /// which every product of a plan is) and, when the rest is the usual epilogue
+    /// ([`Usual`]), the rest on [`usual_tile`], which runs it on the accumulators as its loop
+    /// ends; otherwise the product into a row-major tile ([`product_8x8`]), then the rest
+    /// on [`epilogue`] (or, for ops it does not run, on tract's wasm 8x8 kernel, which loads
+    /// the tile with `LoadTile`). Bit for bit tract's result: each of the 64 sums is
+    /// accumulated from zero in the same order, with the same multiply and add, and goes
+    /// through the same operations after.
     ///
     /// Why: tract's kernel keeps sixteen `v128` accumulators live across its product loop,
     /// more than the sixteen vector registers of x86-64 leave once the operands are loaded,
@@ -220,16 +223,6 @@ mod wasm {
     ///
     /// # Safety
     /// As [`kernel`].
-    /// One tile's program on the guest's own kernel, as tract's tile loop would run it when
-    /// the node has no host kernels ([`super::blocks`]'s portable loop builds the programs).
-    ///
-    /// # Safety
-    /// As [`kernel`].
-    pub(super) unsafe fn portable_tile(program: &[FusedKerSpec<f32>]) -> isize {
-        // SAFETY: the caller's contract.
-        unsafe { portable(program) }
-    }
-
     unsafe fn portable(program: &[FusedKerSpec<f32>]) -> isize {
         let wasm = tract_linalg::wasm::wasm_f32_8x8.kernel;
         let (Some(FusedKerSpec::Clear), Some(&FusedKerSpec::AddMatMul { k, pa, pb, .. })) =
@@ -238,16 +231,21 @@ mod wasm {
             // SAFETY: the caller's contract.
             return unsafe { wasm(program) };
         };
+        let rest = &program[2..];
+        if let Some(usual) = Usual::of(rest) {
+            // SAFETY: `pa` and `pb` are packed panels of `k` steps of 8 f32 (the caller's
+            // contract: this kernel's packings), and the epilogue's pointers cover the tile.
+            unsafe { usual_tile(k, pa.cast(), pb.cast(), &usual) };
+            return 0;
+        }
         if k < MIN_PORTABLE_K || program.len() > MAX_OPS + 1 {
             // SAFETY: the caller's contract.
             return unsafe { wasm(program) };
         }
         let mut tile = Tile([f32x4_splat(0.0); 16]);
         // SAFETY: `pa` and `pb` are packed panels of `k` steps of 8 f32 (the caller's
-        // contract: this kernel's packings), A 16-byte aligned (to 256 bytes; B too, but B is
-        // read with unaligned loads, so its alignment is not relied on).
+        // contract: this kernel's packings; `v128.load` needs no alignment).
         unsafe { product_8x8(k, pa.cast(), pb.cast(), &mut tile) };
-        let rest = &program[2..];
         // SAFETY: the caller's contract covers the rest of the program.
         if unsafe { epilogue(rest, &mut tile) } {
             return 0;
@@ -339,81 +337,187 @@ mod wasm {
         true
     }
 
-    /// The epilogue of most products, `[PerRowAdd]? [AddUnicast]? [ScalarMax]? [ScalarMin]?
-    /// Store Done?` (a convolution's or a dense layer's bias, a residual, a ReLU or a clip,
-    /// the store), in one pass over the rows with each row's two vectors in registers.
-    /// [`epilogue`]'s loop over ops keeps the sixteen accumulators in memory (the epoch
-    /// check at its loop header clobbers the vector registers), so it loads and stores the
-    /// tile once per op. (A version that took any four such ops, each a tagged value
-    /// matched per row, measured 15-25% slower on SqueezeNet than this fixed form.) Same
-    /// operations in the same order on each value, so the same bits. Returns false, having
-    /// done nothing, for any other program.
+    /// The epilogue of most products, `[AddUnicast]? [PerRowAdd | PerColAdd]? [AddUnicast]?
+    /// [ScalarMax]? [ScalarMin]? Store Done?` with at most one `AddUnicast` (a
+    /// convolution's or a dense layer's bias, a residual, a ReLU or a clip, the store), read
+    /// off a program. [`Usual::row`] runs it on one row's two vectors.
     ///
-    /// # Safety
-    /// As [`epilogue`].
-    unsafe fn usual_epilogue(ops: &[FusedKerSpec<f32>], tile: &Tile) -> bool {
-        use FusedKerSpec as F;
-        let mut ops = ops.iter().peekable();
-        let bias = ops.next_if(|op| matches!(op, F::PerRowAdd(_)));
-        let residual = ops.next_if(|op| matches!(op, F::AddUnicast(_)));
-        let max = ops.next_if(|op| matches!(op, F::ScalarMax(_)));
-        let min = ops.next_if(|op| matches!(op, F::ScalarMin(_)));
-        let Some(F::Store(store)) = ops.next() else {
-            return false;
-        };
-        if !matches!(ops.next(), None | Some(F::Done)) {
-            return false;
+    /// Two uses: [`usual_epilogue`] runs it on a tile in one pass over its rows, and the
+    /// product loop ([`half`]) runs it on its accumulators as the loop leaves them in
+    /// registers, so that a tile of the portable path is never written to memory and read
+    /// back before its store ([`usual_tile`]).
+    #[derive(Clone, Copy)]
+    pub(super) struct Usual {
+        pub bias: Bias,
+        pub residual: Option<OutputStoreKer>,
+        /// The residual is added before the bias (the order of products whose operands the
+        /// one-row plan swapped), not after it.
+        pub residual_first: bool,
+        /// `f32x4.max(splat(max), v)`, then `f32x4.min(splat(min), v)`.
+        pub max: Option<f32>,
+        pub min: Option<f32>,
+        pub store: OutputStoreKer,
+    }
+
+    /// A [`Usual`] epilogue's bias.
+    #[derive(Clone, Copy)]
+    pub(super) enum Bias {
+        None,
+        /// One value per row (`PerRowAdd`).
+        Row(*const f32),
+        /// One value per column, 8 (`PerColAdd`).
+        Col(*const f32),
+    }
+
+    impl Usual {
+        /// The usual epilogue `ops` are, if they are one.
+        fn of(ops: &[FusedKerSpec<f32>]) -> Option<Usual> {
+            use FusedKerSpec as F;
+            let mut ops = ops.iter().peekable();
+            let mut usual = Usual::store(OutputStoreKer {
+                ptr: std::ptr::null_mut(),
+                row_byte_stride: 0,
+                col_byte_stride: 0,
+                item_size: 4,
+            });
+            let unicast = |op: &&F<f32>| matches!(op, F::AddUnicast(_));
+            if let Some(F::AddUnicast(tile)) = ops.next_if(unicast) {
+                (usual.residual, usual.residual_first) = (Some(*tile), true);
+            }
+            match ops.next_if(|op| matches!(op, F::PerRowAdd(_) | F::PerColAdd(_))) {
+                Some(F::PerRowAdd(row)) => usual.bias = Bias::Row(*row),
+                Some(F::PerColAdd(cols)) => usual.bias = Bias::Col(*cols),
+                _ => {}
+            }
+            if usual.residual.is_none()
+                && let Some(F::AddUnicast(tile)) = ops.next_if(unicast)
+            {
+                usual.residual = Some(*tile);
+            }
+            if let Some(F::ScalarMax(a)) = ops.next_if(|op| matches!(op, F::ScalarMax(_))) {
+                usual.max = Some(*a);
+            }
+            if let Some(F::ScalarMin(a)) = ops.next_if(|op| matches!(op, F::ScalarMin(_))) {
+                usual.min = Some(*a);
+            }
+            let Some(F::Store(store)) = ops.next() else {
+                return None;
+            };
+            usual.store = *store;
+            matches!(ops.next(), None | Some(F::Done)).then_some(usual)
         }
-        let bias = match bias {
-            Some(F::PerRowAdd(row)) => Some(*row),
-            _ => None,
-        };
-        let residual = match residual {
-            Some(F::AddUnicast(tile)) => Some(*tile),
-            _ => None,
-        };
-        let max = match max {
-            Some(F::ScalarMax(a)) => Some(scalar_max(*a)),
-            _ => None,
-        };
-        let min = match min {
-            Some(F::ScalarMin(a)) => Some(scalar_min(*a)),
-            _ => None,
-        };
-        // Row by row, written out: as a loop (which LLVM does not unroll at the guest's
-        // size-optimized level) the loop header's epoch check moves every live vector
-        // through the stack at each row.
-        macro_rules! row {
-            ($r:expr) => {{
-                let r: usize = $r;
-                let (mut lo, mut hi) = (tile.0[2 * r], tile.0[2 * r + 1]);
-                if let Some(row) = bias {
-                    // SAFETY: the bias holds 8 values (the caller's contract), `r < 8`.
-                    let s = f32x4_splat(unsafe { *row.add(r) });
-                    (lo, hi) = (f32x4_add(s, lo), f32x4_add(s, hi));
-                }
-                if let Some(tile) = residual {
-                    // SAFETY: the tile covers 8 rows of 8 values (the caller's contract).
+
+        /// The store alone.
+        fn store(store: OutputStoreKer) -> Usual {
+            Usual {
+                bias: Bias::None,
+                residual: None,
+                residual_first: false,
+                max: None,
+                min: None,
+                store,
+            }
+        }
+
+        /// The same epilogue for the rows `rows` further down.
+        fn below(&self, rows: usize) -> Usual {
+            let down = |t: OutputStoreKer| OutputStoreKer {
+                ptr: t.ptr.wrapping_offset(rows as isize * t.row_byte_stride),
+                ..t
+            };
+            Usual {
+                bias: match self.bias {
+                    Bias::Row(row) => Bias::Row(row.wrapping_add(rows)),
+                    other => other,
+                },
+                residual: self.residual.map(down),
+                store: down(self.store),
+                ..*self
+            }
+        }
+
+        /// Runs the epilogue on row `r`'s two vectors (columns 0-3, 4-7) and stores them.
+        /// Each op is tract's SIMD operation with tract's operand order: the same bits.
+        ///
+        /// # Safety
+        /// A row bias holds a value for row `r`, a column bias 8 values; the residual and
+        /// the store cover row `r`'s eight values.
+        #[inline(always)]
+        unsafe fn row(&self, r: usize, mut lo: v128, mut hi: v128) {
+            let residual = |(lo, hi): (v128, v128)| match self.residual {
+                Some(tile) => {
+                    // SAFETY: the caller's contract.
                     let (ulo, uhi) = unsafe {
                         load_row(
                             tile.ptr.offset(r as isize * tile.row_byte_stride),
                             tile.col_byte_stride,
                         )
                     };
-                    (lo, hi) = (f32x4_add(lo, ulo), f32x4_add(hi, uhi));
+                    (f32x4_add(lo, ulo), f32x4_add(hi, uhi))
                 }
-                if let Some(max) = &max {
-                    (lo, hi) = (max(lo), max(hi));
+                None => (lo, hi),
+            };
+            if self.residual_first {
+                (lo, hi) = residual((lo, hi));
+            }
+            match self.bias {
+                Bias::None => {}
+                Bias::Row(row) => {
+                    // SAFETY: the caller's contract.
+                    let s = f32x4_splat(unsafe { *row.add(r) });
+                    (lo, hi) = (f32x4_add(s, lo), f32x4_add(s, hi));
                 }
-                if let Some(min) = &min {
-                    (lo, hi) = (min(lo), min(hi));
+                Bias::Col(cols) => {
+                    // SAFETY: the caller's contract.
+                    let (clo, chi) =
+                        unsafe { (v128_load(cols.cast()), v128_load(cols.add(4).cast())) };
+                    (lo, hi) = (f32x4_add(clo, lo), f32x4_add(chi, hi));
                 }
-                // SAFETY: the store covers 8 rows of 8 values (the caller's contract).
-                unsafe {
-                    let row = store.ptr.offset(r as isize * store.row_byte_stride);
-                    store_row(row, store.col_byte_stride, lo, hi);
-                }
-            }};
+            }
+            if !self.residual_first {
+                (lo, hi) = residual((lo, hi));
+            }
+            if let Some(a) = self.max {
+                let max = scalar_max(a);
+                (lo, hi) = (max(lo), max(hi));
+            }
+            if let Some(a) = self.min {
+                let min = scalar_min(a);
+                (lo, hi) = (min(lo), min(hi));
+            }
+            // SAFETY: the caller's contract.
+            unsafe {
+                let row = self
+                    .store
+                    .ptr
+                    .offset(r as isize * self.store.row_byte_stride);
+                store_row(row, self.store.col_byte_stride, lo, hi);
+            }
+        }
+    }
+
+    /// [`Usual`]'s epilogue on a tile, in one pass over the rows with each row's two vectors
+    /// in registers. [`epilogue`]'s loop over ops keeps the sixteen accumulators in memory
+    /// (the epoch check at its loop header clobbers the vector registers), so it loads and
+    /// stores the tile once per op. (A version that took any four such ops, each a tagged
+    /// value matched per row, measured 15-25% slower on SqueezeNet than this fixed form.)
+    /// Returns false, having done nothing, for any other program.
+    ///
+    /// # Safety
+    /// As [`epilogue`].
+    unsafe fn usual_epilogue(ops: &[FusedKerSpec<f32>], tile: &Tile) -> bool {
+        let Some(usual) = Usual::of(ops) else {
+            return false;
+        };
+        // Row by row, written out: as a loop (which LLVM does not unroll at the guest's
+        // size-optimized level) the loop header's epoch check moves every live vector
+        // through the stack at each row.
+        macro_rules! row {
+            ($r:expr) => {
+                // SAFETY: the bias, residual and store cover 8 rows (the caller's
+                // contract), and `$r < 8`.
+                unsafe { usual.row($r, tile.0[2 * $r], tile.0[2 * $r + 1]) }
+            };
         }
         row!(0);
         row!(1);
@@ -581,7 +685,7 @@ mod wasm {
             |n: usize, next: &mut dyn FnMut() -> f32| (0..n).map(|_| next()).collect::<Vec<f32>>();
         // (row stride, column stride) in bytes: contiguous, padded, transposed, every other.
         let layouts: [(isize, isize); 4] = [(32, 4), (48, 4), (4, 32), (64, 8)];
-        for k in [8, 9, 27, 31, 32, 33, 64, 75] {
+        for k in [1, 5, 8, 9, 27, 31, 32, 33, 64, 75] {
             let (pa, pb) = (fill(8 * k, &mut next), fill(8 * k, &mut next));
             let (rows, cols) = (fill(8, &mut next), fill(8, &mut next));
             let addend = fill(128, &mut next);
@@ -592,7 +696,7 @@ mod wasm {
                     col_byte_stride: layouts[(case + 1) % 4].1,
                     item_size: 4,
                 });
-                let epilogues: [&[F<f32>]; 14] = [
+                let epilogues: [&[F<f32>]; 18] = [
                     &[F::PerRowAdd(rows.as_ptr()), F::ScalarMax(0.0)],
                     &[
                         F::PerColMul(cols.as_ptr()),
@@ -619,6 +723,16 @@ mod wasm {
                         unicast,
                     ],
                     &[unicast, F::ScalarAdd(0.0)],
+                    // The usual forms of products whose operands the one-row plan swapped:
+                    // a bias per column, a residual before the bias.
+                    &[
+                        F::PerColAdd(cols.as_ptr()),
+                        F::ScalarMax(0.0),
+                        F::ScalarMin(6.0),
+                    ],
+                    &[unicast, F::PerRowAdd(rows.as_ptr()), F::ScalarMax(0.0)],
+                    &[unicast, F::PerColAdd(cols.as_ptr()), F::ScalarMin(-0.0)],
+                    &[F::PerColAdd(rows.as_ptr()), unicast],
                     // The one-pass forms: a clip, and the store alone.
                     &[
                         F::PerRowAdd(cols.as_ptr()),
@@ -750,25 +864,41 @@ mod wasm {
     #[repr(C, align(16))]
     struct Tile([v128; 16]);
 
-    /// `tile = A * B` for one 8x8 tile: `pa` holds `k` steps of 8 rows, `pb` `k` steps of 8
-    /// columns. Rows 0-3, then rows 4-7, each pass keeping its eight accumulators (four
-    /// rows, two `v128` of four columns each) in registers. The multiply-add is tract's
-    /// (`f32x4_relaxed_madd` in a relaxed-simd guest, a multiply then an add otherwise).
+    /// `tile = A * B` for one 8x8 tile ([`usual_tile`] with the store alone, into `tile`).
     ///
     /// # Safety
     /// `pa` and `pb` point to `2 * k` readable `v128` each.
-    #[inline(never)]
     unsafe fn product_8x8(k: usize, pa: *const v128, pb: *const v128, tile: &mut Tile) {
-        // SAFETY: the caller's contract, passed on.
+        let store = OutputStoreKer {
+            ptr: tile.0.as_mut_ptr().cast(),
+            row_byte_stride: 32,
+            col_byte_stride: 4,
+            item_size: 4,
+        };
+        // SAFETY: the caller's contract; `tile` holds 8 rows of 8 values, 32 bytes apart.
+        unsafe { usual_tile(k, pa, pb, &Usual::store(store)) }
+    }
+
+    /// `A * B` for one 8x8 tile, then `usual`'s epilogue and store: `pa` holds `k` steps of
+    /// 8 rows, `pb` `k` steps of 8 columns. Rows 0-3, then rows 4-7, each pass keeping its
+    /// eight accumulators (four rows, two `v128` of four columns each) in registers, and
+    /// running the epilogue on them as its loop ends. The multiply-add is tract's
+    /// (`f32x4_relaxed_madd` in a relaxed-simd guest, a multiply then an add otherwise).
+    ///
+    /// # Safety
+    /// `pa` and `pb` point to `2 * k` readable `v128` each; `usual`'s pointers cover 8 rows
+    /// of 8 values (its bias 8 values).
+    pub(super) unsafe fn usual_tile(k: usize, pa: *const v128, pb: *const v128, usual: &Usual) {
+        // SAFETY: the caller's contract, passed on: rows 4-7 are 4 rows below.
         unsafe {
-            half(k, pa, pb, &mut tile.0[..8]);
-            half(k, pa.add(1), pb, &mut tile.0[8..]);
+            half(k, pa, pb, usual);
+            half(k, pa.add(1), pb, &usual.below(4));
         }
     }
 
-    /// Four rows of [`product_8x8`] (`pa` points to their four values of the first k step;
-    /// each step's are 32 bytes further), stored row by row (low four columns, then high
-    /// four) into `out`. One function for both halves: the guest's size counts.
+    /// Four rows of [`usual_tile`] (`pa` points to their four values of the first k step;
+    /// each step's are 32 bytes further), through `usual`'s epilogue (rows 0-3 of it) into
+    /// its store. One function for both halves: the guest's size counts.
     ///
     /// The loop runs 32 k steps per iteration. wasmtime checks the epoch (the inference
     /// deadline) at every loop header, and the check's slow path is a call that clobbers
@@ -780,9 +910,10 @@ mod wasm {
     /// epoch checks' cost").
     ///
     /// # Safety
-    /// `pa.add(2 * i)` and `pb.add(2 * i)`, `pb.add(2 * i + 1)` are readable for `i < k`.
+    /// `pa.add(2 * i)` and `pb.add(2 * i)`, `pb.add(2 * i + 1)` are readable for `i < k`;
+    /// `usual`'s pointers cover 4 rows of 8 values (its bias 4 values).
     #[inline(never)]
-    unsafe fn half(k: usize, pa: *const v128, pb: *const v128, out: &mut [v128]) {
+    unsafe fn half(k: usize, pa: *const v128, pb: *const v128, usual: &Usual) {
         let zero = f32x4_splat(0.0);
         let (mut c0l, mut c0h, mut c1l, mut c1h) = (zero, zero, zero, zero);
         let (mut c2l, mut c2h, mut c3l, mut c3h) = (zero, zero, zero, zero);
@@ -854,8 +985,13 @@ mod wasm {
                 eight!();
             }
         }
-        for (slot, v) in out.iter_mut().zip([c0l, c0h, c1l, c1h, c2l, c2h, c3l, c3h]) {
-            *slot = v;
+        // Written out, as the loop: the accumulators go from registers to the epilogue.
+        // SAFETY: the caller's contract.
+        unsafe {
+            usual.row(0, c0l, c0h);
+            usual.row(1, c1l, c1h);
+            usual.row(2, c2l, c2h);
+            usual.row(3, c3l, c3h);
         }
     }
 

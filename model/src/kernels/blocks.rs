@@ -21,9 +21,11 @@ use std::borrow::Cow;
 use std::sync::OnceLock;
 
 use capsule_format::kernels::{BlockCall, BlockOps};
+
+use super::wasm::{Bias, Usual};
 use tract_linalg::mmm::{
     EagerPackedInput, FusedSpec, MMMInputFormat, MMMInputValue, MatMatMul, OutputStore,
-    OutputStoreSpec, ScratchSpace,
+    OutputStoreKer, OutputStoreSpec, ScratchSpace,
 };
 use tract_linalg::pack::PackedFormat;
 use tract_linalg::{BinOp, WeightType};
@@ -372,20 +374,21 @@ impl Plan<'_> {
         Buffer::new(outer.scratch_panel_buffer_layout(), panel_bytes)
     }
 
-    /// Runs the product in the guest, without host kernels: the same tile programs tract's
-    /// tile loop builds (`Clear`, the product, the plan's ops in its order, `Store`), each on
-    /// the guest's kernel ([`super::wasm::portable_tile`]), but from one loop over the
-    /// lazy operand's panels and the eager one's, without tract's per-tile machinery (its
-    /// loop, program building and panel reads were 11% of SqueezeNet's portable inference,
-    /// each function entry and loop header with its epoch check). A border tile computes
-    /// into an 8x8 scratch tile, with its bias and residual copied into zero-padded
-    /// scratch, and only its valid values are copied out, as tract's border tiles do. So
-    /// every tile runs the program tract's loop would give the kernel: the same bits.
+    /// Runs the product in the guest, without host kernels: per tile, the operations of the
+    /// program tract's tile loop would build (`Clear`, the product, the plan's ops in its
+    /// order, `Store`), on the guest's product loop, which runs the ops on its accumulators
+    /// as it ends ([`super::wasm::usual_tile`]). One loop over the lazy operand's panels
+    /// and the eager one's, without tract's per-tile machinery (its loop, program building
+    /// and panel reads were 11% of SqueezeNet's portable inference, each function entry and
+    /// loop header with its epoch check; building and interpreting our own programs was
+    /// another 4%). A border tile computes into an 8x8 scratch tile, with its bias and
+    /// residual copied into zero-padded scratch, and only its valid values are copied out,
+    /// as tract's border tiles do. So every value goes through tract's operations in
+    /// tract's order: the same bits.
     ///
     /// # Safety
     /// As [`Plan::run`].
     unsafe fn run_portable(&self) -> TractResult<()> {
-        use tract_linalg::mmm::{FusedKerSpec as K, OutputStoreKer};
         let (by_columns, inner0, inner_stride) = (self.by_columns, self.inner0, self.inner_stride);
         let (outer, outer_len, inner_len) = self.outer();
         let buffer = self.buffer(outer)?;
@@ -406,7 +409,6 @@ impl Plan<'_> {
         let col_bias = self.ops.has(BlockOps::COL_BIAS);
         // `Plan::of` sets a residual with its `RESIDUAL` step.
         let residual = self.residual;
-        let residual_first = self.ops.has(BlockOps::RESIDUAL_FIRST);
         for o in 0..outer_len.div_ceil(8) {
             let panel = outer.panel_bytes(o, buffer.scratch())? as usize;
             for i in 0..inner_len.div_ceil(8) {
@@ -422,7 +424,7 @@ impl Plan<'_> {
                 let bias = if row_bias || col_bias {
                     let (first, len) = if row_bias { (row, rows) } else { (col, cols) };
                     let at = self.bias.wrapping_add(first);
-                    if len < 8 {
+                    let at = if len < 8 {
                         bias_tile.fill(0.0);
                         // SAFETY: the bias holds a value per row (or column) of the product
                         // (the caller's contract); `first + len` is within it.
@@ -430,9 +432,14 @@ impl Plan<'_> {
                         bias_tile.as_ptr()
                     } else {
                         at
+                    };
+                    if row_bias {
+                        Bias::Row(at)
+                    } else {
+                        Bias::Col(at)
                     }
                 } else {
-                    std::ptr::null()
+                    Bias::None
                 };
                 let unicast = residual.map(|r| {
                     if border {
@@ -454,47 +461,18 @@ impl Plan<'_> {
                 } else {
                     of_store(&self.store, row, col)
                 };
-                let mut program = [K::Done; 8];
-                let mut len = 0;
-                let mut push = |op: K<f32>| {
-                    program[len] = op;
-                    len += 1;
+                let usual = Usual {
+                    bias,
+                    residual: unicast,
+                    residual_first: self.ops.has(BlockOps::RESIDUAL_FIRST),
+                    max: self.ops.has(BlockOps::MAX).then_some(self.max),
+                    min: self.ops.has(BlockOps::MIN).then_some(self.min),
+                    store,
                 };
-                push(K::Clear);
-                push(K::AddMatMul {
-                    k: self.k,
-                    pa: pa as *const u8,
-                    pb: pb as *const u8,
-                    packing: 0,
-                });
-                if residual_first && let Some(u) = unicast {
-                    push(K::AddUnicast(u));
-                }
-                if row_bias {
-                    push(K::PerRowAdd(bias));
-                } else if col_bias {
-                    push(K::PerColAdd(bias));
-                }
-                if !residual_first && let Some(u) = unicast {
-                    push(K::AddUnicast(u));
-                }
-                if self.ops.has(BlockOps::MAX) {
-                    push(K::ScalarMax(self.max));
-                }
-                if self.ops.has(BlockOps::MIN) {
-                    push(K::ScalarMin(self.min));
-                }
-                push(K::Store(store));
-                push(K::Done);
                 // SAFETY: the panels are the plan's operands' (the caller's contract; the
                 // lazy one packed into this function's buffer), the bias, residual and store
                 // cover the tile or are this function's scratch tiles.
-                let err = unsafe { super::wasm::portable_tile(&program[..len]) };
-                if err != 0 {
-                    return Err(TractError::msg(format!(
-                        "the guest's 8x8 kernel returned error {err}"
-                    )));
-                }
+                unsafe { super::wasm::usual_tile(self.k, pa as _, pb as _, &usual) };
                 if border {
                     for (y, values) in out_tile.chunks_exact(8).take(rows).enumerate() {
                         for (x, v) in values.iter().take(cols).enumerate() {
