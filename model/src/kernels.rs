@@ -61,6 +61,68 @@ mod wasm {
     use tract_onnx::prelude::DatumType;
     use tract_onnx::tract_core::tract_linalg;
 
+    /// Runs `$step!(i0, j)` for each `i0 + j` in `0..$k`, 32 steps per loop iteration (`i0`
+    /// the iteration's first step, `j` a literal from 0 to 31), each followed by its own
+    /// exit test: the exits are where Cranelift must have every accumulator computed, so it
+    /// computes them step by step, in registers (with one test per iteration it would load
+    /// all the iteration's operands first and compute each accumulator's whole chain in
+    /// turn). Written out, not a `for` loop: a loop LLVM does not unroll at the guest's
+    /// size-optimized level would be a wasm loop, with an epoch check per step. A step that
+    /// addresses its operands as `p.add(i0 * w).add(j * w)` gets one address computation
+    /// per iteration and constant offsets, which wasm loads carry and Cranelift folds into
+    /// the x86 addressing mode (an index computed per step cost five integer instructions).
+    macro_rules! steps {
+        ($k:expr, $step:ident) => {{
+            let k: usize = $k;
+            let mut i0 = 0;
+            if k > 0 {
+                'steps: loop {
+                    macro_rules! then_test {
+                        ($j:literal) => {
+                            $step!(i0, $j);
+                            if i0 + $j + 1 == k {
+                                break 'steps;
+                            }
+                        };
+                    }
+                    then_test!(0);
+                    then_test!(1);
+                    then_test!(2);
+                    then_test!(3);
+                    then_test!(4);
+                    then_test!(5);
+                    then_test!(6);
+                    then_test!(7);
+                    then_test!(8);
+                    then_test!(9);
+                    then_test!(10);
+                    then_test!(11);
+                    then_test!(12);
+                    then_test!(13);
+                    then_test!(14);
+                    then_test!(15);
+                    then_test!(16);
+                    then_test!(17);
+                    then_test!(18);
+                    then_test!(19);
+                    then_test!(20);
+                    then_test!(21);
+                    then_test!(22);
+                    then_test!(23);
+                    then_test!(24);
+                    then_test!(25);
+                    then_test!(26);
+                    then_test!(27);
+                    then_test!(28);
+                    then_test!(29);
+                    then_test!(30);
+                    then_test!(31);
+                    i0 += 32;
+                }
+            }
+        }};
+    }
+
     /// The kernel's name, as tract's dispatch knows it.
     pub const NAME: &str = "capsule_f32_8x8";
     /// Its matrix-vector companion (see the module's documentation).
@@ -337,6 +399,50 @@ mod wasm {
         true
     }
 
+    /// [`Usual`]'s epilogue on vectors of row `$r`, `$v` holding columns `$c0 + $c` to
+    /// `$c0 + $c + 3`: op after op, each op on every vector, then the stores. Each op is
+    /// tract's SIMD operation with tract's operand order: the same bits. A macro, not a
+    /// function over a slice: the guest's size-optimized code would keep the vectors in
+    /// memory, and a row of two vectors taken as two rows of one (each stored before the
+    /// next is computed) made the MNIST CNN 3% slower. Unsafe: the pointers of `$self`
+    /// cover the values.
+    macro_rules! usual_ops {
+        ($self:expr, $r:expr, $c0:expr, $($v:ident @ $c:expr),+) => {{
+            let (this, r, c0): (&Usual, usize, usize) = ($self, $r, $c0);
+            let at = |t: OutputStoreKer, c: usize| {
+                t.ptr.wrapping_offset(
+                    r as isize * t.row_byte_stride + (c0 + c) as isize * t.col_byte_stride,
+                )
+            };
+            let residual_first = this.residual_first;
+            if let Some(t) = this.residual && residual_first {
+                $( $v = f32x4_add($v, load_quad(at(t, $c), t.col_byte_stride)); )+
+            }
+            match this.bias {
+                Bias::None => {}
+                Bias::Row(row) => {
+                    let s = f32x4_splat(*row.add(r));
+                    $( $v = f32x4_add(s, $v); )+
+                }
+                Bias::Col(cols) => {
+                    $( $v = f32x4_add(v128_load(cols.add(c0 + $c).cast()), $v); )+
+                }
+            }
+            if let Some(t) = this.residual && !residual_first {
+                $( $v = f32x4_add($v, load_quad(at(t, $c), t.col_byte_stride)); )+
+            }
+            if let Some(a) = this.max {
+                let max = scalar_max(a);
+                $( $v = max($v); )+
+            }
+            if let Some(a) = this.min {
+                let min = scalar_min(a);
+                $( $v = min($v); )+
+            }
+            $( store_quad(at(this.store, $c), this.store.col_byte_stride, $v); )+
+        }};
+    }
+
     /// The epilogue of most products, `[AddUnicast]? [PerRowAdd | PerColAdd]? [AddUnicast]?
     /// [ScalarMax]? [ScalarMin]? Store Done?` with at most one `AddUnicast` (a
     /// convolution's or a dense layer's bias, a residual, a ReLU or a clip, the store), read
@@ -437,62 +543,26 @@ mod wasm {
         }
 
         /// Runs the epilogue on row `r`'s two vectors (columns 0-3, 4-7) and stores them.
-        /// Each op is tract's SIMD operation with tract's operand order: the same bits.
         ///
         /// # Safety
         /// A row bias holds a value for row `r`, a column bias 8 values; the residual and
         /// the store cover row `r`'s eight values.
         #[inline(always)]
         unsafe fn row(&self, r: usize, mut lo: v128, mut hi: v128) {
-            let residual = |(lo, hi): (v128, v128)| match self.residual {
-                Some(tile) => {
-                    // SAFETY: the caller's contract.
-                    let (ulo, uhi) = unsafe {
-                        load_row(
-                            tile.ptr.offset(r as isize * tile.row_byte_stride),
-                            tile.col_byte_stride,
-                        )
-                    };
-                    (f32x4_add(lo, ulo), f32x4_add(hi, uhi))
-                }
-                None => (lo, hi),
-            };
-            if self.residual_first {
-                (lo, hi) = residual((lo, hi));
-            }
-            match self.bias {
-                Bias::None => {}
-                Bias::Row(row) => {
-                    // SAFETY: the caller's contract.
-                    let s = f32x4_splat(unsafe { *row.add(r) });
-                    (lo, hi) = (f32x4_add(s, lo), f32x4_add(s, hi));
-                }
-                Bias::Col(cols) => {
-                    // SAFETY: the caller's contract.
-                    let (clo, chi) =
-                        unsafe { (v128_load(cols.cast()), v128_load(cols.add(4).cast())) };
-                    (lo, hi) = (f32x4_add(clo, lo), f32x4_add(chi, hi));
-                }
-            }
-            if !self.residual_first {
-                (lo, hi) = residual((lo, hi));
-            }
-            if let Some(a) = self.max {
-                let max = scalar_max(a);
-                (lo, hi) = (max(lo), max(hi));
-            }
-            if let Some(a) = self.min {
-                let min = scalar_min(a);
-                (lo, hi) = (min(lo), min(hi));
-            }
             // SAFETY: the caller's contract.
-            unsafe {
-                let row = self
-                    .store
-                    .ptr
-                    .offset(r as isize * self.store.row_byte_stride);
-                store_row(row, self.store.col_byte_stride, lo, hi);
-            }
+            unsafe { usual_ops!(self, r, 0, lo @ 0, hi @ 4) }
+        }
+
+        /// Runs the epilogue on four values of row `r`, columns `c0` to `c0 + 3`, and stores
+        /// them.
+        ///
+        /// # Safety
+        /// A row bias holds a value for row `r`, a column bias values for the four columns;
+        /// the residual and the store cover the four values.
+        #[inline(always)]
+        unsafe fn quad(&self, r: usize, c0: usize, mut v: v128) {
+            // SAFETY: the caller's contract.
+            unsafe { usual_ops!(self, r, c0, v @ 0) }
         }
     }
 
@@ -638,14 +708,26 @@ mod wasm {
     unsafe fn load_row(row: *const u8, stride: isize) -> (v128, v128) {
         // SAFETY: the caller's contract.
         unsafe {
+            (
+                load_quad(row, stride),
+                load_quad(row.offset(4 * stride), stride),
+            )
+        }
+    }
+
+    /// Four f32 of a row whose columns are `stride` bytes apart, as a vector.
+    ///
+    /// # Safety
+    /// The four values are readable.
+    #[inline(always)]
+    unsafe fn load_quad(row: *const u8, stride: isize) -> v128 {
+        // SAFETY: the caller's contract.
+        unsafe {
             if stride == 4 {
-                return (v128_load(row.cast()), v128_load(row.add(16).cast()));
+                return v128_load(row.cast());
             }
             let at = |c: isize| *row.offset(c * stride).cast::<f32>();
-            (
-                f32x4(at(0), at(1), at(2), at(3)),
-                f32x4(at(4), at(5), at(6), at(7)),
-            )
+            f32x4(at(0), at(1), at(2), at(3))
         }
     }
 
@@ -657,20 +739,28 @@ mod wasm {
     unsafe fn store_row(row: *mut u8, stride: isize, lo: v128, hi: v128) {
         // SAFETY: the caller's contract.
         unsafe {
+            store_quad(row, stride, lo);
+            store_quad(row.offset(4 * stride), stride, hi);
+        }
+    }
+
+    /// Stores `v` as four f32 of a row whose columns are `stride` bytes apart.
+    ///
+    /// # Safety
+    /// The four values are writable.
+    #[inline(always)]
+    unsafe fn store_quad(row: *mut u8, stride: isize, v: v128) {
+        // SAFETY: the caller's contract.
+        unsafe {
             if stride == 4 {
-                v128_store(row.cast(), lo);
-                v128_store(row.add(16).cast(), hi);
+                v128_store(row.cast(), v);
                 return;
             }
             let at = |c: isize| row.offset(c * stride).cast::<f32>();
-            *at(0) = f32x4_extract_lane::<0>(lo);
-            *at(1) = f32x4_extract_lane::<1>(lo);
-            *at(2) = f32x4_extract_lane::<2>(lo);
-            *at(3) = f32x4_extract_lane::<3>(lo);
-            *at(4) = f32x4_extract_lane::<0>(hi);
-            *at(5) = f32x4_extract_lane::<1>(hi);
-            *at(6) = f32x4_extract_lane::<2>(hi);
-            *at(7) = f32x4_extract_lane::<3>(hi);
+            *at(0) = f32x4_extract_lane::<0>(v);
+            *at(1) = f32x4_extract_lane::<1>(v);
+            *at(2) = f32x4_extract_lane::<2>(v);
+            *at(3) = f32x4_extract_lane::<3>(v);
         }
     }
 
@@ -803,28 +893,44 @@ mod wasm {
                     // SAFETY (both closures): every pointer covers its op: `pa` and `pb`
                     // hold `k` steps of 8, `rows` and `cols` 8 values, `addend` and `out`
                     // 128, which every layout's 8x8 tile fits in.
-                    let ours = run(&|program| unsafe {
+                    let ours_one = |program: &[F<f32>]| unsafe {
                         if matches!(program[1], F::AddMatMul { .. }) {
                             portable(program);
                             true
                         } else {
                             epilogue(program, &mut Tile([f32x4_splat(0.0); 16]))
                         }
+                    };
+                    let ours = run(&ours_one);
+                    // The product from B spread ([`spread_tile`]) where the epilogue is usual.
+                    let spread_ours = run(&|program| unsafe {
+                        match (program[1], Usual::of(&program[2..])) {
+                            (F::AddMatMul { k, pa, pb, .. }, Some(usual)) => {
+                                let mut spread_b = Vec::new();
+                                spread(k, pb.cast(), &mut spread_b);
+                                spread_tile(k, pa.cast(), spread_b.as_ptr(), &usual);
+                                true
+                            }
+                            _ => ours_one(program),
+                        }
                     });
                     let tracts = run(&|program| unsafe {
                         (tract_linalg::wasm::wasm_f32_8x8.kernel)(program);
                         true
                     });
-                    let (Some(ours), Some(tracts)) = (ours, tracts) else {
+                    let (Some(ours), Some(spread_ours), Some(tracts)) = (ours, spread_ours, tracts)
+                    else {
                         return Err(format!(
                             "k {k}, layout {case}, epilogue {e}: not run by ours"
                         ));
                     };
-                    if let Some(i) = (0..ours.len()).find(|&i| !same_bits(ours[i], tracts[i])) {
-                        return Err(format!(
-                            "k {k}, layout {case}, epilogue {e}, value {i}: {} where tract computes {}",
-                            ours[i], tracts[i]
-                        ));
+                    for (path, ours) in [("", ours), (" (B spread)", spread_ours)] {
+                        if let Some(i) = (0..ours.len()).find(|&i| !same_bits(ours[i], tracts[i])) {
+                            return Err(format!(
+                                "k {k}, layout {case}, epilogue {e}, value {i}{path}: {} where tract computes {}",
+                                ours[i], tracts[i]
+                            ));
+                        }
                     }
                 }
             }
@@ -896,6 +1002,117 @@ mod wasm {
         }
     }
 
+    /// B's packed panel of `k` steps (8 columns each, `2 * k` vectors) with every value
+    /// made a vector of four copies, as [`spread_tile`] reads it: columns 0-3 of each step,
+    /// step after step, then columns 4-7. Four times the panel's bytes, made once per panel
+    /// and read by every tile of A's panels.
+    ///
+    /// # Safety
+    /// `panel` points to `2 * k` readable `v128`.
+    pub(super) unsafe fn spread(k: usize, panel: *const v128, out: &mut Vec<v128>) {
+        out.clear();
+        for half in 0..2 {
+            out.extend((0..k).flat_map(|i| {
+                // SAFETY: `2 * i + half < 2 * k` (the caller's contract).
+                let v = unsafe { v128_load(panel.add(2 * i + half)) };
+                [
+                    i32x4_shuffle::<0, 0, 0, 0>(v, v),
+                    i32x4_shuffle::<1, 1, 1, 1>(v, v),
+                    i32x4_shuffle::<2, 2, 2, 2>(v, v),
+                    i32x4_shuffle::<3, 3, 3, 3>(v, v),
+                ]
+            }));
+        }
+    }
+
+    /// [`usual_tile`] with B [`spread`]: the same sums and epilogue, bit for bit, without a
+    /// shuffle in the product loop. The accumulators run along A's rows: per k step, A's
+    /// two vectors (rows 0-3, 4-7) times each of four columns' spread values. The four
+    /// shuffles per step that broadcast A in [`half`] take the floating-point pipes its
+    /// multiplies and adds need; here every vector comes from a load, and each half tile
+    /// ends with two 4x4 transposes (16 shuffles) before its epilogue. Worth it where B's
+    /// spread panel serves several tiles (the portable block loop uses it from 4 panels of
+    /// A up).
+    ///
+    /// # Safety
+    /// `pa` points to `2 * k` readable `v128`, `spread` to `8 * k` ([`spread`]'s output for
+    /// this `k`); `usual`'s pointers cover 8 rows of 8 values (its bias 8 values).
+    pub(super) unsafe fn spread_tile(
+        k: usize,
+        pa: *const v128,
+        spread: *const v128,
+        usual: &Usual,
+    ) {
+        // SAFETY: the caller's contract, passed on: columns 4-7 are `4 * k` vectors further.
+        unsafe {
+            half_spread(k, pa, spread, usual, 0);
+            half_spread(k, pa, spread.add(4 * k), usual, 4);
+        }
+    }
+
+    /// Four columns (`c0` to `c0 + 3`) of [`spread_tile`], all eight rows: eight
+    /// accumulators, column c's rows 0-3 and 4-7.
+    ///
+    /// # Safety
+    /// `pa.add(2 * i)`, `pa.add(2 * i + 1)` and `ps.add(4 * i)` to `ps.add(4 * i + 3)` are
+    /// readable for `i < k`; `usual`'s pointers cover 8 rows of columns `c0` to `c0 + 3`.
+    #[inline(never)]
+    unsafe fn half_spread(k: usize, pa: *const v128, ps: *const v128, usual: &Usual, c0: usize) {
+        let zero = f32x4_splat(0.0);
+        let (mut c0l, mut c0h, mut c1l, mut c1h) = (zero, zero, zero, zero);
+        let (mut c2l, mut c2h, mut c3l, mut c3h) = (zero, zero, zero, zero);
+        macro_rules! step {
+            ($i0:expr, $j:expr) => {{
+                // SAFETY (of every read of the step): `i0 + j < k`, and the caller's contract.
+                let (a, s) = unsafe { (pa.add(2 * $i0).add(2 * $j), ps.add(4 * $i0).add(4 * $j)) };
+                // SAFETY: as above.
+                let (lo, hi) = unsafe { (v128_load(a), v128_load(a.add(1))) };
+                // A first, B second, as [`half`] multiplies: the same bits.
+                macro_rules! column {
+                    ($c:expr, $l:ident, $h:ident) => {
+                        // SAFETY: as above.
+                        let b = unsafe { v128_load(s.add($c)) };
+                        $l = madd($l, lo, b);
+                        $h = madd($h, hi, b);
+                    };
+                }
+                column!(0, c0l, c0h);
+                column!(1, c1l, c1h);
+                column!(2, c2l, c2h);
+                column!(3, c3l, c3h);
+            }};
+        }
+        steps!(k, step);
+        let [r0, r1, r2, r3] = transpose(c0l, c1l, c2l, c3l);
+        let [r4, r5, r6, r7] = transpose(c0h, c1h, c2h, c3h);
+        // SAFETY: the caller's contract.
+        unsafe {
+            usual.quad(0, c0, r0);
+            usual.quad(1, c0, r1);
+            usual.quad(2, c0, r2);
+            usual.quad(3, c0, r3);
+            usual.quad(4, c0, r4);
+            usual.quad(5, c0, r5);
+            usual.quad(6, c0, r6);
+            usual.quad(7, c0, r7);
+        }
+    }
+
+    /// The rows of the 4x4 block whose columns are `a0` to `a3`.
+    #[inline(always)]
+    fn transpose(a0: v128, a1: v128, a2: v128, a3: v128) -> [v128; 4] {
+        let t0 = i32x4_shuffle::<0, 4, 1, 5>(a0, a1);
+        let t1 = i32x4_shuffle::<2, 6, 3, 7>(a0, a1);
+        let t2 = i32x4_shuffle::<0, 4, 1, 5>(a2, a3);
+        let t3 = i32x4_shuffle::<2, 6, 3, 7>(a2, a3);
+        [
+            i64x2_shuffle::<0, 2>(t0, t2),
+            i64x2_shuffle::<1, 3>(t0, t2),
+            i64x2_shuffle::<0, 2>(t1, t3),
+            i64x2_shuffle::<1, 3>(t1, t3),
+        ]
+    }
+
     /// Four rows of [`usual_tile`] (`pa` points to their four values of the first k step;
     /// each step's are 32 bytes further), through `usual`'s epilogue (rows 0-3 of it) into
     /// its store. One function for both halves: the guest's size counts.
@@ -918,16 +1135,11 @@ mod wasm {
         let (mut c0l, mut c0h, mut c1l, mut c1h) = (zero, zero, zero, zero);
         let (mut c2l, mut c2h, mut c3l, mut c3h) = (zero, zero, zero, zero);
         macro_rules! step {
-            ($i:expr) => {{
-                let i = $i;
-                // SAFETY: `i < k`, and the caller's contract.
-                let (a, bl, bh) = unsafe {
-                    (
-                        v128_load(pa.add(2 * i)),
-                        BVec::at(pb.add(2 * i)),
-                        BVec::at(pb.add(2 * i + 1)),
-                    )
-                };
+            ($i0:expr, $j:expr) => {{
+                // SAFETY (of every read of the step): `i0 + j < k`, and the caller's contract.
+                let (a, b) = unsafe { (pa.add(2 * $i0).add(2 * $j), pb.add(2 * $i0).add(2 * $j)) };
+                // SAFETY: as above.
+                let (a, bl, bh) = unsafe { (v128_load(a), BVec::at(b), BVec::at(b.add(1))) };
                 // B's vector where a multiply-add uses it ([`BVec`]).
                 macro_rules! b {
                     ($v:ident) => {
@@ -949,42 +1161,7 @@ mod wasm {
                 c3h = madd(c3h, s, b!(bh));
             }};
         }
-        // 32 steps per iteration, each followed by its own exit test: the exits are
-        // where Cranelift must have every accumulator computed, so it computes them step by
-        // step, in registers (with one test per iteration it would load all 24 operands
-        // first and compute each accumulator's whole chain in turn).
-        let mut i = 0;
-        if k > 0 {
-            'steps: loop {
-                // Written out, not a `for` loop: a loop LLVM does not unroll at the guest's
-                // size-optimized level would be a wasm loop, with an epoch check per step.
-                macro_rules! then_test {
-                    () => {
-                        step!(i);
-                        i += 1;
-                        if i == k {
-                            break 'steps;
-                        }
-                    };
-                }
-                macro_rules! eight {
-                    () => {
-                        then_test!();
-                        then_test!();
-                        then_test!();
-                        then_test!();
-                        then_test!();
-                        then_test!();
-                        then_test!();
-                        then_test!();
-                    };
-                }
-                eight!();
-                eight!();
-                eight!();
-                eight!();
-            }
-        }
+        steps!(k, step);
         // Written out, as the loop: the accumulators go from registers to the epilogue.
         // SAFETY: the caller's contract.
         unsafe {

@@ -17,6 +17,7 @@
 //! runs on tract's tile loop ([`super::wasm`]'s per-tile kernel).
 
 use std::alloc::Layout;
+use std::arch::wasm32::v128;
 use std::borrow::Cow;
 use std::sync::OnceLock;
 
@@ -145,6 +146,10 @@ impl MatMatMul for Blocks {
         unsafe { self.0.run_with_scratch_space(m, n, scratch, non_linear) }
     }
 }
+
+/// Rows of A from which the portable block loop spreads B's panels: a spread panel costs
+/// about what two tiles save on it.
+const SPREAD_MIN_ROWS: usize = 32;
 
 /// A product of the form the host runs as blocks, read off tract's specs.
 struct Plan<'s> {
@@ -409,8 +414,21 @@ impl Plan<'_> {
         let col_bias = self.ops.has(BlockOps::COL_BIAS);
         // `Plan::of` sets a residual with its `RESIDUAL` step.
         let residual = self.residual;
+        // B's panels spread ([`super::wasm::spread_tile`]) where enough of A's panels read
+        // each one to pay for spreading it.
+        let spread = by_columns && inner_len >= SPREAD_MIN_ROWS;
+        let mut spread_b: Vec<v128> = Vec::new();
+        if spread {
+            spread_b.try_reserve_exact(8 * self.k).map_err(|e| {
+                TractError::msg(format!("spreading a panel of {} steps: {e}", self.k))
+            })?;
+        }
         for o in 0..outer_len.div_ceil(8) {
             let panel = outer.panel_bytes(o, buffer.scratch())? as usize;
+            if spread {
+                // SAFETY: B's panel holds `k` steps of 8 f32 (the plan's packing).
+                unsafe { super::wasm::spread(self.k, panel as *const v128, &mut spread_b) };
+            }
             for i in 0..inner_len.div_ceil(8) {
                 let inner_panel = inner0 + i * inner_stride;
                 let ((down, right), (pa, pb)) = if by_columns {
@@ -472,7 +490,13 @@ impl Plan<'_> {
                 // SAFETY: the panels are the plan's operands' (the caller's contract; the
                 // lazy one packed into this function's buffer), the bias, residual and store
                 // cover the tile or are this function's scratch tiles.
-                unsafe { super::wasm::usual_tile(self.k, pa as _, pb as _, &usual) };
+                unsafe {
+                    if spread {
+                        super::wasm::spread_tile(self.k, pa as _, spread_b.as_ptr(), &usual);
+                    } else {
+                        super::wasm::usual_tile(self.k, pa as _, pb as _, &usual);
+                    }
+                }
                 if border {
                     for (y, values) in out_tile.chunks_exact(8).take(rows).enumerate() {
                         for (x, v) in values.iter().take(cols).enumerate() {
