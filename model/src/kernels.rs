@@ -1245,6 +1245,14 @@ mod wasm {
             .with_boost(boost)
     }
 
+    /// [`make`]'s kernel with every tile computed in the guest ([`portable`]), whatever the
+    /// host offers: the reference of the block loop's check (`blocks::check`).
+    pub(super) fn make_portable() -> DynKernel<8, 8, f32> {
+        let mut k = make();
+        k.kernel = portable;
+        k
+    }
+
     /// tract's 8x1 GEMV with the guest's product loop ([`super::gemv`]), its boost and an A
     /// packed as [`make`]'s, so that one packed weight serves both kernels.
     fn make_gemv() -> DynKernel<8, 1, f32> {
@@ -1317,7 +1325,9 @@ pub fn refresh() {
 /// runs it before it loads a model.
 pub fn check() -> Result<(), String> {
     #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-    return wasm::check().and_then(|()| gemv::check());
+    return wasm::check()
+        .and_then(|()| gemv::check())
+        .and_then(|()| blocks::check());
     #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
     Ok(())
 }

@@ -25,8 +25,8 @@ use capsule_format::kernels::{BlockCall, BlockOps};
 
 use super::wasm::{Bias, Usual};
 use tract_linalg::mmm::{
-    EagerPackedInput, FusedSpec, MMMInputFormat, MMMInputValue, MatMatMul, OutputStore,
-    OutputStoreKer, OutputStoreSpec, ScratchSpace,
+    AsInputValue, EagerPackedInput, FusedSpec, MMMInputFormat, MMMInputValue, MatMatMul,
+    OutputStore, OutputStoreKer, OutputStoreSpec, ScratchSpace,
 };
 use tract_linalg::pack::PackedFormat;
 use tract_linalg::{BinOp, WeightType};
@@ -678,4 +678,126 @@ impl Drop for Buffer {
             unsafe { std::alloc::dealloc(ptr, layout) };
         }
     }
+}
+
+/// Which loop [`check`] runs a product on.
+#[derive(Clone, Copy, Debug)]
+enum Path {
+    /// The portable block loop ([`Plan::run_portable`]).
+    Blocks,
+    /// tract's tile loop, every tile on the guest's kernel.
+    Tract,
+}
+
+/// Runs products of the usual form through the portable block loop ([`Plan::run_portable`])
+/// and through tract's tile loop on the guest's kernel, and compares the outputs bit for bit
+/// (NaN against NaN). The shapes cut tiles at the edges of both operands and make B's panels
+/// spread (32 rows of A or more) and not; the epilogues have a bias per row and per column,
+/// a residual before and after it, clamps, and stores by rows and by columns. What it
+/// checks is the loop's own work (panels, borders, the bias and residual of each tile, the
+/// strides): the tile kernels against tract's are `kernels::check`'s. An error names the
+/// first product and value that differ. Runs with the builder's kernel check; neither loop
+/// asks the host for anything.
+pub(super) fn check() -> Result<(), String> {
+    let describe = |e: TractError| format!("the block loop's check: {e:#}");
+    let kernel = super::wasm::make_portable().mmm();
+    let Some((pack_a, pack_b)) = kernel.packings().first() else {
+        return Err("the block loop's check: the kernel has no packing".into());
+    };
+    let mut next = super::wasm::check_values(0x85eb_ca6b);
+    let mut tensor = |shape: &[usize]| {
+        let values: Vec<f32> = (0..shape.iter().product()).map(|_| next()).collect();
+        Tensor::from_shape(shape, &values)
+    };
+    let (zero, clip) = (tensor0(0f32), tensor0(0.5f32));
+    for (m, n, k) in [
+        (8, 8, 1),
+        (13, 11, 7),
+        (32, 24, 33),
+        (40, 19, 5),
+        (33, 3, 9),
+        (70, 9, 64),
+    ] {
+        let (a, b) = (
+            tensor(&[m, k]).map_err(describe)?,
+            tensor(&[k, n]).map_err(describe)?,
+        );
+        let (rows, cols) = (
+            tensor(&[m]).map_err(describe)?,
+            tensor(&[n]).map_err(describe)?,
+        );
+        let residual = tensor(&[m, n]).map_err(describe)?;
+        let pa = pack_a.prepare_one(&a, 1, 0).map_err(describe)?;
+        let pb = pack_b.prepare_one(&b, 0, 1).map_err(describe)?;
+        for form in 0..5 {
+            for transposed in [false, true] {
+                let run = |path: Path| -> TractResult<Vec<f32>> {
+                    let shape = if transposed { [n, m] } else { [m, n] };
+                    let mut out = Tensor::zero::<f32>(&shape)?;
+                    // SAFETY: the views cover `m x n` values (`out` transposed when
+                    // `transposed`), and live until the product has run.
+                    let (store, unicast) = unsafe {
+                        let axes = if transposed { (1, 0) } else { (0, 1) };
+                        (
+                            kernel
+                                .c_view(Some(axes.0), Some(axes.1))
+                                .wrap(&out.view_mut()),
+                            kernel.c_view(Some(0), Some(1)).wrap(&residual.view()),
+                        )
+                    };
+                    let mut specs = vec![FusedSpec::AddMatMul {
+                        a: AsInputValue::Borrowed(&*pa),
+                        b: AsInputValue::Borrowed(&*pb),
+                        packing: 0,
+                    }];
+                    specs.extend(match form {
+                        0 => vec![],
+                        1 => vec![
+                            FusedSpec::BinPerRow(rows.view(), BinOp::Add),
+                            FusedSpec::BinScalar(&zero, BinOp::Max),
+                        ],
+                        2 => vec![
+                            FusedSpec::BinPerCol(cols.view(), BinOp::Add),
+                            FusedSpec::AddUnicast(unicast),
+                            FusedSpec::BinScalar(&zero, BinOp::Max),
+                            FusedSpec::BinScalar(&clip, BinOp::Min),
+                        ],
+                        3 => vec![
+                            FusedSpec::AddUnicast(unicast),
+                            FusedSpec::BinPerRow(rows.view(), BinOp::Add),
+                        ],
+                        _ => vec![
+                            FusedSpec::AddUnicast(unicast),
+                            FusedSpec::BinPerCol(cols.view(), BinOp::Add),
+                            FusedSpec::BinScalar(&clip, BinOp::Min),
+                        ],
+                    });
+                    specs.push(FusedSpec::Store(store));
+                    // SAFETY: the specs are a product of `m x n` over the packed `a`, `b`.
+                    unsafe {
+                        match path {
+                            Path::Blocks => Plan::of(m, n, &specs)
+                                .ok_or_else(|| {
+                                    TractError::msg("the product did not take the block loop")
+                                })?
+                                .run_portable()?,
+                            Path::Tract => kernel.run(m, n, &specs)?,
+                        }
+                    }
+                    Ok(out.try_as_plain_ram()?.as_slice::<f32>()?.to_vec())
+                };
+                let what = format!("{m}x{n}x{k}, epilogue {form}, transposed store {transposed}");
+                let ours = run(Path::Blocks).map_err(|e| format!("{what}: {}", describe(e)))?;
+                let tracts = run(Path::Tract).map_err(|e| format!("{what}: {}", describe(e)))?;
+                let same = super::wasm::same_bits;
+                if let Some(i) = (0..ours.len()).find(|&i| !same(ours[i], tracts[i])) {
+                    return Err(format!(
+                        "the block loop's check: {what}, value {i}: {} where tract's loop computes {}",
+                        ours[i], tracts[i]
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
