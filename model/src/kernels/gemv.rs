@@ -52,28 +52,24 @@ fn madd(how: Madd, acc: v128, a: v128, b: v128) -> v128 {
 }
 
 /// One k step of `product!`'s loop on the accumulators `$acc` (vector `$q` of each step's
-/// `$n`), then the exit test.
+/// `$n`), step `$i0 + $j` ([`steps!`]'s arguments last: its operands at constant offsets
+/// from one address per 32 steps).
 macro_rules! step {
-    ($how:expr, $n:literal, $i:ident, $k:ident, $pa:ident, $pb:ident, $steps:lifetime,
-     [$($acc:ident $q:literal),+]) => {
-        // SAFETY: `i < k`, and the caller's contract.
-        let b = f32x4_splat(unsafe { *$pb.add($i) });
+    ($how:expr, $n:literal, $pa:ident, $pb:ident, [$($acc:ident $q:literal),+], $i0:expr, $j:expr) => {{
+        // SAFETY (of every read of the step): `i0 + j < k`, and the caller's contract.
+        let (a, b) = unsafe { ($pa.add($n * $i0).add($n * $j), $pb.add($i0).add($j)) };
+        // SAFETY: as above.
+        let b = f32x4_splat(unsafe { *b });
         $(
-            // SAFETY: `i < k`, and the caller's contract.
-            $acc = madd($how, $acc, unsafe { v128_load($pa.add($n * $i + $q)) }, b);
+            // SAFETY: as above.
+            $acc = madd($how, $acc, unsafe { v128_load(a.add($q)) }, b);
         )+
-        $i += 1;
-        if $i == $k {
-            break $steps;
-        }
-    };
+    }};
 }
 
 /// Defines `$name(k, pa, pb, out)`: `out[q] = Σ_i A[i][q] * b[i]` for the `$n` vectors of
-/// rows of one panel (`pa` holds `k` steps of `$n` vectors, `pb` `k` values), eight steps
-/// per loop iteration. Written out, not a `for` loop over an array: a loop LLVM does not
-/// unroll at the guest's size-optimized level would be a wasm loop, with an epoch check
-/// per step.
+/// rows of one panel (`pa` holds `k` steps of `$n` vectors, `pb` `k` values), 32 steps per
+/// loop iteration ([`steps!`]).
 macro_rules! product {
     ($name:ident, $how:expr, $n:literal, [$($acc:ident $q:literal),+]) => {
         /// # Safety
@@ -81,28 +77,7 @@ macro_rules! product {
         #[inline(never)]
         unsafe fn $name(k: usize, pa: *const v128, pb: *const f32, out: &mut [v128]) {
             $(let mut $acc = f32x4_splat(0.0);)+
-            let mut i = 0;
-            if k > 0 {
-                'steps: loop {
-                    macro_rules! for_eight {
-                        () => {
-                            step!($how, $n, i, k, pa, pb, 'steps, [$($acc $q),+]);
-                            step!($how, $n, i, k, pa, pb, 'steps, [$($acc $q),+]);
-                            step!($how, $n, i, k, pa, pb, 'steps, [$($acc $q),+]);
-                            step!($how, $n, i, k, pa, pb, 'steps, [$($acc $q),+]);
-                            step!($how, $n, i, k, pa, pb, 'steps, [$($acc $q),+]);
-                            step!($how, $n, i, k, pa, pb, 'steps, [$($acc $q),+]);
-                            step!($how, $n, i, k, pa, pb, 'steps, [$($acc $q),+]);
-                            step!($how, $n, i, k, pa, pb, 'steps, [$($acc $q),+]);
-                        };
-                    }
-                    // 32 steps per iteration, as eight steps four times.
-                    for_eight!();
-                    for_eight!();
-                    for_eight!();
-                    for_eight!();
-                }
-            }
+            steps!(k, step, [$how, $n, pa, pb, [$($acc $q),+],]);
             for (slot, v) in out.iter_mut().zip([$($acc),+]) {
                 *slot = v;
             }
