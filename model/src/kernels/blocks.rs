@@ -31,7 +31,7 @@ use tract_linalg::mmm::{
 use tract_linalg::pack::PackedFormat;
 use tract_linalg::{BinOp, WeightType};
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::internal::TensorView;
+use tract_onnx::tract_core::internal::{ExoticFact, TensorView};
 use tract_onnx::tract_core::tract_linalg;
 
 #[link(wasm_import_module = "capsule_kernels")]
@@ -680,6 +680,45 @@ impl Drop for Buffer {
     }
 }
 
+/// An eager operand that [`check`] hands over as a lazy one: A as a convolution's im2col
+/// would be in a product whose operands the one-row plan swapped, so that the block loop
+/// runs over A's panels (`by_columns` false).
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct Lazy(Box<dyn MMMInputValue>);
+
+impl std::fmt::Display for Lazy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "lazy {}", self.0)
+    }
+}
+
+impl MMMInputValue for Lazy {
+    fn format(&self) -> &dyn MMMInputFormat {
+        self.0.format()
+    }
+    fn scratch_panel_buffer_layout(&self) -> Option<Layout> {
+        self.0.scratch_panel_buffer_layout()
+    }
+    fn panel_bytes(&self, i: usize, buffer: Option<*mut u8>) -> TractResult<*const u8> {
+        self.0.panel_bytes(i, buffer)
+    }
+    fn mn(&self) -> usize {
+        self.0.mn()
+    }
+    fn k(&self) -> usize {
+        self.0.k()
+    }
+    fn exotic_fact(&self) -> &dyn ExoticFact {
+        self.0.exotic_fact()
+    }
+    fn extract_at_mn_f16(&self, mn: usize, slice: &mut [f16]) -> TractResult<()> {
+        self.0.extract_at_mn_f16(mn, slice)
+    }
+    fn extract_at_mn_f32(&self, mn: usize, slice: &mut [f32]) -> TractResult<()> {
+        self.0.extract_at_mn_f32(mn, slice)
+    }
+}
+
 /// Which loop [`check`] runs a product on.
 #[derive(Clone, Copy, Debug)]
 enum Path {
@@ -692,8 +731,11 @@ enum Path {
 /// Runs products of the usual form through the portable block loop ([`Plan::run_portable`])
 /// and through tract's tile loop on the guest's kernel, and compares the outputs bit for bit
 /// (NaN against NaN). The shapes cut tiles at the edges of both operands and make B's panels
-/// spread (32 rows of A or more) and not; the epilogues have a bias per row and per column,
-/// a residual before and after it, clamps, and stores by rows and by columns. What it
+/// spread (32 rows of A or more) and not. Each product runs twice: with A eager (the loop
+/// over B's panels, as in a convolution) and with A handed over as lazy ([`Lazy`]: the loop
+/// over A's panels, as in a product whose operands the one-row plan swapped). The epilogues
+/// have a bias per row and per column, a residual before and after it, clamps, and stores
+/// by rows and by columns. What it
 /// checks is the loop's own work (panels, borders, the bias and residual of each tile, the
 /// strides): the tile kernels against tract's are `kernels::check`'s. An error names the
 /// first product and value that differ. Runs with the builder's kernel check; neither loop
@@ -717,6 +759,8 @@ pub(super) fn check() -> Result<(), String> {
         (40, 19, 5),
         (33, 3, 9),
         (70, 9, 64),
+        (8, 40, 9),
+        (19, 70, 33),
     ] {
         let (a, b) = (
             tensor(&[m, k]).map_err(describe)?,
@@ -729,8 +773,9 @@ pub(super) fn check() -> Result<(), String> {
         let residual = tensor(&[m, n]).map_err(describe)?;
         let pa = pack_a.prepare_one(&a, 1, 0).map_err(describe)?;
         let pb = pack_b.prepare_one(&b, 0, 1).map_err(describe)?;
+        let lazy_a = Lazy(pa.clone());
         for form in 0..5 {
-            for transposed in [false, true] {
+            for (transposed, lazy) in [(false, false), (true, false), (false, true), (true, true)] {
                 let run = |path: Path| -> TractResult<Vec<f32>> {
                     let shape = if transposed { [n, m] } else { [m, n] };
                     let mut out = Tensor::zero::<f32>(&shape)?;
@@ -745,8 +790,9 @@ pub(super) fn check() -> Result<(), String> {
                             kernel.c_view(Some(0), Some(1)).wrap(&residual.view()),
                         )
                     };
+                    let a: &dyn MMMInputValue = if lazy { &lazy_a } else { &*pa };
                     let mut specs = vec![FusedSpec::AddMatMul {
-                        a: AsInputValue::Borrowed(&*pa),
+                        a: AsInputValue::Borrowed(a),
                         b: AsInputValue::Borrowed(&*pb),
                         packing: 0,
                     }];
@@ -786,7 +832,9 @@ pub(super) fn check() -> Result<(), String> {
                     }
                     Ok(out.try_as_plain_ram()?.as_slice::<f32>()?.to_vec())
                 };
-                let what = format!("{m}x{n}x{k}, epilogue {form}, transposed store {transposed}");
+                let what = format!(
+                    "{m}x{n}x{k}, epilogue {form}, transposed store {transposed}, lazy A {lazy}"
+                );
                 let ours = run(Path::Blocks).map_err(|e| format!("{what}: {}", describe(e)))?;
                 let tracts = run(Path::Tract).map_err(|e| format!("{what}: {}", describe(e)))?;
                 let same = super::wasm::same_bits;
