@@ -118,6 +118,9 @@ macro_rules! steps {
 mod blocks;
 
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+mod winograd;
+
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 mod gemv;
 
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
@@ -1245,7 +1248,7 @@ mod wasm {
         f32x4_add(acc, f32x4_mul(a, b))
     }
 
-    fn make() -> DynKernel<8, 8, f32> {
+    pub(super) fn make() -> DynKernel<8, 8, f32> {
         // tract's kernel with our entry point and the packing both kernels can read.
         let mut k = tract_linalg::wasm::wasm_f32_8x8.clone();
         k.name = NAME.to_owned();
@@ -1337,9 +1340,25 @@ pub fn check() -> Result<(), String> {
     #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
     return wasm::check()
         .and_then(|()| gemv::check())
-        .and_then(|()| blocks::check());
+        .and_then(|()| blocks::check())
+        .and_then(|()| winograd::check());
     #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
     Ok(())
+}
+
+/// Replaces the 3x3 stride-1 convolutions of a decluttered model that Winograd's
+/// F(2x2, 3x3) computes with fewer multiplications (`winograd`), in the wasm guest; returns
+/// how many. Elsewhere (native tract, the baseline) it replaces none.
+pub(crate) fn substitute_winograd(
+    model: &mut tract_onnx::prelude::TypedModel,
+) -> tract_onnx::prelude::TractResult<usize> {
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    return winograd::substitute(model);
+    #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+    {
+        let _ = model;
+        Ok(0)
+    }
 }
 
 /// Makes sure the kernel's registrations are linked in (called when a model loads; a no-op

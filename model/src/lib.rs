@@ -299,10 +299,16 @@ impl LoadedModel {
                 .map_err(|e| Error::Load(chain(&e)))?;
         }
         let load = |e: TractError| Error::Load(chain(&e));
-        let decluttered = model
+        let mut decluttered = model
             .into_typed()
             .and_then(TypedModel::into_decluttered)
             .map_err(load)?;
+        let convolutional = decluttered
+            .nodes()
+            .iter()
+            .any(|n| n.op_is::<tract_onnx::tract_core::ops::cnn::Conv>());
+        // Before both plans are made from it: they share the op's transformed filters.
+        kernels::substitute_winograd(&mut decluttered).map_err(load)?;
         let one_row = match one_row_plan {
             OneRowPlan::Auto => make_one_row_plan(&decluttered, ONE_ROW_PLAN_MAX_WEIGHT_BYTES)
                 .map(|(shapes, weights, plan)| (shapes, Some(one_row_plan_budget(weights)), plan)),
@@ -310,10 +316,6 @@ impl LoadedModel {
                 .map(|(shapes, _, plan)| (shapes, None, plan)),
             OneRowPlan::Never => None,
         };
-        let convolutional = decluttered
-            .nodes()
-            .iter()
-            .any(|n| n.op_is::<tract_onnx::tract_core::ops::cnn::Conv>());
         let typed = decluttered.into_optimized().map_err(load)?;
         let mut one_row_cost = None;
         let one_row = one_row.and_then(|(shapes, budget, mut optimized)| {

@@ -577,7 +577,7 @@ fn eval_planes(
 }
 
 /// The `[n, c, oh, ow]` f32 fact of a pooling whose input's `n` may be symbolic.
-fn output_fact(
+pub(crate) fn output_fact(
     name: &str,
     c: usize,
     [oh, ow]: [usize; 2],
