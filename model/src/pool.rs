@@ -576,7 +576,8 @@ fn eval_planes(
     Ok(tvec!(output.into_tvalue()))
 }
 
-/// The `[n, c, oh, ow]` f32 fact of a pooling whose input's `n` may be symbolic.
+/// The `[n, c, oh, ow]` f32 fact of a pooling (or of `kernels::winograd`'s convolution)
+/// whose input's `n` may be symbolic.
 pub(crate) fn output_fact(
     name: &str,
     c: usize,
