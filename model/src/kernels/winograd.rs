@@ -56,6 +56,8 @@ const MIN_CHANNELS: usize = 32;
 const MIN_OUTPUTS: usize = 49;
 /// The 4x4 transforms' positions.
 const XI: usize = 16;
+/// Values between two V_ξ (64 bytes).
+const V_PAD: usize = 16;
 
 /// A 3x3 convolution of stride 1 (any padding, one group, f32 NCHW, a batch of any size)
 /// computed with F(2x2, 3x3).
@@ -294,7 +296,10 @@ impl Winograd {
         // V_ξ, each as the kernel's B: panels of 8 tiles, `cin` steps of 8 values each.
         // The transform writes every real tile's values; the tiles that round the count up
         // to 8 (four or none) are zeros.
-        let v_len = g.tiles * g.cin;
+        // Each V_ξ is followed by `V_PAD` unused values (zeros), so that the transform's 16
+        // streams do not lie a multiple of 4 KiB apart (`tiles * cin` values mostly are),
+        // where they all fell in the same few sets of the L1 cache.
+        let v_len = g.tiles * g.cin + V_PAD;
         let v = &mut scratch.v;
         v.clear();
         v.try_reserve_exact(XI * v_len / 4)
@@ -328,6 +333,10 @@ impl Winograd {
                 }
             }
         }
+        for xi in 0..XI {
+            // SAFETY: the padding after V_ξ, within its `v_len` values.
+            unsafe { std::ptr::write_bytes(vp.add(xi * v_len + g.tiles * g.cin), 0, V_PAD) };
+        }
         if g.tiles > g.th * g.tw {
             let first = g.th * g.tw;
             for xi in 0..XI {
@@ -356,7 +365,8 @@ impl Winograd {
                 mn: g.tiles,
             };
             let view = m.view_at_prefix_mut(&[xi])?;
-            // SAFETY: `view` is M_ξ, `cout x tiles` f32; A and B hold `cin` steps of
+            // SAFETY: `view` is M_ξ and its spare row, `(cout + 1) x tiles` f32, of which
+            // the product stores `cout` rows; A and B hold `cin` steps of
             // `cout` and `tiles` values (padded to the kernel's 8), alive for the call.
             unsafe {
                 let store = g.kernel.c_view(Some(0), Some(1)).wrap(&view);
@@ -377,7 +387,8 @@ impl Winograd {
         // Aᵀ M A + bias, four tiles at a time.
         let m = m.try_as_plain_ram()?;
         let m = m.as_slice::<f32>()?;
-        let m_len = g.cout * g.tiles;
+        // M_ξ and its spare row (`Scratch::m`).
+        let m_len = (g.cout + 1) * g.tiles;
         for co in 0..g.cout {
             let bias = f32x4_splat(g.bias[co]);
             let plane = &mut output[co * g.oh * g.ow..][..g.oh * g.ow];
@@ -556,9 +567,22 @@ impl EvalOp for Winograd {
         let mut scratch = Scratch {
             padded: Vec::new(),
             v: Vec::new(),
-            // SAFETY: every value of M is stored by its product before the output
-            // transform reads it.
-            m: unsafe { Tensor::uninitialized::<f32>(&[XI, g.cout, g.tiles])? },
+            // Each M_ξ has a spare row (zeros, never read), for the reason each V_ξ is
+            // padded (`Winograd::image`).
+            // SAFETY: the products store every other value of M before the output
+            // transform reads it; the spare rows are zeroed here.
+            m: unsafe {
+                let mut m = Tensor::uninitialized::<f32>(&[XI, g.cout + 1, g.tiles])?;
+                let p = m.as_ptr_mut_unchecked::<f32>();
+                for xi in 0..XI {
+                    std::ptr::write_bytes(
+                        p.add((xi * (g.cout + 1) + g.cout) * g.tiles),
+                        0,
+                        g.tiles,
+                    );
+                }
+                m
+            },
         };
         {
             let input = input.try_as_plain_ram()?;
