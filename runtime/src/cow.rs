@@ -10,7 +10,8 @@
 //! faulted in. Only the image's data is mapped from the file: its long runs of zeros (a
 //! snapshot's free heap, where an inference puts its activations) stay anonymous memory, so
 //! a write there takes one fresh zero page instead of filling the file's hole and copying it
-//! (ResNet-50's first output: 1.19-1.26x a warm inference with host kernels, 1.38x before).
+//! (ResNet-50's first output with host kernels: 1.28-1.31x a warm inference in calm runs,
+//! 1.33-1.38x before).
 //!
 //! wasmtime's own copy-on-write initialization works from a module's data segments, which the
 //! shared code module does not have (that is what lets one compiled module serve every
@@ -148,8 +149,8 @@ const MAX_EXTENTS: usize = 32;
 ///
 /// Zeros mapped from the file cost twice: a write to one (the guest's heap, where the first
 /// inference puts its activations) first fills the file's hole with a zero page, then copies
-/// it. Left anonymous, the same write takes a fresh zero page. A snapshot's free heap, hundreds of megabytes for a
-/// ResNet-50-class model, is such a run.
+/// it. Left anonymous, the same write takes a fresh zero page. A snapshot's free heap,
+/// hundreds of megabytes for a ResNet-50-class model, is such a run.
 fn data_extents(
     len: usize,
     mut ranges: Vec<std::ops::Range<usize>>,
