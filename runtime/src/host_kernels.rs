@@ -356,13 +356,28 @@ mod native {
         tile.0
     }
 
-    /// Runs a block [`super::block`] accepted: whole tiles as one native program each (the
-    /// product, the epilogue and the store, as tract's own plan would run them), tiles cut by
-    /// the block's edge through [`super::edge_tile`].
+    /// Runs a block [`super::block`] accepted: whole tiles through the [`wide`] kernels
+    /// when the machine and the block's layout allow, else as one program each of tract's
+    /// native 8x8 kernel (the product, the epilogue and the store, as tract's own plan
+    /// would run them); tiles cut by the block's edge through [`super::edge_tile`].
     ///
     /// # Safety
     /// `base` is the start of the memory `super::block` checked `call` against.
     pub unsafe fn block(base: *mut u8, call: &super::BlockCall, ops: super::BlockOps) {
+        // SAFETY: the caller's contract.
+        unsafe { block_with(base, call, ops, wide::Isa::here()) }
+    }
+
+    /// [`block`] with the wide kernels of `isa` (none: tract's kernel for every tile).
+    ///
+    /// # Safety
+    /// As [`block`], and the machine runs `isa`.
+    pub unsafe fn block_with(
+        base: *mut u8,
+        call: &super::BlockCall,
+        ops: super::BlockOps,
+        isa: Option<wide::Isa>,
+    ) {
         use super::BlockOps as O;
         if !supported() {
             // Never reached (see `product`).
@@ -372,9 +387,19 @@ mod native {
         let k = call.k as usize;
         // SAFETY: every tile's pointers lie inside the checked ranges (the caller's contract).
         unsafe {
+            // Whole tiles go to the wide kernels where the block's rows are contiguous;
+            // the tiles cut by its edge (and every tile of other layouts) stay below.
+            let wide = isa.filter(|_| wide::fits(call, ops));
+            if let Some(isa) = wide {
+                wide::block(isa, base, call, ops);
+            }
             let residual_fits = !ops.has(O::RESIDUAL) || super::gather_fits(call);
             super::each_tile(base, call, ops, |t| {
-                if t.rows < 8 || t.cols < 8 || !residual_fits {
+                let whole = t.rows == 8 && t.cols == 8;
+                if whole && wide.is_some() {
+                    return;
+                }
+                if !whole || !residual_fits {
                     let a = std::slice::from_raw_parts(t.pa, k * super::STEP_BYTES);
                     let b = std::slice::from_raw_parts(t.pb, k * super::STEP_BYTES);
                     super::edge_tile(&product(a, b, k), &t, call, ops);
@@ -429,6 +454,217 @@ mod native {
                 clear_upper();
             });
         }
+    }
+
+    /// The wide kernels: whole tiles of a block computed several at a time, with the
+    /// outputs kept as rows (tract's 8x8 kernel keeps columns, and stores a row-major
+    /// output one value at a time and gathers a residual).
+    ///
+    /// A group is `P` panels of A by `W` panels of B (`8P x 8W` outputs). Each step
+    /// loads one 8-wide vector of each B panel and broadcasts each of A's `8P` values;
+    /// accumulator `(r, w)` holds row `r`'s 8 columns of panel `w`. With AVX-512 (32
+    /// vector registers) a group is up to 24 accumulators, `3 x 1` down a column of
+    /// panels or `1 x 3` along a row; with AVX2 (16) it is one tile.
+    ///
+    /// Every output is the same chain of fused multiply-adds as in tract's kernel
+    /// (`acc = a * b + acc`, from zero, `k` in order) followed by the same epilogue
+    /// operations in the same order, so the bits are tract's (tested).
+    pub(super) mod wide {
+        use super::super::{BlockCall, BlockOps};
+
+        /// The instruction sets the wide kernels are built for.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum Isa {
+            Avx2,
+            Avx512,
+        }
+
+        impl Isa {
+            /// The widest this machine runs, if any.
+            pub fn here() -> Option<Isa> {
+                if std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    Some(Isa::Avx512)
+                } else if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    Some(Isa::Avx2)
+                } else {
+                    None
+                }
+            }
+        }
+
+        /// Whether the block's outputs (and residual) are rows of contiguous columns, the
+        /// layout the wide kernels store (convolutions and dense layers give it).
+        pub fn fits(call: &BlockCall, ops: BlockOps) -> bool {
+            call.store_col_stride == 4
+                && (!ops.has(BlockOps::RESIDUAL) || call.residual_col_stride == 4)
+        }
+
+        /// Computes and stores every whole tile of the block (the tiles with 8 rows and 8
+        /// columns inside it).
+        ///
+        /// # Safety
+        /// `super::super::block` accepted `call` for the memory at `base`, `fits(call,
+        /// ops)` holds and the machine runs `isa`.
+        pub unsafe fn block(isa: Isa, base: *mut u8, call: &BlockCall, ops: BlockOps) {
+            // SAFETY: the caller's contract.
+            unsafe {
+                match isa {
+                    Isa::Avx512 => avx512::block(base, call, ops),
+                    Isa::Avx2 => avx2::block(base, call, ops),
+                }
+            }
+        }
+
+        /// One module per instruction set, of the same code: the target features are the
+        /// function's, so that the intrinsics inline and (with AVX-512VL) the compiler has
+        /// 32 vector registers.
+        macro_rules! kernels {
+            ($isa:ident, $features:literal, $group:literal) => {
+                mod $isa {
+                    use std::arch::x86_64::*;
+
+                    use super::super::super::{BlockCall, BlockOps};
+
+                    /// See [`super::block`].
+                    #[target_feature(enable = $features)]
+                    pub(super) unsafe fn block(base: *mut u8, call: &BlockCall, ops: BlockOps) {
+                        let (rows, cols) = (call.rows as usize / 8, call.cols as usize / 8);
+                        // Groups run down the longer side: the guest's blocks are one
+                        // panel of A by many of B, or the other way round.
+                        let down = rows >= cols;
+                        let (outer, inner) = if down { (cols, rows) } else { (rows, cols) };
+                        for o in 0..outer {
+                            let mut i = 0;
+                            while i < inner {
+                                let left = inner - i;
+                                let n = if left >= 3 && $group >= 3 {
+                                    3
+                                } else if left >= 2 && $group >= 2 {
+                                    2
+                                } else {
+                                    1
+                                };
+                                let (r, c) = if down { (i, o) } else { (o, i) };
+                                // SAFETY: tiles `r..` and `c..` are whole tiles of the
+                                // block (the caller's contract).
+                                unsafe {
+                                    match (n, down) {
+                                        (3, true) => group::<3, 1>(base, call, ops, r, c),
+                                        (3, false) => group::<1, 3>(base, call, ops, r, c),
+                                        (2, true) => group::<2, 1>(base, call, ops, r, c),
+                                        (2, false) => group::<1, 2>(base, call, ops, r, c),
+                                        _ => group::<1, 1>(base, call, ops, r, c),
+                                    }
+                                }
+                                i += n;
+                            }
+                        }
+                    }
+
+                    /// The `8P x 8W` outputs from row tile `r0` and column tile `c0`.
+                    ///
+                    /// # Safety
+                    /// As [`block`], and the group's tiles are whole tiles of the block.
+                    #[target_feature(enable = $features)]
+                    unsafe fn group<const P: usize, const W: usize>(
+                        base: *mut u8,
+                        call: &BlockCall,
+                        ops: BlockOps,
+                        r0: usize,
+                        c0: usize,
+                    ) {
+                        let k = call.k as usize;
+                        let mut a = [base.cast_const().cast::<f32>(); P];
+                        let mut b = [base.cast_const().cast::<f32>(); W];
+                        let mut acc = [[[_mm256_setzero_ps(); W]; 8]; P];
+                        // SAFETY: the panels, the bias, the residual and the outputs
+                        // addressed below are the block's (the caller's contract).
+                        unsafe {
+                            for (p, a) in a.iter_mut().enumerate() {
+                                *a = base
+                                    .add(call.a as usize + (r0 + p) * call.a_stride as usize)
+                                    .cast();
+                            }
+                            for (w, b) in b.iter_mut().enumerate() {
+                                *b = base
+                                    .add(call.b as usize + (c0 + w) * call.b_stride as usize)
+                                    .cast();
+                            }
+                            for step in 0..k {
+                                let mut bv = [_mm256_setzero_ps(); W];
+                                for w in 0..W {
+                                    bv[w] = _mm256_loadu_ps(b[w].add(8 * step));
+                                }
+                                for p in 0..P {
+                                    for j in 0..8 {
+                                        let av = _mm256_set1_ps(*a[p].add(8 * step + j));
+                                        for w in 0..W {
+                                            acc[p][j][w] = _mm256_fmadd_ps(av, bv[w], acc[p][j][w]);
+                                        }
+                                    }
+                                }
+                            }
+                            let bias = base
+                                .wrapping_add(call.bias as usize)
+                                .cast::<f32>()
+                                .cast_const();
+                            let (max, min) = (_mm256_set1_ps(call.max), _mm256_set1_ps(call.min));
+                            for p in 0..P {
+                                for j in 0..8 {
+                                    let r = 8 * (r0 + p) + j;
+                                    for w in 0..W {
+                                        let c = 8 * (c0 + w);
+                                        let mut v = acc[p][j][w];
+                                        let residual = base
+                                            .wrapping_add(call.residual as usize)
+                                            .wrapping_offset(
+                                                r as isize * call.residual_row_stride as isize
+                                                    + 4 * c as isize,
+                                            )
+                                            .cast::<f32>()
+                                            .cast_const();
+                                        if ops.has(BlockOps::RESIDUAL_FIRST) {
+                                            v = _mm256_add_ps(v, _mm256_loadu_ps(residual));
+                                        }
+                                        if ops.has(BlockOps::ROW_BIAS) {
+                                            v = _mm256_add_ps(v, _mm256_set1_ps(*bias.add(r)));
+                                        } else if ops.has(BlockOps::COL_BIAS) {
+                                            v = _mm256_add_ps(v, _mm256_loadu_ps(bias.add(c)));
+                                        }
+                                        if ops.has(BlockOps::RESIDUAL)
+                                            && !ops.has(BlockOps::RESIDUAL_FIRST)
+                                        {
+                                            v = _mm256_add_ps(v, _mm256_loadu_ps(residual));
+                                        }
+                                        // The bound first, as tract's kernel: a NaN output
+                                        // stays NaN.
+                                        if ops.has(BlockOps::MAX) {
+                                            v = _mm256_max_ps(max, v);
+                                        }
+                                        if ops.has(BlockOps::MIN) {
+                                            v = _mm256_min_ps(min, v);
+                                        }
+                                        let at = base.add(call.store as usize).offset(
+                                            r as isize * call.store_row_stride as isize
+                                                + 4 * c as isize,
+                                        );
+                                        _mm256_storeu_ps(at.cast(), v);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            };
+        }
+
+        kernels!(avx512, "avx512f,avx512vl,avx2,fma", 3);
+        kernels!(avx2, "avx2,fma", 1);
     }
 
     /// The kernel returns with dirty upper halves of the AVX registers; back in Cranelift's
@@ -846,16 +1082,6 @@ mod tests {
     #[test]
     fn blocks_compute_the_product_and_its_epilogue() {
         use BlockOps as O;
-        let native = supported_here();
-        if !native {
-            eprintln!(
-                "SKIP the native half of blocks_compute_the_product_and_its_epilogue: no AVX2+FMA here"
-            );
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "CI machines must run the native kernel"
-            );
-        }
         let epilogues = [
             O(0),
             O::ROW_BIAS,
@@ -865,7 +1091,24 @@ mod tests {
             O::RESIDUAL | O::MIN,
             O::RESIDUAL_FIRST | O::RESIDUAL | O::COL_BIAS | O::MAX,
         ];
-        for (rows, cols) in [(8, 8), (24, 8), (21, 8), (8, 5), (19, 16), (3, 20), (1, 1)] {
+        let runs = runs();
+        // Single tiles, cut tiles, and the wide kernels' groups down a column of panels
+        // (3, 2 and 1 at the end) and along a row of them.
+        let shapes = [
+            (8, 8),
+            (24, 8),
+            (21, 8),
+            (8, 5),
+            (19, 16),
+            (3, 20),
+            (1, 1),
+            (48, 8),
+            (44, 8),
+            (8, 40),
+            (5, 56),
+            (16, 16),
+        ];
+        for (rows, cols) in shapes {
             for k in [1, 9, 64] {
                 for ops in epilogues {
                     for layout in 0..4 {
@@ -883,9 +1126,9 @@ mod tests {
                             }
                             // Rows far apart, the residual's backwards.
                             3 => {
-                                len = 1 << 18;
+                                len = 1 << 19;
                                 (call.store, call.store_row_stride) = (1 << 16, 4096);
-                                (call.residual, call.residual_row_stride) = (0x3f000, -4096);
+                                (call.residual, call.residual_row_stride) = (0x7f000, -4096);
                             }
                             _ => {}
                         }
@@ -894,15 +1137,11 @@ mod tests {
                         assert_eq!(block(bytes.len(), &call), Ok(ops), "{call:?}");
                         let want = expected(bytes, &call, ops);
                         let before = bytes.to_vec();
-                        let runs: &[unsafe fn(*mut u8, &BlockCall, BlockOps)] = if native {
-                            &[portable_block, native::block]
-                        } else {
-                            &[portable_block]
-                        };
-                        for run in runs {
+                        for run in &runs {
                             bytes.copy_from_slice(&before);
-                            // SAFETY: `block` accepted the call for this memory.
-                            unsafe { run(bytes.as_mut_ptr(), &call, ops) };
+                            // SAFETY: `block` accepted the call for this memory; `runs`
+                            // holds only what this machine runs.
+                            unsafe { run.run(bytes.as_mut_ptr(), &call, ops) };
                             assert_eq!(stored(bytes, &call), want, "{call:?}");
                             // Only the outputs changed.
                             let mut outputs = std::collections::HashSet::new();
@@ -921,6 +1160,105 @@ mod tests {
                                 );
                             }
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// One way to run a checked block.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Run {
+        Portable,
+        /// Tract's native kernel for every tile.
+        Tract,
+        #[cfg(target_arch = "x86_64")]
+        Wide(native::wide::Isa),
+    }
+
+    impl Run {
+        /// # Safety
+        /// As [`portable_block`], and the machine runs `self`.
+        unsafe fn run(self, base: *mut u8, call: &BlockCall, ops: BlockOps) {
+            // SAFETY: the caller's contract.
+            unsafe {
+                match self {
+                    Run::Portable => portable_block(base, call, ops),
+                    #[cfg(target_arch = "x86_64")]
+                    Run::Tract => native::block_with(base, call, ops, None),
+                    #[cfg(not(target_arch = "x86_64"))]
+                    Run::Tract => native::block(base, call, ops),
+                    #[cfg(target_arch = "x86_64")]
+                    Run::Wide(isa) => native::block_with(base, call, ops, Some(isa)),
+                }
+            }
+        }
+    }
+
+    /// Every way this machine runs a block, each one it cannot named on stderr (AVX2+FMA
+    /// is required under `CI=true`, as the node's host kernels need it).
+    fn runs() -> Vec<Run> {
+        let mut runs = vec![Run::Portable];
+        if !supported_here() {
+            eprintln!("SKIP the native kernels' blocks: no AVX2+FMA here");
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI machines must run the native kernel"
+            );
+            return runs;
+        }
+        runs.push(Run::Tract);
+        #[cfg(target_arch = "x86_64")]
+        {
+            use native::wide::Isa;
+            runs.push(Run::Wide(Isa::Avx2));
+            if Isa::here() == Some(Isa::Avx512) {
+                runs.push(Run::Wide(Isa::Avx512));
+            } else {
+                eprintln!("SKIP the AVX-512 wide kernels' blocks: no AVX-512F+VL here");
+            }
+        }
+        runs
+    }
+
+    /// The wide kernels store tract's kernel's bits on values whose sums round (unlike
+    /// [`blocks_compute_the_product_and_its_epilogue`]'s integers): same fused chain, same
+    /// epilogue, same order.
+    #[test]
+    fn wide_kernels_store_the_bits_of_tracts_kernel() {
+        use BlockOps as O;
+        let runs = runs();
+        let Some(&reference) = runs.iter().find(|r| **r == Run::Tract) else {
+            return;
+        };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d);
+        let mut memory = vec![Aligned32([0; 32]); (1 << 16) / 32];
+        for chunk in bytes_of(&mut memory).chunks_exact_mut(4) {
+            // Uniform in [-1, 1) with a full mantissa.
+            let v = (next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
+            chunk.copy_from_slice(&v.to_le_bytes());
+        }
+        let bytes = bytes_of(&mut memory);
+        let before = bytes.to_vec();
+        for (rows, cols) in [(48, 8), (8, 48), (40, 8), (8, 16), (24, 24), (35, 8)] {
+            for k in [1, 7, 64, 100] {
+                for ops in [
+                    O(0),
+                    O::ROW_BIAS | O::RESIDUAL | O::MAX,
+                    O::RESIDUAL_FIRST | O::RESIDUAL | O::COL_BIAS | O::MAX | O::MIN,
+                ] {
+                    let mut call = block_call(k, rows, cols, ops);
+                    (call.max, call.min) = (-0.25, 0.5);
+                    assert_eq!(block(bytes.len(), &call), Ok(ops), "{call:?}");
+                    bytes.copy_from_slice(&before);
+                    // SAFETY: accepted above; the machine runs tract's kernel.
+                    unsafe { reference.run(bytes.as_mut_ptr(), &call, ops) };
+                    let want = bytes.to_vec();
+                    for run in runs.iter().filter(|r| matches!(r, Run::Wide(_))) {
+                        bytes.copy_from_slice(&before);
+                        // SAFETY: as above, for `run`.
+                        unsafe { run.run(bytes.as_mut_ptr(), &call, ops) };
+                        assert!(bytes == want.as_slice(), "{run:?}: {call:?}");
                     }
                 }
             }
