@@ -387,19 +387,16 @@ mod native {
         let k = call.k as usize;
         // SAFETY: every tile's pointers lie inside the checked ranges (the caller's contract).
         unsafe {
-            // Whole tiles go to the wide kernels where the block's rows are contiguous;
-            // the tiles cut by its edge (and every tile of other layouts) stay below.
-            let wide = isa.filter(|_| wide::fits(call, ops));
-            if let Some(isa) = wide {
-                wide::block(isa, base, call, ops);
+            // The wide kernels take every block whose output has a contiguous side (the
+            // guest's convolutions and dense layers); tract's kernel the others.
+            if let Some(isa) = isa
+                && let Some(form) = wide::Form::of(call, ops)
+            {
+                return wide::block(isa, form, base, call, ops);
             }
             let residual_fits = !ops.has(O::RESIDUAL) || super::gather_fits(call);
             super::each_tile(base, call, ops, |t| {
-                let whole = t.rows == 8 && t.cols == 8;
-                if whole && wide.is_some() {
-                    return;
-                }
-                if !whole || !residual_fits {
+                if t.rows < 8 || t.cols < 8 || !residual_fits {
                     let a = std::slice::from_raw_parts(t.pa, k * super::STEP_BYTES);
                     let b = std::slice::from_raw_parts(t.pb, k * super::STEP_BYTES);
                     super::edge_tile(&product(a, b, k), &t, call, ops);
@@ -456,15 +453,14 @@ mod native {
         }
     }
 
-    /// The wide kernels: whole tiles of a block computed several at a time, with the
-    /// outputs kept as rows (tract's 8x8 kernel keeps columns, and stores a row-major
-    /// output one value at a time and gathers a residual).
+    /// The wide kernels: a block's tiles computed several at a time, the outputs kept as
+    /// vectors along the block's contiguous side (tract's 8x8 kernel keeps columns, so it
+    /// stores a row-major output one value at a time and gathers a residual).
     ///
-    /// A group is `P` panels of A by `W` panels of B (`8P x 8W` outputs). Each step
-    /// loads one 8-wide vector of each B panel and broadcasts each of A's `8P` values;
-    /// accumulator `(r, w)` holds row `r`'s 8 columns of panel `w`. With AVX-512 (32
-    /// vector registers) a group is up to 24 accumulators, `3 x 1` down a column of
-    /// panels or `1 x 3` along a row; with AVX2 (16) it is one tile.
+    /// A group is `P` panels of A by `W` panels of B (`8P x 8W` outputs). With AVX-512 (32
+    /// vector registers) a group is up to 24 accumulators, `3 x 1` down a column of panels
+    /// or `1 x 3` along a row of them; with AVX2 (16) it is one tile. Tiles cut by the
+    /// block's edge are computed whole (their panels are padded) and stored through masks.
     ///
     /// Every output is the same chain of fused multiply-adds as in tract's kernel
     /// (`acc = a * b + acc`, from zero, `k` in order) followed by the same epilogue
@@ -497,31 +493,48 @@ mod native {
             }
         }
 
-        /// Whether the block's outputs (and residual) are rows of contiguous columns, the
-        /// layout the wide kernels store (convolutions and dense layers give it).
-        pub fn fits(call: &BlockCall, ops: BlockOps) -> bool {
-            call.store_col_stride == 4
-                && (!ops.has(BlockOps::RESIDUAL) || call.residual_col_stride == 4)
+        /// Which side of a block's output is contiguous, so that 8 outputs are one vector.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum Form {
+            /// Columns are 4 bytes apart (and the residual's): a convolution's channels by
+            /// its pixels.
+            Rows,
+            /// Rows are: the same product transposed.
+            Columns,
         }
 
-        /// Computes and stores every whole tile of the block (the tiles with 8 rows and 8
-        /// columns inside it).
+        impl Form {
+            /// The form of the block's output (and residual), if either side is contiguous.
+            pub fn of(call: &BlockCall, ops: BlockOps) -> Option<Form> {
+                let residual = ops.has(BlockOps::RESIDUAL);
+                if call.store_col_stride == 4 && (!residual || call.residual_col_stride == 4) {
+                    Some(Form::Rows)
+                } else if call.store_row_stride == 4 && (!residual || call.residual_row_stride == 4)
+                {
+                    Some(Form::Columns)
+                } else {
+                    None
+                }
+            }
+        }
+
+        /// Computes and stores every output of the block.
         ///
         /// # Safety
-        /// `super::super::block` accepted `call` for the memory at `base`, `fits(call,
-        /// ops)` holds and the machine runs `isa`.
-        pub unsafe fn block(isa: Isa, base: *mut u8, call: &BlockCall, ops: BlockOps) {
+        /// `super::super::block` accepted `call` for the memory at `base`, `form` is
+        /// [`Form::of`] the call and the machine runs `isa`.
+        pub unsafe fn block(isa: Isa, form: Form, base: *mut u8, call: &BlockCall, ops: BlockOps) {
             // SAFETY: the caller's contract.
             unsafe {
                 match isa {
-                    Isa::Avx512 => avx512::block(base, call, ops),
-                    Isa::Avx2 => avx2::block(base, call, ops),
+                    Isa::Avx512 => avx512::block(form, base, call, ops),
+                    Isa::Avx2 => avx2::block(form, base, call, ops),
                 }
             }
         }
 
         /// One module per instruction set, of the same code: the target features are the
-        /// function's, so that the intrinsics inline and (with AVX-512VL) the compiler has
+        /// functions', so that the intrinsics inline and (with AVX-512VL) the compiler has
         /// 32 vector registers.
         macro_rules! kernels {
             ($isa:ident, $features:literal, $group:literal) => {
@@ -529,11 +542,17 @@ mod native {
                     use std::arch::x86_64::*;
 
                     use super::super::super::{BlockCall, BlockOps};
+                    use super::Form;
 
                     /// See [`super::block`].
                     #[target_feature(enable = $features)]
-                    pub(super) unsafe fn block(base: *mut u8, call: &BlockCall, ops: BlockOps) {
-                        let (rows, cols) = (call.rows as usize / 8, call.cols as usize / 8);
+                    pub(super) unsafe fn block(
+                        form: Form,
+                        base: *mut u8,
+                        call: &BlockCall,
+                        ops: BlockOps,
+                    ) {
+                        let (rows, cols) = (call.row_tiles() as usize, call.col_tiles() as usize);
                         // Groups run down the longer side: the guest's blocks are one
                         // panel of A by many of B, or the other way round.
                         let down = rows >= cols;
@@ -550,15 +569,39 @@ mod native {
                                     1
                                 };
                                 let (r, c) = if down { (i, o) } else { (o, i) };
-                                // SAFETY: tiles `r..` and `c..` are whole tiles of the
-                                // block (the caller's contract).
+                                let f = Form::Rows == form;
+                                // SAFETY: the group's tiles are the block's (the caller's
+                                // contract).
                                 unsafe {
-                                    match (n, down) {
-                                        (3, true) => group::<3, 1>(base, call, ops, r, c),
-                                        (3, false) => group::<1, 3>(base, call, ops, r, c),
-                                        (2, true) => group::<2, 1>(base, call, ops, r, c),
-                                        (2, false) => group::<1, 2>(base, call, ops, r, c),
-                                        _ => group::<1, 1>(base, call, ops, r, c),
+                                    match (n, down, f) {
+                                        (3, true, true) => {
+                                            rows_group::<3, 1>(base, call, ops, r, c)
+                                        }
+                                        (3, false, true) => {
+                                            rows_group::<1, 3>(base, call, ops, r, c)
+                                        }
+                                        (2, true, true) => {
+                                            rows_group::<2, 1>(base, call, ops, r, c)
+                                        }
+                                        (2, false, true) => {
+                                            rows_group::<1, 2>(base, call, ops, r, c)
+                                        }
+                                        (_, _, true) => rows_group::<1, 1>(base, call, ops, r, c),
+                                        (3, true, false) => {
+                                            columns_group::<3, 1>(base, call, ops, r, c)
+                                        }
+                                        (3, false, false) => {
+                                            columns_group::<1, 3>(base, call, ops, r, c)
+                                        }
+                                        (2, true, false) => {
+                                            columns_group::<2, 1>(base, call, ops, r, c)
+                                        }
+                                        (2, false, false) => {
+                                            columns_group::<1, 2>(base, call, ops, r, c)
+                                        }
+                                        (_, _, false) => {
+                                            columns_group::<1, 1>(base, call, ops, r, c)
+                                        }
                                     }
                                 }
                                 i += n;
@@ -566,24 +609,20 @@ mod native {
                         }
                     }
 
-                    /// The `8P x 8W` outputs from row tile `r0` and column tile `c0`.
+                    /// The panels of the group from row tile `r0` and column tile `c0`.
                     ///
                     /// # Safety
-                    /// As [`block`], and the group's tiles are whole tiles of the block.
+                    /// As [`block`], and the group's tiles are the block's.
                     #[target_feature(enable = $features)]
-                    unsafe fn group<const P: usize, const W: usize>(
+                    unsafe fn panels<const P: usize, const W: usize>(
                         base: *mut u8,
                         call: &BlockCall,
-                        ops: BlockOps,
                         r0: usize,
                         c0: usize,
-                    ) {
-                        let k = call.k as usize;
+                    ) -> ([*const f32; P], [*const f32; W]) {
                         let mut a = [base.cast_const().cast::<f32>(); P];
                         let mut b = [base.cast_const().cast::<f32>(); W];
-                        let mut acc = [[[_mm256_setzero_ps(); W]; 8]; P];
-                        // SAFETY: the panels, the bias, the residual and the outputs
-                        // addressed below are the block's (the caller's contract).
+                        // SAFETY: the panels are inside the memory (the caller's contract).
                         unsafe {
                             for (p, a) in a.iter_mut().enumerate() {
                                 *a = base
@@ -595,7 +634,102 @@ mod native {
                                     .add(call.b as usize + (c0 + w) * call.b_stride as usize)
                                     .cast();
                             }
-                            for step in 0..k {
+                        }
+                        (a, b)
+                    }
+
+                    /// Lanes below `n` (at most 8) set.
+                    #[target_feature(enable = $features)]
+                    fn lanes(n: usize) -> __m256i {
+                        _mm256_cmpgt_epi32(
+                            _mm256_set1_epi32(n as i32),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                        )
+                    }
+
+                    /// 8 contiguous values, the first `n` of them read when `n < 8` (the
+                    /// others are zeros and their memory is not touched).
+                    ///
+                    /// # Safety
+                    /// The first `min(n, 8)` values are readable.
+                    #[target_feature(enable = $features)]
+                    unsafe fn load(at: *const f32, n: usize) -> __m256 {
+                        // SAFETY: the caller's contract; masked lanes do not fault.
+                        unsafe {
+                            if n >= 8 {
+                                _mm256_loadu_ps(at)
+                            } else {
+                                _mm256_maskload_ps(at, lanes(n))
+                            }
+                        }
+                    }
+
+                    /// Stores the first `n` values of `v` (at most 8) at `at`.
+                    ///
+                    /// # Safety
+                    /// The first `min(n, 8)` values are writable.
+                    #[target_feature(enable = $features)]
+                    unsafe fn store(at: *mut f32, n: usize, v: __m256) {
+                        // SAFETY: the caller's contract; masked lanes do not fault.
+                        unsafe {
+                            if n >= 8 {
+                                _mm256_storeu_ps(at, v)
+                            } else {
+                                _mm256_maskstore_ps(at, lanes(n), v)
+                            }
+                        }
+                    }
+
+                    /// The epilogue of 8 outputs, in tract's order: a residual read first
+                    /// or after the bias, the bias, the bound first in `max`/`min` (a NaN
+                    /// output stays NaN).
+                    #[target_feature(enable = $features)]
+                    fn epilogue(
+                        ops: BlockOps,
+                        mut v: __m256,
+                        residual: __m256,
+                        bias: __m256,
+                        call: &BlockCall,
+                    ) -> __m256 {
+                        if ops.has(BlockOps::RESIDUAL_FIRST) {
+                            v = _mm256_add_ps(v, residual);
+                        }
+                        if ops.has(BlockOps::ROW_BIAS) || ops.has(BlockOps::COL_BIAS) {
+                            v = _mm256_add_ps(v, bias);
+                        }
+                        if ops.has(BlockOps::RESIDUAL) && !ops.has(BlockOps::RESIDUAL_FIRST) {
+                            v = _mm256_add_ps(v, residual);
+                        }
+                        if ops.has(BlockOps::MAX) {
+                            v = _mm256_max_ps(_mm256_set1_ps(call.max), v);
+                        }
+                        if ops.has(BlockOps::MIN) {
+                            v = _mm256_min_ps(_mm256_set1_ps(call.min), v);
+                        }
+                        v
+                    }
+
+                    /// A group in [`Form::Rows`]: accumulator `(p, j, w)` is row `8p + j`'s
+                    /// 8 columns of panel `w`. Each step loads B's vectors and broadcasts
+                    /// A's values.
+                    ///
+                    /// # Safety
+                    /// As [`panels`], and the call's form is [`Form::Rows`].
+                    #[target_feature(enable = $features)]
+                    unsafe fn rows_group<const P: usize, const W: usize>(
+                        base: *mut u8,
+                        call: &BlockCall,
+                        ops: BlockOps,
+                        r0: usize,
+                        c0: usize,
+                    ) {
+                        // SAFETY: what is read and written below is the group's part of
+                        // the block (the caller's contract): rows and columns past the
+                        // block's edge are skipped or masked.
+                        unsafe {
+                            let (a, b) = panels::<P, W>(base, call, r0, c0);
+                            let mut acc = [[[_mm256_setzero_ps(); W]; 8]; P];
+                            for step in 0..call.k as usize {
                                 let mut bv = [_mm256_setzero_ps(); W];
                                 for w in 0..W {
                                     bv[w] = _mm256_loadu_ps(b[w].add(8 * step));
@@ -609,51 +743,111 @@ mod native {
                                     }
                                 }
                             }
-                            let bias = base
-                                .wrapping_add(call.bias as usize)
-                                .cast::<f32>()
-                                .cast_const();
-                            let (max, min) = (_mm256_set1_ps(call.max), _mm256_set1_ps(call.min));
+                            let bias = base.wrapping_add(call.bias as usize).cast::<f32>();
+                            let zero = _mm256_setzero_ps();
                             for p in 0..P {
                                 for j in 0..8 {
                                     let r = 8 * (r0 + p) + j;
+                                    if r >= call.rows as usize {
+                                        break;
+                                    }
                                     for w in 0..W {
                                         let c = 8 * (c0 + w);
-                                        let mut v = acc[p][j][w];
-                                        let residual = base
-                                            .wrapping_add(call.residual as usize)
-                                            .wrapping_offset(
+                                        let n = call.cols as usize - c;
+                                        let residual = if ops.has(BlockOps::RESIDUAL) {
+                                            let at = base.add(call.residual as usize).offset(
                                                 r as isize * call.residual_row_stride as isize
                                                     + 4 * c as isize,
-                                            )
-                                            .cast::<f32>()
-                                            .cast_const();
-                                        if ops.has(BlockOps::RESIDUAL_FIRST) {
-                                            v = _mm256_add_ps(v, _mm256_loadu_ps(residual));
-                                        }
-                                        if ops.has(BlockOps::ROW_BIAS) {
-                                            v = _mm256_add_ps(v, _mm256_set1_ps(*bias.add(r)));
+                                            );
+                                            load(at.cast(), n)
+                                        } else {
+                                            zero
+                                        };
+                                        let bias = if ops.has(BlockOps::ROW_BIAS) {
+                                            _mm256_set1_ps(*bias.add(r))
                                         } else if ops.has(BlockOps::COL_BIAS) {
-                                            v = _mm256_add_ps(v, _mm256_loadu_ps(bias.add(c)));
-                                        }
-                                        if ops.has(BlockOps::RESIDUAL)
-                                            && !ops.has(BlockOps::RESIDUAL_FIRST)
-                                        {
-                                            v = _mm256_add_ps(v, _mm256_loadu_ps(residual));
-                                        }
-                                        // The bound first, as tract's kernel: a NaN output
-                                        // stays NaN.
-                                        if ops.has(BlockOps::MAX) {
-                                            v = _mm256_max_ps(max, v);
-                                        }
-                                        if ops.has(BlockOps::MIN) {
-                                            v = _mm256_min_ps(min, v);
-                                        }
+                                            load(bias.add(c), n)
+                                        } else {
+                                            zero
+                                        };
+                                        let v = epilogue(ops, acc[p][j][w], residual, bias, call);
                                         let at = base.add(call.store as usize).offset(
                                             r as isize * call.store_row_stride as isize
                                                 + 4 * c as isize,
                                         );
-                                        _mm256_storeu_ps(at.cast(), v);
+                                        store(at.cast(), n, v);
+                                    }
+                                }
+                            }
+                        }
+                    }
+
+                    /// A group in [`Form::Columns`]: accumulator `(w, j, p)` is column
+                    /// `8w + j`'s 8 rows of panel `p` (tract's layout). Each step loads A's
+                    /// vectors and broadcasts B's values.
+                    ///
+                    /// # Safety
+                    /// As [`panels`], and the call's form is [`Form::Columns`].
+                    #[target_feature(enable = $features)]
+                    unsafe fn columns_group<const P: usize, const W: usize>(
+                        base: *mut u8,
+                        call: &BlockCall,
+                        ops: BlockOps,
+                        r0: usize,
+                        c0: usize,
+                    ) {
+                        // SAFETY: as in `rows_group`, the roles of rows and columns swapped.
+                        unsafe {
+                            let (a, b) = panels::<P, W>(base, call, r0, c0);
+                            let mut acc = [[[_mm256_setzero_ps(); P]; 8]; W];
+                            for step in 0..call.k as usize {
+                                let mut av = [_mm256_setzero_ps(); P];
+                                for p in 0..P {
+                                    av[p] = _mm256_loadu_ps(a[p].add(8 * step));
+                                }
+                                for w in 0..W {
+                                    for j in 0..8 {
+                                        let bv = _mm256_set1_ps(*b[w].add(8 * step + j));
+                                        for p in 0..P {
+                                            acc[w][j][p] = _mm256_fmadd_ps(av[p], bv, acc[w][j][p]);
+                                        }
+                                    }
+                                }
+                            }
+                            let bias = base.wrapping_add(call.bias as usize).cast::<f32>();
+                            let zero = _mm256_setzero_ps();
+                            for w in 0..W {
+                                for j in 0..8 {
+                                    let c = 8 * (c0 + w) + j;
+                                    if c >= call.cols as usize {
+                                        break;
+                                    }
+                                    for p in 0..P {
+                                        let r = 8 * (r0 + p);
+                                        let n = call.rows as usize - r;
+                                        let residual = if ops.has(BlockOps::RESIDUAL) {
+                                            let at = base.add(call.residual as usize).offset(
+                                                4 * r as isize
+                                                    + c as isize
+                                                        * call.residual_col_stride as isize,
+                                            );
+                                            load(at.cast(), n)
+                                        } else {
+                                            zero
+                                        };
+                                        let bias = if ops.has(BlockOps::ROW_BIAS) {
+                                            load(bias.add(r), n)
+                                        } else if ops.has(BlockOps::COL_BIAS) {
+                                            _mm256_set1_ps(*bias.add(c))
+                                        } else {
+                                            zero
+                                        };
+                                        let v = epilogue(ops, acc[w][j][p], residual, bias, call);
+                                        let at = base.add(call.store as usize).offset(
+                                            4 * r as isize
+                                                + c as isize * call.store_col_stride as isize,
+                                        );
+                                        store(at.cast(), n, v);
                                     }
                                 }
                             }
@@ -1111,7 +1305,7 @@ mod tests {
         for (rows, cols) in shapes {
             for k in [1, 9, 64] {
                 for ops in epilogues {
-                    for layout in 0..4 {
+                    for layout in 0..5 {
                         let mut call = block_call(k, rows, cols, ops);
                         let mut len = 1 << 16;
                         match layout {
@@ -1122,6 +1316,11 @@ mod tests {
                             2 => {
                                 (call.store_row_stride, call.store_col_stride) = (-256, -4);
                                 call.store += 23 * 256 + 63 * 4;
+                                (call.residual_row_stride, call.residual_col_stride) = (4, 96);
+                            }
+                            // The output and the residual transposed.
+                            4 => {
+                                (call.store_row_stride, call.store_col_stride) = (4, 4 * 64);
                                 (call.residual_row_stride, call.residual_col_stride) = (4, 96);
                             }
                             // Rows far apart, the residual's backwards.
@@ -1240,25 +1439,39 @@ mod tests {
         }
         let bytes = bytes_of(&mut memory);
         let before = bytes.to_vec();
-        for (rows, cols) in [(48, 8), (8, 48), (40, 8), (8, 16), (24, 24), (35, 8)] {
+        for (rows, cols) in [
+            (48, 8),
+            (8, 48),
+            (40, 8),
+            (8, 16),
+            (24, 24),
+            (35, 8),
+            (8, 13),
+        ] {
             for k in [1, 7, 64, 100] {
                 for ops in [
                     O(0),
                     O::ROW_BIAS | O::RESIDUAL | O::MAX,
                     O::RESIDUAL_FIRST | O::RESIDUAL | O::COL_BIAS | O::MAX | O::MIN,
                 ] {
-                    let mut call = block_call(k, rows, cols, ops);
-                    (call.max, call.min) = (-0.25, 0.5);
-                    assert_eq!(block(bytes.len(), &call), Ok(ops), "{call:?}");
-                    bytes.copy_from_slice(&before);
-                    // SAFETY: accepted above; the machine runs tract's kernel.
-                    unsafe { reference.run(bytes.as_mut_ptr(), &call, ops) };
-                    let want = bytes.to_vec();
-                    for run in runs.iter().filter(|r| matches!(r, Run::Wide(_))) {
+                    for transposed in [false, true] {
+                        let mut call = block_call(k, rows, cols, ops);
+                        (call.max, call.min) = (-0.25, 0.5);
+                        if transposed {
+                            (call.store_row_stride, call.store_col_stride) = (4, 4 * 64);
+                            (call.residual_row_stride, call.residual_col_stride) = (4, 96);
+                        }
+                        assert_eq!(block(bytes.len(), &call), Ok(ops), "{call:?}");
                         bytes.copy_from_slice(&before);
-                        // SAFETY: as above, for `run`.
-                        unsafe { run.run(bytes.as_mut_ptr(), &call, ops) };
-                        assert!(bytes == want.as_slice(), "{run:?}: {call:?}");
+                        // SAFETY: accepted above; the machine runs tract's kernel.
+                        unsafe { reference.run(bytes.as_mut_ptr(), &call, ops) };
+                        let want = bytes.to_vec();
+                        for run in runs.iter().filter(|r| matches!(r, Run::Wide(_))) {
+                            bytes.copy_from_slice(&before);
+                            // SAFETY: as above, for `run`.
+                            unsafe { run.run(bytes.as_mut_ptr(), &call, ops) };
+                            assert!(bytes == want.as_slice(), "{run:?}: {call:?}");
+                        }
                     }
                 }
             }
