@@ -10,8 +10,9 @@
 //!   convolution or a dense layer (a bias, a residual, a clamp) fused in and the outputs
 //!   stored where the guest's plan keeps them ([`capsule_format::kernels::BlockCall`]).
 //!
-//! The host reads the panels straight from the instance's linear memory, runs tract's native
-//! x86-64 FMA kernel on them and writes the results back. Every range is checked against the
+//! The host reads the panels straight from the instance's linear memory, runs native x86-64
+//! kernels on them (tract's FMA kernel for a single tile, our wide AVX-512 or AVX2 kernels
+//! for blocks, see [`native::wide`]) and writes the results back. Every range is checked against the
 //! memory's current size with checked arithmetic before anything is read, panels of A must be
 //! 32-byte aligned (the native kernel loads them with aligned moves), and one call's work is
 //! bounded ([`capsule_format::HOST_KERNELS_MAX_STEPS`]): a capsule that passes anything else
