@@ -525,13 +525,47 @@ mod native {
         /// `super::super::block` accepted `call` for the memory at `base`, `form` is
         /// [`Form::of`] the call and the machine runs `isa`.
         pub unsafe fn block(isa: Isa, form: Form, base: *mut u8, call: &BlockCall, ops: BlockOps) {
-            // SAFETY: the caller's contract.
+            let (call, ops) = match form {
+                Form::Rows => (*call, ops),
+                Form::Columns => transposed(call, ops),
+            };
+            // SAFETY: the caller's contract; the transposed call reads and writes the same
+            // values.
             unsafe {
                 match isa {
-                    Isa::Avx512 => avx512::block(form, base, call, ops),
-                    Isa::Avx2 => avx2::block(form, base, call, ops),
+                    Isa::Avx512 => avx512::block(base, &call, ops),
+                    Isa::Avx2 => avx2::block(base, &call, ops),
                 }
             }
+        }
+
+        /// The same block as the transposed product, `Cᵀ = Bᵀ Aᵀ`: the panels of B as A's
+        /// and the other way round (both are packed alike, 8 values a step), rows and
+        /// columns, strides and biases swapped. Every output is the same chain (`b * a`
+        /// is `a * b`), stored at the same address.
+        fn transposed(call: &BlockCall, ops: BlockOps) -> (BlockCall, BlockOps) {
+            let bias = if ops.has(BlockOps::ROW_BIAS) {
+                BlockOps::COL_BIAS
+            } else if ops.has(BlockOps::COL_BIAS) {
+                BlockOps::ROW_BIAS
+            } else {
+                BlockOps(0)
+            };
+            let others = ops.0 & !(BlockOps::ROW_BIAS.0 | BlockOps::COL_BIAS.0);
+            let call = BlockCall {
+                rows: call.cols,
+                cols: call.rows,
+                a: call.b,
+                a_stride: call.b_stride,
+                b: call.a,
+                b_stride: call.a_stride,
+                residual_row_stride: call.residual_col_stride,
+                residual_col_stride: call.residual_row_stride,
+                store_row_stride: call.store_col_stride,
+                store_col_stride: call.store_row_stride,
+                ..*call
+            };
+            (call, BlockOps(others | bias.0))
         }
 
         /// One module per instruction set, of the same code: the target features are the
@@ -543,16 +577,10 @@ mod native {
                     use std::arch::x86_64::*;
 
                     use super::super::super::{BlockCall, BlockOps};
-                    use super::Form;
 
-                    /// See [`super::block`].
+                    /// See [`super::block`]; the call in [`super::Form::Rows`].
                     #[target_feature(enable = $features)]
-                    pub(super) unsafe fn block(
-                        form: Form,
-                        base: *mut u8,
-                        call: &BlockCall,
-                        ops: BlockOps,
-                    ) {
+                    pub(super) unsafe fn block(base: *mut u8, call: &BlockCall, ops: BlockOps) {
                         let (rows, cols) = (call.row_tiles() as usize, call.col_tiles() as usize);
                         // Groups run down the longer side: the guest's blocks are one
                         // panel of A by many of B, or the other way round.
@@ -570,39 +598,15 @@ mod native {
                                     1
                                 };
                                 let (r, c) = if down { (i, o) } else { (o, i) };
-                                let f = Form::Rows == form;
                                 // SAFETY: the group's tiles are the block's (the caller's
                                 // contract).
                                 unsafe {
-                                    match (n, down, f) {
-                                        (3, true, true) => {
-                                            rows_group::<3, 1>(base, call, ops, r, c)
-                                        }
-                                        (3, false, true) => {
-                                            rows_group::<1, 3>(base, call, ops, r, c)
-                                        }
-                                        (2, true, true) => {
-                                            rows_group::<2, 1>(base, call, ops, r, c)
-                                        }
-                                        (2, false, true) => {
-                                            rows_group::<1, 2>(base, call, ops, r, c)
-                                        }
-                                        (_, _, true) => rows_group::<1, 1>(base, call, ops, r, c),
-                                        (3, true, false) => {
-                                            columns_group::<3, 1>(base, call, ops, r, c)
-                                        }
-                                        (3, false, false) => {
-                                            columns_group::<1, 3>(base, call, ops, r, c)
-                                        }
-                                        (2, true, false) => {
-                                            columns_group::<2, 1>(base, call, ops, r, c)
-                                        }
-                                        (2, false, false) => {
-                                            columns_group::<1, 2>(base, call, ops, r, c)
-                                        }
-                                        (_, _, false) => {
-                                            columns_group::<1, 1>(base, call, ops, r, c)
-                                        }
+                                    match (n, down) {
+                                        (3, true) => group::<3, 1>(base, call, ops, r, c),
+                                        (3, false) => group::<1, 3>(base, call, ops, r, c),
+                                        (2, true) => group::<2, 1>(base, call, ops, r, c),
+                                        (2, false) => group::<1, 2>(base, call, ops, r, c),
+                                        _ => group::<1, 1>(base, call, ops, r, c),
                                     }
                                 }
                                 i += n;
@@ -710,14 +714,13 @@ mod native {
                         v
                     }
 
-                    /// A group in [`Form::Rows`]: accumulator `(p, j, w)` is row `8p + j`'s
-                    /// 8 columns of panel `w`. Each step loads B's vectors and broadcasts
-                    /// A's values.
+                    /// A group: accumulator `(p, j, w)` is row `8p + j`'s 8 columns of panel
+                    /// `w`. Each step loads B's vectors and broadcasts A's values.
                     ///
                     /// # Safety
-                    /// As [`panels`], and the call's form is [`Form::Rows`].
+                    /// As [`panels`], and the call is in [`super::Form::Rows`].
                     #[target_feature(enable = $features)]
-                    unsafe fn rows_group<const P: usize, const W: usize>(
+                    unsafe fn group<const P: usize, const W: usize>(
                         base: *mut u8,
                         call: &BlockCall,
                         ops: BlockOps,
@@ -775,78 +778,6 @@ mod native {
                                         let at = base.add(call.store as usize).offset(
                                             r as isize * call.store_row_stride as isize
                                                 + 4 * c as isize,
-                                        );
-                                        store(at.cast(), n, v);
-                                    }
-                                }
-                            }
-                        }
-                    }
-
-                    /// A group in [`Form::Columns`]: accumulator `(w, j, p)` is column
-                    /// `8w + j`'s 8 rows of panel `p` (tract's layout). Each step loads A's
-                    /// vectors and broadcasts B's values.
-                    ///
-                    /// # Safety
-                    /// As [`panels`], and the call's form is [`Form::Columns`].
-                    #[target_feature(enable = $features)]
-                    unsafe fn columns_group<const P: usize, const W: usize>(
-                        base: *mut u8,
-                        call: &BlockCall,
-                        ops: BlockOps,
-                        r0: usize,
-                        c0: usize,
-                    ) {
-                        // SAFETY: as in `rows_group`, the roles of rows and columns swapped.
-                        unsafe {
-                            let (a, b) = panels::<P, W>(base, call, r0, c0);
-                            let mut acc = [[[_mm256_setzero_ps(); P]; 8]; W];
-                            for step in 0..call.k as usize {
-                                let mut av = [_mm256_setzero_ps(); P];
-                                for p in 0..P {
-                                    av[p] = _mm256_loadu_ps(a[p].add(8 * step));
-                                }
-                                for w in 0..W {
-                                    for j in 0..8 {
-                                        let bv = _mm256_set1_ps(*b[w].add(8 * step + j));
-                                        for p in 0..P {
-                                            acc[w][j][p] = _mm256_fmadd_ps(av[p], bv, acc[w][j][p]);
-                                        }
-                                    }
-                                }
-                            }
-                            let bias = base.wrapping_add(call.bias as usize).cast::<f32>();
-                            let zero = _mm256_setzero_ps();
-                            for w in 0..W {
-                                for j in 0..8 {
-                                    let c = 8 * (c0 + w) + j;
-                                    if c >= call.cols as usize {
-                                        break;
-                                    }
-                                    for p in 0..P {
-                                        let r = 8 * (r0 + p);
-                                        let n = call.rows as usize - r;
-                                        let residual = if ops.has(BlockOps::RESIDUAL) {
-                                            let at = base.add(call.residual as usize).offset(
-                                                4 * r as isize
-                                                    + c as isize
-                                                        * call.residual_col_stride as isize,
-                                            );
-                                            load(at.cast(), n)
-                                        } else {
-                                            zero
-                                        };
-                                        let bias = if ops.has(BlockOps::ROW_BIAS) {
-                                            load(bias.add(r), n)
-                                        } else if ops.has(BlockOps::COL_BIAS) {
-                                            _mm256_set1_ps(*bias.add(c))
-                                        } else {
-                                            zero
-                                        };
-                                        let v = epilogue(ops, acc[w][j][p], residual, bias, call);
-                                        let at = base.add(call.store as usize).offset(
-                                            4 * r as isize
-                                                + c as isize * call.store_col_stride as isize,
                                         );
                                         store(at.cast(), n, v);
                                     }
