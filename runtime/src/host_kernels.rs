@@ -12,9 +12,10 @@
 //!
 //! The host reads the panels straight from the instance's linear memory, runs native x86-64
 //! kernels on them (tract's FMA kernel for a single tile, our wide AVX-512 or AVX2 kernels
-//! for blocks, see [`native::wide`]) and writes the results back. Every range is checked against the
-//! memory's current size with checked arithmetic before anything is read, panels of A must be
-//! 32-byte aligned (the native kernel loads them with aligned moves), and one call's work is
+//! for blocks, see [`native::wide`]) and writes the results back. Every range is checked
+//! against the memory's current size with checked arithmetic before anything is read, panels
+//! of A must be 32-byte aligned (tract's kernel loads them with aligned moves), and one call's
+//! work is
 //! bounded ([`capsule_format::HOST_KERNELS_MAX_STEPS`]): a capsule that passes anything else
 //! traps, which discards its instance and nothing more.
 //!
@@ -357,10 +358,10 @@ mod native {
         tile.0
     }
 
-    /// Runs a block [`super::block`] accepted: whole tiles through the [`wide`] kernels
-    /// when the machine and the block's layout allow, else as one program each of tract's
-    /// native 8x8 kernel (the product, the epilogue and the store, as tract's own plan
-    /// would run them); tiles cut by the block's edge through [`super::edge_tile`].
+    /// Runs a block [`super::block`] accepted: on the [`wide`] kernels when the machine
+    /// and the block's layout allow, else each whole tile as one program of tract's native
+    /// 8x8 kernel (the product, the epilogue and the store, as tract's own plan would run
+    /// them) and each tile cut by the block's edge through [`super::edge_tile`].
     ///
     /// # Safety
     /// `base` is the start of the memory `super::block` checked `call` against.
