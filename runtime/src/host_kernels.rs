@@ -12,7 +12,7 @@
 //!
 //! The host reads the panels straight from the instance's linear memory, runs native x86-64
 //! kernels on them (tract's FMA kernel for a single tile, our wide AVX-512 or AVX2 kernels
-//! for blocks, see [`native::wide`]) and writes the results back. Every range is checked
+//! for blocks: `native::wide`) and writes the results back. Every range is checked
 //! against the memory's current size with checked arithmetic before anything is read, panels
 //! of A must be 32-byte aligned (tract's kernel loads them with aligned moves), and one call's
 //! work is
