@@ -601,13 +601,42 @@ mod native {
                                 let (r, c) = if down { (i, o) } else { (o, i) };
                                 // SAFETY: the group's tiles are the block's (the caller's
                                 // contract).
+                                // Whole groups (no row or column past the block's edge)
+                                // have an epilogue without tests, which the compiler
+                                // unrolls with the accumulators in registers.
+                                let (p, w) = if down { (n, 1) } else { (1, n) };
+                                let whole = 8 * (r + p) <= call.rows as usize
+                                    && 8 * (c + w) <= call.cols as usize;
                                 unsafe {
-                                    match (n, down) {
-                                        (3, true) => group::<3, 1>(base, call, ops, r, c),
-                                        (3, false) => group::<1, 3>(base, call, ops, r, c),
-                                        (2, true) => group::<2, 1>(base, call, ops, r, c),
-                                        (2, false) => group::<1, 2>(base, call, ops, r, c),
-                                        _ => group::<1, 1>(base, call, ops, r, c),
+                                    match (n, down, whole) {
+                                        (3, true, true) => {
+                                            group::<3, 1, true>(base, call, ops, r, c)
+                                        }
+                                        (3, false, true) => {
+                                            group::<1, 3, true>(base, call, ops, r, c)
+                                        }
+                                        (2, true, true) => {
+                                            group::<2, 1, true>(base, call, ops, r, c)
+                                        }
+                                        (2, false, true) => {
+                                            group::<1, 2, true>(base, call, ops, r, c)
+                                        }
+                                        (_, _, true) => group::<1, 1, true>(base, call, ops, r, c),
+                                        (3, true, false) => {
+                                            group::<3, 1, false>(base, call, ops, r, c)
+                                        }
+                                        (3, false, false) => {
+                                            group::<1, 3, false>(base, call, ops, r, c)
+                                        }
+                                        (2, true, false) => {
+                                            group::<2, 1, false>(base, call, ops, r, c)
+                                        }
+                                        (2, false, false) => {
+                                            group::<1, 2, false>(base, call, ops, r, c)
+                                        }
+                                        (_, _, false) => {
+                                            group::<1, 1, false>(base, call, ops, r, c)
+                                        }
                                     }
                                 }
                                 i += n;
@@ -721,7 +750,7 @@ mod native {
                     /// # Safety
                     /// As [`panels`], and the call is in [`super::Form::Rows`].
                     #[target_feature(enable = $features)]
-                    unsafe fn group<const P: usize, const W: usize>(
+                    unsafe fn group<const P: usize, const W: usize, const WHOLE: bool>(
                         base: *mut u8,
                         call: &BlockCall,
                         ops: BlockOps,
@@ -753,12 +782,12 @@ mod native {
                             for p in 0..P {
                                 for j in 0..8 {
                                     let r = 8 * (r0 + p) + j;
-                                    if r >= call.rows as usize {
+                                    if !WHOLE && r >= call.rows as usize {
                                         break;
                                     }
                                     for w in 0..W {
                                         let c = 8 * (c0 + w);
-                                        let n = call.cols as usize - c;
+                                        let n = if WHOLE { 8 } else { call.cols as usize - c };
                                         let residual = if ops.has(BlockOps::RESIDUAL) {
                                             let at = base.add(call.residual as usize).offset(
                                                 r as isize * call.residual_row_stride as isize
