@@ -601,45 +601,42 @@ mod native {
                                 let (r, c) = if down { (i, o) } else { (o, i) };
                                 // SAFETY: the group's tiles are the block's (the caller's
                                 // contract).
-                                // Whole groups (no row or column past the block's edge)
-                                // have an epilogue without tests, which the compiler
-                                // unrolls with the accumulators in registers.
-                                let (p, w) = if down { (n, 1) } else { (1, n) };
-                                let whole = 8 * (r + p) <= call.rows as usize
-                                    && 8 * (c + w) <= call.cols as usize;
                                 unsafe {
-                                    match (n, down, whole) {
-                                        (3, true, true) => {
-                                            group::<3, 1, true>(base, call, ops, r, c)
-                                        }
-                                        (3, false, true) => {
-                                            group::<1, 3, true>(base, call, ops, r, c)
-                                        }
-                                        (2, true, true) => {
-                                            group::<2, 1, true>(base, call, ops, r, c)
-                                        }
-                                        (2, false, true) => {
-                                            group::<1, 2, true>(base, call, ops, r, c)
-                                        }
-                                        (_, _, true) => group::<1, 1, true>(base, call, ops, r, c),
-                                        (3, true, false) => {
-                                            group::<3, 1, false>(base, call, ops, r, c)
-                                        }
-                                        (3, false, false) => {
-                                            group::<1, 3, false>(base, call, ops, r, c)
-                                        }
-                                        (2, true, false) => {
-                                            group::<2, 1, false>(base, call, ops, r, c)
-                                        }
-                                        (2, false, false) => {
-                                            group::<1, 2, false>(base, call, ops, r, c)
-                                        }
-                                        (_, _, false) => {
-                                            group::<1, 1, false>(base, call, ops, r, c)
-                                        }
+                                    match (n, down) {
+                                        (3, true) => group_at::<3, 1>(base, call, ops, r, c),
+                                        (3, false) => group_at::<1, 3>(base, call, ops, r, c),
+                                        (2, true) => group_at::<2, 1>(base, call, ops, r, c),
+                                        (2, false) => group_at::<1, 2>(base, call, ops, r, c),
+                                        _ => group_at::<1, 1>(base, call, ops, r, c),
                                     }
                                 }
                                 i += n;
+                            }
+                        }
+                    }
+
+                    /// The group from row tile `r0` and column tile `c0`. Whole groups (no
+                    /// row or column past the block's edge) have an epilogue without tests,
+                    /// which the compiler unrolls with the accumulators in registers.
+                    ///
+                    /// # Safety
+                    /// As [`block`], and the group's tiles are the block's.
+                    #[target_feature(enable = $features)]
+                    unsafe fn group_at<const P: usize, const W: usize>(
+                        base: *mut u8,
+                        call: &BlockCall,
+                        ops: BlockOps,
+                        r0: usize,
+                        c0: usize,
+                    ) {
+                        let whole = 8 * (r0 + P) <= call.rows as usize
+                            && 8 * (c0 + W) <= call.cols as usize;
+                        // SAFETY: the caller's contract.
+                        unsafe {
+                            if whole {
+                                group::<P, W, true>(base, call, ops, r0, c0)
+                            } else {
+                                group::<P, W, false>(base, call, ops, r0, c0)
                             }
                         }
                     }
