@@ -583,21 +583,24 @@ mod native {
                     #[target_feature(enable = $features)]
                     pub(super) unsafe fn block(base: *mut u8, call: &BlockCall, ops: BlockOps) {
                         let (rows, cols) = (call.row_tiles() as usize, call.col_tiles() as usize);
-                        // Groups run down the longer side: the guest's blocks are one
-                        // panel of A by many of B, or the other way round.
+                        // Groups run down the longer side (the guest's blocks are many
+                        // panels of one operand by a few of the other), and each group
+                        // meets every panel of the shorter side before the next: its own
+                        // panels stay in the L1 cache, and its rows' outputs are written
+                        // a whole run of columns at a time.
                         let down = rows >= cols;
-                        let (outer, inner) = if down { (cols, rows) } else { (rows, cols) };
-                        for o in 0..outer {
-                            let mut i = 0;
-                            while i < inner {
-                                let left = inner - i;
-                                let n = if left >= 3 && $group >= 3 {
-                                    3
-                                } else if left >= 2 && $group >= 2 {
-                                    2
-                                } else {
-                                    1
-                                };
+                        let (long, short) = if down { (rows, cols) } else { (cols, rows) };
+                        let mut i = 0;
+                        while i < long {
+                            let left = long - i;
+                            let n = if left >= 3 && $group >= 3 {
+                                3
+                            } else if left >= 2 && $group >= 2 {
+                                2
+                            } else {
+                                1
+                            };
+                            for o in 0..short {
                                 let (r, c) = if down { (i, o) } else { (o, i) };
                                 // SAFETY: the group's tiles are the block's (the caller's
                                 // contract).
@@ -610,8 +613,8 @@ mod native {
                                         _ => group_at::<1, 1>(base, call, ops, r, c),
                                     }
                                 }
-                                i += n;
                             }
+                            i += n;
                         }
                     }
 
@@ -1260,6 +1263,11 @@ mod tests {
             (8, 40),
             (5, 56),
             (16, 16),
+            // Several panels of each: groups down (or along) the longer side, each against
+            // every panel of the other.
+            (24, 24),
+            (23, 17),
+            (16, 40),
         ];
         for (rows, cols) in shapes {
             for k in [1, 9, 64] {

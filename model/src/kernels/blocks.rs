@@ -7,9 +7,9 @@
 //!
 //! [`Blocks`] is the 8x8 kernel as tract's plans hold it. It runs a product of the usual
 //! form (`A·B [+ bias per row or column] [+ residual] [max] [min]`, stored f32) as a few
-//! block calls: the operand tract packs lazily (a convolution's im2col) is packed here one
-//! panel at a time, in wasm, and each panel goes to the host with every panel of the other
-//! operand, as many tiles as one call may take. The host fuses the epilogue into its native
+//! block calls: the operand tract packs lazily (a convolution's im2col) is packed here a
+//! few panels at a time (up to 32 KiB of them), in wasm, and each batch goes to the host
+//! with every panel of the other operand, as many tiles as one call may take. The host fuses the epilogue into its native
 //! kernel and stores straight into the plan's output. Without host kernels, the same
 //! products run tile by tile in the guest from one loop of ours ([`Plan::run_portable`]),
 //! each tile on the program tract's loop would build, without tract's per-tile machinery.
@@ -150,6 +150,12 @@ impl MatMatMul for Blocks {
 /// Rows of A from which the portable block loop spreads B's panels: a spread panel costs
 /// about what two tiles save on it.
 const SPREAD_MIN_ROWS: usize = 32;
+
+/// Most bytes of the lazy operand's panels one host call takes (a batch of them, see
+/// [`Plan::run`]): within the L1 and L2 caches beside a group of the other's.
+const OUTER_BYTES: usize = 32 << 10;
+/// Most of the lazy operand's panels one host call takes.
+const OUTER_PANELS: usize = 16;
 
 /// A product of the form the host runs as blocks, read off tract's specs.
 struct Plan<'s> {
@@ -296,25 +302,31 @@ impl<'s> Plan<'s> {
         })
     }
 
-    /// Sends the product to the host: the lazy operand (or B, when both are eager) panel by
-    /// panel, each with as many panels of the other as one call may take.
+    /// Sends the product to the host: the lazy operand (or B, when both are eager) a few
+    /// panels at a time ([`OUTER_BYTES`]), each batch with as many panels of the other as
+    /// one call may take. The host runs each group of the longer side against every panel
+    /// of the shorter one, so a call of several panels of each reads its groups once where
+    /// a call per panel read them once per panel (ResNet-50's Winograd `U_ξ` are 1 MiB), and
+    /// writes each output row a run of columns at a time.
     ///
     /// # Safety
     /// The plan's operands, bias, residual and store are tract's for an `m x n` product.
     unsafe fn run(&self) -> TractResult<()> {
         let (by_columns, inner0, inner_stride) = (self.by_columns, self.inner0, self.inner_stride);
         let (outer, outer_len, inner_len) = self.outer();
-        let mut buffer = self.buffer(outer)?;
-        // Rows (or columns) of the inner operand per call: the most tiles the host takes.
-        let per_call = 8 * BlockCall::max_tiles(self.k as u32).max(1) as usize;
+        let outer_panels = outer_len.div_ceil(8);
+        let panel_bytes = self.k * capsule_format::kernels::PANEL_STEP_BYTES;
+        let batch = (OUTER_BYTES / panel_bytes).clamp(1, OUTER_PANELS);
+        let mut buffer = Buffer::new(outer.scratch_panel_buffer_layout(), panel_bytes, batch)?;
+        let max_tiles = BlockCall::max_tiles(self.k as u32).max(1) as usize;
         let f = |v: usize| v as u32;
-        for o in 0..outer_len.div_ceil(8) {
-            let mut panel = outer.panel_bytes(o, buffer.scratch())?;
-            if !by_columns && !(panel as usize).is_multiple_of(32) {
-                // The host loads A with aligned moves.
-                panel = buffer.aligned_copy(panel);
-            }
-            let outer_count = (outer_len - 8 * o).min(8);
+        for o in (0..outer_panels).step_by(batch) {
+            let count = (outer_panels - o).min(batch);
+            // A panel of A is loaded with aligned moves.
+            let (panels, panel_stride) = buffer.panels(outer, o, count, !by_columns)?;
+            let outer_count = (outer_len - 8 * o).min(8 * count);
+            // Rows (or columns) of the inner operand per call: the most the host takes.
+            let per_call = 8 * (max_tiles / count).max(1);
             for first in (0..inner_len).step_by(per_call) {
                 let inner_count = (inner_len - first).min(per_call);
                 let (row, col, rows, cols) = if by_columns {
@@ -324,9 +336,9 @@ impl<'s> Plan<'s> {
                 };
                 let inner_at = inner0 + first / 8 * inner_stride;
                 let (a, a_stride, b, b_stride) = if by_columns {
-                    (inner_at, inner_stride, panel as usize, 0)
+                    (inner_at, inner_stride, panels, panel_stride)
                 } else {
-                    (panel as usize, 0, inner_at, inner_stride)
+                    (panels, panel_stride, inner_at, inner_stride)
                 };
                 let bias = if self.ops.has(BlockOps::ROW_BIAS) {
                     self.bias.wrapping_add(row)
@@ -376,7 +388,7 @@ impl Plan<'_> {
     /// A buffer for one panel of `outer` (see [`Plan::outer`]).
     fn buffer(&self, outer: &dyn MMMInputValue) -> TractResult<Buffer> {
         let panel_bytes = self.k * capsule_format::kernels::PANEL_STEP_BYTES;
-        Buffer::new(outer.scratch_panel_buffer_layout(), panel_bytes)
+        Buffer::new(outer.scratch_panel_buffer_layout(), panel_bytes, 1)
     }
 
     /// Runs the product in the guest, without host kernels: per tile, the operations of the
@@ -618,13 +630,17 @@ impl StoreLayout {
     }
 }
 
-/// The buffers of one product: the lazy operand's panel (where tract's packer writes it)
-/// and, for an A whose panel is not 32-byte aligned, an aligned copy (made on first use:
-/// tract's packer aligns its panels, so it is not expected).
+/// The buffers of one product: room for a batch of the lazy operand's panels (where
+/// tract's packer writes them, a slot each) and, for panels that do not lie at one stride
+/// from each other or an A not aligned to 32 bytes, contiguous copies (made on first use:
+/// neither is expected).
 struct Buffer {
-    scratch: Option<(*mut u8, Layout)>,
+    /// The slots, and the bytes from one to the next.
+    scratch: Option<(*mut u8, Layout, usize)>,
     panel_bytes: usize,
-    aligned: Vec<Aligned>,
+    /// Panels per batch.
+    slots: usize,
+    copies: Vec<Aligned>,
 }
 
 /// 32 bytes, aligned as the host's loads of A need.
@@ -633,47 +649,96 @@ struct Buffer {
 struct Aligned([u8; 32]);
 
 impl Buffer {
-    fn new(layout: Option<Layout>, panel_bytes: usize) -> TractResult<Buffer> {
+    /// `slots` slots of `layout` (the lazy operand's scratch, if it has one) for panels of
+    /// `panel_bytes`.
+    fn new(layout: Option<Layout>, panel_bytes: usize, slots: usize) -> TractResult<Buffer> {
         let scratch = match layout {
             Some(layout) if layout.size() > 0 => {
-                let layout = layout.align_to(32)?;
+                let slot = layout.align_to(32)?.pad_to_align();
+                let size = slot.size().checked_mul(slots).ok_or_else(|| {
+                    TractError::msg(format!("{slots} panel buffers of {} bytes", slot.size()))
+                })?;
+                let all = Layout::from_size_align(size, slot.align())?;
                 // SAFETY: a layout of non-zero size.
-                let ptr = unsafe { std::alloc::alloc(layout) };
+                let ptr = unsafe { std::alloc::alloc(all) };
                 if ptr.is_null() {
-                    std::alloc::handle_alloc_error(layout);
+                    std::alloc::handle_alloc_error(all);
                 }
-                Some((ptr, layout))
+                Some((ptr, all, slot.size()))
             }
             _ => None,
         };
         Ok(Buffer {
             scratch,
             panel_bytes,
-            aligned: Vec::new(),
+            slots,
+            copies: Vec::new(),
         })
     }
 
+    /// The first slot.
     fn scratch(&self) -> Option<*mut u8> {
-        self.scratch.map(|(ptr, _)| ptr)
+        self.scratch.map(|(ptr, _, _)| ptr)
     }
 
-    /// Copies a panel into the aligned buffer.
-    fn aligned_copy(&mut self, panel: *const u8) -> *const u8 {
-        if self.aligned.is_empty() {
-            self.aligned = vec![Aligned([0; 32]); self.panel_bytes.div_ceil(32)];
+    /// Panels `first..first + count` of `outer` (`count` at most the buffer's slots) as the
+    /// host reads them: the first one's address and the bytes from one to the next. Where
+    /// the packer wrote them (each in its own slot) or keeps them, if they lie at one
+    /// stride (`aligned`: 32-byte aligned); copied one after the other otherwise.
+    fn panels(
+        &mut self,
+        outer: &dyn MMMInputValue,
+        first: usize,
+        count: usize,
+        aligned: bool,
+    ) -> TractResult<(usize, usize)> {
+        debug_assert!((1..=self.slots).contains(&count));
+        let slot = |i: usize| {
+            self.scratch
+                .map(|(ptr, _, size)| ptr.wrapping_add(i * size))
+        };
+        let mut at = [0usize; OUTER_PANELS];
+        for (i, at) in at.iter_mut().enumerate().take(count) {
+            *at = outer.panel_bytes(first + i, slot(i))? as usize;
         }
-        let dst = self.aligned.as_mut_ptr().cast::<u8>();
-        // SAFETY: the panel holds `panel_bytes` (tract's packer wrote them), the buffer at
-        // least as many (a panel is `k` steps of 32 bytes), and they do not overlap (the
-        // buffer is ours).
-        unsafe { std::ptr::copy_nonoverlapping(panel, dst, self.panel_bytes) };
-        dst
+        let at = &at[..count];
+        let stride = if count > 1 {
+            at[1].wrapping_sub(at[0])
+        } else {
+            0
+        };
+        let strided = at
+            .iter()
+            .enumerate()
+            .all(|(i, &p)| Some(p) == at[0].checked_add(i * stride))
+            && (!aligned || (at[0].is_multiple_of(32) && stride.is_multiple_of(32)));
+        if strided {
+            return Ok((at[0], stride));
+        }
+        let steps = self.panel_bytes.div_ceil(32);
+        if self.copies.is_empty() {
+            self.copies = vec![Aligned([0; 32]); steps * self.slots];
+        }
+        let copies = self.copies.as_mut_ptr().cast::<u8>();
+        for (i, &p) in at.iter().enumerate() {
+            // SAFETY: each panel holds `panel_bytes` (tract's packer wrote them), each copy
+            // as many (a panel is `k` steps of 32 bytes, `count <= slots` of them), and they
+            // do not overlap (the copies are ours).
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    p as *const u8,
+                    copies.add(i * steps * 32),
+                    self.panel_bytes,
+                )
+            };
+        }
+        Ok((copies as usize, steps * 32))
     }
 }
 
 impl Drop for Buffer {
     fn drop(&mut self) {
-        if let Some((ptr, layout)) = self.scratch {
+        if let Some((ptr, layout, _)) = self.scratch {
             // SAFETY: allocated in `new` with this layout.
             unsafe { std::alloc::dealloc(ptr, layout) };
         }
@@ -842,6 +907,144 @@ pub(super) fn check() -> Result<(), String> {
                     return Err(format!(
                         "the block loop's check: {what}, value {i}: {} where tract's loop computes {}",
                         ours[i], tracts[i]
+                    ));
+                }
+            }
+        }
+    }
+    check_panels(&**pack_a)
+}
+
+/// How [`Moved`] hands its panels over.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+enum Handover {
+    /// In reverse order: no one stride between them.
+    Reversed,
+    /// Each copied into the scratch buffer it is given, as a lazy packer writes them.
+    IntoScratch,
+}
+
+/// An eager operand whose panels [`check_panels`] reads another way ([`Handover`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct Moved {
+    inner: Box<dyn MMMInputValue>,
+    how: Handover,
+}
+
+impl std::fmt::Display for Moved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?} {}", self.how, self.inner)
+    }
+}
+
+impl MMMInputValue for Moved {
+    fn format(&self) -> &dyn MMMInputFormat {
+        self.inner.format()
+    }
+    fn scratch_panel_buffer_layout(&self) -> Option<Layout> {
+        match self.how {
+            Handover::Reversed => None,
+            Handover::IntoScratch => Layout::from_size_align(self.k() * 32, 32).ok(),
+        }
+    }
+    fn panel_bytes(&self, i: usize, buffer: Option<*mut u8>) -> TractResult<*const u8> {
+        let panels = self.mn().div_ceil(8);
+        if i >= panels {
+            return Err(TractError::msg(format!("panel {i} of {panels}")));
+        }
+        match self.how {
+            Handover::Reversed => self.inner.panel_bytes(panels - 1 - i, None),
+            Handover::IntoScratch => {
+                let Some(buffer) = buffer else {
+                    return Err(TractError::msg(format!(
+                        "{self} packs into a scratch buffer"
+                    )));
+                };
+                let panel = self.inner.panel_bytes(i, None)?;
+                // SAFETY: a panel is `k` steps of 32 bytes, and so is the scratch buffer
+                // (`scratch_panel_buffer_layout`).
+                unsafe { std::ptr::copy_nonoverlapping(panel, buffer, self.k() * 32) };
+                Ok(buffer)
+            }
+        }
+    }
+    fn mn(&self) -> usize {
+        self.inner.mn()
+    }
+    fn k(&self) -> usize {
+        self.inner.k()
+    }
+    fn exotic_fact(&self) -> &dyn ExoticFact {
+        self.inner.exotic_fact()
+    }
+    fn extract_at_mn_f16(&self, mn: usize, slice: &mut [f16]) -> TractResult<()> {
+        self.inner.extract_at_mn_f16(mn, slice)
+    }
+    fn extract_at_mn_f32(&self, mn: usize, slice: &mut [f32]) -> TractResult<()> {
+        self.inner.extract_at_mn_f32(mn, slice)
+    }
+}
+
+/// [`Buffer::panels`], which hands batches of panels to the host: panels kept at one
+/// stride (an eager operand's) are handed over where they are, panels packed into the
+/// buffer's slots from the first slot, and panels at no one stride are copied one after the
+/// other. Every batch is 32-byte aligned and holds the panels it was asked for, in order.
+fn check_panels(pack: &dyn MMMInputFormat) -> Result<(), String> {
+    let describe = |e: TractError| format!("the block loop's panel check: {e:#}");
+    let (m, k) = (40, 9);
+    let mut next = super::wasm::check_values(0x27d4_eb2f);
+    let values: Vec<f32> = (0..m * k).map(|_| next()).collect();
+    let a = Tensor::from_shape(&[m, k], &values).map_err(describe)?;
+    let eager = pack.prepare_one(&a, 1, 0).map_err(describe)?;
+    let panel_bytes = k * 32;
+    let panels = m.div_ceil(8);
+    let panel = |i: usize| -> TractResult<&[u8]> {
+        let at = eager.panel_bytes(i, None)?;
+        // SAFETY: an eager panel holds `k` steps of 32 bytes, alive with `eager`.
+        Ok(unsafe { std::slice::from_raw_parts(at, panel_bytes) })
+    };
+    let moved = |how| -> Box<dyn MMMInputValue> {
+        Box::new(Moved {
+            inner: eager.clone(),
+            how,
+        })
+    };
+    for (name, value) in [
+        ("eager", eager.clone()),
+        ("reversed", moved(Handover::Reversed)),
+        ("packed", moved(Handover::IntoScratch)),
+    ] {
+        let mut buffer =
+            Buffer::new(value.scratch_panel_buffer_layout(), panel_bytes, 3).map_err(describe)?;
+        for (first, count) in [(0, 3), (3, 2), (4, 1)] {
+            let what = format!("{name} panels {first}..{}", first + count);
+            let (at, stride) = buffer
+                .panels(&*value, first, count, true)
+                .map_err(|e| format!("{what}: {}", describe(e)))?;
+            if !at.is_multiple_of(32) || !stride.is_multiple_of(32) {
+                return Err(format!(
+                    "the block loop's panel check: {what} at {at} + i * {stride}, not aligned"
+                ));
+            }
+            let kept = panel(first).map_err(describe)?.as_ptr() as usize;
+            if name == "eager" && at != kept {
+                return Err(format!(
+                    "the block loop's panel check: {what} were moved from {kept} to {at}"
+                ));
+            }
+            for i in 0..count {
+                let j = if name == "reversed" {
+                    panels - 1 - (first + i)
+                } else {
+                    first + i
+                };
+                // SAFETY: `panels` hands over `count` panels of `panel_bytes` at `stride`.
+                let got = unsafe {
+                    std::slice::from_raw_parts((at + i * stride) as *const u8, panel_bytes)
+                };
+                if got != panel(j).map_err(describe)? {
+                    return Err(format!(
+                        "the block loop's panel check: {what}: panel {i} of the batch is not panel {j}"
                     ));
                 }
             }
