@@ -9,10 +9,11 @@
 //! form (`A·B [+ bias per row or column] [+ residual] [max] [min]`, stored f32) as a few
 //! block calls: the operand tract packs lazily (a convolution's im2col) is packed here a
 //! few panels at a time (up to 32 KiB of them), in wasm, and each batch goes to the host
-//! with every panel of the other operand, as many tiles as one call may take. The host fuses the epilogue into its native
-//! kernel and stores straight into the plan's output. Without host kernels, the same
-//! products run tile by tile in the guest from one loop of ours ([`Plan::run_portable`]),
-//! each tile on the program tract's loop would build, without tract's per-tile machinery.
+//! with every panel of the other operand, as many tiles as one call may take. The host
+//! fuses the epilogue into its native kernel and stores straight into the plan's output.
+//! Without host kernels, the same products run tile by tile in the guest from one loop of
+//! ours ([`Plan::run_portable`]), each tile on the program tract's loop would build,
+//! without tract's per-tile machinery.
 //! Any other product, or any product when the host offers only tile calls (version 1),
 //! runs on tract's tile loop ([`super::wasm`]'s per-tile kernel).
 
@@ -710,7 +711,7 @@ impl Buffer {
         let strided = at
             .iter()
             .enumerate()
-            .all(|(i, &p)| Some(p) == at[0].checked_add(i * stride))
+            .all(|(i, &p)| Some(p) == stride.checked_mul(i).and_then(|d| at[0].checked_add(d)))
             && (!aligned || (at[0].is_multiple_of(32) && stride.is_multiple_of(32)));
         if strided {
             return Ok((at[0], stride));
