@@ -12,12 +12,11 @@
 //!
 //! The host reads the panels straight from the instance's linear memory, runs native x86-64
 //! kernels on them (tract's FMA kernel for a single tile, our wide AVX-512 or AVX2 kernels
-//! for blocks: `native::wide`) and writes the results back. Every range is checked
-//! against the memory's current size with checked arithmetic before anything is read, panels
-//! of A must be 32-byte aligned (tract's kernel loads them with aligned moves), and one call's
-//! work is
-//! bounded ([`capsule_format::HOST_KERNELS_MAX_STEPS`]): a capsule that passes anything else
-//! traps, which discards its instance and nothing more.
+//! for blocks: `native::wide`) and writes the results back. Every range is checked against
+//! the memory's current size with checked arithmetic before anything is read, panels of A
+//! must be 32-byte aligned (tract's kernel loads them with aligned moves), and one call's
+//! work is bounded ([`capsule_format::HOST_KERNELS_MAX_STEPS`]): a capsule that passes
+//! anything else traps, which discards its instance and nothing more.
 //!
 //! The guest asks `abi_version()` at every inference; the answer is the version its manifest
 //! declares, or 0 (stay in wasm) unless the store was made with host kernels on and this

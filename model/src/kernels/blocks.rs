@@ -316,9 +316,8 @@ impl<'s> Plan<'s> {
         let (by_columns, inner0, inner_stride) = (self.by_columns, self.inner0, self.inner_stride);
         let (outer, outer_len, inner_len) = self.outer();
         let outer_panels = outer_len.div_ceil(8);
-        let panel_bytes = self.k * capsule_format::kernels::PANEL_STEP_BYTES;
-        let batch = (OUTER_BYTES / panel_bytes).clamp(1, OUTER_PANELS);
-        let mut buffer = Buffer::new(outer.scratch_panel_buffer_layout(), panel_bytes, batch)?;
+        let batch = (OUTER_BYTES / self.panel_bytes()).clamp(1, OUTER_PANELS);
+        let mut buffer = self.buffer(outer, batch)?;
         let max_tiles = BlockCall::max_tiles(self.k as u32).max(1) as usize;
         let f = |v: usize| v as u32;
         for o in (0..outer_panels).step_by(batch) {
@@ -386,10 +385,18 @@ impl Plan<'_> {
         }
     }
 
-    /// A buffer for one panel of `outer` (see [`Plan::outer`]).
-    fn buffer(&self, outer: &dyn MMMInputValue) -> TractResult<Buffer> {
-        let panel_bytes = self.k * capsule_format::kernels::PANEL_STEP_BYTES;
-        Buffer::new(outer.scratch_panel_buffer_layout(), panel_bytes, 1)
+    /// Bytes of one packed panel of either operand.
+    fn panel_bytes(&self) -> usize {
+        self.k * capsule_format::kernels::PANEL_STEP_BYTES
+    }
+
+    /// A buffer for `slots` panels of `outer` (see [`Plan::outer`]).
+    fn buffer(&self, outer: &dyn MMMInputValue, slots: usize) -> TractResult<Buffer> {
+        Buffer::new(
+            outer.scratch_panel_buffer_layout(),
+            self.panel_bytes(),
+            slots,
+        )
     }
 
     /// Runs the product in the guest, without host kernels: per tile, the operations of the
@@ -409,7 +416,7 @@ impl Plan<'_> {
     unsafe fn run_portable(&self) -> TractResult<()> {
         let (by_columns, inner0, inner_stride) = (self.by_columns, self.inner0, self.inner_stride);
         let (outer, outer_len, inner_len) = self.outer();
-        let buffer = self.buffer(outer)?;
+        let buffer = self.buffer(outer, 1)?;
         let kernel_store = |ptr: usize, row_stride: isize, col_stride: isize| OutputStoreKer {
             ptr: ptr as *mut u8,
             row_byte_stride: row_stride,
@@ -650,9 +657,14 @@ struct Buffer {
 struct Aligned([u8; 32]);
 
 impl Buffer {
-    /// `slots` slots of `layout` (the lazy operand's scratch, if it has one) for panels of
-    /// `panel_bytes`.
+    /// `slots` slots (1 to [`OUTER_PANELS`]) of `layout` (the lazy operand's scratch, if it
+    /// has one) for panels of `panel_bytes`.
     fn new(layout: Option<Layout>, panel_bytes: usize, slots: usize) -> TractResult<Buffer> {
+        if !(1..=OUTER_PANELS).contains(&slots) {
+            return Err(TractError::msg(format!(
+                "{slots} panel slots (1 to {OUTER_PANELS})"
+            )));
+        }
         let scratch = match layout {
             Some(layout) if layout.size() > 0 => {
                 let slot = layout.align_to(32)?.pad_to_align();
@@ -1010,11 +1022,12 @@ fn check_panels(pack: &dyn MMMInputFormat) -> Result<(), String> {
             how,
         })
     };
-    for (name, value) in [
-        ("eager", eager.clone()),
-        ("reversed", moved(Handover::Reversed)),
-        ("packed", moved(Handover::IntoScratch)),
+    for (how, value) in [
+        (None, eager.clone()),
+        (Some(Handover::Reversed), moved(Handover::Reversed)),
+        (Some(Handover::IntoScratch), moved(Handover::IntoScratch)),
     ] {
+        let name = how.map_or("eager".to_owned(), |how| format!("{how:?}"));
         let mut buffer =
             Buffer::new(value.scratch_panel_buffer_layout(), panel_bytes, 3).map_err(describe)?;
         for (first, count) in [(0, 3), (3, 2), (4, 1)] {
@@ -1028,13 +1041,13 @@ fn check_panels(pack: &dyn MMMInputFormat) -> Result<(), String> {
                 ));
             }
             let kept = panel(first).map_err(describe)?.as_ptr() as usize;
-            if name == "eager" && at != kept {
+            if how.is_none() && at != kept {
                 return Err(format!(
                     "the block loop's panel check: {what} were moved from {kept} to {at}"
                 ));
             }
             for i in 0..count {
-                let j = if name == "reversed" {
+                let j = if how == Some(Handover::Reversed) {
                     panels - 1 - (first + i)
                 } else {
                     first + i
