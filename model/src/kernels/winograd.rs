@@ -41,7 +41,9 @@ use tract_linalg::mmm::{
 };
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
+use tract_onnx::tract_core::ops::math::Max;
 use tract_onnx::tract_core::ops::nn::DataFormat;
 use tract_onnx::tract_core::tract_linalg;
 
@@ -64,6 +66,9 @@ const V_PAD: usize = 16;
 #[derive(Clone)]
 pub struct Winograd {
     geometry: Arc<Geometry>,
+    /// The ReLU that followed the convolution, applied as the output transform stores
+    /// (see [`substitute`]).
+    relu: bool,
 }
 
 struct Geometry {
@@ -94,13 +99,14 @@ struct Geometry {
 impl fmt::Debug for Winograd {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let g = &*self.geometry;
-        write!(f, "Winograd {}x{}x{} to {}", g.cin, g.h, g.w, g.cout)
+        let relu = if self.relu { " + ReLU" } else { "" };
+        write!(f, "Winograd {}x{}x{} to {}{relu}", g.cin, g.h, g.w, g.cout)
     }
 }
 
 impl PartialEq for Winograd {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.geometry, &other.geometry)
+        Arc::ptr_eq(&self.geometry, &other.geometry) && self.relu == other.relu
     }
 }
 
@@ -109,7 +115,7 @@ impl Eq for Winograd {}
 impl Hash for Winograd {
     fn hash<H: Hasher>(&self, state: &mut H) {
         let g = &*self.geometry;
-        (g.cin, g.cout, g.h, g.w).hash(state);
+        (g.cin, g.cout, g.h, g.w, self.relu).hash(state);
     }
 }
 
@@ -169,6 +175,7 @@ impl Winograd {
             })
             .collect::<TractResult<Vec<_>>>()?;
         Ok(Winograd {
+            relu: false,
             geometry: Arc::new(Geometry {
                 cin,
                 cout,
@@ -384,9 +391,27 @@ impl Winograd {
                 )?;
             }
         }
-        // Aᵀ M A + bias, four tiles at a time.
         let m = m.try_as_plain_ram()?;
         let m = m.as_slice::<f32>()?;
+        // The output transform, instantiated with and without the ReLU (a test per vector
+        // slowed it by a quarter).
+        if self.relu {
+            g.output::<true>(m, output);
+        } else {
+            g.output::<false>(m, output);
+        }
+        Ok(())
+    }
+}
+
+impl Geometry {
+    /// `Aᵀ M A` plus the bias, then with `RELU` the ReLU, into `output`, four tiles at a
+    /// time. The ReLU is tract's own max by a scalar in wasm, `pmax(0, x)`: the same bits as
+    /// the op it replaced (a NaN gives 0).
+    fn output<const RELU: bool>(&self, m: &[f32], output: &mut [f32]) {
+        let g = self;
+        let zero = f32x4_splat(0.0);
+        let relu = |v: v128| if RELU { f32x4_pmax(zero, v) } else { v };
         // M_ξ and its spare row (`Scratch::m`).
         let m_len = (g.cout + 1) * g.tiles;
         for co in 0..g.cout {
@@ -414,8 +439,8 @@ impl Winograd {
                     let s1 = sub4(sub4(m1, m2), m3);
                     let y = |s: &[v128; 4]| {
                         (
-                            f32x4_add(f32x4_add(f32x4_add(s[0], s[1]), s[2]), bias),
-                            f32x4_add(f32x4_sub(f32x4_sub(s[1], s[2]), s[3]), bias),
+                            relu(f32x4_add(f32x4_add(f32x4_add(s[0], s[1]), s[2]), bias)),
+                            relu(f32x4_add(f32x4_sub(f32x4_sub(s[1], s[2]), s[3]), bias)),
                         )
                     };
                     for (dy, (even, odd)) in [y(&s0), y(&s1)].into_iter().enumerate() {
@@ -453,7 +478,6 @@ impl Winograd {
                 }
             }
         }
-        Ok(())
     }
 }
 
@@ -684,7 +708,10 @@ impl MMMInputValue for VPanels {
 }
 
 /// Replaces every convolution of a decluttered model that [`Winograd::of`] takes; returns
-/// how many. The filters' old constants go with the convolutions.
+/// how many. The filters' old constants go with the convolutions. A ReLU that alone reads
+/// the convolution's output goes into the op too: tract fuses the ReLU after a convolution
+/// it computes itself into its product's epilogue, but not after an op of ours, where it
+/// cost a pass over the output (2% of SqueezeNet's inference with host kernels).
 pub(super) fn substitute(model: &mut TypedModel) -> TractResult<usize> {
     let mut replaced = 0;
     for id in 0..model.nodes().len() {
@@ -702,7 +729,7 @@ pub(super) fn substitute(model: &mut TypedModel) -> TractResult<usize> {
             continue;
         };
         let output = model.outlet_fact(OutletId::new(id, 0))?;
-        let Some(op) = Winograd::of(conv, model.outlet_fact(input)?, output, &weights, &bias)?
+        let Some(mut op) = Winograd::of(conv, model.outlet_fact(input)?, output, &weights, &bias)?
         else {
             continue;
         };
@@ -710,14 +737,53 @@ pub(super) fn substitute(model: &mut TypedModel) -> TractResult<usize> {
         if after.len() != 1 || after[0].shape != output.shape {
             continue;
         }
-        let node = node.clone();
-        TypedModelPatch::replace_single_op(model, &node, &[input], op)?.apply(model)?;
+        let replaced_outlet = match relu_after(model, id)? {
+            Some(relu) => {
+                op.relu = true;
+                OutletId::new(relu, 0)
+            }
+            None => OutletId::new(id, 0),
+        };
+        let name = node.name.clone();
+        TypedModelPatch::rewire(model, &[input], &[replaced_outlet], &|patch, taps| {
+            patch.wire_node(&name, op.clone(), taps)
+        })?
+        .apply(model)?;
         replaced += 1;
     }
     if replaced > 0 {
         model.compact()?;
     }
     Ok(replaced)
+}
+
+/// The ReLU that alone reads node `id`'s output, if there is one: ONNX's `Relu` as tract
+/// declutters it, a `Max` with a uniform 0.0 of no larger shape, whose output has the
+/// shape and type of its other input. A model output is left to be one.
+fn relu_after(model: &TypedModel, id: usize) -> TractResult<Option<usize>> {
+    let output = OutletId::new(id, 0);
+    let [only] = model.node(id).outputs[0].successors[..] else {
+        return Ok(None);
+    };
+    let relu = model.node(only.node);
+    let Some(max) = relu.op_as::<TypedBinOp>() else {
+        return Ok(None);
+    };
+    if !max.0.is::<Max>() || model.outputs.contains(&output) || relu.inputs.len() != 2 {
+        return Ok(None);
+    }
+    let other = relu.inputs[1 - only.slot];
+    let (fact, bound) = (model.outlet_fact(output)?, model.outlet_fact(other)?);
+    let zero = bound.uniform.as_ref().is_some_and(|u| {
+        u.datum_type() == f32::datum_type()
+            && u.cast_to_scalar::<f32>().is_ok_and(|v| v.to_bits() == 0)
+    });
+    let fits = bound.shape.len() <= fact.shape.len() && bound.shape.iter().all(|d| d.is_one());
+    let result = model.outlet_fact(OutletId::new(relu.id, 0))?;
+    if !zero || !fits || result.datum_type != fact.datum_type || result.shape != fact.shape {
+        return Ok(None);
+    }
+    Ok(Some(relu.id))
 }
 
 /// Checks the op against a direct convolution computed in f64, on shapes that cut tiles at
@@ -733,19 +799,19 @@ pub(super) fn check() -> Result<(), String> {
         let v = next();
         if v.is_finite() { v } else { 0.5 }
     };
-    for (cin, cout, h, w, pad) in [
-        (16, 16, 10, 10, 1),
-        (17, 24, 9, 13, 1),
-        (16, 16, 12, 11, 0),
-        (20, 40, 15, 7, 1),
+    for (cin, cout, h, w, pad, relu) in [
+        (16, 16, 10, 10, 1, false),
+        (17, 24, 9, 13, 1, true),
+        (16, 16, 12, 11, 0, false),
+        (20, 40, 15, 7, 1, true),
     ] {
-        let what = format!("{cin}x{h}x{w} -> {cout} channels, padding {pad}");
+        let what = format!("{cin}x{h}x{w} -> {cout} channels, padding {pad}, ReLU {relu}");
         let (oh, ow) = (h + 2 * pad - 2, w + 2 * pad - 2);
         let weights: Vec<f32> = (0..cout * cin * 9).map(|_| value()).collect();
         let bias: Vec<f32> = (0..cout).map(|_| value()).collect();
         let n = 2;
         let input: Vec<f32> = (0..n * cin * h * w).map(|_| value()).collect();
-        let op = Winograd::new(
+        let mut op = Winograd::new(
             [cin, cout, h, w],
             [pad, pad],
             [oh, ow],
@@ -753,6 +819,7 @@ pub(super) fn check() -> Result<(), String> {
             bias.clone(),
         )
         .map_err(|e| describe(&what, e))?;
+        op.relu = relu;
         let tensor = Tensor::from_shape(&[n, cin, h, w], &input).map_err(|e| describe(&what, e))?;
         let out = op
             .eval_out_of_plan(tvec!(tensor.into_tvalue()))
@@ -784,8 +851,14 @@ pub(super) fn check() -> Result<(), String> {
                                 }
                             }
                         }
+                        if relu {
+                            sum = sum.max(0.0);
+                        }
                         let ours = out[((i * cout + co) * oh + y) * ow + x] as f64;
-                        if (ours - sum).abs() > 1e-5 * magnitude.max(1e-30) || !ours.is_finite() {
+                        if (ours - sum).abs() > 1e-5 * magnitude.max(1e-30)
+                            || !ours.is_finite()
+                            || (relu && ours < 0.0)
+                        {
                             return Err(format!(
                                 "the Winograd check, {what}: image {i}, channel {co}, ({y}, {x}): {ours} where the direct convolution is {sum}"
                             ));
