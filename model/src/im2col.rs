@@ -7,14 +7,18 @@
 //! by one through a table of byte offsets. When the 8 pixels lie side by side in one output row
 //! of a stride-1 convolution, those 8 values are contiguous in the input: one copy of 32 bytes.
 //! In a capsule tract's gather took 11-16% of an inference (MNIST CNN, textdir;
-//! docs/benchmarks.md).
+//! docs/benchmarks.md). In one output row of a stride-2 convolution (the first layer of
+//! SqueezeNet and of ResNet-50) they are every other value of 16: four vector loads and two
+//! shuffles.
 //!
 //! The op's geometry (its offset tables) is private to tract. [`substitute`] learns it by
 //! running the op once on a probe input whose values are their own indices: every packed
 //! value then says which input element it was read from. The probe gives the offset of each
 //! row (`k`) and each pixel (`n`), and the op is replaced only if those offsets reproduce every
 //! value tract packed. [`Im2colPanels`] then packs the same panels from the same offsets, so
-//! the products see the same bytes, and outputs are the same bits.
+//! the products see the same bytes, and outputs are the same bits: `learn` packs every panel
+//! of the probe with the guest's own copies and compares them with tract's, bit for bit,
+//! before it replaces the op (in the guest, where the model loads).
 //!
 //! Only the guest substitutes (lib.rs): native tract, the baseline a capsule is measured
 //! against, keeps its own packing.
@@ -48,8 +52,8 @@ struct Geometry {
     k_offsets: Vec<u32>,
     n_offsets: Vec<u32>,
     group_offsets: Vec<u32>,
-    /// Per panel: its pixels' offsets are consecutive (one contiguous run of the input).
-    contiguous: Vec<bool>,
+    /// Per panel: how its pixels lie in the input.
+    runs: Vec<Run>,
     panel_layout: Layout,
     /// tract's packing format and fact, which the product checks its operand against.
     format: Box<dyn MMMInputFormat>,
@@ -65,6 +69,19 @@ impl fmt::Debug for Geometry {
             .field("groups", &self.group_offsets.len())
             .finish()
     }
+}
+
+/// How the 8 pixels of a panel lie in the input, which decides how a row of it is copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Run {
+    /// Side by side (a stride-1 convolution's pixels in one output row): one copy of 8.
+    Contiguous,
+    /// Every other value of 16 that all lie in the input (a stride-2 convolution's pixels
+    /// in one output row, like SqueezeNet's and ResNet-50's first): 16 values read as
+    /// vectors, their even lanes kept.
+    Stride2,
+    /// Anywhere else: 8 values read one by one.
+    Gather,
 }
 
 /// tract's lazy im2col, with panels packed by [`Panels`].
@@ -175,7 +192,14 @@ impl Panels {
             // checked every group, row and pixel offset sum against the input's length,
             // which is `input.len()`, and `out` holds `rows` rows of 8.
             let (src, dst) = (input.as_ptr(), out.as_mut_ptr());
-            if g.contiguous[i] {
+            if g.runs[i] == Run::Stride2 {
+                let first = base + pixels[0] as usize;
+                for (t, &k) in g.k_offsets.iter().enumerate() {
+                    // SAFETY: as above; `learn` made the panel `Stride2` only if the value
+                    // after its last pixel, `first + 15`, is in the input too.
+                    unsafe { evens(src.add(first + k as usize), dst.add(t * R8)) };
+                }
+            } else if g.runs[i] == Run::Contiguous {
                 let first = base + pixels[0] as usize;
                 for (t, &k) in g.k_offsets.iter().enumerate() {
                     // SAFETY: as above; the panel's last pixel is `first + 7`.
@@ -230,8 +254,8 @@ impl MMMInputValue for Panels {
         let Some(buffer) = buffer else {
             bail!("Im2colPanels packs into a scratch buffer");
         };
-        if i >= g.contiguous.len() {
-            bail!("Im2colPanels: panel {i} of {}", g.contiguous.len());
+        if i >= g.runs.len() {
+            bail!("Im2colPanels: panel {i} of {}", g.runs.len());
         }
         let len = g.k_offsets.len() * g.r;
         // SAFETY: the caller passes a buffer of `scratch_panel_buffer_layout` (at least `k`
@@ -273,6 +297,28 @@ impl MMMInputValue for Panels {
     }
 }
 
+/// Values 0, 2, .., 14 of the 16 at `src`, to the 8 at `dst`.
+///
+/// # Safety
+/// The 16 values at `src` are readable and the 8 at `dst` writable.
+#[inline(always)]
+unsafe fn evens(src: *const f32, dst: *mut f32) {
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    // SAFETY: the caller's contract; wasm's vector loads and stores need no alignment.
+    unsafe {
+        use std::arch::wasm32::*;
+        let v = |i: usize| v128_load(src.add(4 * i).cast());
+        let (a, b, c, d) = (v(0), v(1), v(2), v(3));
+        v128_store(dst.cast(), i32x4_shuffle::<0, 2, 4, 6>(a, b));
+        v128_store(dst.add(4).cast(), i32x4_shuffle::<0, 2, 4, 6>(c, d));
+    }
+    #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+    for j in 0..R8 {
+        // SAFETY: the caller's contract.
+        unsafe { *dst.add(j) = *src.add(2 * j) };
+    }
+}
+
 /// A buffer of `layout` (tract's scratch panels ask for alignment beyond f32's).
 struct Scratch {
     bytes: Vec<u8>,
@@ -293,7 +339,7 @@ impl Scratch {
 
 /// The geometry of tract's im2col node `id`, learnt from a probe (see the module's
 /// documentation), when it is one [`Im2colPanels`] reproduces exactly.
-fn learn(model: &TypedModel, id: usize) -> TractResult<Option<Geometry>> {
+fn learn(model: &TypedModel, id: usize) -> TractResult<Option<Arc<Geometry>>> {
     let node = model.node(id);
     let [input] = node.inputs[..] else {
         return Ok(None);
@@ -306,8 +352,9 @@ fn learn(model: &TypedModel, id: usize) -> TractResult<Option<Geometry>> {
     if fact.datum_type != f32::datum_type() || len == 0 || len >= MAX_PROBE_LEN {
         return Ok(None);
     }
-    let probe = Tensor::from_shape(shape, &(0..len).map(|i| i as f32).collect::<Vec<_>>())?;
-    let Some(outputs) = node.op.eval_out_of_plan(tvec!(probe.into_tvalue()))? else {
+    let probe =
+        Tensor::from_shape(shape, &(0..len).map(|i| i as f32).collect::<Vec<_>>())?.into_tvalue();
+    let Some(outputs) = node.op.eval_out_of_plan(tvec!(probe.clone()))? else {
         return Ok(None);
     };
     let [output] = &outputs[..] else {
@@ -388,22 +435,57 @@ fn learn(model: &TypedModel, id: usize) -> TractResult<Option<Geometry>> {
     if reach(&k_offsets) + reach(&n_offsets) + reach(&group_offsets) >= len as u64 {
         return Ok(None);
     }
-    let contiguous = n_offsets
+    let last_row = reach(&k_offsets) + reach(&group_offsets);
+    let runs = n_offsets
         .chunks(r)
-        .map(|p| p.len() == r && p.windows(2).all(|w| w[1] == w[0] + 1))
+        .map(|p| {
+            let apart = |d: u32| p.len() == R8 && p.windows(2).all(|w| w[1] == w[0] + d);
+            if apart(1) {
+                Run::Contiguous
+            } else if apart(2) && last_row + u64::from(p[0]) + 15 < len as u64 {
+                Run::Stride2
+            } else {
+                Run::Gather
+            }
+        })
         .collect();
-    Ok(Some(Geometry {
+    let geometry = Geometry {
         input_shape: shape.into(),
         input_len: len,
         r,
         k_offsets,
         n_offsets,
         group_offsets,
-        contiguous,
+        runs,
         panel_layout: layout,
         format: tract_onnx::tract_core::dyn_clone::clone_box(first.format()),
         exotic: tract_onnx::tract_core::dyn_clone::clone_box(first.exotic_fact()),
-    }))
+    };
+    // The offsets reproduce tract's values; now the copies that pack them must too, every
+    // panel of every group packed from the probe as an inference will (this runs the wasm
+    // vector copies on the builder, where the model loads).
+    let geometry = Arc::new(geometry);
+    let mut ours = vec![0f32; k * r];
+    for (group, v) in values.iter().enumerate() {
+        let panels_of = Panels {
+            tensor: probe.clone(),
+            geometry: Arc::clone(&geometry),
+            group,
+        };
+        for i in 0..panels {
+            panels_of.pack(i, &mut ours)?;
+            let theirs = read(&**v, i)?;
+            let lanes = (n - i * r).min(r);
+            let differ = (0..k).any(|row| {
+                (0..lanes)
+                    .any(|lane| ours[row * r + lane].to_bits() != theirs[row * r + lane].to_bits())
+            });
+            if differ {
+                return Ok(None);
+            }
+        }
+    }
+    Ok(Some(geometry))
 }
 
 /// Replaces every f32 lazy im2col of an optimized model whose geometry [`learn`] reproduces
@@ -418,10 +500,7 @@ pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
             continue;
         };
         let output = model.outlet_fact(OutletId::new(id, 0))?.clone();
-        model.node_mut(id).op = Box::new(Im2colPanels {
-            geometry: Arc::new(geometry),
-            output,
-        });
+        model.node_mut(id).op = Box::new(Im2colPanels { geometry, output });
         replaced += 1;
     }
     Ok(replaced)
@@ -478,8 +557,8 @@ mod tests {
             .map(|op| &*op.geometry)
             .filter(|g| g.r == R8)
             .collect();
-        assert!(eights.iter().any(|g| g.contiguous.contains(&true)));
-        assert!(eights.iter().any(|g| g.contiguous.contains(&false)));
+        assert!(eights.iter().any(|g| g.runs.contains(&Run::Contiguous)));
+        assert!(eights.iter().any(|g| g.runs.contains(&Run::Gather)));
         assert_eq!(run(ours, &input), expected);
     }
 
@@ -542,11 +621,31 @@ mod tests {
             (8, 8, [17, 19], 3, 2, 1, 1),
             (8, 12, [15, 24], 3, 1, 1, 2),
             (4, 8, [23, 23], 5, 1, 2, 1),
+            // Rows of 22 outputs: stride-2 runs, and the input's last values read by the
+            // last row's panels.
+            (3, 8, [40, 45], 3, 2, 0, 1),
+            (3, 8, [39, 44], 7, 2, 3, 1),
         ] {
             let (model, input) = conv(c, k, hw, kernel, stride, pad, group);
             let expected = run(model.clone(), &input);
             let mut ours = model;
             let replaced = substitute(&mut ours).unwrap();
+            let runs: Vec<Run> = ours
+                .nodes()
+                .iter()
+                .filter_map(|n| n.op_as::<Im2colPanels>())
+                .flat_map(|op| op.geometry.runs.clone())
+                .collect();
+            let rs: Vec<usize> = ours
+                .nodes()
+                .iter()
+                .filter_map(|n| n.op_as::<Im2colPanels>())
+                .map(|op| op.geometry.r)
+                .collect();
+            // Natively, tract packs 8 pixels a panel for 8 output channels (the guest always).
+            if stride == 2 && rs.contains(&R8) {
+                assert!(runs.contains(&Run::Stride2), "{hw:?} k{kernel}");
+            }
             let left = ours
                 .nodes()
                 .iter()
