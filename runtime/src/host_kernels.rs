@@ -744,7 +744,7 @@ mod native {
                         // (a first convolution, k = 27) otherwise wait on every line they
                         // store. Down a block the prefetches cost more than they saved
                         // (SqueezeNet with host kernels, medians of 8 alternated runs:
-                        // 10.60 ms prefetching across only, 11.00 both ways).
+                        // 10.61 ms prefetching across only, 11.00 both ways).
                         let mut ahead = order.clone().skip(super::PREFETCH_AHEAD);
                         for g in order {
                             if let Some(next) = ahead.next().filter(|n| !n.down) {
