@@ -692,13 +692,11 @@ mod native {
 
         /// Fetches the cache lines the group `g` across a block (one row tile by `g.tiles`
         /// column tiles) will store, and with a residual read, into the cache. Rows past
-        /// the block's edge are left alone.
-        ///
-        /// # Safety
-        /// None beyond the instruction set: a prefetch does not fault, and the addresses
-        /// are computed with wrapping arithmetic and never dereferenced.
+        /// the block's edge are left alone. A prefetch does not fault, and the addresses
+        /// are computed with wrapping arithmetic and never dereferenced, so nothing here
+        /// needs the block's checks.
         #[target_feature(enable = "sse")]
-        unsafe fn prefetch_outputs(base: *mut u8, call: &BlockCall, ops: BlockOps, g: Group) {
+        fn prefetch_outputs(base: *mut u8, call: &BlockCall, ops: BlockOps, g: Group) {
             use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
             let first = 8 * g.r;
             let last = (8 * (g.r + 1)).min(call.rows as usize);
@@ -748,8 +746,7 @@ mod native {
                         let mut ahead = order.clone().skip(super::PREFETCH_AHEAD);
                         for g in order {
                             if let Some(next) = ahead.next().filter(|n| !n.down) {
-                                // SAFETY: prefetches do not fault, whatever the address.
-                                unsafe { super::prefetch_outputs(base, call, ops, next) };
+                                super::prefetch_outputs(base, call, ops, next);
                             }
                             let (r, c) = (g.r, g.c);
                             // SAFETY: the group's tiles are the block's (the caller's
