@@ -568,13 +568,14 @@ mod native {
             (call, BlockOps(others | bias.0))
         }
 
-        /// Groups between the one a prefetch is for and the one running. On SqueezeNet's
-        /// first convolution 1, 2 and 4 measured alike (2 the best of one noisy run); 0 is
-        /// what the prefetch is for.
+        /// Groups between the one running and the one whose outputs it prefetches. 1, 2 and
+        /// 3 measured alike on SqueezeNet with host kernels, within the noise
+        /// (docs/benchmarks.md, "Host blocks in chunks down the rows, outputs prefetched").
         const PREFETCH_AHEAD: usize = 2;
 
         /// Bytes of B's panels a run of groups along a block's columns keeps in the L1
-        /// cache while it goes down every row panel (half of a 32 KiB L1).
+        /// cache while it goes down every row panel (half of a 32 KiB L1; 8 and 32 KiB
+        /// measured alike).
         pub const L1_PANELS_BYTES: usize = 16 * 1024;
 
         /// A group of a block: `tiles` panels of A from row tile `r` (`down`), or `tiles`
