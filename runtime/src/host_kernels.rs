@@ -637,6 +637,11 @@ mod native {
                 }
             }
 
+            /// Whether the groups run down the block (else across it, in chunks).
+            pub fn down(&self) -> bool {
+                self.down
+            }
+
             /// Tiles of a group that may take up to `left` tiles.
             fn tiles(&self, left: usize) -> usize {
                 left.min(self.widest)
@@ -744,9 +749,10 @@ mod native {
                         // store. Down a block the prefetches cost more than they saved
                         // (SqueezeNet with host kernels, medians of 8 alternated runs:
                         // 10.61 ms prefetching across only, 11.00 both ways).
-                        let mut ahead = order.clone().skip(super::PREFETCH_AHEAD);
+                        let mut ahead =
+                            (!order.down()).then(|| order.clone().skip(super::PREFETCH_AHEAD));
                         for g in order {
-                            if let Some(next) = ahead.next().filter(|n| !n.down) {
+                            if let Some(next) = ahead.as_mut().and_then(Iterator::next) {
                                 super::prefetch_outputs(base, call, ops, next);
                             }
                             let (r, c) = (g.r, g.c);
