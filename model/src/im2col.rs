@@ -551,16 +551,22 @@ mod tests {
         assert!(ours.nodes().iter().all(|n| n.op.name() != TRACT_OP));
         // The guest's width (8) is among them, with copied and gathered panels: both paths
         // of `pack` ran.
-        let eights: Vec<&Geometry> = ours
+        let eights = eights(&ours);
+        assert!(eights.iter().any(|g| g.runs.contains(&Run::Contiguous)));
+        assert!(eights.iter().any(|g| g.runs.contains(&Run::Gather)));
+        assert_eq!(run(ours, &input), expected);
+    }
+
+    /// The geometries of `model`'s replaced im2cols that pack 8 values a panel (the guest's
+    /// width).
+    fn eights(model: &TypedModel) -> Vec<&Geometry> {
+        model
             .nodes()
             .iter()
             .filter_map(|n| n.op_as::<Im2colPanels>())
             .map(|op| &*op.geometry)
             .filter(|g| g.r == R8)
-            .collect();
-        assert!(eights.iter().any(|g| g.runs.contains(&Run::Contiguous)));
-        assert!(eights.iter().any(|g| g.runs.contains(&Run::Gather)));
-        assert_eq!(run(ours, &input), expected);
+            .collect()
     }
 
     /// One convolution `[1, c, h, w]` -> `[1, k, ..]` of the given kernel, strides, padding
@@ -632,13 +638,7 @@ mod tests {
             let mut ours = model;
             let replaced = substitute(&mut ours).unwrap();
             // Natively, tract packs 8 pixels a panel for 8 output channels (the guest always).
-            let eights: Vec<&Geometry> = ours
-                .nodes()
-                .iter()
-                .filter_map(|n| n.op_as::<Im2colPanels>())
-                .map(|op| &*op.geometry)
-                .filter(|g| g.r == R8)
-                .collect();
+            let eights = eights(&ours);
             if stride == 2 && !eights.is_empty() {
                 assert!(
                     eights.iter().any(|g| g.runs.contains(&Run::Stride2)),
