@@ -23,6 +23,7 @@ use tract_onnx::tract_core::tract_linalg::mmm::EagerPackedInput;
 mod im2col;
 pub mod kernels;
 mod pool;
+mod reduce;
 
 /// Errors of loading or running a model.
 #[derive(Debug, thiserror::Error)]
@@ -106,11 +107,13 @@ struct Runner {
 impl Runner {
     fn new(mut typed: TypedModel) -> TractResult<Runner> {
         pool::substitute(&mut typed)?;
-        // The guest packs convolutions' panels with vector copies (im2col.rs); native tract,
-        // the baseline a capsule is measured against, keeps tract's own packing.
+        // The guest packs convolutions' panels with vector copies (im2col.rs) and takes
+        // ArgMax and ArgMin without tract's per-output slicing (reduce.rs); native tract,
+        // the baseline a capsule is measured against, keeps tract's own ops.
         if cfg!(target_arch = "wasm32") {
             fuse_max_over_reshapes(&mut typed)?;
             im2col::substitute(&mut typed)?;
+            reduce::substitute(&mut typed)?;
         }
         let plan: Arc<Plan> = typed.into_runnable()?;
         Self::from_plan(&plan)
