@@ -18,11 +18,24 @@ fn config() -> impl bincode::config::Config {
 }
 
 /// Encodes a message.
+///
+/// The message is measured first and then written into a buffer of exactly its size: a
+/// growing buffer would reallocate and copy its bytes about twice over, and hold up to twice
+/// the message for a moment (an inference's response is most of its outputs' bytes), then
+/// reallocate once more when the guest hands it over as a boxed slice.
 pub fn encode<T: Serialize + ?Sized>(value: &T, what: &'static str) -> Result<Vec<u8>> {
-    bincode::serde::encode_to_vec(value, config()).map_err(|e| Error::Encode {
+    let failed = |e: bincode::error::EncodeError| Error::Encode {
         what,
         reason: e.to_string(),
-    })
+    };
+    let mut size = bincode::enc::write::SizeWriter::default();
+    bincode::serde::encode_into_writer(value, &mut size, config()).map_err(failed)?;
+    let mut bytes = vec![0; size.bytes_written];
+    let written = bincode::serde::encode_into_slice(value, &mut bytes, config()).map_err(failed)?;
+    // The same value encodes to the same bytes both times; `truncate` only guards the
+    // length if a `Serialize` impl ever told the two passes apart.
+    bytes.truncate(written);
+    Ok(bytes)
 }
 
 /// Decodes a message, refusing trailing bytes.
