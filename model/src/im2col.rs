@@ -80,6 +80,12 @@ enum Run {
     /// in one output row, like SqueezeNet's and ResNet-50's first): 16 values read as
     /// vectors, their even lanes kept.
     Stride2,
+    /// In two runs side by side: the first `s` pixels at the end of one output row of a
+    /// stride-1 convolution and the others at the start of the next (a panel that wraps;
+    /// most of them when output rows are narrower than 16, like the MNIST CNN's 11). 8
+    /// values read at each run's start, 8 stored with the lanes below `s` from the first:
+    /// every read lies in the input.
+    Split(u8),
     /// Anywhere else: 8 values read one by one.
     Gather,
 }
@@ -211,6 +217,25 @@ impl Panels {
                         dst.add(t * R8).cast::<[f32; R8]>().write_unaligned(v);
                     }
                 }
+            } else if let Run::Split(split) = g.runs[i] {
+                let split = usize::from(split);
+                let first = base + pixels[0] as usize;
+                // The second run's start, less `split`: lane `split` of 8 read from here is
+                // its first pixel.
+                let second = base + pixels[split] as usize - split;
+                for (t, &k) in g.k_offsets.iter().enumerate() {
+                    let k = k as usize;
+                    // SAFETY: as above; `learn` made the panel `Split` only if both reads of 8
+                    // lie in the input (`first + 7` and `second` at any row).
+                    unsafe {
+                        two_runs(
+                            src.add(first + k),
+                            src.add(second + k),
+                            split,
+                            dst.add(t * R8),
+                        )
+                    };
+                }
             } else {
                 let o: [usize; R8] = std::array::from_fn(|j| base + pixels[j] as usize);
                 for (t, &k) in g.k_offsets.iter().enumerate() {
@@ -316,6 +341,33 @@ unsafe fn evens(src: *const f32, dst: *mut f32) {
     for j in 0..R8 {
         // SAFETY: the caller's contract.
         unsafe { *dst.add(j) = *src.add(2 * j) };
+    }
+}
+
+/// The first `split` of the 8 values at `a`, then the last `8 - split` of the 8 at `b`, to
+/// the 8 at `dst`.
+///
+/// # Safety
+/// The 8 values at `a` and at `b` are readable, the 8 at `dst` writable, `split <= 8`.
+#[inline(always)]
+unsafe fn two_runs(a: *const f32, b: *const f32, split: usize, dst: *mut f32) {
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    // SAFETY: the caller's contract; wasm's vector loads and stores need no alignment.
+    unsafe {
+        use std::arch::wasm32::*;
+        let s = i32x4_splat(split as i32);
+        let (low, high) = (
+            i32x4_gt(s, i32x4(0, 1, 2, 3)),
+            i32x4_gt(s, i32x4(4, 5, 6, 7)),
+        );
+        let v = |p: *const f32, i: usize| v128_load(p.add(4 * i).cast());
+        v128_store(dst.cast(), v128_bitselect(v(a, 0), v(b, 0), low));
+        v128_store(dst.add(4).cast(), v128_bitselect(v(a, 1), v(b, 1), high));
+    }
+    #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+    for j in 0..R8 {
+        // SAFETY: the caller's contract.
+        unsafe { *dst.add(j) = if j < split { *a.add(j) } else { *b.add(j) } };
     }
 }
 
@@ -445,6 +497,15 @@ fn learn(model: &TypedModel, id: usize) -> TractResult<Option<Arc<Geometry>>> {
                 Run::Contiguous
             } else if apart(2) && last_row + u64::from(p[0]) + 15 < len as u64 {
                 Run::Stride2
+            } else if let Some(split) = split(p) {
+                // The first run is read 8 values from its start (the second's reads end at
+                // the panel's last pixel, and start `split` values before its first, which
+                // `split` checked is no lower than 0).
+                if last_row + u64::from(p[0]) + 7 < len as u64 {
+                    Run::Split(split)
+                } else {
+                    Run::Gather
+                }
             } else {
                 Run::Gather
             }
@@ -487,6 +548,21 @@ fn learn(model: &TypedModel, id: usize) -> TractResult<Option<Arc<Geometry>>> {
         }
     }
     Ok(Some(geometry))
+}
+
+/// Where a panel's 8 pixel offsets `p` break into two runs of consecutive offsets: the
+/// length of the first (1 to 7), when the second starts at least that far into the input.
+fn split(p: &[u32]) -> Option<u8> {
+    if p.len() != R8 {
+        return None;
+    }
+    let mut breaks = p
+        .windows(2)
+        .enumerate()
+        .filter(|(_, w)| w[1] != w[0].wrapping_add(1));
+    let (at, _) = breaks.next()?;
+    let s = at + 1;
+    (breaks.next().is_none() && p[s] as usize >= s).then_some(s as u8)
 }
 
 /// Replaces every f32 lazy im2col of an optimized model whose geometry [`learn`] reproduces
@@ -554,6 +630,11 @@ mod tests {
         let eights = eights(&ours);
         assert!(eights.iter().any(|g| g.runs.contains(&Run::Contiguous)));
         assert!(eights.iter().any(|g| g.runs.contains(&Run::Gather)));
+        assert!(
+            eights
+                .iter()
+                .any(|g| g.runs.iter().any(|r| matches!(r, Run::Split(_))))
+        );
         assert_eq!(run(ours, &input), expected);
     }
 
