@@ -175,7 +175,8 @@ pub enum OneRowPlan {
     /// and the weights are at most 256 MiB.
     #[default]
     Auto,
-    /// Whenever the model allows it (one symbolic leading dimension shared by its inputs).
+    /// Whenever the model allows it (one symbolic leading dimension shared by its inputs of
+    /// symbolic shape).
     Always,
     /// Never: every batch runs the general plan.
     Never,

@@ -22,6 +22,7 @@ use tract_onnx::tract_core::tract_linalg::mmm::EagerPackedInput;
 
 mod im2col;
 pub mod kernels;
+mod pad;
 mod pool;
 mod reduce;
 
@@ -107,13 +108,15 @@ struct Runner {
 impl Runner {
     fn new(mut typed: TypedModel) -> TractResult<Runner> {
         pool::substitute(&mut typed)?;
-        // The guest packs convolutions' panels with vector copies (im2col.rs) and takes
-        // ArgMax and ArgMin without tract's per-output slicing (reduce.rs); native tract,
-        // the baseline a capsule is measured against, keeps tract's own ops.
+        // The guest packs convolutions' panels with vector copies (im2col.rs), and takes
+        // ArgMax and ArgMin (reduce.rs) and pads (pad.rs) without tract's per-index
+        // slicing; native tract, the baseline a capsule is measured against, keeps tract's
+        // own ops.
         if cfg!(target_arch = "wasm32") {
             fuse_max_over_reshapes(&mut typed)?;
             im2col::substitute(&mut typed)?;
             reduce::substitute(&mut typed)?;
+            pad::substitute(&mut typed)?;
         }
         let plan: Arc<Plan> = typed.into_runnable()?;
         Self::from_plan(&plan)
@@ -241,8 +244,9 @@ fn fuse_max_over_reshapes(model: &mut TypedModel) -> TractResult<usize> {
 /// A model parsed and optimized into a tract plan, with its input and output signature.
 pub struct LoadedModel {
     runner: Runner,
-    /// For a model whose inputs share one symbolic leading (batch) dimension and nothing
-    /// else symbolic: a second plan optimized for a batch of one, and the input shapes it
+    /// For a model whose symbolic inputs share one symbolic leading (batch) dimension and
+    /// nothing else symbolic (inputs of fixed shape, like a recurrent model's state, may sit
+    /// beside them): a second plan optimized for a batch of one, and the input shapes it
     /// serves. tract optimizes concrete shapes much further (e.g. lazy im2col for
     /// convolutions: the MNIST CNN runs in less than half the time), and a batch of one is
     /// what browsers and most edge callers send. Which plan runs depends only on the
@@ -604,6 +608,14 @@ fn rows_apart(m: &mut LoadedModel) -> bool {
     let Some((shapes, _)) = &m.one_row else {
         return false;
     };
+    // A batch splits into rows only when every input has the batch dimension (see `rows`).
+    if !m
+        .inputs
+        .iter()
+        .all(|s| matches!(s.shape.first(), Some(Dim::Symbolic(_))))
+    {
+        return false;
+    }
     let mut seed = 0x9e37_79b9_u32;
     let mut values = TVec::new();
     for (shape, dt) in shapes.iter().zip(&m.input_types) {
@@ -650,8 +662,9 @@ fn rows_apart(m: &mut LoadedModel) -> bool {
 }
 
 /// The one-row plan of a decluttered model (see [`LoadedModel`]), its input shapes and the
-/// model's weight bytes, when its inputs share one symbolic leading dimension, nothing else is
-/// symbolic and its weights are at most `max_weight_bytes`. It is an optimization: when
+/// model's weight bytes, when its inputs of symbolic shape share one symbolic leading
+/// dimension (inputs of fixed shape may sit beside them), nothing else is symbolic and its
+/// weights are at most `max_weight_bytes`. It is an optimization: when
 /// tract cannot make it, the model runs on its general plan alone.
 fn make_one_row_plan(
     decluttered: &TypedModel,
@@ -660,6 +673,10 @@ fn make_one_row_plan(
     let mut batch: Option<Symbol> = None;
     for ix in 0..decluttered.inputs.len() {
         let fact = decluttered.input_fact(ix).ok()?;
+        if fact.shape.is_concrete() {
+            // The same in both plans: a recurrent model's state beside its symbolic input.
+            continue;
+        }
         let (first, rest) = fact.shape.dims().split_first()?;
         let TDim::Sym(s) = first else {
             return None;
@@ -1043,6 +1060,57 @@ mod tests {
         // Each request always gets the same outputs.
         assert_eq!(run(&mut m, 1), one);
         assert_eq!(run(&mut m, 3), three);
+    }
+
+    /// Silero VAD's audio is `[seq_len, 576]` beside a fixed-shape LSTM state (`h`, `c`:
+    /// `[1, 1, 128]`): it gets a one-row plan for `seq_len` 1, which agrees with the general
+    /// plan, and other lengths still run on the general one.
+    #[test]
+    fn fixed_shape_inputs_beside_the_batch_still_get_a_one_row_plan() {
+        let onnx = fixture("silero_vad");
+        let mut one_row = LoadedModel::load(&onnx, &[]).unwrap();
+        let mut general = LoadedModel::load_with(&onnx, &[], OneRowPlan::Never).unwrap();
+        assert_eq!(
+            one_row.one_row_shapes(),
+            Some(&[vec![1, 576], vec![1, 1, 128], vec![1, 1, 128]][..])
+        );
+        // Not every input has the batch dimension: a batch is never split into rows.
+        assert!(!one_row.splits_rows());
+        let bytes = |n: usize, seed: usize| -> Vec<u8> {
+            (0..n)
+                .flat_map(|i| ((((i + seed) * 37) % 101) as f32 / 101.0 - 0.5).to_le_bytes())
+                .collect()
+        };
+        for rows in [1, 2] {
+            let (audio, h, c) = (bytes(rows * 576, 1), bytes(128, 2), bytes(128, 3));
+            let view = |name, shape: Vec<u64>, data| NamedTensorView {
+                name,
+                tensor: TensorView {
+                    dtype: DType::F32,
+                    shape,
+                    data,
+                },
+            };
+            let inputs = [
+                view("input", vec![rows as u64, 576], &audio[..]),
+                view("h", vec![1, 1, 128], &h[..]),
+                view("c", vec![1, 1, 128], &c[..]),
+            ];
+            let (a, b) = (one_row.run(&inputs).unwrap(), general.run(&inputs).unwrap());
+            assert_eq!(a.len(), b.len());
+            for (a, b) in a.iter().zip(&b) {
+                assert_eq!((&a.name, &a.tensor.shape), (&b.name, &b.tensor.shape));
+                let floats = |t: &Tensor| -> Vec<f32> {
+                    t.data
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                        .collect()
+                };
+                for (x, y) in floats(&a.tensor).iter().zip(&floats(&b.tensor)) {
+                    assert!((x - y).abs() <= 1e-5, "{}: {x} vs {y}", a.name);
+                }
+            }
+        }
     }
 
     /// A dense model keeps batches on its general plan: a batch's product is a matrix
