@@ -241,6 +241,37 @@ fn fuse_max_over_reshapes(model: &mut TypedModel) -> TractResult<usize> {
     Ok(fused)
 }
 
+/// Replaces each node of `model` whose op is an `O` with one input by what `make` returns
+/// for that op, its input's fact and its output's, when the replacement gives the same
+/// output fact (so nothing downstream changes); returns how many.
+pub(crate) fn replace_unary<O: Op>(
+    model: &mut TypedModel,
+    make: impl Fn(&O, &TypedFact, &TypedFact) -> Option<Box<dyn TypedOp>>,
+) -> TractResult<usize> {
+    let mut replaced = 0;
+    for id in 0..model.nodes().len() {
+        let node = model.node(id);
+        let (Some(op), [input]) = (node.op_as::<O>(), &node.inputs[..]) else {
+            continue;
+        };
+        let input_fact = model.outlet_fact(*input)?;
+        let before = model.outlet_fact(OutletId::new(id, 0))?;
+        let Some(new) = make(op, input_fact, before) else {
+            continue;
+        };
+        let after = new.output_facts(&[input_fact])?;
+        if after.len() != 1
+            || after[0].shape != before.shape
+            || after[0].datum_type != before.datum_type
+        {
+            continue;
+        }
+        model.node_mut(id).op = new;
+        replaced += 1;
+    }
+    Ok(replaced)
+}
+
 /// A model parsed and optimized into a tract plan, with its input and output signature.
 pub struct LoadedModel {
     runner: Runner,

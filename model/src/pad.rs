@@ -206,23 +206,9 @@ impl TypedOp for PadRuns {
 
 /// Replaces every `Pad` of plain data by [`PadRuns`]; returns how many.
 pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
-    let mut replaced = 0;
-    for id in 0..model.nodes().len() {
-        let node = model.node(id);
-        let Some(pad) = node.op_as::<Pad>() else {
-            continue;
-        };
-        let [input] = node.inputs[..] else {
-            continue;
-        };
-        let input_fact = model.outlet_fact(input)?;
-        let Some(op) = PadRuns::of(pad, input_fact) else {
-            continue;
-        };
-        model.node_mut(id).op = Box::new(op);
-        replaced += 1;
-    }
-    Ok(replaced)
+    crate::replace_unary::<Pad>(model, |pad, input, _| {
+        PadRuns::of(pad, input).map(|op| Box::new(op) as Box<dyn TypedOp>)
+    })
 }
 
 #[cfg(test)]

@@ -594,40 +594,24 @@ pub(crate) fn output_fact(
 /// Replaces every 2×2 stride-2 f32 NCHW max pool of an optimized model by [`MaxPool2x2`],
 /// and every other f32 NCHW max pool it can by [`MaxPoolNchw`]; returns how many.
 pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
-    let mut replaced = 0;
-    for id in 0..model.nodes().len() {
-        let node = model.node(id);
-        let (spec, indices) = if let Some(op) = node.op_as::<OptMaxPool>() {
-            (&op.pool_spec, op.with_index_outputs.is_some())
-        } else if let Some(op) = node.op_as::<MaxPool>() {
-            (&op.pool_spec, op.with_index_outputs.is_some())
-        } else {
-            continue;
-        };
-        let [input] = node.inputs[..] else {
-            continue;
-        };
-        let before = model.outlet_fact(OutletId::new(id, 0))?.clone();
-        let input_fact = model.outlet_fact(input)?;
-        let new: Box<dyn TypedOp> = if let Some(op) = MaxPool2x2::of(spec, indices, input_fact) {
-            Box::new(op)
-        } else if let Some(op) = MaxPoolNchw::of(spec, indices, input_fact, &before) {
-            Box::new(op)
-        } else {
-            continue;
-        };
-        // Same output fact, so nothing downstream changes.
-        let after = new.output_facts(&[input_fact])?;
-        if after.len() != 1
-            || after[0].shape != before.shape
-            || after[0].datum_type != before.datum_type
-        {
-            continue;
-        }
-        model.node_mut(id).op = new;
-        replaced += 1;
+    /// Replaces the max pools of op type `O`, whose spec and index outputs `spec_of` reads.
+    fn pools<O: Op>(
+        model: &mut TypedModel,
+        spec_of: impl Fn(&O) -> (&PoolSpec, bool),
+    ) -> TractResult<usize> {
+        crate::replace_unary::<O>(model, |op, input, output| {
+            let (spec, indices) = spec_of(op);
+            match MaxPool2x2::of(spec, indices, input) {
+                Some(op) => Some(Box::new(op)),
+                None => MaxPoolNchw::of(spec, indices, input, output)
+                    .map(|op| Box::new(op) as Box<dyn TypedOp>),
+            }
+        })
     }
-    Ok(replaced)
+    let optimized =
+        pools::<OptMaxPool>(model, |op| (&op.pool_spec, op.with_index_outputs.is_some()))?;
+    let plain = pools::<MaxPool>(model, |op| (&op.pool_spec, op.with_index_outputs.is_some()))?;
+    Ok(optimized + plain)
 }
 
 /// Checks that the max pools compute tract's fold, bit for bit, in whatever build this is:

@@ -147,32 +147,9 @@ impl TypedOp for ArgExtreme {
 /// Replaces every ArgMax and ArgMin of an f32 tensor along one axis by [`ArgExtreme`];
 /// returns how many.
 pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
-    let mut replaced = 0;
-    for id in 0..model.nodes().len() {
-        let node = model.node(id);
-        let Some(reduce) = node.op_as::<Reduce>() else {
-            continue;
-        };
-        let [input] = node.inputs[..] else {
-            continue;
-        };
-        let input_fact = model.outlet_fact(input)?;
-        let Some(op) = ArgExtreme::of(reduce, input_fact) else {
-            continue;
-        };
-        // Same output fact, so nothing downstream changes.
-        let before = model.outlet_fact(OutletId::new(id, 0))?;
-        let after = op.output_facts(&[input_fact])?;
-        if after.len() != 1
-            || after[0].shape != before.shape
-            || after[0].datum_type != before.datum_type
-        {
-            continue;
-        }
-        model.node_mut(id).op = Box::new(op);
-        replaced += 1;
-    }
-    Ok(replaced)
+    crate::replace_unary::<Reduce>(model, |reduce, input, _| {
+        ArgExtreme::of(reduce, input).map(|op| Box::new(op) as Box<dyn TypedOp>)
+    })
 }
 
 #[cfg(test)]
@@ -264,47 +241,15 @@ mod tests {
 
     #[test]
     fn only_f32_reductions_along_one_axis_are_taken() {
+        let taken = |axes: TVec<usize>, reducer, fact: &TypedFact| {
+            ArgExtreme::of(&Reduce { axes, reducer }, fact).is_some()
+        };
         let fact = f32::fact([2, 3]);
-        assert!(
-            ArgExtreme::of(
-                &Reduce {
-                    axes: tvec![1],
-                    reducer: Reducer::Max
-                },
-                &fact
-            )
-            .is_none()
-        );
-        assert!(
-            ArgExtreme::of(
-                &Reduce {
-                    axes: tvec![0, 1],
-                    reducer: Reducer::ArgMax(false)
-                },
-                &fact
-            )
-            .is_none()
-        );
-        assert!(
-            ArgExtreme::of(
-                &Reduce {
-                    axes: tvec![2],
-                    reducer: Reducer::ArgMax(false)
-                },
-                &fact
-            )
-            .is_none()
-        );
-        assert!(
-            ArgExtreme::of(
-                &Reduce {
-                    axes: tvec![1],
-                    reducer: Reducer::ArgMax(false)
-                },
-                &f64::fact([2, 3])
-            )
-            .is_none()
-        );
+        assert!(taken(tvec![1], Reducer::ArgMin(true), &fact));
+        assert!(!taken(tvec![1], Reducer::Max, &fact));
+        assert!(!taken(tvec![0, 1], Reducer::ArgMax(false), &fact));
+        assert!(!taken(tvec![2], Reducer::ArgMax(false), &fact));
+        assert!(!taken(tvec![1], Reducer::ArgMax(false), &f64::fact([2, 3])));
     }
 
     #[test]
