@@ -1361,6 +1361,19 @@ pub(crate) fn substitute_winograd(
     }
 }
 
+/// Whether the kernel named `name` is one of the guest's matrix-vector kernels, whose
+/// product loop reads exactly `k` values of B (`gemv`'s `product!`), none of the padding
+/// record their packing declares. False outside the wasm guest.
+pub(crate) fn gemv_reads_exactly_k(name: &str) -> bool {
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    return [wasm::GEMV_NAME, gemv::NAME_16, gemv::NAME_32].contains(&name);
+    #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+    {
+        let _ = name;
+        false
+    }
+}
+
 /// Makes sure the kernel's registrations are linked in (called when a model loads; a no-op
 /// outside the wasm guest).
 pub(crate) fn keep() {

@@ -22,6 +22,7 @@ use tract_onnx::tract_core::tract_linalg::mmm::EagerPackedInput;
 
 mod im2col;
 pub mod kernels;
+mod matvec;
 mod pad;
 mod pool;
 mod reduce;
@@ -108,15 +109,17 @@ struct Runner {
 impl Runner {
     fn new(mut typed: TypedModel) -> TractResult<Runner> {
         pool::substitute(&mut typed)?;
-        // The guest packs convolutions' panels with vector copies (im2col.rs), and takes
+        // The guest packs convolutions' panels with vector copies (im2col.rs), takes
         // ArgMax and ArgMin (reduce.rs) and pads (pad.rs) without tract's per-index
-        // slicing; native tract, the baseline a capsule is measured against, keeps tract's
+        // slicing, and one-column products without tract's packing and scratch space
+        // (matvec.rs); native tract, the baseline a capsule is measured against, keeps tract's
         // own ops.
         if cfg!(target_arch = "wasm32") {
             fuse_max_over_reshapes(&mut typed)?;
             im2col::substitute(&mut typed)?;
             reduce::substitute(&mut typed)?;
             pad::substitute(&mut typed)?;
+            matvec::substitute(&mut typed)?;
         }
         let plan: Arc<Plan> = typed.into_runnable()?;
         Self::from_plan(&plan)
