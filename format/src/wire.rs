@@ -166,6 +166,16 @@ pub enum InferResponse {
     Error(GuestError),
 }
 
+/// An [`InferResponse`] over borrowed outputs (same encoding): the guest encodes a model's
+/// outputs straight from the runtime's tensors, with no owned copy of each first.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub enum InferResponseView<'a> {
+    /// [`InferResponse::Outputs`].
+    Outputs(&'a [NamedTensorView<'a>]),
+    /// [`InferResponse::Error`].
+    Error(&'a GuestError),
+}
+
 /// Whether a model gets a second plan for batches of one (its batch dimension concrete):
 /// faster for a batch of one, at the cost of the plan's own geometry in the memory image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -275,6 +285,32 @@ mod tests {
         assert_eq!(
             encode_request(&r.inputs).unwrap(),
             encode(&r, "request").unwrap()
+        );
+    }
+
+    #[test]
+    fn a_borrowed_response_encodes_as_the_owned_one() {
+        let outputs = vec![
+            NamedTensor {
+                name: "probabilities".into(),
+                tensor: Tensor::from_f32(vec![1, 2], &[0.25, 0.75]).unwrap(),
+            },
+            NamedTensor {
+                name: "label".into(),
+                tensor: Tensor::from_byte_strings(vec![1], &["seven"]).unwrap(),
+            },
+        ];
+        assert_eq!(
+            encode(&InferResponseView::Outputs(&views(&outputs)), "response").unwrap(),
+            encode(&InferResponse::Outputs(outputs), "response").unwrap()
+        );
+        let error = GuestError {
+            kind: GuestErrorKind::BadInput,
+            message: "no".into(),
+        };
+        assert_eq!(
+            encode(&InferResponseView::Error(&error), "response").unwrap(),
+            encode(&InferResponse::Error(error), "response").unwrap()
         );
     }
 

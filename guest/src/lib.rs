@@ -25,7 +25,7 @@ use std::cell::{Cell, RefCell};
 
 use capsule_format::wire::{
     self, BuildRequest, BuildResponse, GuestError, GuestErrorKind, InferRequestView, InferResponse,
-    NamedTensorView,
+    InferResponseView, NamedTensorView,
 };
 use capsule_format::{ABI_VERSION, NamedTensor};
 use capsule_model::LoadedModel;
@@ -214,6 +214,23 @@ fn pipeline_error(e: capsule_pipeline::Error) -> GuestError {
     }
 }
 
+/// The encoded response to `inputs`. A model without a pipeline has its outputs encoded
+/// straight from the runtime's tensors.
+fn respond(loaded: &mut Loaded, inputs: &[NamedTensorView<'_>]) -> u64 {
+    if loaded.pipeline.is_none() {
+        return match loaded.model.run_with(inputs, |outputs| {
+            encode_or_trap(&InferResponseView::Outputs(outputs))
+        }) {
+            Ok(packed) => packed,
+            Err(e) => encode_or_trap(&InferResponseView::Error(&model_error(e))),
+        };
+    }
+    match infer(loaded, inputs) {
+        Ok(outputs) => encode_or_trap(&InferResponse::Outputs(outputs)),
+        Err(e) => encode_or_trap(&InferResponseView::Error(&e)),
+    }
+}
+
 /// Preprocessing, the model, postprocessing.
 fn infer(
     loaded: &mut Loaded,
@@ -259,25 +276,19 @@ pub unsafe extern "C" fn capsule_infer(ptr: u32, len: u32) -> u64 {
     // SAFETY: the host contract above.
     let bytes = unsafe { take_request(ptr, len) };
     capsule_model::kernels::refresh();
-    let response = match wire::decode_borrowed::<InferRequestView<'_>>(&bytes, "inference request")
-    {
-        Err(e) => InferResponse::Error(GuestError {
+    match wire::decode_borrowed::<InferRequestView<'_>>(&bytes, "inference request") {
+        Err(e) => encode_or_trap(&InferResponseView::Error(&GuestError {
             kind: GuestErrorKind::BadInput,
             message: e.to_string(),
-        }),
+        })),
         Ok(request) => MODEL.with(|m| match m.borrow_mut().as_mut() {
-            None => InferResponse::Error(GuestError {
+            None => encode_or_trap(&InferResponseView::Error(&GuestError {
                 kind: GuestErrorKind::NotInitialized,
                 message: "no model is loaded in this capsule".into(),
-            }),
-            Some(loaded) => match infer(loaded, &request.inputs) {
-                Ok(outputs) => InferResponse::Outputs(outputs),
-                Err(e) => InferResponse::Error(e),
-            },
+            })),
+            Some(loaded) => respond(loaded, &request.inputs),
         }),
-    };
-    drop(bytes);
-    encode_or_trap(&response)
+    }
 }
 
 /// `ptr << 32 | len` of the last panic message (empty when none).

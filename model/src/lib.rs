@@ -26,6 +26,7 @@ mod matvec;
 mod pad;
 mod pool;
 mod reduce;
+mod softmax;
 
 /// Errors of loading or running a model.
 #[derive(Debug, thiserror::Error)]
@@ -44,8 +45,9 @@ pub enum Error {
     /// Tract failed while running the plan.
     #[error("inference failed: {0}")]
     Run(String),
-    /// The guest's f32 kernels or max pools computed other bits than tract's on the builder's
-    /// checks (`kernels::check`, `pool::check`): the guest is broken, so it builds no capsule.
+    /// The guest's f32 kernels, max pools or softmaxes computed other bits than tract's on the
+    /// builder's checks (`kernels::check`, `pool::check`, `softmax::check`): the guest is
+    /// broken, so it builds no capsule.
     #[error("the guest's kernels disagree with tract's: {0}")]
     Kernel(String),
 }
@@ -111,8 +113,9 @@ impl Runner {
         pool::substitute(&mut typed)?;
         // The guest packs convolutions' panels with vector copies (im2col.rs), takes
         // ArgMax and ArgMin (reduce.rs) and pads (pad.rs) without tract's per-index
-        // slicing, and one-column products without tract's packing and scratch space
-        // (matvec.rs); native tract, the baseline a capsule is measured against, keeps tract's
+        // slicing, one-column products without tract's packing and scratch space
+        // (matvec.rs), and softmaxes with their kernels looked up once (softmax.rs); native
+        // tract, the baseline a capsule is measured against, keeps tract's
         // own ops.
         if cfg!(target_arch = "wasm32") {
             fuse_max_over_reshapes(&mut typed)?;
@@ -120,6 +123,7 @@ impl Runner {
             reduce::substitute(&mut typed)?;
             pad::substitute(&mut typed)?;
             matvec::substitute(&mut typed)?;
+            softmax::substitute(&mut typed)?;
         }
         let plan: Arc<Plan> = typed.into_runnable()?;
         Self::from_plan(&plan)
@@ -249,7 +253,7 @@ fn fuse_max_over_reshapes(model: &mut TypedModel) -> TractResult<usize> {
 /// output fact (so nothing downstream changes); returns how many.
 pub(crate) fn replace_unary<O: Op>(
     model: &mut TypedModel,
-    make: impl Fn(&O, &TypedFact, &TypedFact) -> Option<Box<dyn TypedOp>>,
+    mut make: impl FnMut(&O, &TypedFact, &TypedFact) -> Option<Box<dyn TypedOp>>,
 ) -> TractResult<usize> {
     let mut replaced = 0;
     for id in 0..model.nodes().len() {
@@ -386,6 +390,7 @@ impl LoadedModel {
         kernels::keep();
         kernels::check()
             .and_then(|()| pool::check())
+            .and_then(|()| softmax::check())
             .map_err(Error::Kernel)?;
         let mut model = tract_onnx::onnx()
             .model_for_read(&mut &*onnx)
@@ -538,6 +543,34 @@ impl LoadedModel {
     /// Runs the plan. Inputs are matched by name, in any order; every model input must be
     /// given exactly once.
     pub fn run(&mut self, given: &[NamedTensorView<'_>]) -> Result<Vec<NamedTensor>> {
+        let outputs = self.run_tract(given)?;
+        outputs
+            .iter()
+            .zip(&self.outputs)
+            .map(|(value, spec)| {
+                Ok(NamedTensor {
+                    name: spec.name.clone(),
+                    tensor: from_tract(&spec.name, value)?,
+                })
+            })
+            .collect()
+    }
+
+    /// [`LoadedModel::run`], handing `f` views of the outputs, in the order of
+    /// [`LoadedModel::outputs`], over the runtime's own tensors: nothing is copied for
+    /// fixed-size datatypes (the guest encodes its response from them).
+    pub fn run_with<R>(
+        &mut self,
+        given: &[NamedTensorView<'_>],
+        f: impl FnOnce(&[NamedTensorView<'_>]) -> R,
+    ) -> Result<R> {
+        let outputs = self.run_tract(given)?;
+        let strings = string_outputs(&outputs, &self.outputs)?;
+        Ok(f(&output_views(&outputs, &self.outputs, &strings)?))
+    }
+
+    /// Checks the inputs, converts them and runs the plan.
+    fn run_tract(&mut self, given: &[NamedTensorView<'_>]) -> Result<TVec<TValue>> {
         for (i, t) in given.iter().enumerate() {
             if !self.inputs.iter().any(|s| s.name == t.name) {
                 return Err(Error::BadInput(format!("unknown input {:?}", t.name)));
@@ -557,17 +590,7 @@ impl LoadedModel {
                 .ok_or_else(|| Error::BadInput(format!("missing input {:?}", spec.name)))?;
             values.push(to_tract_checked(&spec.name, *dt, &t.tensor)?.into());
         }
-        let outputs = self.run_values(values).map_err(|e| Error::Run(chain(&e)))?;
-        outputs
-            .iter()
-            .zip(&self.outputs)
-            .map(|(value, spec)| {
-                Ok(NamedTensor {
-                    name: spec.name.clone(),
-                    tensor: from_tract(&spec.name, value)?,
-                })
-            })
-            .collect()
+        self.run_values(values).map_err(|e| Error::Run(chain(&e)))
     }
 }
 
@@ -998,6 +1021,52 @@ fn to_tract_checked(
     }
 }
 
+/// The wire bytes of each string output (`None` for the others): strings are the only
+/// outputs without a byte layout of their own to borrow.
+fn string_outputs(values: &[TValue], specs: &[TensorSpec]) -> Result<Vec<Option<Vec<u8>>>> {
+    values
+        .iter()
+        .zip(specs)
+        .map(|(value, spec)| {
+            Ok(match to_dtype(value.datum_type().unquantized()) {
+                Some(DType::Bytes) => Some(from_tract(&spec.name, value)?.data),
+                _ => None,
+            })
+        })
+        .collect()
+}
+
+/// Views of outputs named by `specs`, over their tensors' bytes, or `strings`' (from
+/// [`string_outputs`]) for strings.
+fn output_views<'a>(
+    values: &'a [TValue],
+    specs: &'a [TensorSpec],
+    strings: &'a [Option<Vec<u8>>],
+) -> Result<Vec<NamedTensorView<'a>>> {
+    values
+        .iter()
+        .zip(specs)
+        .zip(strings)
+        .map(|((value, spec), string)| {
+            let dt = value.datum_type().unquantized();
+            let dtype = to_dtype(dt).ok_or_else(|| {
+                Error::Run(format!(
+                    "output {:?} has unsupported datatype {dt:?}",
+                    spec.name
+                ))
+            })?;
+            Ok(NamedTensorView {
+                name: &spec.name,
+                tensor: capsule_format::TensorView {
+                    dtype,
+                    shape: value.shape().iter().map(|&d| d as u64).collect(),
+                    data: string.as_deref().unwrap_or_else(|| value.as_bytes()),
+                },
+            })
+        })
+        .collect()
+}
+
 /// Converts a tract tensor (an output, or a tensor read from an ONNX `TensorProto`) to a
 /// capsule tensor.
 pub fn from_tract(name: &str, value: &tract_onnx::prelude::Tensor) -> Result<Tensor> {
@@ -1070,6 +1139,39 @@ mod tests {
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect()
+    }
+
+    #[test]
+    fn output_views_hold_what_owned_outputs_hold() {
+        let specs: Vec<TensorSpec> = ["probabilities", "label", "flag"]
+            .iter()
+            .map(|name| TensorSpec {
+                name: (*name).into(),
+                dtype: DType::F32,
+                shape: vec![],
+            })
+            .collect();
+        let values: Vec<TValue> = vec![
+            tract_ndarray::arr2(&[[0.25f32, 0.75]])
+                .into_tensor()
+                .into_tvalue(),
+            tract_ndarray::arr1(&["seven".to_string(), String::new()])
+                .into_tensor()
+                .into_tvalue(),
+            tract_ndarray::arr1(&[true, false])
+                .into_tensor()
+                .into_tvalue(),
+        ];
+        let strings = string_outputs(&values, &specs).unwrap();
+        let views = output_views(&values, &specs, &strings).unwrap();
+        for ((view, value), spec) in views.iter().zip(&values).zip(&specs) {
+            assert_eq!(view.name, spec.name);
+            assert_eq!(
+                view.tensor.to_owned(),
+                from_tract(&spec.name, value).unwrap()
+            );
+        }
+        assert_eq!(views[1].tensor.dtype, DType::Bytes);
     }
 
     #[test]
