@@ -20,6 +20,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::matmul::optimized::{MatMulOperand, OptMatMul, ProtoFusedSpec};
 use tract_onnx::tract_core::tract_linalg::mmm::EagerPackedInput;
 
+mod eager_im2col;
 mod im2col;
 pub mod kernels;
 mod matvec;
@@ -111,7 +112,8 @@ struct Runner {
 impl Runner {
     fn new(mut typed: TypedModel) -> TractResult<Runner> {
         pool::substitute(&mut typed)?;
-        // The guest packs convolutions' panels with vector copies (im2col.rs), takes
+        // The guest packs convolutions' panels with vector copies (im2col.rs) or from a
+        // table of sources (eager_im2col.rs), takes
         // ArgMax and ArgMin (reduce.rs) and pads (pad.rs) without tract's per-index
         // slicing, one-column products without tract's packing and scratch space
         // (matvec.rs), and softmaxes with their kernels looked up once (softmax.rs); native
@@ -120,6 +122,7 @@ impl Runner {
         if cfg!(target_arch = "wasm32") {
             fuse_max_over_reshapes(&mut typed)?;
             im2col::substitute(&mut typed)?;
+            eager_im2col::substitute(&mut typed)?;
             reduce::substitute(&mut typed)?;
             pad::substitute(&mut typed)?;
             matvec::substitute(&mut typed)?;
