@@ -345,6 +345,16 @@ impl MatVec {
     }
 }
 
+impl MatVec {
+    /// The op with its output shaped `dims`, when they hold its `m` values.
+    pub(crate) fn reshaped(&self, dims: &[usize]) -> Option<MatVec> {
+        (dims.iter().product::<usize>() == self.m).then(|| MatVec {
+            output: f32::fact(dims),
+            ..self.clone()
+        })
+    }
+}
+
 impl Op for MatVec {
     fn name(&self) -> StaticName {
         "MatVecF32".into()

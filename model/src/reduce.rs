@@ -24,13 +24,16 @@ use tract_onnx::tract_core::ops::nn::{Reduce, Reducer};
 /// The index of the greatest (or smallest) f32 along `axis`, as i64, the axis kept with
 /// size 1: tract's `Reduce` with `Reducer::ArgMax(last)` or `Reducer::ArgMin(last)` on one
 /// axis.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ArgExtreme {
     axis: usize,
     /// ArgMax when set, ArgMin otherwise.
     max: bool,
     /// On equal values, the last one's index rather than the first's.
     last: bool,
+    /// The output's shape when a reshape after the op was folded into it
+    /// ([`crate::absorb_reshapes`]); the input's with the axis at 1 otherwise.
+    dims: Option<TVec<usize>>,
 }
 
 impl ArgExtreme {
@@ -49,11 +52,12 @@ impl ArgExtreme {
             axis,
             max,
             last,
+            dims: None,
         })
     }
 
     /// The index tract's fold picks among `values`, read `stride` elements apart.
-    fn fold(self, values: &[f32], n: usize, stride: usize) -> i64 {
+    fn fold(&self, values: &[f32], n: usize, stride: usize) -> i64 {
         let (mut best, mut at) = (if self.max { f32::MIN } else { f32::MAX }, 0);
         for j in 0..n {
             let v = values[j * stride];
@@ -67,7 +71,7 @@ impl ArgExtreme {
 
     /// Writes the indices for an input of `shape` holding `values` into `out`, in the
     /// output's order (`out` has an element per output).
-    fn run(self, shape: &[usize], values: &[f32], out: &mut [i64]) {
+    fn run(&self, shape: &[usize], values: &[f32], out: &mut [i64]) {
         let n = shape[self.axis];
         let inner: usize = shape[self.axis + 1..].iter().product();
         if n == 0 || inner == 0 {
@@ -111,6 +115,14 @@ impl EvalOp for ArgExtreme {
         let shape = input.shape();
         let mut out_shape: TVec<usize> = shape.into();
         out_shape[self.axis] = 1;
+        if let Some(dims) = &self.dims {
+            ensure!(
+                dims.iter().product::<usize>() == out_shape.iter().product::<usize>(),
+                "{} of {shape:?} into {dims:?}",
+                self.name()
+            );
+            out_shape.clone_from(dims);
+        }
         // SAFETY: `uninitialized` allocates an i64 per output in plain memory and sets none;
         // `run` sets every one of them before anything reads them.
         let mut output = unsafe { Tensor::uninitialized::<i64>(&out_shape)? };
@@ -138,10 +150,23 @@ impl TypedOp for ArgExtreme {
             );
         };
         *d = 1.to_dim();
+        if let Some(dims) = &self.dims {
+            return Ok(tvec!(i64::fact(dims)));
+        }
         Ok(tvec!(i64::fact(shape)))
     }
 
     as_op!();
+}
+
+impl ArgExtreme {
+    /// The op with its output shaped `dims` (the same indices in the same order).
+    pub(crate) fn reshaped(&self, dims: &[usize]) -> ArgExtreme {
+        ArgExtreme {
+            dims: Some(dims.into()),
+            ..self.clone()
+        }
+    }
 }
 
 /// Replaces every ArgMax and ArgMin of an f32 tensor along one axis by [`ArgExtreme`];
