@@ -127,7 +127,7 @@ impl Runner {
             pad::substitute(&mut typed)?;
             matvec::substitute(&mut typed)?;
             softmax::substitute(&mut typed)?;
-            absorb_reshapes(&mut typed)?;
+            absorb_into_products(&mut typed)?;
         }
         let plan: Arc<Plan> = typed.into_runnable()?;
         Self::from_plan(&plan)
@@ -252,37 +252,49 @@ fn fuse_max_over_reshapes(model: &mut TypedModel) -> TractResult<usize> {
     Ok(fused)
 }
 
-/// Folds into the guest's own ops the reshapes that follow them: tract reshapes a dense
-/// layer's output (`IntoShape`, a leading axis added) and drops an ArgMax's reduced axis
-/// after it, and each plan step costs its op's dispatch and the plan's bookkeeping, about
-/// as much as a small op's work (6% of the digits logistic regression's inference for its
-/// one reshape). A `MatVec` or `ArgExtreme` whose only consumer is an `IntoShape` (a
-/// reshape of the same values in the same order) writes its output in the reshaped shape
-/// instead, and the reshape goes. Returns how many.
-fn absorb_reshapes(model: &mut TypedModel) -> TractResult<usize> {
+/// Folds into the guest's own ops what follows them where the plan would spend a step on
+/// it: tract reshapes a dense layer's output (`IntoShape`, a leading axis added), drops an
+/// ArgMax's reduced axis after it, and a classifier's softmax follows its last product;
+/// each plan step costs its op's dispatch and the plan's bookkeeping, about as much as a
+/// small op's work (6% of the digits logistic regression's inference for its one reshape).
+/// A `MatVec` or `ArgExtreme` whose only consumer is an `IntoShape` (a reshape of the same
+/// values in the same order) writes its output in the reshaped shape, and a `MatVec` whose
+/// only consumer is a `RowSoftmax` over whole rows of its output runs that softmax on it
+/// (the same kernels on the same values); the follower goes. Returns how many.
+fn absorb_into_products(model: &mut TypedModel) -> TractResult<usize> {
     use tract_onnx::tract_core::ops::change_axes::IntoShape;
     let mut absorbed = 0;
     for id in 0..model.nodes().len() {
         let node = model.node(id);
-        let (Some(reshape), [input]) = (node.op_as::<IntoShape>(), &node.inputs[..]) else {
+        let [input] = &node.inputs[..] else {
             continue;
         };
         let producer = model.node(input.node);
         if producer.outputs.len() != 1
             || producer.outputs[0].successors.len() != 1
             || model.output_outlets()?.contains(input)
-            || reshape.strides[..] != *tract_onnx::prelude::Tensor::natural_strides(&reshape.dims)
         {
             continue;
         }
-        let op: Box<dyn TypedOp> = if let Some(op) = producer.op_as::<matvec::MatVec>() {
-            match op.reshaped(&reshape.dims) {
-                Some(op) => Box::new(op),
-                None => continue,
+        let matvec = producer.op_as::<matvec::MatVec>();
+        let op: Option<Box<dyn TypedOp>> = if let Some(reshape) = node.op_as::<IntoShape>() {
+            let natural =
+                reshape.strides[..] == *tract_onnx::prelude::Tensor::natural_strides(&reshape.dims);
+            match (matvec, producer.op_as::<reduce::ArgExtreme>()) {
+                _ if !natural => None,
+                (Some(op), _) => op
+                    .reshaped(&reshape.dims)
+                    .map(|op| Box::new(op) as Box<dyn TypedOp>),
+                (_, Some(op)) => Some(Box::new(op.reshaped(&reshape.dims))),
+                _ => None,
             }
-        } else if let Some(op) = producer.op_as::<reduce::ArgExtreme>() {
-            Box::new(op.reshaped(&reshape.dims))
+        } else if let (Some(softmax), Some(op)) = (node.op_as::<softmax::RowSoftmax>(), matvec) {
+            op.with_softmax(softmax)
+                .map(|op| Box::new(op) as Box<dyn TypedOp>)
         } else {
+            None
+        };
+        let Some(op) = op else {
             continue;
         };
         let mut patch = TypedModelPatch::default();
@@ -1198,9 +1210,11 @@ mod tests {
     }
 
     #[test]
-    fn reshapes_fold_into_dense_layers_and_argmax_with_the_same_outputs() {
+    fn reshapes_and_softmaxes_fold_into_dense_layers_and_argmax_with_the_same_outputs() {
         use tract_onnx::tract_core::ops::change_axes::IntoShape;
-        for (name, reshapes) in [("digits_mlp", 2), ("digits_logreg", 1)] {
+        // The MLP: the reshape after its hidden layer, the softmax after its output layer,
+        // the reshape after its ArgMax; the logistic regression: the last two.
+        for (name, folded) in [("digits_mlp", 3), ("digits_logreg", 2)] {
             let model = tract_onnx::onnx()
                 .model_for_read(&mut &*fixture(name))
                 .unwrap()
@@ -1227,14 +1241,20 @@ mod tests {
             let mut ours = model;
             matvec::substitute(&mut ours).unwrap();
             reduce::substitute(&mut ours).unwrap();
-            assert_eq!(absorb_reshapes(&mut ours).unwrap(), reshapes, "{name}");
+            softmax::substitute(&mut ours).unwrap();
+            assert_eq!(absorb_into_products(&mut ours).unwrap(), folded, "{name}");
             let plan = ours.clone().into_runnable().unwrap();
+            let ops: Vec<String> = plan
+                .order_without_consts()
+                .iter()
+                .map(|&n| ours.node(n).op.name().to_string())
+                .collect();
             assert!(
-                !plan
-                    .order_without_consts()
-                    .iter()
-                    .any(|&n| ours.node(n).op_is::<IntoShape>()),
-                "{name}"
+                !plan.order_without_consts().iter().any(|&n| {
+                    let op = &ours.node(n).op;
+                    op.is::<IntoShape>() || op.is::<softmax::RowSoftmax>()
+                }),
+                "{name}: {ops:?}"
             );
             assert_eq!(run(ours), expected, "{name}");
         }

@@ -122,6 +122,9 @@ pub struct MatVec {
     m: usize,
     k: usize,
     then: Vec<Then>,
+    /// A softmax over rows of this many values run on the output
+    /// ([`crate::absorb_into_products`]).
+    softmax: Option<(crate::softmax::RowSoftmax, usize)>,
     output: TypedFact,
 }
 
@@ -136,6 +139,7 @@ impl PartialEq for MatVec {
             && self.a == other.a
             && (self.m, self.k) == (other.m, other.k)
             && self.then == other.then
+            && self.softmax == other.softmax
             && self.output == other.output
     }
 }
@@ -292,6 +296,7 @@ impl MatVec {
                 m,
                 k,
                 then,
+                softmax: None,
                 output: op.c_fact.clone(),
             },
             *source,
@@ -355,6 +360,20 @@ impl MatVec {
     }
 }
 
+impl MatVec {
+    /// The op with `softmax` run on its output, when its rows (the output's last axes)
+    /// tile the output.
+    pub(crate) fn with_softmax(&self, softmax: &crate::softmax::RowSoftmax) -> Option<MatVec> {
+        let shape = self.output.shape.as_concrete()?;
+        let rows = shape.len().checked_sub(softmax.axes())?;
+        let row_len: usize = shape[rows..].iter().product();
+        (self.softmax.is_none() && row_len > 0 && self.m.is_multiple_of(row_len)).then(|| MatVec {
+            softmax: Some((softmax.clone(), row_len)),
+            ..self.clone()
+        })
+    }
+}
+
 impl Op for MatVec {
     fn name(&self) -> StaticName {
         "MatVecF32".into()
@@ -403,23 +422,26 @@ impl EvalOp for MatVec {
         );
         if self.in_place && (x.as_ptr() as usize).is_multiple_of(self.b_align) {
             // SAFETY: `x` holds `k` f32 and `y` `m`, checked above.
-            return unsafe { self.run(x.as_ptr(), y.as_mut_ptr()) }
-                .map(|()| tvec!(output.into_tvalue()));
+            unsafe { self.run(x.as_ptr(), y.as_mut_ptr())? };
+        } else {
+            // Packed as tract packs it: aligned, then the padding records zeroed.
+            let Some(bytes) = self
+                .k
+                .checked_add(self.b_pad)
+                .and_then(|n| n.checked_mul(4))
+            else {
+                bail!("{} of {} values", self.name(), self.k);
+            };
+            let mut packed = Tensor::zero_aligned::<f32>(&[bytes / 4], self.b_align)?;
+            let mut view = packed.try_as_plain_ram_mut()?;
+            let packed_x = view.as_slice_mut::<f32>()?;
+            packed_x[..self.k].copy_from_slice(x);
+            // SAFETY: `packed_x` holds the `k` f32 of `x` and the padding; `y` holds `m`.
+            unsafe { self.run(packed_x.as_ptr(), y.as_mut_ptr())? };
         }
-        // Packed as tract packs it: aligned, then the padding records zeroed.
-        let Some(bytes) = self
-            .k
-            .checked_add(self.b_pad)
-            .and_then(|n| n.checked_mul(4))
-        else {
-            bail!("{} of {} values", self.name(), self.k);
-        };
-        let mut packed = Tensor::zero_aligned::<f32>(&[bytes / 4], self.b_align)?;
-        let mut view = packed.try_as_plain_ram_mut()?;
-        let packed_x = view.as_slice_mut::<f32>()?;
-        packed_x[..self.k].copy_from_slice(x);
-        // SAFETY: `packed_x` holds the `k` f32 of `x` and the padding; `y` holds `m`.
-        unsafe { self.run(packed_x.as_ptr(), y.as_mut_ptr())? };
+        if let Some((softmax, row_len)) = &self.softmax {
+            softmax.run(y, *row_len)?;
+        }
         Ok(tvec!(output.into_tvalue()))
     }
 }

@@ -80,7 +80,7 @@ impl RowSoftmax {
     }
 
     /// Each row of `row_len` values of `data` in place, as tract's `Softmax` computes it.
-    fn run(&self, data: &mut [f32], row_len: usize) -> TractResult<()> {
+    pub(crate) fn run(&self, data: &mut [f32], row_len: usize) -> TractResult<()> {
         let k = &*self.kernels;
         if let Some(rows) = k.rows.filter(|_| row_len.is_multiple_of(4)) {
             rows(data, row_len);
@@ -92,6 +92,13 @@ impl RowSoftmax {
             k.scale.run_with_params(row, sum.recip())?;
         }
         Ok(())
+    }
+}
+
+impl RowSoftmax {
+    /// How many trailing axes a row spans.
+    pub(crate) fn axes(&self) -> usize {
+        self.axes
     }
 }
 
