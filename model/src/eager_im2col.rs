@@ -12,9 +12,11 @@
 //! [`substitute`] runs the op once on a probe whose values are their own indices plus one:
 //! every packed value then names the input element it copies, or is zero where tract writes
 //! padding or the unused end of the last panel. [`Im2colGather`] then fills the same panels
-//! from that table. Before it replaces the op, `learn` runs tract's op and the gather on a
-//! second input (negative zeros, fractions, other magnitudes) and compares every packed
-//! byte, so the products see the same bytes and the outputs are the same bits.
+//! from that table (and writes zeros in the padding record tract's packing adds after each
+//! panel, which tract leaves uninitialized and the kernels do not sum). Before it replaces
+//! the op, `learn` runs tract's op and the gather on a second input (negative zeros,
+//! subnormals, other magnitudes) and compares every value of the panels' rows, so the
+//! products see the same values and the outputs are the same bits.
 //!
 //! Taken only for f32 inputs of a concrete shape, with no explicit padding value, and a
 //! table of at most [`MAX_SOURCES`] values per op (the table lives in the capsule's image).
@@ -33,8 +35,10 @@ use tract_onnx::tract_core::tract_linalg::mmm::{
 
 /// Most packed values one op's table holds (4 bytes each in the image).
 pub const MAX_SOURCES: usize = 1 << 18;
-/// The probe's values are indices plus one as f32, exact up to 2^24.
-const MAX_INPUT_LEN: usize = (1 << 24) - 1;
+/// Largest input probed: the probe and its check are built at load, and an im2col reads
+/// each input value at least once unless its stride skips some, so a larger input has a
+/// larger table than [`MAX_SOURCES`] allows (and indices plus one stay exact as f32).
+const MAX_INPUT_LEN: usize = 4 * MAX_SOURCES;
 
 /// One packed operand of the op's output (one per batch row and group).
 #[derive(Debug)]
@@ -77,13 +81,21 @@ impl Hash for Im2colGather {
     }
 }
 
-/// The f32 values of a packed operand's buffer.
+/// The f32 values of a packed operand's buffer, with 0 in place of its padding records
+/// (left unread: tract leaves them uninitialized, see [`is_data`]).
 fn packed_values(value: &EagerPackedInput) -> Vec<f32> {
     value
         .packed
         .as_bytes()
         .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .enumerate()
+        .map(|(j, b)| {
+            if is_data(value, j) {
+                f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+            } else {
+                0.0
+            }
+        })
         .collect()
 }
 
@@ -121,16 +133,39 @@ impl Table {
         if fact.datum_type != f32::datum_type() || len == 0 || len > MAX_INPUT_LEN {
             return Ok(None);
         }
+        // The table's size from the output's fact, before anything is evaluated: an
+        // operand of `k` rows and `mn` columns per batch row and group.
+        let output_fact = model.outlet_fact(OutletId::new(id, 0))?;
+        let packed_fact = output_fact
+            .exotic_fact
+            .as_ref()
+            .and_then(|f| f.downcast_ref::<PackedExoticFact>());
+        let operands = output_fact
+            .shape
+            .as_concrete()
+            .map(|s| s.iter().product::<usize>());
+        let size = packed_fact.zip(operands).and_then(|(f, operands)| {
+            f.mn.to_usize()
+                .ok()?
+                .checked_mul(f.k)?
+                .checked_mul(operands)
+        });
+        if size.is_none_or(|size| size > MAX_SOURCES) {
+            return Ok(None);
+        }
         let probe: Vec<f32> = (1..=len).map(|i| i as f32).collect();
         let probe = Tensor::from_shape(shape, &probe)?.into_tvalue();
-        let Some(outputs) = node.op.eval_out_of_plan(tvec!(probe))? else {
+        // tract's op failing on the probe leaves it in place, to fail (or not) at run time.
+        let Ok(Some(outputs)) = node.op.eval_out_of_plan(tvec!(probe)) else {
             return Ok(None);
         };
         let [output] = &outputs[..] else {
             return Ok(None);
         };
-        let storage = output.try_storage_as::<PackedMatrixStorage>()?;
-        let Some(values) = eager_values(output)? else {
+        let Ok(storage) = output.try_storage_as::<PackedMatrixStorage>() else {
+            return Ok(None);
+        };
+        let Ok(Some(values)) = eager_values(output) else {
             return Ok(None);
         };
         let mut packed = Vec::with_capacity(values.len());
@@ -177,11 +212,12 @@ impl Table {
             })
             .collect();
         let check = Tensor::from_shape(shape, &check)?.into_tvalue();
-        let Some(expected) = node.op.eval_out_of_plan(tvec!(check.clone()))? else {
+        let Ok(Some(expected)) = node.op.eval_out_of_plan(tvec!(check.clone())) else {
             return Ok(None);
         };
         let got = table.gather(&check)?;
-        let (Some(expected), Some(got)) = (eager_values(&expected[0])?, eager_values(&got)?) else {
+        let (Ok(Some(expected)), Ok(Some(got))) = (eager_values(&expected[0]), eager_values(&got))
+        else {
             return Ok(None);
         };
         let same = expected.len() == got.len()

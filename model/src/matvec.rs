@@ -10,16 +10,17 @@
 //!
 //! [`substitute`] replaces such a pair with one [`MatVec`], which calls the same kernel
 //! (tract's choice, one of the guest's GEMV kernels in a capsule) on the same program:
-//! `Clear`, the product of each packed panel of the weights by the input vector read in
-//! place, the same operations after it (their constants resolved once, when the op is
-//! made), and the store, straight into the output or, for the last rows when they do not
-//! fill a tile, into a local tile copied out as tract's border tiles are. The outputs are
-//! the same bits.
+//! `Clear`, the product of each packed panel of the weights by the input vector, the same
+//! operations after it (their constants resolved once, when the op is made), and the store,
+//! straight into the output or, for the last rows when they do not fill a tile, into a
+//! local tile copied out as tract's border tiles are. The guest's kernels read the vector
+//! in place; a kernel whose packing asks for more alignment or a padding record gets it
+//! copied as tract packs it. The outputs are the same bits.
 //!
 //! It takes a product whose weights are constant, whose input is one vector (the packed
-//! operand's source has `k` elements), whose output has one column, and whose program holds
-//! only a product, per-row and scalar operations with constant operands, and the store.
-//! Anything else stays tract's.
+//! operand's source has `k` elements), whose output has one column stored along its `m`
+//! axis, and whose program holds only a product, per-row, unicast, scalar and leaky-ReLU
+//! operations with constant operands, and the store. Anything else stays tract's.
 //!
 //! Only the guest substitutes (lib.rs): native tract, the baseline a capsule is measured
 //! against, keeps its own ops.
@@ -27,7 +28,9 @@
 use std::any::Any;
 
 use tract_linalg::BinOp;
-use tract_linalg::mmm::{DynKernel, FusedKerSpec, MMMInputValue, MatMatMul, OutputStoreKer};
+use tract_linalg::mmm::{
+    DynKernel, FusedKerSpec, MMMInputValue, MatMatMul, OutputStoreKer, OutputStoreSpec,
+};
 use tract_linalg::pack::PackedFormat;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -176,10 +179,10 @@ impl MatVec {
         let Some(shape) = op.c_fact.shape.as_concrete() else {
             return Ok(None);
         };
-        let Some(m_axis) = op.c_m_axis else {
+        let Some(m_axis_c) = op.c_m_axis else {
             return Ok(None);
         };
-        let m = shape[m_axis];
+        let m = shape[m_axis_c];
         if op.c_fact.datum_type != f32::datum_type()
             || shape.iter().product::<usize>() != m
             || mr > MAX_MR
@@ -196,11 +199,18 @@ impl MatVec {
             MatMulOperand::Const(a),
             &MatMulOperand::Input(b),
             [(packing, None)],
-            Some((ProtoFusedSpec::Store(_), rest)),
+            Some((ProtoFusedSpec::Store(stores), rest)),
         ) = (a, b, &packings[..], rest.split_last())
         else {
             return Ok(None);
         };
+        // The store tract would do: into its output tensor's view, rows along the `m` axis.
+        let [OutputStoreSpec::View { m_axis, .. }] = &stores[..] else {
+            return Ok(None);
+        };
+        if *m_axis != Some(m_axis_c) {
+            return Ok(None);
+        }
         let k = a.k();
         if a.mn() != m
             || a.scratch_panel_buffer_layout().is_some()
@@ -306,7 +316,8 @@ impl MatVec {
     /// Runs the program on each tile: `x` holds `k` f32 aligned for the kernel, `y` `m`.
     ///
     /// # Safety
-    /// `x` is readable for `k` f32 and `y` writable for `m`.
+    /// `x` is readable for `k` f32 (`k + b_pad` records when the kernel does not read the
+    /// vector in place: `in_place` is false) and `y` writable for `m`.
     unsafe fn run(&self, x: *const f32, y: *mut f32) -> TractResult<()> {
         let mut program = [FusedKerSpec::Done; MAX_THEN + 4];
         let last = self.then.len() + 2;

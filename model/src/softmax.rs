@@ -164,8 +164,9 @@ pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
 /// Checks that [`RowSoftmax`] computes tract's `Softmax`, bit for bit, in whatever build
 /// this is: the guest's whole-rows kernel included (tract has one for wasm, none for
 /// x86-64), which the native tests do not reach. The builder runs it with the kernel check,
-/// before it loads a model. Rows of 1 to 10 values, some a multiple of four, with ties,
-/// large magnitudes, infinities and NaNs.
+/// before it loads a model. Rows of 0 to 23 values, some a multiple of four (the
+/// whole-rows kernel) and some not (the three row kernels), both with ties, large
+/// magnitudes, infinities and NaNs.
 pub fn check() -> Result<(), String> {
     let special = [
         0.0,
@@ -185,7 +186,8 @@ pub fn check() -> Result<(), String> {
             })
             .collect()
     };
-    let cases: [(&[usize], &[usize]); 8] = [
+    let cases: [(&[usize], &[usize]); 9] = [
+        (&[6, 23], &[1]),
         (&[1, 10], &[1]),
         (&[3, 7], &[1]),
         (&[2, 8], &[1]),
