@@ -113,12 +113,11 @@ impl Runner {
     fn new(mut typed: TypedModel) -> TractResult<Runner> {
         pool::substitute(&mut typed)?;
         // The guest packs convolutions' panels with vector copies (im2col.rs) or from a
-        // table of sources (eager_im2col.rs), takes
-        // ArgMax and ArgMin (reduce.rs) and pads (pad.rs) without tract's per-index
-        // slicing, one-column products without tract's packing and scratch space
-        // (matvec.rs), and softmaxes with their kernels looked up once (softmax.rs); native
-        // tract, the baseline a capsule is measured against, keeps tract's
-        // own ops.
+        // table of sources (eager_im2col.rs), takes ArgMax and ArgMin (reduce.rs) and pads
+        // (pad.rs) without tract's per-index slicing, one-column products without tract's
+        // packing and scratch space (matvec.rs), and softmaxes with their kernels looked up
+        // once (softmax.rs), then folds what follows its products into them; native tract,
+        // the baseline a capsule is measured against, keeps tract's own ops.
         if cfg!(target_arch = "wasm32") {
             fuse_max_over_reshapes(&mut typed)?;
             im2col::substitute(&mut typed)?;
