@@ -217,15 +217,15 @@ fn pipeline_error(e: capsule_pipeline::Error) -> GuestError {
 /// The encoded response to `inputs`. A model without a pipeline has its outputs encoded
 /// straight from the runtime's tensors.
 fn respond(loaded: &mut Loaded, inputs: &[NamedTensorView<'_>]) -> u64 {
-    if loaded.pipeline.is_none() {
+    let Some(pipeline) = &loaded.pipeline else {
         return match loaded.model.run_with(inputs, |outputs| {
             encode_or_trap(&InferResponseView::Outputs(outputs))
         }) {
             Ok(packed) => packed,
             Err(e) => encode_or_trap(&InferResponseView::Error(&model_error(e))),
         };
-    }
-    match infer(loaded, inputs) {
+    };
+    match infer(pipeline, &mut loaded.model, inputs) {
         Ok(outputs) => encode_or_trap(&InferResponse::Outputs(outputs)),
         Err(e) => encode_or_trap(&InferResponseView::Error(&e)),
     }
@@ -233,22 +233,20 @@ fn respond(loaded: &mut Loaded, inputs: &[NamedTensorView<'_>]) -> u64 {
 
 /// Preprocessing, the model, postprocessing.
 fn infer(
-    loaded: &mut Loaded,
+    pipeline: &CompiledPipeline,
+    model: &mut LoadedModel,
     inputs: &[NamedTensorView<'_>],
 ) -> Result<Vec<NamedTensor>, GuestError> {
-    let Some(pipeline) = &loaded.pipeline else {
-        return loaded.model.run(inputs).map_err(model_error);
-    };
     let prepared = pipeline.preprocess(inputs).map_err(pipeline_error)?;
     let mut model_inputs = wire::views(&prepared);
     model_inputs.extend(
         inputs
             .iter()
-            .filter(|t| loaded.model.inputs().iter().any(|m| m.name == t.name))
+            .filter(|t| model.inputs().iter().any(|m| m.name == t.name))
             .filter(|t| !prepared.iter().any(|p| p.name == t.name))
             .cloned(),
     );
-    let outputs = loaded.model.run(&model_inputs).map_err(model_error)?;
+    let outputs = model.run(&model_inputs).map_err(model_error)?;
     pipeline
         .postprocess(&model_inputs, outputs)
         .map_err(pipeline_error)

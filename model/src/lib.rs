@@ -1095,8 +1095,8 @@ fn string_outputs(values: &[TValue], specs: &[TensorSpec]) -> Result<Vec<Option<
         .iter()
         .zip(specs)
         .map(|(value, spec)| {
-            Ok(match to_dtype(value.datum_type().unquantized()) {
-                Some(DType::Bytes) => Some(from_tract(&spec.name, value)?.data),
+            Ok(match output_dtype(&spec.name, value)? {
+                DType::Bytes => Some(from_tract(&spec.name, value)?.data),
                 _ => None,
             })
         })
@@ -1115,13 +1115,7 @@ fn output_views<'a>(
         .zip(specs)
         .zip(strings)
         .map(|((value, spec), string)| {
-            let dt = value.datum_type().unquantized();
-            let dtype = to_dtype(dt).ok_or_else(|| {
-                Error::Run(format!(
-                    "output {:?} has unsupported datatype {dt:?}",
-                    spec.name
-                ))
-            })?;
+            let dtype = output_dtype(&spec.name, value)?;
             Ok(NamedTensorView {
                 name: &spec.name,
                 tensor: capsule_format::TensorView {
@@ -1134,12 +1128,17 @@ fn output_views<'a>(
         .collect()
 }
 
+/// The capsule datatype of output `name`'s tract tensor.
+fn output_dtype(name: &str, value: &tract_onnx::prelude::Tensor) -> Result<DType> {
+    let dt = value.datum_type().unquantized();
+    to_dtype(dt)
+        .ok_or_else(|| Error::Run(format!("output {name:?} has unsupported datatype {dt:?}")))
+}
+
 /// Converts a tract tensor (an output, or a tensor read from an ONNX `TensorProto`) to a
 /// capsule tensor.
 pub fn from_tract(name: &str, value: &tract_onnx::prelude::Tensor) -> Result<Tensor> {
-    let dt = value.datum_type().unquantized();
-    let dtype = to_dtype(dt)
-        .ok_or_else(|| Error::Run(format!("output {name:?} has unsupported datatype {dt:?}")))?;
+    let dtype = output_dtype(name, value)?;
     let shape = value.shape().iter().map(|&d| d as u64).collect();
     let data = if dtype == DType::Bytes {
         let strings = value
