@@ -31,14 +31,17 @@ use capsule_format::{ABI_VERSION, NamedTensor};
 use capsule_model::LoadedModel;
 use capsule_pipeline::CompiledPipeline;
 
+mod bins;
+
 /// The model and the pipeline around it.
 struct Loaded {
     model: LoadedModel,
     pipeline: Option<CompiledPipeline>,
 }
 
-/// The system allocator, which can zero every freed block while a model is being built, so
-/// the garbage of parsing never lands in the snapshot (zeroed memory costs nothing there).
+/// The system allocator behind [`bins`] (small blocks kept for reuse), which can zero every
+/// freed block while a model is being built, so the garbage of parsing never lands in the
+/// snapshot (zeroed memory costs nothing there).
 struct SnapshotAllocator;
 
 thread_local! {
@@ -51,32 +54,73 @@ fn zero_on_free() -> bool {
     ZERO_ON_FREE.try_with(Cell::get).unwrap_or(false)
 }
 
-// SAFETY: every method delegates to `System` with the same layout contract; zeroing writes
-// only inside the block being freed.
+/// Zeroes freed blocks from now on (`on`), after zeroing and releasing every block the bins
+/// keep; or stops.
+fn set_zero_on_free(on: bool) {
+    if on {
+        // SAFETY: each block is a whole free class block, about to be released.
+        bins::flush(|block, size| unsafe { block.write_bytes(0, size) });
+    }
+    ZERO_ON_FREE.with(|z| z.set(on));
+}
+
+// SAFETY: a layout the bins serve is always allocated and freed through them (with its
+// class's size and alignment, at least the layout's), any other through `System` with the
+// same layout contract; zeroing writes only inside the block being freed.
 unsafe impl GlobalAlloc for SnapshotAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        unsafe { System.alloc(layout) }
+        match bins::class_of(layout.size(), layout.align()) {
+            // SAFETY: the caller's contract.
+            Some(class) => unsafe { bins::alloc(class) },
+            None => unsafe { System.alloc(layout) },
+        }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        unsafe { System.alloc_zeroed(layout) }
+        let Some(class) = bins::class_of(layout.size(), layout.align()) else {
+            return unsafe { System.alloc_zeroed(layout) };
+        };
+        // SAFETY: the caller's contract; the block holds at least `layout.size()` bytes.
+        unsafe {
+            let block = bins::alloc(class);
+            if !block.is_null() {
+                block.write_bytes(0, layout.size());
+            }
+            block
+        }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        let class = bins::class_of(layout.size(), layout.align());
         if zero_on_free() {
-            unsafe { ptr.write_bytes(0, layout.size()) };
+            // Zeroed and released: a block in the bins would carry their link.
+            let size = class.map_or(layout.size(), bins::class_size);
+            unsafe { ptr.write_bytes(0, size) };
+            return match class {
+                Some(class) => unsafe { bins::release(ptr, class) },
+                None => unsafe { System.dealloc(ptr, layout) },
+            };
         }
-        unsafe { System.dealloc(ptr, layout) }
+        match class {
+            Some(class) => unsafe { bins::dealloc(ptr, class) },
+            None => unsafe { System.dealloc(ptr, layout) },
+        }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if !zero_on_free() {
+        let old = bins::class_of(layout.size(), layout.align());
+        let new = bins::class_of(new_size, layout.align());
+        if old.is_some() && old == new {
+            // The block already has the class's size.
+            return ptr;
+        }
+        if old.is_none() && new.is_none() && !zero_on_free() {
             return unsafe { System.realloc(ptr, layout, new_size) };
         }
         let Ok(new_layout) = Layout::from_size_align(new_size, layout.align()) else {
             return std::ptr::null_mut();
         };
-        let new = unsafe { System.alloc(new_layout) };
+        let new = unsafe { self.alloc(new_layout) };
         if !new.is_null() {
             unsafe {
                 std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
@@ -156,7 +200,7 @@ pub extern "C" fn capsule_init() -> u32 {
 /// `ptr`/`len` must come from `capsule_alloc(len, 1)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn capsule_build(ptr: u32, len: u32) -> u64 {
-    ZERO_ON_FREE.with(|z| z.set(true));
+    set_zero_on_free(true);
     // SAFETY: the host contract above.
     let bytes = unsafe { take_request(ptr, len) };
     let response = match wire::decode::<BuildRequest>(&bytes, "build request") {
@@ -177,7 +221,7 @@ pub unsafe extern "C" fn capsule_build(ptr: u32, len: u32) -> u64 {
         }
     };
     let packed = encode_or_trap(&response);
-    ZERO_ON_FREE.with(|z| z.set(false));
+    set_zero_on_free(false);
     packed
 }
 
