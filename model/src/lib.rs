@@ -27,6 +27,7 @@ mod matvec;
 mod pad;
 mod pool;
 mod reduce;
+mod reuse;
 mod softmax;
 
 /// Errors of loading or running a model.
@@ -127,6 +128,7 @@ impl Runner {
             matvec::substitute(&mut typed)?;
             softmax::substitute(&mut typed)?;
             absorb_into_products(&mut typed)?;
+            reuse::enable(&mut typed)?;
         }
         let plan: Arc<Plan> = typed.into_runnable()?;
         Self::from_plan(&plan)

@@ -129,6 +129,8 @@ pub struct MatVec {
     /// ([`crate::absorb_into_products`]).
     softmax: Option<(crate::softmax::RowSoftmax, usize)>,
     output: TypedFact,
+    /// The last output, when kept ([`crate::reuse`]).
+    reuse: crate::reuse::Reused,
 }
 
 impl PartialEq for MatVec {
@@ -308,6 +310,7 @@ impl MatVec {
                 then,
                 softmax: None,
                 output: op.c_fact.clone(),
+                reuse: crate::reuse::Reused::default(),
             },
             *source,
         )))
@@ -322,7 +325,8 @@ impl MatVec {
         let mut program = [FusedKerSpec::Done; MAX_THEN + 4];
         let last = self.then.len() + 2;
         program[0] = FusedKerSpec::Clear;
-        let mut border = [0f32; MAX_MR];
+        // Written by the kernel's store before the rows copied out of it are read.
+        let mut border = [const { std::mem::MaybeUninit::<f32>::uninit() }; MAX_MR];
         for tile in 0..self.m.div_ceil(self.mr) {
             let first = tile * self.mr;
             let rows = self.mr.min(self.m - first);
@@ -339,7 +343,7 @@ impl MatVec {
                 // SAFETY: the tile's rows are rows `first..first + mr` of `y`.
                 unsafe { y.add(first) }
             } else {
-                border.as_mut_ptr()
+                border.as_mut_ptr().cast::<f32>()
             };
             program[last] = FusedKerSpec::Store(OutputStoreKer {
                 ptr: out.cast(),
@@ -353,8 +357,11 @@ impl MatVec {
             let err = unsafe { (self.kernel)(&program[..=last + 1]) };
             ensure!(err == 0, "kernel {} returned error {err}", self.mmm.name());
             if rows < self.mr {
-                // SAFETY: rows `first..m` of `y`, from the first `rows` of `border`.
-                unsafe { std::ptr::copy_nonoverlapping(border.as_ptr(), y.add(first), rows) };
+                // SAFETY: rows `first..m` of `y`, from the first `rows` of `border`, which the
+                // kernel's store wrote (all `mr` of them).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(border.as_ptr().cast::<f32>(), y.add(first), rows)
+                };
             }
         }
         Ok(())
@@ -419,18 +426,29 @@ impl EvalOp for MatVec {
         let Some(shape) = self.output.shape.as_concrete() else {
             bail!("{} has a symbolic output shape", self.name());
         };
-        // SAFETY: `run` writes every one of the output's `m` f32 before anything reads them.
-        let mut output = unsafe { Tensor::uninitialized_dt(f32::datum_type(), shape)? };
         let x = input.try_as_plain_ram()?;
         let x = x.as_slice::<f32>()?;
-        let mut y = output.try_as_plain_ram_mut()?;
-        let y = y.as_slice_mut::<f32>()?;
-        ensure!(
-            y.len() == self.m,
-            "{} output of {} values",
-            self.name(),
-            y.len()
-        );
+        // `run` writes every one of the output's `m` f32.
+        let output = self.reuse.output(f32::datum_type(), shape, |output| {
+            let mut y = output.try_as_plain_ram_mut()?;
+            let y = y.as_slice_mut::<f32>()?;
+            ensure!(
+                y.len() == self.m,
+                "{} output of {} values",
+                self.name(),
+                y.len()
+            );
+            self.compute(x, y)
+        })?;
+        Ok(tvec!(output))
+    }
+}
+
+impl MatVec {
+    /// `y = then(A x)`, then the softmax when one was folded in: `x` holds `k` values, `y`
+    /// `m`.
+    fn compute(&self, x: &[f32], y: &mut [f32]) -> TractResult<()> {
+        ensure!(x.len() == self.k && y.len() == self.m);
         if self.in_place && (x.as_ptr() as usize).is_multiple_of(self.b_align) {
             // SAFETY: `x` holds `k` f32 and `y` `m`, checked above.
             unsafe { self.run(x.as_ptr(), y.as_mut_ptr())? };
@@ -453,7 +471,15 @@ impl EvalOp for MatVec {
         if let Some((softmax, row_len)) = &self.softmax {
             softmax.run(y, *row_len)?;
         }
-        Ok(tvec!(output.into_tvalue()))
+        Ok(())
+    }
+
+    /// The op keeping its output from one inference to the next ([`crate::reuse`]).
+    pub(crate) fn with_kept_output(&self) -> Option<MatVec> {
+        (!self.reuse.is_kept()).then(|| MatVec {
+            reuse: crate::reuse::Reused::kept(),
+            ..self.clone()
+        })
     }
 }
 

@@ -34,6 +34,8 @@ pub struct ArgExtreme {
     /// The output's shape when a reshape after the op was folded into it
     /// ([`crate::absorb_reshapes`]); the input's with the axis at 1 otherwise.
     dims: Option<TVec<usize>>,
+    /// The last output, when kept ([`crate::reuse`]).
+    reuse: crate::reuse::Reused,
 }
 
 impl ArgExtreme {
@@ -53,6 +55,7 @@ impl ArgExtreme {
             max,
             last,
             dims: None,
+            reuse: crate::reuse::Reused::default(),
         })
     }
 
@@ -123,15 +126,16 @@ impl EvalOp for ArgExtreme {
             );
             out_shape.clone_from(dims);
         }
-        // SAFETY: `uninitialized` allocates an i64 per output in plain memory and sets none;
-        // `run` sets every one of them before anything reads them.
-        let mut output = unsafe { Tensor::uninitialized::<i64>(&out_shape)? };
-        if output.len() > 0 {
-            let mut plain = output.try_as_plain_ram_mut()?;
-            let out = plain.as_slice_mut::<i64>()?;
-            self.run(shape, input.try_as_plain_ram()?.as_slice::<f32>()?, out);
-        }
-        Ok(tvec!(output.into_tvalue()))
+        // `run` sets every one of the output's i64.
+        let output = self.reuse.output(i64::datum_type(), &out_shape, |output| {
+            if output.len() > 0 {
+                let mut plain = output.try_as_plain_ram_mut()?;
+                let out = plain.as_slice_mut::<i64>()?;
+                self.run(shape, input.try_as_plain_ram()?.as_slice::<f32>()?, out);
+            }
+            Ok(())
+        })?;
+        Ok(tvec!(output))
     }
 }
 
@@ -166,6 +170,14 @@ impl ArgExtreme {
             dims: Some(dims.into()),
             ..self.clone()
         }
+    }
+
+    /// The op keeping its output from one inference to the next ([`crate::reuse`]).
+    pub(crate) fn with_kept_output(&self) -> Option<ArgExtreme> {
+        (!self.reuse.is_kept()).then(|| ArgExtreme {
+            reuse: crate::reuse::Reused::kept(),
+            ..self.clone()
+        })
     }
 }
 

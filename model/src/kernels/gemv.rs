@@ -16,6 +16,7 @@
 //! So the outputs are tract's bits, which [`check`] tests at every build.
 
 use std::arch::wasm32::*;
+use std::mem::MaybeUninit;
 
 use tract_linalg::mmm::{DynKernel, FusedKerSpec};
 use tract_linalg::mmm_routines::MmmRoutine;
@@ -132,12 +133,25 @@ unsafe fn kernel<const Q: usize>(
         }
     }
     let rest = &program[2..];
-    let mut ops = [FusedKerSpec::Done; MAX_OPS];
-    ops[0] = FusedKerSpec::LoadTile(std::ptr::null(), tile.0.as_ptr().cast());
-    ops[1..=rest.len()].copy_from_slice(rest);
-    // SAFETY: the program with its first two ops replaced by loading the tile they compute
-    // (`Q` vectors, which `tract`'s `LoadTile` reads), which lives until the call returns.
-    unsafe { tract(&ops[..=rest.len()]) }
+    // Only the ops the program uses are written (the array is most of a kernel call's
+    // own time when initialized whole).
+    let mut ops = [const { MaybeUninit::<FusedKerSpec<f32>>::uninit() }; MAX_OPS];
+    ops[0].write(FusedKerSpec::LoadTile(
+        std::ptr::null(),
+        tile.0.as_ptr().cast(),
+    ));
+    for (slot, op) in ops[1..].iter_mut().zip(rest) {
+        slot.write(*op);
+    }
+    // SAFETY: the first `rest.len() + 1 <= MAX_OPS` ops are written above (`rest` has at
+    // most `MAX_OPS - 1`, checked on entry). They are the program with its first two ops
+    // replaced by loading the tile they compute (`Q` vectors, which `tract`'s `LoadTile`
+    // reads), which lives until the call returns.
+    unsafe {
+        let ops =
+            std::slice::from_raw_parts(ops.as_ptr().cast::<FusedKerSpec<f32>>(), rest.len() + 1);
+        tract(ops)
+    }
 }
 
 /// The product's sums, aligned for tract's `LoadTile`, which dereferences `*const v128`.
