@@ -916,29 +916,45 @@ mod wasm {
                     };
                     let ours = run(&ours_one);
                     // The product from B spread ([`spread_tile`]) where the epilogue is usual.
-                    let spread_ours = run(&|program| unsafe {
-                        match (program[1], Usual::of(&program[2..])) {
-                            (F::AddMatMul { k, pa, pb, .. }, Some(usual)) => {
-                                let mut spread_b = Vec::new();
-                                spread(k, pb.cast(), &mut spread_b);
-                                spread_tile(k, pa.cast(), spread_b.as_ptr(), &usual);
-                                true
+                    // Of `cols` columns (8: all; 4: columns 0-3 only).
+                    let spread_ours = |cols| {
+                        run(&|program| unsafe {
+                            match (program[1], Usual::of(&program[2..])) {
+                                (F::AddMatMul { k, pa, pb, .. }, Some(usual)) => {
+                                    let mut spread_b = Vec::new();
+                                    spread(k, pb.cast(), &mut spread_b);
+                                    spread_tile(k, pa.cast(), spread_b.as_ptr(), &usual, cols);
+                                    true
+                                }
+                                _ => ours_one(program),
                             }
-                            _ => ours_one(program),
-                        }
-                    });
+                        })
+                    };
+                    let (narrow_ours, spread_ours) = (spread_ours(4), spread_ours(8));
                     let tracts = run(&|program| unsafe {
                         (tract_linalg::wasm::wasm_f32_8x8.kernel)(program);
                         true
                     });
-                    let (Some(ours), Some(spread_ours), Some(tracts)) = (ours, spread_ours, tracts)
+                    let (Some(ours), Some(spread_ours), Some(narrow_ours), Some(tracts)) =
+                        (ours, spread_ours, narrow_ours, tracts)
                     else {
                         return Err(format!(
                             "k {k}, layout {case}, epilogue {e}: not run by ours"
                         ));
                     };
-                    for (path, ours) in [("", ours), (" (B spread)", spread_ours)] {
-                        if let Some(i) = (0..ours.len()).find(|&i| !same_bits(ours[i], tracts[i])) {
+                    // The narrow tile's columns 0-3 of the product's program (the first
+                    // 128 values), and the whole of the epilogue-only one.
+                    let narrow: Vec<usize> = (0..8)
+                        .flat_map(|r| (0..4).map(move |c| (r * rs + c * cs) as usize / 4))
+                        .chain(128..256)
+                        .collect();
+                    let all: Vec<usize> = (0..tracts.len()).collect();
+                    for (path, ours, at) in [
+                        ("", ours, &all),
+                        (" (B spread)", spread_ours, &all),
+                        (" (B spread, 4 columns)", narrow_ours, &narrow),
+                    ] {
+                        if let Some(&i) = at.iter().find(|&&i| !same_bits(ours[i], tracts[i])) {
                             return Err(format!(
                                 "k {k}, layout {case}, epilogue {e}, value {i}{path}: {} where tract computes {}",
                                 ours[i], tracts[i]
@@ -1047,6 +1063,10 @@ mod wasm {
     /// spread panel serves several tiles (the portable block loop uses it from 4 panels of
     /// A up).
     ///
+    /// Columns 4-7 are computed (and stored) only when `cols`, the tile's columns the
+    /// caller reads, is above 4: a product of 4 columns or fewer (Silero VAD's convolutions
+    /// of 4 and 2 frames) does half the work.
+    ///
     /// # Safety
     /// `pa` points to `2 * k` readable `v128`, `spread` to `8 * k` ([`spread`]'s output for
     /// this `k`); `usual`'s pointers cover 8 rows of 8 values (its bias 8 values).
@@ -1055,11 +1075,14 @@ mod wasm {
         pa: *const v128,
         spread: *const v128,
         usual: &Usual,
+        cols: usize,
     ) {
         // SAFETY: the caller's contract, passed on: columns 4-7 are `4 * k` vectors further.
         unsafe {
             half_spread(k, pa, spread, usual, 0);
-            half_spread(k, pa, spread.add(4 * k), usual, 4);
+            if cols > 4 {
+                half_spread(k, pa, spread.add(4 * k), usual, 4);
+            }
         }
     }
 

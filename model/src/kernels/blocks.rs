@@ -512,7 +512,7 @@ impl Plan<'_> {
                 // cover the tile or are this function's scratch tiles.
                 unsafe {
                     if spread {
-                        super::wasm::spread_tile(self.k, pa as _, spread_b.as_ptr(), &usual);
+                        super::wasm::spread_tile(self.k, pa as _, spread_b.as_ptr(), &usual, cols);
                     } else {
                         super::wasm::usual_tile(self.k, pa as _, pb as _, &usual);
                     }
