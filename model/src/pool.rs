@@ -104,14 +104,15 @@ fn pool(input: &[f32], output: &mut [f32], h: usize, w: usize) {
             let r1 = &plane[(2 * oy + 1) * w..][..2 * ow];
             // Four outputs at a time, one per lane, each folding its taps in row-major
             // order (as `MaxPoolNchw`'s inner columns); `x + 8 <= 2 * ow` holds.
+            // Each row's 8 values read once, split into the windows' left and right taps.
             let quad = |ox: usize, out_row: &mut [f32]| {
                 let x = 2 * ox;
-                let mut m = F4::splat(f32::MIN);
-                m = m.pmax(F4::load_even(&r0[x..x + 7]));
-                m = m.pmax(F4::load_even(&r0[x + 1..x + 8]));
-                m = m.pmax(F4::load_even(&r1[x..x + 7]));
-                m = m.pmax(F4::load_even(&r1[x + 1..x + 8]));
-                m.store(&mut out_row[ox..ox + 4]);
+                let row = |r: &[f32]| r.get(x..).and_then(<[f32]>::first_chunk::<8>).copied();
+                if let (Some(a), Some(b)) = (row(r0), row(r1)) {
+                    let ([a0, a1], [b0, b1]) = (F4::even_odd(&a), F4::even_odd(&b));
+                    let m = F4::splat(f32::MIN).pmax(a0).pmax(a1).pmax(b0).pmax(b1);
+                    m.store(&mut out_row[ox..ox + 4]);
+                }
             };
             let quads = ow / 4 * 4;
             for ox in (0..quads).step_by(4) {
@@ -432,6 +433,23 @@ impl F4 {
         F4(i32x4_shuffle::<0, 2, 5, 7>(a.0, b.0))
     }
 
+    /// `s[0, 2, 4, 6]` and `s[1, 3, 5, 7]`: two loads, two shuffles.
+    #[inline(always)]
+    fn even_odd(s: &[f32; 8]) -> [F4; 2] {
+        use std::arch::wasm32::{i32x4_shuffle, v128_load};
+        // SAFETY: `s` is 32 readable bytes; v128_load has no alignment requirement.
+        let (a, b) = unsafe {
+            (
+                v128_load(s.as_ptr().cast()),
+                v128_load(s.as_ptr().add(4).cast()),
+            )
+        };
+        [
+            F4(i32x4_shuffle::<0, 2, 4, 6>(a, b)),
+            F4(i32x4_shuffle::<1, 3, 5, 7>(a, b)),
+        ]
+    }
+
     /// The taps of a 3-wide window at stride 2 for four outputs, by column of the window:
     /// `s[0, 2, 4, 6]`, `s[1, 3, 5, 7]`, `s[2, 4, 6, 8]` (four loads, three shuffles).
     #[inline(always)]
@@ -480,6 +498,10 @@ impl F4 {
 
     fn load_even(s: &[f32]) -> F4 {
         F4([s[0], s[2], s[4], s[6]])
+    }
+
+    fn even_odd(s: &[f32; 8]) -> [F4; 2] {
+        std::array::from_fn(|odd| F4(std::array::from_fn(|lane| s[2 * lane + odd])))
     }
 
     fn taps3_stride2(s: &[f32; 9]) -> [F4; 3] {
