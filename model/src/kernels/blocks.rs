@@ -152,6 +152,10 @@ impl MatMatMul for Blocks {
 /// about what two tiles save on it.
 const SPREAD_MIN_ROWS: usize = 32;
 
+/// Most vectors B's panels spread all at once may take (1 MiB; 8 per panel and step), when
+/// B is the portable block loop's inner operand.
+const SPREAD_INNER_MAX_VECTORS: usize = 1 << 16;
+
 /// Most bytes of the lazy operand's panels one host call takes (a batch of them, see
 /// [`Plan::run`]): within the L1 and L2 caches beside a group of the other's.
 const OUTER_BYTES: usize = 32 << 10;
@@ -435,13 +439,40 @@ impl Plan<'_> {
         // `Plan::of` sets a residual with its `RESIDUAL` step.
         let residual = self.residual;
         // B's panels spread ([`super::wasm::spread_tile`]) where enough of A's panels read
-        // each one to pay for spreading it.
+        // each one to pay for spreading it: each of B's panels as the loop comes to it when
+        // B is the outer operand, or, when it is the inner one (a one-row plan swaps a
+        // convolution's operands: A its lazy im2col, B its weights), all of them once,
+        // before the loop, within `SPREAD_INNER_MAX_VECTORS`.
         let spread = by_columns && inner_len >= SPREAD_MIN_ROWS;
+        let b_panels = inner_len.div_ceil(8);
+        let spread_inner = !by_columns
+            && outer_len >= SPREAD_MIN_ROWS
+            && b_panels.saturating_mul(8 * self.k) <= SPREAD_INNER_MAX_VECTORS;
         let mut spread_b: Vec<v128> = Vec::new();
-        if spread {
-            spread_b.try_reserve_exact(8 * self.k).map_err(|e| {
-                TractError::msg(format!("spreading a panel of {} steps: {e}", self.k))
-            })?;
+        if spread || spread_inner {
+            let panels = if spread { 1 } else { b_panels };
+            spread_b
+                .try_reserve_exact(panels * 8 * self.k)
+                .map_err(|e| {
+                    TractError::msg(format!(
+                        "spreading {panels} panels of {} steps: {e}",
+                        self.k
+                    ))
+                })?;
+        }
+        if spread_inner {
+            let mut one = Vec::new();
+            for i in 0..b_panels {
+                // SAFETY: B's panel holds `k` steps of 8 f32 (the plan's packing).
+                unsafe {
+                    super::wasm::spread(
+                        self.k,
+                        (inner0 + i * inner_stride) as *const v128,
+                        &mut one,
+                    )
+                };
+                spread_b.extend_from_slice(&one);
+            }
         }
         for o in 0..outer_len.div_ceil(8) {
             let panel = outer.panel_bytes(o, buffer.scratch())? as usize;
@@ -513,6 +544,10 @@ impl Plan<'_> {
                 unsafe {
                     if spread {
                         super::wasm::spread_tile(self.k, pa as _, spread_b.as_ptr(), &usual, cols);
+                    } else if spread_inner {
+                        // `i < b_panels`: B's panel `i` spread, `8 * k` vectors from its start.
+                        let spread = spread_b.as_ptr().add(i * 8 * self.k);
+                        super::wasm::spread_tile(self.k, pa as _, spread, &usual, cols);
                     } else {
                         super::wasm::usual_tile(self.k, pa as _, pb as _, &usual);
                     }
