@@ -197,60 +197,81 @@ impl Panels {
             // The guest's panels, 8 values per row, read without bounds checks: `learn`
             // checked every group, row and pixel offset sum against the input's length,
             // which is `input.len()`, and `out` holds `rows` rows of 8.
-            let (src, dst) = (input.as_ptr(), out.as_mut_ptr());
-            if g.runs[i] == Run::Stride2 {
-                let first = base + pixels[0] as usize;
-                for (t, &k) in g.k_offsets.iter().enumerate() {
-                    // SAFETY: as above; `learn` made the panel `Stride2` only if the value
-                    // after its last pixel, `first + 15`, is in the input too.
-                    unsafe { evens(src.add(first + k as usize), dst.add(t * R8)) };
-                }
-            } else if g.runs[i] == Run::Contiguous {
-                let first = base + pixels[0] as usize;
-                for (t, &k) in g.k_offsets.iter().enumerate() {
-                    // SAFETY: as above; the panel's last pixel is `first + 7`.
-                    unsafe {
-                        let v = src
-                            .add(first + k as usize)
-                            .cast::<[f32; R8]>()
-                            .read_unaligned();
-                        dst.add(t * R8).cast::<[f32; R8]>().write_unaligned(v);
+            // Rows `t` of the panel, 32 per loop iteration ([`steps!`]): as a loop of one row
+            // per iteration, its counters went through the stack at every row (wasmtime's
+            // epoch check at the loop's header), a stall in each row's chain that was half
+            // of what packing the MNIST CNN's panels cost.
+            let (src, dst, ks) = (input.as_ptr(), out.as_mut_ptr(), g.k_offsets.as_ptr());
+            let first = base + pixels[0] as usize;
+            // SAFETY (of every row below): `t = i0 + j < rows`, the length of `k_offsets`.
+            macro_rules! offset {
+                ($i0:expr, $j:expr) => {
+                    unsafe { *ks.add($i0).add($j) as usize }
+                };
+            }
+            macro_rules! out {
+                ($i0:expr, $j:expr) => {
+                    unsafe { dst.add(R8 * $i0).add(R8 * $j) }
+                };
+            }
+            match g.runs[i] {
+                Run::Stride2 => {
+                    macro_rules! row {
+                        ($i0:expr, $j:expr) => {
+                            let (k, d) = (offset!($i0, $j), out!($i0, $j));
+                            // SAFETY: as above; `learn` made the panel `Stride2` only if the
+                            // value after its last pixel, `first + 15`, is in the input too.
+                            unsafe { evens(src.add(first + k), d) }
+                        };
                     }
+                    steps!(rows, row);
                 }
-            } else if let Run::Split(split) = g.runs[i] {
-                let split = usize::from(split);
-                let first = base + pixels[0] as usize;
-                // The second run's start, less `split`: lane `split` of 8 read from here is
-                // its first pixel.
-                let second = base + pixels[split] as usize - split;
-                for (t, &k) in g.k_offsets.iter().enumerate() {
-                    let k = k as usize;
-                    // SAFETY: as above; `learn` made the panel `Split` only if both reads of 8
-                    // lie in the input (`first + 7` and `second` at any row).
-                    unsafe {
-                        two_runs(
-                            src.add(first + k),
-                            src.add(second + k),
-                            split,
-                            dst.add(t * R8),
-                        )
-                    };
+                Run::Contiguous => {
+                    macro_rules! row {
+                        ($i0:expr, $j:expr) => {
+                            let (k, d) = (offset!($i0, $j), out!($i0, $j));
+                            // SAFETY: as above; the panel's last pixel is `first + 7`.
+                            unsafe {
+                                let v = src.add(first + k).cast::<[f32; R8]>().read_unaligned();
+                                d.cast::<[f32; R8]>().write_unaligned(v);
+                            }
+                        };
+                    }
+                    steps!(rows, row);
                 }
-            } else {
-                let o: [usize; R8] = std::array::from_fn(|j| base + pixels[j] as usize);
-                for (t, &k) in g.k_offsets.iter().enumerate() {
-                    let k = k as usize;
-                    // Written out: the guest is optimized for size, so a loop over the 8
-                    // pixels would stay a wasm loop, with an epoch check per value. Each
-                    // value goes straight into the panel (an array built first went through
-                    // the stack and was reloaded as vectors, which stalled).
+                Run::Split(split) => {
+                    let split = usize::from(split);
+                    // The second run's start, less `split`: lane `split` of 8 read from here
+                    // is its first pixel.
+                    let second = base + pixels[split] as usize - split;
+                    macro_rules! row {
+                        ($i0:expr, $j:expr) => {
+                            let (k, d) = (offset!($i0, $j), out!($i0, $j));
+                            // SAFETY: as above; `learn` made the panel `Split` only if both
+                            // reads of 8 lie in the input (`first + 7` and `second` at any
+                            // row).
+                            unsafe { two_runs(src.add(first + k), src.add(second + k), split, d) };
+                        };
+                    }
+                    steps!(rows, row);
+                }
+                Run::Gather => {
+                    let o: [usize; R8] = std::array::from_fn(|j| base + pixels[j] as usize);
+                    // Each value goes straight into the panel (an array built first went
+                    // through the stack and was reloaded as vectors, which stalled).
                     macro_rules! gather {
-                        ($($j:literal)*) => {$(
+                        ($d:ident, $k:ident, $($p:literal)*) => {$(
                             // SAFETY: as above, for each pixel.
-                            unsafe { *dst.add(t * R8 + $j) = *src.add(k + o[$j]) };
+                            unsafe { *$d.add($p) = *src.add($k + o[$p]) };
                         )*};
                     }
-                    gather!(0 1 2 3 4 5 6 7);
+                    macro_rules! row {
+                        ($i0:expr, $j:expr) => {
+                            let (k, d) = (offset!($i0, $j), out!($i0, $j));
+                            gather!(d, k, 0 1 2 3 4 5 6 7);
+                        };
+                    }
+                    steps!(rows, row);
                 }
             }
             return Ok(());

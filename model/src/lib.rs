@@ -20,6 +20,8 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::matmul::optimized::{MatMulOperand, OptMatMul, ProtoFusedSpec};
 use tract_onnx::tract_core::tract_linalg::mmm::EagerPackedInput;
 
+#[macro_use]
+mod steps;
 mod eager_im2col;
 mod im2col;
 pub mod kernels;
