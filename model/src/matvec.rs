@@ -510,10 +510,11 @@ pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn optimized(name: &str, rows: usize) -> TypedModel {
+    /// A digits fixture optimized by tract for a batch of `rows`.
+    pub(crate) fn optimized(name: &str, rows: usize) -> TypedModel {
         let path = format!(
             "{}/../tests/fixtures/models/{name}/model.onnx",
             env!("CARGO_MANIFEST_DIR")

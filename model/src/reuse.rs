@@ -149,17 +149,7 @@ mod tests {
     use super::*;
 
     fn optimized(name: &str) -> TypedModel {
-        let path = format!(
-            "{}/../tests/fixtures/models/{name}/model.onnx",
-            env!("CARGO_MANIFEST_DIR")
-        );
-        tract_onnx::onnx()
-            .model_for_path(path)
-            .unwrap()
-            .with_input_fact(0, f32::fact([1, 64]).into())
-            .unwrap()
-            .into_optimized()
-            .unwrap()
+        crate::matvec::tests::optimized(name, 1)
     }
 
     fn image(seed: usize) -> TValue {
