@@ -256,22 +256,22 @@ impl Panels {
                     steps!(rows, row);
                 }
                 Run::Gather => {
+                    // Rare (pixels apart in the input), and a gather of 8 written out 32
+                    // times would cost the guest's size: one row per iteration.
                     let o: [usize; R8] = std::array::from_fn(|j| base + pixels[j] as usize);
-                    // Each value goes straight into the panel (an array built first went
-                    // through the stack and was reloaded as vectors, which stalled).
-                    macro_rules! gather {
-                        ($d:ident, $k:ident, $($p:literal)*) => {$(
-                            // SAFETY: as above, for each pixel.
-                            unsafe { *$d.add($p) = *src.add($k + o[$p]) };
-                        )*};
+                    for (t, &k) in g.k_offsets.iter().enumerate() {
+                        let k = k as usize;
+                        // Each value goes straight into the panel (an array built first
+                        // went through the stack and was reloaded as vectors, which
+                        // stalled).
+                        macro_rules! gather {
+                            ($($j:literal)*) => {$(
+                                // SAFETY: as above, for each pixel.
+                                unsafe { *dst.add(t * R8 + $j) = *src.add(k + o[$j]) };
+                            )*};
+                        }
+                        gather!(0 1 2 3 4 5 6 7);
                     }
-                    macro_rules! row {
-                        ($i0:expr, $j:expr) => {
-                            let (k, d) = (offset!($i0, $j), out!($i0, $j));
-                            gather!(d, k, 0 1 2 3 4 5 6 7);
-                        };
-                    }
-                    steps!(rows, row);
                 }
             }
             return Ok(());
