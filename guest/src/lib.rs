@@ -111,7 +111,11 @@ unsafe impl GlobalAlloc for SnapshotAllocator {
         let old = bins::class_of(layout.size(), layout.align());
         let new = bins::class_of(new_size, layout.align());
         if old.is_some() && old == new {
-            // The block already has the class's size.
+            // The block already has the class's size. While freed memory is zeroed, so is
+            // what a shrink gives up.
+            if zero_on_free() && new_size < layout.size() {
+                unsafe { ptr.add(new_size).write_bytes(0, layout.size() - new_size) };
+            }
             return ptr;
         }
         if old.is_none() && new.is_none() && !zero_on_free() {

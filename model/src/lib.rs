@@ -148,9 +148,11 @@ impl Runner {
 
     /// A fresh state for the same plan: drops what earlier runs (the check of
     /// [`rows_apart`], on the builder) left in the ops' session caches and scratch buffers,
-    /// so that none of it lands in the snapshot.
+    /// and the outputs the plan's ops keep ([`reuse`]), so that none of it lands in the
+    /// snapshot.
     fn reset(&mut self) -> TractResult<()> {
         let plan = Arc::clone(self.state.plan());
+        reuse::release(plan.model());
         *self = Runner::from_plan(&plan)?;
         Ok(())
     }

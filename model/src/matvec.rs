@@ -474,6 +474,11 @@ impl MatVec {
         Ok(())
     }
 
+    /// Its slot for a kept output ([`crate::reuse`]).
+    pub(crate) fn kept_output(&self) -> &crate::reuse::Reused {
+        &self.reuse
+    }
+
     /// The op keeping its output from one inference to the next ([`crate::reuse`]).
     pub(crate) fn with_kept_output(&self) -> Option<MatVec> {
         (!self.reuse.is_kept()).then(|| MatVec {

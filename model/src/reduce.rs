@@ -172,6 +172,11 @@ impl ArgExtreme {
         }
     }
 
+    /// Its slot for a kept output ([`crate::reuse`]).
+    pub(crate) fn kept_output(&self) -> &crate::reuse::Reused {
+        &self.reuse
+    }
+
     /// The op keeping its output from one inference to the next ([`crate::reuse`]).
     pub(crate) fn with_kept_output(&self) -> Option<ArgExtreme> {
         (!self.reuse.is_kept()).then(|| ArgExtreme {

@@ -37,6 +37,21 @@ impl Reused {
         self.slot.is_some()
     }
 
+    /// Drops the kept output, if any.
+    pub(crate) fn clear(&self) {
+        if let Some(Ok(mut slot)) = self.slot.as_ref().map(Mutex::lock) {
+            *slot = None;
+        }
+    }
+
+    /// Whether an output is kept now.
+    #[cfg(test)]
+    fn holds(&self) -> bool {
+        self.slot
+            .as_ref()
+            .is_some_and(|slot| slot.lock().is_ok_and(|s| s.is_some()))
+    }
+
     /// An output of `dt` and `shape` with every element written by `fill`: the last one,
     /// when kept, of that type and shape and held by nothing else; else a new one (kept for
     /// next time when the slot allows).
@@ -110,6 +125,25 @@ impl Eq for Reused {}
 /// Whether the op of `node` reads its inputs in place (never takes one over).
 fn reads_in_place(node: &TypedNode) -> bool {
     node.op_is::<crate::matvec::MatVec>() || node.op_is::<crate::reduce::ArgExtreme>()
+}
+
+/// The [`Reused`] slot of `node`'s op, if it has one.
+fn slot_of(node: &TypedNode) -> Option<&Reused> {
+    if let Some(op) = node.op_as::<crate::matvec::MatVec>() {
+        Some(op.kept_output())
+    } else {
+        node.op_as::<crate::reduce::ArgExtreme>()
+            .map(crate::reduce::ArgExtreme::kept_output)
+    }
+}
+
+/// Drops every output `model`'s ops keep (the builder's runs before the snapshot).
+pub(crate) fn release(model: &TypedModel) {
+    for node in model.nodes() {
+        if let Some(slot) = slot_of(node) {
+            slot.clear();
+        }
+    }
 }
 
 /// Gives the ops that can keep their outputs a [`Reused`] slot: those whose output every
@@ -199,6 +233,24 @@ mod tests {
         drop(first);
         let third = state.run(tvec![image(1)]).unwrap();
         assert_eq!(third, second);
+    }
+
+    #[test]
+    fn release_drops_every_kept_output() {
+        let (model, _) = guests("digits_mlp");
+        let plan = model.into_runnable().unwrap();
+        let mut state = SimpleState::new(&plan).unwrap();
+        state.run(tvec![image(0)]).unwrap();
+        let holding = || {
+            plan.model()
+                .nodes()
+                .iter()
+                .filter(|n| slot_of(n).is_some_and(Reused::holds))
+                .count()
+        };
+        assert_eq!(holding(), 3);
+        release(plan.model());
+        assert_eq!(holding(), 0);
     }
 
     #[test]
